@@ -1,0 +1,42 @@
+# blockvault: `make demo` shows it working, `make test` checks everything (what CI runs).
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-stamp
+
+.PHONY: demo test lint typecheck pytest bench venv system-demo system-test clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+system-demo:
+	tests/harness/ensure-system demo
+
+system-test:
+	tests/harness/ensure-system test
+
+demo: venv system-demo
+	$(VENV)/bin/blockvault demo
+
+lint: venv
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+typecheck: venv
+	$(VENV)/bin/mypy
+
+pytest: venv system-test
+	$(PY) -m pytest -q
+
+test: lint typecheck pytest
+
+bench: venv system-test
+	$(PY) tests/bench/compare_peers.py $(BENCH_ARGS)
+
+clean:
+	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .blockvault

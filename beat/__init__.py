@@ -1,0 +1,1 @@
+"""The scheduler that emits job groups' backup jobs (Celery beat)."""
