@@ -1,0 +1,70 @@
+"""The backend interface every storage backend implements (borgstore / restic style: small)."""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True, slots=True)
+class ObjectInfo:
+    """What a backend knows of one stored object."""
+
+    key: str
+    size: int
+    mtime: float
+
+
+class Backend(abc.ABC):
+    """A flat store of immutable-by-convention objects named by ``/``-separated keys.
+
+    Errors are translated at this boundary into :mod:`shared.errors`: a missing object is
+    :class:`~shared.errors.ObjectNotFound`, a failure worth retrying is
+    :class:`~shared.errors.BackendUnavailable`, anything else a permanent
+    :class:`~shared.errors.BackendError`.
+    """
+
+    location: str
+
+    @abc.abstractmethod
+    def put(self, key: str, data: bytes | memoryview, *, overwrite: bool = True) -> None:
+        """Store ``data`` under ``key`` atomically: readers see the old object or the whole new
+        one, never part of it, and once ``put`` returns the object survives a crash. With
+        ``overwrite=False`` an existing object is left alone and ``put`` still succeeds."""
+
+    @abc.abstractmethod
+    def get(self, key: str, offset: int = 0, length: int | None = None) -> bytes:
+        """The object's bytes from ``offset`` (``length`` bytes, or to the end). Raises
+        ObjectNotFound when there is no such object."""
+
+    @abc.abstractmethod
+    def stat(self, key: str) -> ObjectInfo:
+        """Size and modification time of an object; ObjectNotFound when there is none."""
+
+    @abc.abstractmethod
+    def delete(self, key: str) -> None:
+        """Remove an object. Deleting a missing object is not an error (idempotent)."""
+
+    @abc.abstractmethod
+    def list(self, prefix: str) -> Iterator[ObjectInfo]:
+        """Every object whose key starts with ``prefix`` (a folder such as ``"chunks/"``), in
+        no particular order. Objects still being written are never listed."""
+
+    @abc.abstractmethod
+    def missing(self, keys: Iterable[str]) -> set[str]:
+        """Which of ``keys`` the store does not hold, in one round trip where the backend
+        can (the http backend's batch call)."""
+
+    def exists(self, key: str) -> bool:
+        """Whether an object is stored under ``key``."""
+        return not self.missing([key])
+
+    def close(self) -> None:  # noqa: B027 - optional hook
+        """Release connections; the default has nothing to release."""
+
+    def __enter__(self) -> Backend:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -1,0 +1,74 @@
+"""One retry policy for every backend (restic ``internal/backend/retry``), with tenacity.
+
+Only errors that say they are retryable are retried, with exponential backoff and jitter;
+permanent ones (a missing object, bad credentials, an integrity failure) pass straight through.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable, Iterator
+from typing import TypeVar
+
+from tenacity import (
+    Retrying,
+    before_sleep_log,
+    retry_if_exception,
+    stop_after_attempt,
+    stop_after_delay,
+    wait_random_exponential,
+)
+
+from shared.errors import BlockvaultError
+
+from .base import Backend, ObjectInfo
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+def _retryable(exc: BaseException) -> bool:
+    return isinstance(exc, BlockvaultError) and exc.retryable
+
+
+class RetryingBackend(Backend):
+    """Wraps a backend so each call is retried on transient failures."""
+
+    def __init__(self, inner: Backend, *, attempts: int = 6, max_seconds: float = 120.0) -> None:
+        self.inner = inner
+        self.location = inner.location
+        self._policy = {
+            "retry": retry_if_exception(_retryable),
+            "stop": stop_after_attempt(attempts) | stop_after_delay(max_seconds),
+            "wait": wait_random_exponential(multiplier=0.2, max=10),
+            "before_sleep": before_sleep_log(log, logging.WARNING),
+            "reraise": True,
+        }
+
+    def _call(self, fn: Callable[[], T]) -> T:
+        for attempt in Retrying(**self._policy):  # type: ignore[arg-type]
+            with attempt:
+                return fn()
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def put(self, key: str, data: bytes | memoryview, *, overwrite: bool = True) -> None:
+        self._call(lambda: self.inner.put(key, data, overwrite=overwrite))
+
+    def get(self, key: str, offset: int = 0, length: int | None = None) -> bytes:
+        return self._call(lambda: self.inner.get(key, offset, length))
+
+    def stat(self, key: str) -> ObjectInfo:
+        return self._call(lambda: self.inner.stat(key))
+
+    def delete(self, key: str) -> None:
+        self._call(lambda: self.inner.delete(key))
+
+    def list(self, prefix: str) -> Iterator[ObjectInfo]:
+        return iter(self._call(lambda: list(self.inner.list(prefix))))
+
+    def missing(self, keys: Iterable[str]) -> set[str]:
+        wanted = list(keys)
+        return self._call(lambda: self.inner.missing(wanted))
+
+    def close(self) -> None:
+        self.inner.close()

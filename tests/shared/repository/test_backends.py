@@ -1,0 +1,160 @@
+"""The backend contract: every backend joins this suite by adding a factory to BACKENDS."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from shared.errors import BackendError, BackendUnavailable, ObjectNotFound
+from shared.repository.backends import Backend, FileBackend, RetryingBackend, open_backend
+
+BACKENDS: dict[str, Callable[[Path], Backend]] = {
+    "file": lambda root: FileBackend(root / "store"),
+    "file+retry": lambda root: RetryingBackend(FileBackend(root / "store")),
+}
+
+
+@pytest.fixture(params=sorted(BACKENDS))
+def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Backend]:
+    store = BACKENDS[request.param](tmp_path)
+    yield store
+    store.close()
+
+
+def test_put_then_get_returns_the_same_bytes(backend: Backend) -> None:
+    backend.put("chunks/ab/abcd", b"hello world")
+    assert backend.get("chunks/ab/abcd") == b"hello world"
+
+
+@settings(max_examples=30, suppress_health_check=[HealthCheck.function_scoped_fixture], deadline=None)
+@given(data=st.binary(max_size=100_000), key=st.from_regex(r"[a-z0-9]{1,12}/[a-z0-9]{1,12}", fullmatch=True))
+def test_round_trip_property(backend: Backend, data: bytes, key: str) -> None:
+    backend.put(f"prop/{key}", data)
+    assert backend.get(f"prop/{key}") == data
+    assert backend.stat(f"prop/{key}").size == len(data)
+
+
+def test_ranged_get(backend: Backend) -> None:
+    backend.put("obj", bytes(range(256)))
+    assert backend.get("obj", 10, 5) == bytes(range(10, 15))
+    assert backend.get("obj", 250) == bytes(range(250, 256))
+    assert backend.get("obj", 300) == b""
+
+
+def test_missing_object_is_object_not_found(backend: Backend) -> None:
+    with pytest.raises(ObjectNotFound):
+        backend.get("nope")
+    with pytest.raises(ObjectNotFound):
+        backend.stat("nope")
+
+
+def test_overwrite_false_keeps_the_first_object(backend: Backend) -> None:
+    backend.put("k", b"first")
+    backend.put("k", b"second", overwrite=False)
+    assert backend.get("k") == b"first"
+    backend.put("k", b"third")
+    assert backend.get("k") == b"third"
+
+
+def test_delete_is_idempotent(backend: Backend) -> None:
+    backend.put("k", b"x")
+    backend.delete("k")
+    backend.delete("k")
+    assert not backend.exists("k")
+
+
+def test_list_by_prefix(backend: Backend) -> None:
+    keys = {"chunks/aa/aa1", "chunks/aa/aa2", "chunks/bb/bb1", "manifests/m1", "config"}
+    for key in keys:
+        backend.put(key, key.encode())
+    assert {info.key for info in backend.list("chunks/")} == {k for k in keys if k.startswith("chunks/")}
+    assert {info.key for info in backend.list("manifests/")} == {"manifests/m1"}
+    assert list(backend.list("locks/")) == []
+    sizes = {info.key: info.size for info in backend.list("chunks/")}
+    assert sizes["chunks/aa/aa1"] == len(b"chunks/aa/aa1")
+
+
+def test_missing_answers_for_a_batch(backend: Backend) -> None:
+    backend.put("a", b"1")
+    backend.put("c", b"3")
+    assert backend.missing(["a", "b", "c", "d"]) == {"b", "d"}
+    assert backend.missing([]) == set()
+
+
+def test_invalid_keys_are_refused(backend: Backend) -> None:
+    for key in ("", "/etc/passwd", "../outside", "a/../../b"):
+        with pytest.raises(BackendError):
+            backend.put(key, b"x")
+
+
+def test_readers_never_see_a_partial_object(backend: Backend) -> None:
+    big_a, big_b = b"a" * (4 << 20), b"b" * (4 << 20)
+    backend.put("obj", big_a)
+    stop = threading.Event()
+    seen: set[bytes] = set()
+
+    def reader() -> None:
+        while not stop.is_set():
+            data = backend.get("obj")
+            seen.add(data[:1] + data[-1:] + bytes([len(set(data))]))
+
+    thread = threading.Thread(target=reader)
+    thread.start()
+    for i in range(20):
+        backend.put("obj", big_a if i % 2 else big_b)
+    stop.set()
+    thread.join()
+    assert seen <= {b"aa\x01", b"bb\x01"}
+
+
+def test_file_backend_leaves_no_temporary_file(tmp_path: Path) -> None:
+    store = FileBackend(tmp_path / "store")
+    for i in range(5):
+        store.put(f"k{i}", b"x" * 1000)
+    assert list(store.list("tmp/")) == []
+
+
+def test_open_backend_schemes(tmp_path: Path) -> None:
+    assert open_backend(str(tmp_path)).location == str(tmp_path)
+    assert open_backend(f"file://{tmp_path}").location == str(tmp_path)
+    with pytest.raises(BackendError.__mro__[1]):  # BlockvaultError: a usage error
+        open_backend("ftp://host/x")
+
+
+class _Flaky(FileBackend):
+    """A real file backend whose first ``failures`` gets fail as a network blip would."""
+
+    def __init__(self, root: Path, failures: int) -> None:
+        super().__init__(root)
+        self.failures = failures
+        self.calls = 0
+
+    def get(self, key: str, offset: int = 0, length: int | None = None) -> bytes:
+        self.calls += 1
+        if self.calls <= self.failures:
+            raise BackendUnavailable(location=self.location, detail="connection reset")
+        return super().get(key, offset, length)
+
+
+def test_retry_wrapper_retries_transient_errors_only(tmp_path: Path) -> None:
+    flaky = _Flaky(tmp_path / "s", failures=2)
+    flaky.put("k", b"v")
+    wrapped = RetryingBackend(flaky, attempts=5)
+    assert wrapped.get("k") == b"v"
+    assert flaky.calls == 3
+    with pytest.raises(ObjectNotFound):
+        wrapped.get("absent")
+    assert flaky.calls == 4  # a permanent error is not retried
+
+
+def test_retry_wrapper_gives_up(tmp_path: Path) -> None:
+    flaky = _Flaky(tmp_path / "s", failures=100)
+    flaky.put("k", b"v")
+    with pytest.raises(BackendUnavailable):
+        RetryingBackend(flaky, attempts=3).get("k")
+    assert flaky.calls == 3
