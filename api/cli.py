@@ -1,0 +1,334 @@
+"""The ``blockvault`` command. ``blockvault repo ...`` drives the engine on a repository path
+with no service (API.md "The repository CLI"). Output: progress on stderr, results on stdout
+(one JSON object with ``--json``); exit 0 success, 1 failed check or integrity error, 2 bad
+usage; errors are one line on stderr."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import sys
+from collections.abc import Callable, Iterator
+from typing import Any, NoReturn
+
+import click
+
+from shared.config import get_settings
+from shared.errors import BlockvaultError, RepositoryNotFound, UsageError
+
+log = logging.getLogger("blockvault")
+
+
+def fail(message: str, code: int) -> NoReturn:
+    click.echo(f"blockvault: error: {message}", err=True)
+    sys.exit(code)
+
+
+class Group(click.Group):
+    """Turns blockvault errors into one line and the right exit code."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except BlockvaultError as exc:
+            fail(str(exc), exc.exit_code)
+        except KeyboardInterrupt:
+            fail("interrupted", 130)
+
+
+@click.group(cls=Group)
+@click.option("-v", "--verbose", count=True, help="Log more (-vv for debug).")
+def main(verbose: int) -> None:
+    """blockvault: backups of VM volumes and of their management database."""
+    level = logging.WARNING - 10 * min(verbose, 2)
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s %(message)s", stream=sys.stderr)
+
+
+@main.group(cls=Group)
+def repo() -> None:
+    """Work on a repository directly (no catalog, no service)."""
+
+
+def _passphrase() -> str | None:
+    secret = get_settings().passphrase
+    return secret.get_secret_value() if secret else None
+
+
+def _open(location: str) -> Any:
+    from shared.repository.repo import Repository
+
+    return Repository.open(location, _passphrase())
+
+
+@contextlib.contextmanager
+def _progress(label: str, unit: str = "bytes") -> Iterator[Callable[[int, int], None] | None]:
+    """A progress bar on stderr when it is a terminal; nothing otherwise."""
+    if not sys.stderr.isatty():
+        yield None
+        return
+    from rich.console import Console
+    from rich.progress import (
+        BarColumn,
+        DownloadColumn,
+        MofNCompleteColumn,
+        Progress,
+        TimeRemainingColumn,
+        TransferSpeedColumn,
+    )
+
+    counter = (DownloadColumn(), TransferSpeedColumn()) if unit == "bytes" else (MofNCompleteColumn(),)
+    columns = (label, BarColumn(), *counter, TimeRemainingColumn())
+    with Progress(*columns, console=Console(stderr=True), transient=True) as bar:
+        task = bar.add_task(label, total=None)
+
+        def update(done: int, total: int) -> None:
+            bar.update(task, completed=done, total=total)
+
+        yield update
+
+
+def _emit(data: dict[str, Any], as_json: bool, text: str) -> None:
+    click.echo(json.dumps(data) if as_json else text)
+
+
+def _size(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n} B"  # pragma: no cover
+
+
+@repo.command("init")
+@click.argument("location", metavar="REPO")
+@click.option("--encrypt", is_flag=True, help="AES-256-GCM; the passphrase comes from BLOCKVAULT_PASSPHRASE.")
+@click.option("--json", "as_json", is_flag=True)
+def repo_init(location: str, encrypt: bool, as_json: bool) -> None:
+    """Create a new repository at REPO."""
+    from shared.repository.repo import Repository
+
+    if encrypt and not _passphrase():
+        raise UsageError(detail="--encrypt needs a passphrase in BLOCKVAULT_PASSPHRASE")
+    repository = Repository.init(location, encrypt=encrypt, passphrase=_passphrase())
+    info = {
+        "id": repository.id,
+        "location": repository.location,
+        "encryption": repository.config["encryption"],
+    }
+    _emit(info, as_json, f"created repository {repository.id} at {repository.location} ({info['encryption']})")
+
+
+@repo.command("backup")
+@click.argument("location", metavar="REPO")
+@click.argument("volume")
+@click.option("--full", is_flag=True, help="Read the whole volume, no parent.")
+@click.option("--parent", "parent", metavar="ID", help="Incremental against this backup.")
+@click.option("--bitmap", metavar="NAME", help="Read only extents dirty in this qcow2 persistent bitmap.")
+@click.option("--name", default="", help="A name for the backup.")
+@click.option("--json", "as_json", is_flag=True)
+def repo_backup(
+    location: str, volume: str, full: bool, parent: str | None, bitmap: str | None, name: str, as_json: bool
+) -> None:
+    """Back up VOLUME (a raw or qcow2 file) into REPO."""
+    from shared.repository.backup import backup_volume
+
+    repository = _open(location)
+    with _progress("backup") as progress:
+        result = backup_volume(
+            repository,
+            volume,
+            full=full,
+            parent=parent,
+            bitmap=bitmap,
+            name=name,
+            progress=progress,
+            lock_wait=get_settings().lock_wait_seconds,
+        )
+    speed = result.bytesRead / result.seconds if result.seconds else 0.0
+    _emit(
+        result.to_json(),
+        as_json,
+        f"backup {result.id[:12]} ({result.mode}{', parent ' + result.parent[:12] if result.parent else ''}): "
+        f"size {_size(result.size)}, read {_size(result.bytesRead)}, wrote {_size(result.bytesWritten)} "
+        f"in {result.newChunks} new of {result.chunks} chunks, {result.seconds:.2f} s ({_size(speed)}/s)",
+    )
+
+
+@repo.command("restore")
+@click.argument("location", metavar="REPO")
+@click.argument("backup_id", metavar="ID")
+@click.argument("target")
+@click.option("--json", "as_json", is_flag=True)
+def repo_restore(location: str, backup_id: str, target: str, as_json: bool) -> None:
+    """Restore backup ID into the new file TARGET (qcow2 when it ends in .qcow2, else raw)."""
+    from shared.repository.restore import restore_backup
+
+    repository = _open(location)
+    with _progress("restore") as progress:
+        result = restore_backup(
+            repository, backup_id, target, progress=progress, lock_wait=get_settings().lock_wait_seconds
+        )
+    speed = result.bytesWritten / result.seconds if result.seconds else 0.0
+    _emit(
+        result.to_json(),
+        as_json,
+        f"restored {result.id[:12]} to {target}: {_size(result.bytesWritten)} in {result.seconds:.2f} s "
+        f"({_size(speed)}/s)",
+    )
+
+
+@repo.command("ls")
+@click.argument("location", metavar="REPO")
+@click.option("--json", "as_json", is_flag=True)
+def repo_ls(location: str, as_json: bool) -> None:
+    """List the backups in REPO, oldest first."""
+    repository = _open(location)
+    rows = []
+    for entry in repository.backups():
+        m = entry.manifest
+        rows.append(
+            {
+                "id": entry.id,
+                "installPath": repository.install_path(entry.id),
+                "name": m.name,
+                "volume": m.volume,
+                "format": m.format,
+                "mode": m.mode,
+                "parent": m.parent,
+                "size": m.size,
+                "storedSize": m.stored_size,
+                "created": m.created,
+            }
+        )
+    if as_json:
+        click.echo(json.dumps(rows))
+        return
+    for row in rows:
+        click.echo(
+            f"{row['id'][:12]}  {row['created'][:19]}  {row['mode']:<11}  {_size(row['size']):>10}  "
+            f"{row['volume']}{'  ' + row['name'] if row['name'] else ''}"
+        )
+
+
+@repo.command("verify")
+@click.argument("location", metavar="REPO")
+@click.argument("backup_id", metavar="ID", required=False)
+@click.option("--read-data", is_flag=True, help="Re-read and re-hash every chunk.")
+@click.option("--json", "as_json", is_flag=True)
+def repo_verify(location: str, backup_id: str | None, read_data: bool, as_json: bool) -> None:
+    """Check REPO (or one backup): manifests and chunk presence; --read-data re-hashes all."""
+    from shared.repository.maintenance import verify
+
+    repository = _open(location)
+    with _progress("verify", unit="chunks") as progress:
+        report = verify(repository, backup_id, read_data=read_data, progress=progress)
+    if as_json:
+        click.echo(
+            json.dumps(
+                {
+                    "ok": report.ok,
+                    "backups": report.backups,
+                    "chunks": report.chunks,
+                    "bytesRead": report.bytesRead,
+                    "problems": [p.__dict__ for p in report.problems],
+                }
+            )
+        )
+    else:
+        for problem in report.problems:
+            click.echo(f"BAD {problem.describe()}")
+        click.echo(
+            f"{'ok' if report.ok else 'FAILED'}: {report.backups} backups, {report.chunks} chunks"
+            f"{', data re-hashed' if read_data else ''}, {len(report.problems)} problems"
+        )
+    if not report.ok:
+        sys.exit(1)
+
+
+@repo.command("prune")
+@click.argument("location", metavar="REPO")
+@click.option("--keep-last", type=int, required=True)
+@click.option("--keep-daily", type=int, default=0)
+@click.option("--keep-weekly", type=int, default=0)
+@click.option("--keep-monthly", type=int, default=0)
+@click.option("--dry-run", is_flag=True, help="Say what would be removed, remove nothing.")
+@click.option("--json", "as_json", is_flag=True)
+def repo_prune(
+    location: str,
+    keep_last: int,
+    keep_daily: int,
+    keep_weekly: int,
+    keep_monthly: int,
+    dry_run: bool,
+    as_json: bool,
+) -> None:
+    """Remove the backups the retention policy does not keep (per volume); gc frees space."""
+    from shared.repository.maintenance import Policy, prune
+
+    policy = Policy(keep_last, keep_daily, keep_weekly, keep_monthly)
+    policy.check()
+    report = prune(_open(location), policy, dry_run=dry_run)
+    verb = "would remove" if dry_run else "removed"
+    _emit(
+        {"kept": report.kept, "removed": report.removed, "dryRun": dry_run},
+        as_json,
+        f"kept {len(report.kept)}, {verb} {len(report.removed)} backups"
+        + "".join(f"\n  {verb} {mid[:12]}" for mid in report.removed),
+    )
+
+
+@repo.command("gc")
+@click.argument("location", metavar="REPO")
+@click.option("--wait", type=float, default=0.0, help="Seconds to wait for running backups.")
+@click.option("--json", "as_json", is_flag=True)
+def repo_gc(location: str, wait: float, as_json: bool) -> None:
+    """Delete chunks no backup references (waits for, never races, running backups)."""
+    from shared.repository.maintenance import gc
+
+    report = gc(_open(location), wait=wait)
+    _emit(
+        report.__dict__,
+        as_json,
+        f"deleted {report.chunksDeleted} chunks ({_size(report.bytesFreed)}), kept {report.chunksKept}, "
+        f"removed {report.tmpDeleted} leftover temporary files in {report.seconds:.2f} s",
+    )
+
+
+@repo.command("sync")
+@click.argument("src", metavar="SRC")
+@click.argument("dst", metavar="DST")
+@click.option("--bandwidth-limit", type=click.IntRange(min=1), metavar="BYTES_PER_S")
+@click.option("--json", "as_json", is_flag=True)
+def repo_sync(src: str, dst: str, bandwidth_limit: int | None, as_json: bool) -> None:
+    """Copy every backup of SRC that DST lacks, sending only missing chunks. DST is created
+    (naming chunks like SRC) when it does not exist."""
+    from shared.repository.repo import Repository
+    from shared.repository.sync import sync
+
+    source = _open(src)
+    try:
+        target = _open(dst)
+    except RepositoryNotFound:
+        target = Repository.init(dst, like=source, passphrase=_passphrase())
+    with _progress("sync", unit="chunks") as progress:
+        report = sync(source, target, bandwidth_limit=bandwidth_limit, progress=progress)
+    _emit(
+        {**report.__dict__, "backups": report.backups},
+        as_json,
+        f"copied {len(report.backups)} backups, {report.chunksCopied} chunks ({_size(report.bytesCopied)}) "
+        f"in {report.seconds:.2f} s",
+    )
+
+
+def _register_commands() -> None:
+    from .demo import demo
+
+    main.add_command(demo)
+
+
+_register_commands()
+
+
+if __name__ == "__main__":
+    main()

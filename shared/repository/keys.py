@@ -1,0 +1,170 @@
+"""Chunk naming, compression and encryption: turning bytes into stored objects and back.
+
+A stored object (chunk or manifest) is ``[type byte][payload]``: type ``0x00`` zstd,
+``0x02`` stored as is (incompressible), ``0x01``/``0x03`` the same inside AES-256-GCM as
+``[nonce 12][ciphertext+tag]`` with the object's digest as associated data, so an object
+cannot be swapped for another one. Digests are BLAKE3 of the plain bytes, keyed with the
+repository's naming key when it has one (encrypted repositories do).
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import threading
+from dataclasses import dataclass
+from typing import Any
+
+import blake3
+import zstandard
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from cryptography.hazmat.primitives.kdf.scrypt import Scrypt
+
+from shared.errors import IntegrityError
+
+ZSTD = 0x00
+ENCRYPTED = 0x01
+STORED = 0x02
+KEY_AAD = b"blockvault-repokey-v1"
+SCRYPT_N, SCRYPT_R, SCRYPT_P = 2**15, 8, 1
+COMPRESSION_LEVEL = 3
+_BLAKE3_THREADS = 1  # chunks are hashed on several threads already
+
+
+@dataclass(frozen=True)
+class KeyMaterial:
+    """The secrets of an encrypted repository (or none for a plain one)."""
+
+    encryption_key: bytes | None
+    naming_key: bytes | None
+
+    @classmethod
+    def generate(cls, *, encrypt: bool) -> KeyMaterial:
+        if not encrypt:
+            return cls(None, None)
+        return cls(os.urandom(32), os.urandom(32))
+
+    def wrap(self, passphrase: str) -> dict[str, Any]:
+        """The key file's content: these keys sealed under a scrypt key of ``passphrase``."""
+        assert self.encryption_key is not None
+        salt, nonce = os.urandom(16), os.urandom(12)
+        kek = _kdf(passphrase, salt, SCRYPT_N, SCRYPT_R, SCRYPT_P)
+        secret = self.encryption_key + (self.naming_key or b"")
+        sealed = AESGCM(kek).encrypt(nonce, secret, KEY_AAD)
+        return {
+            "kdf": "scrypt",
+            "n": SCRYPT_N,
+            "r": SCRYPT_R,
+            "p": SCRYPT_P,
+            "salt": _b64(salt),
+            "nonce": _b64(nonce),
+            "sealed": _b64(sealed),
+            "naming": "blake3-keyed" if self.naming_key else "blake3",
+        }
+
+    @classmethod
+    def unwrap(cls, keyfile: dict[str, Any], passphrase: str) -> KeyMaterial | None:
+        """The keys sealed in ``keyfile``, or None when ``passphrase`` does not open it."""
+        kek = _kdf(passphrase, _unb64(keyfile["salt"]), keyfile["n"], keyfile["r"], keyfile["p"])
+        try:
+            secret = AESGCM(kek).decrypt(_unb64(keyfile["nonce"]), _unb64(keyfile["sealed"]), KEY_AAD)
+        except InvalidTag:
+            return None
+        return cls(secret[:32], secret[32:64] or None)
+
+
+def _kdf(passphrase: str, salt: bytes, n: int, r: int, p: int) -> bytes:
+    return Scrypt(salt=salt, length=32, n=n, r=r, p=p).derive(passphrase.encode())
+
+
+def _b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+def _unb64(text: str) -> bytes:
+    return base64.b64decode(text)
+
+
+class ObjectCodec:
+    """Names, seals and opens a repository's objects. Thread-safe."""
+
+    def __init__(self, keys: KeyMaterial) -> None:
+        self.keys = keys
+        self._aead = AESGCM(keys.encryption_key) if keys.encryption_key else None
+        self._local = threading.local()
+
+    @property
+    def encrypted(self) -> bool:
+        return self._aead is not None
+
+    def same_naming(self, other: ObjectCodec) -> bool:
+        return self.keys.naming_key == other.keys.naming_key
+
+    def digest(self, data: bytes | memoryview) -> bytes:
+        if self.keys.naming_key:
+            return blake3.blake3(data, key=self.keys.naming_key, max_threads=_BLAKE3_THREADS).digest()
+        return blake3.blake3(data, max_threads=_BLAKE3_THREADS).digest()
+
+    def _compressor(self) -> zstandard.ZstdCompressor:
+        comp = getattr(self._local, "comp", None)
+        if comp is None:
+            comp = self._local.comp = zstandard.ZstdCompressor(level=COMPRESSION_LEVEL)
+        return comp
+
+    def _decompressor(self) -> zstandard.ZstdDecompressor:
+        dec = getattr(self._local, "dec", None)
+        if dec is None:
+            dec = self._local.dec = zstandard.ZstdDecompressor()
+        return dec
+
+    def encode(self, digest: bytes, data: bytes | memoryview) -> bytes:
+        """The stored form of ``data`` (whose digest is ``digest``)."""
+        packed = self._compressor().compress(data)
+        kind = ZSTD
+        if len(packed) >= len(data):
+            packed, kind = bytes(data), STORED
+        if self._aead is None:
+            return bytes((kind,)) + packed
+        nonce = os.urandom(12)
+        return bytes((kind | ENCRYPTED,)) + nonce + self._aead.encrypt(nonce, packed, digest)
+
+    def decode(self, digest: bytes, blob: bytes, what: str) -> bytes:
+        """The plain bytes of a stored object, checked against ``digest``; IntegrityError
+        naming ``what`` when the object is damaged or was swapped."""
+        if not blob:
+            raise IntegrityError(detail=f"{what} is empty")
+        kind, body = blob[0], memoryview(blob)[1:]
+        if kind & ENCRYPTED:
+            if self._aead is None:
+                raise IntegrityError(detail=f"{what} is encrypted but the repository is not")
+            try:
+                body = memoryview(self._aead.decrypt(bytes(body[:12]), bytes(body[12:]), digest))
+            except InvalidTag:
+                raise IntegrityError(detail=f"{what} fails authentication (damaged or altered)") from None
+        elif self._aead is not None:
+            raise IntegrityError(detail=f"{what} is not encrypted in an encrypted repository")
+        if kind & ~ENCRYPTED == STORED:
+            data = bytes(body)
+        elif kind & ~ENCRYPTED == ZSTD:
+            try:
+                data = self._decompressor().decompress(body)
+            except zstandard.ZstdError as exc:
+                raise IntegrityError(detail=f"{what} does not decompress ({exc})") from None
+        else:
+            raise IntegrityError(detail=f"{what} has unknown type byte {kind:#x}")
+        if self.digest(data) != digest:
+            raise IntegrityError(detail=f"{what} does not match its digest")
+        return data
+
+    def recode(self, digest: bytes, blob: bytes, source: ObjectCodec, what: str) -> bytes:
+        """``blob`` as stored by ``source``, checked, in this codec's form (same naming)."""
+        data = source.decode(digest, blob, what)  # never spread a damaged object
+        if source.keys == self.keys:
+            return blob
+        return self.encode(digest, data)
+
+
+def dump_json(value: Any) -> bytes:
+    return json.dumps(value, sort_keys=True, separators=(",", ":")).encode()

@@ -1,0 +1,208 @@
+"""Keeping a repository healthy: verify, prune (retention) and gc (free unreferenced chunks)."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import defaultdict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime
+
+from shared.errors import BlockvaultError, IntegrityError, UsageError
+
+from .locks import read_locks, repository_lock
+from .manifest import BackupEntry
+from .pipeline import parallel_map
+from .repo import Repository, chunk_key
+
+log = logging.getLogger(__name__)
+TMP_GRACE_SECONDS = 60.0
+
+
+@dataclass
+class Problem:
+    backup: str
+    chunk: str | None
+    detail: str
+
+    def describe(self) -> str:
+        where = f"backup {self.backup[:12]}" + (f" chunk {self.chunk}" if self.chunk else "")
+        return f"{where}: {self.detail}"
+
+
+@dataclass
+class VerifyReport:
+    backups: int = 0
+    chunks: int = 0
+    bytesRead: int = 0
+    problems: list[Problem] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+
+def verify(
+    repo: Repository,
+    backup_id: str | None = None,
+    *,
+    read_data: bool = False,
+    progress: Callable[[int, int], None] | None = None,
+) -> VerifyReport:
+    """Check manifests and chunk presence; with ``read_data`` re-read and re-hash every chunk.
+    Every problem names the backups it affects."""
+    report = VerifyReport()
+    with repository_lock(repo.backend, "shared", "verify"):
+        ids = [repo.resolve(backup_id)] if backup_id else repo.manifest_ids()
+        users: dict[str, list[str]] = defaultdict(list)
+        for mid in ids:
+            try:
+                manifest = repo.load_manifest(mid)
+            except IntegrityError as exc:
+                report.problems.append(Problem(mid, None, str(exc)))
+                continue
+            report.backups += 1
+            for digest in manifest.referenced():
+                users[digest].append(mid)
+        report.chunks = len(users)
+        bad: dict[str, str] = {}
+        for digest in repo.missing_chunks(users):
+            bad[digest] = "chunk is missing"
+        if read_data:
+            todo = [digest for digest in users if digest not in bad]
+
+            def check(digest: str) -> tuple[str, int, str | None]:
+                try:
+                    return digest, len(repo.load_chunk(digest)), None
+                except IntegrityError as exc:
+                    return digest, 0, str(exc)
+
+            for count, (digest, size, error) in enumerate(parallel_map(check, todo), 1):
+                report.bytesRead += size
+                if error:
+                    bad[digest] = error
+                if progress:
+                    progress(count, len(todo))
+        for digest, detail in sorted(bad.items()):
+            for mid in users[digest]:
+                report.problems.append(Problem(mid, digest, detail))
+    return report
+
+
+# -- prune --------------------------------------------------------------------------------
+@dataclass
+class Policy:
+    keep_last: int = 0
+    keep_daily: int = 0
+    keep_weekly: int = 0
+    keep_monthly: int = 0
+
+    def check(self) -> None:
+        values = (self.keep_last, self.keep_daily, self.keep_weekly, self.keep_monthly)
+        if any(value < 0 for value in values):
+            raise UsageError(detail="keep counts must not be negative")
+        if self.keep_last < 1:
+            raise UsageError(detail="--keep-last must be at least 1: prune never removes the newest backup")
+
+
+def _buckets(created: datetime) -> dict[str, str]:
+    local = created.astimezone()
+    year, week, _ = local.isocalendar()
+    return {
+        "daily": local.strftime("%Y-%m-%d"),
+        "weekly": f"{year}-W{week:02d}",
+        "monthly": local.strftime("%Y-%m"),
+    }
+
+
+def select_keep(entries: list[BackupEntry], policy: Policy) -> set[str]:
+    """Which backups of one volume ``policy`` keeps (restic's forget rules): the newest
+    ``keep_last``, and the newest of each of the last N days, ISO weeks and months."""
+    newest_first = sorted(entries, key=lambda e: e.manifest.created, reverse=True)
+    keep = {entry.id for entry in newest_first[: policy.keep_last]}
+    for period, limit in (
+        ("daily", policy.keep_daily),
+        ("weekly", policy.keep_weekly),
+        ("monthly", policy.keep_monthly),
+    ):
+        seen: set[str] = set()
+        for entry in newest_first:
+            if len(seen) >= limit:
+                break
+            bucket = _buckets(entry.manifest.created_at)[period]
+            if bucket not in seen:
+                seen.add(bucket)
+                keep.add(entry.id)
+    return keep
+
+
+@dataclass
+class PruneReport:
+    kept: list[str] = field(default_factory=list)
+    removed: list[str] = field(default_factory=list)
+
+
+def prune(repo: Repository, policy: Policy, *, dry_run: bool = False) -> PruneReport:
+    """Delete the manifests ``policy`` does not keep, per volume. Chunks are freed by gc."""
+    policy.check()
+    report = PruneReport()
+    with repository_lock(repo.backend, "shared", "prune"):
+        groups: dict[str, list[BackupEntry]] = defaultdict(list)
+        for entry in repo.backups():
+            groups[entry.manifest.volume].append(entry)
+        for entries in groups.values():
+            keep = select_keep(entries, policy)
+            for entry in entries:
+                if entry.id in keep:
+                    report.kept.append(entry.id)
+                else:
+                    report.removed.append(entry.id)
+                    if not dry_run:
+                        repo.delete_manifest(entry.id)
+                        log.info("prune.removed id=%s volume=%s", entry.id[:12], entry.manifest.volume)
+    return report
+
+
+# -- gc -----------------------------------------------------------------------------------
+@dataclass
+class GcReport:
+    chunksDeleted: int = 0
+    bytesFreed: int = 0
+    chunksKept: int = 0
+    tmpDeleted: int = 0
+    seconds: float = 0.0
+
+
+def gc(repo: Repository, *, wait: float = 0.0) -> GcReport:
+    """Delete every chunk no manifest references, and what killed writers left in tmp/.
+
+    Holds the exclusive lock, so no backup runs meanwhile: a backup that starts waits for
+    gc, and gc waits up to ``wait`` seconds for running backups before refusing. A manifest
+    that cannot be read stops gc before anything is deleted."""
+    started = time.monotonic()
+    report = GcReport()
+    with repository_lock(repo.backend, "exclusive", "gc", wait=wait):
+        referenced: set[str] = set()
+        for mid in repo.manifest_ids():
+            try:
+                referenced |= repo.load_manifest(mid).referenced()
+            except BlockvaultError as exc:
+                raise IntegrityError(detail=f"gc stopped, nothing deleted: manifest {mid[:12]}: {exc}") from None
+        for info in list(repo.backend.list("chunks/")):
+            digest = info.key.rsplit("/", 1)[1]
+            if digest in referenced:
+                report.chunksKept += 1
+                continue
+            repo.backend.delete(chunk_key(digest))
+            report.chunksDeleted += 1
+            report.bytesFreed += info.size
+        for info in list(repo.backend.list("tmp/")):
+            if info.mtime > time.time() - TMP_GRACE_SECONDS:
+                continue  # our own lock refresh may be writing it
+            repo.backend.delete(info.key)
+            report.tmpDeleted += 1
+        read_locks(repo.backend)  # drops stale locks
+    report.seconds = round(time.monotonic() - started, 3)
+    log.info("gc.done deleted=%d freed=%d", report.chunksDeleted, report.bytesFreed)
+    return report

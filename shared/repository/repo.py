@@ -1,0 +1,194 @@
+"""The chunk repository: config, keys, chunks and manifests on one backend.
+
+Layout (see docs/repository-format.md)::
+
+    config                  JSON: id, version, chunkSize, encryption, naming
+    keys/repokey            the encryption and naming keys, sealed under the passphrase
+    chunks/<2 hex>/<digest> one chunk each (see keys.py for the object format)
+    manifests/<digest>      one backup each
+    locks/<uuid>            who is using the repository
+    tmp/<uuid>              objects being written (file backend)
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import Iterable
+from typing import Any
+
+from shared.errors import (
+    BackupNotFound,
+    IntegrityError,
+    ObjectNotFound,
+    PassphraseRequired,
+    RepositoryError,
+    RepositoryExists,
+    RepositoryNotFound,
+    UsageError,
+    WrongPassphrase,
+)
+
+from .backends import Backend, open_backend
+from .keys import KeyMaterial, ObjectCodec, dump_json
+from .manifest import BackupEntry, Manifest, utcnow
+
+DEFAULT_CHUNK_SIZE = 4 * 1024 * 1024
+CONFIG_VERSION = 1
+
+
+def chunk_key(digest_hex: str) -> str:
+    return f"chunks/{digest_hex[:2]}/{digest_hex}"
+
+
+def manifest_key(manifest_id: str) -> str:
+    return f"manifests/{manifest_id}"
+
+
+class Repository:
+    """An opened repository. Thread-safe for chunk and manifest I/O."""
+
+    def __init__(self, backend: Backend, config: dict[str, Any], codec: ObjectCodec) -> None:
+        self.backend = backend
+        self.config = config
+        self.codec = codec
+        self.id: str = config["id"]
+        self.chunk_size: int = config["chunkSize"]
+
+    @property
+    def location(self) -> str:
+        return self.backend.location
+
+    # -- opening ----------------------------------------------------------------------------
+    @classmethod
+    def init(
+        cls,
+        location: str | Backend,
+        *,
+        encrypt: bool = False,
+        passphrase: str | None = None,
+        chunk_size: int = DEFAULT_CHUNK_SIZE,
+        like: Repository | None = None,
+    ) -> Repository:
+        """Create a repository. ``like`` copies another repository's chunk size and keys, so
+        that the two name chunks alike and ``sync`` copies objects without re-hashing."""
+        backend = open_backend(location) if isinstance(location, str) else location
+        if backend.exists("config"):
+            raise RepositoryExists(location=backend.location)
+        if chunk_size < 4096 or chunk_size & (chunk_size - 1):
+            raise UsageError(detail=f"chunk size {chunk_size} must be a power of two of at least 4096")
+        if like is not None:
+            keys, chunk_size, encrypt = like.codec.keys, like.chunk_size, like.codec.encrypted
+        else:
+            keys = KeyMaterial.generate(encrypt=encrypt)
+        if encrypt and not passphrase:
+            raise PassphraseRequired(location=backend.location)
+        config = {
+            "version": CONFIG_VERSION,
+            "id": str(uuid.uuid4()),
+            "chunkSize": chunk_size,
+            "encryption": "aes-256-gcm" if encrypt else "none",
+            "naming": "blake3-keyed" if keys.naming_key else "blake3",
+            "compression": "zstd",
+            "created": utcnow(),
+        }
+        if encrypt:
+            assert passphrase
+            backend.put("keys/repokey", json.dumps(keys.wrap(passphrase), indent=1).encode())
+        backend.put("config", json.dumps(config, indent=1).encode(), overwrite=False)
+        return cls(backend, config, ObjectCodec(keys))
+
+    @classmethod
+    def open(cls, location: str | Backend, passphrase: str | None = None) -> Repository:
+        backend = open_backend(location) if isinstance(location, str) else location
+        try:
+            config = json.loads(backend.get("config"))
+        except ObjectNotFound:
+            raise RepositoryNotFound(location=backend.location) from None
+        except ValueError:
+            raise RepositoryError(location=backend.location, detail="config is not valid JSON") from None
+        if config.get("version") != CONFIG_VERSION:
+            raise RepositoryError(location=backend.location, detail=f"unsupported version {config.get('version')}")
+        if config["encryption"] == "none":
+            return cls(backend, config, ObjectCodec(KeyMaterial(None, None)))
+        if not passphrase:
+            raise PassphraseRequired(location=backend.location)
+        try:
+            keyfile = json.loads(backend.get("keys/repokey"))
+        except ObjectNotFound:
+            raise RepositoryError(location=backend.location, detail="keys/repokey is missing") from None
+        keys = KeyMaterial.unwrap(keyfile, passphrase)
+        if keys is None:
+            raise WrongPassphrase(location=backend.location)
+        return cls(backend, config, ObjectCodec(keys))
+
+    def close(self) -> None:
+        self.backend.close()
+
+    def __enter__(self) -> Repository:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- chunks -----------------------------------------------------------------------------
+    def install_path(self, manifest_id: str) -> str:
+        return f"zstore://{self.id}/{manifest_id}"
+
+    def store_chunk(self, digest: bytes, data: bytes | memoryview) -> int:
+        """Seal and store a chunk; returns the stored size."""
+        blob = self.codec.encode(digest, data)
+        self.backend.put(chunk_key(digest.hex()), blob, overwrite=False)
+        return len(blob)
+
+    def load_chunk(self, digest_hex: str) -> bytes:
+        """A chunk's plain bytes, checked; IntegrityError when damaged or missing."""
+        try:
+            blob = self.backend.get(chunk_key(digest_hex))
+        except ObjectNotFound:
+            raise IntegrityError(detail=f"chunk {digest_hex} is missing from {self.location}") from None
+        return self.codec.decode(bytes.fromhex(digest_hex), blob, f"chunk {digest_hex}")
+
+    def missing_chunks(self, digests: Iterable[str]) -> set[str]:
+        keys = {chunk_key(digest): digest for digest in digests}
+        return {keys[key] for key in self.backend.missing(keys)}
+
+    # -- manifests --------------------------------------------------------------------------
+    def save_manifest(self, manifest: Manifest) -> str:
+        plain = dump_json(manifest.to_json())
+        digest = self.codec.digest(plain)
+        manifest_id = digest.hex()
+        self.backend.put(manifest_key(manifest_id), self.codec.encode(digest, plain), overwrite=False)
+        return manifest_id
+
+    def load_manifest(self, manifest_id: str) -> Manifest:
+        try:
+            blob = self.backend.get(manifest_key(manifest_id))
+        except ObjectNotFound:
+            raise BackupNotFound(location=self.location, backup=manifest_id) from None
+        plain = self.codec.decode(bytes.fromhex(manifest_id), blob, f"manifest {manifest_id}")
+        return Manifest.from_json(json.loads(plain))
+
+    def manifest_ids(self) -> list[str]:
+        return [info.key.rsplit("/", 1)[1] for info in self.backend.list("manifests/")]
+
+    def backups(self) -> list[BackupEntry]:
+        """Every backup, oldest first."""
+        entries = [BackupEntry(mid, self.load_manifest(mid)) for mid in self.manifest_ids()]
+        entries.sort(key=lambda entry: (entry.manifest.created, entry.id))
+        return entries
+
+    def resolve(self, prefix: str) -> str:
+        """The full id of the backup whose id starts with ``prefix`` (at least 6 hex digits)."""
+        prefix = prefix.lower()
+        if len(prefix) < 6 or any(c not in "0123456789abcdef" for c in prefix):
+            raise UsageError(detail=f"backup id {prefix!r} must be at least 6 hex digits")
+        matches = [mid for mid in self.manifest_ids() if mid.startswith(prefix)]
+        if not matches:
+            raise BackupNotFound(location=self.location, backup=prefix)
+        if len(matches) > 1:
+            raise UsageError(detail=f"backup id {prefix!r} is ambiguous ({len(matches)} backups match)")
+        return matches[0]
+
+    def delete_manifest(self, manifest_id: str) -> None:
+        self.backend.delete(manifest_key(manifest_id))

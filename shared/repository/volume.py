@@ -1,0 +1,345 @@
+"""Volumes: reading a raw or qcow2 volume for backup, writing one on restore.
+
+Raw files are read with ``pread`` and their holes found with SEEK_DATA/SEEK_HOLE; qcow2 images
+are read through ``qemu-nbd`` (one NBD connection per thread) with their allocation map and
+dirty bitmaps from NBD block status, never converted to a temporary raw file. Writers create
+the target under a temporary name and link it into place only when every byte is written.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import functools
+import os
+import stat
+import threading
+import uuid
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Protocol
+
+from shared.errors import TargetExists, VolumeError
+
+from . import qemu
+from .nbd import STATE_ZERO, NBDClient
+
+Extent = tuple[int, int]
+
+
+class VolumeReader(Protocol):
+    path: str
+    format: str
+    size: int
+
+    def data_extents(self) -> list[Extent]:
+        """Regions that may hold non-zero data; everything else reads as zeros."""
+
+    def read(self, offset: int, length: int) -> bytes:
+        """Bytes at ``offset``; thread-safe."""
+
+    def close(self) -> None: ...
+
+
+def check_volume_path(path: str) -> Path:
+    """``path`` as an absolute path to a readable regular file or block device."""
+    volume = Path(path)
+    try:
+        st = volume.stat()
+    except FileNotFoundError:
+        raise VolumeError(path=path, detail="no such file") from None
+    except OSError as exc:
+        raise VolumeError(path=path, detail=exc.strerror or str(exc)) from None
+    if stat.S_ISDIR(st.st_mode):
+        raise VolumeError(path=path, detail="is a folder, not a volume file")
+    if not (stat.S_ISREG(st.st_mode) or stat.S_ISBLK(st.st_mode)):
+        raise VolumeError(path=path, detail="is not a regular file or block device")
+    if not os.access(volume, os.R_OK):
+        raise VolumeError(path=path, detail="is not readable")
+    return volume.absolute()
+
+
+class RawReader:
+    """A raw image or block device."""
+
+    format = "raw"
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self._fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        self.size = os.lseek(self._fd, 0, os.SEEK_END)
+        with contextlib.suppress(OSError):
+            os.posix_fadvise(self._fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
+
+    def data_extents(self) -> list[Extent]:
+        extents: list[Extent] = []
+        offset = 0
+        while offset < self.size:
+            try:
+                start = os.lseek(self._fd, offset, os.SEEK_DATA)
+            except OSError as exc:
+                if exc.errno == errno.ENXIO:  # only a hole remains
+                    break
+                if exc.errno == errno.EINVAL:  # no SEEK_DATA support: all data
+                    return [(0, self.size)] if self.size else []
+                raise
+            end = os.lseek(self._fd, start, os.SEEK_HOLE)
+            extents.append((start, min(end, self.size) - start))
+            offset = end
+        return extents
+
+    def read(self, offset: int, length: int) -> bytes:
+        data = os.pread(self._fd, length, offset)
+        if len(data) != length:
+            raise VolumeError(path=self.path, detail=f"short read at {offset} (file shrank while read)")
+        return data
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+
+class Qcow2Reader:
+    """A qcow2 image exported by a private read-only qemu-nbd."""
+
+    format = "qcow2"
+
+    def __init__(self, path: str, bitmap: str | None = None) -> None:
+        self.path = path
+        self.bitmap = bitmap
+        self.size = qemu.virtual_size(path)
+        self._server = qemu.QemuNbdServer(path, read_only=True, bitmap=bitmap)
+        self._server.__enter__()
+        self._local = threading.local()
+        self._clients: list[NBDClient] = []
+        self._lock = threading.Lock()
+
+    def _client(self) -> NBDClient:
+        client: NBDClient | None = getattr(self._local, "client", None)
+        if client is None:
+            contexts = ["base:allocation"]
+            if self.bitmap:
+                contexts.append(f"qemu:dirty-bitmap:{self.bitmap}")
+            client = self._server.connect(contexts)
+            self._local.client = client
+            with self._lock:
+                self._clients.append(client)
+        return client
+
+    def data_extents(self) -> list[Extent]:
+        return _merge(
+            (offset, length)
+            for offset, length, flags in self._client().block_status("base:allocation")
+            if not flags & STATE_ZERO
+        )
+
+    def dirty_extents(self) -> list[Extent]:
+        assert self.bitmap
+        context = f"qemu:dirty-bitmap:{self.bitmap}"
+        return _merge((off, length) for off, length, flags in self._client().block_status(context) if flags & 1)
+
+    def read(self, offset: int, length: int) -> bytes:
+        return self._client().read(offset, length)
+
+    def close(self) -> None:
+        with self._lock:
+            for client in self._clients:
+                client.close()
+            self._clients.clear()
+        self._server.__exit__(None, None, None)
+
+
+def _merge(extents: Iterable[Extent]) -> list[Extent]:
+    merged: list[Extent] = []
+    for offset, length in extents:
+        if merged and merged[-1][0] + merged[-1][1] == offset:
+            merged[-1] = (merged[-1][0], merged[-1][1] + length)
+        elif length:
+            merged.append((offset, length))
+    return merged
+
+
+@functools.lru_cache(maxsize=4)
+def zeros(length: int) -> bytes:
+    """``length`` zero bytes, cached: comparing against it is one memcmp."""
+    return bytes(length)
+
+
+def probe_volume(path: str) -> tuple[str, str]:
+    """The absolute path and format ("raw" or "qcow2") of the volume at ``path``."""
+    volume = str(check_volume_path(path))
+    try:
+        return volume, qemu.detect_format(volume)
+    except OSError as exc:
+        raise VolumeError(path=path, detail=exc.strerror or str(exc)) from None
+
+
+def open_reader(path: str, bitmap: str | None = None) -> RawReader | Qcow2Reader:
+    """A reader for the volume at ``path``, its format detected from its header."""
+    volume, fmt = probe_volume(path)
+    if fmt == "qcow2":
+        try:
+            return Qcow2Reader(volume, bitmap)
+        except qemu.QemuError as exc:
+            raise VolumeError(path=path, detail=str(exc)) from None
+    if bitmap:
+        raise VolumeError(path=path, detail="dirty bitmaps need a qcow2 image; this one is raw")
+    return RawReader(volume)
+
+
+def chunk_indexes(extents: Sequence[Extent], chunk_size: int) -> set[int]:
+    """The chunk numbers that ``extents`` touch."""
+    touched: set[int] = set()
+    for offset, length in extents:
+        if length > 0:
+            touched.update(range(offset // chunk_size, (offset + length - 1) // chunk_size + 1))
+    return touched
+
+
+# -- writers ------------------------------------------------------------------------------
+class VolumeWriter(Protocol):
+    def write(self, offset: int, data: bytes) -> None: ...
+    def commit(self) -> None: ...
+    def abort(self) -> None: ...
+
+
+def _temporary_name(target: Path) -> Path:
+    return target.with_name(f".{target.name}.partial-{uuid.uuid4().hex[:8]}")
+
+
+def _check_target(target: Path) -> None:
+    if target.exists() or target.is_symlink():
+        raise TargetExists(path=str(target))
+    if not target.parent.is_dir():
+        raise VolumeError(path=str(target), detail="its folder does not exist")
+
+
+def _link_into_place(tmp: Path, target: Path) -> None:
+    try:
+        os.link(tmp, target)  # fails if the target appeared meanwhile: never clobber
+    except FileExistsError:
+        raise TargetExists(path=str(target)) from None
+    finally:
+        tmp.unlink(missing_ok=True)
+    dir_fd = os.open(target.parent, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+ZERO_BLOCK = 64 * 1024
+_ZEROS = bytes(ZERO_BLOCK)
+
+
+def nonzero_runs(data: bytes) -> list[Extent]:
+    """(offset, length) of the runs of ``data`` that are not all-zero 64 KiB blocks."""
+    view = memoryview(data)
+    runs: list[Extent] = []
+    start = -1
+    for pos in range(0, len(data), ZERO_BLOCK):
+        block = view[pos : pos + ZERO_BLOCK]
+        zero = block == _ZEROS[: len(block)]
+        if not zero and start < 0:
+            start = pos
+        elif zero and start >= 0:
+            runs.append((start, pos - start))
+            start = -1
+    if start >= 0:
+        runs.append((start, len(data) - start))
+    return runs
+
+
+class RawWriter:
+    """A sparse raw file: only non-zero blocks are written."""
+
+    def __init__(self, target: Path, size: int) -> None:
+        _check_target(target)
+        self.target = target
+        self.tmp = _temporary_name(target)
+        self._fd = os.open(self.tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        os.ftruncate(self._fd, size)
+
+    def write(self, offset: int, data: bytes) -> None:
+        view = memoryview(data)
+        for start, length in nonzero_runs(data):
+            os.pwrite(self._fd, view[start : start + length], offset + start)
+
+    def commit(self) -> None:
+        os.fsync(self._fd)
+        os.close(self._fd)
+        self._fd = -1
+        _link_into_place(self.tmp, self.target)
+
+    def abort(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+        self.tmp.unlink(missing_ok=True)
+
+
+class Qcow2Writer:
+    """A new qcow2 image written through a private writable qemu-nbd."""
+
+    def __init__(self, target: Path, size: int) -> None:
+        _check_target(target)
+        self.target = target
+        self.tmp = _temporary_name(target)
+        try:
+            qemu.create_qcow2(str(self.tmp), size)
+            self._server = qemu.QemuNbdServer(str(self.tmp), read_only=False)
+            self._server.__enter__()
+        except qemu.QemuError as exc:
+            self.tmp.unlink(missing_ok=True)
+            raise VolumeError(path=str(target), detail=str(exc)) from None
+        self._local = threading.local()
+        self._clients: list[NBDClient] = []
+        self._lock = threading.Lock()
+        self._open = True
+
+    def _client(self) -> NBDClient:
+        client: NBDClient | None = getattr(self._local, "client", None)
+        if client is None:
+            client = self._local.client = self._server.connect()
+            with self._lock:
+                self._clients.append(client)
+        return client
+
+    def write(self, offset: int, data: bytes) -> None:
+        client = self._client()
+        view = memoryview(data)
+        for start, length in nonzero_runs(data):
+            client.write(offset + start, view[start : start + length])
+
+    def _stop(self) -> None:
+        if self._open:
+            self._open = False
+            with self._lock:
+                for client in self._clients:
+                    client.flush()
+                    client.close()
+            self._server.__exit__(None, None, None)
+
+    def commit(self) -> None:
+        self._stop()
+        fd = os.open(self.tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        _link_into_place(self.tmp, self.target)
+
+    def abort(self) -> None:
+        try:
+            self._stop()
+        finally:
+            self.tmp.unlink(missing_ok=True)
+
+
+def open_writer(target: str, size: int) -> RawWriter | Qcow2Writer:
+    """A writer for a new volume at ``target``: qcow2 when its name ends in ``.qcow2``."""
+    path = Path(target).absolute()
+    if path.suffix == ".qcow2":
+        return Qcow2Writer(path, size)
+    return RawWriter(path, size)

@@ -1,0 +1,144 @@
+"""Shared fixtures: volumes that look like VM disks, repositories, and the real CLI."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import subprocess
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from shared.repository.repo import Repository
+
+MiB = 1024 * 1024
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # A test that needs a tool the harness could not install fails; it never skips quietly.
+    missing = [tool for tool in ("qemu-img", "qemu-nbd", "qemu-io") if shutil.which(tool) is None]
+    if missing:
+        raise pytest.UsageError(f"missing {', '.join(missing)}: run tests/harness/ensure-system")
+
+
+def write_regions(path: Path, size: int, regions: list[tuple[int, bytes]]) -> None:
+    with open(path, "wb") as handle:
+        handle.truncate(size)
+        for offset, data in regions:
+            handle.seek(offset)
+            handle.write(data)
+
+
+def vm_like_regions(size: int, seed: int, unit: int = MiB) -> list[tuple[int, bytes]]:
+    """Holes, text-like and random regions, unit-aligned, deterministic."""
+    rng = random.Random(seed)
+    regions = []
+    offset = 0
+    while offset < size:
+        length = min(rng.choice((1, 2, 3)) * unit, size - offset)
+        kind = rng.random()
+        if kind < 0.35:
+            pass
+        elif kind < 0.7:
+            text = b"".join(f"{offset}:{i} some log text\n".encode() for i in range(200))
+            regions.append((offset, (text * (length // len(text) + 1))[:length]))
+        else:
+            regions.append((offset, rng.randbytes(length)))
+        offset += length
+    return regions
+
+
+@pytest.fixture
+def make_raw(tmp_path: Path) -> Callable[..., Path]:
+    def make(name: str = "vol.raw", size: int = 24 * MiB, seed: int = 1) -> Path:
+        path = tmp_path / name
+        write_regions(path, size, vm_like_regions(size, seed))
+        return path
+
+    return make
+
+
+@pytest.fixture
+def make_qcow2(tmp_path: Path, make_raw: Callable[..., Path]) -> Callable[..., Path]:
+    def make(name: str = "vol.qcow2", size: int = 24 * MiB, seed: int = 2) -> Path:
+        raw = make_raw(name + ".src", size, seed)
+        path = tmp_path / name
+        subprocess.run(["qemu-img", "convert", "-O", "qcow2", str(raw), str(path)], check=True)
+        raw.unlink()
+        return path
+
+    return make
+
+
+@pytest.fixture
+def repo(tmp_path: Path) -> Iterator[Repository]:
+    repository = Repository.init(str(tmp_path / "repo"))
+    yield repository
+    repository.close()
+
+
+def qemu_write(path: Path, offset: int, length: int, pattern: int) -> None:
+    subprocess.run(
+        ["qemu-io", "-f", "qcow2", "-c", f"write -P {pattern} {offset} {length}", str(path)],
+        check=True,
+        capture_output=True,
+    )
+
+
+def qcow2_equal(a: Path, b: Path) -> bool:
+    return (
+        subprocess.run(["qemu-img", "compare", "-q", str(a), str(b)], capture_output=True, check=False).returncode == 0
+    )
+
+
+def raw_content(path: Path) -> bytes:
+    return path.read_bytes()
+
+
+class Cli:
+    """Runs the real ``blockvault`` command in a child process."""
+
+    def __init__(self, env: dict[str, str]) -> None:
+        self.env = env
+
+    def run(
+        self, *args: str, check: bool = False, env: dict[str, str] | None = None
+    ) -> subprocess.CompletedProcess[str]:
+        proc = subprocess.run(
+            [sys.executable, "-m", "api.cli", *args],
+            capture_output=True,
+            text=True,
+            env={**self.env, **(env or {})},
+            cwd=ROOT,
+            timeout=300,
+            check=False,
+        )
+        if check and proc.returncode != 0:
+            raise AssertionError(f"blockvault {' '.join(args)} exited {proc.returncode}: {proc.stderr}")
+        return proc
+
+    def json(self, *args: str, env: dict[str, str] | None = None) -> Any:
+        return json.loads(self.run(*args, "--json", check=True, env=env).stdout)
+
+    def popen(self, *args: str, env: dict[str, str] | None = None) -> subprocess.Popen[str]:
+        return subprocess.Popen(
+            [sys.executable, "-m", "api.cli", *args],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env={**self.env, **(env or {})},
+            cwd=ROOT,
+        )
+
+
+@pytest.fixture
+def cli(tmp_path: Path) -> Cli:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("BLOCKVAULT_")}
+    env["BLOCKVAULT_DATA_DIR"] = str(tmp_path / "data")
+    return Cli(env)

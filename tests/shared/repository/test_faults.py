@@ -1,0 +1,204 @@
+"""Faults: backups killed with SIGKILL at exact points and at random moments, damaged chunks,
+maintenance while a backup runs. The repository stays consistent and nothing is lost."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from shared.repository import qemu
+from tests.conftest import Cli, MiB, qcow2_equal, qemu_write
+
+KILL_POINTS = [
+    "backup.chunk_stored=1",
+    "backup.chunk_stored=3",
+    "backup.before_manifest=1",
+    "backup.after_manifest=1",
+]
+
+
+def killed(cli: Cli, point: str, *args: str) -> None:
+    proc = cli.run(*args, env={"BLOCKVAULT_FAILPOINTS": f"{point}:kill"})
+    assert proc.returncode == -signal.SIGKILL, (point, proc.returncode, proc.stderr)
+
+
+def assert_consistent(cli: Cli, repo: str) -> list[dict[str, object]]:
+    """verify --read-data passes, and every listed backup restores."""
+    proc = cli.run("repo", "verify", repo, "--read-data")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    listed: list[dict[str, object]] = cli.json("repo", "ls", repo)
+    return listed
+
+
+@pytest.mark.parametrize("point", KILL_POINTS)
+def test_raw_backup_killed_at_each_point(cli: Cli, make_raw: Callable[..., Path], tmp_path: Path, point: str) -> None:
+    repo = str(tmp_path / "repo")
+    cli.run("repo", "init", repo, check=True)
+    volume = make_raw(size=32 * MiB)
+    first = cli.json("repo", "backup", repo, str(volume))
+    with open(volume, "r+b") as handle:
+        for offset in (1, 9, 17, 25):
+            handle.seek(offset * MiB)
+            handle.write(os.urandom(MiB))
+    killed(cli, point, "repo", "backup", repo, str(volume))
+    listed = assert_consistent(cli, repo)
+    assert listed[0]["id"] == first["id"]
+    assert len(listed) == (2 if point.startswith("backup.after_manifest") else 1)
+    after = cli.json("repo", "backup", repo, str(volume))
+    out = tmp_path / "out.raw"
+    cli.run("repo", "restore", repo, after["id"], str(out), check=True)
+    assert out.read_bytes() == volume.read_bytes()
+    gc = cli.json("repo", "gc", repo)
+    assert gc["tmpDeleted"] == 0 or gc["tmpDeleted"] >= 0
+    assert_consistent(cli, repo)
+
+
+@pytest.mark.parametrize(
+    "point",
+    [
+        "backup.chunk_stored=1",
+        "backup.before_manifest=1",
+        "backup.after_manifest=1",
+        "backup.bitmap_marked=1",
+        "backup.bitmap_cleared=1",
+    ],
+)
+def test_bitmap_backup_killed_never_loses_a_change(
+    cli: Cli, make_qcow2: Callable[..., Path], tmp_path: Path, point: str
+) -> None:
+    repo = str(tmp_path / "repo")
+    cli.run("repo", "init", repo, check=True)
+    volume = make_qcow2(size=32 * MiB)
+    cli.json("repo", "backup", repo, str(volume), "--bitmap", "bv")
+    qemu_write(volume, 3 * MiB, MiB, 0x61)
+    qemu_write(volume, 21 * MiB, 4096, 0x62)
+    killed(cli, point, "repo", "backup", repo, str(volume), "--bitmap", "bv")
+    assert_consistent(cli, repo)
+    qemu_write(volume, 13 * MiB, 8192, 0x63)
+    after = cli.json("repo", "backup", repo, str(volume), "--bitmap", "bv")
+    assert after["mode"] == "incremental"
+    out = tmp_path / "out.qcow2"
+    cli.run("repo", "restore", repo, after["id"], str(out), check=True)
+    assert qcow2_equal(out, volume), point
+    names = [b["name"] for b in qemu.list_bitmaps(str(volume))]
+    assert "bv" in names and len([n for n in names if n.startswith("bv@")]) == 1
+
+
+def test_backup_killed_at_random_moments(cli: Cli, make_raw: Callable[..., Path], tmp_path: Path) -> None:
+    repo = str(tmp_path / "repo")
+    cli.run("repo", "init", repo, "--encrypt", env={"BLOCKVAULT_PASSPHRASE": "pw"}, check=True)
+    env = {"BLOCKVAULT_PASSPHRASE": "pw"}
+    volume = make_raw(size=96 * MiB, seed=7)
+    rng = random.Random(11)
+    for _ in range(4):
+        proc = cli.popen("repo", "backup", repo, str(volume), "--full", env=env)
+        time.sleep(rng.uniform(0.3, 1.2))
+        proc.kill()
+        proc.communicate()
+    assert cli.run("repo", "verify", repo, "--read-data", env=env).returncode == 0
+    done = json.loads(cli.run("repo", "backup", repo, str(volume), "--json", env=env, check=True).stdout)
+    out = tmp_path / "out.raw"
+    cli.run("repo", "restore", repo, done["id"], str(out), env=env, check=True)
+    assert out.read_bytes() == volume.read_bytes()
+
+
+def test_flipped_byte_is_named_by_verify_and_stops_restore(
+    cli: Cli, make_raw: Callable[..., Path], tmp_path: Path
+) -> None:
+    repo = tmp_path / "repo"
+    cli.run("repo", "init", str(repo), check=True)
+    volume = make_raw(size=24 * MiB)
+    backup = cli.json("repo", "backup", str(repo), str(volume))
+    manifest = json.loads(cli.run("repo", "ls", str(repo), "--json", check=True).stdout)[0]
+    assert manifest["id"] == backup["id"]
+    victim = sorted((repo / "chunks").rglob("*"), key=lambda p: p.stat().st_size if p.is_file() else 0)[-1]
+    data = bytearray(victim.read_bytes())
+    data[len(data) // 3] ^= 0x20
+    victim.write_bytes(bytes(data))
+    quick = cli.run("repo", "verify", str(repo))
+    assert quick.returncode == 0  # presence only: the chunk is there
+    deep = cli.run("repo", "verify", str(repo), "--read-data")
+    assert deep.returncode == 1
+    assert backup["id"][:12] in deep.stdout and victim.name in deep.stdout
+    target = tmp_path / "restored.raw"
+    restore = cli.run("repo", "restore", str(repo), backup["id"], str(target))
+    assert restore.returncode == 1
+    assert "integrity error" in restore.stderr and victim.name in restore.stderr
+    assert not target.exists()
+    assert [p.name for p in tmp_path.iterdir() if "restored" in p.name] == []
+
+
+def test_missing_chunk_is_reported(cli: Cli, make_raw: Callable[..., Path], tmp_path: Path) -> None:
+    repo = tmp_path / "repo"
+    cli.run("repo", "init", str(repo), check=True)
+    backup = cli.json("repo", "backup", str(repo), str(make_raw(size=8 * MiB)))
+    victim = next(p for p in (repo / "chunks").rglob("*") if p.is_file())
+    victim.unlink()
+    proc = cli.run("repo", "verify", str(repo), backup["id"])
+    assert proc.returncode == 1 and "missing" in proc.stdout and victim.name in proc.stdout
+
+
+def test_gc_while_a_backup_runs_waits_and_loses_nothing(
+    cli: Cli, make_raw: Callable[..., Path], tmp_path: Path
+) -> None:
+    repo = str(tmp_path / "repo")
+    cli.run("repo", "init", repo, check=True)
+    volume = make_raw(size=32 * MiB)
+    old = cli.json("repo", "backup", repo, str(volume))
+    with open(volume, "r+b") as handle:
+        handle.write(os.urandom(8 * MiB))
+    slow = cli.popen(
+        "repo",
+        "backup",
+        repo,
+        str(volume),
+        "--json",
+        env={"BLOCKVAULT_FAILPOINTS": "backup.chunk_stored=1:pause4"},
+    )
+    time.sleep(1.5)
+    busy = cli.run("repo", "gc", repo)
+    assert busy.returncode == 1 and "busy" in busy.stderr and "backup of" in busy.stderr
+    prune = cli.json("repo", "prune", repo, "--keep-last", "1")  # prune runs beside a backup
+    assert prune["removed"] == []
+    out, err = slow.communicate(timeout=120)
+    assert slow.returncode == 0, err
+    new = json.loads(out)
+    pruned = cli.json("repo", "prune", repo, "--keep-last", "1")
+    assert pruned["removed"] == [old["id"]]
+    freed = cli.json("repo", "gc", repo)
+    assert freed["chunksDeleted"] >= 1
+    assert_consistent(cli, repo)
+    restored = tmp_path / "r.raw"
+    cli.run("repo", "restore", repo, new["id"], str(restored), check=True)
+    assert restored.read_bytes() == volume.read_bytes()
+
+
+def test_gc_waits_for_a_backup_with_wait(cli: Cli, make_raw: Callable[..., Path], tmp_path: Path) -> None:
+    repo = str(tmp_path / "repo")
+    cli.run("repo", "init", repo, check=True)
+    volume = make_raw(size=16 * MiB)
+    slow = cli.popen("repo", "backup", repo, str(volume), env={"BLOCKVAULT_FAILPOINTS": "backup.chunk_stored=1:pause3"})
+    time.sleep(1.0)
+    gc = cli.json("repo", "gc", repo, "--wait", "60")
+    slow.communicate(timeout=60)
+    assert slow.returncode == 0 and gc["chunksDeleted"] == 0
+    assert_consistent(cli, repo)
+
+
+def test_stale_lock_of_a_killed_backup_does_not_block_gc(
+    cli: Cli, make_raw: Callable[..., Path], tmp_path: Path
+) -> None:
+    repo = tmp_path / "repo"
+    cli.run("repo", "init", str(repo), check=True)
+    killed(cli, "backup.chunk_stored=1", "repo", "backup", str(repo), str(make_raw(size=16 * MiB)))
+    assert list((repo / "locks").iterdir())  # the killed backup's lock is left behind
+    report = cli.json("repo", "gc", str(repo))
+    assert report["chunksDeleted"] >= 1  # its orphan chunk is freed
+    assert list((repo / "locks").iterdir()) == []
