@@ -1,0 +1,952 @@
+#!/usr/bin/env python3
+"""Benchmark blockvault side by side with restic and borg on one VM-like volume.
+
+Run by ``make bench`` as::
+
+    .venv/bin/python tests/bench/compare_peers.py [--size-gib 2] [--workdir DIR] [--keep] [--json-out FILE]
+
+What it does, in one run and on a warm page cache:
+
+1. builds a raw volume (about 30 % holes, 40 % compressible, 30 % random data, in MiB-aligned
+   regions of varied sizes, deterministic from ``--seed``) and a qcow2 copy of it;
+2. full backup with each tool (restic, borg, blockvault on the raw file, blockvault on the qcow2
+   copy with ``--bitmap``);
+3. rewrites 2 % of the volume's 4 MiB-aligned regions with new random bytes, identically in the raw
+   file and (through ``qemu-io``, so the dirty bitmap sees it) in the qcow2 copy;
+4. incremental backup with each tool (blockvault: by rehash on raw, by dirty bitmap on qcow2);
+5. restores each tool's latest backup into a new file and checks it byte for byte against the volume.
+
+For every step it measures wall time, the peak RSS of the command's process tree, and at the end
+each repository's size on disk; it prints a table, blockvault's ratios to the faster peer and
+whether each target is met. Exit status: 0 when every command worked and every restore matched
+(targets missed do not change it), 1 otherwise. Stdlib only, plus psutil.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import random
+import shlex
+import shutil
+import string
+import struct
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+KiB = 1 << 10
+MiB = 1 << 20
+GiB = 1 << 30
+CHANGE_UNIT = 4 * MiB  # the rewrite touches 4 MiB-aligned regions
+CHANGE_FRACTION = 0.02
+COMPARE_PIECE = 4 * MiB
+PASSPHRASE = "bench"
+BITMAP_NAME = "bench"
+RSS_POLL_SECONDS = 0.02
+DEFAULT_SEED = 20240501
+
+# Volume make-up: kinds and their target share of the volume.
+SHARES = {"hole": 0.30, "compressible": 0.40, "random": 0.30}
+REGION_MIB = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)
+REGION_WEIGHTS = (8, 8, 6, 6, 5, 5, 4, 3, 2, 2, 1, 1)
+
+# Targets blockvault should meet against the faster (or smaller) of restic and borg.
+TARGET_FULL = 3.0
+TARGET_RESTORE = 3.0
+TARGET_INCR = 3.0
+TARGET_BITMAP_SMALL = 5.0  # below 8 GiB
+TARGET_BITMAP_LARGE = 20.0  # from 8 GiB
+TARGET_REPO_RATIO = 1.02
+TARGET_RSS_MIB = 128.0
+
+TIME_BIN = "/usr/bin/time"
+
+
+class BenchError(Exception):
+    """A step of the benchmark failed; the message says which command and why."""
+
+
+# --------------------------------------------------------------------------------------------
+# Running commands: wall time and peak RSS of the process tree
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Measured:
+    seconds: float
+    peak_rss: int  # bytes
+    stdout: str
+    stderr: str
+
+
+class _RssSampler(threading.Thread):
+    """Polls the summed RSS of a process tree every RSS_POLL_SECONDS; keeps the maximum."""
+
+    def __init__(self, pid: int, *, skip_root: bool) -> None:
+        super().__init__(daemon=True)
+        self.peak = 0
+        self._skip_root = skip_root
+        self._stop_event = threading.Event()
+        try:
+            self._root: psutil.Process | None = psutil.Process(pid)
+        except psutil.Error:
+            self._root = None
+
+    def _sample(self) -> int:
+        if self._root is None:
+            return 0
+        try:
+            procs = self._root.children(recursive=True)
+        except psutil.Error:
+            return 0
+        if not self._skip_root:
+            procs.append(self._root)
+        total = 0
+        for proc in procs:
+            try:
+                total += proc.memory_info().rss
+            except psutil.Error:
+                continue
+        return total
+
+    def run(self) -> None:
+        while not self._stop_event.is_set():
+            self.peak = max(self.peak, self._sample())
+            self._stop_event.wait(RSS_POLL_SECONDS)
+
+    def stop(self) -> None:
+        self._stop_event.set()
+        self.join()
+
+
+def _time_maxrss(path: Path) -> int:
+    """The %M (max RSS, KiB) /usr/bin/time wrote to ``path``, in bytes; 0 when unreadable."""
+    try:
+        lines = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+        return int(lines[-1]) * KiB if lines else 0
+    except (OSError, ValueError):
+        return 0
+
+
+def run_measured(cmd: Sequence[str], *, env: dict[str, str], cwd: Path, scratch: Path) -> Measured:
+    """Run ``cmd``; its wall time, and its peak RSS as the larger of /usr/bin/time's %M (exact for
+    the largest single process) and the summed RSS of its process tree polled every 20 ms (counts
+    helpers such as qemu-nbd running beside it). Raises BenchError when it fails."""
+    use_time = os.access(TIME_BIN, os.X_OK)
+    fd, name = tempfile.mkstemp(prefix="time-", suffix=".txt", dir=scratch)
+    os.close(fd)
+    time_file = Path(name)
+    full = [TIME_BIN, "-f", "%M", "-o", str(time_file), *cmd] if use_time else list(cmd)
+    try:
+        # Start every tool with no dirty page cache backlog: an fsync (blockvault and borg make
+        # them) must not pay for writes an earlier tool left behind.
+        os.sync()
+        started = time.perf_counter()
+        proc = subprocess.Popen(
+            full,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            env=env,
+            cwd=cwd,
+            text=True,
+        )
+        sampler = _RssSampler(proc.pid, skip_root=use_time)
+        sampler.start()
+        out, err = proc.communicate()
+        seconds = time.perf_counter() - started
+        sampler.stop()
+        peak = max(sampler.peak, _time_maxrss(time_file) if use_time else 0)
+    finally:
+        time_file.unlink(missing_ok=True)
+    if proc.returncode != 0:
+        tail = "\n".join((err or out).strip().splitlines()[-15:])
+        raise BenchError(f"command failed (exit {proc.returncode}): {shlex.join(cmd)}\n  cwd={cwd}\n{tail}")
+    return Measured(seconds, peak, out, err)
+
+
+def run_plain(cmd: Sequence[str], *, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+    """Run a helper command (not measured); raise BenchError when it fails."""
+    proc = subprocess.run(list(cmd), cwd=cwd, capture_output=True, text=True, check=False)
+    if proc.returncode != 0:
+        raise BenchError(f"command failed (exit {proc.returncode}): {shlex.join(cmd)}\n{proc.stderr.strip()}")
+    return proc
+
+
+# --------------------------------------------------------------------------------------------
+# Disk usage and file comparison
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Usage:
+    allocated: int  # sum of st_blocks * 512 (what ``du -s`` counts)
+    apparent: int  # sum of st_size (what ``du -sb`` counts)
+
+
+def disk_usage(path: Path) -> Usage:
+    """Allocated and apparent size of a file or of a directory tree (hard links counted once)."""
+    seen: set[tuple[int, int]] = set()
+    allocated = apparent = 0
+
+    def add(st: os.stat_result) -> None:
+        nonlocal allocated, apparent
+        key = (st.st_dev, st.st_ino)
+        if key in seen:
+            return
+        seen.add(key)
+        allocated += st.st_blocks * 512
+        apparent += st.st_size
+
+    add(path.lstat())
+    if path.is_dir():
+        for root, dirs, files in os.walk(path):
+            for entry in (*dirs, *files):
+                add(os.lstat(os.path.join(root, entry)))
+    return Usage(allocated, apparent)
+
+
+def first_difference(a: Path, b: Path) -> str | None:
+    """None when ``a`` and ``b`` hold the same bytes, else where they first differ."""
+    size_a, size_b = a.stat().st_size, b.stat().st_size
+    if size_a != size_b:
+        return f"sizes differ: {size_a} vs {size_b} bytes"
+    with a.open("rb", buffering=0) as fa, b.open("rb", buffering=0) as fb:
+        offset = 0
+        while True:
+            da, db = fa.read(COMPARE_PIECE), fb.read(COMPARE_PIECE)
+            if da != db:
+                at = next((i for i, (x, y) in enumerate(zip(da, db, strict=False)) if x != y), min(len(da), len(db)))
+                return f"first difference at byte {offset + at}"
+            if not da:
+                return None
+            offset += len(da)
+
+
+def read_through(path: Path) -> None:
+    """Read a file once so that it is in the page cache."""
+    with path.open("rb", buffering=0) as f:
+        while f.read(16 * MiB):
+            pass
+
+
+def only_file_under(directory: Path) -> Path:
+    """The single regular file a peer tool restored somewhere under ``directory``."""
+    found = [Path(root, name) for root, _, files in os.walk(directory) for name in files]
+    if len(found) != 1:
+        raise BenchError(f"expected exactly one restored file under {directory}, found {len(found)}")
+    return found[0]
+
+
+# --------------------------------------------------------------------------------------------
+# The volume
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Region:
+    offset: int
+    length: int
+    kind: str  # "hole", "text", "pages" or "random"
+
+
+def plan_layout(size: int, rng: random.Random) -> list[Region]:
+    """MiB-aligned regions of varied sizes covering ``size`` bytes; kinds drawn with weights
+    equal to each kind's remaining quota, so the shares land close to SHARES."""
+    total_mib = size // MiB
+    cap = max(1, total_mib // 8)
+    sizes: list[int] = []
+    left = total_mib
+    while left > 0:
+        mib = min(rng.choices(REGION_MIB, REGION_WEIGHTS)[0], cap, left)
+        sizes.append(mib)
+        left -= mib
+    remaining = {kind: share * total_mib for kind, share in SHARES.items()}
+    kinds = list(SHARES)
+    regions: list[Region] = []
+    offset_mib = 0
+    for mib in sizes:
+        kind = rng.choices(kinds, [max(remaining[k], 0.0) + 1e-6 for k in kinds])[0]
+        remaining[kind] -= mib
+        if kind == "compressible":
+            kind = rng.choice(("text", "pages"))
+        regions.append(Region(offset_mib * MiB, mib * MiB, kind))
+        offset_mib += mib
+    return regions
+
+
+class ContentMaker:
+    """Deterministic region content: log-like text and database-page-like records (both
+    compressible, yet unique at every 256 bytes so that nothing dedups), and random bytes."""
+
+    TOKEN_STRIDE = 256
+
+    def __init__(self, rng: random.Random) -> None:
+        self.rng = rng
+        letters = string.ascii_lowercase
+        vocab = ["".join(rng.choices(letters, k=rng.randint(2, 10))) for _ in range(3000)]
+        weights = [1.0 / (rank + 1) for rank in range(len(vocab))]  # Zipf-like
+        services = ["sshd", "kernel", "nginx", "postgres", "cron", "systemd", "dockerd", "app"]
+        lines: list[str] = []
+        length = 0
+        while length < 4 * MiB:
+            line = (
+                f"2024-{rng.randint(1, 12):02d}-{rng.randint(1, 28):02d}T{rng.randint(0, 23):02d}:"
+                f"{rng.randint(0, 59):02d}:{rng.randint(0, 59):02d} host{rng.randint(1, 40):02d} "
+                f"{rng.choice(services)}[{rng.randint(100, 65000)}]: "
+                + " ".join(rng.choices(vocab, weights, k=rng.randint(4, 16)))
+                + "\n"
+            )
+            lines.append(line)
+            length += len(line)
+        corpus = "".join(lines).encode()
+        self._corpus = corpus + corpus  # so a slice may wrap around
+        self._corpus_len = len(corpus)
+
+    def text(self, n: int) -> bytes:
+        start = self.rng.randrange(self._corpus_len)
+        buf = bytearray(self._corpus[start : start + n])
+        stride = self.TOKEN_STRIDE
+        positions = range(self.rng.randrange(stride - 8), n - 8, stride)
+        tokens = self.rng.randbytes(4 * len(positions)).hex().encode()
+        for i, pos in enumerate(positions):
+            buf[pos : pos + 8] = tokens[8 * i : 8 * i + 8]
+        return bytes(buf)
+
+    def pages(self, n: int) -> bytes:
+        page = 4096
+        out = bytearray()
+        base = self.rng.randrange(1 << 30)
+        for p in range(n // page):
+            header = struct.pack("<QI", base + p, self.rng.getrandbits(32)) + self.rng.randbytes(20)
+            records = bytearray()
+            count = self.rng.randint(20, 56)
+            for r in range(count):
+                key = base * 64 + p * 64 + r
+                records += b"%010d|cust-%07d|ACTIVE|EUR|%012d|2024-05-01|" % (
+                    key,
+                    self.rng.randrange(10**7),
+                    self.rng.randrange(10**12),
+                )
+            body = (header + records)[:page]
+            out += body + bytes(page - len(body))
+        return bytes(out)
+
+    def random(self, n: int) -> bytes:
+        return self.rng.randbytes(n)
+
+    def make(self, kind: str, n: int) -> bytes:
+        if kind == "text":
+            return self.text(n)
+        if kind == "pages":
+            return self.pages(n)
+        return self.random(n)
+
+
+@dataclass
+class VolumeInfo:
+    size: int
+    seed: int
+    regions: int
+    hole_bytes: int
+    compressible_bytes: int
+    random_bytes: int
+    raw_allocated: int = 0
+    qcow2_allocated: int = 0
+    raw_allocated_after_change: int = 0
+    changed_regions: list[int] = field(default_factory=list)
+    changed_bytes: int = 0
+
+
+def build_volume(raw: Path, qcow2: Path, size: int, seed: int) -> VolumeInfo:
+    rng = random.Random(seed)
+    regions = plan_layout(size, rng)
+    maker = ContentMaker(rng)
+    with raw.open("wb") as f:
+        f.truncate(size)
+        fd = f.fileno()
+        for region in regions:
+            if region.kind == "hole":
+                continue
+            for offset in range(region.offset, region.offset + region.length, MiB):
+                os.pwrite(fd, maker.make(region.kind, MiB), offset)
+        os.fsync(fd)
+    run_plain(["qemu-img", "convert", "-f", "raw", "-O", "qcow2", str(raw), str(qcow2)])
+    os.sync()
+
+    def share(*kinds: str) -> int:
+        return sum(r.length for r in regions if r.kind in kinds)
+
+    return VolumeInfo(
+        size=size,
+        seed=seed,
+        regions=len(regions),
+        hole_bytes=share("hole"),
+        compressible_bytes=share("text", "pages"),
+        random_bytes=share("random"),
+        raw_allocated=disk_usage(raw).allocated,
+        qcow2_allocated=disk_usage(qcow2).allocated,
+    )
+
+
+def apply_change(raw: Path, qcow2: Path, info: VolumeInfo, scratch: Path) -> None:
+    """Rewrite CHANGE_FRACTION of the 4 MiB-aligned regions with the same new random bytes in
+    the raw file (directly) and in the qcow2 copy (through qemu-io, so its enabled persistent
+    dirty bitmap records the writes); then check both still hold the same guest content."""
+    rng = random.Random(info.seed ^ 0x5EED)
+    units = info.size // CHANGE_UNIT
+    count = max(1, round(units * CHANGE_FRACTION))
+    chosen = sorted(rng.sample(range(units), count))
+    commands: list[str] = []
+    sources: list[Path] = []
+    with raw.open("r+b") as f:
+        for i, unit in enumerate(chosen):
+            data = rng.randbytes(CHANGE_UNIT)
+            os.pwrite(f.fileno(), data, unit * CHANGE_UNIT)
+            source = scratch / f"change-{i}.bin"
+            source.write_bytes(data)
+            sources.append(source)
+            commands += ["-c", f"write -q -s {source.name} {unit * CHANGE_UNIT} {CHANGE_UNIT}"]
+        os.fsync(f.fileno())
+    try:
+        run_plain(["qemu-io", "-f", "qcow2", *commands, str(qcow2.resolve())], cwd=scratch)
+    finally:
+        for source in sources:
+            source.unlink(missing_ok=True)
+    os.sync()
+    compare = subprocess.run(
+        ["qemu-img", "compare", "-f", "raw", "-F", "qcow2", str(raw), str(qcow2)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if compare.returncode != 0:
+        raise BenchError(f"raw and qcow2 differ after the change: {compare.stdout.strip()} {compare.stderr.strip()}")
+    info.changed_regions = chosen
+    info.changed_bytes = count * CHANGE_UNIT
+    info.raw_allocated_after_change = disk_usage(raw).allocated
+
+
+# --------------------------------------------------------------------------------------------
+# The tools
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Step:
+    seconds: float
+    peak_rss: int
+    detail: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Row:
+    name: str
+    full: Step | None = None
+    incr: Step | None = None
+    restore: Step | None = None
+    repo: Usage | None = None
+    restored_allocated: int | None = None
+    restore_ok: bool | None = None
+    error: str | None = None
+
+    def peak_rss(self) -> int | None:
+        steps = [s for s in (self.full, self.incr, self.restore) if s]
+        return max(s.peak_rss for s in steps) if steps else None
+
+
+class Tool:
+    """One backup tool working on one volume file with its own repository."""
+
+    name = ""
+    notes = ""
+
+    def __init__(self, workdir: Path, volume: Path, scratch: Path) -> None:
+        self.workdir = workdir
+        self.volume = volume
+        self.scratch = scratch
+        self.repo = workdir / f"repo-{self.slug}"
+        self.env = dict(os.environ)
+
+    @property
+    def slug(self) -> str:
+        return self.name.replace(" ", "-").replace("(", "").replace(")", "")
+
+    def run(self, cmd: Sequence[str], cwd: Path | None = None) -> Measured:
+        return run_measured(cmd, env=self.env, cwd=cwd or self.workdir, scratch=self.scratch)
+
+    def init(self) -> None:
+        raise NotImplementedError
+
+    def backup(self, label: str) -> Step:
+        raise NotImplementedError
+
+    def restore(self, target_dir: Path) -> tuple[Step, Path]:
+        raise NotImplementedError
+
+
+class Restic(Tool):
+    name = "restic"
+
+    def __init__(self, workdir: Path, volume: Path, scratch: Path) -> None:
+        super().__init__(workdir, volume, scratch)
+        self.env.update(
+            RESTIC_REPOSITORY=str(self.repo),
+            RESTIC_PASSWORD=PASSPHRASE,
+            RESTIC_CACHE_DIR=str(workdir / "restic-cache"),
+        )
+
+    def init(self) -> None:
+        self.run(["restic", "init"])
+        version = run_plain(["restic", "version"]).stdout.split()[1]
+        self.notes = f"restic {version}: repo format 'stable' (v2), compression auto (zstd), AES-256-CTR/Poly1305"
+
+    def backup(self, label: str) -> Step:
+        m = self.run(["restic", "backup", "--json", "--tag", label, str(self.volume)])
+        detail: dict[str, Any] = {}
+        for line in m.stdout.splitlines():
+            if '"summary"' in line:
+                summary = json.loads(line)
+                detail = {k: summary.get(k) for k in ("data_added", "total_bytes_processed")}
+        return Step(m.seconds, m.peak_rss, detail)
+
+    def restore(self, target_dir: Path) -> tuple[Step, Path]:
+        m = self.run(["restic", "restore", "latest", "--target", str(target_dir)])
+        return Step(m.seconds, m.peak_rss), only_file_under(target_dir)
+
+
+class Borg(Tool):
+    name = "borg"
+
+    def __init__(self, workdir: Path, volume: Path, scratch: Path) -> None:
+        super().__init__(workdir, volume, scratch)
+        self.env.update(
+            BORG_PASSPHRASE=PASSPHRASE,
+            BORG_BASE_DIR=str(workdir / "borg-base"),
+            BORG_UNKNOWN_UNENCRYPTED_REPO_ACCESS_IS_OK="yes",
+            BORG_RELOCATED_REPO_ACCESS_IS_OK="yes",
+            BORG_DISPLAY_PASSPHRASE="no",
+        )
+        self.archive = ""
+
+    def init(self) -> None:
+        self.run(["borg", "init", "-e", "repokey", str(self.repo)])
+        version = run_plain(["borg", "--version"]).stdout.split()[-1]
+        self.notes = f"borg {version}: -e repokey (AES-256-CTR + HMAC-SHA256), default compression lz4"
+
+    def backup(self, label: str) -> Step:
+        m = self.run(["borg", "create", "--json", f"{self.repo}::{label}", self.volume.name], cwd=self.volume.parent)
+        self.archive = label
+        stats = json.loads(m.stdout).get("archive", {}).get("stats", {})
+        detail = {k: stats.get(k) for k in ("deduplicated_size", "compressed_size", "original_size")}
+        return Step(m.seconds, m.peak_rss, detail)
+
+    def restore(self, target_dir: Path) -> tuple[Step, Path]:
+        m = self.run(["borg", "extract", f"{self.repo}::{self.archive}"], cwd=target_dir)
+        return Step(m.seconds, m.peak_rss), only_file_under(target_dir)
+
+
+class Blockvault(Tool):
+    def __init__(self, workdir: Path, volume: Path, scratch: Path, binary: str, *, bitmap: bool) -> None:
+        self.name = "blockvault (bitmap)" if bitmap else "blockvault (rehash)"
+        super().__init__(workdir, volume, scratch)
+        self.binary = binary
+        self.bitmap = bitmap
+        self.env.update(BLOCKVAULT_PASSPHRASE=PASSPHRASE, BLOCKVAULT_DATA_DIR=str(workdir / "blockvault-data"))
+        self.last_id = ""
+
+    def init(self) -> None:
+        self.run([self.binary, "repo", "init", str(self.repo), "--encrypt", "--json"])
+        source = "qcow2 copy, --bitmap" if self.bitmap else "raw file, rehash"
+        self.notes = f"{self.name}: --encrypt (AES-256-GCM), zstd, {source}"
+
+    @staticmethod
+    def _json(m: Measured, cmd: str) -> dict[str, Any]:
+        for line in reversed(m.stdout.splitlines()):
+            if line.startswith("{"):
+                parsed: dict[str, Any] = json.loads(line)
+                return parsed
+        raise BenchError(f"no JSON from blockvault {cmd}: stdout={m.stdout!r} stderr={m.stderr[-500:]!r}")
+
+    def backup(self, label: str) -> Step:
+        cmd = [self.binary, "repo", "backup", str(self.repo), str(self.volume), "--json"]
+        if self.bitmap:
+            cmd += ["--bitmap", BITMAP_NAME]
+        m = self.run(cmd)
+        out = self._json(m, "backup")
+        self.last_id = str(out["id"])
+        keys = ("mode", "bytesRead", "bytesWritten", "chunks", "newChunks", "seconds")
+        return Step(m.seconds, m.peak_rss, {k: out.get(k) for k in keys})
+
+    def restore(self, target_dir: Path) -> tuple[Step, Path]:
+        target = target_dir / "restored.raw"
+        m = self.run([self.binary, "repo", "restore", str(self.repo), self.last_id, str(target), "--json"])
+        out = self._json(m, "restore")
+        return Step(m.seconds, m.peak_rss, {k: out.get(k) for k in ("bytesWritten", "seconds")}), target
+
+
+# --------------------------------------------------------------------------------------------
+# The run
+# --------------------------------------------------------------------------------------------
+
+
+def _each_live(tools: list[Tool], rows: dict[str, Row]) -> Iterator[tuple[Tool, Row]]:
+    for tool in tools:
+        row = rows[tool.name]
+        if row.error is None:
+            yield tool, row
+
+
+def _fail(row: Row, exc: BenchError) -> None:
+    row.error = str(exc)
+    print(f"\n!!! {row.name} FAILED: {exc}\n", file=sys.stderr, flush=True)
+
+
+def _say(message: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
+
+
+def run_benchmark(
+    workdir: Path, size: int, seed: int, blockvault: str
+) -> tuple[VolumeInfo, list[Tool], dict[str, Row]]:
+    scratch = workdir / "scratch"
+    scratch.mkdir()
+    raw = workdir / "volume.raw"
+    qcow2 = workdir / "volume.qcow2"
+    _say(f"building a {size / GiB:g} GiB volume (seed {seed}) in {workdir}")
+    info = build_volume(raw, qcow2, size, seed)
+    _say(
+        f"volume: {info.regions} regions; holes {info.hole_bytes / size:.0%}, compressible "
+        f"{info.compressible_bytes / size:.0%}, random {info.random_bytes / size:.0%}; allocated raw "
+        f"{info.raw_allocated / MiB:.0f} MiB, qcow2 {info.qcow2_allocated / MiB:.0f} MiB"
+    )
+    tools: list[Tool] = [
+        Restic(workdir, raw, scratch),
+        Borg(workdir, raw, scratch),
+        Blockvault(workdir, raw, scratch, blockvault, bitmap=False),
+        Blockvault(workdir, qcow2, scratch, blockvault, bitmap=True),
+    ]
+    rows = {tool.name: Row(tool.name) for tool in tools}
+    for tool, row in _each_live(tools, rows):
+        try:
+            tool.init()
+        except BenchError as exc:
+            _fail(row, exc)
+
+    read_through(raw)
+    read_through(qcow2)
+    for tool, row in _each_live(tools, rows):
+        _say(f"full backup: {tool.name}")
+        try:
+            row.full = tool.backup("full")
+        except BenchError as exc:
+            _fail(row, exc)
+
+    _say(f"rewriting {CHANGE_FRACTION:.0%} of the 4 MiB regions (raw and qcow2 alike)")
+    apply_change(raw, qcow2, info, scratch)
+    read_through(raw)
+    read_through(qcow2)
+    for tool, row in _each_live(tools, rows):
+        _say(f"incremental backup: {tool.name}")
+        try:
+            row.incr = tool.backup("incr")
+        except BenchError as exc:
+            _fail(row, exc)
+
+    for tool, row in _each_live(tools, rows):
+        row.repo = disk_usage(tool.repo)
+
+    for tool, row in _each_live(tools, rows):
+        _say(f"restore: {tool.name}")
+        target_dir = workdir / f"restore-{tool.slug}"
+        target_dir.mkdir()
+        try:
+            row.restore, restored = tool.restore(target_dir)
+            row.restored_allocated = disk_usage(restored).allocated
+            problem = first_difference(restored, raw)
+            row.restore_ok = problem is None
+            if problem:
+                print(
+                    f"\n!!!!!!!! RESTORE MISMATCH: {tool.name} restored {restored} != {raw}: {problem}\n",
+                    file=sys.stderr,
+                    flush=True,
+                )
+        except BenchError as exc:
+            _fail(row, exc)
+        finally:
+            shutil.rmtree(target_dir, ignore_errors=True)
+    return info, tools, rows
+
+
+# --------------------------------------------------------------------------------------------
+# Reporting
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Verdict:
+    metric: str
+    value: float | None
+    target: str
+    met: bool | None
+    text: str
+
+
+def _fmt(value: float | None, spec: str = ".2f") -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def _speedup(peers: list[float | None], ours: float | None) -> float | None:
+    known = [p for p in peers if p is not None]
+    if not known or ours is None or ours <= 0:
+        return None
+    return min(known) / ours
+
+
+def _speed_text(ratio: float | None) -> str:
+    if ratio is None:
+        return "-"
+    return f"{ratio:.2f}x faster" if ratio >= 1 else f"{1 / ratio:.2f}x slower"
+
+
+def _secs(step: Step | None) -> float | None:
+    return step.seconds if step else None
+
+
+def verdicts(size: int, rows: dict[str, Row]) -> list[Verdict]:
+    peers = [rows["restic"], rows["borg"]]
+    rehash, bitmap = rows["blockvault (rehash)"], rows["blockvault (bitmap)"]
+    bitmap_target = TARGET_BITMAP_LARGE if size >= 8 * GiB else TARGET_BITMAP_SMALL
+    out: list[Verdict] = []
+
+    def speed(metric: str, ratio: float | None, target: float, extra: str = "") -> None:
+        met = None if ratio is None else ratio >= target
+        text = _speed_text(ratio)
+        out.append(Verdict(metric, ratio, f">= {target:g}x", met, text + extra))
+
+    full_qcow2 = _speedup([_secs(p.full) for p in peers], _secs(bitmap.full))
+    speed(
+        "full backup (raw)",
+        _speedup([_secs(p.full) for p in peers], _secs(rehash.full)),
+        TARGET_FULL,
+        f"  [qcow2 full for the bitmap path: {_fmt(full_qcow2)}x]",
+    )
+    speed("incremental by rehash", _speedup([_secs(p.incr) for p in peers], _secs(rehash.incr)), TARGET_INCR)
+    speed(
+        f"incremental by bitmap ({size / GiB:g} GiB)",
+        _speedup([_secs(p.incr) for p in peers], _secs(bitmap.incr)),
+        bitmap_target,
+    )
+    restore_bitmap = _speedup([_secs(p.restore) for p in peers], _secs(bitmap.restore))
+    speed(
+        "restore",
+        _speedup([_secs(p.restore) for p in peers], _secs(rehash.restore)),
+        TARGET_RESTORE,
+        f"  [bitmap repo's restore: {_fmt(restore_bitmap)}x]",
+    )
+
+    peer_repos = [p.repo.allocated for p in peers if p.repo]
+    for row in (rehash, bitmap):
+        ratio = row.repo.allocated / min(peer_repos) if row.repo and peer_repos else None
+        met = None if ratio is None else ratio <= TARGET_REPO_RATIO
+        out.append(
+            Verdict(
+                f"repository size ({row.name})",
+                ratio,
+                f"<= {TARGET_REPO_RATIO:g}x smaller peer",
+                met,
+                "-" if ratio is None else f"{ratio:.3f}x the smaller peer's",
+            )
+        )
+    rss = [r.peak_rss() for r in (rehash, bitmap)]
+    known_rss = [r for r in rss if r is not None]
+    peak = max(known_rss) / MiB if known_rss else None
+    out.append(
+        Verdict(
+            "blockvault peak RSS",
+            peak,
+            f"<= {TARGET_RSS_MIB:g} MiB",
+            None if peak is None else peak <= TARGET_RSS_MIB,
+            "-" if peak is None else f"{peak:.1f} MiB",
+        )
+    )
+    return out
+
+
+def print_report(info: VolumeInfo, tools: list[Tool], rows: dict[str, Row], checks: list[Verdict]) -> None:
+    size = info.size
+    print()
+    print(
+        f"Volume: {size / GiB:g} GiB raw, {info.regions} MiB-aligned regions (seed {info.seed}): holes "
+        f"{info.hole_bytes / MiB:.0f} MiB, compressible {info.compressible_bytes / MiB:.0f} MiB, random "
+        f"{info.random_bytes / MiB:.0f} MiB; allocated raw {info.raw_allocated / MiB:.0f} MiB, "
+        f"qcow2 {info.qcow2_allocated / MiB:.0f} MiB"
+    )
+    print(
+        f"Change: {len(info.changed_regions)} of {size // CHANGE_UNIT} 4 MiB regions rewritten with random "
+        f"data ({info.changed_bytes / MiB:.0f} MiB), raw == qcow2 checked with qemu-img compare"
+    )
+    print(
+        "Warm cache (volume read once before timing; sync before each command); times are wall seconds "
+        "of the whole command."
+    )
+    for tool in tools:
+        if tool.notes:
+            print(f"  {tool.notes}")
+    print()
+    headers = [
+        "tool",
+        "full s",
+        "incr s",
+        "restore s",
+        "repo MiB",
+        "repo app MiB",
+        "restore alloc MiB",
+        "peak RSS MiB",
+    ]
+    table: list[list[str]] = []
+    for tool in tools:
+        row = rows[tool.name]
+        peak = row.peak_rss()
+        table.append(
+            [
+                row.name,
+                _fmt(_secs(row.full)),
+                _fmt(_secs(row.incr)),
+                _fmt(_secs(row.restore)),
+                _fmt(row.repo.allocated / MiB if row.repo else None, ".1f"),
+                _fmt(row.repo.apparent / MiB if row.repo else None, ".1f"),
+                _fmt(row.restored_allocated / MiB if row.restored_allocated is not None else None, ".1f"),
+                _fmt(peak / MiB if peak is not None else None, ".1f"),
+            ]
+        )
+    source = info.raw_allocated_after_change / MiB
+    table.append(["(source volume, after change)", "", "", "", "", "", f"{source:.1f}", ""])
+    widths = [max(len(headers[i]), *(len(r[i]) for r in table)) for i in range(len(headers))]
+    line = "  ".join(h.ljust(w) if i == 0 else h.rjust(w) for i, (h, w) in enumerate(zip(headers, widths, strict=True)))
+    print(line)
+    print("-" * len(line))
+    for r in table:
+        print("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths, strict=True))))
+    print()
+    print("Per step:")
+    for tool in tools:
+        row = rows[tool.name]
+        for label, step in (("full", row.full), ("incr", row.incr), ("restore", row.restore)):
+            if step:
+                detail = ", ".join(f"{k}={v}" for k, v in step.detail.items())
+                print(
+                    f"  {row.name:<20} {label:<8} {step.seconds:8.2f} s  RSS {step.peak_rss / MiB:7.1f} MiB  {detail}"
+                )
+        if row.restore_ok is not None:
+            print(f"  {row.name:<20} restore verified byte for byte: {'OK' if row.restore_ok else 'MISMATCH'}")
+        if row.error:
+            print(f"  {row.name:<20} ERROR: {row.error.splitlines()[0]}")
+    print()
+    print("blockvault vs the faster (smaller) peer:")
+    for check in checks:
+        mark = "n/a" if check.met is None else ("MET" if check.met else "NOT MET")
+        print(f"  {check.metric:<40} {check.text:<60} target {check.target:<26} {mark}")
+    print()
+
+
+def results_json(info: VolumeInfo, tools: list[Tool], rows: dict[str, Row], checks: list[Verdict]) -> dict[str, Any]:
+    return {
+        "volume": asdict(info),
+        "tools": {tool.name: tool.notes for tool in tools},
+        "rows": {name: {**asdict(row), "peak_rss": row.peak_rss()} for name, row in rows.items()},
+        "targets": [asdict(check) for check in checks],
+        "ok": all(row.error is None and row.restore_ok for row in rows.values()),
+    }
+
+
+# --------------------------------------------------------------------------------------------
+# Entry point
+# --------------------------------------------------------------------------------------------
+
+
+def _find_blockvault(explicit: str | None) -> str:
+    if explicit:
+        return explicit
+    beside = Path(sys.executable).with_name("blockvault")
+    if beside.exists():
+        return str(beside)
+    found = shutil.which("blockvault")
+    if not found:
+        raise BenchError("blockvault not found beside this Python nor on PATH (use --blockvault)")
+    return found
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
+    parser.add_argument("--size-gib", type=float, default=2.0, help="volume size in GiB (default 2; 0.25 is quick)")
+    parser.add_argument("--workdir", type=Path, help="where to make the run's directory (default /var/tmp)")
+    parser.add_argument("--keep", action="store_true", help="keep the run's directory (volume, repositories)")
+    parser.add_argument("--json-out", type=Path, help="also write the results as JSON to this file")
+    parser.add_argument("--seed", type=int, default=DEFAULT_SEED, help="seed of the volume's layout and content")
+    parser.add_argument("--blockvault", help="the blockvault executable (default: beside this Python)")
+    return parser.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    size = int(args.size_gib * GiB) // CHANGE_UNIT * CHANGE_UNIT
+    if size < 64 * MiB:
+        print("--size-gib must give at least 64 MiB", file=sys.stderr)
+        return 2
+    try:
+        blockvault = _find_blockvault(args.blockvault)
+        for tool in ("restic", "borg", "qemu-img", "qemu-io"):
+            if not shutil.which(tool):
+                raise BenchError(f"{tool} is not installed")
+    except BenchError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    parent = args.workdir or Path("/var/tmp")
+    parent.mkdir(parents=True, exist_ok=True)
+    needed = 6 * size + GiB
+    free = shutil.disk_usage(parent).free
+    if free < needed:
+        print(
+            f"error: {parent} has {free / GiB:.1f} GiB free, the run needs about {needed / GiB:.1f}",
+            file=sys.stderr,
+        )
+        return 2
+    workdir = Path(tempfile.mkdtemp(prefix="blockvault-bench-", dir=parent)).resolve()
+    started = time.perf_counter()
+    try:
+        info, tools, rows = run_benchmark(workdir, size, args.seed, blockvault)
+    except BenchError as exc:
+        print(f"\n!!! benchmark aborted: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        if args.keep:
+            print(f"kept {workdir}")
+        else:
+            shutil.rmtree(workdir, ignore_errors=True)
+    checks = verdicts(size, rows)
+    print_report(info, tools, rows, checks)
+    results = results_json(info, tools, rows, checks)
+    if args.json_out:
+        args.json_out.write_text(json.dumps(results, indent=2) + "\n")
+        print(f"results written to {args.json_out}")
+    print(f"benchmark took {math.ceil(time.perf_counter() - started)} s")
+    if not results["ok"]:
+        print("FAILED: a command failed or a restore did not match (see above)", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
