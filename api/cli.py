@@ -14,7 +14,7 @@ from typing import Any, NoReturn
 
 import click
 
-from shared.config import get_settings
+from shared.config import float_setting, setting
 from shared.errors import BlockvaultError, RepositoryNotFound, UsageError
 
 log = logging.getLogger("blockvault")
@@ -51,8 +51,11 @@ def repo() -> None:
 
 
 def _passphrase() -> str | None:
-    secret = get_settings().passphrase
-    return secret.get_secret_value() if secret else None
+    return setting("passphrase") or None
+
+
+def _lock_wait() -> float:
+    return float_setting("lock_wait_seconds", 60.0)
 
 
 def _open(location: str) -> Any:
@@ -143,7 +146,7 @@ def repo_backup(
             bitmap=bitmap,
             name=name,
             progress=progress,
-            lock_wait=get_settings().lock_wait_seconds,
+            lock_wait=_lock_wait(),
         )
     speed = result.bytesRead / result.seconds if result.seconds else 0.0
     _emit(
@@ -166,9 +169,7 @@ def repo_restore(location: str, backup_id: str, target: str, as_json: bool) -> N
 
     repository = _open(location)
     with _progress("restore") as progress:
-        result = restore_backup(
-            repository, backup_id, target, progress=progress, lock_wait=get_settings().lock_wait_seconds
-        )
+        result = restore_backup(repository, backup_id, target, progress=progress, lock_wait=_lock_wait())
     speed = result.bytesWritten / result.seconds if result.seconds else 0.0
     _emit(
         result.to_json(),
@@ -321,13 +322,13 @@ def repo_sync(src: str, dst: str, bandwidth_limit: int | None, as_json: bool) ->
     )
 
 
-def _register_commands() -> None:
-    from .demo import demo
+@main.command("demo")
+@click.option("--workdir", type=click.Path(file_okay=False), help="Default: <data dir>/demo.")
+def demo(workdir: str | None) -> None:
+    """Back up a raw and a qcow2 volume full and incrementally, sync, restore, verify."""
+    from .demo import run_demo
 
-    main.add_command(demo)
-
-
-_register_commands()
+    run_demo(workdir)
 
 
 if __name__ == "__main__":

@@ -82,11 +82,9 @@ def _line(step: str, result: BackupResult) -> None:
     )
 
 
-@click.command("demo")
-@click.option("--workdir", type=click.Path(file_okay=False, path_type=Path), help="Default: <data dir>/demo.")
-def demo(workdir: Path | None) -> None:
+def run_demo(workdir: str | None) -> None:
     """Back up a raw and a qcow2 volume full and incrementally, sync, restore, verify."""
-    work = (workdir or get_settings().data_dir / "demo").absolute()
+    work = (Path(workdir) if workdir else get_settings().data_dir / "demo").absolute()
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
     raw, qcow = work / "vm1-root.raw", work / "vm1-data.qcow2"
@@ -161,4 +159,4 @@ def _equal_files(a: Path, b: Path) -> bool:
                 return True
 
 
-__all__ = ["demo", "make_vm_volume"]
+__all__ = ["make_vm_volume", "run_demo"]

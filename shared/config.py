@@ -1,25 +1,60 @@
-"""Settings: the one place that reads the environment (``BLOCKVAULT_*``, or a ``.env`` file)."""
+"""Settings: the one place that reads the environment (``BLOCKVAULT_*``, or a ``.env`` file).
+
+:class:`~shared.settings_model.Settings` (from :func:`get_settings`) is what every process
+reads. :func:`setting` reads one value from the same sources without importing pydantic
+(about 150 ms), for the repository CLI, whose every run on a host should start in
+milliseconds.
+"""
 
 from __future__ import annotations
 
+import os
 from functools import lru_cache
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from pydantic import Field, SecretStr
-from pydantic_settings import BaseSettings, SettingsConfigDict
+if TYPE_CHECKING:
+    from .settings_model import Settings
+
+ENV_PREFIX = "BLOCKVAULT_"
+ENV_FILE = ".env"
 
 
-class Settings(BaseSettings):
-    """Every blockvault process's settings; see API.md "Processes, settings, ports"."""
+@lru_cache(maxsize=1)
+def _env_file() -> dict[str, str | None]:
+    if not Path(ENV_FILE).is_file():
+        return {}
+    from dotenv import dotenv_values
 
-    model_config = SettingsConfigDict(env_prefix="BLOCKVAULT_", env_file=".env", extra="ignore")
+    return dict(dotenv_values(ENV_FILE))
 
-    data_dir: Path = Field(default=Path(".blockvault"))
-    passphrase: SecretStr | None = None
-    lock_wait_seconds: float = Field(default=60.0, ge=0)
+
+def setting(name: str) -> str | None:
+    """The raw value of ``BLOCKVAULT_<NAME>``: the environment first, then ``.env``."""
+    key = ENV_PREFIX + name.upper()
+    value = os.environ.get(key)
+    return value if value is not None else _env_file().get(key)
+
+
+def float_setting(name: str, default: float) -> float:
+    """A non-negative number setting; UsageError naming the variable when it is not one."""
+    raw = setting(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        value = -1.0
+    if value < 0:
+        from .errors import UsageError
+
+        raise UsageError(detail=f"{ENV_PREFIX}{name.upper()}={raw!r} is not a non-negative number")
+    return value
 
 
 @lru_cache(maxsize=1)
 def get_settings() -> Settings:
     """The process's settings, read once."""
+    from .settings_model import Settings
+
     return Settings()
