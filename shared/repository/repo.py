@@ -30,6 +30,7 @@ from shared.errors import (
 )
 
 from .backends import Backend, open_backend
+from .backends.base import Buffer
 from .keys import KeyMaterial, ObjectCodec, dump_json
 from .manifest import BackupEntry, Manifest, utcnow
 
@@ -135,13 +136,13 @@ class Repository:
     def install_path(self, manifest_id: str) -> str:
         return f"zstore://{self.id}/{manifest_id}"
 
-    def store_chunk(self, digest: bytes, data: bytes | memoryview) -> int:
+    def store_chunk(self, digest: bytes, data: Buffer) -> int:
         """Seal and store a chunk; returns the stored size."""
         blob = self.codec.encode(digest, data)
         self.backend.put(chunk_key(digest.hex()), blob, overwrite=False)
         return len(blob)
 
-    def load_chunk(self, digest_hex: str) -> bytes:
+    def load_chunk(self, digest_hex: str) -> bytes | bytearray:
         """A chunk's plain bytes, checked; IntegrityError when damaged or missing."""
         try:
             blob = self.backend.get(chunk_key(digest_hex))
@@ -158,8 +159,15 @@ class Repository:
         plain = dump_json(manifest.to_json())
         digest = self.codec.digest(plain)
         manifest_id = digest.hex()
-        self.backend.put(manifest_key(manifest_id), self.codec.encode(digest, plain), overwrite=False)
+        self.commit_manifest(manifest_id, self.codec.encode(digest, plain))
         return manifest_id
+
+    def commit_manifest(self, manifest_id: str, blob: bytes | bytearray) -> None:
+        """Store a sealed manifest, after making every chunk stored so far durable, and
+        durably: the one step that makes a backup exist."""
+        self.backend.flush()
+        self.backend.put(manifest_key(manifest_id), blob, overwrite=False)
+        self.backend.flush()
 
     def load_manifest(self, manifest_id: str) -> Manifest:
         try:

@@ -105,7 +105,7 @@ def sync(
             blob = dst.codec.recode(
                 bytes.fromhex(mid), src.backend.get(manifest_key(mid)), src.codec, f"manifest {mid}"
             )
-            dst.backend.put(manifest_key(mid), blob, overwrite=False)
+            dst.commit_manifest(mid, blob)
             report.backups.append(mid)
             log.info("sync.copied id=%s to=%s", mid[:12], dst.location)
     report.seconds = round(time.monotonic() - started, 3)

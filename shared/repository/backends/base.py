@@ -6,6 +6,8 @@ import abc
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
+Buffer = bytes | bytearray | memoryview
+
 
 @dataclass(frozen=True, slots=True)
 class ObjectInfo:
@@ -28,10 +30,11 @@ class Backend(abc.ABC):
     location: str
 
     @abc.abstractmethod
-    def put(self, key: str, data: bytes | memoryview, *, overwrite: bool = True) -> None:
+    def put(self, key: str, data: Buffer, *, overwrite: bool = True) -> None:
         """Store ``data`` under ``key`` atomically: readers see the old object or the whole new
-        one, never part of it, and once ``put`` returns the object survives a crash. With
-        ``overwrite=False`` an existing object is left alone and ``put`` still succeeds."""
+        one, never part of it, and after a crash an object under ``key`` is whole or absent.
+        It is durable once :meth:`flush` returns. With ``overwrite=False`` an existing object
+        is left alone and ``put`` still succeeds."""
 
     @abc.abstractmethod
     def get(self, key: str, offset: int = 0, length: int | None = None) -> bytes:
@@ -55,6 +58,10 @@ class Backend(abc.ABC):
     def missing(self, keys: Iterable[str]) -> set[str]:
         """Which of ``keys`` the store does not hold, in one round trip where the backend
         can (the http backend's batch call)."""
+
+    def flush(self) -> None:  # noqa: B027 - stores that are durable on put need nothing
+        """Make every object ``put`` so far durable (the repository calls it before and after
+        writing a manifest)."""
 
     def exists(self, key: str) -> bool:
         """Whether an object is stored under ``key``."""

@@ -1,22 +1,24 @@
 """The ``file`` backend: a local or mounted folder.
 
-Objects are files below the root; ``put`` writes ``tmp/<random>``, fsyncs it, renames it into
-place and fsyncs the folder (borgstore ``posixfs``), so a crash never leaves a half object
-under a real key. ``tmp/`` is listed like any prefix so that garbage collection can remove
-what a killed writer left there.
+Objects are files below the root; ``put`` writes ``tmp/<random>``, fdatasyncs it and renames
+it into place (borgstore ``posixfs``), so a crash never leaves a half object under a real key;
+``flush`` fsyncs the folders that gained names, once per folder instead of once per object.
+``tmp/`` is listed like any prefix so that garbage collection can remove what a killed
+writer left there.
 """
 
 from __future__ import annotations
 
 import errno
 import os
+import threading
 import uuid
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from shared.errors import BackendError, BackendUnavailable, ObjectNotFound
 
-from .base import Backend, ObjectInfo
+from .base import Backend, Buffer, ObjectInfo
 
 _TRANSIENT = {errno.EAGAIN, errno.EINTR, errno.EBUSY, errno.ETIMEDOUT, errno.ESTALE}
 
@@ -28,6 +30,8 @@ class FileBackend(Backend):
         self.root = root.absolute()
         self.location = str(self.root)
         self._made: set[Path] = set()
+        self._unsynced: set[Path] = set()
+        self._lock = threading.Lock()
 
     def _path(self, key: str) -> Path:
         if not key or key.startswith("/") or ".." in key.split("/"):
@@ -47,7 +51,7 @@ class FileBackend(Backend):
             folder.mkdir(parents=True, exist_ok=True)
             self._made.add(folder)
 
-    def put(self, key: str, data: bytes | memoryview, *, overwrite: bool = True) -> None:
+    def put(self, key: str, data: Buffer, *, overwrite: bool = True) -> None:
         path = self._path(key)
         if not overwrite and path.exists():
             return
@@ -61,20 +65,32 @@ class FileBackend(Backend):
                 view = memoryview(data)
                 while view:
                     view = view[os.write(fd, view) :]
-                os.fsync(fd)
+                os.fdatasync(fd)
             finally:
                 os.close(fd)
             os.rename(tmp, path)
-            dir_fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
-            try:
-                os.fsync(dir_fd)
-            finally:
-                os.close(dir_fd)
+            with self._lock:
+                self._unsynced.add(path.parent)
         except OSError as exc:
             tmp.unlink(missing_ok=True)
             if exc.errno == errno.ENOENT:  # the root itself vanished
                 raise BackendError(location=self.location, detail=f"{key}: folder missing") from None
             raise self._error(exc, key) from None
+
+    def flush(self) -> None:
+        with self._lock:
+            folders, self._unsynced = self._unsynced, set()
+        try:
+            for folder in folders:
+                fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+                try:
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+        except OSError as exc:
+            with self._lock:
+                self._unsynced |= folders
+            raise self._error(exc, "(flush)") from None
 
     def get(self, key: str, offset: int = 0, length: int | None = None) -> bytes:
         path = self._path(key)

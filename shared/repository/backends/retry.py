@@ -21,7 +21,7 @@ from tenacity import (
 
 from shared.errors import BlockvaultError
 
-from .base import Backend, ObjectInfo
+from .base import Backend, Buffer, ObjectInfo
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -51,7 +51,7 @@ class RetryingBackend(Backend):
                 return fn()
         raise AssertionError("unreachable")  # pragma: no cover
 
-    def put(self, key: str, data: bytes | memoryview, *, overwrite: bool = True) -> None:
+    def put(self, key: str, data: Buffer, *, overwrite: bool = True) -> None:
         self._call(lambda: self.inner.put(key, data, overwrite=overwrite))
 
     def get(self, key: str, offset: int = 0, length: int | None = None) -> bytes:
@@ -69,6 +69,9 @@ class RetryingBackend(Backend):
     def missing(self, keys: Iterable[str]) -> set[str]:
         wanted = list(keys)
         return self._call(lambda: self.inner.missing(wanted))
+
+    def flush(self) -> None:
+        self._call(self.inner.flush)
 
     def close(self) -> None:
         self.inner.close()
