@@ -31,6 +31,7 @@ typecheck: venv
 	$(VENV)/bin/mypy
 
 pytest: venv system-test
+	tests/harness/ensure-services
 	$(PY) -m pytest -q
 
 test: lint typecheck pytest

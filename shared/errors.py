@@ -16,6 +16,8 @@ class BlockvaultError(Exception):
 
     exit_code: ClassVar[int] = 1
     retryable: ClassVar[bool] = False
+    code: ClassVar[str] = "INTERNAL_ERROR"
+    http_status: ClassVar[int] = 500
 
     def __init__(self, **fields: Any) -> None:
         self.fields = fields
@@ -36,19 +38,31 @@ class BlockvaultError(Exception):
 class UsageError(BlockvaultError):
     """{detail}"""
 
+    code = "INVALID_ARGUMENT"
+    http_status = 400
+
     exit_code = 2
 
 
 class IntegrityError(BlockvaultError):
     """integrity error: {detail}"""
 
+    code = "INTEGRITY_ERROR"
+    http_status = 500
+
 
 class RepositoryError(BlockvaultError):
     """repository {location}: {detail}"""
 
+    code = "STORAGE_ERROR"
+    http_status = 500
+
 
 class RepositoryNotFound(RepositoryError):
     """no repository at {location}"""
+
+    code = "STORAGE_NOT_FOUND"
+    http_status = 409
 
     exit_code = 2
 
@@ -62,11 +76,17 @@ class RepositoryExists(RepositoryError):
 class WrongPassphrase(RepositoryError):
     """wrong passphrase for the repository at {location}"""
 
+    code = "WRONG_PASSPHRASE"
+    http_status = 409
+
     exit_code = 2
 
 
 class PassphraseRequired(RepositoryError):
     """the repository at {location} is encrypted: set BLOCKVAULT_PASSPHRASE"""
+
+    code = "PASSPHRASE_REQUIRED"
+    http_status = 409
 
     exit_code = 2
 
@@ -74,9 +94,15 @@ class PassphraseRequired(RepositoryError):
 class RepositoryLocked(RepositoryError):
     """repository {location} is busy: {detail}"""
 
+    code = "STORAGE_BUSY"
+    http_status = 409
+
 
 class BackupNotFound(RepositoryError):
     """no backup {backup} in the repository at {location}"""
+
+    code = "BACKUP_NOT_FOUND"
+    http_status = 404
 
     exit_code = 2
 
@@ -84,22 +110,80 @@ class BackupNotFound(RepositoryError):
 class VolumeError(BlockvaultError):
     """volume {path}: {detail}"""
 
+    code = "VOLUME_ERROR"
+    http_status = 409
+
     exit_code = 2
 
 
 class TargetExists(VolumeError):
     """restore target {path} exists: choose a new path"""
 
+    code = "TARGET_EXISTS"
+    http_status = 409
+
 
 class BackendError(BlockvaultError):
     """storage backend {location}: {detail}"""
+
+    code = "STORAGE_ERROR"
+    http_status = 502
 
 
 class ObjectNotFound(BackendError):
     """storage backend {location}: no object {key}"""
 
+    code = "STORAGE_OBJECT_MISSING"
+    http_status = 502
+
 
 class BackendUnavailable(BackendError):
     """storage backend {location} is unavailable: {detail}"""
 
+    code = "STORAGE_UNAVAILABLE"
+    http_status = 503
+
     retryable = True
+
+
+class CatalogUnavailable(BlockvaultError):
+    """the catalog database is unavailable: {detail}"""
+
+    code = "DATABASE_UNAVAILABLE"
+    http_status = 503
+
+    retryable = True
+
+
+class NotFound(BlockvaultError):
+    """no {resource} {uuid}"""
+
+    code = "NOT_FOUND"
+    http_status = 404
+
+    exit_code = 2
+
+
+class Conflict(BlockvaultError):
+    """{detail}"""
+
+    code = "CONFLICT"
+    http_status = 409
+
+
+class InvalidArgument(UsageError):
+    """{detail}"""
+
+
+class HostDisconnected(BlockvaultError):
+    """host {host} is disconnected: {detail}"""
+
+    code = "HOST_DISCONNECTED"
+    http_status = 409
+
+
+class Unauthorized(BlockvaultError):
+    """{detail}"""
+
+    code = "UNAUTHORIZED"
+    http_status = 401

@@ -11,10 +11,42 @@ from .config import ENV_FILE, ENV_PREFIX
 
 
 class Settings(BaseSettings):
-    """Every blockvault process's settings; see API.md "Processes, settings, ports"."""
+    """Every blockvault process's settings; see API.md "Processes, settings, ports".
+
+    With none set everything is embedded under ``data_dir``: a SQLite catalog, Celery's
+    filesystem broker and an ImageStore folder.
+    """
 
     model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, env_file=ENV_FILE, extra="ignore")
 
     data_dir: Path = Field(default=Path(".blockvault"))
+    database_url: str | None = None
+    broker_url: str | None = None
+    admin_api_key: SecretStr | None = None
+    host_uuid: str | None = None
+    api_url: str = "http://127.0.0.1:8080"
+    api_key: SecretStr | None = None
     passphrase: SecretStr | None = None
     lock_wait_seconds: float = Field(default=60.0, ge=0)
+    heartbeat_seconds: float = Field(default=10.0, gt=0)
+    host_timeout_seconds: float = Field(default=45.0, gt=0)
+    requeue_seconds: float = Field(default=60.0, gt=0)
+    environment: str = "development"
+
+    @property
+    def data_path(self) -> Path:
+        return self.data_dir.absolute()
+
+    @property
+    def catalog_url(self) -> str:
+        """The catalog's SQLAlchemy URL: ``database_url`` or the embedded SQLite file."""
+        return self.database_url or f"sqlite:///{self.data_path / 'catalog.db'}"
+
+    @property
+    def broker(self) -> str:
+        """The Celery broker URL: ``broker_url`` or the embedded filesystem broker."""
+        return self.broker_url or "filesystem://"
+
+    @property
+    def broker_folder(self) -> Path:
+        return self.data_path / "broker"

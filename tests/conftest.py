@@ -16,6 +16,8 @@ import pytest
 
 from shared.repository.repo import Repository
 
+pytest_plugins = ["tests.services"]
+
 MiB = 1024 * 1024
 ROOT = Path(__file__).resolve().parent.parent
 

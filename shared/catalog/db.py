@@ -1,0 +1,109 @@
+"""Catalog connections and migrations.
+
+``engine()`` and ``session()`` serve every process; ``migrate()`` brings the schema to the
+newest Alembic revision (each process calls it at start: it is a no-op when up to date).
+Errors reaching the database are translated to :class:`~shared.errors.CatalogUnavailable`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+from sqlalchemy import Engine, create_engine, event
+from sqlalchemy.exc import InterfaceError as SAInterfaceError
+from sqlalchemy.exc import OperationalError
+from sqlalchemy.orm import Session, sessionmaker
+
+from shared.config import get_settings
+from shared.errors import CatalogUnavailable
+
+MIGRATIONS = Path(__file__).with_name("migrations")
+_lock = threading.RLock()
+
+
+def _sqlite_pragmas(dbapi_connection: object, _record: object) -> None:
+    cursor = dbapi_connection.cursor()  # type: ignore[attr-defined]
+    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.execute("PRAGMA busy_timeout=30000")
+    cursor.execute("PRAGMA foreign_keys=ON")
+    cursor.execute("PRAGMA synchronous=NORMAL")
+    cursor.close()
+
+
+_engines: dict[str, Engine] = {}
+
+
+def engine(url: str | None = None) -> Engine:
+    """The engine for ``url`` (default: the settings' catalog), one per process."""
+    url = url or get_settings().catalog_url
+    with _lock:
+        if url not in _engines:
+            _engines[url] = _make_engine(url)
+        return _engines[url]
+
+
+def _make_engine(url: str) -> Engine:
+    if url.startswith("sqlite"):
+        path = url.split("///", 1)[-1]
+        if path and path != ":memory:":
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+        eng = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
+        event.listen(eng, "connect", _sqlite_pragmas)
+        return eng
+    return create_engine(url, pool_pre_ping=True, pool_size=5, max_overflow=10, pool_recycle=1800)
+
+
+@functools.cache
+def _factory(url: str | None = None) -> sessionmaker[Session]:
+    return sessionmaker(bind=engine(url), expire_on_commit=False)
+
+
+@contextlib.contextmanager
+def session(url: str | None = None) -> Iterator[Session]:
+    """A session committed when the block ends without error, rolled back otherwise."""
+    db = _factory(url)()
+    try:
+        yield db
+        db.commit()
+    except (OperationalError, SAInterfaceError) as exc:
+        db.rollback()
+        raise CatalogUnavailable(detail=str(exc.orig).strip().splitlines()[0] if exc.orig else str(exc)) from None
+    except BaseException:
+        db.rollback()
+        raise
+    finally:
+        db.close()
+
+
+def reset() -> None:
+    """Forget every engine and pool (in a forked worker process: the parent's connections
+    must not be shared)."""
+    with _lock:
+        for eng in _engines.values():
+            eng.dispose(close=False)
+        _engines.clear()
+    _factory.cache_clear()
+
+
+def alembic_config(url: str | None = None) -> object:
+    from alembic.config import Config
+
+    config = Config()
+    config.set_main_option("script_location", str(MIGRATIONS))
+    config.set_main_option("sqlalchemy.url", (url or get_settings().catalog_url).replace("%", "%%"))
+    return config
+
+
+def migrate(url: str | None = None) -> None:
+    """Upgrade the catalog to the newest revision (idempotent; serialised in this process)."""
+    from alembic import command
+
+    with _lock:
+        try:
+            command.upgrade(alembic_config(url), "head")  # type: ignore[arg-type]
+        except (OperationalError, SAInterfaceError) as exc:
+            raise CatalogUnavailable(detail=str(exc.orig).strip().splitlines()[0] if exc.orig else str(exc)) from None

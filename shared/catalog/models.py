@@ -1,0 +1,264 @@
+"""SQLAlchemy 2 models: one class per inventory of API.md (and the rows behind accounts and API jobs)."""
+
+from __future__ import annotations
+
+import uuid as uuidlib
+from datetime import UTC, datetime
+from typing import Any, ClassVar
+
+from sqlalchemy import JSON, BigInteger, Boolean, DateTime, ForeignKey, Index, Integer, String, Text, UniqueConstraint
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+
+
+def new_uuid() -> str:
+    """A ZStack-style uuid: 32 lowercase hex digits, no dashes."""
+    return uuidlib.uuid4().hex
+
+
+def now() -> datetime:
+    return datetime.now(UTC)
+
+
+class Base(DeclarativeBase):
+    """Every catalog row. ``resource_type`` names it for tags and errors; ``secret_fields`` are
+    write-only (never returned, never logged)."""
+
+    resource_type: ClassVar[str] = ""
+    secret_fields: ClassVar[frozenset[str]] = frozenset()
+    type_annotation_map: ClassVar[dict[Any, Any]] = {dict[str, Any]: JSON, datetime: DateTime(timezone=True)}
+
+
+class Stamped:
+    createDate: Mapped[datetime] = mapped_column(default=now)
+    lastOpDate: Mapped[datetime] = mapped_column(default=now, onupdate=now)
+
+
+class Resource(Stamped):
+    uuid: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_uuid)
+    name: Mapped[str] = mapped_column(String(255), default="")
+    description: Mapped[str | None] = mapped_column(Text, default=None)
+
+
+# -- resources backups are taken of -------------------------------------------------------------
+class Host(Resource, Base):
+    __tablename__ = "host"
+    resource_type = "HostVO"
+    managementIp: Mapped[str | None] = mapped_column(String(255))
+    hostname: Mapped[str | None] = mapped_column(String(255))
+    state: Mapped[str] = mapped_column(String(32), default="Enabled")
+    status: Mapped[str] = mapped_column(String(32), default="Connected")
+    lastHeartbeat: Mapped[datetime | None] = mapped_column()
+
+
+class VmInstance(Resource, Base):
+    __tablename__ = "vm_instance"
+    resource_type = "VmInstanceVO"
+    hostUuid: Mapped[str | None] = mapped_column(ForeignKey("host.uuid"), index=True)
+    platform: Mapped[str] = mapped_column(String(64), default="Linux")
+    cpuNum: Mapped[int] = mapped_column(Integer, default=1)
+    memorySize: Mapped[int] = mapped_column(BigInteger, default=0)
+    projectUuid: Mapped[str | None] = mapped_column(String(32), index=True)
+    state: Mapped[str] = mapped_column(String(32), default="Stopped")
+    qmpSocket: Mapped[str | None] = mapped_column(Text)
+
+
+class Volume(Resource, Base):
+    __tablename__ = "volume"
+    resource_type = "VolumeVO"
+    vmInstanceUuid: Mapped[str | None] = mapped_column(ForeignKey("vm_instance.uuid"), index=True)
+    hostUuid: Mapped[str] = mapped_column(ForeignKey("host.uuid"), index=True)
+    projectUuid: Mapped[str | None] = mapped_column(String(32), index=True)
+    type: Mapped[str] = mapped_column(String(16), default="Data")
+    format: Mapped[str] = mapped_column(String(16), default="raw")
+    installPath: Mapped[str] = mapped_column(Text)
+    size: Mapped[int] = mapped_column(BigInteger, default=0)
+    state: Mapped[str] = mapped_column(String(32), default="Enabled")
+    status: Mapped[str] = mapped_column(String(32), default="Ready")
+
+
+class BackupStorage(Resource, Base):
+    __tablename__ = "backup_storage"
+    resource_type = "BackupStorageVO"
+    secret_fields = frozenset({"credentials"})
+    type: Mapped[str] = mapped_column(String(32), default="ImageStore")
+    url: Mapped[str] = mapped_column(Text)
+    role: Mapped[str] = mapped_column(String(16), default="master")
+    state: Mapped[str] = mapped_column(String(32), default="Enabled")
+    status: Mapped[str] = mapped_column(String(32), default="Connected")
+    totalCapacity: Mapped[int] = mapped_column(BigInteger, default=0)
+    availableCapacity: Mapped[int] = mapped_column(BigInteger, default=0)
+    repositoryUuid: Mapped[str | None] = mapped_column(String(64))
+    credentials: Mapped[dict[str, Any] | None] = mapped_column(default=None)
+
+
+# -- backups -----------------------------------------------------------------------------------
+class VolumeBackup(Resource, Base):
+    __tablename__ = "volume_backup"
+    resource_type = "VolumeBackupVO"
+    volumeUuid: Mapped[str] = mapped_column(String(32), index=True)
+    type: Mapped[str] = mapped_column(String(16), default="Data")
+    mode: Mapped[str] = mapped_column(String(16), default="full")
+    parentUuid: Mapped[str | None] = mapped_column(String(32))
+    groupUuid: Mapped[str | None] = mapped_column(String(32), index=True)
+    metadata_: Mapped[dict[str, Any] | None] = mapped_column("metadata", default=None)
+    size: Mapped[int] = mapped_column(BigInteger, default=0)
+    state: Mapped[str] = mapped_column(String(32), default="Enabled")
+    status: Mapped[str] = mapped_column(String(32), default="Creating")
+    backupStorageRefs: Mapped[list[VolumeBackupStorageRef]] = relationship(
+        back_populates="backup", cascade="all, delete-orphan", lazy="selectin", order_by="VolumeBackupStorageRef.id"
+    )
+
+
+class VolumeBackupStorageRef(Stamped, Base):
+    __tablename__ = "volume_backup_storage_ref"
+    __table_args__ = (UniqueConstraint("volumeBackupUuid", "backupStorageUuid"),)
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    volumeBackupUuid: Mapped[str] = mapped_column(ForeignKey("volume_backup.uuid", ondelete="CASCADE"), index=True)
+    backupStorageUuid: Mapped[str] = mapped_column(ForeignKey("backup_storage.uuid"), index=True)
+    installPath: Mapped[str | None] = mapped_column(Text)
+    status: Mapped[str] = mapped_column(String(32), default="Creating")
+    backup: Mapped[VolumeBackup] = relationship(back_populates="backupStorageRefs")
+
+
+class DatabaseBackup(Resource, Base):
+    __tablename__ = "database_backup"
+    resource_type = "DatabaseBackupVO"
+    metadata_: Mapped[dict[str, Any] | None] = mapped_column("metadata", default=None)
+    size: Mapped[int] = mapped_column(BigInteger, default=0)
+    state: Mapped[str] = mapped_column(String(32), default="Enabled")
+    status: Mapped[str] = mapped_column(String(32), default="Creating")
+    backupStorageRefs: Mapped[list[DatabaseBackupStorageRef]] = relationship(
+        back_populates="backup", cascade="all, delete-orphan", lazy="selectin", order_by="DatabaseBackupStorageRef.id"
+    )
+
+
+class DatabaseBackupStorageRef(Stamped, Base):
+    __tablename__ = "database_backup_storage_ref"
+    __table_args__ = (UniqueConstraint("databaseBackupUuid", "backupStorageUuid"),)
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    databaseBackupUuid: Mapped[str] = mapped_column(ForeignKey("database_backup.uuid", ondelete="CASCADE"), index=True)
+    backupStorageUuid: Mapped[str] = mapped_column(ForeignKey("backup_storage.uuid"), index=True)
+    installPath: Mapped[str | None] = mapped_column(Text)
+    status: Mapped[str] = mapped_column(String(32), default="Creating")
+    backup: Mapped[DatabaseBackup] = relationship(back_populates="backupStorageRefs")
+
+
+# -- scheduling --------------------------------------------------------------------------------
+class SchedulerJobGroup(Resource, Base):
+    __tablename__ = "scheduler_job_group"
+    resource_type = "SchedulerJobGroupVO"
+    jobType: Mapped[str] = mapped_column(String(32))
+    jobData: Mapped[dict[str, Any] | None] = mapped_column(default=None)
+    state: Mapped[str] = mapped_column(String(32), default="Enabled")
+
+
+class SchedulerJob(Resource, Base):
+    __tablename__ = "scheduler_job"
+    resource_type = "SchedulerJobVO"
+    schedulerJobGroupUuid: Mapped[str | None] = mapped_column(
+        ForeignKey("scheduler_job_group.uuid", ondelete="SET NULL"), index=True
+    )
+    targetResourceUuid: Mapped[str] = mapped_column(String(32), index=True)
+    jobType: Mapped[str | None] = mapped_column(String(32))
+    jobData: Mapped[dict[str, Any] | None] = mapped_column(default=None)
+    state: Mapped[str] = mapped_column(String(32), default="Enabled")
+
+
+class SchedulerTrigger(Resource, Base):
+    __tablename__ = "scheduler_trigger"
+    resource_type = "SchedulerTriggerVO"
+    schedulerType: Mapped[str] = mapped_column(String(16), default="simple")
+    schedulerInterval: Mapped[int | None] = mapped_column(Integer)
+    repeatCount: Mapped[int | None] = mapped_column(Integer)
+    startTime: Mapped[int | None] = mapped_column(BigInteger)
+    stopTime: Mapped[int | None] = mapped_column(BigInteger)
+    cron: Mapped[str | None] = mapped_column(String(255))
+    timeZone: Mapped[str | None] = mapped_column(String(64))
+    state: Mapped[str] = mapped_column(String(32), default="Enabled")
+
+
+class SchedulerJobGroupTriggerRef(Stamped, Base):
+    __tablename__ = "scheduler_job_group_trigger_ref"
+    __table_args__ = (UniqueConstraint("schedulerJobGroupUuid", "schedulerTriggerUuid"),)
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    schedulerJobGroupUuid: Mapped[str] = mapped_column(ForeignKey("scheduler_job_group.uuid", ondelete="CASCADE"))
+    schedulerTriggerUuid: Mapped[str] = mapped_column(ForeignKey("scheduler_trigger.uuid", ondelete="CASCADE"))
+
+
+class SchedulerJobHistory(Stamped, Base):
+    __tablename__ = "scheduler_job_history"
+    __table_args__ = (Index("ix_history_group_time", "schedulerJobGroupUuid", "executeTime"),)
+    resource_type = "SchedulerJobHistoryVO"
+    id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True)
+    executeTime: Mapped[datetime] = mapped_column(default=now, index=True)
+    requestDump: Mapped[str | None] = mapped_column(Text)
+    resultDump: Mapped[str | None] = mapped_column(Text)
+    success: Mapped[bool] = mapped_column(Boolean, default=False)
+    schedulerJobGroupUuid: Mapped[str | None] = mapped_column(String(32))
+    schedulerJobUuid: Mapped[str | None] = mapped_column(String(32), index=True)
+    targetResourceUuid: Mapped[str | None] = mapped_column(String(32), index=True)
+    triggerUuid: Mapped[str | None] = mapped_column(String(32))
+
+
+# -- tags, accounts, API jobs ------------------------------------------------------------------
+class Tag(Stamped, Base):
+    __tablename__ = "tag"
+    __table_args__ = (Index("ix_tag_resource", "resourceUuid", "type"),)
+    resource_type = "TagVO"
+    uuid: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_uuid)
+    resourceUuid: Mapped[str] = mapped_column(String(32))
+    resourceType: Mapped[str] = mapped_column(String(64))
+    tag: Mapped[str] = mapped_column(Text)
+    type: Mapped[str] = mapped_column(String(16), default="user")  # user | system
+
+
+class Account(Resource, Base):
+    __tablename__ = "account"
+    resource_type = "AccountVO"
+    type: Mapped[str] = mapped_column(String(16), default="Normal")  # SystemAdmin | Normal
+
+
+class ApiKey(Stamped, Base):
+    __tablename__ = "api_key"
+    resource_type = "ApiKeyVO"
+    secret_fields = frozenset({"keyHash"})
+    uuid: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_uuid)
+    accountUuid: Mapped[str] = mapped_column(ForeignKey("account.uuid", ondelete="CASCADE"), index=True)
+    keyHash: Mapped[str] = mapped_column(String(128), unique=True)
+    name: Mapped[str] = mapped_column(String(255), default="")
+    lastUsedDate: Mapped[datetime | None] = mapped_column()
+
+
+class ApiJob(Stamped, Base):
+    """An asynchronous action; its uuid is the Celery task id."""
+
+    __tablename__ = "api_job"
+    resource_type = "ApiJobVO"
+    uuid: Mapped[str] = mapped_column(String(64), primary_key=True, default=new_uuid)
+    action: Mapped[str] = mapped_column(String(128))
+    resourceUuid: Mapped[str | None] = mapped_column(String(32), index=True)
+    resourceType: Mapped[str | None] = mapped_column(String(64))
+    hostUuid: Mapped[str | None] = mapped_column(String(32), index=True)
+    state: Mapped[str] = mapped_column(String(16), default="Pending")  # Pending|Running|Succeeded|Failed
+    progress: Mapped[int] = mapped_column(Integer, default=0)
+    params: Mapped[dict[str, Any] | None] = mapped_column(default=None)
+    result: Mapped[dict[str, Any] | None] = mapped_column(default=None)
+    error: Mapped[dict[str, Any] | None] = mapped_column(default=None)
+    accountUuid: Mapped[str | None] = mapped_column(String(32))
+
+
+QUERYABLE: dict[str, type[Base]] = {
+    "hosts": Host,
+    "vm-instances": VmInstance,
+    "volumes": Volume,
+    "backup-storage": BackupStorage,
+    "volume-backups": VolumeBackup,
+    "database-backups": DatabaseBackup,
+    "scheduler/jobgroups": SchedulerJobGroup,
+    "scheduler/jobs": SchedulerJob,
+    "scheduler/triggers": SchedulerTrigger,
+    "scheduler/jobhistories": SchedulerJobHistory,
+    "user-tags": Tag,
+    "system-tags": Tag,
+    "api-jobs": ApiJob,
+}

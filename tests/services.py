@@ -1,0 +1,512 @@
+"""pytest plugin: the real PostgreSQL and Redis servers that tests/harness/ensure-services keeps up.
+
+Fixtures (a server that does not answer FAILS the test, it never skips):
+
+``pg_server_url`` (session)
+    Base URL of the server, no database: ``postgresql+psycopg2://postgres@127.0.0.1:5432``, or
+    ``BLOCKVAULT_TEST_PG_URL`` (its database part, if any, is dropped).
+``make_pg_database`` (function)
+    Factory: ``make_pg_database(migrate=True) -> url`` creates a fresh database ``bv_test_...``,
+    brings it to the newest revision with ``shared.catalog.db.migrate`` unless ``migrate=False``,
+    and drops it when the test ends (its connections terminated first).
+``pg_database`` (function)
+    The URL of one fresh, migrated database (``make_pg_database()``).
+``redis_url`` (function)
+    ``redis://127.0.0.1:6379/<n>`` (or ``BLOCKVAULT_TEST_REDIS_URL``'s server): a database index
+    no other test (in any process) holds, flushed before and after the test. Index 0 is never
+    handed out: it holds the claims.
+``pg_control`` / ``redis_control`` (session)
+    Stop, start and restart the local server, for fault tests; each waits until the server is
+    down or answers again. A server a test left stopped is started again before that test's
+    fixtures are torn down, and at the end of the session in any case.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import socket
+import subprocess
+import time
+import uuid
+from collections.abc import Callable, Generator, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+from urllib.parse import urlsplit
+
+import pytest
+import redis
+from sqlalchemy import create_engine, text
+from sqlalchemy.engine import URL, Engine, make_url
+from sqlalchemy.exc import DBAPIError
+from sqlalchemy.pool import NullPool
+
+PG_URL_ENV = "BLOCKVAULT_TEST_PG_URL"
+REDIS_URL_ENV = "BLOCKVAULT_TEST_REDIS_URL"
+DEFAULT_PG_URL = "postgresql+psycopg2://postgres@127.0.0.1:5432"
+DEFAULT_REDIS_URL = "redis://127.0.0.1:6379"
+DB_PREFIX = "bv_test_"
+WAIT_SECONDS = 60.0
+HINT = "run tests/harness/ensure-services (or `make pytest`), or point {env} at a running server"
+_REDIS_CLAIM = "blockvault:test:redis-db:{index}"
+_REDIS_CLAIM_TTL = 3600
+LOCAL_HOSTS = frozenset({"127.0.0.1", "localhost", "::1"})
+
+
+def _first_line(exc: BaseException) -> str:
+    text_ = str(getattr(exc, "orig", None) or exc).strip()
+    return text_.splitlines()[0] if text_ else type(exc).__name__
+
+
+def _wait(what: str, ready: Callable[[], bool], timeout: float = WAIT_SECONDS) -> None:
+    deadline = time.monotonic() + timeout
+    while not ready():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{what}: still not so after {timeout:.0f}s")
+        time.sleep(0.1)
+
+
+# -- PostgreSQL ----------------------------------------------------------------------------------
+def _pg_engine(base: URL, database: str = "postgres") -> Engine:
+    return create_engine(
+        base.set(database=database),
+        poolclass=NullPool,
+        isolation_level="AUTOCOMMIT",
+        connect_args={"connect_timeout": 5},
+    )
+
+
+def _pg_answers(base: URL) -> bool:
+    engine = _pg_engine(base)
+    try:
+        with engine.connect() as conn:
+            conn.execute(text("SELECT 1"))
+        return True
+    except Exception:  # noqa: BLE001 - any failure means "not (yet) answering"
+        return False
+    finally:
+        engine.dispose()
+
+
+def _pg_base_url() -> URL:
+    # (URL.set() ignores None: it cannot remove the database part.)
+    return make_url(os.environ.get(PG_URL_ENV) or DEFAULT_PG_URL)._replace(database=None)
+
+
+def _render(url: URL) -> str:
+    return url.render_as_string(hide_password=False)
+
+
+@pytest.fixture(scope="session")
+def pg_server_url() -> str:
+    base = _pg_base_url()
+    engine = _pg_engine(base)
+    problem = None
+    try:
+        with engine.connect() as conn:
+            conn.execute(text("SELECT 1"))
+    except Exception as exc:  # noqa: BLE001 - reported as the failure
+        problem = _first_line(exc)
+    finally:
+        engine.dispose()
+    if problem is not None:  # failed out here: no chain of exceptions in the report
+        where = base.render_as_string()
+        pytest.fail(f"PostgreSQL at {where} is unreachable: {problem}\n{HINT.format(env=PG_URL_ENV)}", pytrace=False)
+    _drop_orphans(base)
+    return _render(base)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+_TERMINATE = text(
+    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = :db AND pid <> pg_backend_pid()"
+)
+
+
+def _drop_database(base: URL, name: str) -> None:
+    """Terminate the database's connections, then drop it (again, if a connection raced in)."""
+    engine = _pg_engine(base)
+    try:
+        with engine.connect() as conn:
+            for attempt in range(5):
+                conn.execute(_TERMINATE, {"db": name})
+                try:
+                    conn.execute(text(f'DROP DATABASE IF EXISTS "{name}"'))
+                    return
+                except DBAPIError:  # "being accessed by other users": retried
+                    if attempt == 4:
+                        raise
+                    time.sleep(0.2)
+    finally:
+        engine.dispose()
+
+
+def _drop_orphans(base: URL) -> None:
+    """Drop databases left by test processes of this machine that died before their teardown."""
+    if base.host not in LOCAL_HOSTS:
+        return
+    engine = _pg_engine(base)
+    try:
+        with engine.connect() as conn:
+            names = conn.execute(
+                text("SELECT datname FROM pg_database WHERE datname LIKE :prefix"), {"prefix": DB_PREFIX + "%"}
+            ).scalars()
+            orphans = []
+            for name in names:
+                pid = name.removeprefix(DB_PREFIX).split("_", 1)[0]
+                if pid.isdigit() and not _pid_alive(int(pid)):
+                    orphans.append(name)
+    finally:
+        engine.dispose()
+    for name in orphans:
+        with contextlib.suppress(Exception):
+            _drop_database(base, name)
+
+
+class MakePgDatabase(Protocol):
+    def __call__(self, *, migrate: bool = True) -> str: ...
+
+
+@pytest.fixture
+def make_pg_database(pg_server_url: str) -> Iterator[MakePgDatabase]:
+    from shared.catalog import db
+
+    base = make_url(pg_server_url)
+    made: list[str] = []
+
+    def make(*, migrate: bool = True) -> str:
+        name = f"{DB_PREFIX}{os.getpid()}_{uuid.uuid4().hex[:12]}"
+        engine = _pg_engine(base)
+        try:
+            with engine.connect() as conn:
+                conn.execute(text(f'CREATE DATABASE "{name}"'))
+        finally:
+            engine.dispose()
+        made.append(name)
+        url = _render(base.set(database=name))
+        if migrate:
+            db.migrate(url)
+        return url
+
+    yield make
+    errors = []
+    for name in made:
+        url = _render(base.set(database=name))
+        db.engine(url).dispose()  # this process's pooled connections first
+        try:
+            _drop_database(base, name)
+        except Exception as exc:  # noqa: BLE001 - reported below, after trying every database
+            errors.append(f"{name}: {_first_line(exc)}")
+    if errors:
+        pytest.fail("could not drop test databases: " + "; ".join(errors), pytrace=False)
+
+
+@pytest.fixture
+def pg_database(make_pg_database: MakePgDatabase) -> str:
+    return make_pg_database()
+
+
+@dataclass
+class PgControl:
+    """Stops and starts the local PostgreSQL cluster behind ``url`` (Debian's pg_ctlcluster)."""
+
+    url: str
+    version: str
+    cluster: str
+    log_file: Path
+    stopped_by_us: bool = False
+
+    @classmethod
+    def find(cls, url: str) -> PgControl:
+        """The cluster of /etc/postgresql/<version>/<cluster> that listens on ``url``'s port."""
+        base = make_url(url)
+        port = base.port or 5432
+        if base.host not in LOCAL_HOSTS:
+            raise RuntimeError(f"pg_control: PostgreSQL at {base.host} is not on this machine")
+        if shutil.which("pg_ctlcluster") is None or shutil.which("pg_lsclusters") is None:
+            raise RuntimeError("pg_control: pg_ctlcluster is missing (Debian's postgresql-common)")
+        listing = subprocess.run(["pg_lsclusters", "-h"], capture_output=True, text=True, timeout=30, check=True)
+        for line in listing.stdout.splitlines():
+            # version, cluster, port, status, owner, data directory, log file
+            fields = line.split()
+            if len(fields) >= 7 and fields[2] == str(port):
+                return cls(url=url, version=fields[0], cluster=fields[1], log_file=Path(fields[6]))
+        raise RuntimeError(f"pg_control: no cluster under /etc/postgresql listens on port {port}")
+
+    def _ctl(self, action: str, *extra: str) -> subprocess.CompletedProcess[str]:
+        command = ["pg_ctlcluster", "--skip-systemctl-redirect", *extra, self.version, self.cluster, action]
+        return subprocess.run(command, capture_output=True, text=True, timeout=WAIT_SECONDS + 30, check=False)
+
+    def _failed(self, what: str, proc: subprocess.CompletedProcess[str]) -> RuntimeError:
+        detail = f"pg_control: {what} ({' '.join(proc.args)} exited {proc.returncode}: {proc.stderr.strip()})"
+        with contextlib.suppress(OSError):
+            detail += (
+                "\nlast lines of "
+                + str(self.log_file)
+                + ":\n"
+                + "\n".join(self.log_file.read_text().splitlines()[-10:])
+            )
+        return RuntimeError(detail)
+
+    def is_running(self) -> bool:
+        return _pg_answers(make_url(self.url))
+
+    def stop(self, mode: str = "fast") -> None:
+        """Stop the server; ``mode`` is pg_ctl's: smart, fast, or immediate (as if it crashed)."""
+        self.stopped_by_us = True
+        proc = self._ctl("stop", "--mode", mode)
+        if proc.returncode not in (0, 2) and self.is_running():  # 2: it was not running
+            raise self._failed("the server is still up", proc)
+        try:
+            _wait("PostgreSQL stopped", lambda: not self.is_running())
+        except TimeoutError:
+            raise self._failed("the server is still up", proc) from None
+
+    def start(self) -> None:
+        proc = self._ctl("start")
+        if proc.returncode not in (0, 2) and not self.is_running():  # 2: it was running already
+            raise self._failed("the server did not start", proc)
+        try:
+            _wait("PostgreSQL answers", self.is_running)
+        except TimeoutError:
+            raise self._failed(f"the server did not answer within {WAIT_SECONDS:.0f}s", proc) from None
+        self.stopped_by_us = False
+
+    def restart(self, mode: str = "fast") -> None:
+        self.stop(mode)
+        self.start()
+
+    @contextlib.contextmanager
+    def stopped(self, mode: str = "fast") -> Iterator[None]:
+        """The server is down inside the block and up again after it, whatever happens."""
+        self.stop(mode)
+        try:
+            yield
+        finally:
+            self.start()
+
+    def restore(self) -> None:
+        if self.stopped_by_us or not self.is_running():
+            self.start()
+
+
+# -- Redis ---------------------------------------------------------------------------------------
+def _redis_base_url() -> str:
+    """scheme://[credentials@]host:port of the server: no database index."""
+    parts = urlsplit(os.environ.get(REDIS_URL_ENV) or DEFAULT_REDIS_URL)
+    return f"{parts.scheme}://{parts.netloc}"
+
+
+def _redis_client(base: str, index: int = 0) -> redis.Redis:
+    return redis.Redis.from_url(f"{base}/{index}", socket_connect_timeout=3, socket_timeout=10)
+
+
+def _redis_answers(base: str) -> bool:
+    try:
+        with _redis_client(base) as client:
+            return bool(client.ping())
+    except redis.RedisError:
+        return False
+
+
+@dataclass
+class _RedisClaims:
+    """Database indexes this process holds, so that they can be claimed again after a restart."""
+
+    token: str = field(default_factory=lambda: f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex}")
+    held: dict[tuple[str, int], str] = field(default_factory=dict)
+
+    def claim(self, base: str) -> int:
+        with _redis_client(base) as client:
+            databases = _redis_databases(client)
+            for index in range(1, databases):
+                if client.set(_REDIS_CLAIM.format(index=index), self.token, nx=True, ex=_REDIS_CLAIM_TTL):
+                    self.held[(base, index)] = self.token
+                    return index
+        raise RuntimeError(f"Redis at {base}: all {databases - 1} test databases are held by other tests")
+
+    def release(self, base: str, index: int) -> None:
+        self.held.pop((base, index), None)
+        key = _REDIS_CLAIM.format(index=index)
+        with _redis_client(base) as client:
+            if client.get(key) == self.token.encode():
+                client.delete(key)
+
+    def reclaim(self, base: str) -> None:
+        with _redis_client(base) as client:
+            for (held_base, index), token in self.held.items():
+                if held_base == base:
+                    client.set(_REDIS_CLAIM.format(index=index), token, ex=_REDIS_CLAIM_TTL)
+
+
+_CLAIMS = _RedisClaims()
+
+
+def _redis_databases(client: redis.Redis) -> int:
+    try:
+        answer: Any = client.config_get("databases")
+        return int(answer.get("databases") or answer.get(b"databases") or 16)
+    except redis.ResponseError:  # CONFIG renamed away
+        return 16
+
+
+@pytest.fixture
+def redis_url() -> Iterator[str]:
+    base = _redis_base_url()
+    index, problem = 0, None
+    try:
+        index = _CLAIMS.claim(base)
+    except redis.RedisError as exc:
+        problem = f"Redis at {base} is unreachable: {_first_line(exc)}\n{HINT.format(env=REDIS_URL_ENV)}"
+    except RuntimeError as exc:
+        problem = str(exc)
+    if problem is not None:  # failed out here: no chain of exceptions in the report
+        pytest.fail(problem, pytrace=False)
+    with _redis_client(base, index) as client:
+        client.flushdb()
+    try:
+        yield f"{base}/{index}"
+    finally:
+        try:
+            with _redis_client(base, index) as client:
+                client.flushdb()
+        finally:
+            _CLAIMS.release(base, index)
+
+
+@dataclass
+class RedisControl:
+    """Shuts down and starts the local Redis server behind ``url`` (as the machine starts it)."""
+
+    url: str
+    stopped_by_us: bool = False
+
+    @classmethod
+    def find(cls, url: str) -> RedisControl:
+        host = urlsplit(url).hostname
+        if host not in LOCAL_HOSTS:
+            raise RuntimeError(f"redis_control: Redis at {host} is not on this machine")
+        if shutil.which("redis-server") is None:
+            raise RuntimeError("redis_control: redis-server is missing (Debian's redis-server)")
+        return cls(url=url)
+
+    @property
+    def port(self) -> int:
+        return urlsplit(self.url).port or 6379
+
+    def is_running(self) -> bool:
+        return _redis_answers(self.url)
+
+    def stop(self) -> None:
+        """``SHUTDOWN NOSAVE``: every key is lost (the server keeps nothing on disk anyway)."""
+        self.stopped_by_us = True
+        with contextlib.suppress(redis.ConnectionError), _redis_client(self.url) as client:
+            client.shutdown(nosave=True)
+        _wait("Redis stopped", lambda: not self.is_running())
+
+    def start(self) -> None:
+        if os.geteuid() == 0:
+            folder, log = Path("/var/lib/redis"), Path("/var/log/redis/ci.log")
+        else:
+            folder = Path(os.environ.get("TMPDIR", "/tmp")) / "blockvault-redis"
+            log = folder / "ci.log"
+        folder.mkdir(parents=True, exist_ok=True)
+        log.parent.mkdir(parents=True, exist_ok=True)
+        # The command this kind of machine starts Redis with (and tests/harness/ensure-services).
+        command = ["redis-server", "--daemonize", "yes", "--bind", "127.0.0.1", "-::1", "--port", str(self.port)]
+        command += ["--save", "", "--appendonly", "no", "--dir", str(folder), "--logfile", str(log)]
+        proc = subprocess.run(command, capture_output=True, text=True, timeout=30, check=False)
+        try:
+            _wait("Redis answers", self.is_running)
+        except TimeoutError:
+            raise RuntimeError(f"{' '.join(command)} exited {proc.returncode}: {proc.stderr.strip()}") from None
+        _CLAIMS.reclaim(self.url)
+        self.stopped_by_us = False
+
+    def restart(self) -> None:
+        self.stop()
+        self.start()
+
+    @contextlib.contextmanager
+    def stopped(self) -> Iterator[None]:
+        """The server is down inside the block and up again after it, whatever happens."""
+        self.stop()
+        try:
+            yield
+        finally:
+            self.start()
+
+    def restore(self) -> None:
+        if self.stopped_by_us or not self.is_running():
+            self.start()
+
+
+# -- restoring servers a test stopped ---------------------------------------------------------------
+_CONTROLS: list[PgControl | RedisControl] = []
+
+
+def _restore_all() -> None:
+    errors = []
+    for control in _CONTROLS:
+        if control.stopped_by_us:
+            try:
+                control.restore()
+            except Exception as exc:  # noqa: BLE001 - reported below, after trying every server
+                errors.append(f"{type(control).__name__}: {_first_line(exc)}")
+    if errors:
+        raise RuntimeError("could not restart servers a test stopped: " + "; ".join(errors))
+
+
+@pytest.hookimpl(wrapper=True, tryfirst=True)
+def pytest_runtest_teardown(item: pytest.Item, nextitem: pytest.Item | None) -> Generator[None, object, object]:
+    # Before the test's fixtures are torn down: they may need the server (to drop a database).
+    error: Exception | None = None
+    try:
+        _restore_all()
+    except Exception as exc:  # noqa: BLE001 - raised after the fixtures are torn down
+        error = exc
+    result = yield
+    if error is not None:
+        raise error
+    return result
+
+
+@pytest.fixture(scope="session")
+def pg_control(pg_server_url: str) -> Iterator[PgControl]:
+    try:
+        control = PgControl.find(pg_server_url)
+    except RuntimeError as exc:
+        pytest.fail(str(exc), pytrace=False)
+    _CONTROLS.append(control)
+    try:
+        yield control
+    finally:
+        _CONTROLS.remove(control)
+        control.restore()
+
+
+@pytest.fixture(scope="session")
+def redis_control() -> Iterator[RedisControl]:
+    base = _redis_base_url()
+    if not _redis_answers(base):
+        pytest.fail(f"Redis at {base} is unreachable\n" + HINT.format(env=REDIS_URL_ENV), pytrace=False)
+    try:
+        control = RedisControl.find(base)
+    except RuntimeError as exc:
+        pytest.fail(str(exc), pytrace=False)
+    _CONTROLS.append(control)
+    try:
+        yield control
+    finally:
+        _CONTROLS.remove(control)
+        control.restore()

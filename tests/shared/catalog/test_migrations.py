@@ -1,0 +1,85 @@
+"""The catalog's Alembic migrations against empty SQLite and PostgreSQL databases."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, cast
+
+import pytest
+from alembic import command
+from alembic.autogenerate import compare_metadata
+from alembic.config import Config
+from alembic.migration import MigrationContext
+from alembic.script import ScriptDirectory
+from sqlalchemy import create_engine, inspect
+from sqlalchemy.pool import NullPool
+
+from shared.catalog import db
+from shared.catalog.models import Base
+from tests.services import MakePgDatabase
+
+ROOT = Path(__file__).resolve().parents[3]
+
+
+def config(url: str) -> Config:
+    return cast(Config, db.alembic_config(url))
+
+
+def head() -> str | None:
+    return ScriptDirectory.from_config(config("sqlite://")).get_current_head()
+
+
+def inspect_catalog(url: str) -> tuple[str | None, list[str], list[tuple[Any, ...]]]:
+    """The current revision, the table names, and how the schema differs from the models."""
+    engine = create_engine(url, poolclass=NullPool)
+    try:
+        with engine.connect() as conn:
+            context = MigrationContext.configure(conn, opts={"compare_type": True, "compare_server_default": True})
+            tables = sorted(inspect(conn).get_table_names())
+            return context.get_current_revision(), tables, compare_metadata(context, Base.metadata)
+    finally:
+        engine.dispose()
+
+
+MIGRATED_TABLES = sorted([*Base.metadata.tables, "alembic_version"])
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def empty_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """An empty catalog database of each kind."""
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'catalog.db'}"
+    else:
+        make_pg_database = cast(MakePgDatabase, request.getfixturevalue("make_pg_database"))
+        yield make_pg_database(migrate=False)
+
+
+def test_migrate_creates_the_models_schema_idempotently(empty_url: str) -> None:
+    assert inspect_catalog(empty_url)[:2] == (None, [])
+    for _ in range(2):  # the second run is a no-op
+        db.migrate(empty_url)
+        assert inspect_catalog(empty_url) == (head(), MIGRATED_TABLES, [])
+    assert head() == "0001"
+
+
+def test_downgrade_to_base_then_upgrade_again(empty_url: str) -> None:
+    db.migrate(empty_url)
+    command.downgrade(config(empty_url), "base")
+    assert inspect_catalog(empty_url)[:2] == (None, ["alembic_version"])
+    db.migrate(empty_url)
+    assert inspect_catalog(empty_url) == (head(), MIGRATED_TABLES, [])
+
+
+def test_processes_starting_together_migrate_once(empty_url: str) -> None:
+    """Every process migrates at start: several at once on an empty catalog must all succeed."""
+    code = "import sys; from shared.catalog.db import migrate; migrate(sys.argv[1])"
+    procs = [
+        subprocess.Popen([sys.executable, "-c", code, empty_url], cwd=ROOT, stderr=subprocess.PIPE, text=True)
+        for _ in range(3)
+    ]
+    errors = [proc.communicate(timeout=120)[1] for proc in procs]
+    assert [proc.returncode for proc in procs] == [0, 0, 0], errors
+    assert inspect_catalog(empty_url) == (head(), MIGRATED_TABLES, [])
