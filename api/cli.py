@@ -6,11 +6,12 @@ usage; errors are one line on stderr."""
 from __future__ import annotations
 
 import contextlib
+import importlib
 import json
 import logging
 import sys
 from collections.abc import Callable, Iterator
-from typing import Any, NoReturn
+from typing import Any, ClassVar, NoReturn
 
 import click
 
@@ -26,7 +27,20 @@ def fail(message: str, code: int) -> NoReturn:
 
 
 class Group(click.Group):
-    """Turns blockvault errors into one line and the right exit code."""
+    """Turns blockvault errors into one line and the right exit code. Subcommands named in
+    ``lazy`` are imported only when used, so ``blockvault repo ...`` starts fast."""
+
+    lazy: ClassVar[dict[str, str]] = {}
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted({*super().list_commands(ctx), *self.lazy})
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        if cmd_name in self.lazy and cmd_name not in self.commands:
+            module, _, attr = self.lazy[cmd_name].partition(":")
+            command = getattr(importlib.import_module(module), attr)
+            self.add_command(command, cmd_name)
+        return super().get_command(ctx, cmd_name)
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
@@ -37,7 +51,22 @@ class Group(click.Group):
             fail("interrupted", 130)
 
 
-@click.group(cls=Group)
+class MainGroup(Group):
+    lazy: ClassVar[dict[str, str]] = {
+        "api": "api.processes:api_command",
+        "worker": "api.processes:worker_command",
+        "flower": "api.processes:flower_command",
+        "up": "api.processes:up_command",
+        "host": "api.resources_cli:host",
+        "vm": "api.resources_cli:vm",
+        "volume": "api.resources_cli:volume",
+        "backup-storage": "api.resources_cli:storage",
+        "volume-backup": "api.resources_cli:volume_backup",
+        "job": "api.resources_cli:job",
+    }
+
+
+@click.group(cls=MainGroup)
 @click.option("-v", "--verbose", count=True, help="Log more (-vv for debug).")
 def main(verbose: int) -> None:
     """blockvault: backups of VM volumes and of their management database."""

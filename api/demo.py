@@ -1,25 +1,34 @@
-"""``blockvault demo``: the main job, end to end, on the embedded default.
+"""``blockvault demo``: the main job, end to end, through the service on the embedded default.
 
-Makes a VM-like raw volume and a qcow2 volume, backs each up full, changes a few percent,
-backs up incrementally (the qcow2 through its dirty bitmap), syncs to a second storage,
-restores both from there, verifies byte for byte and prints what it did.
+Starts ``blockvault up`` (API + a worker, SQLite catalog, filesystem broker), registers a VM
+with a raw root volume and a qcow2 data volume, backs the VM up full, lets it write a few
+percent, backs it up again (incremental; the qcow2 through its dirty bitmap), reverts one
+volume, creates a new volume from the other's backup, verifies, syncs the storage to a second
+site, restores from there, checks every result byte for byte and prints the inventories.
 """
 
 from __future__ import annotations
 
+import os
 import random
+import secrets
 import shutil
+import signal
+import socket
 import subprocess
+import sys
+import time
 from pathlib import Path
+from typing import Any
 
 import click
 
 from shared.config import get_settings
-from shared.repository.backup import BackupResult, backup_volume
-from shared.repository.maintenance import verify
 from shared.repository.repo import Repository
 from shared.repository.restore import restore_backup
 from shared.repository.sync import sync
+
+from .client import ApiError, Client
 
 MiB = 1024 * 1024
 VOLUME_SIZE = 256 * MiB
@@ -74,79 +83,150 @@ def same_content(a: Path, b: Path) -> bool:
     return result.returncode == 0
 
 
-def _line(step: str, result: BackupResult) -> None:
-    speed = result.bytesRead / result.seconds / MiB if result.seconds else 0.0
-    click.echo(
-        f"  {step:<34} {result.mode:<11} read {result.bytesRead / MiB:7.1f} MiB  "
-        f"stored {result.bytesWritten / MiB:6.1f} MiB  {result.seconds:6.2f} s  {speed:8.0f} MiB/s"
+def _start_service(work: Path, port: int) -> tuple[subprocess.Popen[bytes], dict[str, str]]:
+    """``blockvault up`` in the background on a fresh embedded data dir (SQLite catalog,
+    filesystem broker), with an admin key for this run."""
+    key = "demo-" + secrets.token_hex(16)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("BLOCKVAULT_")}
+    env.update(
+        BLOCKVAULT_DATA_DIR=str(work / "data"),
+        BLOCKVAULT_ADMIN_API_KEY=key,
+        BLOCKVAULT_API_KEY=key,
+        BLOCKVAULT_API_URL=f"http://127.0.0.1:{port}",
+        BLOCKVAULT_HEARTBEAT_SECONDS="2",
+    )
+    log = open(work / "service.log", "wb")  # noqa: SIM115 - handed to the child
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "api.cli", "up", "--port", str(port)], env=env, stdout=log, stderr=subprocess.STDOUT
+    )
+    return proc, env
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def _wait_ready(client: Client, proc: subprocess.Popen[bytes], work: Path) -> str:
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise click.ClickException(f"blockvault up stopped: see {work / 'service.log'}")
+        try:
+            hosts = client.query("hosts", "status=Connected")["inventories"]
+            if hosts:
+                return str(hosts[0]["uuid"])
+        except ApiError:
+            pass
+        time.sleep(0.3)
+    raise click.ClickException(f"the service did not come up in 60 s: see {work / 'service.log'}")
+
+
+def _stats(result: dict[str, Any]) -> str:
+    stats = result.get("stats", {})
+    seconds = stats.get("seconds") or 0
+    speed = stats.get("bytesRead", 0) / seconds / MiB if seconds else 0.0
+    return (
+        f"{result['type']:<4} {result['mode']:<11} read {stats.get('bytesRead', 0) / MiB:6.1f} MiB  "
+        f"stored {stats.get('bytesWritten', 0) / MiB:5.1f} MiB  {seconds:5.2f} s  {speed:6.0f} MiB/s"
     )
 
 
 def run_demo(workdir: str | None) -> None:
-    """Back up a raw and a qcow2 volume full and incrementally, sync, restore, verify."""
+    """Through the service: register a VM with a root and a data volume, back the VM up full
+    and incrementally, revert one volume, create a new volume from the other's backup, sync
+    the storage to a second site, verify byte for byte, print the inventories."""
     work = (Path(workdir) if workdir else get_settings().data_dir / "demo").absolute()
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
-    raw, qcow = work / "vm1-root.raw", work / "vm1-data.qcow2"
     click.echo(f"blockvault demo in {work}")
-    make_vm_volume(raw, VOLUME_SIZE, seed=1)
+    root, data = work / "vm1-root.raw", work / "vm1-data.qcow2"
+    make_vm_volume(root, VOLUME_SIZE, seed=1)
     seed_raw = work / "seed.raw"
     make_vm_volume(seed_raw, VOLUME_SIZE, seed=2)
-    subprocess.run(["qemu-img", "convert", "-O", "qcow2", str(seed_raw), str(qcow)], check=True)
+    subprocess.run(["qemu-img", "convert", "-O", "qcow2", str(seed_raw), str(data)], check=True)
     seed_raw.unlink()
-    click.echo(f"volumes: {raw.name} (raw, {VOLUME_SIZE // MiB} MiB, sparse), {qcow.name} (qcow2)")
+    port = _free_port()
+    proc, env = _start_service(work, port)
+    client = Client(env["BLOCKVAULT_API_URL"], env["BLOCKVAULT_API_KEY"])
+    try:
+        host = _wait_ready(client, proc, work)
+        click.echo(f"service up on {client.base_url} (api + worker, SQLite catalog, filesystem broker); host {host}")
+        store = client.add_backup_storage("local", f"file://{work / 'local-storage'}")
+        vm = client.register_vm("vm1", hostUuid=host, cpuNum=2, memorySize=2 * 1024**3)
+        root_vol = client.register_volume(host, str(root), type="Root", vmInstanceUuid=vm["uuid"], name="vm1-root")
+        data_vol = client.register_volume(host, str(data), type="Data", vmInstanceUuid=vm["uuid"], name="vm1-data")
+        click.echo(f"registered VM {vm['uuid']} with {root_vol['name']} (raw) and {data_vol['name']} (qcow2)")
 
-    local = Repository.init(str(work / "local-storage"))
-    click.echo(f"\nlocal backup storage {local.id} at {local.location}")
-    _line("full backup of raw volume", backup_volume(local, str(raw), name="root-full"))
-    _line(
-        "full backup of qcow2 (bitmap added)",
-        backup_volume(local, str(qcow), bitmap="blockvault", name="data-full"),
-    )
+        full = client.wait(client.backup_vm(root_vol["uuid"], name="vm1-full"))
+        click.echo(f"\nVM backup {full['groupUuid']} (full):")
+        for backup in full["volumeBackups"]:
+            click.echo(f"  {backup['uuid']}  {_stats(backup)}")
+        snapshot_root, snapshot_data = work / "root-at-full.raw", work / "data-at-full.raw"
+        shutil.copyfile(root, snapshot_root)
+        subprocess.run(["qemu-img", "convert", "-O", "raw", str(data), str(snapshot_data)], check=True)
 
-    changed = change_raw(raw, 0.04, seed=3) + change_qcow2(qcow, 0.04, seed=4)
-    click.echo(f"\nthe VM wrote {changed / MiB:.0f} MiB into 4 % of each volume's 4 MiB regions")
-    inc_raw = backup_volume(local, str(raw), name="root-incr")
-    inc_qcow = backup_volume(local, str(qcow), bitmap="blockvault", name="data-incr")
-    _line("incremental of raw (rehash)", inc_raw)
-    _line("incremental of qcow2 (dirty bitmap)", inc_qcow)
+        changed = change_raw(root, 0.05, seed=3) + change_qcow2(data, 0.05, seed=4)
+        click.echo(f"\nthe VM wrote {changed / MiB:.0f} MiB into both volumes")
+        incr = client.wait(client.backup_vm(root_vol["uuid"], name="vm1-incr"))
+        click.echo(f"VM backup {incr['groupUuid']} (incremental; the qcow2 read through its dirty bitmap):")
+        for backup in incr["volumeBackups"]:
+            click.echo(f"  {backup['uuid']}  {_stats(backup)}")
 
-    remote = Repository.init(str(work / "remote-storage"), like=local)
-    report = sync(local, remote)
-    click.echo(
-        f"\nsynced {len(report.backups)} backups to {remote.location}: {report.chunksCopied} chunks, "
-        f"{report.bytesCopied / MiB:.1f} MiB in {report.seconds:.2f} s"
-    )
-    report = sync(local, remote)
-    click.echo(f"synced again: {report.chunksCopied} chunks sent (nothing was missing)")
-
-    click.echo("\nrestoring the incremental backups from the synced copy:")
-    for result, source in ((inc_raw, raw), (inc_qcow, qcow)):
-        target = work / f"restored-{source.name}"
-        restored = restore_backup(remote, result.id, str(target))
-        ok = same_content(source, target) if source.suffix == ".qcow2" else _equal_files(source, target)
-        if not ok:
-            raise click.ClickException(f"{target} differs from {source}")
-        used = target.stat().st_blocks * 512 / MiB
-        click.echo(
-            f"  {target.name:<30} {restored.bytesWritten / MiB:7.1f} MiB in {restored.seconds:.2f} s, "
-            f"{used:.0f} MiB allocated: identical to {source.name}"
+        by_type = {b["type"]: b for b in full["volumeBackups"]}
+        client.wait(client.revert_volume(by_type["Root"]["uuid"]))
+        if not _equal_files(root, snapshot_root):
+            raise click.ClickException("the reverted root volume differs from its full backup")
+        click.echo(f"\nreverted {root_vol['name']} to the full backup: identical to the volume at that time")
+        target = work / "vm1-data-restored.qcow2"
+        new_vol = client.wait(
+            client.create_volume_from_backup(
+                by_type["Data"]["uuid"], name="vm1-data-restored", hostUuid=host, installPath=str(target)
+            )
         )
-    for repo in (local, remote):
-        checked = verify(repo, read_data=True)
-        if not checked.ok:
-            raise click.ClickException(f"verify failed: {checked.problems[0].describe()}")
+        if not same_content(target, snapshot_data):
+            raise click.ClickException("the volume created from the data backup differs from the volume at that time")
+        click.echo(f"created volume {new_vol['uuid']} from the data backup: identical to the volume at that time")
+        for backup in incr["volumeBackups"]:
+            verified = client.wait(client.verify_backup(backup["uuid"], readData=True))
+            click.echo(f"verified {backup['uuid']} (read and re-hashed {verified['verified']['chunks']} chunks)")
+
+        local = Repository.open(str(work / "local-storage"))
+        remote = Repository.init(str(work / "remote-site"), like=local)
+        report = sync(local, remote)
+        again = sync(local, remote)
         click.echo(
-            f"verify --read-data {Path(repo.location).name}: {checked.backups} backups, {checked.chunks} chunks ok"
+            f"\nsynced the storage to {remote.location}: {len(report.backups)} backups, {report.chunksCopied} chunks "
+            f"({report.bytesCopied / MiB:.1f} MiB); again: {again.chunksCopied} chunks"
         )
-    click.echo("\nbackups on the remote storage:")
-    for entry in remote.backups():
-        m = entry.manifest
-        click.echo(
-            f"  {entry.id[:12]}  {m.created[:19]}  {m.mode:<11}  {m.name:<10}  "
-            f"{m.stored_size / MiB:6.1f} MiB of {m.size / MiB:.0f} MiB  {remote.install_path(entry.id)[:48]}..."
-        )
-    click.echo("\ndemo finished: every restore is byte for byte identical.")
+        check = work / "root-from-remote.raw"
+        manifest_id = by_type["Root"]["backupStorageRefs"][0]["installPath"].rsplit("/", 1)[-1]
+        restore_backup(remote, manifest_id, str(check))
+        if not _equal_files(check, snapshot_root):
+            raise click.ClickException("the restore from the remote site differs")
+        click.echo("restored the root volume's full backup from the remote site: identical")
+
+        click.echo("\nvolume backups (GET /v1/volume-backups?sort=+createDate):")
+        for row in client.query("volume-backups", sort="+createDate")["inventories"]:
+            refs = ", ".join(f"{r['status']} on {r['backupStorageUuid'][:8]}" for r in row["backupStorageRefs"])
+            click.echo(
+                f"  {row['uuid']}  {row['name']:<9} {row['type']:<4} {row['mode']:<11} {row['status']}  ({refs})"
+            )
+        click.echo("volumes (GET /v1/volumes):")
+        for row in client.query("volumes", sort="+createDate")["inventories"]:
+            click.echo(f"  {row['uuid']}  {row['name']:<18} {row['type']:<4} {row['format']:<5} {row['installPath']}")
+        grouped = client.query("volume-backups", group_by="mode")["inventories"]
+        click.echo("backups by mode: " + ", ".join(f"{g['mode']} {g['count']}" for g in grouped))
+        click.echo(f"storage {store['name']}: {store['uuid']}")
+    finally:
+        client.close()
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+    click.echo("\nservice stopped. demo finished: every restore is byte for byte identical.")
 
 
 def _equal_files(a: Path, b: Path) -> bool:

@@ -1,0 +1,168 @@
+"""``Client``: blockvault's REST API from Python, for enqueueing jobs programmatically.
+
+    from api.client import Client
+    bv = Client()                                   # BLOCKVAULT_API_URL, BLOCKVAULT_API_KEY
+    job = bv.backup_volume(volume_uuid, mode="auto")        # returns the API job uuid
+    backup = bv.wait(job, progress=lambda pct: print(pct))  # the backup's inventory
+    bv.query("volume-backups", "volumeUuid=" + volume_uuid, sort="-createDate", limit=5)
+
+Every failure is an :class:`ApiError` carrying the HTTP status and the API's stable code.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import httpx
+
+from shared.config import setting
+
+
+class ApiError(Exception):
+    """An error answer of the API (or no answer at all: status 0, code UNREACHABLE)."""
+
+    def __init__(self, status: int, code: str, description: str, details: str = "") -> None:
+        super().__init__(f"{code}: {description}")
+        self.status, self.code, self.description, self.details = status, code, description, details
+
+
+class Client:
+    def __init__(self, base_url: str | None = None, api_key: str | None = None, *, timeout: float = 30.0) -> None:
+        self.base_url = (base_url or setting("api_url") or "http://127.0.0.1:8080").rstrip("/")
+        key = api_key if api_key is not None else setting("api_key")
+        headers = {"Authorization": f"Bearer {key}"} if key else {}
+        self.http = httpx.Client(base_url=self.base_url, headers=headers, timeout=timeout)
+
+    def close(self) -> None:
+        self.http.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- transport ---------------------------------------------------------------------------------
+    def request(self, method: str, path: str, *, params: Any = None, json: Any = None) -> tuple[int, dict[str, Any]]:
+        try:
+            response = self.http.request(method, path, params=params, json=json)
+        except httpx.HTTPError as exc:
+            raise ApiError(0, "UNREACHABLE", f"cannot reach {self.base_url}: {exc}") from None
+        try:
+            body = response.json()
+        except ValueError:
+            raise ApiError(response.status_code, "BAD_RESPONSE", response.text[:200]) from None
+        if response.status_code >= 400 or body.get("success") is False:
+            error = body.get("error") or {}
+            raise ApiError(
+                response.status_code,
+                str(error.get("code", "HTTP_ERROR")),
+                str(error.get("description", response.reason_phrase)),
+                str(error.get("details", "")),
+            )
+        return response.status_code, body
+
+    def _job(self, method: str, path: str, *, params: Any = None, json: Any = None) -> str:
+        _status, body = self.request(method, path, params=params, json=json)
+        return str(body["jobUuid"])
+
+    # -- generic -----------------------------------------------------------------------------------
+    def query(
+        self,
+        collection: str,
+        *conditions: str,
+        sort: str | None = None,
+        limit: int | None = None,
+        start: int | None = None,
+        count: bool = False,
+        reply_with_count: bool = False,
+        fields: Sequence[str] | None = None,
+        group_by: str | None = None,
+    ) -> dict[str, Any]:
+        """The whole envelope (``inventories``, and ``total`` when asked)."""
+        params: list[tuple[str, str]] = [("q", c) for c in conditions]
+        for key, value in (
+            ("sort", sort),
+            ("limit", limit),
+            ("start", start),
+            ("count", "true" if count else None),
+            ("replyWithCount", "true" if reply_with_count else None),
+            ("fields", ",".join(fields) if fields else None),
+            ("groupBy", group_by),
+        ):
+            if value is not None:
+                params.append((key, str(value)))
+        return self.request("GET", f"/v1/{collection}", params=params)[1]
+
+    def get(self, collection: str, uuid: str) -> dict[str, Any]:
+        inventories: list[dict[str, Any]] = self.request("GET", f"/v1/{collection}/{uuid}")[1]["inventories"]
+        return inventories[0]
+
+    def create(self, collection: str, params: dict[str, Any], *, user_tags: Sequence[str] = ()) -> dict[str, Any]:
+        body = {"params": params, "userTags": list(user_tags)}
+        inventory: dict[str, Any] = self.request("POST", f"/v1/{collection}", json=body)[1]["inventory"]
+        return inventory
+
+    def action(
+        self, collection: str, uuid: str, name: str, params: dict[str, Any] | None = None
+    ) -> dict[str, Any] | str:
+        """A synchronous action returns the inventory; an asynchronous one the job uuid."""
+        status, body = self.request("PUT", f"/v1/{collection}/{uuid}/actions", json={name: params or {}})
+        return str(body["jobUuid"]) if status == 202 else dict(body["inventory"])
+
+    def job(self, job_uuid: str) -> dict[str, Any]:
+        status, body = self.request("GET", f"/v1/api-jobs/{job_uuid}")
+        return {"state": "Running", **body} if status == 202 else {"state": "Succeeded", **body}
+
+    def wait(
+        self,
+        job_uuid: str,
+        *,
+        progress: Callable[[int], None] | None = None,
+        timeout: float | None = None,
+        poll: float = 0.5,
+    ) -> dict[str, Any]:
+        """Poll a job until it ends: its inventory, or ApiError with the job's error."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            status, body = self.request("GET", f"/v1/api-jobs/{job_uuid}")
+            if status == 200:
+                if progress:
+                    progress(100)
+                return dict(body["inventory"])
+            if progress:
+                progress(int(body.get("progress", 0)))
+            if deadline is not None and time.monotonic() > deadline:
+                raise ApiError(0, "TIMEOUT", f"job {job_uuid} still running after {timeout} s")
+            time.sleep(poll)
+
+    # -- conveniences ------------------------------------------------------------------------------
+    def register_vm(self, name: str, **params: Any) -> dict[str, Any]:
+        return self.create("vm-instances", {"name": name, **params})
+
+    def register_volume(self, host_uuid: str, install_path: str, **params: Any) -> dict[str, Any]:
+        return self.create("volumes", {"hostUuid": host_uuid, "installPath": install_path, **params})
+
+    def add_backup_storage(self, name: str, url: str, **params: Any) -> dict[str, Any]:
+        return self.create("backup-storage", {"name": name, "url": url, "type": "ImageStore", **params})
+
+    def backup_volume(self, volume_uuid: str, **params: Any) -> str:
+        return self._job("POST", f"/v1/volumes/{volume_uuid}/volume-backups", json={"params": params})
+
+    def backup_vm(self, root_volume_uuid: str, **params: Any) -> str:
+        return self._job("POST", f"/v1/volumes/{root_volume_uuid}/vm-backups", json={"params": params})
+
+    def revert_volume(self, backup_uuid: str, **params: Any) -> str:
+        return str(self.action("volume-backups", backup_uuid, "revertVolumeFromVolumeBackup", params))
+
+    def create_volume_from_backup(self, backup_uuid: str, **params: Any) -> str:
+        return str(self.action("volume-backups", backup_uuid, "createDataVolumeFromVolumeBackup", params))
+
+    def verify_backup(self, backup_uuid: str, **params: Any) -> str:
+        return str(self.action("volume-backups", backup_uuid, "verifyVolumeBackup", params))
+
+    def delete_backup(self, backup_uuid: str, backup_storage_uuids: Sequence[str] = ()) -> str:
+        params = {"backupStorageUuids": ",".join(backup_storage_uuids)} if backup_storage_uuids else None
+        return self._job("DELETE", f"/v1/volume-backups/{backup_uuid}", params=params)

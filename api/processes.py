@@ -1,0 +1,79 @@
+"""``blockvault api | worker | flower | up``: the processes of API.md "Processes, settings, ports"."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import time
+
+import click
+
+
+@click.command("api")
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", default=8080, show_default=True, type=click.IntRange(1, 65535))
+def api_command(host: str, port: int) -> None:
+    """Run the REST API."""
+    import uvicorn
+
+    from .app import create_app
+
+    uvicorn.run(create_app(), host=host, port=port, log_level="info", access_log=False)
+
+
+@click.command("worker")
+@click.option("--host-uuid", help="This host's identity (default BLOCKVAULT_HOST_UUID or one kept in the data dir).")
+@click.option("--concurrency", default=2, show_default=True, type=click.IntRange(1, 64))
+@click.option("--loglevel", default="INFO", show_default=True)
+def worker_command(host_uuid: str | None, concurrency: int, loglevel: str) -> None:
+    """Run a Celery worker for this host's queue and the shared queues."""
+    from workers.main import run_worker
+
+    run_worker(host_uuid, concurrency, loglevel)
+
+
+@click.command("flower")
+@click.option("--port", default=5555, show_default=True, type=click.IntRange(1, 65535))
+@click.option("--address", default="127.0.0.1", show_default=True)
+def flower_command(port: int, address: str) -> None:
+    """Run Flower on the same broker (monitoring: workers, tasks, queues)."""
+    from shared.celery_app import celery_app
+
+    celery_app().start(["flower", f"--port={port}", f"--address={address}"])
+
+
+@click.command("up")
+@click.option("--port", default=8080, show_default=True, type=click.IntRange(1, 65535))
+def up_command(port: int) -> None:
+    """api + one worker (+ beat when available) in one terminal: the embedded default."""
+    me = [sys.executable, "-m", "api.cli"]
+    children = [
+        subprocess.Popen([*me, "api", "--port", str(port)]),
+        subprocess.Popen([*me, "worker", "--concurrency", "1"]),
+    ]
+    stopping = False
+
+    def stop(*_: object) -> None:
+        nonlocal stopping
+        stopping = True
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    try:
+        while not stopping and all(child.poll() is None for child in children):
+            time.sleep(0.2)
+    finally:
+        for child in children:
+            if child.poll() is None:
+                child.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + 20
+        for child in children:
+            try:
+                child.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                child.kill()
+    failed = [str(c.args) for c in children if c.returncode not in (0, -signal.SIGTERM, None)]
+    if failed and not stopping:
+        raise click.ClickException(f"a process stopped unexpectedly: {failed[0]}")
+    sys.exit(0)

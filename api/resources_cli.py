@@ -1,0 +1,262 @@
+"""``blockvault <resource> <verb>``: client calls over :class:`api.client.Client`.
+
+Exit codes: 0 success, 1 the job failed or the server erred, 2 the request was refused (4xx:
+bad input, unknown resource, wrong state, no key), 3 the API could not be reached. ``--json``
+prints the API's JSON; otherwise a short line or table. ``--wait`` follows an API job with a
+progress bar (on a terminal) and prints its result.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Callable
+from typing import Any
+
+import click
+
+from .client import ApiError, Client
+
+
+def _client() -> Client:
+    return Client()
+
+
+def _exit_for(error: ApiError) -> int:
+    if error.status == 0:
+        return 3
+    return 2 if 400 <= error.status < 500 else 1
+
+
+class ClientGroup(click.Group):
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except ApiError as exc:
+            click.echo(f"blockvault: error: {exc.code}: {exc.description}", err=True)
+            sys.exit(_exit_for(exc))
+
+
+def _print(data: Any, as_json: bool, columns: tuple[str, ...] = ("uuid", "name")) -> None:
+    if as_json:
+        click.echo(json.dumps(data, indent=None))
+        return
+    rows = data if isinstance(data, list) else [data]
+    for row in rows:
+        click.echo("  ".join(str(row.get(c, "")) for c in columns))
+
+
+def _wait(client: Client, job: str, as_json: bool, columns: tuple[str, ...]) -> None:
+    if sys.stderr.isatty():
+        from rich.console import Console
+        from rich.progress import BarColumn, Progress, TaskProgressColumn, TimeElapsedColumn
+
+        with Progress(
+            "job " + job[:8], BarColumn(), TaskProgressColumn(), TimeElapsedColumn(), console=Console(stderr=True)
+        ) as bar:
+            task = bar.add_task("job", total=100)
+            result = client.wait(job, progress=lambda pct: bar.update(task, completed=pct))
+    else:
+        result = client.wait(job)
+    _print(result, as_json, columns)
+
+
+def _submit(client: Client, job: str, wait: bool, as_json: bool, columns: tuple[str, ...]) -> None:
+    if wait:
+        _wait(client, job, as_json, columns)
+    elif as_json:
+        click.echo(json.dumps({"jobUuid": job}))
+    else:
+        click.echo(job)
+
+
+def _list_command(collection: str, columns: tuple[str, ...]) -> click.Command:
+    @click.command("list")
+    @click.option("-q", "conditions", multiple=True, help="A condition, e.g. -q 'size>1000' (repeatable).")
+    @click.option("--sort", help="+field or -field")
+    @click.option("--limit", type=int)
+    @click.option("--start", type=int)
+    @click.option("--count", is_flag=True)
+    @click.option("--group-by")
+    @click.option("--json", "as_json", is_flag=True)
+    def command(
+        conditions: tuple[str, ...],
+        sort: str | None,
+        limit: int | None,
+        start: int | None,
+        count: bool,
+        group_by: str | None,
+        as_json: bool,
+    ) -> None:
+        """Query the collection with the query language."""
+        body = _client().query(
+            collection, *conditions, sort=sort, limit=limit, start=start, count=count, group_by=group_by
+        )
+        if as_json:
+            click.echo(json.dumps(body))
+        elif count:
+            click.echo(body.get("total", 0))
+        else:
+            _print(body["inventories"], False, (group_by, "count") if group_by else columns)
+
+    return command
+
+
+def _group(name: str, collection: str, columns: tuple[str, ...], help_text: str) -> click.Group:
+    group = ClientGroup(name, help=help_text)
+    group.add_command(_list_command(collection, columns))
+    return group
+
+
+WAIT = click.option("--wait", is_flag=True, help="Follow the API job to its end and print its result.")
+JSON = click.option("--json", "as_json", is_flag=True)
+
+host = _group("host", "hosts", ("uuid", "name", "managementIp", "status"), "Hosts (registered by their workers).")
+vm = _group("vm", "vm-instances", ("uuid", "name", "hostUuid", "state"), "VM instances.")
+volume = _group("volume", "volumes", ("uuid", "name", "type", "format", "installPath", "size"), "Volumes.")
+storage = _group(
+    "backup-storage", "backup-storage", ("uuid", "name", "type", "role", "status", "url"), "Backup storage."
+)
+volume_backup = _group(
+    "volume-backup",
+    "volume-backups",
+    ("uuid", "name", "mode", "status", "volumeUuid", "size"),
+    "Volume backups.",
+)
+job = ClientGroup("job", help="API jobs.")
+BACKUP_COLUMNS = ("uuid", "name", "mode", "status", "volumeUuid", "size")
+
+
+@vm.command("create")
+@click.option("--name", required=True)
+@click.option("--host", "host_uuid")
+@click.option("--state", type=click.Choice(["Running", "Stopped"]), default="Stopped")
+@click.option("--qmp-socket")
+@JSON
+def vm_create(name: str, host_uuid: str | None, state: str, qmp_socket: str | None, as_json: bool) -> None:
+    """Register a VM instance."""
+    params = {"hostUuid": host_uuid, "state": state, "qmpSocket": qmp_socket}
+    _print(_client().register_vm(name, **{k: v for k, v in params.items() if v}), as_json)
+
+
+@vm.command("update")
+@click.argument("uuid")
+@click.option("--state", type=click.Choice(["Running", "Stopped"]))
+@click.option("--name")
+@JSON
+def vm_update(uuid: str, state: str | None, name: str | None, as_json: bool) -> None:
+    """Update a VM instance (its name, or the state the hypervisor reports)."""
+    params = {k: v for k, v in {"state": state, "name": name}.items() if v}
+    _print(_client().action("vm-instances", uuid, "updateVmInstance", params), as_json)
+
+
+@volume.command("create")
+@click.option("--host", "host_uuid", required=True)
+@click.option("--path", "install_path", required=True, help="Absolute path of the raw or qcow2 file on that host.")
+@click.option("--name")
+@click.option("--type", "kind", type=click.Choice(["Root", "Data"]), default="Data")
+@click.option("--format", "fmt", type=click.Choice(["raw", "qcow2"]))
+@click.option("--vm", "vm_uuid")
+@JSON
+def volume_create(
+    host_uuid: str, install_path: str, name: str | None, kind: str, fmt: str | None, vm_uuid: str | None, as_json: bool
+) -> None:
+    """Register a volume file on a host."""
+    params = {"name": name, "type": kind, "format": fmt, "vmInstanceUuid": vm_uuid}
+    _print(_client().register_volume(host_uuid, install_path, **{k: v for k, v in params.items() if v}), as_json)
+
+
+@storage.command("add")
+@click.option("--name", required=True)
+@click.option("--url", required=True, help="file:///abs/path for an ImageStore")
+@click.option("--role", type=click.Choice(["master", "standby"]), default="master")
+@JSON
+def storage_add(name: str, url: str, role: str, as_json: bool) -> None:
+    """Register backup storage."""
+    _print(_client().add_backup_storage(name, url, role=role), as_json)
+
+
+@volume_backup.command("create")
+@click.option("--volume", "volume_uuid", required=True)
+@click.option("--name")
+@click.option("--mode", type=click.Choice(["auto", "full", "incremental"]), default="auto")
+@click.option("--backup-storage", "storage_uuid")
+@WAIT
+@JSON
+def backup_create(
+    volume_uuid: str, name: str | None, mode: str, storage_uuid: str | None, wait: bool, as_json: bool
+) -> None:
+    """Back up one volume."""
+    params = {k: v for k, v in {"name": name, "mode": mode, "backupStorageUuid": storage_uuid}.items() if v}
+    client = _client()
+    _submit(client, client.backup_volume(volume_uuid, **params), wait, as_json, BACKUP_COLUMNS)
+
+
+@volume_backup.command("create-vm")
+@click.option("--root-volume", "root_volume_uuid", required=True)
+@click.option("--name")
+@click.option("--mode", type=click.Choice(["auto", "full", "incremental"]), default="auto")
+@click.option("--backup-storage", "storage_uuid")
+@WAIT
+@JSON
+def backup_create_vm(
+    root_volume_uuid: str, name: str | None, mode: str, storage_uuid: str | None, wait: bool, as_json: bool
+) -> None:
+    """Back up every volume of a VM (one groupUuid)."""
+    params = {k: v for k, v in {"name": name, "mode": mode, "backupStorageUuid": storage_uuid}.items() if v}
+    client = _client()
+    _submit(client, client.backup_vm(root_volume_uuid, **params), wait, as_json, ("groupUuid",))
+
+
+def _async_action(name: str, call: Callable[[Client, str, dict[str, Any]], str], help_text: str) -> None:
+    @volume_backup.command(name, help=help_text)
+    @click.argument("uuid")
+    @click.option("--param", "-p", "pairs", multiple=True, help="key=value parameter (repeatable).")
+    @WAIT
+    @JSON
+    def command(uuid: str, pairs: tuple[str, ...], wait: bool, as_json: bool) -> None:
+        params: dict[str, Any] = {}
+        for pair in pairs:
+            key, sep, value = pair.partition("=")
+            if not sep:
+                raise click.UsageError(f"--param takes key=value, got {pair!r}")
+            params[key] = {"true": True, "false": False}.get(value, value)
+        client = _client()
+        _submit(client, call(client, uuid, params), wait, as_json, ("uuid", "name", "status"))
+
+
+_async_action(
+    "revert", lambda c, u, p: c.revert_volume(u, **p), "Revert the backup's volume to it (-p backupStorageUuid=...)."
+)
+_async_action(
+    "create-volume",
+    lambda c, u, p: c.create_volume_from_backup(u, **p),
+    "Create a new data volume from the backup (-p name=... -p hostUuid=... -p installPath=...).",
+)
+_async_action("verify", lambda c, u, p: c.verify_backup(u, **p), "Verify the backup on storage (-p readData=true).")
+
+
+@volume_backup.command("delete")
+@click.argument("uuid")
+@click.option("--backup-storage", "storages", multiple=True, help="Only from these storages (repeatable).")
+@WAIT
+@JSON
+def backup_delete(uuid: str, storages: tuple[str, ...], wait: bool, as_json: bool) -> None:
+    """Delete a backup from its storages."""
+    client = _client()
+    _submit(client, client.delete_backup(uuid, storages), wait, as_json, ("uuid",))
+
+
+@job.command("wait")
+@click.argument("uuid")
+@JSON
+def job_wait(uuid: str, as_json: bool) -> None:
+    """Wait for an API job and print its result."""
+    _wait(_client(), uuid, as_json, ("uuid", "name", "status"))
+
+
+@job.command("show")
+@click.argument("uuid")
+def job_show(uuid: str) -> None:
+    """An API job's state now."""
+    click.echo(json.dumps(_client().job(uuid)))

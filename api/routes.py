@@ -1,0 +1,397 @@
+"""REST routes: thin — parse, call the core in ``shared``, wrap in ZStack's envelopes."""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from fastapi import APIRouter, Depends, Query, Request, Response
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, Field
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from shared import backups, hosts, storage
+from shared.catalog.models import (
+    QUERYABLE,
+    ApiJob,
+    BackupStorage,
+    Base,
+    Host,
+    Tag,
+    VmInstance,
+    Volume,
+    VolumeBackup,
+    new_uuid,
+)
+from shared.catalog.query import parse_rest, run_query
+from shared.errors import Conflict, InvalidArgument, NotFound
+from shared.inventory import inventories, inventory
+
+from .app import get_caller, get_session
+from .auth import Caller
+
+public = APIRouter()
+router = APIRouter(dependencies=[Depends(get_caller)])
+UUID = re.compile(r"^[0-9a-f]{32}$")
+
+
+class Envelope(BaseModel):
+    """ZStack's request body: ``params`` plus optional tags."""
+
+    params: dict[str, Any] = Field(default_factory=dict)
+    systemTags: list[str] = Field(default_factory=list)
+    userTags: list[str] = Field(default_factory=list)
+
+
+def check_uuid(value: str, what: str) -> str:
+    if not UUID.match(value):
+        raise InvalidArgument(detail=f"{what} {value!r} is not a uuid (32 lowercase hex digits)")
+    return value
+
+
+def one(session: Session, row: Base, status: int = 200) -> JSONResponse:
+    return JSONResponse({"inventory": inventory(session, row), "success": True}, status_code=status)
+
+
+def accepted(request: Request, job: ApiJob) -> JSONResponse:
+    base = str(request.base_url).rstrip("/")
+    prefix = "/zstack/v1" if request.url.path.startswith("/zstack/") else "/v1"
+    return JSONResponse({"location": f"{base}{prefix}/api-jobs/{job.uuid}", "jobUuid": job.uuid}, status_code=202)
+
+
+def add_tags(session: Session, row: Base, body: Envelope) -> None:
+    for kind, tags in (("user", body.userTags), ("system", body.systemTags)):
+        for tag in tags:
+            session.add(Tag(resourceUuid=row.uuid, resourceType=row.resource_type, tag=tag, type=kind))  # type: ignore[attr-defined]
+
+
+@public.get("/v1/health")
+@public.get("/zstack/v1/health", include_in_schema=False)
+def health() -> dict[str, Any]:
+    return {"success": True, "status": "ok"}
+
+
+# -- queries ---------------------------------------------------------------------------------------
+def _query(model: type[Base], tag_type: str | None) -> Any:
+    def handler(
+        session: Session = Depends(get_session),
+        q: list[str] = Query(default=[]),
+        sort: str | None = None,
+        limit: str | None = None,
+        start: str | None = None,
+        count: str | None = None,
+        replyWithCount: str | None = None,
+        fields: str | None = None,
+        groupBy: str | None = None,
+    ) -> JSONResponse:
+        spec = parse_rest(q, sort, limit, start, count, replyWithCount, fields, groupBy)
+        base = select(model)
+        if tag_type:
+            base = base.where(Tag.type == tag_type)
+        result = run_query(session, model, spec, base=base)
+        body: dict[str, Any] = {"success": True}
+        if result.groups is not None:
+            body["inventories"] = result.groups
+        elif spec.count:
+            body["inventories"] = []
+        elif result.fields:
+            body["inventories"] = result.rows
+        else:
+            body["inventories"] = inventories(session, result.rows)
+        if result.total is not None:
+            body["total"] = result.total
+        return JSONResponse(body)
+
+    return handler
+
+
+def _get_one(model: type[Base], what: str) -> Any:
+    def handler(uuid: str, session: Session = Depends(get_session)) -> JSONResponse:
+        row = session.get(model, check_uuid(uuid, "uuid"))
+        if row is None:
+            raise NotFound(resource=what, uuid=uuid)
+        return JSONResponse({"inventories": [inventory(session, row)], "success": True})
+
+    return handler
+
+
+for _path, _model in QUERYABLE.items():
+    if _path == "api-jobs":
+        continue
+    _tag = {"user-tags": "user", "system-tags": "system"}.get(_path)
+    router.add_api_route(f"/{_path}", _query(_model, _tag), methods=["GET"], name=f"query {_path}")
+    if _path not in ("scheduler/jobhistories",):
+        router.add_api_route(f"/{_path}/{{uuid}}", _get_one(_model, _path), methods=["GET"], name=f"get {_path}")
+
+
+# -- API jobs --------------------------------------------------------------------------------------
+@router.get("/api-jobs/{uuid}")
+def get_job(uuid: str, session: Session = Depends(get_session)) -> JSONResponse:
+    job = session.get(ApiJob, uuid)
+    if job is None:
+        raise NotFound(resource="API job", uuid=uuid)
+    if job.state in ("Pending", "Running") and job.hostUuid:
+        hosts.reap(session)  # a job on a host whose worker is gone fails now, not never
+        session.refresh(job)
+    if job.state in ("Pending", "Running"):
+        return JSONResponse({"state": "Running", "progress": job.progress, "jobUuid": job.uuid}, status_code=202)
+    if job.state == "Succeeded":
+        return JSONResponse({"inventory": job.result or {}, "success": True})
+    error = job.error or {"code": "INTERNAL_ERROR", "description": "failed", "details": ""}
+    status = {"NOT_FOUND": 404, "INVALID_ARGUMENT": 400, "DATABASE_UNAVAILABLE": 503}.get(error["code"], 500)
+    if error["code"] in ("CONFLICT", "HOST_DISCONNECTED", "VOLUME_ERROR", "TARGET_EXISTS", "STORAGE_BUSY"):
+        status = 409
+    return JSONResponse({"success": False, "error": error}, status_code=status)
+
+
+# -- registration ----------------------------------------------------------------------------------
+def _int(params: dict[str, Any], key: str, default: int) -> int:
+    value = params.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise InvalidArgument(detail=f"{key} must be a non-negative integer")
+    return value
+
+
+@router.post("/vm-instances")
+def create_vm(body: Envelope, session: Session = Depends(get_session)) -> JSONResponse:
+    p = body.params
+    if p.get("hostUuid") and session.get(Host, check_uuid(p["hostUuid"], "hostUuid")) is None:
+        raise NotFound(resource="host", uuid=p["hostUuid"])
+    state = p.get("state") or "Stopped"
+    if state not in ("Running", "Stopped"):
+        raise InvalidArgument(detail="state must be Running or Stopped")
+    vm = VmInstance(
+        uuid=new_uuid(),
+        name=str(p.get("name") or ""),
+        description=p.get("description"),
+        hostUuid=p.get("hostUuid"),
+        platform=str(p.get("platform") or "Linux"),
+        cpuNum=_int(p, "cpuNum", 1),
+        memorySize=_int(p, "memorySize", 0),
+        projectUuid=p.get("projectUuid"),
+        state=state,
+        qmpSocket=p.get("qmpSocket"),
+    )
+    if not vm.name:
+        raise InvalidArgument(detail="name is required")
+    session.add(vm)
+    session.flush()
+    add_tags(session, vm, body)
+    return one(session, vm)
+
+
+@router.post("/volumes")
+def create_volume(body: Envelope, session: Session = Depends(get_session)) -> JSONResponse:
+    p = body.params
+    missing = [k for k in ("hostUuid", "installPath") if not p.get(k)]
+    if missing:
+        raise InvalidArgument(detail=f"missing required params: {', '.join(missing)}")
+    if session.get(Host, check_uuid(p["hostUuid"], "hostUuid")) is None:
+        raise NotFound(resource="host", uuid=p["hostUuid"])
+    path = str(p["installPath"])
+    if not path.startswith("/"):
+        raise InvalidArgument(detail="installPath must be an absolute path on the host")
+    fmt = p.get("format") or ("qcow2" if path.endswith(".qcow2") else "raw")
+    if fmt not in ("raw", "qcow2"):
+        raise InvalidArgument(detail="format must be raw or qcow2")
+    kind = p.get("type") or "Data"
+    if kind not in ("Root", "Data"):
+        raise InvalidArgument(detail="type must be Root or Data")
+    vm_uuid = p.get("vmInstanceUuid")
+    if vm_uuid:
+        vm = session.get(VmInstance, check_uuid(vm_uuid, "vmInstanceUuid"))
+        if vm is None:
+            raise NotFound(resource="VM instance", uuid=vm_uuid)
+        if (
+            kind == "Root"
+            and session.scalars(select(Volume).where(Volume.vmInstanceUuid == vm_uuid, Volume.type == "Root")).first()
+        ):
+            raise Conflict(detail=f"VM {vm_uuid} has a root volume already")
+    elif kind == "Root":
+        raise InvalidArgument(detail="a Root volume needs vmInstanceUuid")
+    if session.scalars(select(Volume).where(Volume.hostUuid == p["hostUuid"], Volume.installPath == path)).first():
+        raise Conflict(detail=f"a volume at {path} on host {p['hostUuid']} is registered already")
+    volume = Volume(
+        uuid=new_uuid(),
+        name=str(p.get("name") or path.rsplit("/", 1)[-1]),
+        description=p.get("description"),
+        hostUuid=p["hostUuid"],
+        vmInstanceUuid=vm_uuid,
+        projectUuid=p.get("projectUuid"),
+        type=kind,
+        format=fmt,
+        installPath=path,
+        size=_int(p, "size", 0),
+    )
+    session.add(volume)
+    session.flush()
+    add_tags(session, volume, body)
+    return one(session, volume)
+
+
+@router.post("/backup-storage")
+def create_backup_storage(body: Envelope, session: Session = Depends(get_session)) -> JSONResponse:
+    row = storage.register_storage(session, body.params)
+    add_tags(session, row, body)
+    return one(session, row)
+
+
+# -- backups ---------------------------------------------------------------------------------------
+@router.post("/volumes/{uuid}/volume-backups", status_code=202)
+def create_volume_backup(
+    uuid: str,
+    body: Envelope,
+    request: Request,
+    session: Session = Depends(get_session),
+    caller: Caller = Depends(get_caller),
+) -> JSONResponse:
+    job = backups.request_volume_backup(session, check_uuid(uuid, "volume uuid"), body.params, caller.account_uuid)
+    return accepted(request, job)
+
+
+@router.post("/volumes/{uuid}/vm-backups", status_code=202)
+def create_vm_backup(
+    uuid: str,
+    body: Envelope,
+    request: Request,
+    session: Session = Depends(get_session),
+    caller: Caller = Depends(get_caller),
+) -> JSONResponse:
+    job = backups.request_vm_backup(session, check_uuid(uuid, "root volume uuid"), body.params, caller.account_uuid)
+    return accepted(request, job)
+
+
+def _action(body: dict[str, Any], allowed: tuple[str, ...]) -> tuple[str, dict[str, Any]]:
+    if len(body) != 1:
+        raise InvalidArgument(detail=f"the body names exactly one action, one of: {', '.join(allowed)}")
+    name, params = next(iter(body.items()))
+    if name not in allowed:
+        raise InvalidArgument(detail=f"unknown action {name!r}; expected one of: {', '.join(allowed)}")
+    if params is None:
+        params = {}
+    if not isinstance(params, dict):
+        raise InvalidArgument(detail=f"{name} takes an object of parameters")
+    return name, params
+
+
+def _state_event(params: dict[str, Any]) -> str:
+    event = params.get("stateEvent")
+    if event not in ("enable", "disable"):
+        raise InvalidArgument(detail="stateEvent must be enable or disable")
+    return "Enabled" if event == "enable" else "Disabled"
+
+
+def _update(row: Any, params: dict[str, Any]) -> None:
+    for key in ("name", "description"):
+        if key in params:
+            if not isinstance(params[key], str | None):
+                raise InvalidArgument(detail=f"{key} must be a string")
+            setattr(row, key, params[key])
+
+
+VOLUME_BACKUP_ACTIONS = (
+    "revertVolumeFromVolumeBackup",
+    "createDataVolumeFromVolumeBackup",
+    "verifyVolumeBackup",
+    "changeVolumeBackupState",
+    "updateVolumeBackup",
+)
+
+
+@router.put("/volume-backups/{uuid}/actions")
+def volume_backup_action(
+    uuid: str,
+    body: dict[str, Any],
+    request: Request,
+    session: Session = Depends(get_session),
+    caller: Caller = Depends(get_caller),
+) -> Response:
+    name, params = _action(body, VOLUME_BACKUP_ACTIONS)
+    backup = session.get(VolumeBackup, check_uuid(uuid, "uuid"))
+    if backup is None:
+        raise NotFound(resource="volume backup", uuid=uuid)
+    if name == "changeVolumeBackupState":
+        backup.state = _state_event(params)
+        return one(session, backup)
+    if name == "updateVolumeBackup":
+        _update(backup, params)
+        session.flush()
+        return one(session, backup)
+    request_fn = {
+        "revertVolumeFromVolumeBackup": backups.request_revert,
+        "createDataVolumeFromVolumeBackup": backups.request_create_volume,
+        "verifyVolumeBackup": backups.request_verify,
+    }[name]
+    return accepted(request, request_fn(session, uuid, params, caller.account_uuid))
+
+
+@router.delete("/volume-backups/{uuid}", status_code=202)
+def delete_volume_backup(
+    uuid: str,
+    request: Request,
+    backupStorageUuids: str | None = None,
+    deleteMode: str = "Permissive",
+    session: Session = Depends(get_session),
+    caller: Caller = Depends(get_caller),
+) -> JSONResponse:
+    targets = (
+        [check_uuid(s, "backupStorageUuid") for s in backupStorageUuids.split(",")] if backupStorageUuids else None
+    )
+    job = backups.request_delete(session, check_uuid(uuid, "uuid"), targets, deleteMode, caller.account_uuid)
+    return accepted(request, job)
+
+
+@router.put("/backup-storage/{uuid}/actions")
+def backup_storage_action(uuid: str, body: dict[str, Any], session: Session = Depends(get_session)) -> Response:
+    name, params = _action(body, ("changeBackupStorageState", "updateBackupStorage", "reconnectBackupStorage"))
+    row = session.get(BackupStorage, check_uuid(uuid, "uuid"))
+    if row is None:
+        raise NotFound(resource="backup storage", uuid=uuid)
+    if name == "changeBackupStorageState":
+        row.state = _state_event(params)
+    elif name == "updateBackupStorage":
+        _update(row, params)
+    else:
+        storage.refresh_capacity(row)
+    session.flush()
+    return one(session, row)
+
+
+@router.put("/vm-instances/{uuid}/actions")
+def vm_action(uuid: str, body: dict[str, Any], session: Session = Depends(get_session)) -> Response:
+    _name, params = _action(body, ("updateVmInstance",))
+    vm = session.get(VmInstance, check_uuid(uuid, "uuid"))
+    if vm is None:
+        raise NotFound(resource="VM instance", uuid=uuid)
+    if "state" in params:
+        if params["state"] not in ("Running", "Stopped"):
+            raise InvalidArgument(detail="state must be Running or Stopped")
+        vm.state = params["state"]
+    _update(vm, params)
+    session.flush()
+    return one(session, vm)
+
+
+# -- tags ------------------------------------------------------------------------------------------
+@router.post("/user-tags")
+def create_user_tag(body: Envelope, session: Session = Depends(get_session)) -> JSONResponse:
+    p = body.params
+    missing = [k for k in ("resourceUuid", "resourceType", "tag") if not p.get(k)]
+    if missing:
+        raise InvalidArgument(detail=f"missing required params: {', '.join(missing)}")
+    tag = Tag(
+        resourceUuid=check_uuid(p["resourceUuid"], "resourceUuid"), resourceType=p["resourceType"], tag=str(p["tag"])
+    )
+    session.add(tag)
+    session.flush()
+    return one(session, tag)
+
+
+@router.delete("/user-tags/{uuid}")
+def delete_user_tag(uuid: str, session: Session = Depends(get_session)) -> JSONResponse:
+    tag = session.get(Tag, check_uuid(uuid, "uuid"))
+    if tag is None or tag.type != "user":
+        raise NotFound(resource="user tag", uuid=uuid)
+    session.delete(tag)
+    return JSONResponse({"success": True})

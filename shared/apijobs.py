@@ -1,0 +1,132 @@
+"""API jobs: every asynchronous action is an ApiJob row whose uuid is the Celery task id.
+
+The API creates the row and sends the task in the same step; the worker moves it Pending ->
+Running -> Succeeded/Failed and reports progress; ``GET /v1/api-jobs/<uuid>`` reads it. A
+job never finishes twice: a redelivered task finds it finished and returns.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from datetime import timedelta
+from typing import Any
+
+from sqlalchemy import select, update
+from sqlalchemy.orm import Session
+
+from shared.catalog import db
+from shared.catalog.models import ApiJob, DatabaseBackup, VolumeBackup, new_uuid, now
+from shared.celery_app import celery_app
+
+log = logging.getLogger(__name__)
+FINISHED = ("Succeeded", "Failed")
+
+
+def enqueue(
+    session: Session,
+    action: str,
+    *,
+    task: str,
+    queue: str,
+    params: dict[str, Any],
+    resource_uuid: str | None = None,
+    resource_type: str | None = None,
+    host_uuid: str | None = None,
+    account_uuid: str | None = None,
+) -> ApiJob:
+    """Record an API job and send its task (ids only in the message). The row is committed
+    before the message is sent, so a worker always finds it."""
+    job = ApiJob(
+        uuid=new_uuid(),
+        action=action,
+        params={**params, "_task": task, "_queue": queue},
+        resourceUuid=resource_uuid,
+        resourceType=resource_type,
+        hostUuid=host_uuid,
+        accountUuid=account_uuid,
+    )
+    session.add(job)
+    session.commit()
+    celery_app().send_task(task, args=[job.uuid], task_id=job.uuid, queue=queue)
+    log.info("job.enqueued uuid=%s action=%s queue=%s", job.uuid, action, queue)
+    return job
+
+
+def start_job(session: Session, job_uuid: str) -> ApiJob | None:
+    """The job to run, now Running; None when it is unknown, running elsewhere or finished.
+    Only one delivery of a message moves a job from Pending to Running (one atomic UPDATE),
+    so a duplicate message never runs a job twice."""
+    claimed = session.execute(
+        update(ApiJob)
+        .where(ApiJob.uuid == job_uuid, ApiJob.state == "Pending")
+        .values(state="Running", progress=0, lastOpDate=now())
+    )
+    session.commit()
+    if claimed.rowcount != 1:  # type: ignore[attr-defined]
+        return None
+    return session.get(ApiJob, job_uuid)
+
+
+def requeue_stale(session: Session, older_than: float) -> int:
+    """Send again the tasks of jobs still Pending after ``older_than`` seconds: their message
+    may have been lost with a broker that keeps nothing on disk. Duplicates are harmless (see
+    start_job). Returns how many were sent."""
+    cutoff = now() - timedelta(seconds=older_than)
+    sent = 0
+    for job in session.scalars(select(ApiJob).where(ApiJob.state == "Pending", ApiJob.lastOpDate < cutoff)):
+        task, queue = (job.params or {}).get("_task"), (job.params or {}).get("_queue")
+        if not task or not queue:
+            continue
+        job.lastOpDate = now()
+        session.commit()
+        celery_app().send_task(task, args=[job.uuid], task_id=job.uuid, queue=queue)
+        log.warning("job.requeued uuid=%s action=%s queue=%s", job.uuid, job.action, queue)
+        sent += 1
+    return sent
+
+
+def finish_job(session: Session, job: ApiJob, result: dict[str, Any]) -> None:
+    job.state = "Succeeded"
+    job.progress = 100
+    job.result = result
+    session.commit()
+
+
+def fail_job(session: Session, job: ApiJob, *, code: str, description: str, details: str = "") -> None:
+    """Mark ``job`` Failed with an error envelope, and the resource it was creating Failed."""
+    if job.state in FINISHED:
+        return
+    job.state = "Failed"
+    job.error = {"code": code, "description": description, "details": details}
+    rows: list[VolumeBackup | DatabaseBackup] = []
+    if job.resourceType in (VolumeBackup.resource_type, "VmBackup"):
+        uuids = (job.params or {}).get("backupUuids") or [job.resourceUuid]
+        rows += [b for uuid in uuids if uuid and (b := session.get(VolumeBackup, uuid)) is not None]
+    elif job.resourceType == DatabaseBackup.resource_type and job.resourceUuid:
+        rows += [d for d in [session.get(DatabaseBackup, job.resourceUuid)] if d is not None]
+    for row in rows:
+        if row.status == "Creating":
+            row.status = "Failed"
+            for ref in row.backupStorageRefs:
+                if ref.status == "Creating":
+                    ref.status = "Failed"
+    log.warning("job.failed uuid=%s action=%s code=%s %s", job.uuid, job.action, code, description)
+
+
+def progress_reporter(job_uuid: str, every: float = 1.0) -> Callable[[int, int], None]:
+    """A progress callback that writes the job's percentage at most every ``every`` seconds."""
+    last = [0.0]
+
+    def report(done: int, total: int) -> None:
+        moment = time.monotonic()
+        if moment - last[0] < every or not total:
+            return
+        last[0] = moment
+        with db.session() as session:
+            job = session.get(ApiJob, job_uuid)
+            if job is not None and job.state == "Running":
+                job.progress = min(99, int(done * 100 / total))
+
+    return report

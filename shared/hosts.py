@@ -1,0 +1,102 @@
+"""Hosts: a worker registers its host on start and heartbeats; a host that stops heartbeating
+turns Disconnected, and the jobs waiting on its queue fail with a clear error instead of
+hanging."""
+
+from __future__ import annotations
+
+import logging
+import socket
+import uuid as uuidlib
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from shared.catalog.models import ApiJob, Host, now
+from shared.config import get_settings
+
+log = logging.getLogger(__name__)
+
+
+def local_host_uuid() -> str:
+    """This machine's host identity: BLOCKVAULT_HOST_UUID, else one kept in the data dir."""
+    settings = get_settings()
+    if settings.host_uuid:
+        return settings.host_uuid.replace("-", "").lower()
+    path = settings.data_path / "host-uuid"
+    if path.exists():
+        return path.read_text().strip()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    value = uuidlib.uuid4().hex
+    tmp = Path(f"{path}.tmp")
+    tmp.write_text(value + "\n")
+    tmp.replace(path)
+    return path.read_text().strip()
+
+
+def _management_ip() -> str:
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+            probe.connect(("10.255.255.255", 1))  # no packet is sent for a UDP connect
+            return str(probe.getsockname()[0])
+    except OSError:
+        return "127.0.0.1"
+
+
+def register(session: Session, host_uuid: str) -> Host:
+    """Create or refresh this host's row; it is Connected from now on."""
+    host = session.get(Host, host_uuid)
+    if host is None:
+        host = Host(uuid=host_uuid, name=socket.gethostname())
+        session.add(host)
+    host.hostname = socket.gethostname()
+    host.managementIp = _management_ip()
+    host.status = "Connected"
+    host.lastHeartbeat = now()
+    return host
+
+
+def heartbeat(session: Session, host_uuid: str) -> None:
+    host = session.get(Host, host_uuid)
+    if host is None:
+        register(session, host_uuid)
+        return
+    host.lastHeartbeat = now()
+    if host.status != "Connected":
+        log.info("host.reconnected uuid=%s", host_uuid)
+        host.status = "Connected"
+
+
+def _aware(value: datetime) -> datetime:
+    return value if value.tzinfo else value.replace(tzinfo=UTC)
+
+
+def is_alive(host: Host, at: datetime | None = None) -> bool:
+    timeout = timedelta(seconds=get_settings().host_timeout_seconds)
+    return host.lastHeartbeat is not None and (at or now()) - _aware(host.lastHeartbeat) <= timeout
+
+
+def reap(session: Session) -> list[str]:
+    """Mark hosts whose heartbeat is too old Disconnected and fail the jobs routed to them
+    that have not finished. Returns the uuids of the hosts it disconnected."""
+    moment = now()
+    gone = []
+    for host in session.scalars(select(Host).where(Host.status == "Connected")):
+        if not is_alive(host, moment):
+            host.status = "Disconnected"
+            gone.append(host.uuid)
+            log.warning("host.disconnected uuid=%s last_heartbeat=%s", host.uuid, host.lastHeartbeat)
+    stale = select(Host.uuid).where(Host.status == "Disconnected")
+    for job in session.scalars(
+        select(ApiJob).where(ApiJob.state.in_(("Pending", "Running")), ApiJob.hostUuid.in_(stale))
+    ):
+        from shared.apijobs import fail_job
+
+        fail_job(
+            session,
+            job,
+            code="HOST_DISCONNECTED",
+            description=f"host {job.hostUuid} is disconnected: its worker stopped heartbeating",
+        )
+    return gone

@@ -1,0 +1,137 @@
+"""The service as it runs: the API and Celery workers as separate processes on PostgreSQL
+and Redis (from tests/services.py), each worker with its own host identity."""
+
+from __future__ import annotations
+
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from api.client import ApiError, Client
+from tests.conftest import ROOT
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+class Stack:
+    """One blockvault deployment for a test: its settings, its processes and their logs."""
+
+    def __init__(self, tmp: Path, database_url: str, broker_url: str) -> None:
+        self.tmp = tmp
+        self.key = "test-admin-" + secrets.token_hex(12)
+        self.port = free_port()
+        self.env = {k: v for k, v in os.environ.items() if not k.startswith("BLOCKVAULT_")}
+        self.env.update(
+            BLOCKVAULT_DATABASE_URL=database_url,
+            BLOCKVAULT_BROKER_URL=broker_url,
+            BLOCKVAULT_DATA_DIR=str(tmp / "data"),
+            BLOCKVAULT_ADMIN_API_KEY=self.key,
+            BLOCKVAULT_HEARTBEAT_SECONDS="1",
+            BLOCKVAULT_HOST_TIMEOUT_SECONDS="6",
+            BLOCKVAULT_REQUEUE_SECONDS="5",
+        )
+        self.procs: dict[str, subprocess.Popen[bytes]] = {}
+        self.client = Client(f"http://127.0.0.1:{self.port}", self.key, timeout=30)
+
+    def log(self, name: str) -> str:
+        path = self.tmp / f"{name}.log"
+        return path.read_text(errors="replace") if path.exists() else ""
+
+    def spawn(self, name: str, args: list[str], env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
+        with open(self.tmp / f"{name}.log", "ab") as log:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "api.cli", *args],
+                env={**self.env, **(env or {})},
+                cwd=ROOT,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        self.procs[name] = proc
+        return proc
+
+    def start_api(self) -> None:
+        self.spawn("api", ["api", "--port", str(self.port)])
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(f"http://127.0.0.1:{self.port}/v1/health", timeout=2).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            assert self.procs["api"].poll() is None, self.log("api")
+            time.sleep(0.2)
+        raise AssertionError("the API did not start:\n" + self.log("api"))
+
+    def start_worker(self, host_uuid: str, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
+        name = f"worker-{host_uuid[:8]}"
+        proc = self.spawn(name, ["worker", "--host-uuid", host_uuid, "--concurrency", "1"], env)
+        self.wait_host(host_uuid, "Connected", proc=proc, name=name)
+        deadline = time.monotonic() + 60
+        while "ready." not in self.log(name):  # Celery consumes only once it says so
+            assert proc.poll() is None, self.log(name)
+            assert time.monotonic() < deadline, self.log(name)
+            time.sleep(0.2)
+        return proc
+
+    def wait_host(
+        self,
+        host_uuid: str,
+        status: str,
+        proc: subprocess.Popen[bytes] | None = None,
+        name: str = "",
+        timeout: float = 60,
+    ) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                found = self.client.query("hosts", f"uuid={host_uuid}")["inventories"]
+                if found and found[0]["status"] == status:
+                    return
+            except ApiError:
+                pass
+            if proc is not None:
+                assert proc.poll() is None, self.log(name)
+            time.sleep(0.3)
+        raise AssertionError(f"host {host_uuid} never became {status}")
+
+    def kill(self, name: str, sig: int = signal.SIGKILL) -> None:
+        proc = self.procs[name]
+        if proc.poll() is None:
+            os.killpg(proc.pid, sig)
+            proc.wait(timeout=60)
+
+    def stop_all(self) -> None:
+        for _name, proc in self.procs.items():
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGTERM)
+        for _name, proc in self.procs.items():
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(timeout=10)
+        self.client.close()
+
+
+@pytest.fixture
+def stack(tmp_path: Path, pg_database: str, redis_url: str) -> Iterator[Stack]:
+    deployment = Stack(tmp_path, pg_database, redis_url)
+    try:
+        deployment.start_api()
+        yield deployment
+    finally:
+        deployment.stop_all()

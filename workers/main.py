@@ -1,0 +1,64 @@
+"""``blockvault worker``: one Celery worker for this host's queue and the shared queues.
+
+On start it migrates the catalog, registers its host and then heartbeats from a thread; the
+same thread reaps hosts whose workers stopped (any live worker does that job).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+
+from shared import hosts
+from shared.apijobs import requeue_stale
+from shared.catalog import db
+from shared.celery_app import STORAGE_QUEUE, celery_app, host_queue
+from shared.config import get_settings
+
+log = logging.getLogger(__name__)
+
+
+class Heartbeat(threading.Thread):
+    def __init__(self, host_uuid: str, every: float) -> None:
+        super().__init__(daemon=True, name="heartbeat")
+        self.host_uuid, self.every = host_uuid, every
+        self.stopped = threading.Event()
+
+    def run(self) -> None:
+        while not self.stopped.wait(self.every):
+            try:
+                with db.session() as session:
+                    hosts.heartbeat(session, self.host_uuid)
+                with db.session() as session:
+                    hosts.reap(session)
+                with db.session() as session:
+                    requeue_stale(session, get_settings().requeue_seconds)
+            except Exception:
+                log.warning("host.heartbeat_failed uuid=%s", self.host_uuid, exc_info=True)
+
+
+def run_worker(host_uuid: str | None = None, concurrency: int = 2, loglevel: str = "INFO") -> None:
+    settings = get_settings()
+    host = (host_uuid or hosts.local_host_uuid()).replace("-", "").lower()
+    db.migrate()
+    with db.session() as session:
+        hosts.register(session, host)
+    beat = Heartbeat(host, settings.heartbeat_seconds)
+    beat.start()
+    log.info("worker.start host=%s queues=%s,%s", host, host_queue(host), STORAGE_QUEUE)
+    app = celery_app()
+    try:
+        app.worker_main(
+            [
+                "worker",
+                f"--hostname=blockvault-{host}@%h",
+                f"--queues={host_queue(host)},{STORAGE_QUEUE}",
+                f"--concurrency={concurrency}",
+                f"--loglevel={loglevel}",
+                "--pool=prefork",
+                "--without-mingle",
+                "--without-gossip",
+            ]
+        )
+    finally:
+        beat.stopped.set()

@@ -1,0 +1,89 @@
+"""Celery tasks: thin wrappers that load an API job by id, call the core, record the result.
+
+``job_task`` gives every task the same life cycle (Running, progress, Succeeded/Failed with an
+error envelope), logging and retry policy, so no task repeats it.
+"""
+
+from __future__ import annotations
+
+import logging
+import traceback
+from collections.abc import Callable
+from typing import Any
+
+from celery import Task
+from celery.signals import worker_process_init
+from sqlalchemy.orm import Session
+
+from shared import backups
+from shared.apijobs import fail_job, finish_job, start_job
+from shared.catalog import db
+from shared.catalog.models import ApiJob
+from shared.celery_app import celery_app
+from shared.errors import BlockvaultError, CatalogUnavailable
+
+log = logging.getLogger(__name__)
+app = celery_app()
+
+Runner = Callable[[Session, ApiJob], dict[str, Any]]
+
+
+@worker_process_init.connect
+def _fresh_connections(**_: object) -> None:
+    db.reset()
+
+
+def job_task(name: str) -> Callable[[Runner], Task]:
+    def register(run: Runner) -> Task:
+        @app.task(
+            name=name,
+            bind=True,
+            acks_late=True,
+            autoretry_for=(CatalogUnavailable,),
+            retry_backoff=2,
+            retry_backoff_max=60,
+            max_retries=20,
+        )
+        def task(self: Task, job_uuid: str) -> None:
+            with db.session() as session:
+                job = start_job(session, job_uuid)
+                if job is None:
+                    log.info("job.skipped uuid=%s (unknown or finished)", job_uuid)
+                    return
+                log.info("job.started uuid=%s action=%s", job_uuid, job.action)
+                try:
+                    result = run(session, job)
+                except BlockvaultError as exc:
+                    session.rollback()
+                    job = session.get(ApiJob, job_uuid)
+                    assert job is not None
+                    if isinstance(exc, CatalogUnavailable):
+                        raise
+                    fail_job(session, job, code=exc.code, description=str(exc), details=type(exc).__name__)
+                    return
+                except Exception as exc:
+                    session.rollback()
+                    job = session.get(ApiJob, job_uuid)
+                    assert job is not None
+                    log.exception("job.crashed uuid=%s", job_uuid)
+                    fail_job(
+                        session,
+                        job,
+                        code="INTERNAL_ERROR",
+                        description=f"{type(exc).__name__}: {exc}",
+                        details=traceback.format_exc(limit=5)[-2000:],
+                    )
+                    return
+                finish_job(session, job, result)
+                log.info("job.succeeded uuid=%s action=%s", job_uuid, job.action)
+
+        return task
+
+    return register
+
+
+volume_backup = job_task("blockvault.volume.backup")(backups.run_volume_backups)
+volume_revert = job_task("blockvault.volume.revert")(backups.run_revert)
+volume_create_from_backup = job_task("blockvault.volume.create_from_backup")(backups.run_create_volume)
+storage_verify = job_task("blockvault.storage.verify")(backups.run_verify)
+storage_delete = job_task("blockvault.storage.delete")(backups.run_delete)
