@@ -163,6 +163,13 @@ class Client:
     def verify_backup(self, backup_uuid: str, **params: Any) -> str:
         return str(self.action("volume-backups", backup_uuid, "verifyVolumeBackup", params))
 
+    def revert_vm(self, group_uuid: str, **params: Any) -> str:
+        return str(self.action("vm-backups", group_uuid, "revertVmFromVmBackup", params))
+
+    def delete_vm_backup(self, group_uuid: str, backup_storage_uuids: Sequence[str] = ()) -> str:
+        params = {"backupStorageUuids": ",".join(backup_storage_uuids)} if backup_storage_uuids else None
+        return self._job("DELETE", f"/v1/vm-backups/{group_uuid}", params=params)
+
     def delete_backup(self, backup_uuid: str, backup_storage_uuids: Sequence[str] = ()) -> str:
         params = {"backupStorageUuids": ",".join(backup_storage_uuids)} if backup_storage_uuids else None
         return self._job("DELETE", f"/v1/volume-backups/{backup_uuid}", params=params)

@@ -247,6 +247,28 @@ def backup_delete(uuid: str, storages: tuple[str, ...], wait: bool, as_json: boo
     _submit(client, client.delete_backup(uuid, storages), wait, as_json, ("uuid",))
 
 
+@volume_backup.command("revert-vm")
+@click.argument("group_uuid")
+@click.option("--backup-storage", "storage_uuid")
+@WAIT
+@JSON
+def backup_revert_vm(group_uuid: str, storage_uuid: str | None, wait: bool, as_json: bool) -> None:
+    """Revert every volume of a VM to one VM backup (its groupUuid)."""
+    client = _client()
+    params = {"backupStorageUuid": storage_uuid} if storage_uuid else {}
+    _submit(client, client.revert_vm(group_uuid, **params), wait, as_json, ("volumes",))
+
+
+@volume_backup.command("delete-vm")
+@click.argument("group_uuid")
+@WAIT
+@JSON
+def backup_delete_vm(group_uuid: str, wait: bool, as_json: bool) -> None:
+    """Delete every volume backup of one VM backup."""
+    client = _client()
+    _submit(client, client.delete_vm_backup(group_uuid), wait, as_json, ("volumeBackups",))
+
+
 @job.command("wait")
 @click.argument("uuid")
 @JSON

@@ -342,6 +342,41 @@ def delete_volume_backup(
     return accepted(request, job)
 
 
+@router.get("/vm-backups/{uuid}")
+def get_vm_backup(uuid: str, session: Session = Depends(get_session)) -> JSONResponse:
+    rows = backups.group_backups(session, check_uuid(uuid, "groupUuid"))
+    return JSONResponse({"inventories": inventories(session, rows), "success": True})
+
+
+@router.put("/vm-backups/{uuid}/actions")
+def vm_backup_action(
+    uuid: str,
+    body: dict[str, Any],
+    request: Request,
+    session: Session = Depends(get_session),
+    caller: Caller = Depends(get_caller),
+) -> Response:
+    _name, params = _action(body, ("revertVmFromVmBackup",))
+    job = backups.request_vm_revert(session, check_uuid(uuid, "groupUuid"), params, caller.account_uuid)
+    return accepted(request, job)
+
+
+@router.delete("/vm-backups/{uuid}", status_code=202)
+def delete_vm_backup(
+    uuid: str,
+    request: Request,
+    backupStorageUuids: str | None = None,
+    deleteMode: str = "Permissive",
+    session: Session = Depends(get_session),
+    caller: Caller = Depends(get_caller),
+) -> JSONResponse:
+    targets = (
+        [check_uuid(s, "backupStorageUuid") for s in backupStorageUuids.split(",")] if backupStorageUuids else None
+    )
+    job = backups.request_vm_delete(session, check_uuid(uuid, "groupUuid"), targets, deleteMode, caller.account_uuid)
+    return accepted(request, job)
+
+
 @router.put("/backup-storage/{uuid}/actions")
 def backup_storage_action(uuid: str, body: dict[str, Any], session: Session = Depends(get_session)) -> Response:
     name, params = _action(body, ("changeBackupStorageState", "updateBackupStorage", "reconnectBackupStorage"))

@@ -274,24 +274,75 @@ def request_revert(session: Session, uuid: str, params: dict[str, Any], account:
     )
 
 
+def group_backups(session: Session, group_uuid: str) -> list[VolumeBackup]:
+    """The volume backups of one VM backup, root first."""
+    rows = list(
+        session.scalars(
+            select(VolumeBackup)
+            .where(VolumeBackup.groupUuid == group_uuid)
+            .order_by(VolumeBackup.type.desc(), VolumeBackup.createDate)
+        )
+    )
+    if not rows:
+        raise NotFound(resource="VM backup", uuid=group_uuid)
+    return rows
+
+
+def request_vm_revert(session: Session, group_uuid: str, params: dict[str, Any], account: str | None) -> ApiJob:
+    backups = group_backups(session, group_uuid)
+    storage_uuid = params.get("backupStorageUuid") or params.get("backupStrogeUuid")
+    refs = [_ready_ref(_backup_for_action(session, b.uuid), storage_uuid, session) for b in backups]
+    storages = {r.backupStorageUuid for r in refs}
+    if len(storages) != 1:
+        raise Conflict(detail=f"VM backup {group_uuid} has no single storage with every volume: name backupStorageUuid")
+    volumes = [get(session, Volume, b.volumeUuid, "volume") for b in backups]
+    for volume in volumes:
+        _check_vm_stopped(session, volume, "revert")
+    host = volumes[0].hostUuid
+    _connected_host(session, host)
+    return enqueue(
+        session,
+        "revertVmFromVmBackup",
+        task="blockvault.volume.revert",
+        queue=host_queue(host),
+        params={"backupUuids": [b.uuid for b in backups], "backupStorageUuid": storages.pop()},
+        resource_uuid=volumes[0].vmInstanceUuid,
+        resource_type=VmInstance.resource_type,
+        host_uuid=host,
+        account_uuid=account,
+    )
+
+
 def _manifest_id(ref: VolumeBackupStorageRef) -> str:
     return (ref.installPath or "").rsplit("/", 1)[-1]
 
 
 def run_revert(session: Session, job: ApiJob) -> dict[str, Any]:
+    """Revert each volume to its backup: restore beside the volume, then rename over it, so
+    a volume is either untouched or wholly reverted."""
     params = job.params or {}
-    backup: VolumeBackup = get(session, VolumeBackup, params["backupUuid"], "volume backup")
-    volume: Volume = get(session, Volume, backup.volumeUuid, "volume")
-    _check_vm_stopped(session, volume, "revert")
-    storage: BackupStorage = get(session, BackupStorage, params["backupStorageUuid"], "backup storage")
-    ref = next(r for r in backup.backupStorageRefs if r.backupStorageUuid == storage.uuid)
-    target = Path(volume.installPath)
-    staging = target.with_name(f".{target.name}.revert-{job.uuid[:8]}{target.suffix}")
-    staging.unlink(missing_ok=True)
-    restore_backup(open_repository(storage), _manifest_id(ref), str(staging), progress=progress_reporter(job.uuid))
-    os.replace(staging, target)  # the volume switches to the backup's content in one step
-    volume.size = backup.size
-    return inventory(session, volume)
+    uuids = params.get("backupUuids") or [params["backupUuid"]]
+    report = progress_reporter(job.uuid)
+    reverted = []
+    for index, uuid in enumerate(uuids):
+        backup: VolumeBackup = get(session, VolumeBackup, uuid, "volume backup")
+        volume: Volume = get(session, Volume, backup.volumeUuid, "volume")
+        _check_vm_stopped(session, volume, "revert")
+        storage: BackupStorage = get(session, BackupStorage, params["backupStorageUuid"], "backup storage")
+        ref = next(r for r in backup.backupStorageRefs if r.backupStorageUuid == storage.uuid)
+        target = Path(volume.installPath)
+        staging = target.with_name(f".{target.name}.revert-{job.uuid[:8]}{target.suffix}")
+        staging.unlink(missing_ok=True)
+
+        def scaled(d: int, t: int, i: int = index) -> None:
+            report(i * 1000 + (d * 1000 // t if t else 0), len(uuids) * 1000)
+
+        restore_backup(open_repository(storage), _manifest_id(ref), str(staging), progress=scaled)
+        os.replace(staging, target)  # the volume switches to the backup's content in one step
+        volume.size = backup.size
+        session.commit()
+        reverted.append(inventory(session, volume))
+    return reverted[0] if len(reverted) == 1 and "backupUuid" in params else {"volumes": reverted}
 
 
 def request_create_volume(session: Session, uuid: str, params: dict[str, Any], account: str | None) -> ApiJob:
@@ -416,13 +467,43 @@ def request_delete(
     )
 
 
+def request_vm_delete(
+    session: Session, group_uuid: str, storage_uuids: list[str] | None, mode: str, account: str | None
+) -> ApiJob:
+    backups = group_backups(session, group_uuid)
+    if mode not in ("Permissive", "Enforcing"):
+        raise InvalidArgument(detail="deleteMode must be Permissive or Enforcing")
+    busy = [b.uuid for b in backups if b.status in ("Deleting", "Creating")]
+    if busy:
+        raise Conflict(detail=f"VM backup {group_uuid} has backups being created or deleted: {', '.join(busy)}")
+    for backup in backups:
+        backup.status = "Deleting"
+    session.flush()
+    return enqueue(
+        session,
+        "deleteVmBackup",
+        task="blockvault.storage.delete",
+        queue=STORAGE_QUEUE,
+        params={"backupUuids": [b.uuid for b in backups], "backupStorageUuids": storage_uuids},
+        resource_uuid=group_uuid,
+        resource_type="VmBackupDelete",
+        account_uuid=account,
+    )
+
+
 def run_delete(session: Session, job: ApiJob) -> dict[str, Any]:
     params = job.params or {}
-    backup = session.get(VolumeBackup, params["backupUuid"])
+    uuids = params.get("backupUuids") or [params["backupUuid"]]
+    results = [_delete_one(session, uuid, params.get("backupStorageUuids")) for uuid in uuids]
+    return results[0] if "backupUuid" in params else {"volumeBackups": results}
+
+
+def _delete_one(session: Session, uuid: str, storage_uuids: list[str] | None) -> dict[str, Any]:
+    backup = session.get(VolumeBackup, uuid)
     if backup is None:
-        return {"uuid": params["backupUuid"], "deleted": True}
+        return {"uuid": uuid, "deleted": True}
     for ref in list(backup.backupStorageRefs):
-        if ref.backupStorageUuid not in params["backupStorageUuids"]:
+        if storage_uuids and ref.backupStorageUuid not in storage_uuids:
             continue
         storage: BackupStorage = get(session, BackupStorage, ref.backupStorageUuid, "backup storage")
         repo = open_repository(storage)
@@ -438,7 +519,7 @@ def run_delete(session: Session, job: ApiJob) -> dict[str, Any]:
     if not backup.backupStorageRefs:
         session.delete(backup)
         session.commit()
-        return {"uuid": params["backupUuid"], "deleted": True}
+        return {"uuid": uuid, "deleted": True}
     backup.status = "Ready"
     session.commit()
     return inventory(session, backup)

@@ -98,6 +98,31 @@ def test_each_host_backs_up_its_own_volumes(stack: Stack) -> None:
     assert "credentials" not in store
 
 
+def test_vm_backup_revert_and_delete_as_a_group(stack: Stack) -> None:
+    host = new_uuid()
+    stack.start_worker(host)
+    add_storage(stack)
+    _vm, root, data = make_vm(stack, host, stack.tmp / "g", "vm-g")
+    root_path, data_path = Path(root["installPath"]), Path(data["installPath"])
+    group = stack.client.wait(stack.client.backup_vm(root["uuid"], name="g"), timeout=120)["groupUuid"]
+    members = stack.client.request("GET", f"/v1/vm-backups/{group}")[1]["inventories"]
+    assert [m["type"] for m in members] == ["Root", "Data"]
+    before_root, before_data = root_path.read_bytes(), stack.tmp / "data-before.qcow2"
+    shutil.copyfile(data_path, before_data)
+    with open(root_path, "r+b") as handle:
+        handle.write(b"x" * 100000)
+    qemu_write(data_path, 0, 65536, 0x44)
+    reverted = stack.client.wait(stack.client.revert_vm(group), timeout=120)
+    assert len(reverted["volumes"]) == 2
+    assert root_path.read_bytes() == before_root and qcow2_equal(data_path, before_data)
+    deleted = stack.client.wait(stack.client.delete_vm_backup(group), timeout=120)
+    assert [d["deleted"] for d in deleted["volumeBackups"]] == [True, True]
+    with pytest.raises(ApiError) as gone:
+        stack.client.request("GET", f"/v1/vm-backups/{group}")
+    assert gone.value.status == 404
+    assert stack.client.query("volume-backups", count=True)["total"] == 0
+
+
 def test_flower_lists_both_workers_and_the_backup_tasks(stack: Stack) -> None:
     host_a, host_b = new_uuid(), new_uuid()
     port = free_port()
