@@ -28,6 +28,10 @@ class ApiError(Exception):
         self.status, self.code, self.description, self.details = status, code, description, details
 
 
+class JobFailed(ApiError):
+    """An API job that ended Failed (its error is the job's)."""
+
+
 class Client:
     def __init__(self, base_url: str | None = None, api_key: str | None = None, *, timeout: float = 30.0) -> None:
         self.base_url = (base_url or setting("api_url") or "http://127.0.0.1:8080").rstrip("/")
@@ -127,7 +131,12 @@ class Client:
         """Poll a job until it ends: its inventory, or ApiError with the job's error."""
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
-            status, body = self.request("GET", f"/v1/api-jobs/{job_uuid}")
+            try:
+                status, body = self.request("GET", f"/v1/api-jobs/{job_uuid}")
+            except ApiError as exc:
+                if exc.status in (0, 401, 404, 503):  # the poll itself failed, not the job
+                    raise
+                raise JobFailed(exc.status, exc.code, exc.description, exc.details) from None
             if status == 200:
                 if progress:
                     progress(100)

@@ -15,7 +15,7 @@ from typing import Any
 
 import click
 
-from .client import ApiError, Client
+from .client import ApiError, Client, JobFailed
 
 
 def _client() -> Client:
@@ -23,6 +23,8 @@ def _client() -> Client:
 
 
 def _exit_for(error: ApiError) -> int:
+    if isinstance(error, JobFailed):
+        return 1
     if error.status == 0:
         return 3
     return 2 if 400 <= error.status < 500 else 1
