@@ -90,8 +90,10 @@ def create_app() -> FastAPI:
         return JSONResponse(error_body("INTERNAL_ERROR", f"{type(exc).__name__}: {exc}"), status_code=500)
 
     from .routes import public, router
+    from .routes_scheduler import router as scheduler_router
 
     app.include_router(public)
-    app.include_router(router, prefix="/v1")
-    app.include_router(router, prefix="/zstack/v1", include_in_schema=False)
+    for routes in (router, scheduler_router):
+        app.include_router(routes, prefix="/v1")
+        app.include_router(routes, prefix="/zstack/v1", include_in_schema=False)
     return app

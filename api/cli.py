@@ -56,6 +56,7 @@ class MainGroup(Group):
         "api": "api.processes:api_command",
         "worker": "api.processes:worker_command",
         "flower": "api.processes:flower_command",
+        "beat": "api.processes:beat_command",
         "up": "api.processes:up_command",
         "host": "api.resources_cli:host",
         "vm": "api.resources_cli:vm",

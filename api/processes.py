@@ -33,6 +33,15 @@ def worker_command(host_uuid: str | None, concurrency: int, loglevel: str) -> No
     run_worker(host_uuid, concurrency, loglevel)
 
 
+@click.command("beat")
+@click.option("--loglevel", default="INFO", show_default=True)
+def beat_command(loglevel: str) -> None:
+    """Run the scheduler: fires job groups' triggers from the catalog (safe to run two)."""
+    from beat.scheduler import run_beat
+
+    run_beat(loglevel)
+
+
 @click.command("flower")
 @click.option("--port", default=5555, show_default=True, type=click.IntRange(1, 65535))
 @click.option("--address", default="127.0.0.1", show_default=True)
@@ -46,11 +55,12 @@ def flower_command(port: int, address: str) -> None:
 @click.command("up")
 @click.option("--port", default=8080, show_default=True, type=click.IntRange(1, 65535))
 def up_command(port: int) -> None:
-    """api + one worker (+ beat when available) in one terminal: the embedded default."""
+    """api + one worker + beat in one terminal: the embedded default."""
     me = [sys.executable, "-m", "api.cli"]
     children = [
         subprocess.Popen([*me, "api", "--port", str(port)]),
         subprocess.Popen([*me, "worker", "--concurrency", "1"]),
+        subprocess.Popen([*me, "beat"]),
     ]
     stopping = False
 

@@ -22,6 +22,13 @@ from shared.celery_app import celery_app
 
 log = logging.getLogger(__name__)
 FINISHED = ("Succeeded", "Failed")
+_end_hooks: dict[str, Callable[[Session, ApiJob], None]] = {}
+
+
+def on_end(action: str, hook: Callable[[Session, ApiJob], None]) -> None:
+    """Call ``hook(session, job)`` in the same transaction whenever a job of ``action`` ends
+    (succeeds, fails, or is failed by the reaper): e.g. the scheduler's history rows."""
+    _end_hooks[action] = hook
 
 
 def enqueue(
@@ -35,11 +42,13 @@ def enqueue(
     resource_type: str | None = None,
     host_uuid: str | None = None,
     account_uuid: str | None = None,
+    job_uuid: str | None = None,
 ) -> ApiJob:
     """Record an API job and send its task (ids only in the message). The row is committed
-    before the message is sent, so a worker always finds it."""
+    before the message is sent, so a worker always finds it; a ``job_uuid`` that exists
+    already raises IntegrityError (the caller's savepoint absorbs it)."""
     job = ApiJob(
-        uuid=new_uuid(),
+        uuid=job_uuid or new_uuid(),
         action=action,
         params={**params, "_task": task, "_queue": queue},
         resourceUuid=resource_uuid,
@@ -48,6 +57,7 @@ def enqueue(
         accountUuid=account_uuid,
     )
     session.add(job)
+    session.flush()
     session.commit()
     celery_app().send_task(task, args=[job.uuid], task_id=job.uuid, queue=queue)
     log.info("job.enqueued uuid=%s action=%s queue=%s", job.uuid, action, queue)
@@ -91,7 +101,14 @@ def finish_job(session: Session, job: ApiJob, result: dict[str, Any]) -> None:
     job.state = "Succeeded"
     job.progress = 100
     job.result = result
+    _ended(session, job)
     session.commit()
+
+
+def _ended(session: Session, job: ApiJob) -> None:
+    hook = _end_hooks.get(job.action)
+    if hook is not None:
+        hook(session, job)
 
 
 def fail_job(session: Session, job: ApiJob, *, code: str, description: str, details: str = "") -> None:
@@ -112,6 +129,7 @@ def fail_job(session: Session, job: ApiJob, *, code: str, description: str, deta
             for ref in row.backupStorageRefs:
                 if ref.status == "Creating":
                     ref.status = "Failed"
+    _ended(session, job)
     log.warning("job.failed uuid=%s action=%s code=%s %s", job.uuid, job.action, code, description)
 
 

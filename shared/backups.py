@@ -92,7 +92,7 @@ def _vm_metadata(session: Session, volume: Volume) -> dict[str, Any]:
     return data
 
 
-def _new_backup(
+def new_backup_row(
     session: Session, volume: Volume, storage: BackupStorage, name: str, group: str | None, description: str | None
 ) -> VolumeBackup:
     backup = VolumeBackup(
@@ -124,7 +124,7 @@ def request_volume_backup(session: Session, volume_uuid: str, params: dict[str, 
     storage = _storage(session, params.get("backupStorageUuid"))
     _check_vm_stopped(session, volume, "a backup without a QEMU monitor", bool(params.get("force")))
     _connected_host(session, volume.hostUuid)
-    backup = _new_backup(session, volume, storage, str(name), None, params.get("description"))
+    backup = new_backup_row(session, volume, storage, str(name), None, params.get("description"))
     session.flush()
     return enqueue(
         session,
@@ -158,7 +158,7 @@ def request_vm_backup(session: Session, root_volume_uuid: str, params: dict[str,
     _connected_host(session, root.hostUuid)
     group = new_uuid()
     name = str(params.get("name") or f"backup-{vm.name or vm.uuid[:8]}")
-    backups = [_new_backup(session, v, storage, name, group, params.get("description")) for v in volumes]
+    backups = [new_backup_row(session, v, storage, name, group, params.get("description")) for v in volumes]
     session.flush()
     return enqueue(
         session,
@@ -194,22 +194,33 @@ def run_volume_backups(session: Session, job: ApiJob) -> dict[str, Any]:
     """The worker side of createVolumeBackup / createVmBackup."""
     params = job.params or {}
     storage: BackupStorage = get(session, BackupStorage, params["backupStorageUuid"], "backup storage")
+    rows = [get(session, VolumeBackup, uuid, "volume backup") for uuid in params["backupUuids"]]
+    done = take_backups(session, rows, storage, full=params.get("mode") == "full", job_uuid=job.uuid)
+    return (
+        done[0] if job.action == "createVolumeBackup" else {"groupUuid": params.get("groupUuid"), "volumeBackups": done}
+    )
+
+
+def take_backups(
+    session: Session, rows: list[VolumeBackup], storage: BackupStorage, *, full: bool, job_uuid: str
+) -> list[dict[str, Any]]:
+    """Back up the volume of each ``Creating`` row into ``storage``; each row is Ready (and
+    committed) as soon as its manifest is. Returns the inventories with the engine's stats."""
     repo = open_repository(storage)
-    report = progress_reporter(job.uuid)
+    report = progress_reporter(job_uuid)
     done = []
-    backups = [get(session, VolumeBackup, uuid, "volume backup") for uuid in params["backupUuids"]]
-    for index, backup in enumerate(backups):
+    for index, backup in enumerate(rows):
         volume: Volume = get(session, Volume, backup.volumeUuid, "volume")
         metadata = _vm_metadata(session, volume)
         metadata["backup"] = {"uuid": backup.uuid, "name": backup.name, "groupUuid": backup.groupUuid}
 
         def scaled(d: int, t: int, i: int = index) -> None:
-            report(i * 1000 + (d * 1000 // t if t else 0), len(backups) * 1000)
+            report(i * 1000 + (d * 1000 // t if t else 0), len(rows) * 1000)
 
         result = backup_volume(
             repo,
             volume.installPath,
-            full=params.get("mode") == "full",
+            full=full,
             bitmap=BITMAP if volume.format == "qcow2" else None,
             name=backup.name,
             metadata=metadata,
@@ -228,9 +239,7 @@ def run_volume_backups(session: Session, job: ApiJob) -> dict[str, Any]:
         session.commit()
         done.append({**inventory(session, backup), "stats": result.to_json()})
     refresh_capacity(storage)
-    return (
-        done[0] if job.action == "createVolumeBackup" else {"groupUuid": params.get("groupUuid"), "volumeBackups": done}
-    )
+    return done
 
 
 # -- actions on existing backups ------------------------------------------------------------------
@@ -494,11 +503,13 @@ def request_vm_delete(
 def run_delete(session: Session, job: ApiJob) -> dict[str, Any]:
     params = job.params or {}
     uuids = params.get("backupUuids") or [params["backupUuid"]]
-    results = [_delete_one(session, uuid, params.get("backupStorageUuids")) for uuid in uuids]
+    results = [delete_backup_copies(session, uuid, params.get("backupStorageUuids")) for uuid in uuids]
     return results[0] if "backupUuid" in params else {"volumeBackups": results}
 
 
-def _delete_one(session: Session, uuid: str, storage_uuids: list[str] | None) -> dict[str, Any]:
+def delete_backup_copies(session: Session, uuid: str, storage_uuids: list[str] | None) -> dict[str, Any]:
+    """Remove a backup's copies from ``storage_uuids`` (all when None), gc there when idle,
+    and the row when no copy is left."""
     backup = session.get(VolumeBackup, uuid)
     if backup is None:
         return {"uuid": uuid, "deleted": True}

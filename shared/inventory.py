@@ -10,7 +10,7 @@ from typing import Any
 from sqlalchemy import inspect, select
 from sqlalchemy.orm import Session
 
-from shared.catalog.models import Base, Tag
+from shared.catalog.models import Base, SchedulerJob, SchedulerJobGroup, SchedulerJobGroupTriggerRef, Tag
 
 
 def iso(value: datetime | None) -> str | None:
@@ -38,16 +38,33 @@ def _tags(session: Session, uuids: Sequence[str]) -> dict[str, dict[str, list[st
     return found
 
 
+def _group_links(session: Session, uuids: Sequence[str]) -> dict[str, dict[str, list[str]]]:
+    """triggersUuid and jobsUuid of job groups (two queries for all of them)."""
+    links: dict[str, dict[str, list[str]]] = defaultdict(lambda: {"triggersUuid": [], "jobsUuid": []})
+    if uuids:
+        refs = select(SchedulerJobGroupTriggerRef).where(SchedulerJobGroupTriggerRef.schedulerJobGroupUuid.in_(uuids))
+        for ref in session.scalars(refs.order_by(SchedulerJobGroupTriggerRef.id)):
+            links[ref.schedulerJobGroupUuid]["triggersUuid"].append(ref.schedulerTriggerUuid)
+        jobs = select(SchedulerJob).where(SchedulerJob.schedulerJobGroupUuid.in_(uuids))
+        for job in session.scalars(jobs.order_by(SchedulerJob.createDate)):
+            links[str(job.schedulerJobGroupUuid)]["jobsUuid"].append(job.uuid)
+    return links
+
+
 def inventories(session: Session, rows: Sequence[Base]) -> list[dict[str, Any]]:
-    """Each row's inventory, with its tags (one query for all of them) and its refs."""
+    """Each row's inventory, with its tags (one query for all of them), its refs and, for job
+    groups, the triggers and jobs attached."""
     uuids = [row.uuid for row in rows if hasattr(row, "uuid")]
     tags = _tags(session, uuids)
+    links = _group_links(session, [r.uuid for r in rows if isinstance(r, SchedulerJobGroup)])
     out = []
     for row in rows:
         data = _plain(row)
         refs = getattr(row, "backupStorageRefs", None)
         if refs is not None:
             data["backupStorageRefs"] = [_plain(ref) for ref in refs]
+        if isinstance(row, SchedulerJobGroup):
+            data.update(links[row.uuid])
         if "uuid" in data and not isinstance(row, Tag):
             data["userTags"] = tags[data["uuid"]]["user"]
             data["systemTags"] = tags[data["uuid"]]["system"]

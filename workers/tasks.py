@@ -15,7 +15,7 @@ from celery import Task
 from celery.signals import worker_process_init
 from sqlalchemy.orm import Session
 
-from shared import backups
+from shared import backups, jobgroups
 from shared.apijobs import fail_job, finish_job, start_job
 from shared.catalog import db
 from shared.catalog.models import ApiJob
@@ -87,3 +87,4 @@ volume_revert = job_task("blockvault.volume.revert")(backups.run_revert)
 volume_create_from_backup = job_task("blockvault.volume.create_from_backup")(backups.run_create_volume)
 storage_verify = job_task("blockvault.storage.verify")(backups.run_verify)
 storage_delete = job_task("blockvault.storage.delete")(backups.run_delete)
+scheduler_run = job_task("blockvault.scheduler.run")(jobgroups.run_scheduled)

@@ -104,6 +104,7 @@ class VolumeBackup(Resource, Base):
     size: Mapped[int] = mapped_column(BigInteger, default=0)
     state: Mapped[str] = mapped_column(String(32), default="Enabled")
     status: Mapped[str] = mapped_column(String(32), default="Creating")
+    schedulerJobUuid: Mapped[str | None] = mapped_column(String(32), index=True, default=None)
     backupStorageRefs: Mapped[list[VolumeBackupStorageRef]] = relationship(
         back_populates="backup", cascade="all, delete-orphan", lazy="selectin", order_by="VolumeBackupStorageRef.id"
     )
@@ -183,6 +184,20 @@ class SchedulerJobGroupTriggerRef(Stamped, Base):
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
     schedulerJobGroupUuid: Mapped[str] = mapped_column(ForeignKey("scheduler_job_group.uuid", ondelete="CASCADE"))
     schedulerTriggerUuid: Mapped[str] = mapped_column(ForeignKey("scheduler_trigger.uuid", ondelete="CASCADE"))
+
+
+class SchedulerFire(Stamped, Base):
+    """One fire of a trigger for one job group: written by the beat that fires it (the unique
+    key makes a second beat skip it), ``done`` once every target's job is enqueued."""
+
+    __tablename__ = "scheduler_fire"
+    __table_args__ = (UniqueConstraint("schedulerTriggerUuid", "schedulerJobGroupUuid", "fireTime"),)
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    schedulerTriggerUuid: Mapped[str] = mapped_column(String(32), index=True)
+    schedulerJobGroupUuid: Mapped[str] = mapped_column(String(32))
+    fireTime: Mapped[datetime] = mapped_column()
+    manual: Mapped[bool] = mapped_column(Boolean, default=False)
+    done: Mapped[bool] = mapped_column(Boolean, default=False)
 
 
 class SchedulerJobHistory(Stamped, Base):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 
@@ -116,24 +116,25 @@ def _buckets(created: datetime) -> dict[str, str]:
     }
 
 
-def select_keep(entries: list[BackupEntry], policy: Policy) -> set[str]:
-    """Which backups of one volume ``policy`` keeps (restic's forget rules): the newest
-    ``keep_last``, and the newest of each of the last N days, ISO weeks and months."""
-    newest_first = sorted(entries, key=lambda e: e.manifest.created, reverse=True)
-    keep = {entry.id for entry in newest_first[: policy.keep_last]}
+def select_keep(entries: Sequence[tuple[str, datetime]], policy: Policy) -> set[str]:
+    """Which of ``(id, created)`` (the backups of one volume) ``policy`` keeps (restic's
+    forget rules): the newest ``keep_last``, and the newest of each of the last N days, ISO
+    weeks and months. The service's retention uses the same rules."""
+    newest_first = sorted(entries, key=lambda e: (e[1], e[0]), reverse=True)
+    keep = {entry_id for entry_id, _created in newest_first[: policy.keep_last]}
     for period, limit in (
         ("daily", policy.keep_daily),
         ("weekly", policy.keep_weekly),
         ("monthly", policy.keep_monthly),
     ):
         seen: set[str] = set()
-        for entry in newest_first:
+        for entry_id, created in newest_first:
             if len(seen) >= limit:
                 break
-            bucket = _buckets(entry.manifest.created_at)[period]
+            bucket = _buckets(created)[period]
             if bucket not in seen:
                 seen.add(bucket)
-                keep.add(entry.id)
+                keep.add(entry_id)
     return keep
 
 
@@ -152,7 +153,7 @@ def prune(repo: Repository, policy: Policy, *, dry_run: bool = False) -> PruneRe
         for entry in repo.backups():
             groups[entry.manifest.volume].append(entry)
         for entries in groups.values():
-            keep = select_keep(entries, policy)
+            keep = select_keep([(e.id, e.manifest.created_at) for e in entries], policy)
             for entry in entries:
                 if entry.id in keep:
                     report.kept.append(entry.id)

@@ -29,13 +29,14 @@ def entry(i: int, when: datetime) -> BackupEntry:
 def test_retention_policy_selection() -> None:
     start = datetime(2026, 1, 1, 12, tzinfo=UTC)
     # two backups a day for 90 days
-    entries = [entry(i, start + timedelta(hours=12 * i)) for i in range(180)]
-    newest = entries[-1].id
+    backups = [entry(i, start + timedelta(hours=12 * i)) for i in range(180)]
+    entries = [(e.id, e.manifest.created_at) for e in backups]
+    newest = backups[-1].id
     assert select_keep(entries, Policy(keep_last=1)) == {newest}
     keep = select_keep(entries, Policy(keep_last=2, keep_daily=7))
     assert len(keep) == 7  # the 2 newest fall on the 2 newest of the 7 days
     keep = select_keep(entries, Policy(keep_last=1, keep_weekly=4, keep_monthly=3))
-    months = {e.manifest.created_at.astimezone().strftime("%Y-%m") for e in entries if e.id in keep}
+    months = {e.manifest.created_at.astimezone().strftime("%Y-%m") for e in backups if e.id in keep}
     assert len(months) == 3 and newest in keep
     assert len(keep) <= 1 + 4 + 3
 

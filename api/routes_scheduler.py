@@ -1,0 +1,148 @@
+"""Scheduling routes (API.md "Scheduling"): job groups, their targets, triggers, attachments."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter, Depends
+from fastapi.responses import JSONResponse
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from shared import jobgroups
+from shared.catalog.models import SchedulerJob, SchedulerJobGroup, SchedulerTrigger
+from shared.errors import InvalidArgument, NotFound
+from shared.inventory import inventory
+
+from .app import get_caller, get_session
+from .routes import Envelope, _action, check_uuid
+
+router = APIRouter(dependencies=[Depends(get_caller)])
+
+
+def _group(session: Session, uuid: str) -> SchedulerJobGroup:
+    group = session.get(SchedulerJobGroup, check_uuid(uuid, "uuid"))
+    if group is None:
+        raise NotFound(resource="job group", uuid=uuid)
+    return group
+
+
+def _trigger(session: Session, uuid: str) -> SchedulerTrigger:
+    trigger = session.get(SchedulerTrigger, check_uuid(uuid, "uuid"))
+    if trigger is None:
+        raise NotFound(resource="trigger", uuid=uuid)
+    return trigger
+
+
+def group_inventory(session: Session, group: SchedulerJobGroup) -> dict[str, Any]:
+    session.flush()
+    return inventory(session, group)
+
+
+def _ok(data: dict[str, Any]) -> JSONResponse:
+    return JSONResponse({"inventory": data, "success": True})
+
+
+@router.post("/scheduler/jobgroups")
+def create_group(body: Envelope, session: Session = Depends(get_session)) -> JSONResponse:
+    return _ok(group_inventory(session, jobgroups.create_group(session, body.params)))
+
+
+@router.put("/scheduler/jobgroups/{uuid}/actions")
+def group_action(uuid: str, body: dict[str, Any], session: Session = Depends(get_session)) -> JSONResponse:
+    name, params = _action(body, ("updateSchedulerJobGroup", "runSchedulerJobGroup", "changeSchedulerJobGroupState"))
+    group = _group(session, uuid)
+    if name == "runSchedulerJobGroup":
+        created = jobgroups.run_now(session, group)
+        return JSONResponse({"inventory": {**group_inventory(session, group), "jobsStarted": created}, "success": True})
+    if name == "changeSchedulerJobGroupState":
+        params = {"state": params.get("stateEvent")}
+    jobgroups.update_group(session, group, params)
+    session.flush()
+    return _ok(group_inventory(session, group))
+
+
+@router.delete("/scheduler/jobgroups/{uuid}")
+def delete_group(uuid: str, session: Session = Depends(get_session)) -> JSONResponse:
+    group = _group(session, uuid)
+    for job in session.scalars(select(SchedulerJob).where(SchedulerJob.schedulerJobGroupUuid == group.uuid)):
+        session.delete(job)
+    session.delete(group)
+    return JSONResponse({"success": True})
+
+
+@router.post("/scheduler/jobgroups/{uuid}/jobs")
+def add_jobs(uuid: str, body: Envelope, session: Session = Depends(get_session)) -> JSONResponse:
+    group = _group(session, uuid)
+    targets = body.params.get("targetResourceUuids")
+    if isinstance(targets, list):
+        for target in targets:
+            check_uuid(str(target), "targetResourceUuid")
+    jobgroups.add_targets(session, group, targets)  # type: ignore[arg-type]
+    return _ok(group_inventory(session, group))
+
+
+@router.delete("/scheduler/jobgroups/{uuid}/jobs")
+def remove_jobs(uuid: str, targetResourceUuids: str = "", session: Session = Depends(get_session)) -> JSONResponse:
+    group = _group(session, uuid)
+    targets = [check_uuid(t, "targetResourceUuid") for t in targetResourceUuids.split(",") if t]
+    if not targets:
+        raise InvalidArgument(detail="targetResourceUuids is required")
+    jobgroups.remove_targets(session, group, targets)
+    session.flush()
+    return _ok(group_inventory(session, group))
+
+
+@router.post("/scheduler/triggers")
+def create_trigger(body: Envelope, session: Session = Depends(get_session)) -> JSONResponse:
+    return _ok(inventory(session, jobgroups.create_trigger(session, body.params)))
+
+
+@router.put("/scheduler/triggers/{uuid}/actions")
+def trigger_action(uuid: str, body: dict[str, Any], session: Session = Depends(get_session)) -> JSONResponse:
+    name, params = _action(body, ("updateSchedulerTrigger", "runSchedulerTrigger"))
+    trigger = _trigger(session, uuid)
+    if name == "updateSchedulerTrigger":
+        jobgroups.update_trigger(session, trigger, params)
+        session.flush()
+        return _ok(inventory(session, trigger))
+    job_uuids = params.get("jobUuids")
+    if job_uuids is not None and (not isinstance(job_uuids, list) or not all(isinstance(j, str) for j in job_uuids)):
+        raise InvalidArgument(detail="jobUuids must be a list of scheduler job uuids")
+    started = 0
+    for group_uuid in _attached(session, trigger):
+        group = session.get(SchedulerJobGroup, group_uuid)
+        if group is not None:
+            started += jobgroups.run_now(session, group, trigger.uuid, job_uuids)
+    return JSONResponse({"inventory": {**inventory(session, trigger), "jobsStarted": started}, "success": True})
+
+
+def _attached(session: Session, trigger: SchedulerTrigger) -> list[str]:
+    from shared.catalog.models import SchedulerJobGroupTriggerRef as Ref
+
+    return list(session.scalars(select(Ref.schedulerJobGroupUuid).where(Ref.schedulerTriggerUuid == trigger.uuid)))
+
+
+@router.delete("/scheduler/triggers/{uuid}")
+def delete_trigger(uuid: str, session: Session = Depends(get_session)) -> JSONResponse:
+    session.delete(_trigger(session, uuid))
+    return JSONResponse({"success": True})
+
+
+@router.post("/scheduler/triggers/{trigger_uuid}/jobgroups/{group_uuid}")
+def attach(
+    trigger_uuid: str, group_uuid: str, body: Envelope | None = None, session: Session = Depends(get_session)
+) -> JSONResponse:
+    trigger, group = _trigger(session, trigger_uuid), _group(session, group_uuid)
+    jobgroups.attach(session, trigger, group)
+    started = 0
+    if body is not None and body.params.get("triggerNow"):
+        session.commit()
+        started = jobgroups.run_now(session, group, trigger.uuid)
+    return JSONResponse({"inventory": {**group_inventory(session, group), "jobsStarted": started}, "success": True})
+
+
+@router.delete("/scheduler/triggers/{trigger_uuid}/jobgroups/{group_uuid}")
+def detach(trigger_uuid: str, group_uuid: str, session: Session = Depends(get_session)) -> JSONResponse:
+    jobgroups.detach(session, _trigger(session, trigger_uuid), _group(session, group_uuid))
+    return JSONResponse({"success": True})

@@ -1,0 +1,46 @@
+"""``blockvault beat``: a Celery beat scheduler whose schedule is the catalog.
+
+There is no static beat schedule: every tick reads the enabled triggers and the job groups
+attached to them (so changes apply without a restart), fires what is due and sleeps until the
+next fire time (at most ``MAX_SLEEP`` seconds). Two beats may run at once: a fire is recorded
+once and each target's job id is derived from the fire, so nothing runs twice.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from celery.beat import Scheduler
+
+from shared import jobgroups
+from shared.catalog import db
+
+log = logging.getLogger(__name__)
+MAX_SLEEP = 2.0
+
+
+class CatalogScheduler(Scheduler):  # type: ignore[misc]
+    """Celery's beat Scheduler with ``tick`` delegated to :func:`shared.jobgroups.tick`."""
+
+    def setup_schedule(self) -> None:
+        db.migrate()
+
+    def tick(self, *args: Any, **kwargs: Any) -> float:
+        try:
+            with db.session() as session:
+                return min(MAX_SLEEP, jobgroups.tick(session))
+        except Exception:  # noqa: BLE001 - the catalog or broker may be down: try again soon
+            log.warning("beat.tick_failed", exc_info=True)
+            return MAX_SLEEP
+
+    @property
+    def info(self) -> str:
+        return "catalog (job groups and triggers)"
+
+
+def run_beat(loglevel: str = "INFO") -> None:
+    from shared.celery_app import celery_app
+
+    app = celery_app()
+    app.Beat(scheduler=CatalogScheduler, max_interval=MAX_SLEEP, loglevel=loglevel).run()

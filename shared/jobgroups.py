@@ -1,0 +1,594 @@
+"""Scheduled backups: job groups, their targets (SchedulerJob), triggers, fires and history.
+
+A *fire* is one trigger firing one group at one time. Whoever fires (a beat, or
+``runSchedulerJobGroup``) records a SchedulerFire row (unique per trigger, group and time, so a
+second beat skips it) and then one API job per target whose uuid is derived from (group,
+trigger, fire time, target): a target can never run twice for one fire, whichever beats race
+or restart. A fire left unfinished by a killed beat is completed by the next tick. Every run
+ends as one SchedulerJobHistory row, written when its API job finishes or fails.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import uuid as uuidlib
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlalchemy import func, select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from shared import apijobs, backups, hosts
+from shared.catalog.models import (
+    ApiJob,
+    BackupStorage,
+    Host,
+    SchedulerFire,
+    SchedulerJob,
+    SchedulerJobGroup,
+    SchedulerJobGroupTriggerRef,
+    SchedulerJobHistory,
+    SchedulerTrigger,
+    VmInstance,
+    Volume,
+    VolumeBackup,
+    VolumeBackupStorageRef,
+    now,
+)
+from shared.celery_app import STORAGE_QUEUE, host_queue
+from shared.errors import BlockvaultError, Conflict, InvalidArgument, NotFound
+from shared.repository.maintenance import Policy, select_keep
+from shared.repository.sync import sync
+from shared.schedule import TriggerSpec, due_fire, fire_times_after, validate
+from shared.storage import open_repository
+
+log = logging.getLogger(__name__)
+JOB_TYPES = ("volumeBackup", "vmBackup", "databaseBackup")
+JOB_DATA_KEYS = {"backupStorageUuids", "fullBackupInterval", "retention", "bandwidthLimit"}
+RETENTION_KEYS = {"keepLast", "keepDaily", "keepWeekly", "keepMonthly"}
+ID_NAMESPACE = uuidlib.UUID("6b1f0f7e-8d5c-4c43-9a57-0c0de5b10c4b")
+MANUAL = "manual"
+ACTION = "schedulerJob"
+TASK = "blockvault.scheduler.run"
+RESUME_AFTER = timedelta(seconds=15)
+
+
+# -- validation ----------------------------------------------------------------------------------
+def _nonneg_int(value: Any, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise InvalidArgument(detail=f"{name} must be a non-negative integer")
+    return value
+
+
+def check_job_data(session: Session, data: Any) -> dict[str, Any]:
+    """jobData as stored: validated, every storage known."""
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise InvalidArgument(detail="parameters (jobData) must be an object")
+    unknown = set(data) - JOB_DATA_KEYS
+    if unknown:
+        raise InvalidArgument(detail=f"unknown jobData keys: {', '.join(sorted(unknown))}")
+    out: dict[str, Any] = {}
+    storages = data.get("backupStorageUuids")
+    if storages is not None:
+        if not isinstance(storages, list) or not all(isinstance(s, str) for s in storages) or not storages:
+            raise InvalidArgument(detail="backupStorageUuids must be a non-empty list of uuids")
+        if len(set(storages)) != len(storages):
+            raise InvalidArgument(detail="backupStorageUuids lists a storage twice")
+        for uuid in storages:
+            if session.get(BackupStorage, uuid) is None:
+                raise NotFound(resource="backup storage", uuid=uuid)
+        out["backupStorageUuids"] = storages
+    if "fullBackupInterval" in data:
+        out["fullBackupInterval"] = _nonneg_int(data["fullBackupInterval"], "fullBackupInterval")
+    if "bandwidthLimit" in data and data["bandwidthLimit"] is not None:
+        limit = _nonneg_int(data["bandwidthLimit"], "bandwidthLimit")
+        if limit == 0:
+            raise InvalidArgument(detail="bandwidthLimit must be at least 1 byte/s")
+        out["bandwidthLimit"] = limit
+    retention = data.get("retention")
+    if retention is not None:
+        if not isinstance(retention, dict) or set(retention) - RETENTION_KEYS:
+            raise InvalidArgument(detail=f"retention takes {', '.join(sorted(RETENTION_KEYS))}")
+        out["retention"] = {k: _nonneg_int(v, f"retention.{k}") for k, v in retention.items()}
+    return out
+
+
+def get(session: Session, model: type[Any], uuid: str, what: str) -> Any:
+    row = session.get(model, uuid)
+    if row is None:
+        raise NotFound(resource=what, uuid=uuid)
+    return row
+
+
+# -- groups, targets, triggers ------------------------------------------------------------------
+def create_group(session: Session, params: dict[str, Any]) -> SchedulerJobGroup:
+    name, kind = params.get("name"), params.get("type") or params.get("jobType")
+    if not isinstance(name, str) or not name:
+        raise InvalidArgument(detail="name is required")
+    if kind not in JOB_TYPES:
+        raise InvalidArgument(detail=f"type must be one of {', '.join(JOB_TYPES)}")
+    group = SchedulerJobGroup(
+        name=name,
+        description=params.get("description"),
+        jobType=kind,
+        jobData=check_job_data(session, params.get("parameters", params.get("jobData"))),
+    )
+    session.add(group)
+    session.flush()
+    return group
+
+
+def update_group(session: Session, group: SchedulerJobGroup, params: dict[str, Any]) -> None:
+    for key in ("name", "description"):
+        if key in params:
+            setattr(group, key, params[key])
+    if "state" in params:
+        if params["state"] not in ("Enabled", "Disabled", "enable", "disable"):
+            raise InvalidArgument(detail="state must be Enabled or Disabled")
+        group.state = "Enabled" if params["state"] in ("Enabled", "enable") else "Disabled"
+    if "parameters" in params:
+        group.jobData = check_job_data(session, params["parameters"])
+
+
+def _check_target(session: Session, group: SchedulerJobGroup, uuid: str) -> str:
+    if group.jobType == "volumeBackup":
+        volume: Volume = get(session, Volume, uuid, "volume")
+        return volume.name
+    if group.jobType == "vmBackup":
+        vm: VmInstance = get(session, VmInstance, uuid, "VM instance")
+        return vm.name
+    raise InvalidArgument(detail="databaseBackup groups back up the catalog: they take no targets")
+
+
+def add_targets(session: Session, group: SchedulerJobGroup, uuids: list[str]) -> list[SchedulerJob]:
+    if not isinstance(uuids, list) or not uuids or not all(isinstance(u, str) for u in uuids):
+        raise InvalidArgument(detail="targetResourceUuids must be a non-empty list of uuids")
+    present = set(
+        session.scalars(select(SchedulerJob.targetResourceUuid).where(SchedulerJob.schedulerJobGroupUuid == group.uuid))
+    )
+    jobs = []
+    for uuid in dict.fromkeys(uuids):
+        name = _check_target(session, group, uuid)
+        if uuid in present:
+            continue
+        job = SchedulerJob(
+            name=f"{group.name}/{name}",
+            schedulerJobGroupUuid=group.uuid,
+            targetResourceUuid=uuid,
+            jobType=group.jobType,
+        )
+        session.add(job)
+        jobs.append(job)
+    session.flush()
+    return jobs
+
+
+def remove_targets(session: Session, group: SchedulerJobGroup, uuids: list[str]) -> int:
+    jobs = list(
+        session.scalars(
+            select(SchedulerJob).where(
+                SchedulerJob.schedulerJobGroupUuid == group.uuid, SchedulerJob.targetResourceUuid.in_(uuids)
+            )
+        )
+    )
+    for job in jobs:
+        session.delete(job)
+    return len(jobs)
+
+
+def _spec(trigger: SchedulerTrigger) -> TriggerSpec:
+    return TriggerSpec(
+        schedulerType=trigger.schedulerType,
+        schedulerInterval=trigger.schedulerInterval,
+        repeatCount=trigger.repeatCount,
+        startTime=trigger.startTime,
+        stopTime=trigger.stopTime,
+        cron=trigger.cron,
+        timeZone=trigger.timeZone,
+    )
+
+
+TRIGGER_FIELDS = ("schedulerType", "schedulerInterval", "repeatCount", "startTime", "stopTime", "cron", "timeZone")
+
+
+def create_trigger(session: Session, params: dict[str, Any]) -> SchedulerTrigger:
+    if not isinstance(params.get("name"), str) or not params["name"]:
+        raise InvalidArgument(detail="name is required")
+    values: dict[str, Any] = {k: params.get(k) for k in TRIGGER_FIELDS}
+    values["schedulerType"] = values["schedulerType"] or "simple"
+    validate(TriggerSpec(**values))
+    trigger = SchedulerTrigger(name=params["name"], description=params.get("description"), **values)
+    session.add(trigger)
+    session.flush()
+    return trigger
+
+
+def update_trigger(session: Session, trigger: SchedulerTrigger, params: dict[str, Any]) -> None:
+    values: dict[str, Any] = {k: params.get(k, getattr(trigger, k)) for k in TRIGGER_FIELDS}
+    validate(TriggerSpec(**values))
+    for key, value in values.items():
+        setattr(trigger, key, value)
+    for key in ("name", "description"):
+        if key in params:
+            setattr(trigger, key, params[key])
+    if "state" in params:
+        trigger.state = "Enabled" if params["state"] in ("Enabled", "enable") else "Disabled"
+
+
+def attach(session: Session, trigger: SchedulerTrigger, group: SchedulerJobGroup) -> None:
+    exists = session.scalars(
+        select(SchedulerJobGroupTriggerRef).where(
+            SchedulerJobGroupTriggerRef.schedulerTriggerUuid == trigger.uuid,
+            SchedulerJobGroupTriggerRef.schedulerJobGroupUuid == group.uuid,
+        )
+    ).first()
+    if exists is not None:
+        raise Conflict(detail=f"trigger {trigger.uuid} is attached to job group {group.uuid} already")
+    session.add(SchedulerJobGroupTriggerRef(schedulerTriggerUuid=trigger.uuid, schedulerJobGroupUuid=group.uuid))
+    session.flush()
+
+
+def detach(session: Session, trigger: SchedulerTrigger, group: SchedulerJobGroup) -> None:
+    ref = session.scalars(
+        select(SchedulerJobGroupTriggerRef).where(
+            SchedulerJobGroupTriggerRef.schedulerTriggerUuid == trigger.uuid,
+            SchedulerJobGroupTriggerRef.schedulerJobGroupUuid == group.uuid,
+        )
+    ).first()
+    if ref is None:
+        raise NotFound(resource="trigger attachment", uuid=f"{trigger.uuid}/{group.uuid}")
+    session.delete(ref)
+
+
+# -- firing --------------------------------------------------------------------------------------
+def run_id(group_uuid: str, trigger_uuid: str, fire_time: datetime, target: str) -> str:
+    """The API job uuid (= Celery task id) of one target's run in one fire: the same for
+    every beat that computes it."""
+    return uuidlib.uuid5(ID_NAMESPACE, f"{group_uuid}/{trigger_uuid}/{fire_time.isoformat()}/{target}").hex
+
+
+def _route(session: Session, group: SchedulerJobGroup, target: str) -> tuple[str, str | None]:
+    """(queue, host) for one target; raises with the reason it cannot run now."""
+    if group.jobType == "databaseBackup":
+        return STORAGE_QUEUE, None
+    if group.jobType == "volumeBackup":
+        volume = session.get(Volume, target)
+        if volume is None:
+            raise NotFound(resource="volume", uuid=target)
+        host = volume.hostUuid
+    else:
+        vm = session.get(VmInstance, target)
+        if vm is None:
+            raise NotFound(resource="VM instance", uuid=target)
+        root = session.scalars(select(Volume).where(Volume.vmInstanceUuid == target, Volume.type == "Root")).first()
+        if root is None:
+            raise Conflict(detail=f"VM {target} has no root volume")
+        host = root.hostUuid
+    row = session.get(Host, host)
+    if row is None or row.status != "Connected":
+        raise Conflict(detail=f"host {host} is {row.status if row else 'unknown'}: no worker is running for it")
+    return host_queue(host), host
+
+
+def fire(
+    session: Session,
+    group: SchedulerJobGroup,
+    trigger_uuid: str,
+    fire_time: datetime,
+    *,
+    manual: bool = False,
+    only_jobs: list[str] | None = None,
+) -> int:
+    """Fire ``group`` for ``trigger_uuid`` at ``fire_time``: one job per enabled target.
+    Returns how many jobs this call created (0 when another beat did it already)."""
+    record = session.scalars(
+        select(SchedulerFire).where(
+            SchedulerFire.schedulerTriggerUuid == trigger_uuid,
+            SchedulerFire.schedulerJobGroupUuid == group.uuid,
+            SchedulerFire.fireTime == fire_time,
+        )
+    ).first()
+    if record is None:
+        record = SchedulerFire(
+            schedulerTriggerUuid=trigger_uuid, schedulerJobGroupUuid=group.uuid, fireTime=fire_time, manual=manual
+        )
+        try:
+            with session.begin_nested():
+                session.add(record)
+        except IntegrityError:
+            return 0  # another beat has this fire
+        session.commit()
+    elif record.done:
+        return 0
+    hosts.reap(session)
+    session.commit()
+    jobs = session.scalars(
+        select(SchedulerJob).where(SchedulerJob.schedulerJobGroupUuid == group.uuid, SchedulerJob.state == "Enabled")
+    ).all()
+    targets: list[tuple[str | None, str]] = [
+        (j.uuid, j.targetResourceUuid) for j in jobs if only_jobs is None or j.uuid in only_jobs
+    ]
+    if group.jobType == "databaseBackup" and not targets and only_jobs is None:
+        targets = [(None, group.uuid)]
+    created = 0
+    for job_uuid, target in targets:
+        job_id = run_id(group.uuid, trigger_uuid, fire_time, target)
+        if session.get(ApiJob, job_id) is not None:
+            continue
+        params = {
+            "schedulerJobGroupUuid": group.uuid,
+            "schedulerJobUuid": job_uuid,
+            "triggerUuid": None if trigger_uuid == MANUAL else trigger_uuid,
+            "targetResourceUuid": target,
+            "jobType": group.jobType,
+            "jobData": group.jobData or {},
+            "fireTime": fire_time.isoformat(),
+        }
+        try:
+            queue, host = _route(session, group, target)
+        except BlockvaultError as exc:
+            _failed_at_fire(session, job_id, params, exc)
+            created += 1
+            continue
+        try:
+            with session.begin_nested():
+                apijobs.enqueue(
+                    session,
+                    ACTION,
+                    task=TASK,
+                    queue=queue,
+                    params=params,
+                    resource_uuid=target,
+                    resource_type=group.jobType,
+                    host_uuid=host,
+                    job_uuid=job_id,
+                )
+            created += 1
+        except IntegrityError:
+            continue  # another beat enqueued this target's run
+    record.done = True
+    session.commit()
+    log.info("scheduler.fired group=%s trigger=%s time=%s jobs=%d", group.uuid, trigger_uuid, fire_time, created)
+    return created
+
+
+def _failed_at_fire(session: Session, job_id: str, params: dict[str, Any], exc: BlockvaultError) -> None:
+    job = ApiJob(
+        uuid=job_id,
+        action=ACTION,
+        params=params,
+        resourceUuid=params["targetResourceUuid"],
+        resourceType=params["jobType"],
+        state="Pending",
+    )
+    try:
+        with session.begin_nested():
+            session.add(job)
+            session.flush()
+            apijobs.fail_job(session, job, code=exc.code, description=str(exc))
+    except IntegrityError:
+        return
+    session.commit()
+
+
+def tick(session: Session, moment: datetime | None = None) -> float:
+    """Fire everything due at ``moment`` (default now); finish fires a dead beat left
+    half-done. Returns how many seconds may pass before the next call."""
+    moment = moment or now()
+    wait = 5.0
+    pairs = session.execute(
+        select(SchedulerTrigger, SchedulerJobGroup)
+        .join(SchedulerJobGroupTriggerRef, SchedulerJobGroupTriggerRef.schedulerTriggerUuid == SchedulerTrigger.uuid)
+        .join(SchedulerJobGroup, SchedulerJobGroup.uuid == SchedulerJobGroupTriggerRef.schedulerJobGroupUuid)
+        .where(SchedulerTrigger.state == "Enabled", SchedulerJobGroup.state == "Enabled")
+    ).all()
+    for trigger, group in pairs:
+        spec = _spec(trigger)
+        created = _aware(trigger.createDate)
+        last = session.scalar(
+            select(func.max(SchedulerFire.fireTime)).where(
+                SchedulerFire.schedulerTriggerUuid == trigger.uuid,
+                SchedulerFire.schedulerJobGroupUuid == group.uuid,
+                SchedulerFire.manual.is_(False),
+            )
+        )
+        last = _aware(last) if last else None
+        due = due_fire(spec, created, last, moment)
+        if due is not None:
+            fire(session, group, trigger.uuid, due)
+            last = due
+        following = fire_times_after(spec, created, last)
+        if following is not None:
+            wait = min(wait, max(0.05, (following - moment).total_seconds()))
+    stale = session.scalars(
+        select(SchedulerFire).where(SchedulerFire.done.is_(False), SchedulerFire.createDate < moment - RESUME_AFTER)
+    ).all()
+    for record in stale:
+        group_row = session.get(SchedulerJobGroup, record.schedulerJobGroupUuid)
+        if group_row is None:
+            record.done = True
+            continue
+        log.warning("scheduler.resume_fire group=%s time=%s", group_row.uuid, record.fireTime)
+        fire(session, group_row, record.schedulerTriggerUuid, _aware(record.fireTime), manual=record.manual)
+    session.commit()
+    return wait
+
+
+def _aware(value: datetime) -> datetime:
+    from datetime import UTC
+
+    return value if value.tzinfo else value.replace(tzinfo=UTC)
+
+
+def run_now(
+    session: Session, group: SchedulerJobGroup, trigger_uuid: str = MANUAL, only_jobs: list[str] | None = None
+) -> int:
+    """runSchedulerJobGroup / runSchedulerTrigger: fire now, outside the schedule."""
+    return fire(session, group, trigger_uuid, now(), manual=True, only_jobs=only_jobs)
+
+
+# -- running one target (worker side) ------------------------------------------------------------
+def _storages(session: Session, data: dict[str, Any]) -> list[BackupStorage]:
+    uuids = data.get("backupStorageUuids")
+    if uuids:
+        return [get(session, BackupStorage, uuid, "backup storage") for uuid in uuids]
+    return [backups._storage(session, None)]
+
+
+def _run_index(session: Session, job_uuid: str | None, group_uuid: str) -> int:
+    """How many successful runs this target had in this group before."""
+    query = select(func.count()).select_from(SchedulerJobHistory).where(SchedulerJobHistory.success.is_(True))
+    if job_uuid:
+        query = query.where(SchedulerJobHistory.schedulerJobUuid == job_uuid)
+    else:
+        query = query.where(SchedulerJobHistory.schedulerJobGroupUuid == group_uuid)
+    return int(session.scalar(query) or 0)
+
+
+def run_scheduled(session: Session, job: ApiJob) -> dict[str, Any]:
+    """The worker side of one scheduled run: back up the target, copy to the other storages,
+    apply retention. The history row is written when the job ends (see record_history)."""
+    params = job.params or {}
+    group = session.get(SchedulerJobGroup, params["schedulerJobGroupUuid"])
+    if group is None:
+        raise NotFound(resource="job group", uuid=params["schedulerJobGroupUuid"])
+    kind, target, data = params["jobType"], params["targetResourceUuid"], params.get("jobData") or {}
+    if kind == "databaseBackup":
+        raise Conflict(detail="database backups are not available in this build yet")
+    storages = _storages(session, data)
+    first = storages[0]
+    interval = int(data.get("fullBackupInterval") or 0)
+    index = _run_index(session, params.get("schedulerJobUuid"), group.uuid)
+    full = interval > 0 and index % interval == 0
+    if kind == "volumeBackup":
+        volume = session.get(Volume, target)
+        if volume is None:
+            raise NotFound(resource="volume", uuid=target)
+        volumes, group_uuid = [volume], None
+    else:
+        if session.get(VmInstance, target) is None:
+            raise NotFound(resource="VM instance", uuid=target)
+        volumes = list(
+            session.scalars(
+                select(Volume).where(Volume.vmInstanceUuid == target).order_by(Volume.type.desc(), Volume.createDate)
+            )
+        )
+        group_uuid = uuidlib.uuid5(ID_NAMESPACE, job.uuid).hex
+    name = f"{group.name}-{params['fireTime'][:19]}"
+    rows = []
+    for volume in volumes:
+        row = backups.new_backup_row(session, volume, first, name, group_uuid, None)
+        row.schedulerJobUuid = params.get("schedulerJobUuid")
+        rows.append(row)
+    session.flush()
+    job.params = {**params, "backupUuids": [r.uuid for r in rows]}  # so a failure marks them Failed
+    session.commit()
+    done = backups.take_backups(session, rows, first, full=full, job_uuid=job.uuid)
+    synced = [_sync_copy(session, rows, first, extra, data.get("bandwidthLimit")) for extra in storages[1:]]
+    retention = _apply_retention(session, params.get("schedulerJobUuid"), kind, data.get("retention"))
+    return {
+        "volumeBackupUuids": [r.uuid for r in rows],
+        "groupUuid": group_uuid,
+        "mode": [d["mode"] for d in done],
+        "size": sum(d["size"] for d in done),
+        "bytesRead": sum(d["stats"]["bytesRead"] for d in done),
+        "bytesWritten": sum(d["stats"]["bytesWritten"] for d in done),
+        "seconds": round(sum(d["stats"]["seconds"] for d in done), 3),
+        "backupStorageUuid": first.uuid,
+        "synced": synced,
+        "retention": retention,
+    }
+
+
+def _sync_copy(
+    session: Session, rows: list[VolumeBackup], source: BackupStorage, target: BackupStorage, limit: int | None
+) -> dict[str, Any]:
+    """Copy the run's backups to one more storage; what happened, for the history."""
+    try:
+        src, dst = open_repository(source), open_repository(target, create=True)
+        ids = [ref.installPath.rsplit("/", 1)[-1] for r in rows for ref in r.backupStorageRefs if ref.installPath]
+        report = sync(src, dst, ids, bandwidth_limit=limit)
+    except BlockvaultError as exc:
+        for row in rows:
+            row.backupStorageRefs.append(VolumeBackupStorageRef(backupStorageUuid=target.uuid, status="Failed"))
+        session.commit()
+        return {"backupStorageUuid": target.uuid, "success": False, "error": str(exc)}
+    for row in rows:
+        manifest = next(ref.installPath for ref in row.backupStorageRefs if ref.backupStorageUuid == source.uuid)
+        row.backupStorageRefs.append(
+            VolumeBackupStorageRef(
+                backupStorageUuid=target.uuid,
+                installPath=dst.install_path(str(manifest).rsplit("/", 1)[-1]),
+                status="Ready",
+            )
+        )
+    session.commit()
+    return {
+        "backupStorageUuid": target.uuid,
+        "success": True,
+        "chunks": report.chunksCopied,
+        "bytes": report.bytesCopied,
+    }
+
+
+def _apply_retention(
+    session: Session, job_uuid: str | None, kind: str, retention: dict[str, int] | None
+) -> dict[str, Any]:
+    """Delete this target's scheduled backups that ``retention`` does not keep; the newest
+    good one always stays."""
+    if not retention or not job_uuid:
+        return {}
+    policy = Policy(
+        keep_last=max(1, retention.get("keepLast", 0)),
+        keep_daily=retention.get("keepDaily", 0),
+        keep_weekly=retention.get("keepWeekly", 0),
+        keep_monthly=retention.get("keepMonthly", 0),
+    )
+    rows = session.scalars(
+        select(VolumeBackup).where(VolumeBackup.schedulerJobUuid == job_uuid, VolumeBackup.status == "Ready")
+    ).all()
+    units: dict[str, list[VolumeBackup]] = {}
+    for row in rows:
+        units.setdefault(row.groupUuid or row.uuid, []).append(row)
+    keep = select_keep([(key, max(_aware(r.createDate) for r in members)) for key, members in units.items()], policy)
+    removed = []
+    for key, members in units.items():
+        if key in keep:
+            continue
+        for row in members:
+            backups.delete_backup_copies(session, row.uuid, None)
+            removed.append(row.uuid)
+    session.commit()
+    return {"kept": len(keep), "removed": removed}
+
+
+# -- history -------------------------------------------------------------------------------------
+def _dump(value: Any) -> str:
+    return json.dumps(value, sort_keys=True, default=str)
+
+
+def record_history(session: Session, job: ApiJob) -> None:
+    """The history row of a finished scheduled run (called by apijobs when any such job ends)."""
+    params = {k: v for k, v in (job.params or {}).items() if not k.startswith("_")}
+    request = {k: params.get(k) for k in ("jobType", "targetResourceUuid", "jobData", "fireTime")}
+    result = job.result if job.state == "Succeeded" else {"error": job.error}
+    fire_time = params.get("fireTime")
+    session.add(
+        SchedulerJobHistory(
+            executeTime=datetime.fromisoformat(fire_time) if fire_time else now(),
+            requestDump=_dump(request),
+            resultDump=_dump(result),
+            success=job.state == "Succeeded",
+            schedulerJobGroupUuid=params.get("schedulerJobGroupUuid"),
+            schedulerJobUuid=params.get("schedulerJobUuid"),
+            targetResourceUuid=params.get("targetResourceUuid"),
+            triggerUuid=params.get("triggerUuid"),
+        )
+    )
+
+
+apijobs.on_end(ACTION, record_history)
