@@ -64,6 +64,9 @@ class MainGroup(Group):
         "backup-storage": "api.resources_cli:storage",
         "volume-backup": "api.resources_cli:volume_backup",
         "job": "api.resources_cli:job",
+        "job-group": "api.resources_cli:job_group",
+        "trigger": "api.resources_cli:trigger",
+        "history": "api.resources_cli:history",
     }
 
 

@@ -179,6 +179,39 @@ class Client:
         params = {"backupStorageUuids": ",".join(backup_storage_uuids)} if backup_storage_uuids else None
         return self._job("DELETE", f"/v1/vm-backups/{group_uuid}", params=params)
 
+    # -- scheduling ----------------------------------------------------------------------------------
+    def create_job_group(self, name: str, job_type: str, **job_data: Any) -> dict[str, Any]:
+        """A job group of ``job_type`` (volumeBackup, vmBackup, databaseBackup); ``job_data``
+        is its jobData (backupStorageUuids, fullBackupInterval, retention, bandwidthLimit)."""
+        return self.create("scheduler/jobgroups", {"name": name, "type": job_type, "parameters": job_data})
+
+    def add_targets(self, group_uuid: str, target_uuids: Sequence[str]) -> dict[str, Any]:
+        body = {"params": {"targetResourceUuids": list(target_uuids)}}
+        return dict(self.request("POST", f"/v1/scheduler/jobgroups/{group_uuid}/jobs", json=body)[1]["inventory"])
+
+    def remove_targets(self, group_uuid: str, target_uuids: Sequence[str]) -> dict[str, Any]:
+        params = {"targetResourceUuids": ",".join(target_uuids)}
+        return dict(self.request("DELETE", f"/v1/scheduler/jobgroups/{group_uuid}/jobs", params=params)[1]["inventory"])
+
+    def create_trigger(self, name: str, **params: Any) -> dict[str, Any]:
+        """schedulerType simple (schedulerInterval s, repeatCount, startTime/stopTime ms) or
+        cron (cron, timeZone)."""
+        return self.create("scheduler/triggers", {"name": name, **params})
+
+    def attach_trigger(self, trigger_uuid: str, group_uuid: str, *, trigger_now: bool = False) -> dict[str, Any]:
+        path = f"/v1/scheduler/triggers/{trigger_uuid}/jobgroups/{group_uuid}"
+        return dict(self.request("POST", path, json={"params": {"triggerNow": trigger_now}})[1]["inventory"])
+
+    def detach_trigger(self, trigger_uuid: str, group_uuid: str) -> None:
+        self.request("DELETE", f"/v1/scheduler/triggers/{trigger_uuid}/jobgroups/{group_uuid}")
+
+    def run_job_group(self, group_uuid: str) -> dict[str, Any]:
+        return dict(self.action("scheduler/jobgroups", group_uuid, "runSchedulerJobGroup"))  # type: ignore[arg-type]
+
+    def histories(self, *conditions: str, **query: Any) -> list[dict[str, Any]]:
+        rows: list[dict[str, Any]] = self.query("scheduler/jobhistories", *conditions, **query)["inventories"]
+        return rows
+
     def delete_backup(self, backup_uuid: str, backup_storage_uuids: Sequence[str] = ()) -> str:
         params = {"backupStorageUuids": ",".join(backup_storage_uuids)} if backup_storage_uuids else None
         return self._job("DELETE", f"/v1/volume-backups/{backup_uuid}", params=params)

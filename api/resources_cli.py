@@ -126,6 +126,21 @@ volume_backup = _group(
     "Volume backups.",
 )
 job = ClientGroup("job", help="API jobs.")
+job_group = _group(
+    "job-group", "scheduler/jobgroups", ("uuid", "name", "jobType", "state", "triggersUuid"), "Scheduled job groups."
+)
+trigger = _group(
+    "trigger",
+    "scheduler/triggers",
+    ("uuid", "name", "schedulerType", "schedulerInterval", "repeatCount", "cron", "state"),
+    "Scheduler triggers.",
+)
+history = _group(
+    "history",
+    "scheduler/jobhistories",
+    ("id", "executeTime", "success", "targetResourceUuid", "resultDump"),
+    "Scheduler job history.",
+)
 BACKUP_COLUMNS = ("uuid", "name", "mode", "status", "volumeUuid", "size")
 
 
@@ -284,3 +299,141 @@ def job_wait(uuid: str, as_json: bool) -> None:
 def job_show(uuid: str) -> None:
     """An API job's state now."""
     click.echo(json.dumps(_client().job(uuid)))
+
+
+@job_group.command("create")
+@click.option("--name", required=True)
+@click.option("--type", "kind", type=click.Choice(["volumeBackup", "vmBackup", "databaseBackup"]), required=True)
+@click.option("--backup-storage", "storages", multiple=True, help="Where copies go; the first takes the backup.")
+@click.option("--full-every", type=click.IntRange(min=0), help="fullBackupInterval: every Nth run is full.")
+@click.option("--keep-last", type=click.IntRange(min=0))
+@click.option("--keep-daily", type=click.IntRange(min=0))
+@click.option("--keep-weekly", type=click.IntRange(min=0))
+@click.option("--keep-monthly", type=click.IntRange(min=0))
+@click.option("--bandwidth-limit", type=click.IntRange(min=1), help="bytes/s for copies to other storages")
+@JSON
+def group_create(
+    name: str,
+    kind: str,
+    storages: tuple[str, ...],
+    full_every: int | None,
+    keep_last: int | None,
+    keep_daily: int | None,
+    keep_weekly: int | None,
+    keep_monthly: int | None,
+    bandwidth_limit: int | None,
+    as_json: bool,
+) -> None:
+    """Create a job group (its jobData from the options)."""
+    data: dict[str, Any] = {}
+    if storages:
+        data["backupStorageUuids"] = list(storages)
+    if full_every is not None:
+        data["fullBackupInterval"] = full_every
+    retention = {
+        k: v
+        for k, v in {
+            "keepLast": keep_last,
+            "keepDaily": keep_daily,
+            "keepWeekly": keep_weekly,
+            "keepMonthly": keep_monthly,
+        }.items()
+        if v is not None
+    }
+    if retention:
+        data["retention"] = retention
+    if bandwidth_limit:
+        data["bandwidthLimit"] = bandwidth_limit
+    _print(_client().create_job_group(name, kind, **data), as_json, ("uuid", "name", "jobType"))
+
+
+@job_group.command("add-target")
+@click.argument("group_uuid")
+@click.argument("targets", nargs=-1, required=True)
+@JSON
+def group_add_target(group_uuid: str, targets: tuple[str, ...], as_json: bool) -> None:
+    """Add target volumes (volumeBackup) or VM instances (vmBackup) to a group."""
+    _print(_client().add_targets(group_uuid, targets), as_json, ("uuid", "jobsUuid"))
+
+
+@job_group.command("remove-target")
+@click.argument("group_uuid")
+@click.argument("targets", nargs=-1, required=True)
+@JSON
+def group_remove_target(group_uuid: str, targets: tuple[str, ...], as_json: bool) -> None:
+    """Remove targets from a group."""
+    _print(_client().remove_targets(group_uuid, targets), as_json, ("uuid", "jobsUuid"))
+
+
+@job_group.command("run")
+@click.argument("group_uuid")
+@JSON
+def group_run(group_uuid: str, as_json: bool) -> None:
+    """Fire every job of the group now."""
+    _print(_client().run_job_group(group_uuid), as_json, ("uuid", "jobsStarted"))
+
+
+@job_group.command("state")
+@click.argument("group_uuid")
+@click.argument("state", type=click.Choice(["enable", "disable"]))
+@JSON
+def group_state(group_uuid: str, state: str, as_json: bool) -> None:
+    """Enable or disable a group."""
+    result = _client().action("scheduler/jobgroups", group_uuid, "changeSchedulerJobGroupState", {"stateEvent": state})
+    _print(result, as_json, ("uuid", "state"))
+
+
+@trigger.command("create")
+@click.option("--name", required=True)
+@click.option("--interval", type=click.IntRange(min=1), help="simple: seconds between fires")
+@click.option("--repeat", type=click.IntRange(min=1), help="simple: how many fires (default: forever)")
+@click.option("--cron", help="cron: a five-field expression")
+@click.option("--time-zone", help="cron: e.g. Europe/Berlin (default UTC)")
+@click.option("--start", "start_ms", type=click.IntRange(min=0), help="Unix ms")
+@click.option("--stop", "stop_ms", type=click.IntRange(min=0), help="Unix ms")
+@JSON
+def trigger_create(
+    name: str,
+    interval: int | None,
+    repeat: int | None,
+    cron: str | None,
+    time_zone: str | None,
+    start_ms: int | None,
+    stop_ms: int | None,
+    as_json: bool,
+) -> None:
+    """Create a simple (--interval) or cron (--cron) trigger."""
+    if bool(interval) == bool(cron):
+        raise click.UsageError("give exactly one of --interval (simple) and --cron")
+    params: dict[str, Any] = {"schedulerType": "cron" if cron else "simple"}
+    for key, value in (
+        ("schedulerInterval", interval),
+        ("repeatCount", repeat),
+        ("cron", cron),
+        ("timeZone", time_zone),
+        ("startTime", start_ms),
+        ("stopTime", stop_ms),
+    ):
+        if value is not None:
+            params[key] = value
+    _print(_client().create_trigger(name, **params), as_json, ("uuid", "name", "schedulerType"))
+
+
+@trigger.command("attach")
+@click.argument("trigger_uuid")
+@click.argument("group_uuid")
+@click.option("--now", "trigger_now", is_flag=True, help="Also fire once now (triggerNow).")
+@JSON
+def trigger_attach(trigger_uuid: str, group_uuid: str, trigger_now: bool, as_json: bool) -> None:
+    """Attach a trigger to a job group."""
+    _print(
+        _client().attach_trigger(trigger_uuid, group_uuid, trigger_now=trigger_now), as_json, ("uuid", "triggersUuid")
+    )
+
+
+@trigger.command("detach")
+@click.argument("trigger_uuid")
+@click.argument("group_uuid")
+def trigger_detach(trigger_uuid: str, group_uuid: str) -> None:
+    """Detach a trigger from a job group."""
+    _client().detach_trigger(trigger_uuid, group_uuid)

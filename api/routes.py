@@ -230,6 +230,29 @@ def create_volume(body: Envelope, session: Session = Depends(get_session)) -> JS
     return one(session, volume)
 
 
+@router.delete("/volumes/{uuid}")
+def delete_volume(uuid: str, session: Session = Depends(get_session)) -> JSONResponse:
+    """Unregister a volume (its file and its backups stay)."""
+    volume = session.get(Volume, check_uuid(uuid, "uuid"))
+    if volume is None:
+        raise NotFound(resource="volume", uuid=uuid)
+    session.delete(volume)
+    return JSONResponse({"success": True})
+
+
+@router.delete("/vm-instances/{uuid}")
+def delete_vm(uuid: str, session: Session = Depends(get_session)) -> JSONResponse:
+    """Unregister a VM and its volumes (files and backups stay)."""
+    vm = session.get(VmInstance, check_uuid(uuid, "uuid"))
+    if vm is None:
+        raise NotFound(resource="VM instance", uuid=uuid)
+    for volume in session.scalars(select(Volume).where(Volume.vmInstanceUuid == vm.uuid)):
+        session.delete(volume)
+    session.flush()
+    session.delete(vm)
+    return JSONResponse({"success": True})
+
+
 @router.post("/backup-storage")
 def create_backup_storage(body: Envelope, session: Session = Depends(get_session)) -> JSONResponse:
     row = storage.register_storage(session, body.params)

@@ -10,7 +10,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import httpx
@@ -86,6 +86,21 @@ class Stack:
             assert time.monotonic() < deadline, self.log(name)
             time.sleep(0.2)
         return proc
+
+    def start_beat(self, name: str = "beat") -> subprocess.Popen[bytes]:
+        proc = self.spawn(name, ["beat"])
+        deadline = time.monotonic() + 60
+        while "beat: Starting" not in self.log(name):
+            assert proc.poll() is None, self.log(name)
+            assert time.monotonic() < deadline, self.log(name)
+            time.sleep(0.2)
+        return proc
+
+    def wait_for(self, what: str, check: Callable[[], bool], timeout: float = 90) -> None:
+        deadline = time.monotonic() + timeout
+        while not check():
+            assert time.monotonic() < deadline, f"timed out waiting for {what}"
+            time.sleep(0.3)
 
     def wait_host(
         self,
