@@ -9,6 +9,7 @@ site, restores from there, checks every result byte for byte and prints the inve
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import secrets
@@ -206,6 +207,39 @@ def run_demo(workdir: str | None) -> None:
         if not _equal_files(check, snapshot_root):
             raise click.ClickException("the restore from the remote site differs")
         click.echo("restored the root volume's full backup from the remote site: identical")
+
+        remote_store = client.add_backup_storage("second-site", f"file://{work / 'second-site'}", role="standby")
+        group = client.create_job_group(
+            "vm1-every-3s",
+            "vmBackup",
+            backupStorageUuids=[store["uuid"], remote_store["uuid"]],
+            fullBackupInterval=3,
+            retention={"keepLast": 2},
+        )
+        client.add_targets(group["uuid"], [vm["uuid"]])
+        trigger = client.create_trigger("every-3s", schedulerType="simple", schedulerInterval=3, repeatCount=3)
+        client.attach_trigger(trigger["uuid"], group["uuid"])
+        click.echo(
+            f"\njob group {group['name']} (vmBackup, copies to a second storage, full every 3rd run, keep 2) "
+            f"on trigger {trigger['name']} (3 fires); the beat fires it:"
+        )
+        deadline = time.monotonic() + 120
+        while len(client.histories(f"schedulerJobGroupUuid={group['uuid']}")) < 3:
+            if time.monotonic() > deadline:
+                raise click.ClickException(f"the scheduled runs did not finish: see {work / 'service.log'}")
+            time.sleep(0.5)
+        click.echo("job history (GET /v1/scheduler/jobhistories):")
+        for row in client.histories(f"schedulerJobGroupUuid={group['uuid']}", sort="+executeTime"):
+            result = json.loads(row["resultDump"] or "{}")
+            if row["success"]:
+                copies = ", ".join("copied" if c["success"] else f"copy failed: {c['error']}" for c in result["synced"])
+                what = (
+                    f"{'/'.join(result['mode'])}, read {result['bytesRead'] / MiB:.1f} MiB, {copies}, "
+                    f"retention removed {len(result['retention'].get('removed', []))}"
+                )
+            else:
+                what = f"failed: {result.get('error', {}).get('description')}"
+            click.echo(f"  #{row['id']}  {row['executeTime']}  success={row['success']}  {what}")
 
         click.echo("\nvolume backups (GET /v1/volume-backups?sort=+createDate):")
         for row in client.query("volume-backups", sort="+createDate")["inventories"]:

@@ -56,6 +56,7 @@ import psycopg2
 from sqlalchemy import event, select
 from starlette.responses import JSONResponse
 
+from api.auth import authenticate
 from shared.catalog import db
 from shared.catalog.models import QUERYABLE
 from shared.catalog.query import parse_rest, run_query
@@ -584,8 +585,24 @@ QUERIES: tuple[QueryDef, ...] = (
             ' ON volume_backup_storage_ref ("backupStorageUuid", "volumeBackupUuid")',
         ),
     ),
-    QueryDef("vb: groupBy=mode", "volume-backups", lambda r, p: [("groupBy", "mode")]),
-    QueryDef("vb: count status=Ready", "volume-backups", lambda r, p: [("q", "status=Ready"), ("count", "true")]),
+    QueryDef(
+        "vb: groupBy=mode",
+        "volume-backups",
+        lambda r, p: [("groupBy", "mode")],
+        ("CREATE INDEX bench_vb_mode ON volume_backup (mode)",),
+    ),
+    QueryDef(
+        "vb: count status=Ready",
+        "volume-backups",
+        lambda r, p: [("q", "status=Ready"), ("count", "true")],
+        ("CREATE INDEX bench_vb_status ON volume_backup (status)",),
+    ),
+    QueryDef(
+        "vb: all, default sort, limit 50 (extra)",
+        "volume-backups",
+        lambda r, p: [("limit", "50")],
+        ('CREATE INDEX bench_vb_created ON volume_backup ("createDate")',),
+    ),
     QueryDef(
         "vb: __userTag__=<tag>",
         "volume-backups",
@@ -623,6 +640,17 @@ QUERIES: tuple[QueryDef, ...] = (
         "scheduler/jobhistories",
         lambda r, p: [("q", f"targetResourceUuid={r.choice(p.targets)}"), ("limit", "50")],
         ('CREATE INDEX bench_hist_target_created ON scheduler_job_history ("targetResourceUuid", "createDate")',),
+    ),
+    QueryDef(
+        "hist: all, default sort, limit 50 (extra)",
+        "scheduler/jobhistories",
+        lambda r, p: [("limit", "50")],
+        ('CREATE INDEX bench_hist_created ON scheduler_job_history ("createDate")',),
+    ),
+    QueryDef(
+        "hist: all, -executeTime, limit 50 (extra)",
+        "scheduler/jobhistories",
+        lambda r, p: [("sort", "-executeTime"), ("limit", "50")],
     ),
     QueryDef(
         "hist: count success=false",
@@ -762,6 +790,27 @@ def explain(url: str, capture: Capture, query: QueryDef, pools: Pools, seed: int
                 out.append(f"    ... ({len(plan) - 40} more lines)")
         conn.rollback()
     return out
+
+
+def auth_floor(url: str, args: argparse.Namespace) -> list[str]:
+    """In-process cost of what every request does besides its query: a session whose connection is
+    pre-pinged, and ``authenticate`` (2 SELECTs, an UPDATE of ``lastUsedDate``) plus its COMMIT."""
+    timings: dict[str, list[float]] = {"session + SELECT 1": [], "session + authenticate() + commit": []}
+    for i in range(args.warmup + args.runs):
+        began = time.perf_counter()
+        with db.session(url) as session:
+            session.execute(select(1))
+        middle = time.perf_counter()
+        with db.session(url) as session:
+            authenticate(session, f"Bearer {ADMIN_KEY}")
+        done = time.perf_counter()
+        if i >= args.warmup:
+            timings["session + SELECT 1"].append((middle - began) * 1000)
+            timings["session + authenticate() + commit"].append((done - middle) * 1000)
+    return [
+        f"in-process floor, {name}: p50 {percentile(values, 50):.2f} ms, p95 {percentile(values, 95):.2f} ms"
+        for name, values in timings.items()
+    ]
 
 
 # -- the server ----------------------------------------------------------------------------------
@@ -914,6 +963,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--pg", default="postgresql://postgres@127.0.0.1:5432", help="server DSN (no database)")
     parser.add_argument("--keep-db", action="store_true", help="keep the bench database at the end")
     parser.add_argument("--no-what-if", action="store_true", help="do not try candidate indexes on misses")
+    parser.add_argument("--what-if-all", action="store_true", help="try candidate indexes on every query")
     parser.add_argument("--explain-all", action="store_true", help="print the plans of every query, not only misses")
     parser.add_argument("--target-ms", type=float, default=TARGET_MS, help="the p95 target (HTTP)")
     args = parser.parse_args(argv)
@@ -954,6 +1004,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 f"p95 {percentile(health, 95):.2f} ms",
                 flush=True,
             )
+            print("\n".join(auth_floor(url, args)), flush=True)
             for query in (FLOOR, *QUERIES):
                 t = time.perf_counter()
                 sample = measure(client, url, query, pools, args.runs, args.warmup, args.seed)
@@ -983,7 +1034,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 if query.candidates:
                     print("  candidate index(es): " + "; ".join(query.candidates))
 
-            tried = [(q, s) for q, s in misses if q.candidates]
+            tried = [(q, s) for q, s in (results if args.what_if_all else misses) if q.candidates]
             if tried and not args.no_what_if:
                 what_if(client, url, capture, tried, pools, args)
         return 0
@@ -1005,38 +1056,36 @@ def what_if(
     pools: Pools,
     args: argparse.Namespace,
 ) -> None:
-    """Create the candidate indexes of the missed queries, re-measure them, drop the indexes."""
-    ddl = list(dict.fromkeys(stmt for q, _s in tried for stmt in q.candidates))
-    tables = {stmt.split(" ON ", 1)[1].split()[0] for stmt in ddl}
+    """For each query in turn: create its candidate indexes, re-measure it, EXPLAIN it, drop them."""
     raw = psycopg2.connect(url.replace("postgresql+psycopg2://", "postgresql://", 1))
     raw.autocommit = True
     cur = raw.cursor()
-    print("\nWhat-if: creating " + "; ".join(ddl))
-    for stmt in ddl:
-        cur.execute(stmt)
-    for table_name in sorted(tables):
-        cur.execute(f"VACUUM (ANALYZE) {table_name}")
+    summary: list[str] = []
+    after: list[tuple[QueryDef, Sample]] = []
     try:
-        after: list[tuple[QueryDef, Sample]] = []
-        for query, _before in tried:
-            after.append((query, measure(client, url, query, pools, args.runs, args.warmup, args.seed + 1)))
-        print("\nWith the candidate indexes:")
-        print("\n".join(table(after, args.target_ms)))
-        by_name = {q.name: s for q, s in tried}
-        for query, sample in after:
-            before = by_name[query.name]
-            print(
+        for query, before in tried:
+            print(f"\nWhat-if for {query.name}: " + "; ".join(query.candidates), flush=True)
+            try:
+                for stmt in query.candidates:
+                    cur.execute(stmt)
+                for table_name in sorted({stmt.split(" ON ", 1)[1].split()[0] for stmt in query.candidates}):
+                    cur.execute(f"VACUUM (ANALYZE) {table_name}")
+                sample = measure(client, url, query, pools, args.runs, args.warmup, args.seed + 1)
+                after.append((query, sample))
+                print("\n".join(explain(url, capture, query, pools, args.seed)))
+            finally:
+                for stmt in query.candidates:
+                    cur.execute(f'DROP INDEX IF EXISTS "{stmt.split()[2]}"')
+            summary.append(
                 f"  {query.name}: HTTP p95 {percentile(before.http_ms, 95):.1f} -> "
                 f"{percentile(sample.http_ms, 95):.1f} ms, direct p95 {percentile(before.direct_ms, 95):.1f} -> "
-                f"{percentile(sample.direct_ms, 95):.1f} ms"
+                f"{percentile(sample.direct_ms, 95):.1f} ms  with " + "; ".join(query.candidates)
             )
-        for query, _sample in after:
-            print(f"\nEXPLAIN with the candidate indexes: {query.name}")
-            print("\n".join(explain(url, capture, query, pools, args.seed)))
     finally:
-        for stmt in ddl:
-            cur.execute(f'DROP INDEX IF EXISTS "{stmt.split()[2]}"')
         raw.close()
+    print("\nWhat-if results (each query with only its own candidate indexes, other draws of uuids):")
+    print("\n".join(table(after, args.target_ms)))
+    print("\n".join(summary))
 
 
 if __name__ == "__main__":
