@@ -30,7 +30,7 @@ class CatalogScheduler(Scheduler):  # type: ignore[misc]
         try:
             with db.session() as session:
                 return min(MAX_SLEEP, jobgroups.tick(session))
-        except Exception:  # noqa: BLE001 - the catalog or broker may be down: try again soon
+        except Exception:
             log.warning("beat.tick_failed", exc_info=True)
             return MAX_SLEEP
 

@@ -387,23 +387,11 @@ def tick(session: Session, moment: datetime | None = None) -> float:
         .where(SchedulerTrigger.state == "Enabled", SchedulerJobGroup.state == "Enabled")
     ).all()
     for trigger, group in pairs:
-        spec = _spec(trigger)
-        created = _aware(trigger.createDate)
-        last = session.scalar(
-            select(func.max(SchedulerFire.fireTime)).where(
-                SchedulerFire.schedulerTriggerUuid == trigger.uuid,
-                SchedulerFire.schedulerJobGroupUuid == group.uuid,
-                SchedulerFire.manual.is_(False),
-            )
-        )
-        last = _aware(last) if last else None
-        due = due_fire(spec, created, last, moment)
-        if due is not None:
-            fire(session, group, trigger.uuid, due)
-            last = due
-        following = fire_times_after(spec, created, last)
-        if following is not None:
-            wait = min(wait, max(0.05, (following - moment).total_seconds()))
+        try:
+            wait = min(wait, _tick_one(session, trigger, group, moment))
+        except Exception:  # one broken trigger must not stop the others
+            session.rollback()
+            log.exception("scheduler.trigger_failed trigger=%s group=%s", trigger.uuid, group.uuid)
     stale = session.scalars(
         select(SchedulerFire).where(SchedulerFire.done.is_(False), SchedulerFire.createDate < moment - RESUME_AFTER)
     ).all()
@@ -416,6 +404,26 @@ def tick(session: Session, moment: datetime | None = None) -> float:
         fire(session, group_row, record.schedulerTriggerUuid, _aware(record.fireTime), manual=record.manual)
     session.commit()
     return wait
+
+
+def _tick_one(session: Session, trigger: SchedulerTrigger, group: SchedulerJobGroup, moment: datetime) -> float:
+    """Fire one trigger for one group if due; seconds until its next fire time."""
+    spec = _spec(trigger)
+    created = _aware(trigger.createDate)
+    last = session.scalar(
+        select(func.max(SchedulerFire.fireTime)).where(
+            SchedulerFire.schedulerTriggerUuid == trigger.uuid,
+            SchedulerFire.schedulerJobGroupUuid == group.uuid,
+            SchedulerFire.manual.is_(False),
+        )
+    )
+    last = _aware(last) if last else None
+    due = due_fire(spec, created, last, moment)
+    if due is not None:
+        fire(session, group, trigger.uuid, due)
+        last = due
+    following = fire_times_after(spec, created, last)
+    return 5.0 if following is None else max(0.05, (following - moment).total_seconds())
 
 
 def _aware(value: datetime) -> datetime:

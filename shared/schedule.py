@@ -15,11 +15,12 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from croniter import croniter
+from croniter import CroniterBadDateError, croniter
 
 from shared.errors import InvalidArgument
 
-MAX_MISFIRE_SCAN = 10_000
+EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+MAX_MS = 253402300799999  # 9999-12-31T23:59:59.999Z, the last instant a datetime holds
 
 
 @dataclass(frozen=True)
@@ -36,17 +37,19 @@ class TriggerSpec:
 
 
 def from_ms(ms: int) -> datetime:
-    return datetime.fromtimestamp(ms / 1000, UTC)
+    return EPOCH + timedelta(milliseconds=ms)
 
 
 def to_ms(moment: datetime) -> int:
-    return int(moment.timestamp() * 1000)
+    return (moment - EPOCH) // timedelta(milliseconds=1)
 
 
 def _zone(name: str | None) -> ZoneInfo:
+    if name is not None and not isinstance(name, str):
+        raise InvalidArgument(detail="timeZone must be a string such as Europe/Berlin")
     try:
         return ZoneInfo(name or "UTC")
-    except (ZoneInfoNotFoundError, ValueError):
+    except (ZoneInfoNotFoundError, ValueError, OSError):
         raise InvalidArgument(detail=f"unknown timeZone {name!r}") from None
 
 
@@ -58,6 +61,14 @@ def validate(spec: TriggerSpec) -> None:
         value = getattr(spec, name)
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
             raise InvalidArgument(detail=f"{name} must be a non-negative integer")
+    for name in ("startTime", "stopTime"):
+        value = getattr(spec, name)
+        if value is not None and value > MAX_MS:
+            raise InvalidArgument(detail=f"{name} must be Unix milliseconds before the year 10000")
+    if spec.repeatCount == 0:
+        raise InvalidArgument(detail="repeatCount must be at least 1 (leave it out to repeat forever)")
+    if spec.timeZone is not None:
+        _zone(spec.timeZone)
     if spec.startTime is not None and spec.stopTime is not None and spec.stopTime <= spec.startTime:
         raise InvalidArgument(detail="stopTime must be after startTime")
     if spec.schedulerType == "simple":
@@ -66,9 +77,12 @@ def validate(spec: TriggerSpec) -> None:
         if spec.cron:
             raise InvalidArgument(detail="cron belongs to cron triggers")
         return
-    if not spec.cron or not croniter.is_valid(spec.cron) or len(spec.cron.split()) != 5:
+    if not isinstance(spec.cron, str) or len(spec.cron.split()) != 5 or not croniter.is_valid(spec.cron):
         raise InvalidArgument(detail=f"cron must be a valid five-field cron expression, got {spec.cron!r}")
-    _zone(spec.timeZone)
+    try:
+        croniter(spec.cron, datetime(2000, 1, 1, tzinfo=UTC)).get_next(datetime)
+    except CroniterBadDateError:
+        raise InvalidArgument(detail=f"cron {spec.cron!r} names no date that exists") from None
 
 
 def _start(spec: TriggerSpec, created: datetime) -> datetime:
@@ -82,14 +96,17 @@ def fire_times_after(spec: TriggerSpec, created: datetime, after: datetime | Non
     if spec.schedulerType == "simple":
         assert spec.schedulerInterval
         interval = timedelta(seconds=spec.schedulerInterval)
-        k = 0 if after is None or after < start else int((after - start) / interval) + 1
+        k = 0 if after is None or after < start else (after - start) // interval + 1
         if spec.repeatCount and k >= spec.repeatCount:
             return None
         moment = start + k * interval
     else:
         zone = _zone(spec.timeZone)
         base = max(start - timedelta(microseconds=1), after) if after is not None else start - timedelta(microseconds=1)
-        moment = croniter(spec.cron, base.astimezone(zone)).get_next(datetime).astimezone(UTC)
+        try:
+            moment = croniter(spec.cron, base.astimezone(zone)).get_next(datetime).astimezone(UTC)
+        except (CroniterBadDateError, OverflowError, ValueError):
+            return None
     if stop is not None and moment >= stop:
         return None
     return moment
@@ -105,20 +122,25 @@ def due_fire(spec: TriggerSpec, created: datetime, last_fire: datetime | None, n
         assert spec.schedulerInterval
         start = _start(spec, created)
         interval = timedelta(seconds=spec.schedulerInterval)
-        k = int((now - start) / interval)
+        k = (now - start) // interval
         if spec.repeatCount:
             k = min(k, spec.repeatCount - 1)
-        newest = start + k * interval
-        stop = from_ms(spec.stopTime) if spec.stopTime is not None else None
-        while stop is not None and newest >= stop:
-            newest -= interval
-        return max(moment, newest)
-    for _ in range(MAX_MISFIRE_SCAN):
-        following = fire_times_after(spec, created, moment)
-        if following is None or following > now:
-            break
-        moment = following
-    return moment
+        if spec.stopTime is not None:
+            k = min(k, (from_ms(spec.stopTime) - start - timedelta(microseconds=1)) // interval)
+        return max(moment, start + k * interval)
+    until = min(now, from_ms(spec.stopTime) - timedelta(microseconds=1)) if spec.stopTime else now
+    newest = _cron_newest(spec, until)
+    return max(moment, newest) if newest is not None else moment
+
+
+def _cron_newest(spec: TriggerSpec, until: datetime) -> datetime | None:
+    """The newest cron time at or before ``until`` (croniter's get_prev, from just after it)."""
+    zone = _zone(spec.timeZone)
+    try:
+        newest: datetime = croniter(spec.cron, (until + timedelta(microseconds=1)).astimezone(zone)).get_prev(datetime)
+    except (CroniterBadDateError, OverflowError, ValueError):
+        return None
+    return newest.astimezone(UTC)
 
 
 def fire_count(spec: TriggerSpec) -> int | None:

@@ -157,6 +157,25 @@ def copy_rows(
     return total
 
 
+def admin_sql(server: str, sql: str, params: Sequence[object] = (), retry_seconds: float = 0.0) -> list[Any]:
+    """Run ``sql`` on the server's ``postgres`` database in autocommit, on a fresh connection."""
+    deadline = time.monotonic() + retry_seconds
+    while True:
+        try:
+            conn = psycopg2.connect(f"{server}/postgres")
+            try:
+                conn.autocommit = True
+                with conn.cursor() as cur:
+                    cur.execute(sql, params or None)
+                    return cur.fetchall() if cur.description else []
+            finally:
+                conn.close()
+        except psycopg2.OperationalError:
+            if time.monotonic() >= deadline:
+                raise
+            time.sleep(2)
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -972,9 +991,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     server = args.pg.rstrip("/")
     dsn = f"{server}/{name}"
     url = dsn.replace("postgresql://", "postgresql+psycopg2://", 1)
-    admin = psycopg2.connect(f"{server}/postgres")
-    admin.autocommit = True
-    admin.cursor().execute(f'CREATE DATABASE "{name}"')
+    admin_sql(server, f'CREATE DATABASE "{name}"')
     print(f"database {name}", flush=True)
     try:
         began = time.perf_counter()
@@ -1022,9 +1039,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             print()
             print("\n".join(overhead(results)))
             print()
-            cursor = admin.cursor()
-            cursor.execute("SELECT pid FROM pg_stat_activity WHERE datname = %s", (name,))
-            print("\n".join(watch.report({pid for (pid,) in cursor.fetchall()})))
+            backends = admin_sql(server, "SELECT pid FROM pg_stat_activity WHERE datname = %s", (name,))
+            print("\n".join(watch.report({pid for (pid,) in backends})))
 
             misses = [(q, s) for q, s in results if percentile(s.http_ms, 95) >= args.target_ms]
             missed = {query.name for query, _sample in misses}
@@ -1043,9 +1059,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.keep_db:
             print(f"kept database {name}: {dsn}")
         else:
-            admin.cursor().execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-            print(f"dropped database {name}")
-        admin.close()
+            try:  # the server may be restarting (someone else's tests): retry for a while
+                admin_sql(server, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)', retry_seconds=120)
+                print(f"dropped database {name}")
+            except psycopg2.Error as exc:
+                print(f"could not drop database {name}: {exc}; drop it by hand", file=sys.stderr)
 
 
 def what_if(
@@ -1070,7 +1088,7 @@ def what_if(
                     cur.execute(stmt)
                 for table_name in sorted({stmt.split(" ON ", 1)[1].split()[0] for stmt in query.candidates}):
                     cur.execute(f"VACUUM (ANALYZE) {table_name}")
-                sample = measure(client, url, query, pools, args.runs, args.warmup, args.seed + 1)
+                sample = measure(client, url, query, pools, args.runs, args.warmup, args.seed)
                 after.append((query, sample))
                 print("\n".join(explain(url, capture, query, pools, args.seed)))
             finally:
@@ -1083,7 +1101,7 @@ def what_if(
             )
     finally:
         raw.close()
-    print("\nWhat-if results (each query with only its own candidate indexes, other draws of uuids):")
+    print("\nWhat-if results (each query with only its own candidate indexes, same draws as before):")
     print("\n".join(table(after, args.target_ms)))
     print("\n".join(summary))
 
