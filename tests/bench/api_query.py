@@ -54,12 +54,14 @@ import httpx
 import psutil
 import psycopg2
 from sqlalchemy import event, select
+from sqlalchemy.exc import DBAPIError
 from starlette.responses import JSONResponse
 
 from api.auth import authenticate
 from shared.catalog import db
 from shared.catalog.models import QUERYABLE
 from shared.catalog.query import parse_rest, run_query
+from shared.errors import CatalogUnavailable
 from shared.inventory import inventories
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -157,12 +159,13 @@ def copy_rows(
     return total
 
 
-def admin_sql(server: str, sql: str, params: Sequence[object] = (), retry_seconds: float = 0.0) -> list[Any]:
-    """Run ``sql`` on the server's ``postgres`` database in autocommit, on a fresh connection."""
+def sql_at(dsn: str, sql: str, params: Sequence[object] = (), retry_seconds: float = 0.0) -> list[Any]:
+    """Run ``sql`` in autocommit on a fresh connection to ``dsn``, retrying connection failures
+    for ``retry_seconds`` (the server may be restarting)."""
     deadline = time.monotonic() + retry_seconds
     while True:
         try:
-            conn = psycopg2.connect(f"{server}/postgres")
+            conn = psycopg2.connect(dsn)
             try:
                 conn.autocommit = True
                 with conn.cursor() as cur:
@@ -700,6 +703,8 @@ class Sample:
     inventory_ms: list[float] = field(default_factory=list)
     rows: list[int] = field(default_factory=list)
     totals: list[int] = field(default_factory=list)
+    others_cpu: float = 0.0
+    """CPUs used on average by other (non-PostgreSQL) processes while this was measured."""
 
 
 class Capture:
@@ -718,6 +723,8 @@ def http_call(client: httpx.Client, query: QueryDef, params: Params) -> tuple[fl
     began = time.perf_counter()
     response = client.get(f"/v1/{query.path}", params=params)
     elapsed = (time.perf_counter() - began) * 1000
+    if response.status_code == 503:
+        raise ServerUnavailable(f"{query.name}: HTTP 503: {response.text[:300]}")
     if response.status_code != 200:
         raise RuntimeError(f"{query.name}: HTTP {response.status_code}: {response.text[:500]}")
     body = response.json()
@@ -770,6 +777,37 @@ def measure(client: httpx.Client, url: str, query: QueryDef, pools: Pools, runs:
             if total is not None:
                 sample.totals.append(total)
     return sample
+
+
+class ServerUnavailable(Exception):
+    """The API answered 503 or could not be reached (PostgreSQL restarting, say)."""
+
+
+def postmaster_start(server: str) -> object:
+    return sql_at(f"{server}/postgres", "SELECT pg_postmaster_start_time()", retry_seconds=180)[0][0]
+
+
+def measure_stable(
+    client: httpx.Client, url: str, server: str, query: QueryDef, pools: Pools, args: argparse.Namespace
+) -> Sample:
+    """:func:`measure`, started again from its warm-up when PostgreSQL went away or restarted
+    meanwhile (someone else's tests may restart it: a restart also empties its cache)."""
+    for _attempt in range(4):
+        started = postmaster_start(server)
+        watch = CpuWatch()
+        try:
+            sample = measure(client, url, query, pools, args.runs, args.warmup, args.seed)
+        except (ServerUnavailable, CatalogUnavailable, DBAPIError, httpx.TransportError) as exc:
+            detail = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
+            print(f"  ! {query.name}: {detail}; waiting for PostgreSQL, then measuring again", flush=True)
+            postmaster_start(server)
+            continue
+        if postmaster_start(server) != started:
+            print(f"  ! PostgreSQL restarted while measuring {query.name}; measuring again", flush=True)
+            continue
+        sample.others_cpu = watch.others()[0]
+        return sample
+    raise RuntimeError(f"{query.name}: PostgreSQL kept going away; giving up")
 
 
 def explain(url: str, capture: Capture, query: QueryDef, pools: Pools, seed: int) -> list[str]:
@@ -830,6 +868,14 @@ def auth_floor(url: str, args: argparse.Namespace) -> list[str]:
         f"in-process floor, {name}: p50 {percentile(values, 50):.2f} ms, p95 {percentile(values, 95):.2f} ms"
         for name, values in timings.items()
     ]
+
+
+def safe_explain(url: str, capture: Capture, query: QueryDef, pools: Pools, seed: int) -> list[str]:
+    """:func:`explain`, or a line saying why it failed (the server restarting, say)."""
+    try:
+        return explain(url, capture, query, pools, seed)
+    except (CatalogUnavailable, DBAPIError, psycopg2.Error) as exc:
+        return [f"  EXPLAIN failed: {str(exc).strip().splitlines()[0][:200]}"]
 
 
 # -- the server ----------------------------------------------------------------------------------
@@ -900,7 +946,7 @@ def fmt_rows(sample: Sample) -> str:
 def table(results: list[tuple[QueryDef, Sample]], target_ms: float) -> list[str]:
     head = (
         f"{'query':<50} {'HTTP p50':>8} {'p95':>7} {'p99':>7} | {'direct p50':>10} {'p95':>7} {'p99':>7} | "
-        f"{f'p95<{target_ms:.0f}ms':>8} | rows"
+        f"{f'p95<{target_ms:.0f}ms':>8} | {'others':>6} | rows"
     )
     lines = [head, "-" * len(head)]
     for query, s in results:
@@ -909,7 +955,7 @@ def table(results: list[tuple[QueryDef, Sample]], target_ms: float) -> list[str]
             f"{query.name:<50} {percentile(s.http_ms, 50):>8.1f} {percentile(s.http_ms, 95):>7.1f} "
             f"{percentile(s.http_ms, 99):>7.1f} | {percentile(s.direct_ms, 50):>10.1f} "
             f"{percentile(s.direct_ms, 95):>7.1f} {percentile(s.direct_ms, 99):>7.1f} | "
-            f"{'yes' if hit else 'NO':>8} | {fmt_rows(s)}"
+            f"{'yes' if hit else 'NO':>8} | {s.others_cpu:>6.2f} | {fmt_rows(s)}"
         )
     return lines
 
@@ -924,7 +970,8 @@ def overhead(results: list[tuple[QueryDef, Sample]]) -> list[str]:
 
 
 class CpuWatch:
-    """CPU used by processes other than this benchmark's (itself, the API, its database backends)."""
+    """CPU used by processes other than this benchmark and its API subprocess. PostgreSQL's
+    processes are left out (they serve this benchmark too, and cannot be told apart)."""
 
     def __init__(self) -> None:
         self.load = os.getloadavg()
@@ -940,29 +987,29 @@ class CpuWatch:
                 found[proc.info["pid"]] = (proc.info["name"] or "?", times.user + times.system)
         return found
 
-    def report(self, ours: set[int]) -> list[str]:
-        elapsed = time.monotonic() - self.began
-        after = self._snapshot()
+    def others(self) -> tuple[float, list[tuple[float, str]]]:
+        """(CPUs used on average by other processes since the start, the busiest of them)."""
+        elapsed = max(1e-3, time.monotonic() - self.began)
         me = os.getpid()
-        ours = ours | {me, *(child.pid for child in psutil.Process(me).children(recursive=True))}
+        ours = {me, *(child.pid for child in psutil.Process(me).children(recursive=True))}
         shares: dict[str, float] = defaultdict(float)
-        for pid, (name, used) in after.items():
-            if pid not in ours:
+        for pid, (name, used) in self._snapshot().items():
+            if pid not in ours and name != "postgres":
                 shares[name] += (used - self.before.get(pid, (name, 0.0))[1]) / elapsed
+        busy = sorted(((share, name) for name, share in shares.items() if share >= 0.05), reverse=True)
+        return sum(shares.values()), busy
+
+    def report(self) -> list[str]:
+        total, busy = self.others()
         load = os.getloadavg()
-        lines = [
+        return [
             f"load average (1/5/15 min): before {self.load[0]:.2f}/{self.load[1]:.2f}/{self.load[2]:.2f}, "
             f"after {load[0]:.2f}/{load[1]:.2f}/{load[2]:.2f} on {os.cpu_count()} CPUs "
-            "(the benchmark itself keeps about 1 CPU busy: client, API and PostgreSQL take turns)"
-        ]
-        busy = sorted(((share, name) for name, share in shares.items() if share >= 0.05), reverse=True)
-        total = sum(shares.values())
-        lines.append(
-            f"CPU used by other processes while measuring: {total:.2f} CPUs on average"
+            "(the benchmark keeps about 1 CPU busy, more when PostgreSQL runs parallel workers)",
+            f"CPU used by other (non-PostgreSQL) processes while measuring: {total:.2f} CPUs on average"
             + (": " + ", ".join(f"{name} {share:.2f}" for share, name in busy[:6]) if busy else "")
-            + (" -> timings are likely noisy" if total >= 0.5 else "")
-        )
-        return lines
+            + (" -> timings are likely noisy" if total >= 0.3 else ""),
+        ]
 
 
 # -- main ----------------------------------------------------------------------------------------
@@ -991,7 +1038,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     server = args.pg.rstrip("/")
     dsn = f"{server}/{name}"
     url = dsn.replace("postgresql://", "postgresql+psycopg2://", 1)
-    admin_sql(server, f'CREATE DATABASE "{name}"')
+    sql_at(f"{server}/postgres", f'CREATE DATABASE "{name}"')
     print(f"database {name}", flush=True)
     try:
         began = time.perf_counter()
@@ -1024,7 +1071,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print("\n".join(auth_floor(url, args)), flush=True)
             for query in (FLOOR, *QUERIES):
                 t = time.perf_counter()
-                sample = measure(client, url, query, pools, args.runs, args.warmup, args.seed)
+                sample = measure_stable(client, url, server, query, pools, args)
                 results.append((query, sample))
                 print(
                     f"  {query.name}: HTTP p95 {percentile(sample.http_ms, 95):.1f} ms, "
@@ -1039,20 +1086,19 @@ def main(argv: Sequence[str] | None = None) -> int:
             print()
             print("\n".join(overhead(results)))
             print()
-            backends = admin_sql(server, "SELECT pid FROM pg_stat_activity WHERE datname = %s", (name,))
-            print("\n".join(watch.report({pid for (pid,) in backends})))
+            print("\n".join(watch.report()))
 
             misses = [(q, s) for q, s in results if percentile(s.http_ms, 95) >= args.target_ms]
             missed = {query.name for query, _sample in misses}
             for query, _sample in results if args.explain_all else misses:
                 print(f"\nEXPLAIN ({'miss' if query.name in missed else 'meets the target'}): {query.name}")
-                print("\n".join(explain(url, capture, query, pools, args.seed)))
+                print("\n".join(safe_explain(url, capture, query, pools, args.seed)))
                 if query.candidates:
                     print("  candidate index(es): " + "; ".join(query.candidates))
 
             tried = [(q, s) for q, s in (results if args.what_if_all else misses) if q.candidates]
             if tried and not args.no_what_if:
-                what_if(client, url, capture, tried, pools, args)
+                what_if(client, url, server, capture, tried, pools, args)
         return 0
     finally:
         db.reset()
@@ -1060,7 +1106,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"kept database {name}: {dsn}")
         else:
             try:  # the server may be restarting (someone else's tests): retry for a while
-                admin_sql(server, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)', retry_seconds=120)
+                sql_at(f"{server}/postgres", f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)', retry_seconds=180)
                 print(f"dropped database {name}")
             except psycopg2.Error as exc:
                 print(f"could not drop database {name}: {exc}; drop it by hand", file=sys.stderr)
@@ -1069,38 +1115,34 @@ def main(argv: Sequence[str] | None = None) -> int:
 def what_if(
     client: httpx.Client,
     url: str,
+    server: str,
     capture: Capture,
     tried: list[tuple[QueryDef, Sample]],
     pools: Pools,
     args: argparse.Namespace,
 ) -> None:
     """For each query in turn: create its candidate indexes, re-measure it, EXPLAIN it, drop them."""
-    raw = psycopg2.connect(url.replace("postgresql+psycopg2://", "postgresql://", 1))
-    raw.autocommit = True
-    cur = raw.cursor()
+    dsn = url.replace("postgresql+psycopg2://", "postgresql://", 1)
     summary: list[str] = []
     after: list[tuple[QueryDef, Sample]] = []
-    try:
-        for query, before in tried:
-            print(f"\nWhat-if for {query.name}: " + "; ".join(query.candidates), flush=True)
-            try:
-                for stmt in query.candidates:
-                    cur.execute(stmt)
-                for table_name in sorted({stmt.split(" ON ", 1)[1].split()[0] for stmt in query.candidates}):
-                    cur.execute(f"VACUUM (ANALYZE) {table_name}")
-                sample = measure(client, url, query, pools, args.runs, args.warmup, args.seed)
-                after.append((query, sample))
-                print("\n".join(explain(url, capture, query, pools, args.seed)))
-            finally:
-                for stmt in query.candidates:
-                    cur.execute(f'DROP INDEX IF EXISTS "{stmt.split()[2]}"')
-            summary.append(
-                f"  {query.name}: HTTP p95 {percentile(before.http_ms, 95):.1f} -> "
-                f"{percentile(sample.http_ms, 95):.1f} ms, direct p95 {percentile(before.direct_ms, 95):.1f} -> "
-                f"{percentile(sample.direct_ms, 95):.1f} ms  with " + "; ".join(query.candidates)
-            )
-    finally:
-        raw.close()
+    for query, before in tried:
+        print(f"\nWhat-if for {query.name}: " + "; ".join(query.candidates), flush=True)
+        try:
+            for stmt in query.candidates:
+                sql_at(dsn, stmt.replace("CREATE INDEX", "CREATE INDEX IF NOT EXISTS", 1), retry_seconds=180)
+            for table_name in sorted({stmt.split(" ON ", 1)[1].split()[0] for stmt in query.candidates}):
+                sql_at(dsn, f"VACUUM (ANALYZE) {table_name}", retry_seconds=180)
+            sample = measure_stable(client, url, server, query, pools, args)
+            after.append((query, sample))
+            print("\n".join(safe_explain(url, capture, query, pools, args.seed)))
+        finally:
+            for stmt in query.candidates:
+                sql_at(dsn, f'DROP INDEX IF EXISTS "{stmt.split()[2]}"', retry_seconds=180)
+        summary.append(
+            f"  {query.name}: HTTP p95 {percentile(before.http_ms, 95):.1f} -> "
+            f"{percentile(sample.http_ms, 95):.1f} ms, direct p95 {percentile(before.direct_ms, 95):.1f} -> "
+            f"{percentile(sample.direct_ms, 95):.1f} ms  with " + "; ".join(query.candidates)
+        )
     print("\nWhat-if results (each query with only its own candidate indexes, same draws as before):")
     print("\n".join(table(after, args.target_ms)))
     print("\n".join(summary))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import time
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from shared.catalog.models import new_uuid
@@ -114,14 +115,20 @@ def test_misfires_collapse_into_one_fire_on_return(stack: Stack) -> None:
     vol = volume(stack, host, "m", 4 * MiB)
     group = stack.client.create_job_group("g", "volumeBackup")
     stack.client.add_targets(group["uuid"], [vol["uuid"]])
-    trigger = stack.client.create_trigger("t", schedulerType="simple", schedulerInterval=4)
+    start = datetime.now(UTC).replace(microsecond=0) + timedelta(seconds=1)
+    trigger = stack.client.create_trigger(
+        "t", schedulerType="simple", schedulerInterval=5, startTime=int(start.timestamp() * 1000)
+    )
     stack.client.attach_trigger(trigger["uuid"], group["uuid"])
-    time.sleep(9)  # no beat: three fire times pass (0, 4, 8 s)
-    stack.start_beat()
+    time.sleep(max(0.0, (start + timedelta(seconds=11) - datetime.now(UTC)).total_seconds()))
+    stack.start_beat()  # no beat until now: the fire times start+0, +5 and +10 s have passed
     stack.wait_for("the catch-up fire", lambda: len(histories(stack, group["uuid"])) >= 1)
-    time.sleep(1.5)
-    assert len(histories(stack, group["uuid"])) == 1  # once, not once per missed fire
+    time.sleep(2)
     stack.client.action("scheduler/jobgroups", group["uuid"], "changeSchedulerJobGroupState", {"stateEvent": "disable"})
+    fired = [datetime.fromisoformat(r["executeTime"].replace("Z", "+00:00")) for r in histories(stack, group["uuid"])]
+    assert fired[0] == start + timedelta(seconds=10)  # once, for the newest missed time
+    assert all(f >= start + timedelta(seconds=10) for f in fired)  # never the older missed ones
+    assert all((f - start).total_seconds() % 5 == 0 for f in fired)
 
 
 def test_failed_targets_get_failed_rows_and_the_others_still_run(stack: Stack) -> None:
