@@ -10,10 +10,13 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
 from sqlalchemy import select, update
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session
 
 from shared.catalog import db
@@ -42,13 +45,11 @@ def enqueue(
     resource_type: str | None = None,
     host_uuid: str | None = None,
     account_uuid: str | None = None,
-    job_uuid: str | None = None,
 ) -> ApiJob:
     """Record an API job and send its task (ids only in the message). The row is committed
-    before the message is sent, so a worker always finds it; a ``job_uuid`` that exists
-    already raises IntegrityError (the caller's savepoint absorbs it)."""
+    before the message is sent, so a worker always finds it."""
     job = ApiJob(
-        uuid=job_uuid or new_uuid(),
+        uuid=new_uuid(),
         action=action,
         params={**params, "_task": task, "_queue": queue},
         resourceUuid=resource_uuid,
@@ -62,6 +63,55 @@ def enqueue(
     celery_app().send_task(task, args=[job.uuid], task_id=job.uuid, queue=queue)
     log.info("job.enqueued uuid=%s action=%s queue=%s", job.uuid, action, queue)
     return job
+
+
+@dataclass(frozen=True)
+class NewJob:
+    """One job for :func:`enqueue_many`."""
+
+    uuid: str
+    action: str
+    task: str
+    queue: str
+    params: dict[str, Any]
+    resource_uuid: str | None = None
+    resource_type: str | None = None
+    host_uuid: str | None = None
+
+
+def enqueue_many(session: Session, jobs: list[NewJob]) -> list[str]:
+    """Record many jobs in one statement, skipping uuids that exist already (another beat
+    made them), commit, then send the tasks of the ones recorded here. Returns their uuids."""
+    if not jobs:
+        return []
+    moment = now()
+    rows = [
+        {
+            "uuid": job.uuid,
+            "action": job.action,
+            "params": {**job.params, "_task": job.task, "_queue": job.queue},
+            "resourceUuid": job.resource_uuid,
+            "resourceType": job.resource_type,
+            "hostUuid": job.host_uuid,
+            "state": "Pending",
+            "progress": 0,
+            "createDate": moment,
+            "lastOpDate": moment,
+        }
+        for job in jobs
+    ]
+    dialect = session.get_bind().dialect.name
+    insert = pg_insert if dialect == "postgresql" else sqlite_insert
+    statement = insert(ApiJob).values(rows).on_conflict_do_nothing(index_elements=["uuid"]).returning(ApiJob.uuid)
+    recorded = set(session.scalars(statement))
+    session.commit()
+    app = celery_app()
+    sent = []
+    for job in jobs:
+        if job.uuid in recorded:
+            app.send_task(job.task, args=[job.uuid], task_id=job.uuid, queue=job.queue)
+            sent.append(job.uuid)
+    return sent
 
 
 def start_job(session: Session, job_uuid: str) -> ApiJob | None:

@@ -52,7 +52,8 @@ ID_NAMESPACE = uuidlib.UUID("6b1f0f7e-8d5c-4c43-9a57-0c0de5b10c4b")
 MANUAL = "manual"
 ACTION = "schedulerJob"
 TASK = "blockvault.scheduler.run"
-RESUME_AFTER = timedelta(seconds=15)
+RESUME_AFTER = timedelta(seconds=60)
+FIRE_BATCH = 500
 
 
 # -- validation ----------------------------------------------------------------------------------
@@ -251,29 +252,6 @@ def run_id(group_uuid: str, trigger_uuid: str, fire_time: datetime, target: str)
     return uuidlib.uuid5(ID_NAMESPACE, f"{group_uuid}/{trigger_uuid}/{fire_time.isoformat()}/{target}").hex
 
 
-def _route(session: Session, group: SchedulerJobGroup, target: str) -> tuple[str, str | None]:
-    """(queue, host) for one target; raises with the reason it cannot run now."""
-    if group.jobType == "databaseBackup":
-        return STORAGE_QUEUE, None
-    if group.jobType == "volumeBackup":
-        volume = session.get(Volume, target)
-        if volume is None:
-            raise NotFound(resource="volume", uuid=target)
-        host = volume.hostUuid
-    else:
-        vm = session.get(VmInstance, target)
-        if vm is None:
-            raise NotFound(resource="VM instance", uuid=target)
-        root = session.scalars(select(Volume).where(Volume.vmInstanceUuid == target, Volume.type == "Root")).first()
-        if root is None:
-            raise Conflict(detail=f"VM {target} has no root volume")
-        host = root.hostUuid
-    row = session.get(Host, host)
-    if row is None or row.status != "Connected":
-        raise Conflict(detail=f"host {host} is {row.status if row else 'unknown'}: no worker is running for it")
-    return host_queue(host), host
-
-
 def fire(
     session: Session,
     group: SchedulerJobGroup,
@@ -315,10 +293,65 @@ def fire(
     if group.jobType == "databaseBackup" and not targets and only_jobs is None:
         targets = [(None, group.uuid)]
     created = 0
-    for job_uuid, target in targets:
-        job_id = run_id(group.uuid, trigger_uuid, fire_time, target)
-        if session.get(ApiJob, job_id) is not None:
+    for start in range(0, len(targets), FIRE_BATCH):
+        created += _fire_batch(session, group, trigger_uuid, fire_time, targets[start : start + FIRE_BATCH])
+    record.done = True
+    session.commit()
+    log.info("scheduler.fired group=%s trigger=%s time=%s jobs=%d", group.uuid, trigger_uuid, fire_time, created)
+    return created
+
+
+def _routes(
+    session: Session, group: SchedulerJobGroup, targets: list[str]
+) -> dict[str, tuple[str, str | None] | BlockvaultError]:
+    """(queue, host) for each target, or the error that keeps it from running now; a few
+    queries for the whole batch."""
+    if group.jobType == "databaseBackup":
+        return {t: (STORAGE_QUEUE, None) for t in targets}
+    out: dict[str, tuple[str, str | None] | BlockvaultError] = {}
+    if group.jobType == "volumeBackup":
+        rows = session.execute(select(Volume.uuid, Volume.hostUuid).where(Volume.uuid.in_(targets))).tuples()
+        found = {uuid: host for uuid, host in rows}
+        for target in targets:
+            if target not in found:
+                out[target] = NotFound(resource="volume", uuid=target)
+    else:
+        vms = set(session.scalars(select(VmInstance.uuid).where(VmInstance.uuid.in_(targets))))
+        roots = select(Volume.vmInstanceUuid, Volume.hostUuid).where(
+            Volume.vmInstanceUuid.in_(targets), Volume.type == "Root"
+        )
+        found = {str(vm): host for vm, host in session.execute(roots).tuples()}
+        for target in targets:
+            if target not in vms:
+                out[target] = NotFound(resource="VM instance", uuid=target)
+            elif target not in found:
+                out[target] = Conflict(detail=f"VM {target} has no root volume")
+    hosts_rows = session.execute(select(Host.uuid, Host.status).where(Host.uuid.in_(set(found.values())))).tuples()
+    status = {uuid: state for uuid, state in hosts_rows}
+    for target, host in found.items():
+        if target in out:
             continue
+        if status.get(host) != "Connected":
+            out[target] = Conflict(detail=f"host {host} is {status.get(host, 'unknown')}: no worker is running for it")
+        else:
+            out[target] = (host_queue(host), host)
+    return out
+
+
+def _fire_batch(
+    session: Session,
+    group: SchedulerJobGroup,
+    trigger_uuid: str,
+    fire_time: datetime,
+    targets: list[tuple[str | None, str]],
+) -> int:
+    ids = {target: run_id(group.uuid, trigger_uuid, fire_time, target) for _job, target in targets}
+    existing = set(session.scalars(select(ApiJob.uuid).where(ApiJob.uuid.in_(list(ids.values())))))
+    todo = [(job, target) for job, target in targets if ids[target] not in existing]
+    routes = _routes(session, group, [target for _job, target in todo])
+    created = 0
+    new_jobs = []
+    for job_uuid, target in todo:
         params = {
             "schedulerJobGroupUuid": group.uuid,
             "schedulerJobUuid": job_uuid,
@@ -328,32 +361,25 @@ def fire(
             "jobData": group.jobData or {},
             "fireTime": fire_time.isoformat(),
         }
-        try:
-            queue, host = _route(session, group, target)
-        except BlockvaultError as exc:
-            _failed_at_fire(session, job_id, params, exc)
+        route = routes[target]
+        if isinstance(route, BlockvaultError):
+            _failed_at_fire(session, ids[target], params, route)
             created += 1
             continue
-        try:
-            with session.begin_nested():
-                apijobs.enqueue(
-                    session,
-                    ACTION,
-                    task=TASK,
-                    queue=queue,
-                    params=params,
-                    resource_uuid=target,
-                    resource_type=group.jobType,
-                    host_uuid=host,
-                    job_uuid=job_id,
-                )
-            created += 1
-        except IntegrityError:
-            continue  # another beat enqueued this target's run
-    record.done = True
-    session.commit()
-    log.info("scheduler.fired group=%s trigger=%s time=%s jobs=%d", group.uuid, trigger_uuid, fire_time, created)
-    return created
+        queue, host = route
+        new_jobs.append(
+            apijobs.NewJob(
+                uuid=ids[target],
+                action=ACTION,
+                task=TASK,
+                queue=queue,
+                params=params,
+                resource_uuid=target,
+                resource_type=group.jobType,
+                host_uuid=host,
+            )
+        )
+    return created + len(apijobs.enqueue_many(session, new_jobs))
 
 
 def _failed_at_fire(session: Session, job_id: str, params: dict[str, Any], exc: BlockvaultError) -> None:

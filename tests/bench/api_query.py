@@ -4,28 +4,32 @@
 Run as::
 
     .venv/bin/python tests/bench/api_query.py [--histories 1000000] [--backups 100000] [--keep-db]
+        [--runs 200] [--warmup 20] [--explain-all] [--what-if-all] [--no-what-if] [--target-ms 50]
 
 What it does:
 
 1. creates a fresh PostgreSQL database ``bv_bench_<random>``, runs ``migrate(url)`` and bulk-loads
    (``COPY``) hosts, volumes, backup storages, volume backups with their storage references,
    scheduler job groups / jobs / triggers, job histories and tags; the secondary indexes of the
-   big tables are dropped during the load and recreated exactly as the migration made them,
+   big tables are dropped during the load and recreated exactly as the migrations made them,
    then ``VACUUM (ANALYZE)``;
 2. starts the API (``uvicorn api.app:create_app --factory``) as a subprocess on that database and
    times typical queries through it with a keep-alive ``httpx`` client, alternating each HTTP
    request with the same kind of query run in this process through ``parse_rest`` + ``run_query``
-   on a Session (no HTTP, no auth, no serialisation) — every run draws fresh uuids / tags / time
-   windows from the loaded data;
-3. prints p50 / p95 / p99 (ms) of both, the rows returned and whether the HTTP p95 meets the
-   target (50 ms); an overhead breakdown; and for every query that misses, ``EXPLAIN (ANALYZE,
-   BUFFERS)`` of each statement ``run_query`` emitted (captured with ``before_cursor_execute``),
-   then a what-if: the candidate indexes for it are created, the query re-measured and the
-   indexes dropped again;
+   on a Session ("direct": no HTTP, no auth, no serialisation) — every run draws fresh uuids,
+   tags and time windows from the loaded data;
+3. prints p50 / p95 / p99 (ms) of both, the rows returned, whether the HTTP p95 meets the target
+   and how much CPU other processes used meanwhile ("others", in CPUs: noise); a breakdown of a
+   request's time; for every query that misses (every query with ``--explain-all``)
+   ``EXPLAIN (ANALYZE, BUFFERS)`` of each statement ``run_query`` emitted (captured with
+   ``before_cursor_execute``); then a what-if for every miss (every query with
+   ``--what-if-all``) that has candidate indexes: they are created, the query re-measured and
+   explained, and the indexes dropped again;
 4. drops the database unless ``--keep-db``.
 
-Not a pytest test: it needs a PostgreSQL server (``--pg``, default
-``postgresql://postgres@127.0.0.1:5432``) and takes minutes at full size.
+A query measured while PostgreSQL went away or restarted (other tests on the same server may
+restart it) is measured again from its warm-up. Not a pytest test: it needs a PostgreSQL server
+(``--pg``, default ``postgresql://postgres@127.0.0.1:5432``) and takes minutes at full size.
 """
 
 from __future__ import annotations
@@ -629,7 +633,7 @@ QUERIES: tuple[QueryDef, ...] = (
         "vb: __userTag__=<tag>",
         "volume-backups",
         lambda r, p: [("q", f"__userTag__={r.choice(p.backup_tags)}")],
-        ('CREATE INDEX bench_vb_created ON volume_backup ("createDate")',),
+        ("CREATE INDEX bench_tag_value ON tag (tag, type)",),
     ),
     QueryDef(
         "hist: group, 7-day window, -executeTime, limit 50",
@@ -687,8 +691,7 @@ QUERIES: tuple[QueryDef, ...] = (
         ('CREATE INDEX bench_hist_group_success ON scheduler_job_history ("schedulerJobGroupUuid", success)',),
     ),
 )
-_FIRST = [("fields", "name"), ("limit", "5")]
-FLOOR = QueryDef("floor: backup-storage (5 rows)", "backup-storage", lambda r, p: list(_FIRST))
+FLOOR = QueryDef("floor: backup-storage (5 rows)", "backup-storage", lambda r, p: [("fields", "name"), ("limit", "5")])
 
 
 def split_params(params: Params) -> tuple[list[str], dict[str, str]]:
@@ -704,7 +707,7 @@ class Sample:
     rows: list[int] = field(default_factory=list)
     totals: list[int] = field(default_factory=list)
     others_cpu: float = 0.0
-    """CPUs used on average by other (non-PostgreSQL) processes while this was measured."""
+    """CPUs used on average by other processes while this was measured (see :class:`CpuWatch`)."""
 
 
 class Capture:
@@ -799,7 +802,7 @@ def measure_stable(
             sample = measure(client, url, query, pools, args.runs, args.warmup, args.seed)
         except (ServerUnavailable, CatalogUnavailable, DBAPIError, httpx.TransportError) as exc:
             detail = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
-            print(f"  ! {query.name}: {detail}; waiting for PostgreSQL, then measuring again", flush=True)
+            print(f"  ! {detail}; waiting for PostgreSQL, then measuring {query.name} again", flush=True)
             postmaster_start(server)
             continue
         if postmaster_start(server) != started:
@@ -970,8 +973,12 @@ def overhead(results: list[tuple[QueryDef, Sample]]) -> list[str]:
 
 
 class CpuWatch:
-    """CPU used by processes other than this benchmark and its API subprocess. PostgreSQL's
-    processes are left out (they serve this benchmark too, and cannot be told apart)."""
+    """CPU used by processes other than this benchmark and its API subprocess. PostgreSQL
+    backends count when, at the end, they serve another database than ``database`` (backends
+    that came and went meanwhile are missed)."""
+
+    server = ""
+    database = ""
 
     def __init__(self) -> None:
         self.load = os.getloadavg()
@@ -992,10 +999,16 @@ class CpuWatch:
         elapsed = max(1e-3, time.monotonic() - self.began)
         me = os.getpid()
         ours = {me, *(child.pid for child in psutil.Process(me).children(recursive=True))}
+        foreign: set[int] = set()
+        if self.server:
+            with contextlib.suppress(psycopg2.Error):
+                activity = sql_at(f"{self.server}/postgres", "SELECT pid, datname FROM pg_stat_activity")
+                foreign = {pid for pid, datname in activity if datname not in (None, self.database, "postgres")}
         shares: dict[str, float] = defaultdict(float)
         for pid, (name, used) in self._snapshot().items():
-            if pid not in ours and name != "postgres":
-                shares[name] += (used - self.before.get(pid, (name, 0.0))[1]) / elapsed
+            if pid not in ours and (name != "postgres" or pid in foreign):
+                label = "postgres (other databases)" if name == "postgres" else name
+                shares[label] += (used - self.before.get(pid, (name, 0.0))[1]) / elapsed
         busy = sorted(((share, name) for name, share in shares.items() if share >= 0.05), reverse=True)
         return sum(shares.values()), busy
 
@@ -1006,7 +1019,8 @@ class CpuWatch:
             f"load average (1/5/15 min): before {self.load[0]:.2f}/{self.load[1]:.2f}/{self.load[2]:.2f}, "
             f"after {load[0]:.2f}/{load[1]:.2f}/{load[2]:.2f} on {os.cpu_count()} CPUs "
             "(the benchmark keeps about 1 CPU busy, more when PostgreSQL runs parallel workers)",
-            f"CPU used by other (non-PostgreSQL) processes while measuring: {total:.2f} CPUs on average"
+            "CPU used by other processes (and PostgreSQL backends of other databases) while measuring: "
+            f"{total:.2f} CPUs on average"
             + (": " + ", ".join(f"{name} {share:.2f}" for share, name in busy[:6]) if busy else "")
             + (" -> timings are likely noisy" if total >= 0.3 else ""),
         ]
@@ -1050,6 +1064,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         capture = Capture()
         event.listen(db.engine(url), "before_cursor_execute", capture)
+        CpuWatch.server, CpuWatch.database = server, name
         watch = CpuWatch()
         results: list[tuple[QueryDef, Sample]] = []
         headers = {"Authorization": f"Bearer {ADMIN_KEY}"}
