@@ -6,9 +6,11 @@ usage; errors are one line on stderr."""
 from __future__ import annotations
 
 import contextlib
+import faulthandler
 import importlib
 import json
 import logging
+import signal
 import sys
 from collections.abc import Callable, Iterator
 from typing import Any, ClassVar, NoReturn
@@ -74,6 +76,7 @@ class MainGroup(Group):
 @click.option("-v", "--verbose", count=True, help="Log more (-vv for debug).")
 def main(verbose: int) -> None:
     """blockvault: backups of VM volumes and of their management database."""
+    faulthandler.register(signal.SIGUSR1, all_threads=True)  # `kill -USR1` dumps every stack
     level = logging.WARNING - 10 * min(verbose, 2)
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s %(message)s", stream=sys.stderr)
 

@@ -91,8 +91,12 @@ FIRED_RE = re.compile(r"^(\S+ \S+) INFO \S+ scheduler\.fired group=(\w+) trigger
 RESUMED_RE = re.compile(r"^(\S+ \S+) WARNING \S+ scheduler\.resume_fire group=(\w+)")
 SPY_FUNCS = (  # (label, frame substring) for the beat profile's inclusive shares
     ("jobgroups.fire (all)", "fire (shared/jobgroups.py"),
-    ("  apijobs.enqueue", "enqueue (shared/apijobs.py"),
+    ("  apijobs.enqueue (one job)", "enqueue (shared/apijobs.py"),
+    ("  apijobs.enqueue_many (a batch)", "enqueue_many (shared/apijobs.py"),
+    ("  _routes (a batch's volumes and hosts)", "_routes (shared/jobgroups.py"),
+    ("  _failed_at_fire", "_failed_at_fire (shared/jobgroups.py"),
     ("    Session.flush (INSERT api_job)", "flush (sqlalchemy/orm/session.py"),
+    ("    Session.scalars (SELECT existing, INSERT RETURNING)", "scalars (sqlalchemy/orm/session.py"),
     ("    Session.commit", "commit (sqlalchemy/orm/session.py"),
     ("    celery send_task", "send_task (celery/app/base.py"),
     ("    logging", "info (logging/__init__.py"),
@@ -474,9 +478,10 @@ class Spy:
     out: Path
 
     @classmethod
-    def start(cls, py_spy: str, proc: Proc, work: Path) -> Spy:
+    def start(cls, py_spy: str, proc: Proc, work: Path, *, idle: bool = True, extra: tuple[str, ...] = ()) -> Spy:
         out = work / f"{proc.name}.pyspy.txt"
-        command = [py_spy, "record", "--pid", str(proc.popen.pid), "--idle", "--rate", "200", "--format", "raw"]
+        command = [py_spy, "record", "--pid", str(proc.popen.pid), "--rate", "200", "--format", "raw", *extra]
+        command += ["--idle"] if idle else []
         with open(work / f"{proc.name}.pyspy.log", "ab") as spy_log:
             popen = subprocess.Popen(
                 [*command, "--output", str(out), "--nonblocking"], stdout=spy_log, stderr=subprocess.STDOUT
@@ -512,6 +517,32 @@ class Spy:
             leaves[stack.split(";")[-1]] += count
         lines.append("    top leaf frames (where the thread was when sampled):")
         lines += [f"      {100 * c / total:5.1f} %  {frame}" for frame, c in leaves.most_common(12)]
+        return lines
+
+    def cpu_summary(self, top: int = 14) -> list[str]:
+        """Where a process spent its CPU (no idle samples): the project's own functions and the
+        libraries' frames, inclusive, and the leaf frames."""
+        if not self.out.exists():
+            return [f"{self.beat}: no py-spy output"]
+        inclusive: collections.Counter[str] = collections.Counter()
+        leaves: collections.Counter[str] = collections.Counter()
+        total = 0
+        for line in self.out.read_text(errors="replace").splitlines():
+            stack, _, count = line.rpartition(" ")
+            if not count.isdigit():
+                continue
+            frames = stack.split(";")
+            total += int(count)
+            leaves[frames[-1]] += int(count)
+            for frame in {re.sub(r":\d+\)$", ")", f) for f in frames}:
+                if PROJECT_FRAME_RE.search(frame) or any(needle in frame for needle in HOT_LIBRARY_FRAMES):
+                    inclusive[frame] += int(count)
+        if not total:
+            return [f"{self.beat}: no CPU samples"]
+        lines = [f"{self.beat}: {total} CPU samples (200/s); the project's functions and SQL/Redis calls, inclusive:"]
+        lines += [f"      {100 * c / total:5.1f} %  {frame}" for frame, c in inclusive.most_common(top * 2)]
+        lines.append("    top leaf frames:")
+        lines += [f"      {100 * c / total:5.1f} %  {frame}" for frame, c in leaves.most_common(top)]
         return lines
 
 
@@ -670,6 +701,7 @@ def code_label() -> str:
 class Report:
     rows: list[tuple[str, str, str]] = field(default_factory=list)  # figure, value, verdict
     notes: list[str] = field(default_factory=list)
+    header: list[str] = field(default_factory=list)
     failed: bool = False
 
     def add(self, figure: str, value: object, verdict: bool | None = None) -> None:
@@ -681,12 +713,64 @@ class Report:
         width = max(len(r[0]) for r in self.rows)
         vwidth = max(len(r[1]) for r in self.rows)
         print()
+        for line in self.header:
+            print(line)
         print(f"{'figure':<{width}}  {'value':>{vwidth}}  verdict")
         print(f"{'-' * width}  {'-' * vwidth}  -------")
         for figure, value, mark in self.rows:
             print(f"{figure:<{width}}  {value:>{vwidth}}  {mark}")
         for note in self.notes:
             print(note)
+
+
+PROJECT_FRAME_RE = re.compile(r"\((?:api|shared|workers|beat)/")
+HOT_LIBRARY_FRAMES = (
+    "do_execute (sqlalchemy",
+    "do_commit (sqlalchemy",
+    "do_ping (sqlalchemy",
+    "send_task (celery",
+    "Session.flush (sqlalchemy",
+    "_read_from_socket (redis",
+    "_emit_update_statements (sqlalchemy",
+)
+LOG_TIME_RE = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d),(\d{3}) ")
+
+
+def timeline(conn: Connection, group: str, fire_at: datetime, stack: Stack, bucket: int = 30) -> list[str]:
+    """History rows written, and tasks re-sent by requeue_stale, per ``bucket`` seconds after
+    the fire."""
+    rows = conn.execute(
+        text(
+            'SELECT floor(extract(epoch FROM "createDate" - :f) / :b)::int, count(*) FROM scheduler_job_history'
+            ' WHERE "schedulerJobGroupUuid" = :g GROUP BY 1 ORDER BY 1'
+        ),
+        {"f": fire_at, "b": bucket, "g": group},
+    ).all()
+    written = {int(k): int(v) for k, v in rows}
+    requeued: collections.Counter[int] = collections.Counter()
+    skipped: collections.Counter[int] = collections.Counter()
+    for name, proc in stack.procs.items():
+        if not name.startswith("worker"):
+            continue
+        for line in proc.text().splitlines():
+            kind = requeued if "job.requeued" in line else skipped if "job.skipped" in line else None
+            found = LOG_TIME_RE.match(line) if kind is not None else None
+            if kind is not None and found:
+                stamp = datetime.strptime(found.group(1), "%Y-%m-%d %H:%M:%S").astimezone(UTC)
+                kind[int((stamp - fire_at).total_seconds() // bucket)] += 1
+    keys = sorted(set(written) | set(requeued) | set(skipped))
+    lines = [f"per {bucket} s after the fire: history rows written / tasks re-sent (job.requeued) / skipped deliveries"]
+    lines += [
+        f"    t={k * bucket:5d}..{(k + 1) * bucket:<5d} {written.get(k, 0):6d} rows"
+        f" ({written.get(k, 0) / bucket:5.1f}/s)  {requeued.get(k, 0):6d} re-sent  {skipped.get(k, 0):6d} skipped"
+        for k in keys
+    ]
+    return lines
+
+
+def window(value: str) -> tuple[float, float]:
+    start, _, duration = value.partition(":")
+    return float(start), float(duration or 30)
 
 
 def parse_args() -> argparse.Namespace:
@@ -709,6 +793,10 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--timeout", type=float, default=7200.0, help="give up this long after the fire")
     parser.add_argument("--settle", type=float, default=5.0, help="s to watch for late duplicates at the end")
     parser.add_argument("--profile-beat", action="store_true", help="py-spy record every beat during the fire")
+    parser.add_argument(
+        "--profile-workers", type=window, metavar="START:SECONDS", help="py-spy the workers from START s after the fire"
+    )
+    parser.add_argument("--profile-api", action="store_true", help="py-spy record the API while registering")
     parser.add_argument("--py-spy", default=shutil.which("py-spy") or "/tmp/pyspy/bin/py-spy")
     parser.add_argument("--fire-profile", type=int, default=0, metavar="K", help="in-process fire of K targets")
     parser.add_argument("--seed", type=int, default=20240501)
@@ -723,7 +811,7 @@ def main() -> int:
     work = Path(tempfile.mkdtemp(prefix="bv_sched_", dir="/var/tmp"))
     log(f"work dir {work}")
     report = Report()
-    report.add("code", code_label())
+    report.header.append(f"code: {code_label()}")
     db_name, url = create_database(args.pg)
     log(f"database {db_name}")
     rindex = RedisIndex(args.redis, args.redis_index)
@@ -784,10 +872,22 @@ def run(
     log(f"{n} volumes made in {made:.1f} s")
     client = stack.client()
     storage = client.add_backup_storage("bench", f"file://{stack.work / 'store'}")
+    api_spy = Spy.start(args.py_spy, stack.procs["api"], stack.work, idle=False) if args.profile_api else None
+    before = CpuSnapshot.take(stack)
     begin = time.monotonic()
     volumes = register_volumes(stack, hosts, paths, args.register_threads)
     registered = time.monotonic() - begin
+    after = CpuSnapshot.take(stack)
     log(f"{n} volumes registered in {registered:.1f} s ({n / registered:.0f}/s)")
+    report.notes.append("CPU while registering the volumes:")
+    report.notes += [
+        f"    {who:<32} {used:8.1f} s  {pct:6.1f} %  {1000 * used / n:6.2f} ms/volume"
+        for who, used, pct in cpu_rows(before, after)
+        if not who.startswith(("worker", "all worker", "beat", "all beat"))
+    ]
+    if api_spy is not None:
+        api_spy.stop()
+        report.notes += ["API profile while registering (py-spy, CPU only):", *api_spy.cpu_summary()]
     group = client.create_job_group("scale", "volumeBackup", backupStorageUuids=[storage["uuid"]])
     begin = time.monotonic()
     for start in range(0, n, args.batch):
@@ -824,9 +924,19 @@ def run(
     stats_enq: dict[str, int] | None = None
     last_change, last_key, last_print = time.time(), (-1, -1), 0.0
     finished_at: float | None = None
+    worker_spies: list[Spy] = []
     while True:
         now_s = sample(conn, group["uuid"], fire_epoch)
         samples.append(now_s)
+        if args.profile_workers and not worker_spies and now_s.t >= args.profile_workers[0]:
+            extra = ("--subprocesses", "--duration", str(int(args.profile_workers[1])))
+            worker_spies = [
+                Spy.start(args.py_spy, proc, stack.work, idle=False, extra=extra)
+                for name, proc in stack.procs.items()
+                if name.startswith("worker")
+            ]
+            spies += worker_spies
+            log(f"py-spy on the workers for {args.profile_workers[1]:.0f} s")
         key = (now_s.enqueued, now_s.histories)
         if key != last_key:
             last_key, last_change = key, time.time()
@@ -975,11 +1085,22 @@ def run(
     for label, start, end in windows:
         report.notes.append(f"  {label} ({end.at - start.at:.1f} s wall, {psutil.cpu_count()} cores):")
         report.notes += [f"    {who:<32} {used:8.1f} s  {pct:6.1f} %" for who, used, pct in cpu_rows(start, end)]
-    if spies:
+    beat_spies = [spy for spy in spies if spy not in worker_spies]
+    if beat_spies:
         report.notes.append("")
         report.notes.append("beat profile (py-spy, inside jobgroups.fire, inclusive):")
-        for spy in spies:
+        for spy in beat_spies:
             report.notes += spy.summary()
+    for spy in worker_spies:
+        spy.stop()
+        report.notes.append("")
+        report.notes.append(
+            f"worker profile from t={args.profile_workers[0]:.0f} s for {args.profile_workers[1]:.0f} s"
+            " (py-spy --subprocesses, CPU only):"
+        )
+        report.notes += spy.cpu_summary()
+    report.notes.append("")
+    report.notes += timeline(conn, group["uuid"], fire_at, stack)
     conn.close()
     if args.fire_profile:
         log(f"in-process fire profile of {args.fire_profile} targets")

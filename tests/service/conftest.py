@@ -3,6 +3,7 @@ and Redis (from tests/services.py), each worker with its own host identity."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
 import signal
@@ -99,8 +100,18 @@ class Stack:
     def wait_for(self, what: str, check: Callable[[], bool], timeout: float = 90) -> None:
         deadline = time.monotonic() + timeout
         while not check():
-            assert time.monotonic() < deadline, f"timed out waiting for {what}"
+            if time.monotonic() > deadline:
+                raise AssertionError(f"timed out waiting for {what}\n{self.stacks()}")
             time.sleep(0.3)
+
+    def stacks(self) -> str:
+        """Every live process's stacks (SIGUSR1 -> faulthandler) and log tail, for a hang."""
+        for proc in self.procs.values():
+            if proc.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(proc.pid, signal.SIGUSR1)
+        time.sleep(1)
+        return "\n".join(f"==== {name}\n{self.log(name)[-6000:]}" for name in self.procs)
 
     def wait_host(
         self,
