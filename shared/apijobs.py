@@ -129,22 +129,45 @@ def start_job(session: Session, job_uuid: str) -> ApiJob | None:
     return session.get(ApiJob, job_uuid)
 
 
-def requeue_stale(session: Session, older_than: float) -> int:
-    """Send again the tasks of jobs still Pending after ``older_than`` seconds: their message
-    may have been lost with a broker that keeps nothing on disk. Duplicates are harmless (see
-    start_job). Returns how many were sent."""
+def queue_depth(queue: str) -> int | None:
+    """Messages waiting in ``queue`` on the broker, or None when it cannot tell."""
+    try:
+        with celery_app().connection_for_write() as connection:
+            return int(connection.default_channel.queue_declare(queue=queue, passive=True).message_count)
+    except Exception:  # noqa: BLE001 - an unknown queue or a broker hiccup: no answer
+        return None
+
+
+def requeue_stale(session: Session, older_than: float, limit: int = 200) -> int:
+    """Send again the tasks of jobs still Pending after ``older_than`` seconds whose queue
+    is empty on the broker: their message was lost (a broker that keeps nothing on disk was
+    restarted). Jobs waiting behind others in a non-empty queue are left alone. Duplicates
+    are harmless (see start_job). At most ``limit`` a call; returns how many were sent."""
     cutoff = now() - timedelta(seconds=older_than)
-    sent = 0
-    for job in session.scalars(select(ApiJob).where(ApiJob.state == "Pending", ApiJob.lastOpDate < cutoff)):
+    stale = session.scalars(
+        select(ApiJob).where(ApiJob.state == "Pending", ApiJob.lastOpDate < cutoff).order_by(ApiJob.lastOpDate)
+    ).all()
+    depths: dict[str, int | None] = {}
+    chosen: list[ApiJob] = []
+    for job in stale:
         task, queue = (job.params or {}).get("_task"), (job.params or {}).get("_queue")
         if not task or not queue:
             continue
+        if queue not in depths:
+            depths[queue] = queue_depth(queue)
+        if depths[queue]:  # messages are waiting there: nothing was lost
+            continue
+        chosen.append(job)
+        if len(chosen) >= limit:
+            break
+    for job in chosen:
         job.lastOpDate = now()
-        session.commit()
-        celery_app().send_task(task, args=[job.uuid], task_id=job.uuid, queue=queue)
-        log.warning("job.requeued uuid=%s action=%s queue=%s", job.uuid, job.action, queue)
-        sent += 1
-    return sent
+    session.commit()
+    for job in chosen:
+        params = job.params or {}
+        celery_app().send_task(params["_task"], args=[job.uuid], task_id=job.uuid, queue=params["_queue"])
+        log.warning("job.requeued uuid=%s action=%s queue=%s", job.uuid, job.action, params["_queue"])
+    return len(chosen)
 
 
 def finish_job(session: Session, job: ApiJob, result: dict[str, Any]) -> None:

@@ -1,7 +1,8 @@
 """``blockvault worker``: one Celery worker for this host's queue and the shared queues.
 
-On start it migrates the catalog, registers its host and then heartbeats from a thread; the
-same thread reaps hosts whose workers stopped (any live worker does that job).
+On start it migrates the catalog, registers its host and then heartbeats from a thread; a
+second thread reaps hosts whose workers stopped and re-sends lost messages (any live worker
+does that job).
 """
 
 from __future__ import annotations
@@ -19,6 +20,9 @@ log = logging.getLogger(__name__)
 
 
 class Heartbeat(threading.Thread):
+    """Marks this host alive every ``every`` seconds; nothing else, so that no slow
+    maintenance ever delays a heartbeat."""
+
     def __init__(self, host_uuid: str, every: float) -> None:
         super().__init__(daemon=True, name="heartbeat")
         self.host_uuid, self.every = host_uuid, every
@@ -29,12 +33,28 @@ class Heartbeat(threading.Thread):
             try:
                 with db.session() as session:
                     hosts.heartbeat(session, self.host_uuid)
+            except Exception:
+                log.warning("host.heartbeat_failed uuid=%s", self.host_uuid, exc_info=True)
+
+
+class Maintenance(threading.Thread):
+    """Reaps hosts whose workers stopped and re-sends jobs whose message was lost (any live
+    worker does this; the work is idempotent)."""
+
+    def __init__(self, every: float, requeue_after: float) -> None:
+        super().__init__(daemon=True, name="maintenance")
+        self.every, self.requeue_after = every, requeue_after
+        self.stopped = threading.Event()
+
+    def run(self) -> None:
+        while not self.stopped.wait(self.every):
+            try:
                 with db.session() as session:
                     hosts.reap(session)
                 with db.session() as session:
-                    requeue_stale(session, get_settings().requeue_seconds)
+                    requeue_stale(session, self.requeue_after)
             except Exception:
-                log.warning("host.heartbeat_failed uuid=%s", self.host_uuid, exc_info=True)
+                log.warning("worker.maintenance_failed", exc_info=True)
 
 
 def run_worker(host_uuid: str | None = None, concurrency: int = 2, loglevel: str = "INFO") -> None:
@@ -45,6 +65,8 @@ def run_worker(host_uuid: str | None = None, concurrency: int = 2, loglevel: str
         hosts.register(session, host)
     beat = Heartbeat(host, settings.heartbeat_seconds)
     beat.start()
+    maintenance = Maintenance(settings.heartbeat_seconds, settings.requeue_seconds)
+    maintenance.start()
     log.info("worker.start host=%s queues=%s,%s", host, host_queue(host), STORAGE_QUEUE)
     app = celery_app()
     try:
@@ -62,3 +84,4 @@ def run_worker(host_uuid: str | None = None, concurrency: int = 2, loglevel: str
         )
     finally:
         beat.stopped.set()
+        maintenance.stopped.set()
