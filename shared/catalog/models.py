@@ -94,6 +94,11 @@ class BackupStorage(Resource, Base):
 # -- backups -----------------------------------------------------------------------------------
 class VolumeBackup(Resource, Base):
     __tablename__ = "volume_backup"
+    __table_args__ = (
+        Index("ix_volume_backup_createDate", "createDate"),
+        Index("ix_volume_backup_status", "status"),
+        Index("ix_volume_backup_mode", "mode"),
+    )
     resource_type = "VolumeBackupVO"
     volumeUuid: Mapped[str] = mapped_column(String(32), index=True)
     type: Mapped[str] = mapped_column(String(16), default="Data")
@@ -112,7 +117,10 @@ class VolumeBackup(Resource, Base):
 
 class VolumeBackupStorageRef(Stamped, Base):
     __tablename__ = "volume_backup_storage_ref"
-    __table_args__ = (UniqueConstraint("volumeBackupUuid", "backupStorageUuid"),)
+    __table_args__ = (
+        UniqueConstraint("volumeBackupUuid", "backupStorageUuid"),
+        Index("ix_vb_ref_storage_backup", "backupStorageUuid", "volumeBackupUuid"),
+    )
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
     volumeBackupUuid: Mapped[str] = mapped_column(ForeignKey("volume_backup.uuid", ondelete="CASCADE"), index=True)
     backupStorageUuid: Mapped[str] = mapped_column(ForeignKey("backup_storage.uuid"), index=True)
@@ -202,7 +210,12 @@ class SchedulerFire(Stamped, Base):
 
 class SchedulerJobHistory(Stamped, Base):
     __tablename__ = "scheduler_job_history"
-    __table_args__ = (Index("ix_history_group_time", "schedulerJobGroupUuid", "executeTime"),)
+    __table_args__ = (
+        Index("ix_history_group_time", "schedulerJobGroupUuid", "executeTime"),
+        Index("ix_history_group_success", "schedulerJobGroupUuid", "success"),
+        Index("ix_scheduler_job_history_createDate", "createDate"),
+        Index("ix_scheduler_job_history_success", "success"),
+    )
     resource_type = "SchedulerJobHistoryVO"
     id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True)
     executeTime: Mapped[datetime] = mapped_column(default=now, index=True)

@@ -63,6 +63,7 @@ import sys
 import tempfile
 import threading
 import time
+import traceback
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -73,8 +74,9 @@ from typing import Any
 import httpx
 import psutil
 import redis
-from sqlalchemy import Connection, create_engine, text
+from sqlalchemy import create_engine, text
 from sqlalchemy.engine import Engine, make_url
+from sqlalchemy.exc import InterfaceError, OperationalError
 from sqlalchemy.pool import NullPool
 
 from api.client import Client
@@ -437,6 +439,51 @@ def register_volumes(stack: Stack, hosts: list[str], paths: list[Path], threads:
 
 
 # -- measuring -------------------------------------------------------------------------------------
+class Rows(list[Any]):
+    """Fetched rows, with the few Result methods the checks use."""
+
+    def all(self) -> Rows:
+        return self
+
+    def one(self) -> Any:
+        if len(self) != 1:
+            raise RuntimeError(f"expected one row, got {len(self)}")
+        return self[0]
+
+    def scalar_one(self) -> Any:
+        return self.one()[0]
+
+
+class Catalog:
+    """Statements on the benchmark's database, each on a fresh connection, retried while the
+    server is unreachable (another session's tests may restart PostgreSQL): the outages are
+    recorded for the report."""
+
+    def __init__(self, engine: Engine, fire_epoch: float) -> None:
+        self.engine, self.fire_epoch = engine, fire_epoch
+        self.outages: list[tuple[float, float]] = []  # (t after the fire, seconds)
+
+    def execute(self, statement: Any, params: dict[str, Any] | None = None, *, patience: float = 600) -> Rows:
+        down: float | None = None
+        while True:
+            try:
+                with self.engine.connect() as conn:
+                    rows = Rows(conn.execute(statement, params or {}).all())
+            except (OperationalError, InterfaceError) as exc:
+                if down is None:
+                    down = time.time()
+                    first = str(exc.orig or exc).strip().splitlines()[0]
+                    log(f"PostgreSQL unreachable ({first}); retrying")
+                if time.time() - down > patience:
+                    raise
+                time.sleep(1)
+                continue
+            if down is not None:
+                self.outages.append((down - self.fire_epoch, time.time() - down))
+                log(f"PostgreSQL answers again after {time.time() - down:.1f} s")
+            return rows
+
+
 @dataclass
 class Sample:
     t: float  # seconds since the fire time
@@ -448,7 +495,7 @@ class Sample:
         return sum(self.jobs.values())
 
 
-def sample(conn: Connection, group: str, fire_epoch: float) -> Sample:
+def sample(conn: Catalog, group: str, fire_epoch: float) -> Sample:
     jobs = dict(
         conn.execute(text("SELECT state, count(*) FROM api_job WHERE action = :a GROUP BY state"), {"a": ACTION}).all()
     )
@@ -458,7 +505,7 @@ def sample(conn: Connection, group: str, fire_epoch: float) -> Sample:
     return Sample(time.time() - fire_epoch, {str(k): int(v) for k, v in jobs.items()}, int(histories))
 
 
-def pg_stats(conn: Connection, name: str) -> dict[str, int]:
+def pg_stats(conn: Catalog, name: str) -> dict[str, int]:
     row = conn.execute(
         text(
             "SELECT xact_commit, xact_rollback, tup_inserted, tup_updated, tup_fetched"
@@ -710,8 +757,8 @@ class Report:
         self.rows.append((figure, str(value), mark))
 
     def print(self) -> None:
-        width = max(len(r[0]) for r in self.rows)
-        vwidth = max(len(r[1]) for r in self.rows)
+        width = max((len(r[0]) for r in self.rows), default=6)
+        vwidth = max((len(r[1]) for r in self.rows), default=5)
         print()
         for line in self.header:
             print(line)
@@ -736,7 +783,7 @@ HOT_LIBRARY_FRAMES = (
 LOG_TIME_RE = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d),(\d{3}) ")
 
 
-def timeline(conn: Connection, group: str, fire_at: datetime, stack: Stack, bucket: int = 30) -> list[str]:
+def timeline(conn: Catalog, group: str, fire_at: datetime, stack: Stack, bucket: int = 30) -> list[str]:
     """History rows written, and tasks re-sent by requeue_stale, per ``bucket`` seconds after
     the fire."""
     rows = conn.execute(
@@ -824,6 +871,9 @@ def main() -> int:
     except KeyboardInterrupt:
         report.failed = True
         log("interrupted")
+    except Exception:  # noqa: BLE001 - reported, then the teardown and the partial report
+        report.failed = True
+        traceback.print_exc()
     finally:
         for spy in spies:
             spy.stop()
@@ -835,7 +885,14 @@ def main() -> int:
             log(f"kept: database {db_name} ({url}), Redis {rindex.url}, work dir {work}")
             log(f"code: {os.environ.get(CODE_ENV, ROOT)}")
         else:
-            drop_database(args.pg, db_name)
+            for attempt in range(30):  # the server may be restarting (other sessions' fault tests)
+                try:
+                    drop_database(args.pg, db_name)
+                    break
+                except OperationalError:
+                    if attempt == 29:
+                        raise
+                    time.sleep(2)
             rindex.flush()
             rindex.release()
             shutil.rmtree(work, ignore_errors=True)
@@ -915,7 +972,7 @@ def run(
 
     time.sleep(max(0.0, fire_epoch - time.time()))
     cpu0 = CpuSnapshot.take(stack)
-    conn = catalog.connect()
+    conn = Catalog(catalog, fire_epoch)
     stats0 = pg_stats(conn, db_name)
     log(f"fire time reached: polling ({n} targets)")
     samples: list[Sample] = []
@@ -1071,7 +1128,10 @@ def run(
     leftovers = rindex.queues()
     report.add("Redis messages left (queue: n)", ", ".join(f"{k[:13]}: {v}" for k, v in leftovers.items()) or "none")
     deltas = {k: stats_end[k] - stats0[k] for k in stats0}
-    report.add("PostgreSQL commits / inserts (fire..end)", f"{deltas['xact_commit']} / {deltas['tup_inserted']}")
+    report.add(
+        "PostgreSQL commits / inserts (fire..end)",
+        f"{deltas['xact_commit']} / {deltas['tup_inserted']}" if not conn.outages else "n/a (server restarted)",
+    )
     if stats_enq is not None:
         enq = {k: stats_enq[k] - stats0[k] for k in stats0}
         report.add(
@@ -1101,7 +1161,10 @@ def run(
         report.notes += spy.cpu_summary()
     report.notes.append("")
     report.notes += timeline(conn, group["uuid"], fire_at, stack)
-    conn.close()
+    for at, lasted in conn.outages:
+        report.notes.append(
+            f"NOTE: PostgreSQL was unreachable at t={at:.0f} s for {lasted:.0f} s (restarted by others?)"
+        )
     if args.fire_profile:
         log(f"in-process fire profile of {args.fire_profile} targets")
         report.notes.append("")
