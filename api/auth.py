@@ -18,7 +18,6 @@ from sqlalchemy.orm import Session
 from shared.catalog.models import Account, ApiKey, now
 from shared.errors import Unauthorized
 
-
 LAST_USED_GRANULARITY = timedelta(minutes=1)
 
 
