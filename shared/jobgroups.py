@@ -98,11 +98,7 @@ def check_job_data(session: Session, data: Any) -> dict[str, Any]:
     return out
 
 
-def get(session: Session, model: type[Any], uuid: str, what: str) -> Any:
-    row = session.get(model, uuid)
-    if row is None:
-        raise NotFound(resource=what, uuid=uuid)
-    return row
+get = backups.get
 
 
 # -- groups, targets, triggers ------------------------------------------------------------------
