@@ -169,9 +169,15 @@ def drop_database(pg: str, name: str) -> None:
 class RedisIndex:
     """One Redis database index, claimed like the test fixtures claim theirs."""
 
-    def __init__(self, base: str, preferred: int) -> None:
+    def __init__(self, base: str, preferred: int, *, claim: bool = True) -> None:
         self.base = base.rstrip("/")
         self.token = f"{socket.gethostname()}:{os.getpid()}:scheduler_scale:{secrets.token_hex(8)}"
+        self.claimed = claim
+        if not claim:  # a server of our own: nobody else to share it with
+            self.index = preferred
+            self.url = f"{self.base}/{self.index}"
+            self.flush()
+            return
         with redis.Redis.from_url(f"{self.base}/0") as control:
             try:
                 databases = int(control.config_get("databases").get("databases") or 16)
@@ -197,10 +203,14 @@ class RedisIndex:
             client.flushdb()
 
     def refresh(self) -> None:
+        if not self.claimed:
+            return
         with redis.Redis.from_url(f"{self.base}/0") as control:
             control.set(REDIS_CLAIM.format(index=self.index), self.token, ex=REDIS_CLAIM_TTL)
 
     def release(self) -> None:
+        if not self.claimed:
+            return
         with redis.Redis.from_url(f"{self.base}/0") as control:
             key = REDIS_CLAIM.format(index=self.index)
             if control.get(key) == self.token.encode():
@@ -218,6 +228,31 @@ class RedisIndex:
                 elif name == "unacked" and kind == "hash":
                     out["(unacked)"] = int(client.hlen(key))
         return out
+
+
+def start_own_redis(work: Path) -> tuple[subprocess.Popen[bytes], str]:
+    """A private redis-server (no persistence, like the shared one) on a free port: immune to
+    other sessions' tests that restart the shared server (which loses every queued message)."""
+    port = free_port()
+    with open(work / "redis.log", "ab") as out:
+        options = ["--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--dir", str(work), "--databases", "4"]
+        server = subprocess.Popen(
+            ["redis-server", "--port", str(port), *options],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    base = f"redis://127.0.0.1:{port}"
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            with redis.Redis.from_url(f"{base}/0") as probe:
+                probe.ping()
+            return server, base
+        except redis.RedisError:
+            if server.poll() is not None or time.monotonic() > deadline:
+                raise SystemExit(f"redis-server did not start: {(work / 'redis.log').read_text()[-2000:]}") from None
+            time.sleep(0.1)
 
 
 # -- processes ---------------------------------------------------------------------------------
@@ -830,6 +865,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--pg", default="postgresql+psycopg2://postgres@127.0.0.1:5432")
     parser.add_argument("--redis", default="redis://127.0.0.1:6379")
     parser.add_argument("--redis-index", type=int, default=14)
+    parser.add_argument(
+        "--own-redis", action="store_true", help="run a private redis-server (other sessions restart the shared one)"
+    )
     parser.add_argument("--volume-mib", type=int, default=1)
     parser.add_argument("--data-kib", type=int, default=8)
     parser.add_argument("--register-threads", type=int, default=8)
@@ -851,18 +889,35 @@ def parse_args() -> argparse.Namespace:
     return parser.parse_args()
 
 
+STOP = threading.Event()  # SIGINT/SIGTERM while polling: stop polling, check, report, tear down
+POLLING = threading.Event()
+
+
+def on_signal(_signum: int, _frame: object) -> None:
+    if POLLING.is_set() and not STOP.is_set():
+        STOP.set()
+        return
+    raise KeyboardInterrupt
+
+
 def main() -> int:
     args = parse_args()
     reexec_in(args)
-    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
     work = Path(tempfile.mkdtemp(prefix="bv_sched_", dir="/var/tmp"))
     log(f"work dir {work}")
     report = Report()
     report.header.append(f"code: {code_label()}")
     db_name, url = create_database(args.pg)
     log(f"database {db_name}")
-    rindex = RedisIndex(args.redis, args.redis_index)
-    log(f"Redis {rindex.url} (flushed)")
+    own_redis = None
+    if args.own_redis:
+        own_redis, base = start_own_redis(work)
+        rindex = RedisIndex(base, 1, claim=False)
+    else:
+        rindex = RedisIndex(args.redis, args.redis_index)
+    log(f"Redis {rindex.url} (flushed){' (a server of our own)' if own_redis else ''}")
     stack = Stack(work, url, rindex.url)
     catalog = create_engine(url, poolclass=NullPool, isolation_level="AUTOCOMMIT")
     spies: list[Spy] = []
@@ -879,10 +934,15 @@ def main() -> int:
             spy.stop()
         log("stopping the processes")
         stack.stop_all()
+        if own_redis is not None and not args.keep:
+            os.killpg(own_redis.pid, signal.SIGTERM)
+            own_redis.wait(timeout=30)
         catalog.dispose()
         db.reset()
         if args.keep:
             log(f"kept: database {db_name} ({url}), Redis {rindex.url}, work dir {work}")
+            if own_redis is not None:
+                log(f"the Redis server of our own is still running: pid {own_redis.pid}")
             log(f"code: {os.environ.get(CODE_ENV, ROOT)}")
         else:
             for attempt in range(30):  # the server may be restarting (other sessions' fault tests)
@@ -893,8 +953,9 @@ def main() -> int:
                     if attempt == 29:
                         raise
                     time.sleep(2)
-            rindex.flush()
-            rindex.release()
+            if own_redis is None:
+                rindex.flush()
+                rindex.release()
             shutil.rmtree(work, ignore_errors=True)
             if os.environ.get(CODE_TEMP_ENV) == "1":
                 shutil.rmtree(os.environ[CODE_ENV], ignore_errors=True)
@@ -982,7 +1043,12 @@ def run(
     last_change, last_key, last_print = time.time(), (-1, -1), 0.0
     finished_at: float | None = None
     worker_spies: list[Spy] = []
+    POLLING.set()
     while True:
+        if STOP.is_set():
+            report.notes.append("NOTE: stopped by a signal before the end: the figures are partial")
+            log("signal: stop polling, checking what there is")
+            break
         now_s = sample(conn, group["uuid"], fire_epoch)
         samples.append(now_s)
         if args.profile_workers and not worker_spies and now_s.t >= args.profile_workers[0]:
@@ -1025,6 +1091,7 @@ def run(
             report.notes.append(f"NOTE: process(es) exited during the run: {', '.join(dead)}")
             break
         time.sleep(POLL_SECONDS)
+    POLLING.clear()
     cpu_end = CpuSnapshot.take(stack)
     stats_end = pg_stats(conn, db_name)
     final = samples[-1]
