@@ -60,6 +60,7 @@ class MainGroup(Group):
         "flower": "api.processes:flower_command",
         "beat": "api.processes:beat_command",
         "up": "api.processes:up_command",
+        "storage-server": "api.processes:storage_server_command",
         "host": "api.resources_cli:host",
         "vm": "api.resources_cli:vm",
         "volume": "api.resources_cli:volume",
@@ -79,6 +80,8 @@ def main(verbose: int) -> None:
     faulthandler.register(signal.SIGUSR1, all_threads=True)  # `kill -USR1` dumps every stack
     level = logging.WARNING - 10 * min(verbose, 2)
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s %(message)s", stream=sys.stderr)
+    for chatty in ("httpx", "httpcore", "botocore", "boto3", "s3transfer"):  # a line per chunk request
+        logging.getLogger(chatty).setLevel(max(level, logging.WARNING))
 
 
 @main.group(cls=Group)

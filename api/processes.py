@@ -1,11 +1,14 @@
-"""``blockvault api | worker | flower | up``: the processes of API.md "Processes, settings, ports"."""
+"""``blockvault api | worker | flower | beat | up | storage-server``: the processes of API.md
+"Processes, settings, ports"."""
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import click
 
@@ -87,3 +90,57 @@ def up_command(port: int) -> None:
     if failed and not stopping:
         raise click.ClickException(f"a process stopped unexpectedly: {failed[0]}")
     sys.exit(0)
+
+
+@click.command("storage-server")
+@click.option("--root", required=True, type=click.Path(path_type=Path), help="Folder holding the repositories.")
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", default=8081, show_default=True, type=click.IntRange(1, 65535))
+@click.option("--token", help="The clients' token (default BLOCKVAULT_STORAGE_TOKEN, which ps does not show).")
+@click.option("--append-only", is_flag=True, help="The token may add objects, never overwrite or delete them.")
+@click.option("--admin-token", help="A token that may do everything (default BLOCKVAULT_STORAGE_ADMIN_TOKEN).")
+@click.option("--tls-cert", type=click.Path(dir_okay=False), help="PEM certificate (chain): serve https.")
+@click.option("--tls-key", type=click.Path(dir_okay=False), help="PEM private key of --tls-cert.")
+@click.option("--max-object-size", default=256 * 1024 * 1024, show_default=True, type=click.IntRange(1))
+def storage_server_command(
+    root: Path,
+    host: str,
+    port: int,
+    token: str | None,
+    append_only: bool,
+    admin_token: str | None,
+    tls_cert: str | None,
+    tls_key: str | None,
+    max_object_size: int,
+) -> None:
+    """Serve repositories over HTTP(S): remote backup storage in another data center."""
+    from shared.config import setting
+    from shared.errors import UsageError
+
+    from .storage_server import run, usable_root
+
+    token = token or setting("storage_token")
+    admin_token = admin_token or setting("storage_admin_token") or None
+    if not token:
+        raise UsageError(detail="storage-server needs a token: --token or BLOCKVAULT_STORAGE_TOKEN")
+    if admin_token == token:
+        raise UsageError(detail="--admin-token must differ from --token")
+    problem = usable_root(root)
+    if problem:
+        raise UsageError(detail=problem)
+    if bool(tls_cert) != bool(tls_key):
+        raise UsageError(detail="give both --tls-cert and --tls-key, or neither")
+    for name, path in (("--tls-cert", tls_cert), ("--tls-key", tls_key)):
+        if path and not os.access(path, os.R_OK):
+            raise UsageError(detail=f"{name} {path} is not a readable file")
+    run(
+        root,
+        token,
+        host=host,
+        port=port,
+        append_only=append_only,
+        admin_token=admin_token,
+        tls_cert=tls_cert,
+        tls_key=tls_key,
+        max_object_size=max_object_size,
+    )

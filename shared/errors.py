@@ -146,6 +146,27 @@ class BackendUnavailable(BackendError):
     retryable = True
 
 
+class BackendAuthFailed(BackendError):
+    """storage backend {location} rejected the credentials: {detail}"""
+
+    code = "STORAGE_AUTH_FAILED"
+    http_status = 400
+
+
+class BackendForbidden(BackendError):
+    """storage backend {location} refused: {detail}"""
+
+    code = "STORAGE_FORBIDDEN"
+    http_status = 409
+
+
+class BucketNotFound(BackendError):
+    """storage backend {location}: bucket {bucket} does not exist"""
+
+    code = "STORAGE_BUCKET_MISSING"
+    http_status = 400
+
+
 class CatalogUnavailable(BlockvaultError):
     """the catalog database is unavailable: {detail}"""
 
@@ -169,6 +190,13 @@ class Conflict(BlockvaultError):
 
     code = "CONFLICT"
     http_status = 409
+
+
+def require(params: dict[str, object], *names: str) -> None:
+    """InvalidArgument naming every one of ``names`` that ``params`` lacks (or has empty)."""
+    missing = [name for name in names if not params.get(name)]
+    if missing:
+        raise InvalidArgument(detail=f"missing required params: {', '.join(missing)}")
 
 
 class InvalidArgument(UsageError):

@@ -127,6 +127,9 @@ class ObjectCodec:
         kind = ZSTD
         if len(packed) >= len(data):
             packed, kind = memoryview(data), STORED
+        return self._seal(digest, kind, packed)
+
+    def _seal(self, digest: bytes, kind: int, packed: Buffer) -> bytes | bytearray:
         if self._aead is None:
             return bytes((kind,)) + packed
         nonce = os.urandom(12)
@@ -136,13 +139,11 @@ class ObjectCodec:
         self._aead.encrypt_into(nonce, packed, digest, memoryview(out)[13:])
         return out
 
-    def decode(self, digest: bytes, blob: bytes | bytearray, what: str) -> bytes | bytearray:
-        """The plain bytes of a stored object, checked against ``digest``; IntegrityError
-        naming ``what`` when the object is damaged or was swapped."""
+    def _open(self, digest: bytes, blob: bytes | bytearray, what: str) -> tuple[int, memoryview]:
+        """The type (STORED or ZSTD) and the packed body of a stored object, decrypted."""
         if not blob:
             raise IntegrityError(detail=f"{what} is empty")
         kind, body = blob[0], memoryview(blob)[1:]
-        plain: bytearray | None = None
         if kind & ENCRYPTED:
             if self._aead is None:
                 raise IntegrityError(detail=f"{what} is encrypted but the repository is not")
@@ -156,26 +157,38 @@ class ObjectCodec:
             body = memoryview(plain)
         elif self._aead is not None:
             raise IntegrityError(detail=f"{what} is not encrypted in an encrypted repository")
+        if kind & ~ENCRYPTED not in (STORED, ZSTD):
+            raise IntegrityError(detail=f"{what} has unknown type byte {kind:#x}")
+        return kind & ~ENCRYPTED, body
+
+    def _unpack(self, digest: bytes, kind: int, body: memoryview, what: str) -> bytes | bytearray:
+        """The plain bytes of an opened object, checked against ``digest``."""
         data: bytes | bytearray
-        if kind & ~ENCRYPTED == STORED:
-            data = plain if plain is not None else bytes(body)
-        elif kind & ~ENCRYPTED == ZSTD:
+        if kind == STORED:
+            data = body.obj if isinstance(body.obj, bytearray) and len(body) == len(body.obj) else bytes(body)
+        else:
             try:
                 data = self._decompressor().decompress(body)
             except zstandard.ZstdError as exc:
                 raise IntegrityError(detail=f"{what} does not decompress ({exc})") from None
-        else:
-            raise IntegrityError(detail=f"{what} has unknown type byte {kind:#x}")
         if self.digest(data) != digest:
             raise IntegrityError(detail=f"{what} does not match its digest")
         return data
 
+    def decode(self, digest: bytes, blob: bytes | bytearray, what: str) -> bytes | bytearray:
+        """The plain bytes of a stored object, checked against ``digest``; IntegrityError
+        naming ``what`` when the object is damaged or was swapped."""
+        kind, body = self._open(digest, blob, what)
+        return self._unpack(digest, kind, body, what)
+
     def recode(self, digest: bytes, blob: bytes, source: ObjectCodec, what: str) -> bytes | bytearray:
-        """``blob`` as stored by ``source``, checked, in this codec's form (same naming)."""
-        data = source.decode(digest, blob, what)  # never spread a damaged object
+        """``blob`` as stored by ``source``, checked, in this codec's form (same naming). The
+        compressed body is re-sealed as it is: only the encryption changes, never zstd."""
+        kind, body = source._open(digest, blob, what)
+        source._unpack(digest, kind, body, what)  # never spread a damaged object
         if source.keys == self.keys:
             return blob
-        return self.encode(digest, data)
+        return self._seal(digest, kind, body)
 
 
 def dump_json(value: Any) -> bytes:

@@ -13,6 +13,7 @@ Layout (see docs/repository-format.md)::
 from __future__ import annotations
 
 import json
+import os
 import uuid
 from collections.abc import Iterable
 from typing import Any
@@ -72,14 +73,21 @@ class Repository:
         like: Repository | None = None,
     ) -> Repository:
         """Create a repository. ``like`` copies another repository's chunk size and keys, so
-        that the two name chunks alike and ``sync`` copies objects without re-hashing."""
+        that the two name chunks alike and ``sync`` copies objects without re-hashing; with
+        ``encrypt`` a copy of a plain repository gets its own encryption key."""
         backend = open_backend(location) if isinstance(location, str) else location
+        backend.create()
         if backend.exists("config"):
             raise RepositoryExists(location=backend.location)
         if chunk_size < 4096 or chunk_size & (chunk_size - 1):
             raise UsageError(detail=f"chunk size {chunk_size} must be a power of two of at least 4096")
         if like is not None:
-            keys, chunk_size, encrypt = like.codec.keys, like.chunk_size, like.codec.encrypted
+            keys, chunk_size = like.codec.keys, like.chunk_size
+            if encrypt and not like.codec.encrypted:
+                # Encrypted copy of a plain repository (public cloud): its own encryption key,
+                # the source's (unkeyed) chunk names, so sync still copies without re-hashing.
+                keys = KeyMaterial(os.urandom(32), keys.naming_key)
+            encrypt = encrypt or like.codec.encrypted
         else:
             keys = KeyMaterial.generate(encrypt=encrypt)
         if encrypt and not passphrase:

@@ -14,7 +14,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from shared.errors import RepositoryError
+from shared.errors import BackupNotFound, RepositoryError
 from shared.failpoints import failpoint
 
 from .locks import repository_lock
@@ -83,7 +83,16 @@ def sync(
         present = set(dst.manifest_ids())
         todo = [mid for mid in wanted if mid not in present]
         manifests = {mid: src.load_manifest(mid) for mid in todo}
-        needed = sorted(set().union(*(m.referenced() for m in manifests.values())))
+        # A manifest on the target guarantees its chunks are there (manifests go last, gc keeps
+        # what a manifest references): the chunks of a parent the target holds are not asked
+        # about, so an incremental sync asks about its changed chunks, not the whole volume.
+        held: set[str] = set()
+        for parent in {m.parent for m in manifests.values() if m.parent and m.parent in present}:
+            try:
+                held |= src.load_manifest(parent).referenced()
+            except BackupNotFound:  # pruned at the source since: ask about every chunk
+                continue
+        needed = sorted(set().union(*(m.referenced() for m in manifests.values())) - held)
         missing: list[str] = []
         for start in range(0, len(needed), BATCH):
             missing.extend(sorted(dst.missing_chunks(needed[start : start + BATCH])))

@@ -67,7 +67,8 @@ def test_bad_usage_exits_2_with_one_line(cli: Cli, make_raw: Callable[..., Path]
         "keep-last must be at least 1": ("repo", "prune", repo, "--keep-last", "0"),
         "dirty bitmaps need a qcow2": ("repo", "backup", repo, str(volume), "--bitmap", "b"),
         "exclude each other": ("repo", "backup", repo, str(volume), "--full", "--parent", "abcdef12"),
-        "not supported": ("repo", "ls", "s3://bucket/x"),
+        "unknown repository scheme": ("repo", "ls", "ftp://host/x"),
+        "no token": ("repo", "ls", "http://127.0.0.1:9/x"),
     }
     for expected, args in cases.items():
         proc = cli.run(*args)

@@ -63,6 +63,15 @@ class Backend(abc.ABC):
         """Make every object ``put`` so far durable (the repository calls it before and after
         writing a manifest)."""
 
+    def create(self) -> None:  # noqa: B027 - stores that need no preparing
+        """Make the store exist (a new repository's folder); ``Repository.init`` calls it.
+        Nothing else ever creates the store, so a store that vanished fails loudly."""
+
+    def capacity(self) -> tuple[int, int] | None:
+        """``(total, available)`` bytes of the store, or None when it has no such limit (S3).
+        Raises like any call when the store cannot be reached: it doubles as a health check."""
+        return None
+
     def exists(self, key: str) -> bool:
         """Whether an object is stored under ``key``."""
         return not self.missing([key])

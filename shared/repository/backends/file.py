@@ -1,7 +1,9 @@
 """The ``file`` backend: a local or mounted folder.
 
 Objects are files below the root; ``put`` writes ``tmp/<random>``, fdatasyncs it and renames
-it into place (borgstore ``posixfs``), so a crash never leaves a half object under a real key;
+it into place (borgstore ``posixfs``; with ``overwrite=False`` it hard-links instead, which
+fails when the name exists, so two writers never replace each other's object), so a crash never
+leaves a half object under a real key;
 ``flush`` fsyncs the folders that gained names, once per folder instead of once per object.
 ``tmp/`` is listed like any prefix so that garbage collection can remove what a killed
 writer left there.
@@ -9,8 +11,10 @@ writer left there.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
+import shutil
 import threading
 import uuid
 from collections.abc import Iterable, Iterator
@@ -47,30 +51,88 @@ class FileBackend(Backend):
         return BackendError(location=self.location, detail=detail)
 
     def _mkdir(self, folder: Path) -> None:
-        if folder not in self._made:
-            folder.mkdir(parents=True, exist_ok=True)
-            self._made.add(folder)
+        """Make ``folder`` below the root, never the root itself: a storage whose folder
+        vanished (a failed disk, an unmounted share) fails instead of quietly growing a new
+        one on whatever is mounted there now."""
+        if folder in self._made:
+            return
+        path = self.root
+        os.stat(path)  # FileNotFoundError when the root is gone
+        for part in folder.relative_to(self.root).parts:
+            path = path / part
+            path.mkdir(exist_ok=True)
+        self._made.add(folder)
+
+    def create(self) -> None:
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise self._error(exc, "(create)") from None
 
     def put(self, key: str, data: Buffer, *, overwrite: bool = True) -> None:
         path = self._path(key)
         if not overwrite and path.exists():
             return
-        tmp_dir = self.root / "tmp"
-        tmp = tmp_dir / uuid.uuid4().hex
+        fd, tmp = self.open_tmp(key)
         try:
-            self._mkdir(tmp_dir)
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view) :]
+        except OSError as exc:
+            self.discard_tmp(fd, tmp)
+            raise self._error(exc, key) from None
+        self.install_tmp(fd, tmp, key, overwrite=overwrite)
+
+    def open_tmp(self, key: str) -> tuple[int, Path]:
+        """A new temporary file (descriptor and path) to write ``key``'s bytes into before
+        :meth:`install_tmp`; what the storage server streams a request body into."""
+        path = self._path(key)
+        tmp = self.root / "tmp" / uuid.uuid4().hex
+        try:
+            self._mkdir(tmp.parent)
             self._mkdir(path.parent)
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
+            return os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640), tmp
+        except OSError as exc:
+            if exc.errno == errno.ENOENT:  # the root itself vanished
+                raise BackendError(location=self.location, detail=f"{key}: folder missing") from None
+            raise self._error(exc, key) from None
+
+    def discard_tmp(self, fd: int, tmp: Path) -> None:
+        """Close and remove a temporary file that will not be installed."""
+        with contextlib.suppress(OSError):
+            os.close(fd)
+        tmp.unlink(missing_ok=True)
+
+    def install_tmp(self, fd: int, tmp: Path, key: str, *, overwrite: bool = True) -> bool:
+        """fdatasync and close ``fd``, then move ``tmp`` to ``key``: a rename, or with
+        ``overwrite=False`` a hard link that fails when ``key`` exists, so two writers never
+        replace each other's object. False (and ``tmp`` removed) when ``key`` existed."""
+        path = self._path(key)
+        try:
             try:
-                view = memoryview(data)
-                while view:
-                    view = view[os.write(fd, view) :]
                 os.fdatasync(fd)
             finally:
                 os.close(fd)
-            os.rename(tmp, path)
+            if overwrite:
+                os.rename(tmp, path)
+            else:
+                try:
+                    os.link(tmp, path)
+                except FileExistsError:
+                    tmp.unlink(missing_ok=True)
+                    return False
+                except OSError as exc:
+                    if exc.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EMLINK):
+                        raise
+                    if path.exists():  # a store without hard links: check, then rename
+                        tmp.unlink(missing_ok=True)
+                        return False
+                    os.rename(tmp, path)
+                else:
+                    tmp.unlink()
             with self._lock:
                 self._unsynced.add(path.parent)
+            return True
         except OSError as exc:
             tmp.unlink(missing_ok=True)
             if exc.errno == errno.ENOENT:  # the root itself vanished
@@ -90,6 +152,8 @@ class FileBackend(Backend):
         except OSError as exc:
             with self._lock:
                 self._unsynced |= folders
+            if exc.errno == errno.ENOENT:
+                raise BackendError(location=self.location, detail="folder missing") from None
             raise self._error(exc, "(flush)") from None
 
     def get(self, key: str, offset: int = 0, length: int | None = None) -> bytes:
@@ -116,7 +180,8 @@ class FileBackend(Backend):
             raise self._error(exc, key) from None
 
     def list(self, prefix: str) -> Iterator[ObjectInfo]:
-        base = self.root / prefix if prefix.endswith("/") else (self.root / prefix).parent
+        # "" lists everything: the root itself, never its parent
+        base = self.root / prefix if not prefix or prefix.endswith("/") else (self.root / prefix).parent
         if not base.is_dir():
             return
         root_len = len(str(self.root)) + 1
@@ -131,6 +196,13 @@ class FileBackend(Backend):
                 except FileNotFoundError:
                     continue
                 yield ObjectInfo(key=key, size=st.st_size, mtime=st.st_mtime)
+
+    def capacity(self) -> tuple[int, int] | None:
+        try:
+            usage = shutil.disk_usage(self.root)
+        except OSError as exc:
+            raise self._error(exc, "(capacity)") from None
+        return usage.total, usage.free
 
     def missing(self, keys: Iterable[str]) -> set[str]:
         return {key for key in keys if not os.path.exists(self._path(key))}

