@@ -39,5 +39,9 @@ test: lint typecheck pytest
 bench: venv system-test
 	$(PY) tests/bench/compare_peers.py $(BENCH_ARGS)
 
+.PHONY: bench-sync
+bench-sync: venv system-test
+	$(PY) tests/bench/sync_targets.py $(BENCH_ARGS)
+
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .blockvault

@@ -172,6 +172,38 @@ class Client:
     def verify_backup(self, backup_uuid: str, **params: Any) -> str:
         return str(self.action("volume-backups", backup_uuid, "verifyVolumeBackup", params))
 
+    def sync_backup(self, backup_uuid: str, dst_storage_uuid: str, **params: Any) -> str:
+        """Copy a backup to another storage (srcBackupStorageUuid, bandwidthLimit optional)."""
+        params = {"dstBackupStorageUuid": dst_storage_uuid, **params}
+        return str(self.action("volume-backups", backup_uuid, "syncBackupFromImageStoreBackupStorage", params))
+
+    def recover_backup(self, backup_uuid: str, src_storage_uuid: str, dst_storage_uuid: str, **params: Any) -> str:
+        """Copy a backup back from ``src`` (e.g. a remote site) to ``dst`` (e.g. a new local storage)."""
+        params = {"srcBackupStorageUuid": src_storage_uuid, "dstBackupStorageUuid": dst_storage_uuid, **params}
+        return str(self.action("volume-backups", backup_uuid, "recoverBackupFromImageStoreBackupStorage", params))
+
+    def sync_vm_backup(self, group_uuid: str, dst_storage_uuid: str, **params: Any) -> str:
+        params = {"dstBackupStorageUuid": dst_storage_uuid, **params}
+        return str(self.action("vm-backups", group_uuid, "syncVmBackupFromImageStoreBackupStorage", params))
+
+    def recover_vm_backup(self, group_uuid: str, src_storage_uuid: str, dst_storage_uuid: str, **params: Any) -> str:
+        params = {"srcBackupStorageUuid": src_storage_uuid, "dstBackupStorageUuid": dst_storage_uuid, **params}
+        return str(self.action("vm-backups", group_uuid, "recoverVmBackupFromImageStoreBackupStorage", params))
+
+    def switch_storage_role(self, storage_uuid: str) -> dict[str, Any]:
+        """Promote this standby ImageStore to master (the master becomes its standby)."""
+        return dict(self.action("backup-storage", storage_uuid, "switchBackupStorageRole"))  # type: ignore[arg-type]
+
+    def scan_storage(self, storage_uuid: str) -> str:
+        """Import every backup the storage holds into the catalog (an API job)."""
+        return str(self.action("backup-storage", storage_uuid, "scanBackupStorage"))
+
+    def reclaim_storage(self, storage_uuid: str) -> str:
+        return str(self.action("backup-storage", storage_uuid, "reclaimSpaceFromImageStore"))
+
+    def reconnect_storage(self, storage_uuid: str) -> dict[str, Any]:
+        return dict(self.action("backup-storage", storage_uuid, "reconnectBackupStorage"))  # type: ignore[arg-type]
+
     def revert_vm(self, group_uuid: str, **params: Any) -> str:
         return str(self.action("vm-backups", group_uuid, "revertVmFromVmBackup", params))
 

@@ -3,8 +3,10 @@
 Starts ``blockvault up`` (API + a worker, SQLite catalog, filesystem broker), registers a VM
 with a raw root volume and a qcow2 data volume, backs the VM up full, lets it write a few
 percent, backs it up again (incremental; the qcow2 through its dirty bitmap), reverts one
-volume, creates a new volume from the other's backup, verifies, syncs the storage to a second
-site, restores from there, checks every result byte for byte and prints the inventories.
+volume, creates a new volume from the other's backup, verifies, syncs both backups to a remote
+site (a ``blockvault storage-server`` on loopback), restores from there, replicates every
+backup to a standby ImageStore, schedules a job group that copies to the remote site, checks
+every result byte for byte and prints the job history and the inventories.
 """
 
 from __future__ import annotations
@@ -23,11 +25,9 @@ from pathlib import Path
 from typing import Any
 
 import click
+import httpx
 
 from shared.config import get_settings
-from shared.repository.repo import Repository
-from shared.repository.restore import restore_backup
-from shared.repository.sync import sync
 
 from .client import ApiError, Client
 
@@ -103,6 +103,40 @@ def _start_service(work: Path, port: int) -> tuple[subprocess.Popen[bytes], dict
     return proc, env
 
 
+def _start_storage_server(work: Path) -> tuple[subprocess.Popen[bytes], str, str]:
+    """A ``blockvault storage-server`` standing in for the remote data center."""
+    token = secrets.token_urlsafe(24)
+    port = _free_port()
+    (work / "remote-site").mkdir()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("BLOCKVAULT_")}
+    env["BLOCKVAULT_STORAGE_TOKEN"] = token
+    log = open(work / "storage-server.log", "wb")  # noqa: SIM115 - handed to the child
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "api.cli", "storage-server", "--root", str(work / "remote-site"), "--port", str(port)],
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise click.ClickException(f"the storage-server stopped: see {work / 'storage-server.log'}")
+        try:
+            if httpx.get(f"{url}/v1/health", timeout=2).status_code == 200:
+                return proc, f"{url}/dc1", token
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    proc.kill()
+    raise click.ClickException(f"the storage-server did not answer in 30 s: see {work / 'storage-server.log'}")
+
+
+def _on(client: Client, storage_uuid: str) -> bool:
+    rows = client.query("volume-backups", "status=Ready")["inventories"]
+    return all(any(r["backupStorageUuid"] == storage_uuid for r in row["backupStorageRefs"]) for row in rows)
+
+
 def _free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
@@ -151,10 +185,13 @@ def run_demo(workdir: str | None) -> None:
     port = _free_port()
     proc, env = _start_service(work, port)
     client = Client(env["BLOCKVAULT_API_URL"], env["BLOCKVAULT_API_KEY"])
+    servers: list[subprocess.Popen[bytes]] = []
     try:
         host = _wait_ready(client, proc, work)
         click.echo(f"service up on {client.base_url} (api + worker, SQLite catalog, filesystem broker); host {host}")
         store = client.add_backup_storage("local", f"file://{work / 'local-storage'}")
+        standby = client.add_backup_storage("local-standby", f"file://{work / 'local-standby'}", role="standby")
+        click.echo(f"backup storage: ImageStore master {store['name']} and standby {standby['name']} (replicated)")
         vm = client.register_vm("vm1", hostUuid=host, cpuNum=2, memorySize=2 * 1024**3)
         root_vol = client.register_volume(host, str(root), type="Root", vmInstanceUuid=vm["uuid"], name="vm1-root")
         data_vol = client.register_volume(host, str(data), type="Data", vmInstanceUuid=vm["uuid"], name="vm1-data")
@@ -193,22 +230,37 @@ def run_demo(workdir: str | None) -> None:
             verified = client.wait(client.verify_backup(backup["uuid"], readData=True))
             click.echo(f"verified {backup['uuid']} (read and re-hashed {verified['verified']['chunks']} chunks)")
 
-        local = Repository.open(str(work / "local-storage"))
-        remote = Repository.init(str(work / "remote-site"), like=local)
-        report = sync(local, remote)
-        again = sync(local, remote)
+        remote_proc, remote_url, token = _start_storage_server(work)
+        servers.append(remote_proc)
+        remote_store = client.create(
+            "backup-storage", {"name": "remote-site", "type": "Remote", "url": remote_url, "token": token}
+        )
+        report = client.wait(client.sync_vm_backup(full["groupUuid"], remote_store["uuid"]))
+        report_incr = client.wait(client.sync_vm_backup(incr["groupUuid"], remote_store["uuid"]))
+        again = client.wait(client.sync_vm_backup(incr["groupUuid"], remote_store["uuid"]))
         click.echo(
-            f"\nsynced the storage to {remote.location}: {len(report.backups)} backups, {report.chunksCopied} chunks "
-            f"({report.bytesCopied / MiB:.1f} MiB); again: {again.chunksCopied} chunks"
+            f"\nsynced both VM backups to the remote site {remote_url} (a blockvault storage-server): "
+            f"{(report['bytesCopied'] + report_incr['bytesCopied']) / MiB:.1f} MiB in "
+            f"{report['chunksCopied'] + report_incr['chunksCopied']} chunks (the incremental sent "
+            f"{report_incr['chunksCopied']}); again: {again['chunksCopied']} chunks"
         )
         check = work / "root-from-remote.raw"
-        manifest_id = by_type["Root"]["backupStorageRefs"][0]["installPath"].rsplit("/", 1)[-1]
-        restore_backup(remote, manifest_id, str(check))
+        client.wait(
+            client.create_volume_from_backup(
+                by_type["Root"]["uuid"],
+                name="vm1-root-from-remote",
+                hostUuid=host,
+                installPath=str(check),
+                backupStorageUuid=remote_store["uuid"],
+            )
+        )
         if not _equal_files(check, snapshot_root):
             raise click.ClickException("the restore from the remote site differs")
-        click.echo("restored the root volume's full backup from the remote site: identical")
+        click.echo("created a volume from the root volume's full backup on the remote site: identical")
+        if not _on(client, standby["uuid"]):
+            raise click.ClickException("the standby lacks a replica of a backup")
+        click.echo(f"the standby {standby['name']} holds a replica of every backup")
 
-        remote_store = client.add_backup_storage("second-site", f"file://{work / 'second-site'}", role="standby")
         group = client.create_job_group(
             "vm1-every-3s",
             "vmBackup",
@@ -220,7 +272,7 @@ def run_demo(workdir: str | None) -> None:
         trigger = client.create_trigger("every-3s", schedulerType="simple", schedulerInterval=3, repeatCount=3)
         client.attach_trigger(trigger["uuid"], group["uuid"])
         click.echo(
-            f"\njob group {group['name']} (vmBackup, copies to a second storage, full every 3rd run, keep 2) "
+            f"\njob group {group['name']} (vmBackup, copies to the remote site, full every 3rd run, keep 2) "
             f"on trigger {trigger['name']} (3 fires); the beat fires it:"
         )
         deadline = time.monotonic() + 120
@@ -255,6 +307,9 @@ def run_demo(workdir: str | None) -> None:
         click.echo(f"storage {store['name']}: {store['uuid']}")
     finally:
         client.close()
+        for server in servers:
+            server.terminate()
+            server.wait(timeout=30)
         proc.send_signal(signal.SIGTERM)
         try:
             proc.wait(timeout=60)

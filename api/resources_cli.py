@@ -185,12 +185,78 @@ def volume_create(
 
 @storage.command("add")
 @click.option("--name", required=True)
-@click.option("--url", required=True, help="file:///abs/path for an ImageStore")
+@click.option(
+    "--url", required=True, help="file:///abs/path (ImageStore), http(s)://host:port (Remote), s3://bucket/prefix"
+)
+@click.option("--type", "kind", type=click.Choice(["ImageStore", "Remote", "PublicCloud"]), default="ImageStore")
 @click.option("--role", type=click.Choice(["master", "standby"]), default="master")
+@click.option("--token", envvar="BLOCKVAULT_STORAGE_TOKEN", help="Remote: the storage-server's token.")
+@click.option("--ca-file", "ca_file", help="Remote: CA certificate of a self-signed https storage-server.")
+@click.option("--endpoint", help="PublicCloud: the S3-compatible endpoint URL.")
+@click.option("--region")
+@click.option("--access-key", "access_key", envvar="AWS_ACCESS_KEY_ID")
+@click.option("--secret-key", "secret_key", envvar="AWS_SECRET_ACCESS_KEY")
+@click.option("--encryption-passphrase", "passphrase", envvar="BLOCKVAULT_STORAGE_PASSPHRASE")
 @JSON
-def storage_add(name: str, url: str, role: str, as_json: bool) -> None:
-    """Register backup storage."""
-    _print(_client().add_backup_storage(name, url, role=role), as_json)
+def storage_add(
+    name: str,
+    url: str,
+    kind: str,
+    role: str,
+    token: str | None,
+    ca_file: str | None,
+    endpoint: str | None,
+    region: str | None,
+    access_key: str | None,
+    secret_key: str | None,
+    passphrase: str | None,
+    as_json: bool,
+) -> None:
+    """Register backup storage (secrets may come from the environment instead of flags)."""
+    params: dict[str, Any] = {"type": kind, "encryptionPassphrase": passphrase}
+    if kind == "ImageStore":
+        params["role"] = role
+    if kind == "Remote":
+        params |= {"token": token, "caFile": ca_file}
+    if kind == "PublicCloud":
+        params |= {"endpoint": endpoint, "region": region, "accessKey": access_key, "secretKey": secret_key}
+    _print(_client().add_backup_storage(name, url, **{k: v for k, v in params.items() if v}), as_json)
+
+
+@storage.command("switch-role")
+@click.argument("uuid")
+@JSON
+def storage_switch_role(uuid: str, as_json: bool) -> None:
+    """Promote a standby ImageStore to master (switchBackupStorageRole)."""
+    _print(_client().switch_storage_role(uuid), as_json, ("uuid", "name", "role", "status"))
+
+
+@storage.command("reconnect")
+@click.argument("uuid")
+@JSON
+def storage_reconnect(uuid: str, as_json: bool) -> None:
+    """Check the storage now: status and capacity."""
+    _print(_client().reconnect_storage(uuid), as_json, ("uuid", "name", "role", "status", "availableCapacity"))
+
+
+@storage.command("scan")
+@click.argument("uuid")
+@WAIT
+@JSON
+def storage_scan(uuid: str, wait: bool, as_json: bool) -> None:
+    """Import every backup the storage holds into the catalog (scanBackupStorage)."""
+    client = _client()
+    _submit(client, client.scan_storage(uuid), wait, as_json, ("backupStorageUuid", "backups", "imported"))
+
+
+@storage.command("reclaim")
+@click.argument("uuid")
+@WAIT
+@JSON
+def storage_reclaim(uuid: str, wait: bool, as_json: bool) -> None:
+    """Garbage-collect chunks no backup references (reclaimSpaceFromImageStore)."""
+    client = _client()
+    _submit(client, client.reclaim_storage(uuid), wait, as_json, ("backupStorageUuid", "chunksDeleted", "bytesFreed"))
 
 
 @volume_backup.command("create")
@@ -237,7 +303,7 @@ def _async_action(name: str, call: Callable[[Client, str, dict[str, Any]], str],
             key, sep, value = pair.partition("=")
             if not sep:
                 raise click.UsageError(f"--param takes key=value, got {pair!r}")
-            params[key] = {"true": True, "false": False}.get(value, value)
+            params[key] = int(value) if value.isdigit() else {"true": True, "false": False}.get(value, value)
         client = _client()
         _submit(client, call(client, uuid, params), wait, as_json, ("uuid", "name", "status"))
 
@@ -251,6 +317,16 @@ _async_action(
     "Create a new data volume from the backup (-p name=... -p hostUuid=... -p installPath=...).",
 )
 _async_action("verify", lambda c, u, p: c.verify_backup(u, **p), "Verify the backup on storage (-p readData=true).")
+_async_action(
+    "sync",
+    lambda c, u, p: str(c.action("volume-backups", u, "syncBackupFromImageStoreBackupStorage", p)),
+    "Copy the backup to another storage (-p dstBackupStorageUuid=... [-p bandwidthLimit=BYTES_PER_S]).",
+)
+_async_action(
+    "recover",
+    lambda c, u, p: str(c.action("volume-backups", u, "recoverBackupFromImageStoreBackupStorage", p)),
+    "Copy the backup back (-p srcBackupStorageUuid=... -p dstBackupStorageUuid=...).",
+)
 
 
 @volume_backup.command("delete")

@@ -25,7 +25,7 @@ from shared.catalog.models import (
     new_uuid,
 )
 from shared.catalog.query import parse_rest, run_query
-from shared.errors import Conflict, InvalidArgument, NotFound
+from shared.errors import Conflict, InvalidArgument, NotFound, require
 from shared.inventory import inventories, inventory
 
 from .app import get_caller, get_session
@@ -184,9 +184,7 @@ def create_vm(body: Envelope, session: Session = Depends(get_session)) -> JSONRe
 @router.post("/volumes")
 def create_volume(body: Envelope, session: Session = Depends(get_session)) -> JSONResponse:
     p = body.params
-    missing = [k for k in ("hostUuid", "installPath") if not p.get(k)]
-    if missing:
-        raise InvalidArgument(detail=f"missing required params: {', '.join(missing)}")
+    require(p, "hostUuid", "installPath")
     if session.get(Host, check_uuid(p["hostUuid"], "hostUuid")) is None:
         raise NotFound(resource="host", uuid=p["hostUuid"])
     path = str(p["installPath"])
@@ -210,8 +208,7 @@ def create_volume(body: Envelope, session: Session = Depends(get_session)) -> JS
             raise Conflict(detail=f"VM {vm_uuid} has a root volume already")
     elif kind == "Root":
         raise InvalidArgument(detail="a Root volume needs vmInstanceUuid")
-    if session.scalars(select(Volume).where(Volume.hostUuid == p["hostUuid"], Volume.installPath == path)).first():
-        raise Conflict(detail=f"a volume at {path} on host {p['hostUuid']} is registered already")
+    backups.ensure_path_free(session, p["hostUuid"], path)
     volume = Volume(
         uuid=new_uuid(),
         name=str(p.get("name") or path.rsplit("/", 1)[-1]),
@@ -319,6 +316,8 @@ VOLUME_BACKUP_ACTIONS = (
     "verifyVolumeBackup",
     "changeVolumeBackupState",
     "updateVolumeBackup",
+    "syncBackupFromImageStoreBackupStorage",
+    "recoverBackupFromImageStoreBackupStorage",
 )
 
 
@@ -341,12 +340,19 @@ def volume_backup_action(
         _update(backup, params)
         session.flush()
         return one(session, backup)
+    if name in backups.SYNC_ACTIONS:
+        return accepted(request, backups.request_sync(session, name, [backup], params, caller.account_uuid))
     request_fn = {
         "revertVolumeFromVolumeBackup": backups.request_revert,
         "createDataVolumeFromVolumeBackup": backups.request_create_volume,
         "verifyVolumeBackup": backups.request_verify,
     }[name]
     return accepted(request, request_fn(session, uuid, params, caller.account_uuid))
+
+
+def _storage_uuids(value: str | None) -> list[str] | None:
+    """``backupStorageUuids=a,b`` of a DELETE: the storages named, or None for all."""
+    return [check_uuid(s, "backupStorageUuid") for s in value.split(",")] if value else None
 
 
 @router.delete("/volume-backups/{uuid}", status_code=202)
@@ -358,9 +364,7 @@ def delete_volume_backup(
     session: Session = Depends(get_session),
     caller: Caller = Depends(get_caller),
 ) -> JSONResponse:
-    targets = (
-        [check_uuid(s, "backupStorageUuid") for s in backupStorageUuids.split(",")] if backupStorageUuids else None
-    )
+    targets = _storage_uuids(backupStorageUuids)
     job = backups.request_delete(session, check_uuid(uuid, "uuid"), targets, deleteMode, caller.account_uuid)
     return accepted(request, job)
 
@@ -379,8 +383,19 @@ def vm_backup_action(
     session: Session = Depends(get_session),
     caller: Caller = Depends(get_caller),
 ) -> Response:
-    _name, params = _action(body, ("revertVmFromVmBackup",))
-    job = backups.request_vm_revert(session, check_uuid(uuid, "groupUuid"), params, caller.account_uuid)
+    name, params = _action(
+        body,
+        (
+            "revertVmFromVmBackup",
+            "syncVmBackupFromImageStoreBackupStorage",
+            "recoverVmBackupFromImageStoreBackupStorage",
+        ),
+    )
+    group = check_uuid(uuid, "groupUuid")
+    if name in backups.SYNC_ACTIONS:
+        rows = backups.group_backups(session, group)
+        return accepted(request, backups.request_sync(session, name, rows, params, caller.account_uuid))
+    job = backups.request_vm_revert(session, group, params, caller.account_uuid)
     return accepted(request, job)
 
 
@@ -393,25 +408,43 @@ def delete_vm_backup(
     session: Session = Depends(get_session),
     caller: Caller = Depends(get_caller),
 ) -> JSONResponse:
-    targets = (
-        [check_uuid(s, "backupStorageUuid") for s in backupStorageUuids.split(",")] if backupStorageUuids else None
-    )
+    targets = _storage_uuids(backupStorageUuids)
     job = backups.request_vm_delete(session, check_uuid(uuid, "groupUuid"), targets, deleteMode, caller.account_uuid)
     return accepted(request, job)
 
 
+STORAGE_ACTIONS = (
+    "changeBackupStorageState",
+    "updateBackupStorage",
+    "reconnectBackupStorage",
+    "switchBackupStorageRole",
+    "scanBackupStorage",
+    "reclaimSpaceFromImageStore",
+)
+
+
 @router.put("/backup-storage/{uuid}/actions")
-def backup_storage_action(uuid: str, body: dict[str, Any], session: Session = Depends(get_session)) -> Response:
-    name, params = _action(body, ("changeBackupStorageState", "updateBackupStorage", "reconnectBackupStorage"))
+def backup_storage_action(
+    uuid: str,
+    body: dict[str, Any],
+    request: Request,
+    session: Session = Depends(get_session),
+    caller: Caller = Depends(get_caller),
+) -> Response:
+    name, params = _action(body, STORAGE_ACTIONS)
     row = session.get(BackupStorage, check_uuid(uuid, "uuid"))
     if row is None:
         raise NotFound(resource="backup storage", uuid=uuid)
+    if name in ("scanBackupStorage", "reclaimSpaceFromImageStore"):
+        return accepted(request, backups.request_storage_job(session, row, name, caller.account_uuid))
     if name == "changeBackupStorageState":
         row.state = _state_event(params)
     elif name == "updateBackupStorage":
         _update(row, params)
+    elif name == "switchBackupStorageRole":
+        storage.switch_role(session, row)
     else:
-        storage.refresh_capacity(row)
+        storage.probe(row)
     session.flush()
     return one(session, row)
 
@@ -435,9 +468,7 @@ def vm_action(uuid: str, body: dict[str, Any], session: Session = Depends(get_se
 @router.post("/user-tags")
 def create_user_tag(body: Envelope, session: Session = Depends(get_session)) -> JSONResponse:
     p = body.params
-    missing = [k for k in ("resourceUuid", "resourceType", "tag") if not p.get(k)]
-    if missing:
-        raise InvalidArgument(detail=f"missing required params: {', '.join(missing)}")
+    require(p, "resourceUuid", "resourceType", "tag")
     tag = Tag(
         resourceUuid=check_uuid(p["resourceUuid"], "resourceUuid"), resourceType=p["resourceType"], tag=str(p["tag"])
     )

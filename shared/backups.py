@@ -11,6 +11,9 @@ from __future__ import annotations
 
 import logging
 import os
+import uuid as uuidlib
+from collections.abc import Callable
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -30,12 +33,24 @@ from shared.catalog.models import (
     new_uuid,
 )
 from shared.celery_app import STORAGE_QUEUE, host_queue
-from shared.errors import Conflict, InvalidArgument, NotFound
+from shared.config import get_settings
+from shared.errors import (
+    BackendError,
+    BackupNotFound,
+    BlockvaultError,
+    Conflict,
+    InvalidArgument,
+    NotFound,
+    RepositoryError,
+    require,
+)
 from shared.inventory import inventory
 from shared.repository.backup import backup_volume
 from shared.repository.maintenance import gc, verify
+from shared.repository.repo import Repository
 from shared.repository.restore import restore_backup
-from shared.storage import open_repository, refresh_capacity
+from shared.repository.sync import sync
+from shared.storage import current_master, failover, open_repository, refresh_capacity, standbys
 
 log = logging.getLogger(__name__)
 MODES = ("auto", "full", "incremental")
@@ -57,7 +72,7 @@ def _connected_host(session: Session, host_uuid: str) -> Host:
     return host
 
 
-def _storage(session: Session, uuid: str | None, *, for_write: bool = True) -> BackupStorage:
+def pick_storage(session: Session, uuid: str | None, *, for_write: bool = True) -> BackupStorage:
     if uuid:
         storage: BackupStorage = get(session, BackupStorage, uuid, "backup storage")
     else:
@@ -121,7 +136,7 @@ def request_volume_backup(session: Session, volume_uuid: str, params: dict[str, 
     volume: Volume = get(session, Volume, volume_uuid, "volume")
     name = params.get("name") or f"backup-{volume.name or volume.uuid[:8]}"
     mode = _mode(params)
-    storage = _storage(session, params.get("backupStorageUuid"))
+    storage = pick_storage(session, params.get("backupStorageUuid"))
     _check_vm_stopped(session, volume, "a backup without a QEMU monitor", bool(params.get("force")))
     _connected_host(session, volume.hostUuid)
     backup = new_backup_row(session, volume, storage, str(name), None, params.get("description"))
@@ -145,7 +160,7 @@ def request_vm_backup(session: Session, root_volume_uuid: str, params: dict[str,
         raise InvalidArgument(detail=f"volume {root_volume_uuid} is not the root volume of a VM")
     vm: VmInstance = get(session, VmInstance, root.vmInstanceUuid, "VM instance")
     mode = _mode(params)
-    storage = _storage(session, params.get("backupStorageUuid"))
+    storage = pick_storage(session, params.get("backupStorageUuid"))
     if vm.state == "Running" and not params.get("force"):
         raise Conflict(detail=f"VM {vm.uuid} is Running: a backup without a QEMU monitor needs it Stopped")
     volumes = list(
@@ -195,7 +210,7 @@ def run_volume_backups(session: Session, job: ApiJob) -> dict[str, Any]:
     params = job.params or {}
     storage: BackupStorage = get(session, BackupStorage, params["backupStorageUuid"], "backup storage")
     rows = [get(session, VolumeBackup, uuid, "volume backup") for uuid in params["backupUuids"]]
-    done = take_backups(session, rows, storage, full=params.get("mode") == "full", job_uuid=job.uuid)
+    done, _taken_on = take_backups(session, rows, storage, full=params.get("mode") == "full", job_uuid=job.uuid)
     return (
         done[0] if job.action == "createVolumeBackup" else {"groupUuid": params.get("groupUuid"), "volumeBackups": done}
     )
@@ -203,11 +218,14 @@ def run_volume_backups(session: Session, job: ApiJob) -> dict[str, Any]:
 
 def take_backups(
     session: Session, rows: list[VolumeBackup], storage: BackupStorage, *, full: bool, job_uuid: str
-) -> list[dict[str, Any]]:
+) -> tuple[list[dict[str, Any]], BackupStorage]:
     """Back up the volume of each ``Creating`` row into ``storage``; each row is Ready (and
-    committed) as soon as its manifest is. Returns the inventories with the engine's stats."""
-    repo = open_repository(storage)
+    committed) as soon as its manifest is. When ``storage`` is the ImageStore master and stops
+    answering mid-way, the standby is promoted and the backups go on there (the job is not
+    failed); afterwards they are replicated to every standby that answers. Returns the
+    inventories with the engine's stats, and the storage that took them."""
     report = progress_reporter(job_uuid)
+    repo: Repository | None = None
     done = []
     for index, backup in enumerate(rows):
         volume: Volume = get(session, Volume, backup.volumeUuid, "volume")
@@ -217,15 +235,36 @@ def take_backups(
         def scaled(d: int, t: int, i: int = index) -> None:
             report(i * 1000 + (d * 1000 // t if t else 0), len(rows) * 1000)
 
-        result = backup_volume(
-            repo,
-            volume.installPath,
-            full=full,
-            bitmap=BITMAP if volume.format == "qcow2" else None,
-            name=backup.name,
-            metadata=metadata,
-            progress=scaled,
-        )
+        bitmap = BITMAP if volume.format == "qcow2" else None
+        take_full = full
+        for attempt in range(3):
+            parent = None if take_full or bitmap else _newest_copy(session, volume.uuid, storage.uuid)
+            try:
+                repo = repo or open_repository(storage)
+                result = backup_volume(
+                    repo,
+                    volume.installPath,
+                    full=take_full or (not bitmap and parent is None),
+                    parent=parent,
+                    bitmap=bitmap,
+                    name=backup.name,
+                    metadata=metadata,
+                    progress=scaled,
+                )
+                break
+            except BackupNotFound:
+                if parent is None:
+                    raise
+                log.warning("backup.parent_missing volume=%s parent=%s: taking a full one", volume.uuid, parent)
+                take_full = True
+            except (BackendError, RepositoryError) as exc:
+                session.rollback()
+                new = failover(session, storage) if attempt < 2 else None
+                if new is None or new.uuid == storage.uuid:
+                    raise
+                log.warning("backup.failover from=%s to=%s after: %s", storage.uuid, new.uuid, exc)
+                _move_refs(session, rows[index:], storage, new)
+                storage, repo = new, None
         backup.mode = result.mode
         backup.size = result.size
         backup.parentUuid = _parent_uuid(session, storage, result.parent)
@@ -239,20 +278,244 @@ def take_backups(
         session.commit()
         done.append({**inventory(session, backup), "stats": result.to_json()})
     refresh_capacity(storage)
-    return done
+    session.commit()
+    if storage.type == "ImageStore" and storage.role == "master":
+        for standby in standbys(session):
+            if standby.status != "Connected":
+                continue  # caught up by the maintenance pass once it answers again
+            try:
+                copy_backups(session, rows, storage, standby)
+            except BlockvaultError as exc:
+                log.warning("backup.replication_failed standby=%s: %s", standby.uuid, exc)
+    return done, storage
+
+
+def _newest_copy(session: Session, volume_uuid: str, storage_uuid: str) -> str | None:
+    """The manifest id of the volume's newest Ready backup on the storage, from the catalog:
+    the parent of a raw volume's next backup (the engine then reads one manifest instead of
+    listing and decoding every backup on the storage)."""
+    path = session.scalars(
+        select(VolumeBackupStorageRef.installPath)
+        .join(VolumeBackup, VolumeBackup.uuid == VolumeBackupStorageRef.volumeBackupUuid)
+        .where(
+            VolumeBackup.volumeUuid == volume_uuid,
+            VolumeBackup.status == "Ready",
+            VolumeBackupStorageRef.backupStorageUuid == storage_uuid,
+            VolumeBackupStorageRef.status == "Ready",
+        )
+        .order_by(VolumeBackup.createDate.desc())
+        .limit(1)
+    ).first()
+    return path.rsplit("/", 1)[-1] if path else None
+
+
+def _move_refs(session: Session, rows: list[VolumeBackup], old: BackupStorage, new: BackupStorage) -> None:
+    """The not-yet-taken backups of a job now go to ``new`` (after a failover)."""
+    for row in rows:
+        for ref in row.backupStorageRefs:
+            if ref.backupStorageUuid == old.uuid and ref.status == "Creating":
+                ref.backupStorageUuid = new.uuid
+    session.commit()
+
+
+# -- copies between storages ----------------------------------------------------------------------
+def _ref_on(row: VolumeBackup, storage_uuid: str) -> VolumeBackupStorageRef | None:
+    return next((r for r in row.backupStorageRefs if r.backupStorageUuid == storage_uuid), None)
+
+
+def copy_backups(
+    session: Session,
+    rows: list[VolumeBackup],
+    source: BackupStorage,
+    target: BackupStorage,
+    *,
+    bandwidth_limit: float | None = None,
+    progress: Callable[[int, int], None] | None = None,
+) -> dict[str, Any]:
+    """Copy the backups ``rows`` from ``source`` to ``target``: only the chunks the target
+    lacks, each manifest last. The target's refs are ``Creating`` while it runs, ``Ready``
+    with their installPath after, ``Failed`` when it fails (a later copy resumes: it sends
+    only what is still missing)."""
+    if source.uuid == target.uuid:
+        raise InvalidArgument(detail="source and destination backup storage are the same")
+    sources = {row.uuid: _ref_on(row, source.uuid) for row in rows}
+    lacking = [uuid for uuid, ref in sources.items() if ref is None or ref.status != "Ready"]
+    if lacking:
+        raise Conflict(detail=f"backup storage {source.uuid} holds no Ready copy of {', '.join(lacking)}")
+    targets = {}
+    for row in rows:
+        ref = _ref_on(row, target.uuid)
+        if ref is None:
+            ref = VolumeBackupStorageRef(backupStorageUuid=target.uuid, status="Creating")
+            row.backupStorageRefs.append(ref)
+        elif ref.status != "Ready":
+            ref.status = "Creating"
+        targets[row.uuid] = ref
+    session.commit()
+    ids = [_manifest_id(ref) for ref in sources.values() if ref is not None]
+    try:
+        src = open_repository(source)
+        dst = open_repository(target)  # registered storage holds its repository: never re-create a vanished one
+        report = sync(src, dst, ids, bandwidth_limit=bandwidth_limit, progress=progress)
+    except BlockvaultError:
+        session.rollback()
+        for ref in targets.values():
+            if ref.status == "Creating":
+                ref.status = "Failed"
+        session.commit()
+        raise
+    for row in rows:
+        ref = targets[row.uuid]
+        ref.installPath = dst.install_path(_manifest_id(sources[row.uuid]))  # type: ignore[arg-type]
+        ref.status = "Ready"
+    refresh_capacity(target)
+    session.commit()
+    log.info("copy.done from=%s to=%s backups=%d bytes=%d", source.uuid, target.uuid, len(rows), report.bytesCopied)
+    return {
+        "srcBackupStorageUuid": source.uuid,
+        "dstBackupStorageUuid": target.uuid,
+        "volumeBackupUuids": [row.uuid for row in rows],
+        "chunksCopied": report.chunksCopied,
+        "bytesCopied": report.bytesCopied,
+        "seconds": report.seconds,
+    }
+
+
+SYNC_ACTIONS = (
+    "syncBackupFromImageStoreBackupStorage",
+    "recoverBackupFromImageStoreBackupStorage",
+    "syncVmBackupFromImageStoreBackupStorage",
+    "recoverVmBackupFromImageStoreBackupStorage",
+)
+
+
+def request_sync(
+    session: Session, action: str, rows: list[VolumeBackup], params: dict[str, Any], account: str | None
+) -> ApiJob:
+    """sync*/recover* actions: copy one backup (or a VM backup's) to another storage."""
+    require(params, "dstBackupStorageUuid", *(["srcBackupStorageUuid"] if action.startswith("recover") else []))
+    target = pick_storage(session, str(params["dstBackupStorageUuid"]))
+    limit = params.get("bandwidthLimit")
+    if limit is not None and (not isinstance(limit, int) or isinstance(limit, bool) or limit < 1):
+        raise InvalidArgument(detail="bandwidthLimit must be a whole number of bytes/s, at least 1")
+    src_uuid = params.get("srcBackupStorageUuid")
+    if src_uuid:
+        get(session, BackupStorage, str(src_uuid), "backup storage")
+    refs = [_ready_ref(_backup_for_action(session, row.uuid), src_uuid, session) for row in rows]
+    sources = {ref.backupStorageUuid for ref in refs}
+    if len(sources) != 1:
+        raise Conflict(detail="the backups have no single storage holding every one: name srcBackupStorageUuid")
+    source = sources.pop()
+    if source == target.uuid:
+        raise InvalidArgument(detail="source and destination backup storage are the same")
+    group = rows[0].groupUuid if action.startswith(("syncVm", "recoverVm")) else None
+    return enqueue(
+        session,
+        action,
+        task="blockvault.storage.sync",
+        queue=STORAGE_QUEUE,
+        params={
+            "backupUuids": [row.uuid for row in rows],
+            "srcBackupStorageUuid": source,
+            "dstBackupStorageUuid": target.uuid,
+            "bandwidthLimit": limit,
+        },
+        resource_uuid=group or rows[0].uuid,
+        resource_type="VolumeBackupSync",
+        account_uuid=account,
+    )
+
+
+def run_sync(session: Session, job: ApiJob) -> dict[str, Any]:
+    params = job.params or {}
+    source: BackupStorage = get(session, BackupStorage, params["srcBackupStorageUuid"], "backup storage")
+    target: BackupStorage = get(session, BackupStorage, params["dstBackupStorageUuid"], "backup storage")
+    rows = [get(session, VolumeBackup, uuid, "volume backup") for uuid in params["backupUuids"]]
+    result = copy_backups(
+        session,
+        rows,
+        source,
+        target,
+        bandwidth_limit=params.get("bandwidthLimit"),
+        progress=progress_reporter(job.uuid),
+    )
+    return {**result, "inventories": [inventory(session, row) for row in rows]}
+
+
+def catch_up(session: Session, limit: int = 200) -> list[str]:
+    """Maintenance: copy what one member of the master/standby pair holds and the other
+    lacks (the standby was down, or the old master rejoins), one job per direction at a time.
+    Returns the uuids of the jobs it sent."""
+    master = current_master(session)
+    if master is None or master.type != "ImageStore" or master.status != "Connected":
+        return []
+    sent = []
+    for standby in standbys(session):
+        if standby.status != "Connected":
+            continue
+        for source, target in ((master, standby), (standby, master)):
+            busy = session.scalars(
+                select(ApiJob.uuid).where(
+                    ApiJob.action == "replicateBackupStorage",
+                    ApiJob.resourceUuid == target.uuid,
+                    ApiJob.state.in_(("Pending", "Running")),
+                )
+            ).first()
+            if busy:
+                continue
+            held = select(VolumeBackupStorageRef.volumeBackupUuid).where(
+                VolumeBackupStorageRef.backupStorageUuid == target.uuid, VolumeBackupStorageRef.status == "Ready"
+            )
+            uuids = list(
+                session.scalars(
+                    select(VolumeBackupStorageRef.volumeBackupUuid)
+                    .join(VolumeBackup, VolumeBackup.uuid == VolumeBackupStorageRef.volumeBackupUuid)
+                    .where(
+                        VolumeBackupStorageRef.backupStorageUuid == source.uuid,
+                        VolumeBackupStorageRef.status == "Ready",
+                        VolumeBackup.status == "Ready",
+                        VolumeBackupStorageRef.volumeBackupUuid.not_in(held),
+                    )
+                    .limit(limit)
+                )
+            )
+            if not uuids:
+                continue
+            job = enqueue(
+                session,
+                "replicateBackupStorage",
+                task="blockvault.storage.sync",
+                queue=STORAGE_QUEUE,
+                params={"backupUuids": uuids, "srcBackupStorageUuid": source.uuid, "dstBackupStorageUuid": target.uuid},
+                resource_uuid=target.uuid,
+                resource_type=BackupStorage.resource_type,
+            )
+            log.info("storage.catch_up from=%s to=%s backups=%d job=%s", source.uuid, target.uuid, len(uuids), job.uuid)
+            sent.append(job.uuid)
+    return sent
 
 
 # -- actions on existing backups ------------------------------------------------------------------
 def _ready_ref(backup: VolumeBackup, storage_uuid: str | None, session: Session) -> VolumeBackupStorageRef:
+    """The copy to read: the one on ``storage_uuid``; by default the master's, then a copy on
+    a storage that answers, then any Ready one."""
     refs = [r for r in backup.backupStorageRefs if r.status == "Ready"]
     if storage_uuid:
+        get(session, BackupStorage, storage_uuid, "backup storage")
         refs = [r for r in refs if r.backupStorageUuid == storage_uuid]
         if not refs:
             raise Conflict(detail=f"backup {backup.uuid} has no Ready copy on backup storage {storage_uuid}")
     if not refs:
         raise Conflict(detail=f"backup {backup.uuid} has no Ready copy")
-    masters = [r for r in refs if (s := session.get(BackupStorage, r.backupStorageUuid)) and s.role == "master"]
-    return (masters or refs)[0]
+
+    def rank(ref: VolumeBackupStorageRef) -> int:
+        storage = session.get(BackupStorage, ref.backupStorageUuid)
+        if storage is None or storage.state != "Enabled":
+            return 3
+        connected = storage.status == "Connected"
+        return 0 if connected and storage.role == "master" and storage.type == "ImageStore" else 1 if connected else 2
+
+    return min(refs, key=rank)
 
 
 def _backup_for_action(session: Session, uuid: str) -> VolumeBackup:
@@ -354,11 +617,20 @@ def run_revert(session: Session, job: ApiJob) -> dict[str, Any]:
     return reverted[0] if len(reverted) == 1 and "backupUuid" in params else {"volumes": reverted}
 
 
+def ensure_path_free(session: Session, host_uuid: str, path: str) -> None:
+    """Conflict when a registered volume already lives at ``path`` on ``host_uuid``."""
+    if session.scalars(select(Volume).where(Volume.hostUuid == host_uuid, Volume.installPath == path)).first():
+        raise Conflict(detail=f"a volume at {path} on host {host_uuid} is registered already")
+
+
+def _check_delete_mode(mode: str) -> None:
+    if mode not in ("Permissive", "Enforcing"):
+        raise InvalidArgument(detail="deleteMode must be Permissive or Enforcing")
+
+
 def request_create_volume(session: Session, uuid: str, params: dict[str, Any], account: str | None) -> ApiJob:
     backup = _backup_for_action(session, uuid)
-    missing = [k for k in ("name", "hostUuid", "installPath") if not params.get(k)]
-    if missing:
-        raise InvalidArgument(detail=f"missing required params: {', '.join(missing)}")
+    require(params, "name", "hostUuid", "installPath")
     path = str(params["installPath"])
     if not path.startswith("/"):
         raise InvalidArgument(detail="installPath must be an absolute path on the host")
@@ -367,8 +639,7 @@ def request_create_volume(session: Session, uuid: str, params: dict[str, Any], a
         raise InvalidArgument(detail="format must be raw or qcow2, and qcow2 paths end in .qcow2")
     if params.get("vmInstanceUuid"):
         get(session, VmInstance, params["vmInstanceUuid"], "VM instance")
-    if session.scalars(select(Volume).where(Volume.hostUuid == params["hostUuid"], Volume.installPath == path)).first():
-        raise Conflict(detail=f"a volume at {path} on host {params['hostUuid']} is registered already")
+    ensure_path_free(session, params["hostUuid"], path)
     ref = _ready_ref(backup, params.get("backupStorageUuid"), session)
     _connected_host(session, params["hostUuid"])
     volume = Volume(
@@ -453,8 +724,7 @@ def request_delete(
     session: Session, uuid: str, storage_uuids: list[str] | None, mode: str, account: str | None
 ) -> ApiJob:
     backup: VolumeBackup = get(session, VolumeBackup, uuid, "volume backup")
-    if mode not in ("Permissive", "Enforcing"):
-        raise InvalidArgument(detail="deleteMode must be Permissive or Enforcing")
+    _check_delete_mode(mode)
     if backup.status in ("Deleting", "Creating"):
         raise Conflict(detail=f"volume backup {uuid} is {backup.status}")
     held = {r.backupStorageUuid for r in backup.backupStorageRefs}
@@ -480,8 +750,7 @@ def request_vm_delete(
     session: Session, group_uuid: str, storage_uuids: list[str] | None, mode: str, account: str | None
 ) -> ApiJob:
     backups = group_backups(session, group_uuid)
-    if mode not in ("Permissive", "Enforcing"):
-        raise InvalidArgument(detail="deleteMode must be Permissive or Enforcing")
+    _check_delete_mode(mode)
     busy = [b.uuid for b in backups if b.status in ("Deleting", "Creating")]
     if busy:
         raise Conflict(detail=f"VM backup {group_uuid} has backups being created or deleted: {', '.join(busy)}")
@@ -503,7 +772,17 @@ def request_vm_delete(
 def run_delete(session: Session, job: ApiJob) -> dict[str, Any]:
     params = job.params or {}
     uuids = params.get("backupUuids") or [params["backupUuid"]]
-    results = [delete_backup_copies(session, uuid, params.get("backupStorageUuids")) for uuid in uuids]
+    results = []
+    for index, uuid in enumerate(uuids):
+        try:
+            results.append(delete_backup_copies(session, uuid, params.get("backupStorageUuids")))
+        except BlockvaultError:
+            for rest in uuids[index + 1 :]:  # untouched: back to Ready, the job fails
+                row = session.get(VolumeBackup, rest)
+                if row is not None and row.status == "Deleting":
+                    row.status = "Ready"
+            session.commit()
+            raise
     return results[0] if "backupUuid" in params else {"volumeBackups": results}
 
 
@@ -517,14 +796,20 @@ def delete_backup_copies(session: Session, uuid: str, storage_uuids: list[str] |
         if storage_uuids and ref.backupStorageUuid not in storage_uuids:
             continue
         storage: BackupStorage = get(session, BackupStorage, ref.backupStorageUuid, "backup storage")
-        repo = open_repository(storage)
-        if ref.installPath:
-            repo.delete_manifest(_manifest_id(ref))
+        try:
+            repo = open_repository(storage)
+            if ref.installPath:
+                repo.delete_manifest(_manifest_id(ref))
+        except BlockvaultError:
+            session.rollback()
+            backup.status = "Ready"  # the copies not deleted are still good
+            session.commit()
+            raise
         backup.backupStorageRefs.remove(ref)
-        session.flush()
+        session.commit()  # each storage's copy is gone for good before the next one is touched
         try:
             gc(repo, wait=0)
-        except Exception:  # noqa: BLE001 - busy storage: space is reclaimed by the next gc
+        except Exception:  # noqa: BLE001 - busy or append-only storage: the next gc reclaims it
             log.info("delete.gc_deferred storage=%s", storage.uuid)
         refresh_capacity(storage)
     if not backup.backupStorageRefs:
@@ -534,3 +819,84 @@ def delete_backup_copies(session: Session, uuid: str, storage_uuids: list[str] |
     backup.status = "Ready"
     session.commit()
     return inventory(session, backup)
+
+
+# -- backup storage jobs ---------------------------------------------------------------------------
+def request_storage_job(session: Session, storage: BackupStorage, action: str, account: str | None) -> ApiJob:
+    """scanBackupStorage and reclaimSpaceFromImageStore run on the storage queue."""
+    if storage.state != "Enabled":
+        raise Conflict(detail=f"backup storage {storage.uuid} is {storage.state}")
+    task = {"scanBackupStorage": "blockvault.storage.scan", "reclaimSpaceFromImageStore": "blockvault.storage.gc"}
+    return enqueue(
+        session,
+        action,
+        task=task[action],
+        queue=STORAGE_QUEUE,
+        params={"backupStorageUuid": storage.uuid},
+        resource_uuid=storage.uuid,
+        resource_type=BackupStorage.resource_type,
+        account_uuid=account,
+    )
+
+
+def run_scan(session: Session, job: ApiJob) -> dict[str, Any]:
+    """scanBackupStorage: make the catalog list every backup the storage holds. A backup it
+    does not know becomes a Ready row with the uuid, name, volume and VM group recorded in its
+    manifest; a known one gains (or gets back) a Ready ref to this storage. Running it twice
+    changes nothing the second time."""
+    storage: BackupStorage = get(session, BackupStorage, (job.params or {})["backupStorageUuid"], "backup storage")
+    repo = open_repository(storage)
+    entries = repo.backups()
+    by_manifest: dict[str, VolumeBackup] = {}
+    imported, attached = [], []
+    for entry in entries:
+        manifest = entry.manifest
+        metadata = manifest.metadata or {}
+        info = metadata.get("backup") or {}
+        uuid = str(info.get("uuid") or uuidlib.uuid5(uuidlib.UUID(repo.id), entry.id).hex)
+        row = session.get(VolumeBackup, uuid)
+        if row is None:
+            volume = metadata.get("volume") or {}
+            row = VolumeBackup(
+                uuid=uuid,
+                name=str(info.get("name") or manifest.name or entry.id[:12]),
+                volumeUuid=str(volume.get("uuid") or ""),
+                type=str(volume.get("type") or "Data"),
+                mode=manifest.mode,
+                groupUuid=info.get("groupUuid"),
+                size=manifest.size,
+                status="Ready",
+                metadata_=metadata or None,
+                createDate=manifest.created_at,
+            )
+            session.add(row)
+            imported.append(uuid)
+        elif row.status in ("Creating", "Failed"):
+            row.status = "Ready"  # its manifest was committed: the job died before the catalog knew
+            row.mode, row.size, row.metadata_ = manifest.mode, manifest.size, metadata or row.metadata_
+        ref = _ref_on(row, storage.uuid)
+        if ref is None or ref.status != "Ready":
+            if ref is None:
+                ref = VolumeBackupStorageRef(backupStorageUuid=storage.uuid)
+                row.backupStorageRefs.append(ref)
+            ref.status, ref.installPath = "Ready", repo.install_path(entry.id)
+            attached.append(uuid)
+        by_manifest[entry.id] = row
+    for entry in entries:
+        parent = by_manifest.get(entry.manifest.parent or "")
+        row = by_manifest[entry.id]
+        if parent is not None and row.parentUuid is None:
+            row.parentUuid = parent.uuid
+    refresh_capacity(storage)
+    session.commit()
+    log.info("storage.scanned uuid=%s backups=%d imported=%d", storage.uuid, len(entries), len(imported))
+    return {"backupStorageUuid": storage.uuid, "backups": len(entries), "imported": imported, "attached": attached}
+
+
+def run_reclaim(session: Session, job: ApiJob) -> dict[str, Any]:
+    """reclaimSpaceFromImageStore: garbage-collect chunks no backup references."""
+    storage: BackupStorage = get(session, BackupStorage, (job.params or {})["backupStorageUuid"], "backup storage")
+    report = gc(open_repository(storage), wait=get_settings().lock_wait_seconds)
+    refresh_capacity(storage)
+    session.commit()
+    return {"backupStorageUuid": storage.uuid, **asdict(report)}

@@ -7,13 +7,13 @@ from __future__ import annotations
 import logging
 import socket
 import uuid as uuidlib
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from pathlib import Path
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from shared.catalog.models import ApiJob, Host, now
+from shared.catalog.models import ApiJob, Host, aware, now
 from shared.config import get_settings
 
 log = logging.getLogger(__name__)
@@ -68,13 +68,9 @@ def heartbeat(session: Session, host_uuid: str) -> None:
         host.status = "Connected"
 
 
-def _aware(value: datetime) -> datetime:
-    return value if value.tzinfo else value.replace(tzinfo=UTC)
-
-
 def is_alive(host: Host, at: datetime | None = None) -> bool:
     timeout = timedelta(seconds=get_settings().host_timeout_seconds)
-    return host.lastHeartbeat is not None and (at or now()) - _aware(host.lastHeartbeat) <= timeout
+    return host.lastHeartbeat is not None and (at or now()) - aware(host.lastHeartbeat) <= timeout
 
 
 def reap(session: Session) -> list[str]:

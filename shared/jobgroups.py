@@ -34,15 +34,14 @@ from shared.catalog.models import (
     VmInstance,
     Volume,
     VolumeBackup,
-    VolumeBackupStorageRef,
+    aware,
     now,
 )
 from shared.celery_app import STORAGE_QUEUE, host_queue
 from shared.errors import BlockvaultError, Conflict, InvalidArgument, NotFound
 from shared.repository.maintenance import Policy, select_keep
-from shared.repository.sync import sync
 from shared.schedule import TriggerSpec, due_fire, fire_times_after, validate
-from shared.storage import open_repository
+from shared.storage import current_master
 
 log = logging.getLogger(__name__)
 JOB_TYPES = ("volumeBackup", "vmBackup", "databaseBackup")
@@ -423,7 +422,7 @@ def tick(session: Session, moment: datetime | None = None) -> float:
             record.done = True
             continue
         log.warning("scheduler.resume_fire group=%s time=%s", group_row.uuid, record.fireTime)
-        fire(session, group_row, record.schedulerTriggerUuid, _aware(record.fireTime), manual=record.manual)
+        fire(session, group_row, record.schedulerTriggerUuid, aware(record.fireTime), manual=record.manual)
     session.commit()
     return wait
 
@@ -431,7 +430,7 @@ def tick(session: Session, moment: datetime | None = None) -> float:
 def _tick_one(session: Session, trigger: SchedulerTrigger, group: SchedulerJobGroup, moment: datetime) -> float:
     """Fire one trigger for one group if due; seconds until its next fire time."""
     spec = _spec(trigger)
-    created = _aware(trigger.createDate)
+    created = aware(trigger.createDate)
     last = session.scalar(
         select(func.max(SchedulerFire.fireTime)).where(
             SchedulerFire.schedulerTriggerUuid == trigger.uuid,
@@ -439,19 +438,13 @@ def _tick_one(session: Session, trigger: SchedulerTrigger, group: SchedulerJobGr
             SchedulerFire.manual.is_(False),
         )
     )
-    last = _aware(last) if last else None
+    last = aware(last) if last else None
     due = due_fire(spec, created, last, moment)
     if due is not None:
         fire(session, group, trigger.uuid, due)
         last = due
     following = fire_times_after(spec, created, last)
     return 5.0 if following is None else max(0.05, (following - moment).total_seconds())
-
-
-def _aware(value: datetime) -> datetime:
-    from datetime import UTC
-
-    return value if value.tzinfo else value.replace(tzinfo=UTC)
 
 
 def run_now(
@@ -463,10 +456,18 @@ def run_now(
 
 # -- running one target (worker side) ------------------------------------------------------------
 def _storages(session: Session, data: dict[str, Any]) -> list[BackupStorage]:
+    """Where this run's copies go: the first takes the backup. A first storage that is an
+    ImageStore demoted to standby (its master failed over) is replaced by the new master."""
     uuids = data.get("backupStorageUuids")
-    if uuids:
-        return [get(session, BackupStorage, uuid, "backup storage") for uuid in uuids]
-    return [backups._storage(session, None)]
+    if not uuids:
+        return [backups.pick_storage(session, None)]
+    rows: list[BackupStorage] = [get(session, BackupStorage, uuid, "backup storage") for uuid in uuids]
+    first = rows[0]
+    if first.type == "ImageStore" and first.role == "standby":
+        master = current_master(session)
+        if master is not None:
+            rows = [master, *(row for row in rows if row.uuid != master.uuid)]
+    return rows
 
 
 def _run_index(session: Session, job_uuid: str | None, group_uuid: str) -> int:
@@ -517,8 +518,12 @@ def run_scheduled(session: Session, job: ApiJob) -> dict[str, Any]:
     session.flush()
     job.params = {**params, "backupUuids": [r.uuid for r in rows]}  # so a failure marks them Failed
     session.commit()
-    done = backups.take_backups(session, rows, first, full=full, job_uuid=job.uuid)
-    synced = [_sync_copy(session, rows, first, extra, data.get("bandwidthLimit")) for extra in storages[1:]]
+    done, first = backups.take_backups(session, rows, first, full=full, job_uuid=job.uuid)
+    synced = [
+        _sync_copy(session, rows, first, extra, data.get("bandwidthLimit"))
+        for extra in storages[1:]
+        if extra.uuid != first.uuid
+    ]
     retention = _apply_retention(session, params.get("schedulerJobUuid"), kind, data.get("retention"))
     return {
         "volumeBackupUuids": [r.uuid for r in rows],
@@ -537,31 +542,17 @@ def run_scheduled(session: Session, job: ApiJob) -> dict[str, Any]:
 def _sync_copy(
     session: Session, rows: list[VolumeBackup], source: BackupStorage, target: BackupStorage, limit: int | None
 ) -> dict[str, Any]:
-    """Copy the run's backups to one more storage; what happened, for the history."""
+    """Copy the run's backups to one more storage; what happened, for the history (a failed
+    copy does not fail the run: the backup itself is good)."""
     try:
-        src, dst = open_repository(source), open_repository(target, create=True)
-        ids = [ref.installPath.rsplit("/", 1)[-1] for r in rows for ref in r.backupStorageRefs if ref.installPath]
-        report = sync(src, dst, ids, bandwidth_limit=limit)
+        report = backups.copy_backups(session, rows, source, target, bandwidth_limit=limit)
     except BlockvaultError as exc:
-        for row in rows:
-            row.backupStorageRefs.append(VolumeBackupStorageRef(backupStorageUuid=target.uuid, status="Failed"))
-        session.commit()
         return {"backupStorageUuid": target.uuid, "success": False, "error": str(exc)}
-    for row in rows:
-        manifest = next(ref.installPath for ref in row.backupStorageRefs if ref.backupStorageUuid == source.uuid)
-        row.backupStorageRefs.append(
-            VolumeBackupStorageRef(
-                backupStorageUuid=target.uuid,
-                installPath=dst.install_path(str(manifest).rsplit("/", 1)[-1]),
-                status="Ready",
-            )
-        )
-    session.commit()
     return {
         "backupStorageUuid": target.uuid,
         "success": True,
-        "chunks": report.chunksCopied,
-        "bytes": report.bytesCopied,
+        "chunks": report["chunksCopied"],
+        "bytes": report["bytesCopied"],
     }
 
 
@@ -584,7 +575,7 @@ def _apply_retention(
     units: dict[str, list[VolumeBackup]] = {}
     for row in rows:
         units.setdefault(row.groupUuid or row.uuid, []).append(row)
-    keep = select_keep([(key, max(_aware(r.createDate) for r in members)) for key, members in units.items()], policy)
+    keep = select_keep([(key, max(aware(r.createDate) for r in members)) for key, members in units.items()], policy)
     removed = []
     for key, members in units.items():
         if key in keep:

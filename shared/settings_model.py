@@ -31,6 +31,8 @@ class Settings(BaseSettings):
     heartbeat_seconds: float = Field(default=10.0, gt=0)
     host_timeout_seconds: float = Field(default=45.0, gt=0)
     requeue_seconds: float = Field(default=60.0, gt=0)
+    storage_check_seconds: float = Field(default=30.0, gt=0)
+    storage_retry_seconds: float = Field(default=120.0, ge=0)
     environment: str = "development"
 
     @property

@@ -1,81 +1,258 @@
-"""Backup storage: registering one, and opening its repository."""
+"""Backup storage: registering one, opening its repository, health checks and master/standby.
+
+Three types (API.md "Backup storage registration"): ``ImageStore`` (a local or mounted folder,
+``file://``; a ``master`` and optionally ``standby`` ones), ``Remote`` (a ``blockvault
+storage-server``, ``http(s)://``, with a token) and ``PublicCloud`` (``s3://bucket/prefix`` on
+any S3-compatible endpoint, always encrypted client-side). Every repository of one deployment
+names chunks alike (a new one is created like an existing one), so copies between any two
+are made by sending only the chunks the target lacks, without re-hashing.
+
+Health: :func:`check_storages` (run by every worker's maintenance thread) probes each storage
+and marks it Connected or Disconnected with its capacity; when the ImageStore master fails and
+a standby answers, the standby is promoted (:func:`failover`). A backup that fails on the
+master mid-way calls :func:`failover` itself and carries on on the new master.
+"""
 
 from __future__ import annotations
 
-import shutil
-from pathlib import Path
+import logging
+import os
 from typing import Any
 from urllib.parse import urlparse
 
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from shared.catalog.models import BackupStorage
-from shared.errors import InvalidArgument, RepositoryNotFound
+from shared.catalog.models import BackupStorage, now
+from shared.config import get_settings
+from shared.errors import BlockvaultError, Conflict, InvalidArgument, RepositoryNotFound, require
+from shared.repository.backends import Backend, open_backend
 from shared.repository.repo import Repository
 
-TYPES = ("ImageStore", "Remote", "PublicCloud")
+log = logging.getLogger(__name__)
+TYPES = {"ImageStore": ("file",), "Remote": ("http", "https"), "PublicCloud": ("s3",)}
 ROLES = ("master", "standby")
+SECRETS = ("token", "accessKey", "secretKey", "encryptionPassphrase")
+# credentials key -> open_backend option
+OPTIONS = {"token": "token", "caFile": "cafile", "endpoint": "endpoint", "region": "region"}
+OPTIONS |= {"accessKey": "accessKey", "secretKey": "secretKey"}
+REGISTER_RETRY_SECONDS = 5.0
 
 
-def _folder(url: str) -> Path:
+def _check_url(kind: str, url: str) -> str:
     parsed = urlparse(url)
-    if parsed.scheme != "file" or not parsed.path.startswith("/"):
+    if parsed.scheme not in TYPES[kind]:
+        schemes = " or ".join(f"{s}://" for s in TYPES[kind])
+        raise InvalidArgument(detail=f"a {kind} backup storage url starts with {schemes}, got {url!r}")
+    if kind == "ImageStore" and not parsed.path.startswith("/"):
         raise InvalidArgument(detail=f"ImageStore url must be file:///absolute/path, got {url!r}")
-    return Path(parsed.path)
+    if kind != "ImageStore" and not parsed.netloc:
+        raise InvalidArgument(detail=f"{url!r} names no host or bucket")
+    return url.rstrip("/") if parsed.path not in ("", "/") else url
 
 
-def open_repository(storage: BackupStorage, *, create: bool = False) -> Repository:
-    """The repository of ``storage`` (created when ``create`` and it does not exist yet)."""
+def _location(storage: BackupStorage) -> str:
+    return urlparse(storage.url).path if storage.type == "ImageStore" else storage.url
+
+
+def open_storage_backend(storage: BackupStorage, *, retry_seconds: float | None = -1.0) -> Backend:
+    """The backend of ``storage`` with its credentials; retried for the configured
+    ``BLOCKVAULT_STORAGE_RETRY_SECONDS`` unless ``retry_seconds`` says otherwise."""
+    creds = storage.credentials or {}
+    options = {option: creds.get(key) for key, option in OPTIONS.items() if creds.get(key)}
+    if retry_seconds is not None and retry_seconds < 0:
+        retry_seconds = get_settings().storage_retry_seconds
+    return open_backend(_location(storage), options, retry_seconds=retry_seconds)
+
+
+def open_repository(
+    storage: BackupStorage,
+    *,
+    create: bool = False,
+    like: Repository | None = None,
+    retry_seconds: float | None = -1.0,
+) -> Repository:
+    """The repository of ``storage`` (created, ``like`` another when given, when ``create``
+    and it does not exist yet)."""
     passphrase = (storage.credentials or {}).get("encryptionPassphrase")
-    location = str(_folder(storage.url)) if storage.type == "ImageStore" else storage.url
+    backend = open_storage_backend(storage, retry_seconds=retry_seconds)
     try:
-        return Repository.open(location, passphrase)
+        return Repository.open(backend, passphrase)
     except RepositoryNotFound:
         if not create:
             raise
-        return Repository.init(location, encrypt=bool(passphrase), passphrase=passphrase)
+        return Repository.init(backend, encrypt=bool(passphrase), passphrase=passphrase, like=like)
+
+
+def probe(storage: BackupStorage) -> bool:
+    """Ask the storage at once (no retries) whether it answers and holds its repository;
+    record status and capacity. Returns whether it is healthy."""
+    try:
+        backend = open_storage_backend(storage, retry_seconds=None)
+        try:
+            capacity = backend.capacity()
+            healthy = backend.exists("config")
+        finally:
+            backend.close()
+    except BlockvaultError as exc:
+        log.info("storage.unhealthy uuid=%s %s", storage.uuid, exc)
+        healthy, capacity = False, None
+    if healthy and capacity is not None:
+        storage.totalCapacity, storage.availableCapacity = capacity
+    status = "Connected" if healthy else "Disconnected"
+    if storage.status != status:
+        log.warning("storage.status uuid=%s %s -> %s", storage.uuid, storage.status, status)
+        storage.status = status
+        storage.lastOpDate = now()
+    return healthy
 
 
 def refresh_capacity(storage: BackupStorage) -> None:
-    if storage.type != "ImageStore":
-        return
-    try:
-        usage = shutil.disk_usage(_folder(storage.url))
-    except OSError:
-        storage.status = "Disconnected"
-        return
-    storage.totalCapacity, storage.availableCapacity = usage.total, usage.free
-    storage.status = "Connected"
+    """Status and capacity after a job wrote to or deleted from ``storage``."""
+    probe(storage)
+
+
+def _reference(session: Session) -> Repository | None:
+    """The repository new ones are created like: the oldest storage that opens."""
+    for other in session.scalars(select(BackupStorage).order_by(BackupStorage.createDate)):
+        if other.status != "Connected" or not other.repositoryUuid:
+            continue
+        try:
+            return open_repository(other, retry_seconds=REGISTER_RETRY_SECONDS)
+        except BlockvaultError as exc:
+            log.info("storage.reference_skipped uuid=%s %s", other.uuid, exc)
+    return None
 
 
 def register_storage(session: Session, params: dict[str, Any]) -> BackupStorage:
-    """Validate, create the repository if the folder has none, and record the storage."""
+    """Validate, open the repository at the url or create one like the others, and record
+    the storage. A storage holding a repository already is attached as it is (its backups
+    are imported by ``scanBackupStorage``)."""
     kind = params.get("type") or "ImageStore"
     if kind not in TYPES:
         raise InvalidArgument(detail=f"type must be one of {', '.join(TYPES)}")
-    if kind != "ImageStore":
-        raise InvalidArgument(detail=f"{kind} backup storage is not supported by this build yet")
-    url = params.get("url")
-    if not isinstance(url, str) or not url:
-        raise InvalidArgument(detail="url is required")
+    require(params, "url")
+    if not isinstance(params["url"], str):
+        raise InvalidArgument(detail="url must be a string")
+    url = _check_url(kind, params["url"])
     role = params.get("role") or "master"
     if role not in ROLES:
         raise InvalidArgument(detail="role must be master or standby")
-    folder = _folder(url)
-    if folder.exists() and not folder.is_dir():
-        raise InvalidArgument(detail=f"{folder} exists and is not a folder")
+    if kind != "ImageStore" and params.get("role") not in (None, "master"):
+        raise InvalidArgument(detail="only ImageStore backup storage has a standby role")
+    if kind == "Remote":
+        require(params, "token")
+    if kind == "PublicCloud":
+        require(params, "encryptionPassphrase")
+    for key in (*SECRETS, "endpoint", "region", "caFile"):
+        if params.get(key) is not None and not isinstance(params[key], str):
+            raise InvalidArgument(detail=f"{key} must be a string")
+    endpoint = params.get("endpoint")
+    for other in session.scalars(select(BackupStorage).where(BackupStorage.url == url)):
+        if (other.credentials or {}).get("endpoint") == endpoint:
+            raise Conflict(detail=f"backup storage {other.uuid} is registered with {url} already")
+    if kind == "ImageStore":
+        folder = urlparse(url).path
+        if os.path.exists(folder) and not os.path.isdir(folder):
+            raise InvalidArgument(detail=f"{folder} exists and is not a folder")
     storage = BackupStorage(
-        name=str(params.get("name") or folder.name),
+        name=str(params.get("name") or urlparse(url).path.rstrip("/").rsplit("/", 1)[-1] or url),
         description=params.get("description"),
         type=kind,
         url=url,
         role=role,
+        status="Connected",
     )
-    secrets = {k: params[k] for k in ("encryptionPassphrase",) if params.get(k)}
-    storage.credentials = secrets or None
-    repo = open_repository(storage, create=True)
+    credentials = {k: params[k] for k in (*OPTIONS, "encryptionPassphrase") if params.get(k)}
+    storage.credentials = credentials or None
+    like = _reference(session)
+    repo = open_repository(storage, create=True, like=like, retry_seconds=REGISTER_RETRY_SECONDS)
+    if like is not None and not repo.codec.same_naming(like.codec):
+        log.warning("storage.naming_differs url=%s: copies to or from it are refused", url)
     storage.repositoryUuid = repo.id
-    refresh_capacity(storage)
+    probe(storage)
     session.add(storage)
     session.flush()
+    if role == "standby" and current_master(session) is None:
+        storage.role = "master"  # a standby with no master would take no backups
     return storage
+
+
+# -- master / standby -----------------------------------------------------------------------------
+def current_master(session: Session) -> BackupStorage | None:
+    """The enabled ImageStore master (the oldest, should there be several)."""
+    return session.scalars(
+        select(BackupStorage)
+        .where(BackupStorage.role == "master", BackupStorage.state == "Enabled")
+        .order_by(BackupStorage.createDate)
+    ).first()
+
+
+def standbys(session: Session) -> list[BackupStorage]:
+    return list(
+        session.scalars(
+            select(BackupStorage)
+            .where(BackupStorage.type == "ImageStore", BackupStorage.role == "standby")
+            .where(BackupStorage.state == "Enabled")
+            .order_by(BackupStorage.createDate)
+        )
+    )
+
+
+def promote(session: Session, standby: BackupStorage) -> BackupStorage:
+    """Make ``standby`` the master and every ImageStore master a standby, in one
+    transaction that holds the storage rows (two workers promoting at once agree)."""
+    rows = session.scalars(select(BackupStorage).where(BackupStorage.type == "ImageStore").with_for_update()).all()
+    for row in rows:
+        if row.role == "master" and row.uuid != standby.uuid:
+            row.role = "standby"
+            row.lastOpDate = now()
+    standby.role = "master"
+    standby.lastOpDate = now()
+    session.commit()
+    log.warning("storage.promoted uuid=%s", standby.uuid)
+    return standby
+
+
+def failover(session: Session, failed: BackupStorage) -> BackupStorage | None:
+    """After ``failed`` stopped answering: the master to use now. When ``failed`` is (or was)
+    the master and is unhealthy, the first healthy standby is promoted; when another worker
+    promoted one already, that one. None when there is no healthy master to go on with."""
+    session.refresh(failed)
+    if failed.type != "ImageStore":
+        return None
+    if failed.role == "master":
+        if probe(failed):
+            session.commit()
+            return None  # it answers: the failure was something else
+        for candidate in standbys(session):
+            if probe(candidate):
+                return promote(session, candidate)
+        session.commit()
+        return None
+    master = current_master(session)
+    if master is not None and master.uuid != failed.uuid and probe(master):
+        return master
+    return None
+
+
+def switch_role(session: Session, storage: BackupStorage) -> BackupStorage:
+    """switchBackupStorageRole: promote this standby by hand."""
+    if storage.type != "ImageStore" or storage.role != "standby":
+        raise Conflict(detail=f"backup storage {storage.uuid} is not an ImageStore standby")
+    if storage.state != "Enabled":
+        raise Conflict(detail=f"backup storage {storage.uuid} is {storage.state}")
+    if not probe(storage):
+        raise Conflict(detail=f"backup storage {storage.uuid} is Disconnected: it cannot become the master")
+    return promote(session, storage)
+
+
+def check_storages(session: Session) -> None:
+    """One health pass: probe every enabled storage; fail over when the master is down."""
+    rows = session.scalars(select(BackupStorage).where(BackupStorage.state == "Enabled")).all()
+    for row in rows:
+        probe(row)
+    session.commit()
+    master = current_master(session)
+    if master is not None and master.type == "ImageStore" and master.status == "Disconnected":
+        failover(session, master)

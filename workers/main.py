@@ -1,8 +1,8 @@
 """``blockvault worker``: one Celery worker for this host's queue and the shared queues.
 
 On start it migrates the catalog, registers its host and then heartbeats from a thread; a
-second thread reaps hosts whose workers stopped and re-sends lost messages (any live worker
-does that job).
+second thread reaps hosts whose workers stopped and re-sends lost messages, a third checks
+the backup storages and fails the master over (any live worker does these jobs).
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import threading
 
-from shared import hosts
+from shared import backups, hosts, storage
 from shared.apijobs import requeue_stale
 from shared.catalog import db
 from shared.celery_app import STORAGE_QUEUE, celery_app, host_queue
@@ -57,6 +57,27 @@ class Maintenance(threading.Thread):
                 log.warning("worker.maintenance_failed", exc_info=True)
 
 
+class StorageHealth(threading.Thread):
+    """Probes every backup storage (status, capacity), fails the ImageStore master over to a
+    standby when it stops answering, and sends catch-up copies between master and standby.
+    A thread of its own: a storage that hangs never delays reaping or requeueing."""
+
+    def __init__(self, every: float) -> None:
+        super().__init__(daemon=True, name="storage-health")
+        self.every = every
+        self.stopped = threading.Event()
+
+    def run(self) -> None:
+        while not self.stopped.wait(self.every):
+            try:
+                with db.session() as session:
+                    storage.check_storages(session)
+                with db.session() as session:
+                    backups.catch_up(session)
+            except Exception:
+                log.warning("worker.storage_check_failed", exc_info=True)
+
+
 def run_worker(host_uuid: str | None = None, concurrency: int = 2, loglevel: str = "INFO") -> None:
     settings = get_settings()
     host = (host_uuid or hosts.local_host_uuid()).replace("-", "").lower()
@@ -67,6 +88,8 @@ def run_worker(host_uuid: str | None = None, concurrency: int = 2, loglevel: str
     beat.start()
     maintenance = Maintenance(settings.heartbeat_seconds, settings.requeue_seconds)
     maintenance.start()
+    health = StorageHealth(settings.storage_check_seconds)
+    health.start()
     log.info("worker.start host=%s queues=%s,%s", host, host_queue(host), STORAGE_QUEUE)
     app = celery_app()
     try:
@@ -85,3 +108,4 @@ def run_worker(host_uuid: str | None = None, concurrency: int = 2, loglevel: str
     finally:
         beat.stopped.set()
         maintenance.stopped.set()
+        health.stopped.set()

@@ -88,3 +88,6 @@ volume_create_from_backup = job_task("blockvault.volume.create_from_backup")(bac
 storage_verify = job_task("blockvault.storage.verify")(backups.run_verify)
 storage_delete = job_task("blockvault.storage.delete")(backups.run_delete)
 scheduler_run = job_task("blockvault.scheduler.run")(jobgroups.run_scheduled)
+storage_sync = job_task("blockvault.storage.sync")(backups.run_sync)
+storage_scan = job_task("blockvault.storage.scan")(backups.run_scan)
+storage_gc = job_task("blockvault.storage.gc")(backups.run_reclaim)

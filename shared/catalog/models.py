@@ -19,6 +19,11 @@ def now() -> datetime:
     return datetime.now(UTC)
 
 
+def aware(value: datetime) -> datetime:
+    """``value`` in UTC when a database (SQLite) returned it without a time zone."""
+    return value if value.tzinfo else value.replace(tzinfo=UTC)
+
+
 class Base(DeclarativeBase):
     """Every catalog row. ``resource_type`` names it for tags and errors; ``secret_fields`` are
     write-only (never returned, never logged)."""

@@ -109,7 +109,7 @@ class Stack:
         for proc in self.procs.values():
             if proc.poll() is None:
                 with contextlib.suppress(ProcessLookupError):
-                    os.kill(proc.pid, signal.SIGUSR1)
+                    os.killpg(proc.pid, signal.SIGUSR1)  # the group: Celery's pool children too
         time.sleep(1)
         return "\n".join(f"==== {name}\n{self.log(name)[-6000:]}" for name in self.procs)
 
