@@ -43,5 +43,9 @@ bench: venv system-test
 bench-sync: venv system-test
 	$(PY) tests/bench/sync_targets.py $(BENCH_ARGS)
 
+.PHONY: bench-db
+bench-db: venv system-test
+	$(PY) tests/bench/db_dedup.py $(BENCH_ARGS)
+
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .blockvault

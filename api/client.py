@@ -204,6 +204,20 @@ class Client:
     def reconnect_storage(self, storage_uuid: str) -> dict[str, Any]:
         return dict(self.action("backup-storage", storage_uuid, "reconnectBackupStorage"))  # type: ignore[arg-type]
 
+    def backup_database(self, **params: Any) -> str:
+        """Back the catalog up (name, description, backupStorageUuid optional): the job uuid."""
+        return self._job("POST", "/v1/database-backups", json={"params": params})
+
+    def recover_database(self, backup_uuid: str, **params: Any) -> str:
+        """recoverDatabaseBackup {backupStorageUuid, databaseUrl, force}: the job uuid."""
+        return str(self.action("database-backups", backup_uuid, "recoverDatabaseBackup", params))
+
+    def sync_database_backup(self, backup_uuid: str, dst_storage_uuid: str, **params: Any) -> str:
+        params = {"dstBackupStorageUuid": dst_storage_uuid, **params}
+        return str(
+            self.action("database-backups", backup_uuid, "syncDatabaseBackupFromImageStoreBackupStorage", params)
+        )
+
     def revert_vm(self, group_uuid: str, **params: Any) -> str:
         return str(self.action("vm-backups", group_uuid, "revertVmFromVmBackup", params))
 

@@ -125,6 +125,9 @@ volume_backup = _group(
     ("uuid", "name", "mode", "status", "volumeUuid", "size"),
     "Volume backups.",
 )
+database_backup = _group(
+    "database-backup", "database-backups", ("uuid", "name", "status", "size", "createDate"), "Catalog database backups."
+)
 job = ClientGroup("job", help="API jobs.")
 job_group = _group(
     "job-group", "scheduler/jobgroups", ("uuid", "name", "jobType", "state", "triggersUuid"), "Scheduled job groups."
@@ -513,3 +516,46 @@ def trigger_attach(trigger_uuid: str, group_uuid: str, trigger_now: bool, as_jso
 def trigger_detach(trigger_uuid: str, group_uuid: str) -> None:
     """Detach a trigger from a job group."""
     _client().detach_trigger(trigger_uuid, group_uuid)
+
+
+@database_backup.command("create")
+@click.option("--name")
+@click.option("--backup-storage", "storage_uuid")
+@WAIT
+@JSON
+def database_backup_create(name: str | None, storage_uuid: str | None, wait: bool, as_json: bool) -> None:
+    """Back up the catalog database."""
+    params = {k: v for k, v in {"name": name, "backupStorageUuid": storage_uuid}.items() if v}
+    client = _client()
+    _submit(client, client.backup_database(**params), wait, as_json, ("uuid", "name", "status", "size"))
+
+
+@database_backup.command("recover")
+@click.argument("uuid")
+@click.option("--database-url", "database_url", required=True, help="SQLAlchemy URL of an empty database")
+@click.option("--backup-storage", "storage_uuid")
+@click.option("--force", is_flag=True, help="Load over a database that is not empty.")
+@WAIT
+@JSON
+def database_backup_recover(
+    uuid: str, database_url: str, storage_uuid: str | None, force: bool, wait: bool, as_json: bool
+) -> None:
+    """Load a database backup into a database (recoverDatabaseBackup)."""
+    params: dict[str, Any] = {"databaseUrl": database_url, "force": force}
+    if storage_uuid:
+        params["backupStorageUuid"] = storage_uuid
+    client = _client()
+    _submit(client, client.recover_database(uuid, **params), wait, as_json, ("databaseBackupUuid",))
+
+
+@database_backup.command("sync")
+@click.argument("uuid")
+@click.option("--to", "dst", required=True, help="Destination backup storage uuid.")
+@click.option("--bandwidth-limit", "limit", type=int)
+@WAIT
+@JSON
+def database_backup_sync(uuid: str, dst: str, limit: int | None, wait: bool, as_json: bool) -> None:
+    """Copy a database backup to another storage."""
+    client = _client()
+    params = {"bandwidthLimit": limit} if limit else {}
+    _submit(client, client.sync_database_backup(uuid, dst, **params), wait, as_json, ("dstBackupStorageUuid",))

@@ -11,12 +11,13 @@ from pydantic import BaseModel, Field
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from shared import backups, hosts, storage
+from shared import backups, dbbackups, hosts, storage
 from shared.catalog.models import (
     QUERYABLE,
     ApiJob,
     BackupStorage,
     Base,
+    DatabaseBackup,
     Host,
     Tag,
     VmInstance,
@@ -410,6 +411,49 @@ def delete_vm_backup(
 ) -> JSONResponse:
     targets = _storage_uuids(backupStorageUuids)
     job = backups.request_vm_delete(session, check_uuid(uuid, "groupUuid"), targets, deleteMode, caller.account_uuid)
+    return accepted(request, job)
+
+
+@router.post("/database-backups", status_code=202)
+def create_database_backup(
+    body: Envelope,
+    request: Request,
+    session: Session = Depends(get_session),
+    caller: Caller = Depends(get_caller),
+) -> JSONResponse:
+    return accepted(request, dbbackups.request_database_backup(session, body.params, caller.account_uuid))
+
+
+@router.put("/database-backups/{uuid}/actions")
+def database_backup_action(
+    uuid: str,
+    body: dict[str, Any],
+    request: Request,
+    session: Session = Depends(get_session),
+    caller: Caller = Depends(get_caller),
+) -> Response:
+    name, params = _action(body, ("syncDatabaseBackupFromImageStoreBackupStorage", "recoverDatabaseBackup"))
+    row = session.get(DatabaseBackup, check_uuid(uuid, "uuid"))
+    if row is None:
+        raise NotFound(resource="database backup", uuid=uuid)
+    if name == "recoverDatabaseBackup":
+        return accepted(request, dbbackups.request_recover(session, row.uuid, params, caller.account_uuid))
+    return accepted(request, backups.request_sync(session, name, [row], params, caller.account_uuid))
+
+
+@router.delete("/database-backups/{uuid}", status_code=202)
+def delete_database_backup(
+    uuid: str,
+    request: Request,
+    backupStorageUuids: str | None = None,
+    deleteMode: str = "Permissive",
+    session: Session = Depends(get_session),
+    caller: Caller = Depends(get_caller),
+) -> JSONResponse:
+    targets = _storage_uuids(backupStorageUuids)
+    job = backups.request_delete(
+        session, check_uuid(uuid, "uuid"), targets, deleteMode, caller.account_uuid, model=DatabaseBackup
+    )
     return accepted(request, job)
 
 

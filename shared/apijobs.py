@@ -191,11 +191,15 @@ def fail_job(session: Session, job: ApiJob, *, code: str, description: str, deta
     job.state = "Failed"
     job.error = {"code": code, "description": description, "details": details}
     rows: list[VolumeBackup | DatabaseBackup] = []
-    if job.resourceType in (VolumeBackup.resource_type, "VmBackup"):
-        uuids = (job.params or {}).get("backupUuids") or [job.resourceUuid]
+    params = job.params or {}
+    if job.resourceType in (VolumeBackup.resource_type, "VmBackup", "volumeBackup", "vmBackup"):
+        uuids = params.get("backupUuids") or ([job.resourceUuid] if job.resourceType == "VolumeBackupVO" else [])
         rows += [b for uuid in uuids if uuid and (b := session.get(VolumeBackup, uuid)) is not None]
-    elif job.resourceType == DatabaseBackup.resource_type and job.resourceUuid:
-        rows += [d for d in [session.get(DatabaseBackup, job.resourceUuid)] if d is not None]
+    elif job.resourceType in (DatabaseBackup.resource_type, "databaseBackup"):
+        uuids = params.get("databaseBackupUuids") or (
+            [job.resourceUuid] if job.resourceType == "DatabaseBackupVO" else []
+        )
+        rows += [d for uuid in uuids if uuid and (d := session.get(DatabaseBackup, uuid)) is not None]
     for row in rows:
         if row.status == "Creating":
             row.status = "Failed"

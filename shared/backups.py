@@ -11,8 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
-import uuid as uuidlib
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -25,6 +24,8 @@ from shared.apijobs import enqueue, progress_reporter
 from shared.catalog.models import (
     ApiJob,
     BackupStorage,
+    DatabaseBackup,
+    DatabaseBackupStorageRef,
     Host,
     VmInstance,
     Volume,
@@ -54,6 +55,8 @@ from shared.storage import current_master, failover, open_repository, refresh_ca
 
 log = logging.getLogger(__name__)
 MODES = ("auto", "full", "incremental")
+AnyBackup = VolumeBackup | DatabaseBackup
+AnyRef = VolumeBackupStorageRef | DatabaseBackupStorageRef
 BITMAP = "blockvault"
 
 
@@ -76,11 +79,7 @@ def pick_storage(session: Session, uuid: str | None, *, for_write: bool = True) 
     if uuid:
         storage: BackupStorage = get(session, BackupStorage, uuid, "backup storage")
     else:
-        storage_or_none = session.scalars(
-            select(BackupStorage)
-            .where(BackupStorage.role == "master", BackupStorage.state == "Enabled")
-            .order_by(BackupStorage.createDate)
-        ).first()
+        storage_or_none = current_master(session)
         if storage_or_none is None:
             raise Conflict(detail="no enabled master backup storage is registered")
         storage = storage_or_none
@@ -250,6 +249,7 @@ def take_backups(
                     name=backup.name,
                     metadata=metadata,
                     progress=scaled,
+                    volume_format=volume.format,
                 )
                 break
             except BackupNotFound:
@@ -319,13 +319,25 @@ def _move_refs(session: Session, rows: list[VolumeBackup], old: BackupStorage, n
 
 
 # -- copies between storages ----------------------------------------------------------------------
-def _ref_on(row: VolumeBackup, storage_uuid: str) -> VolumeBackupStorageRef | None:
-    return next((r for r in row.backupStorageRefs if r.backupStorageUuid == storage_uuid), None)
+def _ref_on(row: AnyBackup, storage_uuid: str) -> AnyRef | None:
+    refs: list[AnyRef] = list(row.backupStorageRefs)
+    return next((r for r in refs if r.backupStorageUuid == storage_uuid), None)
+
+
+def add_ref(row: AnyBackup, storage_uuid: str, status: str = "Creating") -> AnyRef:
+    """A new copy of ``row`` on a storage, of the ref type that goes with the row."""
+    if isinstance(row, DatabaseBackup):
+        db_ref = DatabaseBackupStorageRef(backupStorageUuid=storage_uuid, status=status)
+        row.backupStorageRefs.append(db_ref)
+        return db_ref
+    ref = VolumeBackupStorageRef(backupStorageUuid=storage_uuid, status=status)
+    row.backupStorageRefs.append(ref)
+    return ref
 
 
 def copy_backups(
     session: Session,
-    rows: list[VolumeBackup],
+    rows: Sequence[AnyBackup],
     source: BackupStorage,
     target: BackupStorage,
     *,
@@ -346,8 +358,7 @@ def copy_backups(
     for row in rows:
         ref = _ref_on(row, target.uuid)
         if ref is None:
-            ref = VolumeBackupStorageRef(backupStorageUuid=target.uuid, status="Creating")
-            row.backupStorageRefs.append(ref)
+            ref = add_ref(row, target.uuid)
         elif ref.status != "Ready":
             ref.status = "Creating"
         targets[row.uuid] = ref
@@ -382,6 +393,7 @@ def copy_backups(
 
 
 SYNC_ACTIONS = (
+    "syncDatabaseBackupFromImageStoreBackupStorage",
     "syncBackupFromImageStoreBackupStorage",
     "recoverBackupFromImageStoreBackupStorage",
     "syncVmBackupFromImageStoreBackupStorage",
@@ -390,7 +402,7 @@ SYNC_ACTIONS = (
 
 
 def request_sync(
-    session: Session, action: str, rows: list[VolumeBackup], params: dict[str, Any], account: str | None
+    session: Session, action: str, rows: Sequence[AnyBackup], params: dict[str, Any], account: str | None
 ) -> ApiJob:
     """sync*/recover* actions: copy one backup (or a VM backup's) to another storage."""
     require(params, "dstBackupStorageUuid", *(["srcBackupStorageUuid"] if action.startswith("recover") else []))
@@ -401,14 +413,19 @@ def request_sync(
     src_uuid = params.get("srcBackupStorageUuid")
     if src_uuid:
         get(session, BackupStorage, str(src_uuid), "backup storage")
-    refs = [_ready_ref(_backup_for_action(session, row.uuid), src_uuid, session) for row in rows]
+    for row in rows:
+        if row.status != "Ready":
+            raise Conflict(detail=f"backup {row.uuid} is {row.status}")
+    refs = [_ready_ref(row, src_uuid, session) for row in rows]
     sources = {ref.backupStorageUuid for ref in refs}
     if len(sources) != 1:
         raise Conflict(detail="the backups have no single storage holding every one: name srcBackupStorageUuid")
     source = sources.pop()
     if source == target.uuid:
         raise InvalidArgument(detail="source and destination backup storage are the same")
-    group = rows[0].groupUuid if action.startswith(("syncVm", "recoverVm")) else None
+    first = rows[0]
+    group = first.groupUuid if isinstance(first, VolumeBackup) and action.startswith(("syncVm", "recoverVm")) else None
+    database = isinstance(first, DatabaseBackup)
     return enqueue(
         session,
         action,
@@ -419,9 +436,10 @@ def request_sync(
             "srcBackupStorageUuid": source,
             "dstBackupStorageUuid": target.uuid,
             "bandwidthLimit": limit,
+            **({"database": True} if database else {}),
         },
-        resource_uuid=group or rows[0].uuid,
-        resource_type="VolumeBackupSync",
+        resource_uuid=group or first.uuid,
+        resource_type="DatabaseBackupSync" if database else "VolumeBackupSync",
         account_uuid=account,
     )
 
@@ -430,7 +448,8 @@ def run_sync(session: Session, job: ApiJob) -> dict[str, Any]:
     params = job.params or {}
     source: BackupStorage = get(session, BackupStorage, params["srcBackupStorageUuid"], "backup storage")
     target: BackupStorage = get(session, BackupStorage, params["dstBackupStorageUuid"], "backup storage")
-    rows = [get(session, VolumeBackup, uuid, "volume backup") for uuid in params["backupUuids"]]
+    model, what = (DatabaseBackup, "database backup") if params.get("database") else (VolumeBackup, "volume backup")
+    rows = [get(session, model, uuid, what) for uuid in params["backupUuids"]]
     result = copy_backups(
         session,
         rows,
@@ -496,10 +515,10 @@ def catch_up(session: Session, limit: int = 200) -> list[str]:
 
 
 # -- actions on existing backups ------------------------------------------------------------------
-def _ready_ref(backup: VolumeBackup, storage_uuid: str | None, session: Session) -> VolumeBackupStorageRef:
+def _ready_ref(backup: AnyBackup, storage_uuid: str | None, session: Session) -> AnyRef:
     """The copy to read: the one on ``storage_uuid``; by default the master's, then a copy on
     a storage that answers, then any Ready one."""
-    refs = [r for r in backup.backupStorageRefs if r.status == "Ready"]
+    refs: list[AnyRef] = [r for r in backup.backupStorageRefs if r.status == "Ready"]
     if storage_uuid:
         get(session, BackupStorage, storage_uuid, "backup storage")
         refs = [r for r in refs if r.backupStorageUuid == storage_uuid]
@@ -508,7 +527,7 @@ def _ready_ref(backup: VolumeBackup, storage_uuid: str | None, session: Session)
     if not refs:
         raise Conflict(detail=f"backup {backup.uuid} has no Ready copy")
 
-    def rank(ref: VolumeBackupStorageRef) -> int:
+    def rank(ref: AnyRef) -> int:
         storage = session.get(BackupStorage, ref.backupStorageUuid)
         if storage is None or storage.state != "Enabled":
             return 3
@@ -585,7 +604,7 @@ def request_vm_revert(session: Session, group_uuid: str, params: dict[str, Any],
     )
 
 
-def _manifest_id(ref: VolumeBackupStorageRef) -> str:
+def _manifest_id(ref: AnyRef) -> str:
     return (ref.installPath or "").rsplit("/", 1)[-1]
 
 
@@ -721,27 +740,34 @@ def run_verify(session: Session, job: ApiJob) -> dict[str, Any]:
 
 
 def request_delete(
-    session: Session, uuid: str, storage_uuids: list[str] | None, mode: str, account: str | None
+    session: Session,
+    uuid: str,
+    storage_uuids: list[str] | None,
+    mode: str,
+    account: str | None,
+    model: type[AnyBackup] = VolumeBackup,
 ) -> ApiJob:
-    backup: VolumeBackup = get(session, VolumeBackup, uuid, "volume backup")
+    database = model is DatabaseBackup
+    what = "database backup" if database else "volume backup"
+    backup: AnyBackup = get(session, model, uuid, what)
     _check_delete_mode(mode)
     if backup.status in ("Deleting", "Creating"):
-        raise Conflict(detail=f"volume backup {uuid} is {backup.status}")
+        raise Conflict(detail=f"{what} {uuid} is {backup.status}")
     held = {r.backupStorageUuid for r in backup.backupStorageRefs}
     targets = storage_uuids or sorted(held)
     unknown = [s for s in targets if s not in held]
     if unknown:
-        raise InvalidArgument(detail=f"volume backup {uuid} has no copy on backup storage {', '.join(unknown)}")
+        raise InvalidArgument(detail=f"{what} {uuid} has no copy on backup storage {', '.join(unknown)}")
     backup.status = "Deleting"
     session.flush()
     return enqueue(
         session,
-        "deleteVolumeBackup",
+        "deleteDatabaseBackup" if database else "deleteVolumeBackup",
         task="blockvault.storage.delete",
         queue=STORAGE_QUEUE,
         params={"backupUuid": uuid, "backupStorageUuids": targets},
         resource_uuid=uuid,
-        resource_type="VolumeBackupDelete",
+        resource_type="DatabaseBackupDelete" if database else "VolumeBackupDelete",
         account_uuid=account,
     )
 
@@ -772,13 +798,14 @@ def request_vm_delete(
 def run_delete(session: Session, job: ApiJob) -> dict[str, Any]:
     params = job.params or {}
     uuids = params.get("backupUuids") or [params["backupUuid"]]
+    model = DatabaseBackup if job.resourceType == "DatabaseBackupDelete" else VolumeBackup
     results = []
     for index, uuid in enumerate(uuids):
         try:
-            results.append(delete_backup_copies(session, uuid, params.get("backupStorageUuids")))
+            results.append(delete_backup_copies(session, uuid, params.get("backupStorageUuids"), model))
         except BlockvaultError:
             for rest in uuids[index + 1 :]:  # untouched: back to Ready, the job fails
-                row = session.get(VolumeBackup, rest)
+                row: AnyBackup | None = session.get(model, rest)  # type: ignore[assignment]
                 if row is not None and row.status == "Deleting":
                     row.status = "Ready"
             session.commit()
@@ -786,13 +813,16 @@ def run_delete(session: Session, job: ApiJob) -> dict[str, Any]:
     return results[0] if "backupUuid" in params else {"volumeBackups": results}
 
 
-def delete_backup_copies(session: Session, uuid: str, storage_uuids: list[str] | None) -> dict[str, Any]:
+def delete_backup_copies(
+    session: Session, uuid: str, storage_uuids: list[str] | None, model: type[AnyBackup] = VolumeBackup
+) -> dict[str, Any]:
     """Remove a backup's copies from ``storage_uuids`` (all when None), gc there when idle,
     and the row when no copy is left."""
-    backup = session.get(VolumeBackup, uuid)
+    backup: AnyBackup | None = session.get(model, uuid)  # type: ignore[assignment]
     if backup is None:
         return {"uuid": uuid, "deleted": True}
-    for ref in list(backup.backupStorageRefs):
+    refs: list[AnyRef] = list(backup.backupStorageRefs)
+    for ref in refs:
         if storage_uuids and ref.backupStorageUuid not in storage_uuids:
             continue
         storage: BackupStorage = get(session, BackupStorage, ref.backupStorageUuid, "backup storage")
@@ -805,7 +835,7 @@ def delete_backup_copies(session: Session, uuid: str, storage_uuids: list[str] |
             backup.status = "Ready"  # the copies not deleted are still good
             session.commit()
             raise
-        backup.backupStorageRefs.remove(ref)
+        backup.backupStorageRefs.remove(ref)  # type: ignore[arg-type]
         session.commit()  # each storage's copy is gone for good before the next one is touched
         try:
             gc(repo, wait=0)
@@ -837,60 +867,6 @@ def request_storage_job(session: Session, storage: BackupStorage, action: str, a
         resource_type=BackupStorage.resource_type,
         account_uuid=account,
     )
-
-
-def run_scan(session: Session, job: ApiJob) -> dict[str, Any]:
-    """scanBackupStorage: make the catalog list every backup the storage holds. A backup it
-    does not know becomes a Ready row with the uuid, name, volume and VM group recorded in its
-    manifest; a known one gains (or gets back) a Ready ref to this storage. Running it twice
-    changes nothing the second time."""
-    storage: BackupStorage = get(session, BackupStorage, (job.params or {})["backupStorageUuid"], "backup storage")
-    repo = open_repository(storage)
-    entries = repo.backups()
-    by_manifest: dict[str, VolumeBackup] = {}
-    imported, attached = [], []
-    for entry in entries:
-        manifest = entry.manifest
-        metadata = manifest.metadata or {}
-        info = metadata.get("backup") or {}
-        uuid = str(info.get("uuid") or uuidlib.uuid5(uuidlib.UUID(repo.id), entry.id).hex)
-        row = session.get(VolumeBackup, uuid)
-        if row is None:
-            volume = metadata.get("volume") or {}
-            row = VolumeBackup(
-                uuid=uuid,
-                name=str(info.get("name") or manifest.name or entry.id[:12]),
-                volumeUuid=str(volume.get("uuid") or ""),
-                type=str(volume.get("type") or "Data"),
-                mode=manifest.mode,
-                groupUuid=info.get("groupUuid"),
-                size=manifest.size,
-                status="Ready",
-                metadata_=metadata or None,
-                createDate=manifest.created_at,
-            )
-            session.add(row)
-            imported.append(uuid)
-        elif row.status in ("Creating", "Failed"):
-            row.status = "Ready"  # its manifest was committed: the job died before the catalog knew
-            row.mode, row.size, row.metadata_ = manifest.mode, manifest.size, metadata or row.metadata_
-        ref = _ref_on(row, storage.uuid)
-        if ref is None or ref.status != "Ready":
-            if ref is None:
-                ref = VolumeBackupStorageRef(backupStorageUuid=storage.uuid)
-                row.backupStorageRefs.append(ref)
-            ref.status, ref.installPath = "Ready", repo.install_path(entry.id)
-            attached.append(uuid)
-        by_manifest[entry.id] = row
-    for entry in entries:
-        parent = by_manifest.get(entry.manifest.parent or "")
-        row = by_manifest[entry.id]
-        if parent is not None and row.parentUuid is None:
-            row.parentUuid = parent.uuid
-    refresh_capacity(storage)
-    session.commit()
-    log.info("storage.scanned uuid=%s backups=%d imported=%d", storage.uuid, len(entries), len(imported))
-    return {"backupStorageUuid": storage.uuid, "backups": len(entries), "imported": imported, "attached": attached}
 
 
 def run_reclaim(session: Session, job: ApiJob) -> dict[str, Any]:

@@ -167,6 +167,13 @@ class BucketNotFound(BackendError):
     http_status = 400
 
 
+class DatabaseDumpError(BlockvaultError):
+    """database {database}: {detail}"""
+
+    code = "DATABASE_DUMP_FAILED"
+    http_status = 500
+
+
 class CatalogUnavailable(BlockvaultError):
     """the catalog database is unavailable: {detail}"""
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import uuid as uuidlib
+from collections.abc import Sequence
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -20,10 +21,11 @@ from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from shared import apijobs, backups, hosts
+from shared import apijobs, backups, dbbackups, hosts
 from shared.catalog.models import (
     ApiJob,
     BackupStorage,
+    DatabaseBackup,
     Host,
     SchedulerFire,
     SchedulerJob,
@@ -488,10 +490,10 @@ def run_scheduled(session: Session, job: ApiJob) -> dict[str, Any]:
     if group is None:
         raise NotFound(resource="job group", uuid=params["schedulerJobGroupUuid"])
     kind, target, data = params["jobType"], params["targetResourceUuid"], params.get("jobData") or {}
-    if kind == "databaseBackup":
-        raise Conflict(detail="database backups are not available in this build yet")
     storages = _storages(session, data)
     first = storages[0]
+    if kind == "databaseBackup":
+        return _run_database_backup(session, job, group, storages)
     interval = int(data.get("fullBackupInterval") or 0)
     index = _run_index(session, params.get("schedulerJobUuid"), group.uuid)
     full = interval > 0 and index % interval == 0
@@ -539,8 +541,54 @@ def run_scheduled(session: Session, job: ApiJob) -> dict[str, Any]:
     }
 
 
+def _run_database_backup(
+    session: Session, job: ApiJob, group: SchedulerJobGroup, storages: list[BackupStorage]
+) -> dict[str, Any]:
+    """One scheduled run of a databaseBackup group: dump the catalog, copy it to the other
+    storages, keep what ``retention`` says of this group's database backups."""
+    params, data = job.params or {}, (job.params or {}).get("jobData") or {}
+    name = f"{group.name}-{params['fireTime'][:19]}"
+    row = dbbackups.new_database_backup_row(session, storages[0], name)
+    row.metadata_ = {"schedulerJobGroupUuid": group.uuid}
+    session.flush()
+    job.params = {**params, "databaseBackupUuids": [row.uuid]}  # so a failure marks it Failed
+    session.commit()
+    done, first = dbbackups.take_database_backup(session, row, storages[0], job.uuid)
+    limit = data.get("bandwidthLimit")
+    synced = [_sync_copy(session, [row], first, extra, limit) for extra in storages[1:] if extra.uuid != first.uuid]
+    removed: list[str] = []
+    retention = data.get("retention")
+    if retention:
+        policy = _policy(retention)
+        rows = [
+            r
+            for r in session.scalars(select(DatabaseBackup).where(DatabaseBackup.status == "Ready"))
+            if (r.metadata_ or {}).get("schedulerJobGroupUuid") == group.uuid
+        ]
+        keep = select_keep([(r.uuid, aware(r.createDate)) for r in rows], policy)
+        for old in rows:
+            if old.uuid not in keep:
+                backups.delete_backup_copies(session, old.uuid, None, DatabaseBackup)
+                removed.append(old.uuid)
+        session.commit()
+    return {
+        "databaseBackupUuid": row.uuid,
+        "size": done["size"],
+        "md5": (done.get("metadata") or {}).get("md5"),
+        "bytesWritten": done["stats"]["bytesWritten"],
+        "seconds": done["stats"]["seconds"],
+        "backupStorageUuid": first.uuid,
+        "synced": synced,
+        "retention": {"removed": removed} if retention else {},
+    }
+
+
 def _sync_copy(
-    session: Session, rows: list[VolumeBackup], source: BackupStorage, target: BackupStorage, limit: int | None
+    session: Session,
+    rows: Sequence[VolumeBackup | DatabaseBackup],
+    source: BackupStorage,
+    target: BackupStorage,
+    limit: int | None,
 ) -> dict[str, Any]:
     """Copy the run's backups to one more storage; what happened, for the history (a failed
     copy does not fail the run: the backup itself is good)."""
@@ -556,6 +604,16 @@ def _sync_copy(
     }
 
 
+def _policy(retention: dict[str, int]) -> Policy:
+    """jobData retention as the engine's policy; the newest backup always stays."""
+    return Policy(
+        keep_last=max(1, retention.get("keepLast", 0)),
+        keep_daily=retention.get("keepDaily", 0),
+        keep_weekly=retention.get("keepWeekly", 0),
+        keep_monthly=retention.get("keepMonthly", 0),
+    )
+
+
 def _apply_retention(
     session: Session, job_uuid: str | None, kind: str, retention: dict[str, int] | None
 ) -> dict[str, Any]:
@@ -563,12 +621,7 @@ def _apply_retention(
     good one always stays."""
     if not retention or not job_uuid:
         return {}
-    policy = Policy(
-        keep_last=max(1, retention.get("keepLast", 0)),
-        keep_daily=retention.get("keepDaily", 0),
-        keep_weekly=retention.get("keepWeekly", 0),
-        keep_monthly=retention.get("keepMonthly", 0),
-    )
+    policy = _policy(retention)
     rows = session.scalars(
         select(VolumeBackup).where(VolumeBackup.schedulerJobUuid == job_uuid, VolumeBackup.status == "Ready")
     ).all()

@@ -180,12 +180,11 @@ def register_storage(session: Session, params: dict[str, Any]) -> BackupStorage:
 
 # -- master / standby -----------------------------------------------------------------------------
 def current_master(session: Session) -> BackupStorage | None:
-    """The enabled ImageStore master (the oldest, should there be several)."""
-    return session.scalars(
-        select(BackupStorage)
-        .where(BackupStorage.role == "master", BackupStorage.state == "Enabled")
-        .order_by(BackupStorage.createDate)
-    ).first()
+    """Where backups go by default: the enabled ImageStore master (the oldest, should there
+    be several); with no ImageStore at all, the oldest enabled Remote or PublicCloud one."""
+    masters = select(BackupStorage).where(BackupStorage.role == "master", BackupStorage.state == "Enabled")
+    local = session.scalars(masters.where(BackupStorage.type == "ImageStore").order_by(BackupStorage.createDate))
+    return local.first() or session.scalars(masters.order_by(BackupStorage.createDate)).first()
 
 
 def standbys(session: Session) -> list[BackupStorage]:

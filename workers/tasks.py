@@ -15,7 +15,7 @@ from celery import Task
 from celery.signals import worker_process_init
 from sqlalchemy.orm import Session
 
-from shared import backups, jobgroups
+from shared import backups, dbbackups, jobgroups, scan
 from shared.apijobs import fail_job, finish_job, start_job
 from shared.catalog import db
 from shared.catalog.models import ApiJob
@@ -89,5 +89,7 @@ storage_verify = job_task("blockvault.storage.verify")(backups.run_verify)
 storage_delete = job_task("blockvault.storage.delete")(backups.run_delete)
 scheduler_run = job_task("blockvault.scheduler.run")(jobgroups.run_scheduled)
 storage_sync = job_task("blockvault.storage.sync")(backups.run_sync)
-storage_scan = job_task("blockvault.storage.scan")(backups.run_scan)
+storage_scan = job_task("blockvault.storage.scan")(scan.run_scan)
 storage_gc = job_task("blockvault.storage.gc")(backups.run_reclaim)
+database_backup = job_task("blockvault.database.backup")(dbbackups.run_database_backup)
+database_recover = job_task("blockvault.database.recover")(dbbackups.run_recover)

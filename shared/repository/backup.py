@@ -66,7 +66,7 @@ def _marker_prefix(name: str, repo: Repository) -> str:
 
 
 def _latest_of_volume(repo: Repository, volume: str) -> BackupEntry | None:
-    same = [entry for entry in repo.backups() if entry.manifest.volume == volume]
+    same = [entry for entry in repo.backups() if entry.manifest.volume == volume and not entry.manifest.is_stream]
     return same[-1] if same else None
 
 
@@ -89,6 +89,8 @@ def _bitmap_base(repo: Repository, path: str, name: str, parent_id: str | None) 
     if not entries:
         return None
     base = entries[-1]  # the newest marker is always covered (see _rotate_bitmap's order)
+    if base.manifest.is_stream:  # a marker's id prefix can only name a volume backup; be sure
+        return None
     if parent_id and not base.id.startswith(parent_id.lower()):
         return None
     if base.manifest.chunkSize != repo.chunk_size:
@@ -116,6 +118,8 @@ def _choose_plan(
     if parent_id:
         mid = repo.resolve(parent_id)
         parent = BackupEntry(mid, repo.load_manifest(mid))
+        if parent.manifest.is_stream:
+            raise UsageError(detail=f"parent {mid[:12]} is a stream backup ({parent.manifest.volume}), not a volume")
         if parent.manifest.chunkSize != chunk_size:
             raise UsageError(detail=f"parent {mid[:12]} has another chunk size")
     elif not full:
@@ -165,13 +169,15 @@ def backup_volume(
     metadata: dict[str, Any] | None = None,
     progress: Progress | None = None,
     lock_wait: float = 60.0,
+    volume_format: str | None = None,
 ) -> BackupResult:
-    """Back ``volume_path`` up into ``repo`` and return what was done."""
+    """Back ``volume_path`` up into ``repo`` and return what was done; ``volume_format``
+    (raw or qcow2) when known, else detected from the volume's header."""
     if full and parent:
         raise UsageError(detail="--full and --parent exclude each other")
     started = time.monotonic()
     with repository_lock(repo.backend, "shared", f"backup of {volume_path}", wait=lock_wait):
-        path, fmt = probe_volume(volume_path)
+        path, fmt = probe_volume(volume_path, volume_format)
         base: BackupEntry | None = None
         if bitmap:
             if fmt != "qcow2":
@@ -182,7 +188,7 @@ def backup_volume(
                     _restart_bitmap(path, bitmap)
             except qemu.QemuError as exc:
                 raise VolumeError(path=volume_path, detail=str(exc)) from None
-        reader = open_reader(path, bitmap if base else None)
+        reader = open_reader(path, bitmap if base else None, fmt)
         try:
             plan = _choose_plan(repo, reader, full=full, parent_id=parent, bitmap_base=base)
             result = _run(repo, reader, plan, name, metadata or {}, bitmap, started, progress)

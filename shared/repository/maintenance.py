@@ -56,6 +56,7 @@ def verify(
     with repository_lock(repo.backend, "shared", "verify"):
         ids = [repo.resolve(backup_id)] if backup_id else repo.manifest_ids()
         users: dict[str, list[str]] = defaultdict(list)
+        lengths: dict[str, int] = {}  # stream chunks: the length their manifests give
         for mid in ids:
             try:
                 manifest = repo.load_manifest(mid)
@@ -63,6 +64,10 @@ def verify(
                 report.problems.append(Problem(mid, None, str(exc)))
                 continue
             report.backups += 1
+            if manifest.is_stream:
+                if len(manifest.sizes) != len(manifest.chunks) or sum(manifest.sizes) != manifest.size:
+                    report.problems.append(Problem(mid, None, "stream manifest: chunk sizes do not add up"))
+                lengths.update(zip((d for d in manifest.chunks if d), manifest.sizes, strict=False))
             for digest in manifest.referenced():
                 users[digest].append(mid)
         report.chunks = len(users)
@@ -74,9 +79,12 @@ def verify(
 
             def check(digest: str) -> tuple[str, int, str | None]:
                 try:
-                    return digest, len(repo.load_chunk(digest)), None
+                    size = len(repo.load_chunk(digest))
                 except IntegrityError as exc:
                     return digest, 0, str(exc)
+                if digest in lengths and size != lengths[digest]:
+                    return digest, size, f"chunk has {size} bytes, its stream manifest says {lengths[digest]}"
+                return digest, size, None
 
             for count, (digest, size, error) in enumerate(parallel_map(check, todo), 1):
                 report.bytesRead += size
@@ -145,13 +153,14 @@ class PruneReport:
 
 
 def prune(repo: Repository, policy: Policy, *, dry_run: bool = False) -> PruneReport:
-    """Delete the manifests ``policy`` does not keep, per volume. Chunks are freed by gc."""
+    """Delete the manifests ``policy`` does not keep, per volume (stream backups: per
+    source). Chunks are freed by gc."""
     policy.check()
     report = PruneReport()
     with repository_lock(repo.backend, "shared", "prune"):
-        groups: dict[str, list[BackupEntry]] = defaultdict(list)
+        groups: dict[tuple[str, str], list[BackupEntry]] = defaultdict(list)
         for entry in repo.backups():
-            groups[entry.manifest.volume].append(entry)
+            groups[(entry.manifest.kind, entry.manifest.volume)].append(entry)
         for entries in groups.values():
             keep = select_keep([(e.id, e.manifest.created_at) for e in entries], policy)
             for entry in entries:

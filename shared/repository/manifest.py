@@ -2,8 +2,11 @@
 
 A manifest lists the volume's size, the chunk size and the digest of every chunk in order
 (``None`` for a chunk that is all zeros or a hole), so a backup restores, verifies and deletes
-on its own. Its id is the digest of its canonical JSON, and it is stored last, after every
-chunk it names: a listed backup is always restorable.
+on its own. A *stream* manifest (``kind == "stream"``, see stream.py) describes a byte stream
+such as a database dump instead: content-defined chunks of varying length, every entry a
+digest, ``sizes`` giving each chunk's length and ``md5`` the whole stream's. Its id is the
+digest of its canonical JSON, and it is stored last, after every chunk it names: a listed
+backup is always restorable.
 """
 
 from __future__ import annotations
@@ -41,9 +44,17 @@ class Manifest:
     metadata: dict[str, Any] = field(default_factory=dict)
     stats: dict[str, Any] = field(default_factory=dict)
     version: int = FORMAT_VERSION
+    kind: str = "volume"  # or "stream"
+    sizes: list[int] = field(default_factory=list)  # streams: each chunk's length
+    md5: str = ""  # streams: hex MD5 of the whole stream
 
     def to_json(self) -> dict[str, Any]:
-        return asdict(self)
+        data = asdict(self)
+        # Volume manifests keep the exact form (and so the ids) they had before streams.
+        for key, empty in (("kind", "volume"), ("sizes", []), ("md5", "")):
+            if data[key] == empty:
+                del data[key]
+        return data
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> Manifest:
@@ -54,6 +65,10 @@ class Manifest:
     def created_at(self) -> datetime:
         return parse_time(self.created)
 
+    @property
+    def is_stream(self) -> bool:
+        return self.kind == "stream"
+
     def referenced(self) -> set[str]:
         """The distinct chunk digests this backup needs."""
         return {digest for digest in self.chunks if digest}
@@ -61,6 +76,8 @@ class Manifest:
     @property
     def stored_size(self) -> int:
         """Bytes of the volume held in chunks (the rest are zeros or holes)."""
+        if self.is_stream:
+            return sum(self.sizes)
         full = sum(1 for digest in self.chunks if digest) * self.chunkSize
         if self.chunks and self.chunks[-1] and self.size % self.chunkSize:
             full -= self.chunkSize - self.size % self.chunkSize

@@ -8,7 +8,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from shared.errors import BlockvaultError, IntegrityError
+from shared.errors import BlockvaultError, IntegrityError, UsageError
 from shared.failpoints import failpoint
 
 from .locks import repository_lock
@@ -43,6 +43,11 @@ def restore_backup(
     with repository_lock(repo.backend, "shared", f"restore to {target}", wait=lock_wait):
         manifest_id = repo.resolve(backup_id)
         manifest = repo.load_manifest(manifest_id)
+        if manifest.is_stream:
+            raise UsageError(
+                detail=f"backup {manifest_id[:12]} is a {manifest.format} stream of {manifest.volume}, "
+                "not a volume: restore it with restore_stream (a database restore)"
+            )
         writer = open_writer(target, manifest.size)
         chunk_size = manifest.chunkSize
         todo = [(i, digest) for i, digest in enumerate(manifest.chunks) if digest]

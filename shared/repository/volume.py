@@ -171,18 +171,26 @@ def zeros(length: int) -> bytes:
     return bytes(length)
 
 
-def probe_volume(path: str) -> tuple[str, str]:
-    """The absolute path and format ("raw" or "qcow2") of the volume at ``path``."""
+def probe_volume(path: str, fmt: str | None = None) -> tuple[str, str]:
+    """The absolute path and format ("raw" or "qcow2") of the volume at ``path``: ``fmt``
+    when the caller knows it (the service does: a guest that writes a qcow2 header into its
+    raw disk must not make the backup open it as an image with a backing file), else
+    detected from the header (the repository CLI)."""
     volume = str(check_volume_path(path))
+    if fmt is not None:
+        if fmt not in ("raw", "qcow2"):
+            raise VolumeError(path=path, detail=f"format must be raw or qcow2, not {fmt!r}")
+        return volume, fmt
     try:
         return volume, qemu.detect_format(volume)
     except OSError as exc:
         raise VolumeError(path=path, detail=exc.strerror or str(exc)) from None
 
 
-def open_reader(path: str, bitmap: str | None = None) -> RawReader | Qcow2Reader:
-    """A reader for the volume at ``path``, its format detected from its header."""
-    volume, fmt = probe_volume(path)
+def open_reader(path: str, bitmap: str | None = None, fmt: str | None = None) -> RawReader | Qcow2Reader:
+    """A reader for the volume at ``path`` in format ``fmt`` (detected from its header when
+    not given)."""
+    volume, fmt = probe_volume(path, fmt)
     if fmt == "qcow2":
         try:
             return Qcow2Reader(volume, bitmap)

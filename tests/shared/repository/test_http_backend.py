@@ -189,8 +189,9 @@ def test_repository_round_trip_over_http(
     assert stats["bytesReceived"] >= result.bytesWritten
 
 
+@pytest.mark.parametrize("point", ["first chunk", "middle", "last chunk"])
 def test_sync_into_http_sends_only_what_is_missing_after_a_kill(
-    start_storage_server: Start, make_raw: Callable[..., Path], tmp_path: Path
+    start_storage_server: Start, make_raw: Callable[..., Path], tmp_path: Path, point: str
 ) -> None:
     src = Repository.init(str(tmp_path / "src"), chunk_size=256 * 1024)
     backup = backup_volume(src, str(make_raw(size=24 * MiB)))
@@ -198,10 +199,12 @@ def test_sync_into_http_sends_only_what_is_missing_after_a_kill(
     manifest = src.backend.stat(manifest_key(backup.id)).size
     overhead = 32 * 1024 + 100 * len(chunks)  # lock files and the batch questions' bodies
 
-    # A clean sync: the wire carries the chunks and the manifest, little else.
-    server = start_storage_server(tmp_path / "remote", failpoints="storage_server.object_written=20:kill")
+    # Two configs and a lock are written first, then the chunks: the server SIGKILLs itself
+    # right after storing the first chunk, the 17th, or the last one (before the manifest).
+    kill_at = {"first chunk": 4, "middle": 20, "last chunk": 3 + len(chunks)}[point]
+    server = start_storage_server(tmp_path / "remote", failpoints=f"storage_server.object_written={kill_at}:kill")
+    # A clean sync (below) shows what the wire carries with no fault: the chunks, the manifest.
     clean = Repository.init(server.backend("clean"), like=src)
-    # Two configs, a lock and 17 chunks are stored, then the server SIGKILLs itself (20th write).
     target = Repository.init(RetryingBackend(server.backend("site-a"), attempts=2, max_seconds=1), like=src)
     assert clean.manifest_ids() == [] and target.manifest_ids() == []
     with pytest.raises(BackendUnavailable):
@@ -211,7 +214,8 @@ def test_sync_into_http_sends_only_what_is_missing_after_a_kill(
 
     assert target.manifest_ids() == []  # manifests go last: no backup it cannot restore
     present = {info.key for info in target.backend.list("chunks/")}
-    assert 0 < len(present) < len(chunks)
+    assert 0 < len(present) <= len(chunks)
+    assert (len(present) == len(chunks)) == (point == "last chunk")
     missing_bytes = sum(size for key, size in chunks.items() if key not in present)
     received = server.stats()["bytesReceived"]
     report = sync(src, target)
