@@ -1,29 +1,34 @@
 """The REST API (API.md): envelopes, errors, auth, and the app every route joins.
 
-Routes live in :mod:`api.routes`; this module maps every error to its status and stable code
-in exception handlers (never in routes), and serves everything under ``/v1`` and, for ZStack's
-SDKs, ``/zstack/v1``.
+Routes live in :mod:`api.routes` (and ``routes_*``); this module maps every error to its status
+and stable code in exception handlers (never in routes), and serves everything under ``/v1``
+and, for ZStack's SDKs, ``/zstack/v1``. Abuse limits: a client IP presenting too many bad keys
+is locked out for a while (429), and request bodies are capped (413).
 """
 
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import Any, Literal
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from pydantic import BaseModel
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 from sqlalchemy.orm import Session
+from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from shared.catalog import db
 from shared.config import get_settings
-from shared.errors import BlockvaultError
+from shared.errors import BlockvaultError, Unauthorized
 
-from .auth import Caller, authenticate, seed_admin
+from .auth import Caller, FailureWindow, TooManyFailures, authenticate, seed_admin, server_secret
 
 log = logging.getLogger(__name__)
 
@@ -32,21 +37,119 @@ def error_body(code: str, description: str, details: str = "") -> dict[str, Any]
     return {"success": False, "error": {"code": code, "description": description, "details": details}}
 
 
+class ErrorDetail(BaseModel):
+    code: str
+    description: str
+    details: str
+
+
+class ErrorEnvelope(BaseModel):
+    """Every error answer: ``{"success": false, "error": {"code", "description", "details"}}``."""
+
+    success: Literal[False]
+    error: ErrorDetail
+
+
+ERROR_STATUSES = {
+    400: "Invalid argument (INVALID_ARGUMENT, ...)",
+    401: "Missing or unknown API key (UNAUTHORIZED)",
+    403: "Not allowed for this caller (FORBIDDEN)",
+    404: "No such resource, or not visible to this caller (NOT_FOUND)",
+    409: "Conflict with the resource's state (CONFLICT, ...)",
+    413: "Request body too large (PAYLOAD_TOO_LARGE)",
+    429: "Too many failed authentications from this client (TOO_MANY_REQUESTS)",
+    503: "The catalog database or a storage is unavailable",
+}
+ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    status: {"model": ErrorEnvelope, "description": text} for status, text in ERROR_STATUSES.items()
+}
+
+
 def get_session() -> Iterator[Session]:
     with db.session() as session:
         yield session
 
 
 def get_caller(request: Request, session: Session = Depends(get_session)) -> Caller:
-    caller = authenticate(session, request.headers.get("authorization"))
+    """The authenticated caller; 429 for a client locked out by its failures, key or not."""
+    failures: FailureWindow = request.app.state.auth_failures
+    client = request.client.host if request.client else "unknown"
+    wait = failures.retry_after(client)
+    if wait is not None:
+        raise TooManyFailures(client=client, retry_after=max(1, math.ceil(wait)))
+    try:
+        caller = authenticate(session, request.headers.get("authorization"))
+    except Unauthorized:
+        failures.failed(client)
+        log.info("api.auth_failed client=%s path=%s", client, request.url.path)  # never the key
+        raise
     session.commit()
     return caller
+
+
+class _BodyTooLarge(Exception):
+    pass
+
+
+class BodyLimit:
+    """413 ``PAYLOAD_TOO_LARGE`` for a request body over ``limit`` bytes: before the app runs
+    when Content-Length says so, else as soon as the bytes read pass it (the rest is not read,
+    and whatever the app answered is replaced)."""
+
+    def __init__(self, app: ASGIApp, limit: int) -> None:
+        self.app, self.limit = app, limit
+
+    async def _refuse(self, scope: Scope, receive: Receive, send: Send) -> None:
+        body = error_body("PAYLOAD_TOO_LARGE", f"the request body exceeds {self.limit} bytes")
+        await JSONResponse(body, status_code=413, headers={"Connection": "close"})(scope, receive, send)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = Headers(scope=scope).get("content-length", "")
+        if declared.isdigit() and int(declared) > self.limit:
+            await self._refuse(scope, receive, send)
+            return
+        total = 0
+        exceeded = started = False
+
+        async def limited() -> Message:
+            nonlocal total, exceeded
+            message = await receive()
+            if message["type"] == "http.request":
+                total += len(message.get("body", b""))
+                if total > self.limit:
+                    exceeded = True
+                    raise _BodyTooLarge
+            return message
+
+        async def replacing(message: Message) -> None:
+            nonlocal started
+            if exceeded:  # the app's answer to a body it could not read: 413 instead
+                if not started:
+                    started = True
+                    await self._refuse(scope, receive, send)
+                return
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, limited, replacing)
+        except _BodyTooLarge:
+            if not started:
+                started = True
+                await self._refuse(scope, receive, send)
 
 
 @asynccontextmanager
 async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
     db.migrate()
-    key = get_settings().admin_api_key
+    settings = get_settings()
+    server_secret()  # read or create it now: a bad BLOCKVAULT_SECRET_KEY stops the start
+    if settings.secret_key is None and settings.catalog_url.startswith("postgresql"):
+        log.warning("api.secret_key_from_file: set BLOCKVAULT_SECRET_KEY on every API host of a shared catalog")
+    key = settings.admin_api_key
     if key:
         with db.session() as session:
             seed_admin(session, key.get_secret_value())
@@ -54,13 +157,21 @@ async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
 
 
 def create_app() -> FastAPI:
-    app = FastAPI(title="blockvault", version="1", lifespan=lifespan, openapi_url="/openapi.json")
+    settings = get_settings()
+    app = FastAPI(
+        title="blockvault", version="1", lifespan=lifespan, openapi_url="/openapi.json", responses=ERROR_RESPONSES
+    )
+    app.state.auth_failures = FailureWindow(settings.auth_max_failures, settings.auth_failure_window_seconds)
+    app.add_middleware(BodyLimit, limit=settings.max_body_bytes)
 
     @app.exception_handler(BlockvaultError)
     async def _blockvault_error(_request: Request, exc: BlockvaultError) -> JSONResponse:
         if exc.http_status >= 500:
             log.error("api.error code=%s %s", exc.code, exc)
-        return JSONResponse(error_body(exc.code, str(exc), type(exc).__name__), status_code=exc.http_status)
+        headers = exc.headers if isinstance(exc, TooManyFailures) else None
+        return JSONResponse(
+            error_body(exc.code, str(exc), type(exc).__name__), status_code=exc.http_status, headers=headers
+        )
 
     @app.exception_handler(DBAPIError)
     async def _database_error(_request: Request, exc: DBAPIError) -> JSONResponse:
@@ -90,10 +201,11 @@ def create_app() -> FastAPI:
         return JSONResponse(error_body("INTERNAL_ERROR", f"{type(exc).__name__}: {exc}"), status_code=500)
 
     from .routes import public, router
+    from .routes_accounts import router as accounts_router
     from .routes_scheduler import router as scheduler_router
 
     app.include_router(public)
-    for routes in (router, scheduler_router):
+    for routes in (router, scheduler_router, accounts_router):
         app.include_router(routes, prefix="/v1")
         app.include_router(routes, prefix="/zstack/v1", include_in_schema=False)
     return app

@@ -1,33 +1,119 @@
 """API keys: ``Authorization: Bearer <key>`` (or ZStack's ``OAuth <key>``).
 
-Keys are random 32-byte tokens, so a SHA-256 of the key is a safe lookup hash (GitHub-token
-style); the key itself is shown once and never stored. ``BLOCKVAULT_ADMIN_API_KEY`` seeds an
-admin account's key at start.
+Keys are random 32-byte tokens shown once and never stored: the catalog keeps an HMAC-SHA256
+of each under the server secret (``BLOCKVAULT_SECRET_KEY``, else a random key kept in
+``<data dir>/secret.key``), so a copy of the catalog alone cannot check guessed keys. Rows of
+earlier versions, a plain SHA-256, still open and are re-hashed on first use.
+``BLOCKVAULT_ADMIN_API_KEY`` seeds an admin account's key at start. :class:`FailureWindow`
+locks out a client that keeps presenting bad keys.
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import hashlib
+import hmac
+import logging
+import os
 import secrets
+import stat
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
+from pathlib import Path
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from shared.catalog.models import Account, ApiKey, now
-from shared.errors import Unauthorized
+from shared.catalog.models import Account, ApiKey, ProjectMember, now
+from shared.config import get_settings
+from shared.errors import BlockvaultError, Unauthorized, UsageError
+
+log = logging.getLogger(__name__)
 
 LAST_USED_GRANULARITY = timedelta(minutes=1)
+HMAC_PREFIX = "hmac-sha256:"  # stored hashes without it are an earlier version's plain SHA-256
+SECRET_FILE = "secret.key"
+MIN_SECRET_CHARS = 16
+
+
+class TooManyFailures(BlockvaultError):
+    """too many failed authentications from {client}: retry in {retry_after} s"""
+
+    code = "TOO_MANY_REQUESTS"
+    http_status = 429
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {"Retry-After": str(self.fields["retry_after"])}
 
 
 @dataclass(frozen=True)
 class Caller:
     account_uuid: str
     admin: bool
+    projects: frozenset[str] = frozenset()  # the projects the account is a member of (any role)
+    project_admin: frozenset[str] = frozenset()  # those where it is projectAdmin
 
 
+# -- the server secret -----------------------------------------------------------------------------
+def server_secret() -> bytes:
+    """The HMAC key of API key hashes: ``BLOCKVAULT_SECRET_KEY``, else ``<data dir>/secret.key``
+    (created on first use). Every API process of one catalog must use the same one."""
+    settings = get_settings()
+    configured = settings.secret_key.get_secret_value() if settings.secret_key else None
+    return _secret(configured, settings.data_path / SECRET_FILE)
+
+
+@functools.cache
+def _secret(configured: str | None, path: Path) -> bytes:
+    if configured is not None:
+        if len(configured) < MIN_SECRET_CHARS:
+            raise UsageError(detail=f"BLOCKVAULT_SECRET_KEY must have at least {MIN_SECRET_CHARS} characters")
+        return configured.encode()
+    if not path.exists():
+        _create_secret(path)
+    text = path.read_text().strip()
+    try:
+        secret = bytes.fromhex(text)
+    except ValueError:
+        secret = b""
+    if len(secret) < 32:
+        raise UsageError(detail=f"{path} is not a secret key (64 hex digits); set BLOCKVAULT_SECRET_KEY or restore it")
+    if stat.S_IMODE(path.stat().st_mode) & 0o077:
+        log.warning("auth.secret_file_readable path=%s (chmod 600 it)", path)
+    return secret
+
+
+def _create_secret(path: Path) -> None:
+    """Write a random key to ``path`` mode 0600, atomically: written in full to a temporary
+    file, then linked in place; when another process got there first, its key stays."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}")
+    fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        with os.fdopen(fd, "w") as handle:
+            handle.write(secrets.token_bytes(32).hex() + "\n")
+            handle.flush()
+            os.fsync(handle.fileno())
+        with contextlib.suppress(FileExistsError):
+            os.link(temp, path)  # never replaces a key another process created meanwhile
+    finally:
+        temp.unlink(missing_ok=True)
+    log.info("auth.secret_created path=%s", path)
+
+
+# -- hashing ---------------------------------------------------------------------------------------
 def key_hash(key: str) -> str:
+    return HMAC_PREFIX + hmac.new(server_secret(), key.encode(), hashlib.sha256).hexdigest()
+
+
+def legacy_key_hash(key: str) -> str:
+    """How versions before the server secret stored a key."""
     return hashlib.sha256(key.encode()).hexdigest()
 
 
@@ -38,7 +124,9 @@ def new_key() -> str:
 def seed_admin(session: Session, key: str) -> None:
     """Make sure ``key`` opens an admin account (idempotent)."""
     digest = key_hash(key)
-    if session.scalars(select(ApiKey).where(ApiKey.keyHash == digest)).first():
+    found = session.scalars(select(ApiKey).where(ApiKey.keyHash.in_((digest, legacy_key_hash(key))))).first()
+    if found is not None:
+        found.keyHash = digest
         return
     admin = session.scalars(select(Account).where(Account.name == "admin")).first()
     if admin is None:
@@ -49,19 +137,79 @@ def seed_admin(session: Session, key: str) -> None:
 
 
 def authenticate(session: Session, header: str | None) -> Caller:
+    """The caller a request's Authorization header names; Unauthorized (never quoting the key)
+    when it names none. One query: the key, its account and the account's memberships."""
     if not header:
         raise Unauthorized(detail="missing Authorization header (Bearer <api key>)")
     scheme, _, key = header.partition(" ")
-    if scheme.lower() not in ("bearer", "oauth") or not key.strip():
+    key = key.strip()
+    if scheme.lower() not in ("bearer", "oauth") or not key:
         raise Unauthorized(detail="Authorization must be 'Bearer <api key>' or 'OAuth <api key>'")
-    found = session.scalars(select(ApiKey).where(ApiKey.keyHash == key_hash(key.strip()))).first()
-    if found is None:
+    digest = key_hash(key)
+    rows = session.execute(
+        select(ApiKey, Account, ProjectMember.projectUuid, ProjectMember.role)
+        .join(Account, Account.uuid == ApiKey.accountUuid)
+        .outerjoin(ProjectMember, ProjectMember.accountUuid == Account.uuid)
+        .where(ApiKey.keyHash.in_((digest, legacy_key_hash(key))))
+    ).all()
+    if not rows:
         raise Unauthorized(detail="invalid API key")
-    account = session.get(Account, found.accountUuid)
-    if account is None:
-        raise Unauthorized(detail="invalid API key")
+    found, account = rows[0][0], rows[0][1]
+    if found.keyHash != digest:
+        found.keyHash = digest  # an earlier version's plain SHA-256
+        log.info("auth.key_rehashed key=%s", found.uuid)
     moment = now()
     last = found.lastUsedDate
     if last is None or moment - (last if last.tzinfo else last.replace(tzinfo=moment.tzinfo)) > LAST_USED_GRANULARITY:
         found.lastUsedDate = moment  # a write per minute per key, not one per request
-    return Caller(account_uuid=account.uuid, admin=account.type == "SystemAdmin")
+    memberships = [(project, role) for _key, _account, project, role in rows if project is not None]
+    return Caller(
+        account_uuid=account.uuid,
+        admin=account.type == "SystemAdmin",
+        projects=frozenset(project for project, _role in memberships),
+        project_admin=frozenset(project for project, role in memberships if role == "projectAdmin"),
+    )
+
+
+# -- lockout ---------------------------------------------------------------------------------------
+class FailureWindow:
+    """Failed authentications per client in a sliding window of ``seconds``: a client with
+    ``limit`` of them is refused, good key or not, until the oldest leaves the window.
+
+    In memory, thread-safe, per process: each API process counts its own clients.
+    """
+
+    MAX_CLIENTS = 100_000  # past this many clients tracked, expired ones are swept
+
+    def __init__(self, limit: int, seconds: float, clock: Callable[[], float] = time.monotonic) -> None:
+        self.limit, self.seconds, self.clock = limit, seconds, clock
+        self._failures: dict[str, deque[float]] = {}
+        self._lock = threading.Lock()
+
+    def _live(self, client: str, moment: float) -> deque[float] | None:
+        times = self._failures.get(client)
+        if times is None:
+            return None
+        while times and times[0] <= moment - self.seconds:
+            times.popleft()
+        if not times:
+            del self._failures[client]
+            return None
+        return times
+
+    def retry_after(self, client: str) -> float | None:
+        """Seconds until ``client`` may try again, or None when it may now."""
+        with self._lock:
+            moment = self.clock()
+            times = self._live(client, moment)
+            if times is None or len(times) < self.limit:
+                return None
+            return times[0] + self.seconds - moment
+
+    def failed(self, client: str) -> None:
+        with self._lock:
+            moment = self.clock()
+            if len(self._failures) >= self.MAX_CLIENTS:
+                for other in list(self._failures):
+                    self._live(other, moment)
+            self._failures.setdefault(client, deque(maxlen=self.limit)).append(moment)

@@ -22,7 +22,15 @@ def api_command(host: str, port: int) -> None:
 
     from .app import create_app
 
-    uvicorn.run(create_app(), host=host, port=port, log_level="info", access_log=False)
+    uvicorn.run(
+        create_app(),
+        host=host,
+        port=port,
+        log_level="info",
+        access_log=False,
+        timeout_keep_alive=5,
+        timeout_graceful_shutdown=30,
+    )
 
 
 @click.command("worker")
@@ -96,9 +104,21 @@ def up_command(port: int) -> None:
 @click.option("--root", required=True, type=click.Path(path_type=Path), help="Folder holding the repositories.")
 @click.option("--host", default="127.0.0.1", show_default=True)
 @click.option("--port", default=8081, show_default=True, type=click.IntRange(1, 65535))
-@click.option("--token", help="The clients' token (default BLOCKVAULT_STORAGE_TOKEN, which ps does not show).")
-@click.option("--append-only", is_flag=True, help="The token may add objects, never overwrite or delete them.")
-@click.option("--admin-token", help="A token that may do everything (default BLOCKVAULT_STORAGE_ADMIN_TOKEN).")
+@click.option(
+    "--token", help="A token for every repository (default BLOCKVAULT_STORAGE_TOKEN, which ps does not show)."
+)
+@click.option("--append-only", is_flag=True, help="--token may add objects, never overwrite or delete them.")
+@click.option(
+    "--site-token",
+    "site_token",
+    multiple=True,
+    metavar="NAME=TOKEN",
+    help="A token for the repository /NAME only, always append-only; repeatable "
+    "(default BLOCKVAULT_STORAGE_SITE_TOKENS=name=token,name2=token2, which ps does not show).",
+)
+@click.option(
+    "--admin-token", help="A token that may do everything everywhere (default BLOCKVAULT_STORAGE_ADMIN_TOKEN)."
+)
 @click.option("--tls-cert", type=click.Path(dir_okay=False), help="PEM certificate (chain): serve https.")
 @click.option("--tls-key", type=click.Path(dir_okay=False), help="PEM private key of --tls-cert.")
 @click.option("--max-object-size", default=256 * 1024 * 1024, show_default=True, type=click.IntRange(1))
@@ -108,6 +128,7 @@ def storage_server_command(
     port: int,
     token: str | None,
     append_only: bool,
+    site_token: tuple[str, ...],
     admin_token: str | None,
     tls_cert: str | None,
     tls_key: str | None,
@@ -117,14 +138,17 @@ def storage_server_command(
     from shared.config import setting
     from shared.errors import UsageError
 
-    from .storage_server import run, usable_root
+    from .storage_server import check_tokens, parse_site_tokens, run, site_tokens_from_env, usable_root
 
-    token = token or setting("storage_token")
+    token = token or setting("storage_token") or None
     admin_token = admin_token or setting("storage_admin_token") or None
-    if not token:
-        raise UsageError(detail="storage-server needs a token: --token or BLOCKVAULT_STORAGE_TOKEN")
-    if admin_token == token:
-        raise UsageError(detail="--admin-token must differ from --token")
+    if site_token:  # the options replace the variable, as --token replaces its variable
+        site_tokens = parse_site_tokens(site_token, "--site-token")
+    else:
+        site_tokens = site_tokens_from_env(setting("storage_site_tokens"))
+    check_tokens(token, site_tokens, admin_token)
+    if append_only and not token:
+        raise UsageError(detail="--append-only applies to --token, which is not given (site tokens always are)")
     problem = usable_root(root)
     if problem:
         raise UsageError(detail=problem)
@@ -140,6 +164,7 @@ def storage_server_command(
         port=port,
         append_only=append_only,
         admin_token=admin_token,
+        site_tokens=site_tokens,
         tls_cert=tls_cert,
         tls_key=tls_key,
         max_object_size=max_object_size,

@@ -7,11 +7,11 @@ from typing import Any
 
 from fastapi import APIRouter, Depends, Query, Request, Response
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, field_validator
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from shared import backups, dbbackups, hosts, storage
+from shared import access, backups, dbbackups, hosts, storage
 from shared.catalog.models import (
     QUERYABLE,
     ApiJob,
@@ -19,6 +19,7 @@ from shared.catalog.models import (
     Base,
     DatabaseBackup,
     Host,
+    SchedulerJobGroup,
     Tag,
     VmInstance,
     Volume,
@@ -44,9 +45,36 @@ class Envelope(BaseModel):
     systemTags: list[str] = Field(default_factory=list)
     userTags: list[str] = Field(default_factory=list)
 
+    @field_validator("params")
+    @classmethod
+    def _text_params(cls, params: dict[str, Any]) -> dict[str, Any]:
+        """These are text wherever they appear: anything else is a 400, not a database error or a 500."""
+        for key in ("name", "description", "type", "projectUuid"):
+            if not isinstance(params.get(key), str | None):
+                raise ValueError(f"{key} must be a string")
+        return params
 
-def check_uuid(value: str, what: str) -> str:
-    if not UUID.match(value):
+
+class Accepted(BaseModel):
+    """202: the request is an API job; poll ``location`` (``GET /v1/api-jobs/{jobUuid}``)."""
+
+    location: str
+    jobUuid: str
+
+
+class JobRunning(BaseModel):
+    """202 from ``GET /v1/api-jobs/{uuid}``: the job has not ended yet."""
+
+    state: str
+    progress: int | None
+    jobUuid: str
+
+
+ACCEPTED: dict[int | str, dict[str, Any]] = {202: {"model": Accepted, "description": "An API job was started"}}
+
+
+def check_uuid(value: object, what: str) -> str:
+    if not isinstance(value, str) or not UUID.match(value):
         raise InvalidArgument(detail=f"{what} {value!r} is not a uuid (32 lowercase hex digits)")
     return value
 
@@ -77,6 +105,7 @@ def health() -> dict[str, Any]:
 def _query(model: type[Base], tag_type: str | None) -> Any:
     def handler(
         session: Session = Depends(get_session),
+        caller: Caller = Depends(get_caller),
         q: list[str] = Query(default=[]),
         sort: str | None = None,
         limit: str | None = None,
@@ -87,7 +116,7 @@ def _query(model: type[Base], tag_type: str | None) -> Any:
         groupBy: str | None = None,
     ) -> JSONResponse:
         spec = parse_rest(q, sort, limit, start, count, replyWithCount, fields, groupBy)
-        base = select(model)
+        base = access.scope(caller, model)
         if tag_type:
             base = base.where(Tag.type == tag_type)
         result = run_query(session, model, spec, base=base)
@@ -108,10 +137,10 @@ def _query(model: type[Base], tag_type: str | None) -> Any:
 
 
 def _get_one(model: type[Base], what: str) -> Any:
-    def handler(uuid: str, session: Session = Depends(get_session)) -> JSONResponse:
-        row = session.get(model, check_uuid(uuid, "uuid"))
-        if row is None:
-            raise NotFound(resource=what, uuid=uuid)
+    def handler(
+        uuid: str, session: Session = Depends(get_session), caller: Caller = Depends(get_caller)
+    ) -> JSONResponse:
+        row = access.visible(session, caller, model, check_uuid(uuid, "uuid"), what)
         return JSONResponse({"inventories": [inventory(session, row)], "success": True})
 
     return handler
@@ -127,10 +156,10 @@ for _path, _model in QUERYABLE.items():
 
 
 # -- API jobs --------------------------------------------------------------------------------------
-@router.get("/api-jobs/{uuid}")
-def get_job(uuid: str, session: Session = Depends(get_session)) -> JSONResponse:
+@router.get("/api-jobs/{uuid}", responses={202: {"model": JobRunning, "description": "The job is still running"}})
+def get_job(uuid: str, session: Session = Depends(get_session), caller: Caller = Depends(get_caller)) -> JSONResponse:
     job = session.get(ApiJob, uuid)
-    if job is None:
+    if job is None or not (caller.admin or job.accountUuid == caller.account_uuid):
         raise NotFound(resource="API job", uuid=uuid)
     if job.state in ("Pending", "Running") and job.hostUuid:
         hosts.reap(session)  # a job on a host whose worker is gone fails now, not never
@@ -155,7 +184,10 @@ def _int(params: dict[str, Any], key: str, default: int) -> int:
 
 
 @router.post("/vm-instances")
-def create_vm(body: Envelope, session: Session = Depends(get_session)) -> JSONResponse:
+def create_vm(
+    body: Envelope, session: Session = Depends(get_session), caller: Caller = Depends(get_caller)
+) -> JSONResponse:
+    access.require_admin(caller, "registering vm-instances")
     p = body.params
     if p.get("hostUuid") and session.get(Host, check_uuid(p["hostUuid"], "hostUuid")) is None:
         raise NotFound(resource="host", uuid=p["hostUuid"])
@@ -183,7 +215,10 @@ def create_vm(body: Envelope, session: Session = Depends(get_session)) -> JSONRe
 
 
 @router.post("/volumes")
-def create_volume(body: Envelope, session: Session = Depends(get_session)) -> JSONResponse:
+def create_volume(
+    body: Envelope, session: Session = Depends(get_session), caller: Caller = Depends(get_caller)
+) -> JSONResponse:
+    access.require_admin(caller, "registering volumes")
     p = body.params
     require(p, "hostUuid", "installPath")
     if session.get(Host, check_uuid(p["hostUuid"], "hostUuid")) is None:
@@ -229,8 +264,11 @@ def create_volume(body: Envelope, session: Session = Depends(get_session)) -> JS
 
 
 @router.delete("/volumes/{uuid}")
-def delete_volume(uuid: str, session: Session = Depends(get_session)) -> JSONResponse:
+def delete_volume(
+    uuid: str, session: Session = Depends(get_session), caller: Caller = Depends(get_caller)
+) -> JSONResponse:
     """Unregister a volume (its file and its backups stay)."""
+    access.require_admin(caller, "unregistering volumes")
     volume = session.get(Volume, check_uuid(uuid, "uuid"))
     if volume is None:
         raise NotFound(resource="volume", uuid=uuid)
@@ -239,8 +277,9 @@ def delete_volume(uuid: str, session: Session = Depends(get_session)) -> JSONRes
 
 
 @router.delete("/vm-instances/{uuid}")
-def delete_vm(uuid: str, session: Session = Depends(get_session)) -> JSONResponse:
+def delete_vm(uuid: str, session: Session = Depends(get_session), caller: Caller = Depends(get_caller)) -> JSONResponse:
     """Unregister a VM and its volumes (files and backups stay)."""
+    access.require_admin(caller, "unregistering vm-instances")
     vm = session.get(VmInstance, check_uuid(uuid, "uuid"))
     if vm is None:
         raise NotFound(resource="VM instance", uuid=uuid)
@@ -252,7 +291,10 @@ def delete_vm(uuid: str, session: Session = Depends(get_session)) -> JSONRespons
 
 
 @router.post("/backup-storage")
-def create_backup_storage(body: Envelope, session: Session = Depends(get_session)) -> JSONResponse:
+def create_backup_storage(
+    body: Envelope, session: Session = Depends(get_session), caller: Caller = Depends(get_caller)
+) -> JSONResponse:
+    access.require_admin(caller, "registering backup-storage")
     row = storage.register_storage(session, body.params)
     add_tags(session, row, body)
     return one(session, row)
@@ -267,7 +309,9 @@ def create_volume_backup(
     session: Session = Depends(get_session),
     caller: Caller = Depends(get_caller),
 ) -> JSONResponse:
-    job = backups.request_volume_backup(session, check_uuid(uuid, "volume uuid"), body.params, caller.account_uuid)
+    access.visible(session, caller, Volume, check_uuid(uuid, "volume uuid"), "volume")
+    _check_storage(session, caller, body.params.get("backupStorageUuid"))
+    job = backups.request_volume_backup(session, uuid, body.params, caller.account_uuid)
     return accepted(request, job)
 
 
@@ -279,7 +323,9 @@ def create_vm_backup(
     session: Session = Depends(get_session),
     caller: Caller = Depends(get_caller),
 ) -> JSONResponse:
-    job = backups.request_vm_backup(session, check_uuid(uuid, "root volume uuid"), body.params, caller.account_uuid)
+    access.visible(session, caller, Volume, check_uuid(uuid, "root volume uuid"), "volume")
+    _check_storage(session, caller, body.params.get("backupStorageUuid"))
+    job = backups.request_vm_backup(session, uuid, body.params, caller.account_uuid)
     return accepted(request, job)
 
 
@@ -306,8 +352,8 @@ def _state_event(params: dict[str, Any]) -> str:
 def _update(row: Any, params: dict[str, Any]) -> None:
     for key in ("name", "description"):
         if key in params:
-            if not isinstance(params[key], str | None):
-                raise InvalidArgument(detail=f"{key} must be a string")
+            if not isinstance(params[key], str | None) or (key == "name" and not params[key]):
+                raise InvalidArgument(detail=f"{key} must be a string" + (" and not empty" if key == "name" else ""))
             setattr(row, key, params[key])
 
 
@@ -322,7 +368,7 @@ VOLUME_BACKUP_ACTIONS = (
 )
 
 
-@router.put("/volume-backups/{uuid}/actions")
+@router.put("/volume-backups/{uuid}/actions", responses=ACCEPTED)
 def volume_backup_action(
     uuid: str,
     body: dict[str, Any],
@@ -331,9 +377,11 @@ def volume_backup_action(
     caller: Caller = Depends(get_caller),
 ) -> Response:
     name, params = _action(body, VOLUME_BACKUP_ACTIONS)
-    backup = session.get(VolumeBackup, check_uuid(uuid, "uuid"))
-    if backup is None:
-        raise NotFound(resource="volume backup", uuid=uuid)
+    backup = access.visible(session, caller, VolumeBackup, check_uuid(uuid, "uuid"), "volume backup")
+    for key in ("backupStorageUuid", "backupStrogeUuid", "srcBackupStorageUuid", "dstBackupStorageUuid"):
+        _check_storage(session, caller, params.get(key))
+    if params.get("vmInstanceUuid") and not caller.admin:
+        access.visible(session, caller, VmInstance, check_uuid(str(params["vmInstanceUuid"]), "vmInstanceUuid"), "VM")
     if name == "changeVolumeBackupState":
         backup.state = _state_event(params)
         return one(session, backup)
@@ -366,17 +414,22 @@ def delete_volume_backup(
     caller: Caller = Depends(get_caller),
 ) -> JSONResponse:
     targets = _storage_uuids(backupStorageUuids)
-    job = backups.request_delete(session, check_uuid(uuid, "uuid"), targets, deleteMode, caller.account_uuid)
+    access.visible(session, caller, VolumeBackup, check_uuid(uuid, "uuid"), "volume backup")
+    for target in targets or []:
+        _check_storage(session, caller, target)
+    job = backups.request_delete(session, uuid, targets, deleteMode, caller.account_uuid)
     return accepted(request, job)
 
 
 @router.get("/vm-backups/{uuid}")
-def get_vm_backup(uuid: str, session: Session = Depends(get_session)) -> JSONResponse:
-    rows = backups.group_backups(session, check_uuid(uuid, "groupUuid"))
+def get_vm_backup(
+    uuid: str, session: Session = Depends(get_session), caller: Caller = Depends(get_caller)
+) -> JSONResponse:
+    rows = _vm_backup(session, caller, uuid)
     return JSONResponse({"inventories": inventories(session, rows), "success": True})
 
 
-@router.put("/vm-backups/{uuid}/actions")
+@router.put("/vm-backups/{uuid}/actions", responses=ACCEPTED)
 def vm_backup_action(
     uuid: str,
     body: dict[str, Any],
@@ -392,9 +445,11 @@ def vm_backup_action(
             "recoverVmBackupFromImageStoreBackupStorage",
         ),
     )
-    group = check_uuid(uuid, "groupUuid")
+    rows = _vm_backup(session, caller, uuid)
+    group = rows[0].groupUuid or uuid
+    for key in ("backupStorageUuid", "backupStrogeUuid", "srcBackupStorageUuid", "dstBackupStorageUuid"):
+        _check_storage(session, caller, params.get(key))
     if name in backups.SYNC_ACTIONS:
-        rows = backups.group_backups(session, group)
         return accepted(request, backups.request_sync(session, name, rows, params, caller.account_uuid))
     job = backups.request_vm_revert(session, group, params, caller.account_uuid)
     return accepted(request, job)
@@ -410,7 +465,10 @@ def delete_vm_backup(
     caller: Caller = Depends(get_caller),
 ) -> JSONResponse:
     targets = _storage_uuids(backupStorageUuids)
-    job = backups.request_vm_delete(session, check_uuid(uuid, "groupUuid"), targets, deleteMode, caller.account_uuid)
+    _vm_backup(session, caller, uuid)
+    for target in targets or []:
+        _check_storage(session, caller, target)
+    job = backups.request_vm_delete(session, uuid, targets, deleteMode, caller.account_uuid)
     return accepted(request, job)
 
 
@@ -421,10 +479,12 @@ def create_database_backup(
     session: Session = Depends(get_session),
     caller: Caller = Depends(get_caller),
 ) -> JSONResponse:
+    access.require_admin(caller, "backing up the catalog database")
+    _check_storage(session, caller, body.params.get("backupStorageUuid"))
     return accepted(request, dbbackups.request_database_backup(session, body.params, caller.account_uuid))
 
 
-@router.put("/database-backups/{uuid}/actions")
+@router.put("/database-backups/{uuid}/actions", responses=ACCEPTED)
 def database_backup_action(
     uuid: str,
     body: dict[str, Any],
@@ -433,9 +493,7 @@ def database_backup_action(
     caller: Caller = Depends(get_caller),
 ) -> Response:
     name, params = _action(body, ("syncDatabaseBackupFromImageStoreBackupStorage", "recoverDatabaseBackup"))
-    row = session.get(DatabaseBackup, check_uuid(uuid, "uuid"))
-    if row is None:
-        raise NotFound(resource="database backup", uuid=uuid)
+    row = access.visible(session, caller, DatabaseBackup, check_uuid(uuid, "uuid"), "database backup")
     if name == "recoverDatabaseBackup":
         return accepted(request, dbbackups.request_recover(session, row.uuid, params, caller.account_uuid))
     return accepted(request, backups.request_sync(session, name, [row], params, caller.account_uuid))
@@ -451,9 +509,8 @@ def delete_database_backup(
     caller: Caller = Depends(get_caller),
 ) -> JSONResponse:
     targets = _storage_uuids(backupStorageUuids)
-    job = backups.request_delete(
-        session, check_uuid(uuid, "uuid"), targets, deleteMode, caller.account_uuid, model=DatabaseBackup
-    )
+    access.visible(session, caller, DatabaseBackup, check_uuid(uuid, "uuid"), "database backup")
+    job = backups.request_delete(session, uuid, targets, deleteMode, caller.account_uuid, model=DatabaseBackup)
     return accepted(request, job)
 
 
@@ -467,7 +524,7 @@ STORAGE_ACTIONS = (
 )
 
 
-@router.put("/backup-storage/{uuid}/actions")
+@router.put("/backup-storage/{uuid}/actions", responses=ACCEPTED)
 def backup_storage_action(
     uuid: str,
     body: dict[str, Any],
@@ -476,9 +533,8 @@ def backup_storage_action(
     caller: Caller = Depends(get_caller),
 ) -> Response:
     name, params = _action(body, STORAGE_ACTIONS)
-    row = session.get(BackupStorage, check_uuid(uuid, "uuid"))
-    if row is None:
-        raise NotFound(resource="backup storage", uuid=uuid)
+    row = access.visible(session, caller, BackupStorage, check_uuid(uuid, "uuid"), "backup storage")
+    access.require_admin(caller, name)
     if name in ("scanBackupStorage", "reclaimSpaceFromImageStore"):
         return accepted(request, backups.request_storage_job(session, row, name, caller.account_uuid))
     if name == "changeBackupStorageState":
@@ -494,11 +550,11 @@ def backup_storage_action(
 
 
 @router.put("/vm-instances/{uuid}/actions")
-def vm_action(uuid: str, body: dict[str, Any], session: Session = Depends(get_session)) -> Response:
+def vm_action(
+    uuid: str, body: dict[str, Any], session: Session = Depends(get_session), caller: Caller = Depends(get_caller)
+) -> Response:
     _name, params = _action(body, ("updateVmInstance",))
-    vm = session.get(VmInstance, check_uuid(uuid, "uuid"))
-    if vm is None:
-        raise NotFound(resource="VM instance", uuid=uuid)
+    vm = access.visible(session, caller, VmInstance, check_uuid(uuid, "uuid"), "VM instance")
     if "state" in params:
         if params["state"] not in ("Running", "Stopped"):
             raise InvalidArgument(detail="state must be Running or Stopped")
@@ -510,9 +566,12 @@ def vm_action(uuid: str, body: dict[str, Any], session: Session = Depends(get_se
 
 # -- tags ------------------------------------------------------------------------------------------
 @router.post("/user-tags")
-def create_user_tag(body: Envelope, session: Session = Depends(get_session)) -> JSONResponse:
+def create_user_tag(
+    body: Envelope, session: Session = Depends(get_session), caller: Caller = Depends(get_caller)
+) -> JSONResponse:
     p = body.params
     require(p, "resourceUuid", "resourceType", "tag")
+    _check_taggable(session, caller, check_uuid(p["resourceUuid"], "resourceUuid"))
     tag = Tag(
         resourceUuid=check_uuid(p["resourceUuid"], "resourceUuid"), resourceType=p["resourceType"], tag=str(p["tag"])
     )
@@ -522,9 +581,49 @@ def create_user_tag(body: Envelope, session: Session = Depends(get_session)) -> 
 
 
 @router.delete("/user-tags/{uuid}")
-def delete_user_tag(uuid: str, session: Session = Depends(get_session)) -> JSONResponse:
-    tag = session.get(Tag, check_uuid(uuid, "uuid"))
+def delete_user_tag(
+    uuid: str, session: Session = Depends(get_session), caller: Caller = Depends(get_caller)
+) -> JSONResponse:
+    tag = session.scalars(access.scope(caller, Tag).where(Tag.uuid == check_uuid(uuid, "uuid"))).first()
     if tag is None or tag.type != "user":
         raise NotFound(resource="user tag", uuid=uuid)
     session.delete(tag)
     return JSONResponse({"success": True})
+
+
+# -- access helpers --------------------------------------------------------------------------------
+def _check_storage(session: Session, caller: Caller, uuid: Any) -> None:
+    """A backup storage named in a request is a uuid; in a member's, one it may use (ImageStore)."""
+    if uuid:
+        checked = check_uuid(uuid, "backupStorageUuid")
+        if not caller.admin:
+            access.visible(session, caller, BackupStorage, checked, "backup storage")
+
+
+def _vm_backup(session: Session, caller: Caller, uuid: str) -> list[VolumeBackup]:
+    """The volume backups of a VM backup, when the caller may see every one of them."""
+    rows = backups.group_backups(session, check_uuid(uuid, "groupUuid"))
+    for row in rows:
+        access.visible(session, caller, VolumeBackup, row.uuid, "VM backup")
+    return rows
+
+
+TAGGABLE: tuple[type[Base], ...] = (
+    VmInstance,
+    Volume,
+    VolumeBackup,
+    SchedulerJobGroup,
+    BackupStorage,
+    DatabaseBackup,
+    Host,
+)
+
+
+def _check_taggable(session: Session, caller: Caller, uuid: str) -> None:
+    """Tags go on resources the caller may see; anything else is a 404."""
+    for model in TAGGABLE:
+        if session.scalars(access.scope(caller, model).where(model.__mapper__.primary_key[0] == uuid)).first():
+            return
+    if caller.admin:
+        return  # an admin may tag any uuid (ZStack does not check either)
+    raise NotFound(resource="resource", uuid=uuid)

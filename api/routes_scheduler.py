@@ -9,29 +9,45 @@ from fastapi.responses import JSONResponse
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from shared import jobgroups
-from shared.catalog.models import SchedulerJob, SchedulerJobGroup, SchedulerTrigger
-from shared.errors import InvalidArgument, NotFound
+from shared import access, jobgroups
+from shared.catalog.models import BackupStorage, SchedulerJob, SchedulerJobGroup, SchedulerTrigger, VmInstance, Volume
+from shared.errors import InvalidArgument
 from shared.inventory import inventory
 
 from .app import get_caller, get_session
+from .auth import Caller
 from .routes import Envelope, _action, check_uuid
 
 router = APIRouter(dependencies=[Depends(get_caller)])
 
 
-def _group(session: Session, uuid: str) -> SchedulerJobGroup:
-    group = session.get(SchedulerJobGroup, check_uuid(uuid, "uuid"))
-    if group is None:
-        raise NotFound(resource="job group", uuid=uuid)
+def _group(session: Session, uuid: str, caller: Caller) -> SchedulerJobGroup:
+    group: SchedulerJobGroup = access.visible(session, caller, SchedulerJobGroup, check_uuid(uuid, "uuid"), "job group")
     return group
 
 
-def _trigger(session: Session, uuid: str) -> SchedulerTrigger:
-    trigger = session.get(SchedulerTrigger, check_uuid(uuid, "uuid"))
-    if trigger is None:
-        raise NotFound(resource="trigger", uuid=uuid)
+def _trigger(session: Session, uuid: str, caller: Caller) -> SchedulerTrigger:
+    trigger: SchedulerTrigger = access.visible(session, caller, SchedulerTrigger, check_uuid(uuid, "uuid"), "trigger")
     return trigger
+
+
+def _check_job_data(session: Session, caller: Caller, params: dict[str, Any]) -> None:
+    """A member's group copies only to storage it may use, and never backs up the catalog."""
+    if caller.admin:
+        return
+    if params.get("type") == "databaseBackup":
+        access.require_admin(caller, "a databaseBackup job group")
+    data = params.get("parameters") or {}
+    for uuid in (data.get("backupStorageUuids") or []) if isinstance(data, dict) else []:
+        access.visible(session, caller, BackupStorage, check_uuid(str(uuid), "backupStorageUuid"), "backup storage")
+
+
+def _check_targets(session: Session, caller: Caller, group: SchedulerJobGroup, targets: Any) -> None:
+    if caller.admin or not isinstance(targets, list):
+        return
+    model = VmInstance if group.jobType == "vmBackup" else Volume
+    for target in targets:
+        access.visible(session, caller, model, check_uuid(str(target), "targetResourceUuid"), "target")
 
 
 def group_inventory(session: Session, group: SchedulerJobGroup) -> dict[str, Any]:
@@ -44,14 +60,24 @@ def _ok(data: dict[str, Any]) -> JSONResponse:
 
 
 @router.post("/scheduler/jobgroups")
-def create_group(body: Envelope, session: Session = Depends(get_session)) -> JSONResponse:
-    return _ok(group_inventory(session, jobgroups.create_group(session, body.params)))
+def create_group(
+    body: Envelope, session: Session = Depends(get_session), caller: Caller = Depends(get_caller)
+) -> JSONResponse:
+    _check_job_data(session, caller, body.params)
+    project = access.project_for(caller, body.params.get("projectUuid"))
+    group = jobgroups.create_group(session, {k: v for k, v in body.params.items() if k != "projectUuid"})
+    group.projectUuid = project
+    return _ok(group_inventory(session, group))
 
 
 @router.put("/scheduler/jobgroups/{uuid}/actions")
-def group_action(uuid: str, body: dict[str, Any], session: Session = Depends(get_session)) -> JSONResponse:
+def group_action(
+    uuid: str, body: dict[str, Any], session: Session = Depends(get_session), caller: Caller = Depends(get_caller)
+) -> JSONResponse:
     name, params = _action(body, ("updateSchedulerJobGroup", "runSchedulerJobGroup", "changeSchedulerJobGroupState"))
-    group = _group(session, uuid)
+    group = _group(session, uuid, caller)
+    if isinstance(params.get("parameters"), dict):
+        _check_job_data(session, caller, {"parameters": params["parameters"]})
     if name == "runSchedulerJobGroup":
         created = jobgroups.run_now(session, group)
         return JSONResponse({"inventory": {**group_inventory(session, group), "jobsStarted": created}, "success": True})
@@ -63,8 +89,10 @@ def group_action(uuid: str, body: dict[str, Any], session: Session = Depends(get
 
 
 @router.delete("/scheduler/jobgroups/{uuid}")
-def delete_group(uuid: str, session: Session = Depends(get_session)) -> JSONResponse:
-    group = _group(session, uuid)
+def delete_group(
+    uuid: str, session: Session = Depends(get_session), caller: Caller = Depends(get_caller)
+) -> JSONResponse:
+    group = _group(session, uuid, caller)
     for job in session.scalars(select(SchedulerJob).where(SchedulerJob.schedulerJobGroupUuid == group.uuid)):
         session.delete(job)
     session.delete(group)
@@ -72,9 +100,12 @@ def delete_group(uuid: str, session: Session = Depends(get_session)) -> JSONResp
 
 
 @router.post("/scheduler/jobgroups/{uuid}/jobs")
-def add_jobs(uuid: str, body: Envelope, session: Session = Depends(get_session)) -> JSONResponse:
-    group = _group(session, uuid)
+def add_jobs(
+    uuid: str, body: Envelope, session: Session = Depends(get_session), caller: Caller = Depends(get_caller)
+) -> JSONResponse:
+    group = _group(session, uuid, caller)
     targets = body.params.get("targetResourceUuids")
+    _check_targets(session, caller, group, targets)
     if isinstance(targets, list):
         for target in targets:
             check_uuid(str(target), "targetResourceUuid")
@@ -83,8 +114,13 @@ def add_jobs(uuid: str, body: Envelope, session: Session = Depends(get_session))
 
 
 @router.delete("/scheduler/jobgroups/{uuid}/jobs")
-def remove_jobs(uuid: str, targetResourceUuids: str = "", session: Session = Depends(get_session)) -> JSONResponse:
-    group = _group(session, uuid)
+def remove_jobs(
+    uuid: str,
+    targetResourceUuids: str = "",
+    session: Session = Depends(get_session),
+    caller: Caller = Depends(get_caller),
+) -> JSONResponse:
+    group = _group(session, uuid, caller)
     targets = [check_uuid(t, "targetResourceUuid") for t in targetResourceUuids.split(",") if t]
     if not targets:
         raise InvalidArgument(detail="targetResourceUuids is required")
@@ -94,14 +130,22 @@ def remove_jobs(uuid: str, targetResourceUuids: str = "", session: Session = Dep
 
 
 @router.post("/scheduler/triggers")
-def create_trigger(body: Envelope, session: Session = Depends(get_session)) -> JSONResponse:
-    return _ok(inventory(session, jobgroups.create_trigger(session, body.params)))
+def create_trigger(
+    body: Envelope, session: Session = Depends(get_session), caller: Caller = Depends(get_caller)
+) -> JSONResponse:
+    project = access.project_for(caller, body.params.get("projectUuid"))
+    trigger = jobgroups.create_trigger(session, {k: v for k, v in body.params.items() if k != "projectUuid"})
+    trigger.projectUuid = project
+    session.flush()
+    return _ok(inventory(session, trigger))
 
 
 @router.put("/scheduler/triggers/{uuid}/actions")
-def trigger_action(uuid: str, body: dict[str, Any], session: Session = Depends(get_session)) -> JSONResponse:
+def trigger_action(
+    uuid: str, body: dict[str, Any], session: Session = Depends(get_session), caller: Caller = Depends(get_caller)
+) -> JSONResponse:
     name, params = _action(body, ("updateSchedulerTrigger", "runSchedulerTrigger"))
-    trigger = _trigger(session, uuid)
+    trigger = _trigger(session, uuid, caller)
     if name == "updateSchedulerTrigger":
         jobgroups.update_trigger(session, trigger, params)
         session.flush()
@@ -111,7 +155,9 @@ def trigger_action(uuid: str, body: dict[str, Any], session: Session = Depends(g
         raise InvalidArgument(detail="jobUuids must be a list of scheduler job uuids")
     started = 0
     for group_uuid in _attached(session, trigger):
-        group = session.get(SchedulerJobGroup, group_uuid)
+        group = session.scalars(
+            access.scope(caller, SchedulerJobGroup).where(SchedulerJobGroup.uuid == group_uuid)
+        ).first()  # a member runs only its own groups on a shared trigger
         if group is not None:
             started += jobgroups.run_now(session, group, trigger.uuid, job_uuids)
     return JSONResponse({"inventory": {**inventory(session, trigger), "jobsStarted": started}, "success": True})
@@ -124,16 +170,22 @@ def _attached(session: Session, trigger: SchedulerTrigger) -> list[str]:
 
 
 @router.delete("/scheduler/triggers/{uuid}")
-def delete_trigger(uuid: str, session: Session = Depends(get_session)) -> JSONResponse:
-    session.delete(_trigger(session, uuid))
+def delete_trigger(
+    uuid: str, session: Session = Depends(get_session), caller: Caller = Depends(get_caller)
+) -> JSONResponse:
+    session.delete(_trigger(session, uuid, caller))
     return JSONResponse({"success": True})
 
 
 @router.post("/scheduler/triggers/{trigger_uuid}/jobgroups/{group_uuid}")
 def attach(
-    trigger_uuid: str, group_uuid: str, body: Envelope | None = None, session: Session = Depends(get_session)
+    trigger_uuid: str,
+    group_uuid: str,
+    body: Envelope | None = None,
+    session: Session = Depends(get_session),
+    caller: Caller = Depends(get_caller),
 ) -> JSONResponse:
-    trigger, group = _trigger(session, trigger_uuid), _group(session, group_uuid)
+    trigger, group = _trigger(session, trigger_uuid, caller), _group(session, group_uuid, caller)
     jobgroups.attach(session, trigger, group)
     started = 0
     if body is not None and body.params.get("triggerNow"):
@@ -143,6 +195,8 @@ def attach(
 
 
 @router.delete("/scheduler/triggers/{trigger_uuid}/jobgroups/{group_uuid}")
-def detach(trigger_uuid: str, group_uuid: str, session: Session = Depends(get_session)) -> JSONResponse:
-    jobgroups.detach(session, _trigger(session, trigger_uuid), _group(session, group_uuid))
+def detach(
+    trigger_uuid: str, group_uuid: str, session: Session = Depends(get_session), caller: Caller = Depends(get_caller)
+) -> JSONResponse:
+    jobgroups.detach(session, _trigger(session, trigger_uuid, caller), _group(session, group_uuid, caller))
     return JSONResponse({"success": True})

@@ -7,9 +7,13 @@ renamed (or, for ``overwrite=0``, hard-linked) into place; ``flush`` fsyncs the 
 The routes, key rules and status table are those of :mod:`shared.repository.backends.http`,
 the client's side of the same protocol.
 
-Tokens: ``--token`` may do everything, or with ``--append-only`` only list, read and store
-new objects (no overwrite, no delete: 403) except below ``locks/`` (the repository's lock
-files, as restic's rest-server allows); ``--admin-token`` may always do everything.
+Tokens (any combination, at least one): ``--token`` opens every repository and may do
+everything, or with ``--append-only`` only list, read and store new objects (no overwrite, no
+delete: 403) except below ``locks/`` (the repository's lock files, as restic's rest-server
+allows). A site token (``--site-token NAME=TOKEN``) opens only the repository ``/NAME`` and is
+always append-only there; anywhere else it is answered 401 like a wrong token, so it does not
+tell whether another site exists. ``--admin-token`` opens every repository and may always do
+everything (prune, gc).
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ import logging
 import os
 import re
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Literal
@@ -32,7 +36,7 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from shared.errors import BackendError, BackendForbidden
+from shared.errors import BackendError, BackendForbidden, UsageError
 from shared.failpoints import failpoint
 from shared.repository.backends.file import FileBackend
 from shared.repository.backends.http import API, MISSING_LIMIT, Status, invalid_key
@@ -43,7 +47,78 @@ MiB = 1024 * 1024
 DEFAULT_MAX_OBJECT = 256 * MiB
 LIST_CHUNK = 64 * 1024  # bytes of listing per write: one thread hop per ~700 objects
 _RANGE = re.compile(r"bytes=(\d*)-(\d*)")
+_TOKEN = re.compile(r"[!-+\--~]+")  # printable ASCII, no space, no comma (the list separator)
 Role = Literal["admin", "writer", "appender"]
+
+
+@dataclass(frozen=True)
+class Grant:
+    """What a token may do: ``role`` in every repository, or (``site`` set) only in ``ROOT/<site>``."""
+
+    role: Role
+    site: str | None = None
+
+
+def parse_site_tokens(entries: Iterable[str], source: str) -> dict[str, str]:
+    """``{name: token}`` from ``NAME=TOKEN`` entries (``source`` names them in errors, which
+    never contain a token). UsageError for a malformed entry, an invalid or duplicate name, or
+    a name inside another site's folder (``a`` and ``a/b``: ``a``'s token could read ``a/b``)."""
+    pairs: list[tuple[str, str]] = []
+    for number, entry in enumerate(entries, 1):
+        name, sep, token = entry.strip().partition("=")
+        if not sep or not name.strip("/") or not token:
+            raise UsageError(detail=f"{source} entry {number} is not NAME=TOKEN")
+        pairs.append((name, token))
+    return check_sites(pairs, source)
+
+
+def check_sites(pairs: Iterable[tuple[str, str]], source: str) -> dict[str, str]:
+    """``{name: token}`` of ``(name, token)`` pairs, checked as :func:`parse_site_tokens` says."""
+    sites: dict[str, str] = {}
+    for raw_name, token in pairs:
+        name = raw_name.strip("/")
+        if not name or "=" in name or invalid_key(name) or API in name.split("/"):
+            raise UsageError(detail=f"{source}: {name!r} is no valid repository name")
+        if not _TOKEN.fullmatch(token):
+            raise UsageError(
+                detail=f"{source}: the token of site {name!r} must be printable ASCII without spaces or commas"
+            )
+        if name in sites:
+            raise UsageError(detail=f"{source}: site {name!r} is given twice")
+        for other in sites:
+            if name.startswith(other + "/") or other.startswith(name + "/"):
+                raise UsageError(
+                    detail=f"{source}: site {name!r} and site {other!r} nest: one's folder holds the other"
+                )
+        sites[name] = token
+    return sites
+
+
+def site_tokens_from_env(value: str | None) -> dict[str, str]:
+    """``BLOCKVAULT_STORAGE_SITE_TOKENS``: ``name=token,name2=token2`` (blanks around entries
+    and empty entries ignored)."""
+    entries = [entry for entry in (value or "").split(",") if entry.strip()]
+    return parse_site_tokens(entries, "BLOCKVAULT_STORAGE_SITE_TOKENS")
+
+
+def check_tokens(token: str | None, site_tokens: Mapping[str, str], admin_token: str | None) -> None:
+    """UsageError unless there is a token and no two tokens (of any kind) are the same."""
+    if not (token or site_tokens or admin_token):
+        raise UsageError(
+            detail="storage-server needs a token: --token (BLOCKVAULT_STORAGE_TOKEN), --site-token NAME=TOKEN "
+            "(BLOCKVAULT_STORAGE_SITE_TOKENS) or --admin-token (BLOCKVAULT_STORAGE_ADMIN_TOKEN)"
+        )
+    if token and admin_token == token:
+        raise UsageError(detail="--admin-token must differ from --token")
+    owners: dict[str, str] = {}
+    named = [("--token", token), ("--admin-token", admin_token)]
+    named += [(f"the token of site {name!r}", value) for name, value in site_tokens.items()]
+    for owner, value in named:
+        if not value:
+            continue
+        if value in owners:
+            raise UsageError(detail=f"{owner} is the same as {owners[value]}: every token must be different")
+        owners[value] = owner
 
 
 @dataclass
@@ -69,31 +144,38 @@ class StorageServer:
     def __init__(
         self,
         root: Path,
-        token: str,
+        token: str | None,
         *,
         append_only: bool = False,
         admin_token: str | None = None,
+        site_tokens: Mapping[str, str] | None = None,
         max_object_size: int = DEFAULT_MAX_OBJECT,
     ) -> None:
+        sites = check_sites((site_tokens or {}).items(), "site tokens")
+        check_tokens(token, sites, admin_token)
         self.root = root.absolute()
         self.append_only = append_only
         self.max_object_size = max_object_size
-        self._tokens: list[tuple[bytes, Role]] = [(f"Bearer {token}".encode(), "appender" if append_only else "writer")]
+        self._tokens: list[tuple[bytes, Grant]] = []
         if admin_token:
-            self._tokens.insert(0, (f"Bearer {admin_token}".encode(), "admin"))
+            self._tokens.append((f"Bearer {admin_token}".encode(), Grant("admin")))
+        if token:
+            self._tokens.append((f"Bearer {token}".encode(), Grant("appender" if append_only else "writer")))
+        for site, site_token in sites.items():
+            self._tokens.append((f"Bearer {site_token}".encode(), Grant("appender", site)))
         self._stores: dict[str, FileBackend] = {}
         self.counters = Counters()
         methods = ["GET", "HEAD", "PUT", "DELETE", "POST"]
         self.app = Starlette(routes=[Route("/{path:path}", self.dispatch, methods=methods)])
 
     # -- helpers ----------------------------------------------------------------------------
-    def _role(self, request: Request) -> Role | None:
+    def _grant(self, request: Request) -> Grant | None:
         given = request.headers.get("authorization", "").encode("latin-1")
-        role: Role | None = None
-        for expected, name in self._tokens:  # compare with every token: no timing hint
-            if hmac.compare_digest(given, expected) and role is None:
-                role = name
-        return role
+        grant: Grant | None = None
+        for expected, candidate in self._tokens:  # compare with every token: no timing hint
+            if hmac.compare_digest(given, expected) and grant is None:
+                grant = candidate
+        return grant
 
     def _store(self, repository: str) -> FileBackend:
         store = self._stores.get(repository)
@@ -153,14 +235,18 @@ class StorageServer:
         method = request.method
         if op == "health" and method in ("GET", "HEAD"):
             return JSONResponse({"status": "ok"})
-        role = self._role(request)
-        if role is None:
+        grant = self._grant(request)
+        if grant is None or (grant.site is not None and repository != grant.site):
+            # a site token elsewhere is answered like a wrong token: whether that repository
+            # (another site's) exists is not told
             raise _Refused(Status.UNAUTHORIZED, "a valid Authorization: Bearer token is required")
+        if op == "stats" and grant.site is not None:  # server-wide counters: other sites' traffic
+            raise _Refused(Status.FORBIDDEN, "stats are server-wide: they need --token or --admin-token")
         if repository and (invalid_key(repository) or API in repository.split("/")):
             raise _Refused(Status.BAD_REQUEST, f"invalid repository name {repository!r}")
         store = self._store(repository)
         try:
-            return await self._operation(request, store, repository, op, key, role)
+            return await self._operation(request, store, repository, op, key, grant.role)
         except BackendError:
             if not store.root.is_dir():
                 raise _Refused(Status.GONE, f"no repository folder {repository or '(root)'}: create it first") from None
@@ -353,12 +439,13 @@ def usable_root(root: Path) -> str | None:
 
 def run(
     root: Path,
-    token: str,
+    token: str | None,
     *,
     host: str = "127.0.0.1",
     port: int = 8081,
     append_only: bool = False,
     admin_token: str | None = None,
+    site_tokens: Mapping[str, str] | None = None,
     tls_cert: str | None = None,
     tls_key: str | None = None,
     max_object_size: int = DEFAULT_MAX_OBJECT,
@@ -367,7 +454,18 @@ def run(
     import uvicorn
 
     server = StorageServer(
-        root, token, append_only=append_only, admin_token=admin_token, max_object_size=max_object_size
+        root,
+        token,
+        append_only=append_only,
+        admin_token=admin_token,
+        site_tokens=site_tokens,
+        max_object_size=max_object_size,
+    )
+    log.info(  # which kinds of token and the site names; never a token
+        "storage_server.tokens global=%s admin=%s sites=%s",
+        ("append-only" if append_only else "full") if token else "none",
+        "yes" if admin_token else "no",
+        ",".join(sorted(site_tokens or {})) or "none",
     )
     with contextlib.suppress(KeyboardInterrupt):
         uvicorn.run(

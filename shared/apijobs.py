@@ -206,6 +206,13 @@ def fail_job(session: Session, job: ApiJob, *, code: str, description: str, deta
             for ref in row.backupStorageRefs:
                 if ref.status == "Creating":
                     ref.status = "Failed"
+    target = params.get("dstBackupStorageUuid")
+    if target and params.get("backupUuids"):  # a copy that died: its half-made refs are Failed
+        for uuid in params["backupUuids"]:
+            copied = session.get(DatabaseBackup, uuid) if params.get("database") else session.get(VolumeBackup, uuid)
+            for ref in copied.backupStorageRefs if copied is not None else []:
+                if ref.backupStorageUuid == target and ref.status == "Creating":
+                    ref.status = "Failed"
     _ended(session, job)
     log.warning("job.failed uuid=%s action=%s code=%s %s", job.uuid, job.action, code, description)
 

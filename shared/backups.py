@@ -661,12 +661,16 @@ def request_create_volume(session: Session, uuid: str, params: dict[str, Any], a
     ensure_path_free(session, params["hostUuid"], path)
     ref = _ready_ref(backup, params.get("backupStorageUuid"), session)
     _connected_host(session, params["hostUuid"])
+    source = session.get(Volume, backup.volumeUuid)
+    target_vm = session.get(VmInstance, params["vmInstanceUuid"]) if params.get("vmInstanceUuid") else None
     volume = Volume(
         uuid=new_uuid(),
         name=str(params["name"]),
         description=params.get("description"),
         hostUuid=params["hostUuid"],
         vmInstanceUuid=params.get("vmInstanceUuid"),
+        # the new volume belongs where its data came from (or to the VM it joins)
+        projectUuid=(target_vm.projectUuid if target_vm else None) or _project_of(session, source),
         type="Data",
         format=fmt,
         installPath=path,
@@ -686,6 +690,14 @@ def request_create_volume(session: Session, uuid: str, params: dict[str, Any], a
         host_uuid=params["hostUuid"],
         account_uuid=account,
     )
+
+
+def _project_of(session: Session, volume: Volume | None) -> str | None:
+    """A volume's project: its own, or its VM's."""
+    if volume is None:
+        return None
+    vm = session.get(VmInstance, volume.vmInstanceUuid) if volume.vmInstanceUuid else None
+    return volume.projectUuid or (vm.projectUuid if vm else None)
 
 
 def run_create_volume(session: Session, job: ApiJob) -> dict[str, Any]:

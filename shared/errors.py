@@ -222,3 +222,10 @@ class Unauthorized(BlockvaultError):
 
     code = "UNAUTHORIZED"
     http_status = 401
+
+
+class Forbidden(BlockvaultError):
+    """{detail}"""
+
+    code = "FORBIDDEN"
+    http_status = 403

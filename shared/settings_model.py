@@ -23,6 +23,10 @@ class Settings(BaseSettings):
     database_url: str | None = None
     broker_url: str | None = None
     admin_api_key: SecretStr | None = None
+    secret_key: SecretStr | None = None  # the API keys' HMAC key; default: <data dir>/secret.key
+    auth_max_failures: int = Field(default=10, ge=1)  # bad keys from one client IP per window...
+    auth_failure_window_seconds: float = Field(default=60.0, gt=0)  # ...before it gets 429s
+    max_body_bytes: int = Field(default=1024 * 1024, ge=1)  # larger request bodies get 413
     host_uuid: str | None = None
     api_url: str = "http://127.0.0.1:8080"
     api_key: SecretStr | None = None

@@ -9,11 +9,14 @@ with the end of its log.
     repository with ``storage_server.backend(prefix=...)``.
 ``start_storage_server`` (function)
     Factory: ``start_storage_server(root, token=..., append_only=False, admin_token=None,
-    tls=False, failpoints=None) -> StorageServer``, started and answering. ``tls=True`` makes a
-    self-signed certificate for 127.0.0.1 (``.cafile``). Every server it started is stopped
-    when the test ends.
+    site_tokens=None, global_token=True, tls=False, failpoints=None) -> StorageServer``, started
+    and answering. ``site_tokens`` (``{name: token}``) reach the server as
+    ``BLOCKVAULT_STORAGE_SITE_TOKENS``; ``global_token=False`` starts it without ``--token``
+    (``.token`` is then ""). ``tls=True`` makes a self-signed certificate for 127.0.0.1
+    (``.cafile``). Every server it started is stopped when the test ends.
 
-A :class:`StorageServer` has ``.url``, ``.token``, ``.stats()`` (the server's counters),
+A :class:`StorageServer` has ``.url``, ``.token``, ``.stats()`` (the server's counters, read
+with ``.token`` or else ``.admin_token``),
 ``.kill()`` (SIGKILL), ``.stop()`` (SIGTERM), ``.start(failpoints=...)`` (again, same port and
 root) and ``.backend(prefix="", token=None)`` (an :class:`HttpBackend` on it).
 """
@@ -94,15 +97,18 @@ class StorageServer:
         root: Path,
         log: Path,
         *,
-        token: str,
+        token: str | None,
         append_only: bool = False,
         admin_token: str | None = None,
+        site_tokens: dict[str, str] | None = None,
         tls: tuple[Path, Path] | None = None,
         failpoints: str | None = None,
         extra_args: tuple[str, ...] = (),
     ) -> None:
-        self.root, self.log, self.token = root, log, token
+        self.root, self.log = root, log
+        self.token: str = token or ""  # "": no global token (site or admin tokens only)
         self.append_only, self.admin_token, self.tls = append_only, admin_token, tls
+        self.site_tokens = dict(site_tokens or {})
         self.failpoints, self.extra_args = failpoints, extra_args
         self.port = free_port()
         self.proc: subprocess.Popen[bytes] | None = None
@@ -128,9 +134,12 @@ class StorageServer:
         if self.tls:
             args += ["--tls-cert", str(self.tls[0]), "--tls-key", str(self.tls[1])]
         env = {k: v for k, v in os.environ.items() if not k.startswith("BLOCKVAULT_")}
-        env["BLOCKVAULT_STORAGE_TOKEN"] = self.token  # not on the command line: ps shows that
+        if self.token:  # not on the command line: ps shows that
+            env["BLOCKVAULT_STORAGE_TOKEN"] = self.token
         if self.admin_token:
             env["BLOCKVAULT_STORAGE_ADMIN_TOKEN"] = self.admin_token
+        if self.site_tokens:
+            env["BLOCKVAULT_STORAGE_SITE_TOKENS"] = ",".join(f"{n}={t}" for n, t in self.site_tokens.items())
         if failpoints or self.failpoints:
             env["BLOCKVAULT_FAILPOINTS"] = failpoints or self.failpoints or ""
         with open(self.log, "ab") as log:
@@ -168,8 +177,10 @@ class StorageServer:
                 self.kill()
 
     def stats(self) -> dict[str, Any]:
+        token = self.token or self.admin_token
+        assert token, "stats need the global or the admin token"
         response = httpx.get(
-            f"{self.url}/v1/stats", headers={"authorization": f"Bearer {self.token}"}, verify=self._verify()
+            f"{self.url}/v1/stats", headers={"authorization": f"Bearer {token}"}, verify=self._verify()
         )
         response.raise_for_status()
         counters: dict[str, Any] = response.json()
@@ -177,7 +188,9 @@ class StorageServer:
 
     def backend(self, prefix: str = "", token: str | None = None, **kwargs: Any) -> HttpBackend:
         url = f"{self.url}/{prefix}" if prefix else self.url
-        return HttpBackend(url, token or self.token, cafile=self.cafile, **kwargs)
+        token = token or self.token
+        assert token, "this server has no global token: give one"
+        return HttpBackend(url, token, cafile=self.cafile, **kwargs)
 
 
 @pytest.fixture(scope="session")
@@ -204,15 +217,18 @@ def start_storage_server(tmp_path: Path) -> Iterator[Callable[..., StorageServer
         tls: bool = False,
         failpoints: str | None = None,
         extra_args: tuple[str, ...] = (),
+        site_tokens: dict[str, str] | None = None,
+        global_token: bool = True,
     ) -> StorageServer:
         root.mkdir(parents=True, exist_ok=True)
         name = uuid.uuid4().hex[:8]
         server = StorageServer(
             root,
             tmp_path / f"storage-server-{name}.log",
-            token=token or secrets.token_urlsafe(24),
+            token=(token or secrets.token_urlsafe(24)) if global_token else None,
             append_only=append_only,
             admin_token=admin_token,
+            site_tokens=site_tokens,
             tls=make_self_signed(tmp_path / f"tls-{name}") if tls else None,
             failpoints=failpoints,
             extra_args=extra_args,

@@ -11,8 +11,9 @@ import traceback
 from collections.abc import Callable
 from typing import Any
 
+from billiard.exceptions import WorkerLostError
 from celery import Task
-from celery.signals import worker_process_init
+from celery.signals import task_failure, worker_process_init
 from sqlalchemy.orm import Session
 
 from shared import backups, dbbackups, jobgroups, scan
@@ -31,6 +32,27 @@ Runner = Callable[[Session, ApiJob], dict[str, Any]]
 @worker_process_init.connect
 def _fresh_connections(**_: object) -> None:
     db.reset()
+
+
+@task_failure.connect
+def _worker_lost(task_id: str | None = None, exception: BaseException | None = None, **_: object) -> None:
+    """A pool process that died mid-job (SIGKILL, out of memory) never records the job's end;
+    the worker's main process does it here, so the job fails instead of staying Running (and a
+    scheduled run gets its history row)."""
+    if not task_id or not isinstance(exception, WorkerLostError):
+        return
+    try:
+        with db.session() as session:
+            job = session.get(ApiJob, task_id)
+            if job is not None and job.state == "Running":
+                fail_job(
+                    session,
+                    job,
+                    code="WORKER_LOST",
+                    description=f"the worker process running this job died ({exception})",
+                )
+    except Exception:  # the catalog is down: say so; the job stays Running
+        log.warning("job.worker_lost_unrecorded uuid=%s", task_id, exc_info=True)
 
 
 def job_task(name: str) -> Callable[[Runner], Task]:

@@ -164,6 +164,7 @@ class SchedulerJobGroup(Resource, Base):
     jobType: Mapped[str] = mapped_column(String(32))
     jobData: Mapped[dict[str, Any] | None] = mapped_column(default=None)
     state: Mapped[str] = mapped_column(String(32), default="Enabled")
+    projectUuid: Mapped[str | None] = mapped_column(String(32), index=True, default=None)  # None: admin only
 
 
 class SchedulerJob(Resource, Base):
@@ -189,6 +190,7 @@ class SchedulerTrigger(Resource, Base):
     cron: Mapped[str | None] = mapped_column(String(255))
     timeZone: Mapped[str | None] = mapped_column(String(64))
     state: Mapped[str] = mapped_column(String(32), default="Enabled")
+    projectUuid: Mapped[str | None] = mapped_column(String(32), index=True, default=None)  # None: admin only
 
 
 class SchedulerJobGroupTriggerRef(Stamped, Base):
@@ -295,3 +297,29 @@ QUERYABLE: dict[str, type[Base]] = {
     "system-tags": Tag,
     "api-jobs": ApiJob,
 }
+
+
+# -- projects ----------------------------------------------------------------------------------
+class Project(Resource, Base):
+    """A set of accounts (its members) sharing VM instances, volumes and schedules."""
+
+    __tablename__ = "project"
+    resource_type = "ProjectVO"
+
+
+class ProjectMember(Stamped, Base):
+    """An account's membership of a project; ``role`` is ``projectAdmin`` (may manage the
+    members) or ``member``."""
+
+    __tablename__ = "project_member"
+    __table_args__ = (UniqueConstraint("projectUuid", "accountUuid"),)
+    resource_type = "ProjectMemberVO"
+    uuid: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_uuid)
+    projectUuid: Mapped[str] = mapped_column(ForeignKey("project.uuid", ondelete="CASCADE"))
+    accountUuid: Mapped[str] = mapped_column(ForeignKey("account.uuid", ondelete="CASCADE"), index=True)
+    role: Mapped[str] = mapped_column(String(16), default="member")  # projectAdmin | member
+
+
+QUERYABLE["projects"] = Project
+QUERYABLE["accounts"] = Account
+QUERYABLE["api-keys"] = ApiKey

@@ -101,15 +101,14 @@ def test_a_dump_killed_mid_way_leaves_no_ready_database_backup(stack: Stack) -> 
     host = start_host(stack, {"BLOCKVAULT_FAILPOINTS": "stream.chunk_stored=1:kill"})
     client = stack.client
     local = client.add_backup_storage("local", f"file://{stack.tmp / 'local'}")
-    client.backup_database(name="doomed")
-    stack.wait_for(
-        "the dump's worker process killed",
-        lambda: (
-            "exited prematurely" in stack.log(f"worker-{host[:8]}") or "signal 9" in stack.log(f"worker-{host[:8]}")
-        ),
-    )
+    job = client.backup_database(name="doomed")
+    with pytest.raises(JobFailed) as lost:  # the worker's main process records the dead child's job
+        client.wait(job, timeout=120)
+    assert lost.value.code == "WORKER_LOST", lost.value.description
+    log = stack.log(f"worker-{host[:8]}")
+    assert "exited prematurely" in log or "signal 9" in log
     rows = client.query("database-backups", "name=doomed")["inventories"]
-    assert [r["status"] for r in rows] != ["Ready"]
+    assert [r["status"] for r in rows] == ["Failed"]
     repo = Repository.open(str(stack.tmp / "local"))
     assert [e for e in repo.backups() if e.manifest.kind == "stream"] == []
     # with a worker that is not told to die, the next dump succeeds

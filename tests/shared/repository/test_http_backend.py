@@ -23,6 +23,7 @@ from shared.errors import (
 from shared.repository.backends import RetryingBackend, open_backend
 from shared.repository.backends.http import MISSING_BATCH, STATUS_TABLE, HttpBackend, Status
 from shared.repository.backup import backup_volume
+from shared.repository.maintenance import Policy, gc, prune
 from shared.repository.repo import Repository, manifest_key
 from shared.repository.restore import restore_backup
 from shared.repository.sync import sync
@@ -254,6 +255,116 @@ def test_cli_refuses_to_start_without_a_token_or_a_folder(tmp_path: Path) -> Non
     assert no_root.stderr.strip().count("\n") == 0 and "not a folder" in no_root.stderr
     half_tls = run("--root", str(tmp_path), "--token", "t", "--tls-cert", str(tmp_path / "c.pem"))
     assert half_tls.returncode == 2 and "--tls-key" in half_tls.stderr
+
+
+SITE_A, SITE_B, ADMIN = "site-a-token-1111", "site-b-token-2222", "admin-token-3333"
+
+
+def test_site_token_backs_up_and_syncs_into_its_own_repository_append_only(
+    start_storage_server: Start, make_raw: Callable[..., Path], tmp_path: Path
+) -> None:
+    server = start_storage_server(
+        tmp_path / "root", site_tokens={"site-a": SITE_A, "site-b": SITE_B}, admin_token=ADMIN, global_token=False
+    )
+    with Repository.init(server.backend("site-a", token=SITE_A)) as site_a:
+        first = backup_volume(site_a, str(make_raw(seed=1, size=8 * MiB)))
+        again = backup_volume(site_a, str(make_raw(seed=1, size=8 * MiB)))  # every chunk deduplicated
+        last = backup_volume(site_a, str(make_raw(seed=2, size=8 * MiB)))
+        assert again.newChunks == 0
+        # a compromised site cannot destroy its remote copies
+        with pytest.raises(BackendForbidden):
+            site_a.backend.delete(manifest_key(first.id))
+        with pytest.raises(BackendForbidden):
+            site_a.backend.put("config", b"{}")
+        with pytest.raises(BackendForbidden):
+            prune(site_a, Policy(keep_last=1))
+        assert sorted(site_a.manifest_ids()) == sorted([first.id, again.id, last.id])
+        assert not list(site_a.backend.list("locks/"))  # its lock files it did remove
+
+    src = Repository.init(str(tmp_path / "src"))
+    synced = backup_volume(src, str(make_raw(name="other.raw", seed=3, size=8 * MiB)))
+    target = Repository.init(server.backend("site-b", token=SITE_B), like=src)
+    assert sync(src, target).backups == [synced.id]
+    assert sync(src, target).chunksCopied == 0
+    restored = tmp_path / "restored.raw"
+    restore_backup(target, synced.id, str(restored))
+    assert restored.read_bytes() == (tmp_path / "other.raw").read_bytes()
+
+    with Repository.open(server.backend("site-a", token=ADMIN)) as admin:  # prune and gc need the admin
+        assert sorted(prune(admin, Policy(keep_last=1)).removed) == sorted([first.id, again.id])
+        assert gc(admin).chunksDeleted > 0
+    with Repository.open(server.backend("site-a", token=SITE_A)) as site_a:
+        assert site_a.manifest_ids() == [last.id]
+        restore_backup(site_a, last.id, str(tmp_path / "last.raw"))
+    assert (tmp_path / "last.raw").read_bytes() == (tmp_path / "vol.raw").read_bytes()
+
+
+def test_site_token_opens_no_other_repository(start_storage_server: Start, tmp_path: Path) -> None:
+    server = start_storage_server(tmp_path / "root", site_tokens={"a": SITE_A, "dc1/b": SITE_B}, admin_token=ADMIN)
+    a, b = server.backend("a", token=SITE_A), server.backend("dc1/b", token=SITE_B)
+    for store in (a, b):
+        store.create()
+        store.put("config", b"mine")
+    assert a.capacity() is not None
+    a_elsewhere = [server.backend(prefix, token=SITE_A) for prefix in ("dc1/b", "", "dc1", "a/sub", "absent")]
+    for store in a_elsewhere:
+        with pytest.raises(BackendAuthFailed):
+            store.get("config")
+        with pytest.raises(BackendAuthFailed):
+            next(iter(store.list("")))
+        with pytest.raises(BackendAuthFailed):
+            store.missing(["config"])
+        with pytest.raises(BackendAuthFailed):
+            store.create()
+        with pytest.raises(BackendAuthFailed):
+            store.put("config", b"theirs")
+    with pytest.raises(BackendAuthFailed):
+        server.backend("a", token=SITE_B).get("config")
+    assert not (server.root / "a" / "sub").exists() and not (server.root / "absent").exists()
+    # another site's repository and one that does not exist are refused alike
+    other, absent, wrong = (
+        httpx.get(f"{server.url}/{path}/v1/objects/config", headers={"authorization": f"Bearer {token}"})
+        for path, token in (("dc1/b", SITE_A), ("nobody", SITE_A), ("dc1/b", "not-a-token"))
+    )
+    assert other.status_code == absent.status_code == wrong.status_code == 401
+    assert other.json() == absent.json() == wrong.json()
+    stats = httpx.get(f"{server.url}/a/v1/stats", headers={"authorization": f"Bearer {SITE_A}"})
+    assert stats.status_code == 403  # server-wide counters tell of the other sites
+    # the global token works as before: every repository, the root, full rights
+    assert server.backend("dc1/b").get("config") == b"mine"
+    assert {info.key for info in server.backend().list("")} == {"a/config", "dc1/b/config"}
+    server.backend("a").put("config", b"replaced")
+    assert server.backend("a", token=ADMIN).get("config") == b"replaced"
+    server.backend("dc1/b", token=ADMIN).delete("config")
+    assert server.stats()["requests"] > 0
+    for secret in (SITE_A, SITE_B, ADMIN, server.token):
+        assert secret not in server.log.read_text()
+
+
+def test_cli_refuses_malformed_site_tokens(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("BLOCKVAULT_")}
+
+    def refused(*args: str, sites: str | None = None) -> str:
+        extra = {} if sites is None else {"BLOCKVAULT_STORAGE_SITE_TOKENS": sites}
+        command = [sys.executable, "-m", "api.cli", "storage-server", "--root", str(tmp_path), *args]
+        done = subprocess.run(
+            command, check=False, capture_output=True, text=True, env={**env, **extra}, cwd=ROOT, timeout=60
+        )
+        assert done.returncode == 2, done.stderr
+        assert done.stderr.strip().count("\n") == 0, done.stderr
+        assert "secret-" not in done.stderr  # never a token in the message
+        return done.stderr
+
+    assert "NAME=TOKEN" in refused("--site-token", "secret-without-a-name")
+    assert "NAME=TOKEN" in refused("--site-token", "a=")
+    assert "valid repository name" in refused("--site-token", "../up=secret-1")
+    assert "valid repository name" in refused("--site-token", "a/v1=secret-1")
+    assert "printable" in refused("--site-token", "a=secret- 1")
+    assert "twice" in refused(sites="a=secret-1,a=secret-2")
+    assert "nest" in refused(sites="a=secret-1,a/b=secret-2")
+    assert "same as" in refused("--site-token", "a=secret-1", "--admin-token", "secret-1")
+    assert "--append-only" in refused("--append-only", "--site-token", "a=secret-1")
+    assert "token" in refused(sites=" , ")
 
 
 def test_listing_everything_stays_inside_the_repository(storage_server: StorageServer) -> None:
