@@ -90,6 +90,9 @@ def run_worker(host_uuid: str | None = None, concurrency: int = 2, loglevel: str
     maintenance.start()
     health = StorageHealth(settings.storage_check_seconds)
     health.start()
+    from workers import tasks
+
+    tasks.RUNNING_ON = host  # before the pool forks: every child binds the jobs it starts here
     log.info("worker.start host=%s queues=%s,%s", host, host_queue(host), STORAGE_QUEUE)
     app = celery_app()
     try:

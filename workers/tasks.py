@@ -25,6 +25,9 @@ from shared.errors import BlockvaultError, CatalogUnavailable
 
 log = logging.getLogger(__name__)
 app = celery_app()
+# The host this worker process runs for (set by run_worker before the pool forks): jobs from the
+# shared queues are bound to it when they start, so they fail when its worker dies.
+RUNNING_ON: str | None = None
 
 Runner = Callable[[Session, ApiJob], dict[str, Any]]
 
@@ -72,6 +75,9 @@ def job_task(name: str) -> Callable[[Runner], Task]:
                 if job is None:
                     log.info("job.skipped uuid=%s (unknown or finished)", job_uuid)
                     return
+                if job.hostUuid is None and RUNNING_ON:
+                    job.hostUuid = RUNNING_ON  # a storage-queue job: bound to the worker running it
+                    session.commit()
                 log.info("job.started uuid=%s action=%s", job_uuid, job.action)
                 try:
                     result = run(session, job)

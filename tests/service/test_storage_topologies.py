@@ -407,3 +407,21 @@ def test_append_only_remote_keeps_its_copies_when_asked_to_delete(stack: Stack, 
         client.create_volume_from_backup(backup["uuid"], name="r", hostUuid=host, installPath=str(target)), timeout=120
     )
     assert target.stat().st_size == 16 * MiB
+
+
+def test_a_copy_whose_worker_dies_fails_and_leaves_its_ref_failed(stack: Stack, start_storage_server: Any) -> None:
+    host = start_host(stack)
+    client = stack.client
+    client.add_backup_storage("local", f"file://{stack.tmp / 'local'}")
+    volume, _ = raw_volume(stack, host, "v", 48 * MiB, seed=5)
+    backup = client.wait(client.backup_volume(volume["uuid"]), timeout=120)
+    server = start_storage_server(stack.tmp / "remote-root")
+    remote = client.create("backup-storage", {"name": "remote", **remote_params(server)})
+    job = client.sync_backup(backup["uuid"], remote["uuid"], bandwidthLimit=2 * MiB)
+    stack.wait_for("the copy under way", lambda: server.stats()["bytesReceived"] > MiB)
+    stack.kill(f"worker-{host[:8]}")  # the whole worker: no process is left to record the end
+    with pytest.raises(JobFailed) as failed:
+        client.wait(job, timeout=120)
+    assert failed.value.code == "HOST_DISCONNECTED", failed.value.description
+    assert refs(stack, backup["uuid"])[remote["uuid"]]["status"] == "Failed"
+    assert client.get("volume-backups", backup["uuid"])["status"] == "Ready"
