@@ -44,8 +44,13 @@ def test_simple_trigger_full_every_n_copies_and_retention(stack: Stack) -> None:
         retention={"keepLast": 2},
     )
     stack.client.add_targets(group["uuid"], [vol["uuid"]])
-    trigger = stack.client.create_trigger("every-2s", schedulerType="simple", schedulerInterval=2, repeatCount=4)
     stack.start_beat()
+    # The first fire a moment after the group is attached: a trigger whose first fire time passed
+    # before the beat saw the group would (by the misfire rule) skip it and fire 3 times, not 4.
+    start = int((time.time() + 2) * 1000)
+    trigger = stack.client.create_trigger(
+        "every-2s", schedulerType="simple", schedulerInterval=2, repeatCount=4, startTime=start
+    )
     attached = stack.client.attach_trigger(trigger["uuid"], group["uuid"])
     assert attached["triggersUuid"] == [trigger["uuid"]]
     seen = 0
@@ -87,9 +92,12 @@ def test_two_beats_and_a_killed_beat_never_double_or_lose_a_fire(stack: Stack) -
     vols = [volume(stack, host, f"v{i}", 4 * MiB) for i in range(3)]
     group = stack.client.create_job_group("g", "volumeBackup")
     stack.client.add_targets(group["uuid"], [v["uuid"] for v in vols])
-    trigger = stack.client.create_trigger("t", schedulerType="simple", schedulerInterval=4, repeatCount=6)
     stack.start_beat("beat-1")
     stack.start_beat("beat-2")
+    start = int((time.time() + 2) * 1000)  # the first fire after the attach (see the test above)
+    trigger = stack.client.create_trigger(
+        "t", schedulerType="simple", schedulerInterval=4, repeatCount=6, startTime=start
+    )
     stack.client.attach_trigger(trigger["uuid"], group["uuid"])
     fires = lambda: len({r["executeTime"] for r in histories(stack, group["uuid"])})  # noqa: E731
     stack.wait_for("two fires", lambda: fires() >= 2)
