@@ -14,7 +14,6 @@ import json
 import time
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlparse
 
 import click
 from sqlalchemy import func, select
@@ -29,14 +28,14 @@ from shared.repository.manifest import BackupEntry
 from shared.repository.repo import Repository
 from shared.repository.restore import restore_backup
 
-TYPES = {"file": "ImageStore", "http": "Remote", "https": "Remote", "s3": "PublicCloud"}
+from .resources_cli import credential_options, credential_params
 
 
 def _storage_params(url: str, options: dict[str, str | None]) -> dict[str, Any]:
-    scheme = urlparse(url).scheme
-    if scheme not in TYPES:
+    kind = storage.type_of_url(url)
+    if kind is None:
         raise UsageError(detail=f"--backup-storage-url must be file://, http(s):// or s3://, got {url!r}")
-    return {"type": TYPES[scheme], "url": url, **{k: v for k, v in options.items() if v}}
+    return {"type": kind, "url": url, **credential_params(kind, options)}
 
 
 def _newest_database_backup(repo: Repository) -> BackupEntry:
@@ -124,37 +123,13 @@ def _restore_volumes(session: Any, repo: Repository, row: BackupStorage, folder:
 @click.option(
     "--backup-storage-url", "url", required=True, help="file:///path, http(s)://host:port/repo or s3://bucket/prefix"
 )
-@click.option("--token", envvar="BLOCKVAULT_STORAGE_TOKEN", help="storage-server token")
-@click.option("--ca-file", "ca_file", envvar="BLOCKVAULT_STORAGE_CAFILE")
-@click.option("--endpoint", envvar="BLOCKVAULT_S3_ENDPOINT", help="S3-compatible endpoint URL")
-@click.option("--region")
-@click.option("--access-key", "access_key", envvar="AWS_ACCESS_KEY_ID")
-@click.option("--secret-key", "secret_key", envvar="AWS_SECRET_ACCESS_KEY")
-@click.option("--encryption-passphrase", "passphrase", envvar="BLOCKVAULT_STORAGE_PASSPHRASE")
+@credential_options
 @click.option("--restore-volumes", "restore_dir", type=click.Path(file_okay=False, path_type=Path))
 @click.option("--force", is_flag=True, help="Load over a catalog that is not empty.")
 @click.option("--json", "as_json", is_flag=True)
-def rebuild_command(
-    url: str,
-    token: str | None,
-    ca_file: str | None,
-    endpoint: str | None,
-    region: str | None,
-    access_key: str | None,
-    secret_key: str | None,
-    passphrase: str | None,
-    restore_dir: Path | None,
-    force: bool,
-    as_json: bool,
-) -> None:
+def rebuild_command(url: str, restore_dir: Path | None, force: bool, as_json: bool, **flags: str | None) -> None:
     """Rebuild the catalog (and the volumes) from one backup storage alone."""
-    scheme = urlparse(url).scheme
-    options: dict[str, str | None] = {"encryptionPassphrase": passphrase}
-    if scheme in ("http", "https"):
-        options |= {"token": token, "caFile": ca_file}
-    if scheme == "s3":
-        options |= {"endpoint": endpoint, "region": region, "accessKey": access_key, "secretKey": secret_key}
-    report = rebuild(url, options, restore_dir=restore_dir, force=force)
+    report = rebuild(url, flags, restore_dir=restore_dir, force=force)
     if as_json:
         click.echo(json.dumps(report, indent=1))
         return

@@ -129,6 +129,35 @@ database_backup = _group(
     "database-backup", "database-backups", ("uuid", "name", "status", "size", "createDate"), "Catalog database backups."
 )
 job = ClientGroup("job", help="API jobs.")
+
+
+def credential_params(kind: str, flags: dict[str, str | None]) -> dict[str, str]:
+    """The registration params of a ``kind`` storage among CLI ``flags`` (token, caFile,
+    endpoint, region, accessKey, secretKey, encryptionPassphrase), the unset ones left out."""
+    keys = {"Remote": ("token", "caFile"), "PublicCloud": ("endpoint", "region", "accessKey", "secretKey")}
+    wanted = (*keys.get(kind, ()), "encryptionPassphrase")
+    return {key: value for key in wanted if (value := flags.get(key))}
+
+
+def credential_options(command: Callable[..., Any]) -> Callable[..., Any]:
+    """The flags of a storage's credentials (Remote: token, CA; PublicCloud: endpoint, region,
+    keys; any: passphrase), each also read from the environment so that ps does not show it.
+    They reach the command as keyword arguments named like the registration params."""
+    for option in reversed(
+        [
+            click.option("--token", envvar="BLOCKVAULT_STORAGE_TOKEN", help="Remote: the storage-server's token."),
+            click.option("--ca-file", "caFile", envvar="BLOCKVAULT_STORAGE_CAFILE", help="Remote: CA of its cert."),
+            click.option("--endpoint", envvar="BLOCKVAULT_S3_ENDPOINT", help="PublicCloud: S3-compatible URL."),
+            click.option("--region"),
+            click.option("--access-key", "accessKey", envvar="AWS_ACCESS_KEY_ID"),
+            click.option("--secret-key", "secretKey", envvar="AWS_SECRET_ACCESS_KEY"),
+            click.option("--encryption-passphrase", "encryptionPassphrase", envvar="BLOCKVAULT_STORAGE_PASSPHRASE"),
+        ]
+    ):
+        command = option(command)
+    return command
+
+
 job_group = _group(
     "job-group", "scheduler/jobgroups", ("uuid", "name", "jobType", "state", "triggersUuid"), "Scheduled job groups."
 )
@@ -193,37 +222,14 @@ def volume_create(
 )
 @click.option("--type", "kind", type=click.Choice(["ImageStore", "Remote", "PublicCloud"]), default="ImageStore")
 @click.option("--role", type=click.Choice(["master", "standby"]), default="master")
-@click.option("--token", envvar="BLOCKVAULT_STORAGE_TOKEN", help="Remote: the storage-server's token.")
-@click.option("--ca-file", "ca_file", help="Remote: CA certificate of a self-signed https storage-server.")
-@click.option("--endpoint", help="PublicCloud: the S3-compatible endpoint URL.")
-@click.option("--region")
-@click.option("--access-key", "access_key", envvar="AWS_ACCESS_KEY_ID")
-@click.option("--secret-key", "secret_key", envvar="AWS_SECRET_ACCESS_KEY")
-@click.option("--encryption-passphrase", "passphrase", envvar="BLOCKVAULT_STORAGE_PASSPHRASE")
+@credential_options
 @JSON
-def storage_add(
-    name: str,
-    url: str,
-    kind: str,
-    role: str,
-    token: str | None,
-    ca_file: str | None,
-    endpoint: str | None,
-    region: str | None,
-    access_key: str | None,
-    secret_key: str | None,
-    passphrase: str | None,
-    as_json: bool,
-) -> None:
+def storage_add(name: str, url: str, kind: str, role: str, as_json: bool, **flags: str | None) -> None:
     """Register backup storage (secrets may come from the environment instead of flags)."""
-    params: dict[str, Any] = {"type": kind, "encryptionPassphrase": passphrase}
+    params: dict[str, Any] = {"type": kind, **credential_params(kind, flags)}
     if kind == "ImageStore":
         params["role"] = role
-    if kind == "Remote":
-        params |= {"token": token, "caFile": ca_file}
-    if kind == "PublicCloud":
-        params |= {"endpoint": endpoint, "region": region, "accessKey": access_key, "secretKey": secret_key}
-    _print(_client().add_backup_storage(name, url, **{k: v for k, v in params.items() if v}), as_json)
+    _print(_client().add_backup_storage(name, url, **params), as_json)
 
 
 @storage.command("switch-role")

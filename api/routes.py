@@ -378,8 +378,7 @@ def volume_backup_action(
 ) -> Response:
     name, params = _action(body, VOLUME_BACKUP_ACTIONS)
     backup = access.visible(session, caller, VolumeBackup, check_uuid(uuid, "uuid"), "volume backup")
-    for key in ("backupStorageUuid", "backupStrogeUuid", "srcBackupStorageUuid", "dstBackupStorageUuid"):
-        _check_storage(session, caller, params.get(key))
+    _check_named_storages(session, caller, params)
     if params.get("vmInstanceUuid") and not caller.admin:
         access.visible(session, caller, VmInstance, check_uuid(str(params["vmInstanceUuid"]), "vmInstanceUuid"), "VM")
     if name == "changeVolumeBackupState":
@@ -447,8 +446,7 @@ def vm_backup_action(
     )
     rows = _vm_backup(session, caller, uuid)
     group = rows[0].groupUuid or uuid
-    for key in ("backupStorageUuid", "backupStrogeUuid", "srcBackupStorageUuid", "dstBackupStorageUuid"):
-        _check_storage(session, caller, params.get(key))
+    _check_named_storages(session, caller, params)
     if name in backups.SYNC_ACTIONS:
         return accepted(request, backups.request_sync(session, name, rows, params, caller.account_uuid))
     job = backups.request_vm_revert(session, group, params, caller.account_uuid)
@@ -598,6 +596,12 @@ def _check_storage(session: Session, caller: Caller, uuid: Any) -> None:
         checked = check_uuid(uuid, "backupStorageUuid")
         if not caller.admin:
             access.visible(session, caller, BackupStorage, checked, "backup storage")
+
+
+def _check_named_storages(session: Session, caller: Caller, params: dict[str, Any]) -> None:
+    """Every storage an action's params name (ZStack's misspelt key too) must be usable."""
+    for key in ("backupStorageUuid", "backupStrogeUuid", "srcBackupStorageUuid", "dstBackupStorageUuid"):
+        _check_storage(session, caller, params.get(key))
 
 
 def _vm_backup(session: Session, caller: Caller, uuid: str) -> list[VolumeBackup]:

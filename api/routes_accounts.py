@@ -15,8 +15,9 @@ from fastapi.responses import JSONResponse
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from shared import access
 from shared.catalog.models import Account, ApiKey, Project, ProjectMember, new_uuid
-from shared.errors import Conflict, Forbidden, InvalidArgument, NotFound, require
+from shared.errors import Conflict, InvalidArgument, NotFound, require
 from shared.inventory import inventory
 
 from .app import get_caller, get_session
@@ -27,11 +28,6 @@ router = APIRouter(dependencies=[Depends(get_caller)])
 
 ACCOUNT_TYPES = ("Normal", "SystemAdmin")
 ROLES = ("projectAdmin", "member")
-
-
-def _admin_only(caller: Caller, what: str) -> None:
-    if not caller.admin:
-        raise Forbidden(detail=f"only an admin may create {what}")
 
 
 def _text(params: dict[str, Any], key: str, default: str | None = "") -> str | None:
@@ -58,7 +54,7 @@ def _unique_name(session: Session, model: type[Account] | type[Project], name: s
 def create_account(
     body: Envelope, session: Session = Depends(get_session), caller: Caller = Depends(get_caller)
 ) -> JSONResponse:
-    _admin_only(caller, "accounts")
+    access.require_admin(caller, "creating accounts")
     p = body.params
     require(p, "name")
     name = str(_text(p, "name"))
@@ -79,7 +75,7 @@ def create_account(
 def create_project(
     body: Envelope, session: Session = Depends(get_session), caller: Caller = Depends(get_caller)
 ) -> JSONResponse:
-    _admin_only(caller, "projects")
+    access.require_admin(caller, "creating projects")
     p = body.params
     require(p, "name")
     name = str(_text(p, "name"))
@@ -143,13 +139,6 @@ def remove_member(
 
 
 # -- API keys --------------------------------------------------------------------------------------
-def _visible_key(session: Session, caller: Caller, uuid: str) -> ApiKey:
-    row = session.get(ApiKey, check_uuid(uuid, "uuid"))
-    if row is None or not (caller.admin or row.accountUuid == caller.account_uuid):
-        raise NotFound(resource="API key", uuid=uuid)
-    return row
-
-
 @router.post("/api-keys")
 def create_api_key(
     body: Envelope, session: Session = Depends(get_session), caller: Caller = Depends(get_caller)
@@ -158,8 +147,7 @@ def create_api_key(
     answer only."""
     p = body.params
     account_uuid = check_uuid(str(p.get("accountUuid") or caller.account_uuid), "accountUuid")
-    if (not caller.admin and account_uuid != caller.account_uuid) or session.get(Account, account_uuid) is None:
-        raise NotFound(resource="account", uuid=account_uuid)
+    access.visible(session, caller, Account, account_uuid, "account")  # own account, or any for an admin
     key = new_key()
     row = ApiKey(uuid=new_uuid(), accountUuid=account_uuid, keyHash=key_hash(key), name=_text(p, "name") or "")
     session.add(row)
@@ -171,5 +159,5 @@ def create_api_key(
 def revoke_api_key(
     uuid: str, session: Session = Depends(get_session), caller: Caller = Depends(get_caller)
 ) -> JSONResponse:
-    session.delete(_visible_key(session, caller, uuid))
+    session.delete(access.visible(session, caller, ApiKey, check_uuid(uuid, "uuid"), "API key"))
     return JSONResponse({"success": True})

@@ -279,15 +279,22 @@ def take_backups(
         done.append({**inventory(session, backup), "stats": result.to_json()})
     refresh_capacity(storage)
     session.commit()
-    if storage.type == "ImageStore" and storage.role == "master":
-        for standby in standbys(session):
-            if standby.status != "Connected":
-                continue  # caught up by the maintenance pass once it answers again
-            try:
-                copy_backups(session, rows, storage, standby)
-            except BlockvaultError as exc:
-                log.warning("backup.replication_failed standby=%s: %s", standby.uuid, exc)
+    replicate(session, rows, storage)
     return done, storage
+
+
+def replicate(session: Session, rows: Sequence[AnyBackup], storage: BackupStorage) -> None:
+    """Backups just committed on the ImageStore master go to every standby that answers; a
+    standby that does not is caught up by the maintenance pass once it answers again."""
+    if storage.type != "ImageStore" or storage.role != "master":
+        return
+    for standby in standbys(session):
+        if standby.status != "Connected":
+            continue
+        try:
+            copy_backups(session, rows, storage, standby)
+        except BlockvaultError as exc:
+            log.warning("backup.replication_failed standby=%s: %s", standby.uuid, exc)
 
 
 def _newest_copy(session: Session, volume_uuid: str, storage_uuid: str) -> str | None:
@@ -307,6 +314,15 @@ def _newest_copy(session: Session, volume_uuid: str, storage_uuid: str) -> str |
         .limit(1)
     ).first()
     return path.rsplit("/", 1)[-1] if path else None
+
+
+def copy_on(session: Session, row: AnyBackup, storage_uuid: str) -> tuple[BackupStorage, AnyRef]:
+    """The storage a job reads ``row`` from, and the ref of the copy there."""
+    storage: BackupStorage = get(session, BackupStorage, storage_uuid, "backup storage")
+    ref = _ref_on(row, storage.uuid)
+    if ref is None:
+        raise Conflict(detail=f"backup {row.uuid} has no copy on backup storage {storage.uuid}")
+    return storage, ref
 
 
 def _move_refs(session: Session, rows: list[VolumeBackup], old: BackupStorage, new: BackupStorage) -> None:
@@ -619,8 +635,7 @@ def run_revert(session: Session, job: ApiJob) -> dict[str, Any]:
         backup: VolumeBackup = get(session, VolumeBackup, uuid, "volume backup")
         volume: Volume = get(session, Volume, backup.volumeUuid, "volume")
         _check_vm_stopped(session, volume, "revert")
-        storage: BackupStorage = get(session, BackupStorage, params["backupStorageUuid"], "backup storage")
-        ref = next(r for r in backup.backupStorageRefs if r.backupStorageUuid == storage.uuid)
+        storage, ref = copy_on(session, backup, params["backupStorageUuid"])
         target = Path(volume.installPath)
         staging = target.with_name(f".{target.name}.revert-{job.uuid[:8]}{target.suffix}")
         staging.unlink(missing_ok=True)
@@ -704,8 +719,7 @@ def run_create_volume(session: Session, job: ApiJob) -> dict[str, Any]:
     params = job.params or {}
     backup: VolumeBackup = get(session, VolumeBackup, params["backupUuid"], "volume backup")
     volume: Volume = get(session, Volume, params["volumeUuid"], "volume")
-    storage: BackupStorage = get(session, BackupStorage, params["backupStorageUuid"], "backup storage")
-    ref = next(r for r in backup.backupStorageRefs if r.backupStorageUuid == storage.uuid)
+    storage, ref = copy_on(session, backup, params["backupStorageUuid"])
     try:
         restore_backup(
             open_repository(storage), _manifest_id(ref), volume.installPath, progress=progress_reporter(job.uuid)
@@ -739,8 +753,7 @@ def request_verify(session: Session, uuid: str, params: dict[str, Any], account:
 def run_verify(session: Session, job: ApiJob) -> dict[str, Any]:
     params = job.params or {}
     backup: VolumeBackup = get(session, VolumeBackup, params["backupUuid"], "volume backup")
-    storage: BackupStorage = get(session, BackupStorage, params["backupStorageUuid"], "backup storage")
-    ref = next(r for r in backup.backupStorageRefs if r.backupStorageUuid == storage.uuid)
+    storage, ref = copy_on(session, backup, params["backupStorageUuid"])
     report = verify(open_repository(storage), _manifest_id(ref), read_data=bool(params.get("readData")))
     if not report.ok:
         ref.status = "Corrupted"

@@ -19,15 +19,15 @@ from sqlalchemy.orm import Session
 
 from shared import dbdump
 from shared.apijobs import enqueue, progress_reporter
-from shared.backups import _manifest_id, _ready_ref, copy_backups, get, pick_storage
+from shared.backups import _manifest_id, _ready_ref, copy_on, get, pick_storage, replicate
 from shared.catalog.models import ApiJob, BackupStorage, DatabaseBackup, DatabaseBackupStorageRef, new_uuid
 from shared.celery_app import STORAGE_QUEUE
 from shared.config import get_settings
-from shared.errors import BackendError, BlockvaultError, Conflict, InvalidArgument, RepositoryError
+from shared.errors import BackendError, Conflict, InvalidArgument, RepositoryError
 from shared.inventory import inventory
 from shared.repository.repo import Repository
 from shared.repository.stream import backup_stream
-from shared.storage import failover, open_repository, refresh_capacity, standbys
+from shared.storage import failover, open_repository, refresh_capacity
 
 log = logging.getLogger(__name__)
 SOURCE = "database:catalog"
@@ -138,13 +138,7 @@ def take_database_backup(
             ref.installPath, ref.status = result.installPath, "Ready"
     refresh_capacity(storage)
     session.commit()
-    if storage.type == "ImageStore" and storage.role == "master":
-        for standby in standbys(session):
-            if standby.status == "Connected":
-                try:
-                    copy_backups(session, [row], storage, standby)
-                except BlockvaultError as exc:
-                    log.warning("dbbackup.replication_failed standby=%s: %s", standby.uuid, exc)
+    replicate(session, [row], storage)
     return {**inventory(session, row), "stats": result.to_json()}, storage
 
 
@@ -177,8 +171,7 @@ def request_recover(session: Session, uuid: str, params: dict[str, Any], account
 def run_recover(session: Session, job: ApiJob) -> dict[str, Any]:
     params = job.params or {}
     row: DatabaseBackup = get(session, DatabaseBackup, params["backupUuid"], "database backup")
-    storage: BackupStorage = get(session, BackupStorage, params["backupStorageUuid"], "backup storage")
-    ref = next(r for r in row.backupStorageRefs if r.backupStorageUuid == storage.uuid)
+    storage, ref = copy_on(session, row, params["backupStorageUuid"])
     repo = open_repository(storage)
     session.commit()  # hold no transaction on the catalog while it may be the target
     recover_into(repo, _manifest_id(ref), str(params["databaseUrl"]), force=bool(params.get("force")))

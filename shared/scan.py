@@ -18,7 +18,7 @@ from sqlalchemy.orm import Session
 
 from shared.backups import AnyBackup, _ref_on, add_ref, get
 from shared.catalog.models import ApiJob, BackupStorage, DatabaseBackup, Host, VmInstance, Volume, VolumeBackup
-from shared.repository.manifest import BackupEntry
+from shared.repository.manifest import BackupEntry, parse_time
 from shared.repository.repo import Repository
 from shared.storage import open_repository, refresh_capacity
 
@@ -29,7 +29,7 @@ def _when(value: Any) -> datetime | None:
     if not isinstance(value, str):
         return None
     try:
-        return datetime.fromisoformat(value.replace("Z", "+00:00"))
+        return parse_time(value)
     except ValueError:
         return None
 

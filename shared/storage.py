@@ -39,6 +39,12 @@ OPTIONS |= {"accessKey": "accessKey", "secretKey": "secretKey"}
 REGISTER_RETRY_SECONDS = 5.0
 
 
+def type_of_url(url: str) -> str | None:
+    """The backup storage type whose URLs have ``url``'s scheme (None for another scheme)."""
+    scheme = urlparse(url).scheme
+    return next((kind for kind, schemes in TYPES.items() if scheme in schemes), None)
+
+
 def _check_url(kind: str, url: str) -> str:
     parsed = urlparse(url)
     if parsed.scheme not in TYPES[kind]:
