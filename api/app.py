@@ -66,11 +66,15 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
 
 
 def get_session() -> Iterator[Session]:
+    """The request's catalog session, committed when the route returns. Routes depend on it
+    with ``scope="function"``: FastAPI then commits BEFORE the response is sent, so a client
+    that reads back what it just created never races the commit (the default scope ends the
+    dependency after the response is sent)."""
     with db.session() as session:
         yield session
 
 
-def get_caller(request: Request, session: Session = Depends(get_session)) -> Caller:
+def get_caller(request: Request, session: Session = Depends(get_session, scope="function")) -> Caller:
     """The authenticated caller; 429 for a client locked out by its failures, key or not."""
     failures: FailureWindow = request.app.state.auth_failures
     client = request.client.host if request.client else "unknown"

@@ -104,7 +104,7 @@ def health() -> dict[str, Any]:
 # -- queries ---------------------------------------------------------------------------------------
 def _query(model: type[Base], tag_type: str | None) -> Any:
     def handler(
-        session: Session = Depends(get_session),
+        session: Session = Depends(get_session, scope="function"),
         caller: Caller = Depends(get_caller),
         q: list[str] = Query(default=[]),
         sort: str | None = None,
@@ -138,7 +138,7 @@ def _query(model: type[Base], tag_type: str | None) -> Any:
 
 def _get_one(model: type[Base], what: str) -> Any:
     def handler(
-        uuid: str, session: Session = Depends(get_session), caller: Caller = Depends(get_caller)
+        uuid: str, session: Session = Depends(get_session, scope="function"), caller: Caller = Depends(get_caller)
     ) -> JSONResponse:
         row = access.visible(session, caller, model, check_uuid(uuid, "uuid"), what)
         return JSONResponse({"inventories": [inventory(session, row)], "success": True})
@@ -157,7 +157,9 @@ for _path, _model in QUERYABLE.items():
 
 # -- API jobs --------------------------------------------------------------------------------------
 @router.get("/api-jobs/{uuid}", responses={202: {"model": JobRunning, "description": "The job is still running"}})
-def get_job(uuid: str, session: Session = Depends(get_session), caller: Caller = Depends(get_caller)) -> JSONResponse:
+def get_job(
+    uuid: str, session: Session = Depends(get_session, scope="function"), caller: Caller = Depends(get_caller)
+) -> JSONResponse:
     job = session.get(ApiJob, uuid)
     if job is None or not (caller.admin or job.accountUuid == caller.account_uuid):
         raise NotFound(resource="API job", uuid=uuid)
@@ -185,7 +187,7 @@ def _int(params: dict[str, Any], key: str, default: int) -> int:
 
 @router.post("/vm-instances")
 def create_vm(
-    body: Envelope, session: Session = Depends(get_session), caller: Caller = Depends(get_caller)
+    body: Envelope, session: Session = Depends(get_session, scope="function"), caller: Caller = Depends(get_caller)
 ) -> JSONResponse:
     access.require_admin(caller, "registering vm-instances")
     p = body.params
@@ -216,7 +218,7 @@ def create_vm(
 
 @router.post("/volumes")
 def create_volume(
-    body: Envelope, session: Session = Depends(get_session), caller: Caller = Depends(get_caller)
+    body: Envelope, session: Session = Depends(get_session, scope="function"), caller: Caller = Depends(get_caller)
 ) -> JSONResponse:
     access.require_admin(caller, "registering volumes")
     p = body.params
@@ -265,7 +267,7 @@ def create_volume(
 
 @router.delete("/volumes/{uuid}")
 def delete_volume(
-    uuid: str, session: Session = Depends(get_session), caller: Caller = Depends(get_caller)
+    uuid: str, session: Session = Depends(get_session, scope="function"), caller: Caller = Depends(get_caller)
 ) -> JSONResponse:
     """Unregister a volume (its file and its backups stay)."""
     access.require_admin(caller, "unregistering volumes")
@@ -277,7 +279,9 @@ def delete_volume(
 
 
 @router.delete("/vm-instances/{uuid}")
-def delete_vm(uuid: str, session: Session = Depends(get_session), caller: Caller = Depends(get_caller)) -> JSONResponse:
+def delete_vm(
+    uuid: str, session: Session = Depends(get_session, scope="function"), caller: Caller = Depends(get_caller)
+) -> JSONResponse:
     """Unregister a VM and its volumes (files and backups stay)."""
     access.require_admin(caller, "unregistering vm-instances")
     vm = session.get(VmInstance, check_uuid(uuid, "uuid"))
@@ -292,7 +296,7 @@ def delete_vm(uuid: str, session: Session = Depends(get_session), caller: Caller
 
 @router.post("/backup-storage")
 def create_backup_storage(
-    body: Envelope, session: Session = Depends(get_session), caller: Caller = Depends(get_caller)
+    body: Envelope, session: Session = Depends(get_session, scope="function"), caller: Caller = Depends(get_caller)
 ) -> JSONResponse:
     access.require_admin(caller, "registering backup-storage")
     row = storage.register_storage(session, body.params)
@@ -306,7 +310,7 @@ def create_volume_backup(
     uuid: str,
     body: Envelope,
     request: Request,
-    session: Session = Depends(get_session),
+    session: Session = Depends(get_session, scope="function"),
     caller: Caller = Depends(get_caller),
 ) -> JSONResponse:
     access.visible(session, caller, Volume, check_uuid(uuid, "volume uuid"), "volume")
@@ -320,7 +324,7 @@ def create_vm_backup(
     uuid: str,
     body: Envelope,
     request: Request,
-    session: Session = Depends(get_session),
+    session: Session = Depends(get_session, scope="function"),
     caller: Caller = Depends(get_caller),
 ) -> JSONResponse:
     access.visible(session, caller, Volume, check_uuid(uuid, "root volume uuid"), "volume")
@@ -373,7 +377,7 @@ def volume_backup_action(
     uuid: str,
     body: dict[str, Any],
     request: Request,
-    session: Session = Depends(get_session),
+    session: Session = Depends(get_session, scope="function"),
     caller: Caller = Depends(get_caller),
 ) -> Response:
     name, params = _action(body, VOLUME_BACKUP_ACTIONS)
@@ -409,7 +413,7 @@ def delete_volume_backup(
     request: Request,
     backupStorageUuids: str | None = None,
     deleteMode: str = "Permissive",
-    session: Session = Depends(get_session),
+    session: Session = Depends(get_session, scope="function"),
     caller: Caller = Depends(get_caller),
 ) -> JSONResponse:
     targets = _storage_uuids(backupStorageUuids)
@@ -422,7 +426,7 @@ def delete_volume_backup(
 
 @router.get("/vm-backups/{uuid}")
 def get_vm_backup(
-    uuid: str, session: Session = Depends(get_session), caller: Caller = Depends(get_caller)
+    uuid: str, session: Session = Depends(get_session, scope="function"), caller: Caller = Depends(get_caller)
 ) -> JSONResponse:
     rows = _vm_backup(session, caller, uuid)
     return JSONResponse({"inventories": inventories(session, rows), "success": True})
@@ -433,7 +437,7 @@ def vm_backup_action(
     uuid: str,
     body: dict[str, Any],
     request: Request,
-    session: Session = Depends(get_session),
+    session: Session = Depends(get_session, scope="function"),
     caller: Caller = Depends(get_caller),
 ) -> Response:
     name, params = _action(
@@ -459,7 +463,7 @@ def delete_vm_backup(
     request: Request,
     backupStorageUuids: str | None = None,
     deleteMode: str = "Permissive",
-    session: Session = Depends(get_session),
+    session: Session = Depends(get_session, scope="function"),
     caller: Caller = Depends(get_caller),
 ) -> JSONResponse:
     targets = _storage_uuids(backupStorageUuids)
@@ -474,7 +478,7 @@ def delete_vm_backup(
 def create_database_backup(
     body: Envelope,
     request: Request,
-    session: Session = Depends(get_session),
+    session: Session = Depends(get_session, scope="function"),
     caller: Caller = Depends(get_caller),
 ) -> JSONResponse:
     access.require_admin(caller, "backing up the catalog database")
@@ -487,7 +491,7 @@ def database_backup_action(
     uuid: str,
     body: dict[str, Any],
     request: Request,
-    session: Session = Depends(get_session),
+    session: Session = Depends(get_session, scope="function"),
     caller: Caller = Depends(get_caller),
 ) -> Response:
     name, params = _action(body, ("syncDatabaseBackupFromImageStoreBackupStorage", "recoverDatabaseBackup"))
@@ -503,7 +507,7 @@ def delete_database_backup(
     request: Request,
     backupStorageUuids: str | None = None,
     deleteMode: str = "Permissive",
-    session: Session = Depends(get_session),
+    session: Session = Depends(get_session, scope="function"),
     caller: Caller = Depends(get_caller),
 ) -> JSONResponse:
     targets = _storage_uuids(backupStorageUuids)
@@ -527,7 +531,7 @@ def backup_storage_action(
     uuid: str,
     body: dict[str, Any],
     request: Request,
-    session: Session = Depends(get_session),
+    session: Session = Depends(get_session, scope="function"),
     caller: Caller = Depends(get_caller),
 ) -> Response:
     name, params = _action(body, STORAGE_ACTIONS)
@@ -549,7 +553,10 @@ def backup_storage_action(
 
 @router.put("/vm-instances/{uuid}/actions")
 def vm_action(
-    uuid: str, body: dict[str, Any], session: Session = Depends(get_session), caller: Caller = Depends(get_caller)
+    uuid: str,
+    body: dict[str, Any],
+    session: Session = Depends(get_session, scope="function"),
+    caller: Caller = Depends(get_caller),
 ) -> Response:
     _name, params = _action(body, ("updateVmInstance",))
     vm = access.visible(session, caller, VmInstance, check_uuid(uuid, "uuid"), "VM instance")
@@ -565,7 +572,7 @@ def vm_action(
 # -- tags ------------------------------------------------------------------------------------------
 @router.post("/user-tags")
 def create_user_tag(
-    body: Envelope, session: Session = Depends(get_session), caller: Caller = Depends(get_caller)
+    body: Envelope, session: Session = Depends(get_session, scope="function"), caller: Caller = Depends(get_caller)
 ) -> JSONResponse:
     p = body.params
     require(p, "resourceUuid", "resourceType", "tag")
@@ -580,7 +587,7 @@ def create_user_tag(
 
 @router.delete("/user-tags/{uuid}")
 def delete_user_tag(
-    uuid: str, session: Session = Depends(get_session), caller: Caller = Depends(get_caller)
+    uuid: str, session: Session = Depends(get_session, scope="function"), caller: Caller = Depends(get_caller)
 ) -> JSONResponse:
     tag = session.scalars(access.scope(caller, Tag).where(Tag.uuid == check_uuid(uuid, "uuid"))).first()
     if tag is None or tag.type != "user":

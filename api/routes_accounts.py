@@ -52,7 +52,7 @@ def _unique_name(session: Session, model: type[Account] | type[Project], name: s
 # -- accounts and projects -------------------------------------------------------------------------
 @router.post("/accounts")
 def create_account(
-    body: Envelope, session: Session = Depends(get_session), caller: Caller = Depends(get_caller)
+    body: Envelope, session: Session = Depends(get_session, scope="function"), caller: Caller = Depends(get_caller)
 ) -> JSONResponse:
     access.require_admin(caller, "creating accounts")
     p = body.params
@@ -73,7 +73,7 @@ def create_account(
 
 @router.post("/projects")
 def create_project(
-    body: Envelope, session: Session = Depends(get_session), caller: Caller = Depends(get_caller)
+    body: Envelope, session: Session = Depends(get_session, scope="function"), caller: Caller = Depends(get_caller)
 ) -> JSONResponse:
     access.require_admin(caller, "creating projects")
     p = body.params
@@ -97,7 +97,10 @@ def _managed_project(session: Session, caller: Caller, uuid: str) -> Project:
 
 @router.post("/projects/{uuid}/members")
 def add_member(
-    uuid: str, body: Envelope, session: Session = Depends(get_session), caller: Caller = Depends(get_caller)
+    uuid: str,
+    body: Envelope,
+    session: Session = Depends(get_session, scope="function"),
+    caller: Caller = Depends(get_caller),
 ) -> JSONResponse:
     """Make an account a member of the project, or change its role if it is one already."""
     project = _managed_project(session, caller, uuid)
@@ -123,7 +126,10 @@ def add_member(
 
 @router.delete("/projects/{uuid}/members/{accountUuid}")
 def remove_member(
-    uuid: str, accountUuid: str, session: Session = Depends(get_session), caller: Caller = Depends(get_caller)
+    uuid: str,
+    accountUuid: str,
+    session: Session = Depends(get_session, scope="function"),
+    caller: Caller = Depends(get_caller),
 ) -> JSONResponse:
     project = _managed_project(session, caller, uuid)
     member = session.scalars(
@@ -141,7 +147,7 @@ def remove_member(
 # -- API keys --------------------------------------------------------------------------------------
 @router.post("/api-keys")
 def create_api_key(
-    body: Envelope, session: Session = Depends(get_session), caller: Caller = Depends(get_caller)
+    body: Envelope, session: Session = Depends(get_session, scope="function"), caller: Caller = Depends(get_caller)
 ) -> JSONResponse:
     """A new key for ``accountUuid`` (default: the caller's account); its ``key`` is in this
     answer only."""
@@ -157,7 +163,7 @@ def create_api_key(
 
 @router.delete("/api-keys/{uuid}")
 def revoke_api_key(
-    uuid: str, session: Session = Depends(get_session), caller: Caller = Depends(get_caller)
+    uuid: str, session: Session = Depends(get_session, scope="function"), caller: Caller = Depends(get_caller)
 ) -> JSONResponse:
     session.delete(access.visible(session, caller, ApiKey, check_uuid(uuid, "uuid"), "API key"))
     return JSONResponse({"success": True})

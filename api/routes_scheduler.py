@@ -61,7 +61,7 @@ def _ok(data: dict[str, Any]) -> JSONResponse:
 
 @router.post("/scheduler/jobgroups")
 def create_group(
-    body: Envelope, session: Session = Depends(get_session), caller: Caller = Depends(get_caller)
+    body: Envelope, session: Session = Depends(get_session, scope="function"), caller: Caller = Depends(get_caller)
 ) -> JSONResponse:
     _check_job_data(session, caller, body.params)
     project = access.project_for(caller, body.params.get("projectUuid"))
@@ -72,7 +72,10 @@ def create_group(
 
 @router.put("/scheduler/jobgroups/{uuid}/actions")
 def group_action(
-    uuid: str, body: dict[str, Any], session: Session = Depends(get_session), caller: Caller = Depends(get_caller)
+    uuid: str,
+    body: dict[str, Any],
+    session: Session = Depends(get_session, scope="function"),
+    caller: Caller = Depends(get_caller),
 ) -> JSONResponse:
     name, params = _action(body, ("updateSchedulerJobGroup", "runSchedulerJobGroup", "changeSchedulerJobGroupState"))
     group = _group(session, uuid, caller)
@@ -90,7 +93,7 @@ def group_action(
 
 @router.delete("/scheduler/jobgroups/{uuid}")
 def delete_group(
-    uuid: str, session: Session = Depends(get_session), caller: Caller = Depends(get_caller)
+    uuid: str, session: Session = Depends(get_session, scope="function"), caller: Caller = Depends(get_caller)
 ) -> JSONResponse:
     group = _group(session, uuid, caller)
     for job in session.scalars(select(SchedulerJob).where(SchedulerJob.schedulerJobGroupUuid == group.uuid)):
@@ -101,7 +104,10 @@ def delete_group(
 
 @router.post("/scheduler/jobgroups/{uuid}/jobs")
 def add_jobs(
-    uuid: str, body: Envelope, session: Session = Depends(get_session), caller: Caller = Depends(get_caller)
+    uuid: str,
+    body: Envelope,
+    session: Session = Depends(get_session, scope="function"),
+    caller: Caller = Depends(get_caller),
 ) -> JSONResponse:
     group = _group(session, uuid, caller)
     targets = body.params.get("targetResourceUuids")
@@ -117,7 +123,7 @@ def add_jobs(
 def remove_jobs(
     uuid: str,
     targetResourceUuids: str = "",
-    session: Session = Depends(get_session),
+    session: Session = Depends(get_session, scope="function"),
     caller: Caller = Depends(get_caller),
 ) -> JSONResponse:
     group = _group(session, uuid, caller)
@@ -131,7 +137,7 @@ def remove_jobs(
 
 @router.post("/scheduler/triggers")
 def create_trigger(
-    body: Envelope, session: Session = Depends(get_session), caller: Caller = Depends(get_caller)
+    body: Envelope, session: Session = Depends(get_session, scope="function"), caller: Caller = Depends(get_caller)
 ) -> JSONResponse:
     project = access.project_for(caller, body.params.get("projectUuid"))
     trigger = jobgroups.create_trigger(session, {k: v for k, v in body.params.items() if k != "projectUuid"})
@@ -142,7 +148,10 @@ def create_trigger(
 
 @router.put("/scheduler/triggers/{uuid}/actions")
 def trigger_action(
-    uuid: str, body: dict[str, Any], session: Session = Depends(get_session), caller: Caller = Depends(get_caller)
+    uuid: str,
+    body: dict[str, Any],
+    session: Session = Depends(get_session, scope="function"),
+    caller: Caller = Depends(get_caller),
 ) -> JSONResponse:
     name, params = _action(body, ("updateSchedulerTrigger", "runSchedulerTrigger"))
     trigger = _trigger(session, uuid, caller)
@@ -171,7 +180,7 @@ def _attached(session: Session, trigger: SchedulerTrigger) -> list[str]:
 
 @router.delete("/scheduler/triggers/{uuid}")
 def delete_trigger(
-    uuid: str, session: Session = Depends(get_session), caller: Caller = Depends(get_caller)
+    uuid: str, session: Session = Depends(get_session, scope="function"), caller: Caller = Depends(get_caller)
 ) -> JSONResponse:
     session.delete(_trigger(session, uuid, caller))
     return JSONResponse({"success": True})
@@ -182,7 +191,7 @@ def attach(
     trigger_uuid: str,
     group_uuid: str,
     body: Envelope | None = None,
-    session: Session = Depends(get_session),
+    session: Session = Depends(get_session, scope="function"),
     caller: Caller = Depends(get_caller),
 ) -> JSONResponse:
     trigger, group = _trigger(session, trigger_uuid, caller), _group(session, group_uuid, caller)
@@ -196,7 +205,10 @@ def attach(
 
 @router.delete("/scheduler/triggers/{trigger_uuid}/jobgroups/{group_uuid}")
 def detach(
-    trigger_uuid: str, group_uuid: str, session: Session = Depends(get_session), caller: Caller = Depends(get_caller)
+    trigger_uuid: str,
+    group_uuid: str,
+    session: Session = Depends(get_session, scope="function"),
+    caller: Caller = Depends(get_caller),
 ) -> JSONResponse:
     jobgroups.detach(session, _trigger(session, trigger_uuid, caller), _group(session, group_uuid, caller))
     return JSONResponse({"success": True})
