@@ -180,11 +180,14 @@ BACKUP_COLUMNS = ("uuid", "name", "mode", "status", "volumeUuid", "size")
 @click.option("--name", required=True)
 @click.option("--host", "host_uuid")
 @click.option("--state", type=click.Choice(["Running", "Stopped"]), default="Stopped")
-@click.option("--qmp-socket")
+@click.option("--qmp-socket", help="QMP socket of its QEMU on the host (for live backups)")
+@click.option("--guest-agent-socket", help="its guest agent socket on the host (freezes filesystems for backups)")
 @JSON
-def vm_create(name: str, host_uuid: str | None, state: str, qmp_socket: str | None, as_json: bool) -> None:
+def vm_create(
+    name: str, host_uuid: str | None, state: str, qmp_socket: str | None, guest_agent_socket: str | None, as_json: bool
+) -> None:
     """Register a VM instance."""
-    params = {"hostUuid": host_uuid, "state": state, "qmpSocket": qmp_socket}
+    params = {"hostUuid": host_uuid, "state": state, "qmpSocket": qmp_socket, "guestAgentSocket": guest_agent_socket}
     _print(_client().register_vm(name, **{k: v for k, v in params.items() if v}), as_json)
 
 
@@ -192,10 +195,20 @@ def vm_create(name: str, host_uuid: str | None, state: str, qmp_socket: str | No
 @click.argument("uuid")
 @click.option("--state", type=click.Choice(["Running", "Stopped"]))
 @click.option("--name")
+@click.option("--qmp-socket")
+@click.option("--guest-agent-socket")
 @JSON
-def vm_update(uuid: str, state: str | None, name: str | None, as_json: bool) -> None:
-    """Update a VM instance (its name, or the state the hypervisor reports)."""
-    params = {k: v for k, v in {"state": state, "name": name}.items() if v}
+def vm_update(
+    uuid: str,
+    state: str | None,
+    name: str | None,
+    qmp_socket: str | None,
+    guest_agent_socket: str | None,
+    as_json: bool,
+) -> None:
+    """Update a VM instance (its name, sockets, or the state the hypervisor reports)."""
+    given = {"state": state, "name": name, "qmpSocket": qmp_socket, "guestAgentSocket": guest_agent_socket}
+    params = {k: v for k, v in given.items() if v}
     _print(_client().action("vm-instances", uuid, "updateVmInstance", params), as_json)
 
 

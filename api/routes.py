@@ -185,6 +185,16 @@ def _int(params: dict[str, Any], key: str, default: int) -> int:
     return value
 
 
+def _socket_path(params: dict[str, Any], key: str) -> str | None:
+    """A VM's QMP or guest agent socket: an absolute path on its host, or null."""
+    value = params.get(key)
+    if value is None:
+        return None
+    if not isinstance(value, str) or not value.startswith("/") or "\0" in value or len(value) > 4096:
+        raise InvalidArgument(detail=f"{key} must be an absolute path of a UNIX socket on the VM's host, or null")
+    return value
+
+
 @router.post("/vm-instances")
 def create_vm(
     body: Envelope, session: Session = Depends(get_session, scope="function"), caller: Caller = Depends(get_caller)
@@ -206,7 +216,8 @@ def create_vm(
         memorySize=_int(p, "memorySize", 0),
         projectUuid=p.get("projectUuid"),
         state=state,
-        qmpSocket=p.get("qmpSocket"),
+        qmpSocket=_socket_path(p, "qmpSocket"),
+        guestAgentSocket=_socket_path(p, "guestAgentSocket"),
     )
     if not vm.name:
         raise InvalidArgument(detail="name is required")
@@ -564,6 +575,9 @@ def vm_action(
         if params["state"] not in ("Running", "Stopped"):
             raise InvalidArgument(detail="state must be Running or Stopped")
         vm.state = params["state"]
+    for key in ("qmpSocket", "guestAgentSocket"):
+        if key in params:
+            setattr(vm, key, _socket_path(params, key))
     _update(vm, params)
     session.flush()
     return one(session, vm)

@@ -46,7 +46,8 @@ from shared.errors import (
     require,
 )
 from shared.inventory import inventory
-from shared.repository.backup import backup_volume
+from shared.repository.backup import BackupResult, backup_volume
+from shared.repository.live import LiveDisk, LiveResult, backup_live
 from shared.repository.maintenance import gc, verify
 from shared.repository.repo import Repository
 from shared.repository.restore import restore_backup
@@ -88,11 +89,26 @@ def pick_storage(session: Session, uuid: str | None, *, for_write: bool = True) 
     return storage
 
 
-def _check_vm_stopped(session: Session, volume: Volume, action: str, force: bool = False) -> None:
+def _check_vm_stopped(session: Session, volume: Volume, action: str) -> None:
     if volume.vmInstanceUuid:
         vm = session.get(VmInstance, volume.vmInstanceUuid)
-        if vm is not None and vm.state == "Running" and not force:
+        if vm is not None and vm.state == "Running":
             raise Conflict(detail=f"VM {vm.uuid} is Running: {action} needs it Stopped")
+
+
+def _running_vm(session: Session, volume: Volume) -> VmInstance | None:
+    vm = session.get(VmInstance, volume.vmInstanceUuid) if volume.vmInstanceUuid else None
+    return vm if vm is not None and vm.state == "Running" else None
+
+
+def _check_backup_allowed(vm: VmInstance | None, force: bool) -> None:
+    """A Running VM is backed up live through its QEMU monitor; without one, only when forced
+    (the file is then read as it is: crash-consistent at best)."""
+    if vm is not None and not vm.qmpSocket and not force:
+        raise Conflict(
+            detail=f"VM {vm.uuid} is Running and has no qmpSocket: a live backup needs its QEMU monitor "
+            "(or force, for a crash-consistent read of the file)"
+        )
 
 
 def _vm_metadata(session: Session, volume: Volume) -> dict[str, Any]:
@@ -131,12 +147,20 @@ def _mode(params: dict[str, Any]) -> str:
     return str(mode)
 
 
+def _force(params: dict[str, Any]) -> bool:
+    force = params.get("force", False)
+    if not isinstance(force, bool):
+        raise InvalidArgument(detail="force must be true or false")
+    return force
+
+
 def request_volume_backup(session: Session, volume_uuid: str, params: dict[str, Any], account: str | None) -> ApiJob:
     volume: Volume = get(session, Volume, volume_uuid, "volume")
     name = params.get("name") or f"backup-{volume.name or volume.uuid[:8]}"
     mode = _mode(params)
     storage = pick_storage(session, params.get("backupStorageUuid"))
-    _check_vm_stopped(session, volume, "a backup without a QEMU monitor", bool(params.get("force")))
+    force = _force(params)
+    _check_backup_allowed(_running_vm(session, volume), force)
     _connected_host(session, volume.hostUuid)
     backup = new_backup_row(session, volume, storage, str(name), None, params.get("description"))
     session.flush()
@@ -145,7 +169,7 @@ def request_volume_backup(session: Session, volume_uuid: str, params: dict[str, 
         "createVolumeBackup",
         task="blockvault.volume.backup",
         queue=host_queue(volume.hostUuid),
-        params={"backupUuids": [backup.uuid], "backupStorageUuid": storage.uuid, "mode": mode},
+        params={"backupUuids": [backup.uuid], "backupStorageUuid": storage.uuid, "mode": mode, "force": force},
         resource_uuid=backup.uuid,
         resource_type=VolumeBackup.resource_type,
         host_uuid=volume.hostUuid,
@@ -160,8 +184,8 @@ def request_vm_backup(session: Session, root_volume_uuid: str, params: dict[str,
     vm: VmInstance = get(session, VmInstance, root.vmInstanceUuid, "VM instance")
     mode = _mode(params)
     storage = pick_storage(session, params.get("backupStorageUuid"))
-    if vm.state == "Running" and not params.get("force"):
-        raise Conflict(detail=f"VM {vm.uuid} is Running: a backup without a QEMU monitor needs it Stopped")
+    force = _force(params)
+    _check_backup_allowed(vm if vm.state == "Running" else None, force)
     volumes = list(
         session.scalars(
             select(Volume).where(Volume.vmInstanceUuid == vm.uuid).order_by(Volume.type.desc(), Volume.createDate)
@@ -184,6 +208,7 @@ def request_vm_backup(session: Session, root_volume_uuid: str, params: dict[str,
             "backupStorageUuid": storage.uuid,
             "mode": mode,
             "groupUuid": group,
+            "force": force,
         },
         resource_uuid=group,
         resource_type="VmBackup",
@@ -209,27 +234,102 @@ def run_volume_backups(session: Session, job: ApiJob) -> dict[str, Any]:
     params = job.params or {}
     storage: BackupStorage = get(session, BackupStorage, params["backupStorageUuid"], "backup storage")
     rows = [get(session, VolumeBackup, uuid, "volume backup") for uuid in params["backupUuids"]]
-    done, _taken_on = take_backups(session, rows, storage, full=params.get("mode") == "full", job_uuid=job.uuid)
+    done, _taken_on = take_backups(
+        session, rows, storage, full=params.get("mode") == "full", job_uuid=job.uuid, force=bool(params.get("force"))
+    )
     return (
         done[0] if job.action == "createVolumeBackup" else {"groupUuid": params.get("groupUuid"), "volumeBackups": done}
     )
 
 
 def take_backups(
-    session: Session, rows: list[VolumeBackup], storage: BackupStorage, *, full: bool, job_uuid: str
+    session: Session,
+    rows: list[VolumeBackup],
+    storage: BackupStorage,
+    *,
+    full: bool,
+    job_uuid: str,
+    force: bool = False,
 ) -> tuple[list[dict[str, Any]], BackupStorage]:
     """Back up the volume of each ``Creating`` row into ``storage``; each row is Ready (and
-    committed) as soon as its manifest is. When ``storage`` is the ImageStore master and stops
-    answering mid-way, the standby is promoted and the backups go on there (the job is not
-    failed); afterwards they are replicated to every standby that answers. Returns the
-    inventories with the engine's stats, and the storage that took them."""
+    committed) as soon as its manifest is. The volumes of a Running VM are backed up live, all
+    at one instant, through its QEMU monitor (a Running VM without one only when ``force``).
+    When ``storage`` is the ImageStore master and stops answering mid-way, the standby is
+    promoted and the backups go on there (the job is not failed); afterwards they are
+    replicated to every standby that answers. Returns the inventories with the engine's
+    stats, and the storage that took them."""
+    volumes: list[Volume] = [get(session, Volume, backup.volumeUuid, "volume") for backup in rows]
+    vm = _running_vm(session, volumes[0]) if volumes else None
+    _check_backup_allowed(vm, force)
+    if vm is not None and vm.qmpSocket:
+        done, storage = _take_live(session, rows, volumes, storage, vm, full=full, job_uuid=job_uuid)
+    else:
+        consistency = "crash" if vm is not None else "offline"
+        done, storage = _take_offline(session, rows, volumes, storage, full=full, job_uuid=job_uuid, how=consistency)
+    refresh_capacity(storage)
+    session.commit()
+    replicate(session, rows, storage)
+    return done, storage
+
+
+def _backup_metadata(session: Session, backup: VolumeBackup, volume: Volume) -> dict[str, Any]:
+    metadata = _vm_metadata(session, volume)
+    metadata["backup"] = {"uuid": backup.uuid, "name": backup.name, "groupUuid": backup.groupUuid}
+    return metadata
+
+
+def _record(
+    session: Session,
+    backup: VolumeBackup,
+    volume: Volume,
+    storage: BackupStorage,
+    result: BackupResult,
+    metadata: dict[str, Any],
+) -> dict[str, Any]:
+    """A backup whose manifest is on ``storage``: Ready, with what the engine did."""
+    backup.mode = result.mode
+    backup.size = result.size
+    backup.parentUuid = _parent_uuid(session, storage, result.parent)
+    backup.metadata_ = metadata
+    backup.status = "Ready"
+    for ref in backup.backupStorageRefs:
+        if ref.backupStorageUuid == storage.uuid:
+            ref.installPath = result.installPath
+            ref.status = "Ready"
+    volume.size = result.size
+    return {**inventory(session, backup), "stats": result.to_json()}
+
+
+def _fail_over(
+    session: Session, rows: list[VolumeBackup], storage: BackupStorage, attempt: int, exc: Exception
+) -> BackupStorage:
+    """The master ``storage`` failed a backup: the standby that takes over (the rows' refs
+    move there), or the error again when there is none."""
+    session.rollback()
+    new = failover(session, storage) if attempt < 2 else None
+    if new is None or new.uuid == storage.uuid:
+        raise exc
+    log.warning("backup.failover from=%s to=%s after: %s", storage.uuid, new.uuid, exc)
+    _move_refs(session, rows, storage, new)
+    return new
+
+
+def _take_offline(
+    session: Session,
+    rows: list[VolumeBackup],
+    volumes: list[Volume],
+    storage: BackupStorage,
+    *,
+    full: bool,
+    job_uuid: str,
+    how: str,
+) -> tuple[list[dict[str, Any]], BackupStorage]:
+    """Volumes read from their files (the VM is stopped, or forced): one after another."""
     report = progress_reporter(job_uuid)
     repo: Repository | None = None
     done = []
-    for index, backup in enumerate(rows):
-        volume: Volume = get(session, Volume, backup.volumeUuid, "volume")
-        metadata = _vm_metadata(session, volume)
-        metadata["backup"] = {"uuid": backup.uuid, "name": backup.name, "groupUuid": backup.groupUuid}
+    for index, (backup, volume) in enumerate(zip(rows, volumes, strict=True)):
+        metadata = {**_backup_metadata(session, backup, volume), "consistency": how, "live": False}
 
         def scaled(d: int, t: int, i: int = index) -> None:
             report(i * 1000 + (d * 1000 // t if t else 0), len(rows) * 1000)
@@ -258,29 +358,72 @@ def take_backups(
                 log.warning("backup.parent_missing volume=%s parent=%s: taking a full one", volume.uuid, parent)
                 take_full = True
             except (BackendError, RepositoryError) as exc:
-                session.rollback()
-                new = failover(session, storage) if attempt < 2 else None
-                if new is None or new.uuid == storage.uuid:
-                    raise
-                log.warning("backup.failover from=%s to=%s after: %s", storage.uuid, new.uuid, exc)
-                _move_refs(session, rows[index:], storage, new)
-                storage, repo = new, None
-        backup.mode = result.mode
-        backup.size = result.size
-        backup.parentUuid = _parent_uuid(session, storage, result.parent)
-        backup.metadata_ = metadata
-        backup.status = "Ready"
-        for ref in backup.backupStorageRefs:
-            if ref.backupStorageUuid == storage.uuid:
-                ref.installPath = result.installPath
-                ref.status = "Ready"
-        volume.size = result.size
+                storage, repo = _fail_over(session, rows[index:], storage, attempt, exc), None
+        done.append(_record(session, backup, volume, storage, result, metadata))
         session.commit()
-        done.append({**inventory(session, backup), "stats": result.to_json()})
-    refresh_capacity(storage)
-    session.commit()
-    replicate(session, rows, storage)
     return done, storage
+
+
+def _take_live(
+    session: Session,
+    rows: list[VolumeBackup],
+    volumes: list[Volume],
+    storage: BackupStorage,
+    vm: VmInstance,
+    *,
+    full: bool,
+    job_uuid: str,
+) -> tuple[list[dict[str, Any]], BackupStorage]:
+    """The volumes of a Running VM, read from its QEMU at one instant (one transaction across
+    its disks). The rows turn Ready together once every manifest is on storage, before the
+    dirty bitmaps rotate. A master that fails mid-way: the whole VM again on the standby."""
+    assert vm.qmpSocket
+    done: list[dict[str, Any]] = []
+    use_parents = not full
+    for attempt in range(3):
+        metadata = [_backup_metadata(session, backup, volume) for backup, volume in zip(rows, volumes, strict=True)]
+        disks = [
+            LiveDisk(
+                path=volume.installPath,
+                format=volume.format,
+                name=backup.name,
+                metadata=meta,
+                parent=_newest_copy(session, volume.uuid, storage.uuid) if use_parents else None,
+            )
+            for backup, volume, meta in zip(rows, volumes, metadata, strict=True)
+        ]
+
+        def committed(live: LiveResult, on: BackupStorage = storage, meta: list[dict[str, Any]] = metadata) -> None:
+            extra = {"consistency": live.consistency, "live": True}
+            if live.quiesceError:
+                extra["quiesceError"] = live.quiesceError
+            done[:] = [
+                _record(session, backup, volume, on, result, {**m, **extra})
+                for backup, volume, result, m in zip(rows, volumes, live.backups, meta, strict=True)
+            ]
+            session.commit()
+
+        try:
+            backup_live(
+                open_repository(storage),
+                vm.qmpSocket,
+                disks,
+                work_dir=get_settings().data_path / "live",
+                full=full,
+                agent_socket=vm.guestAgentSocket,
+                progress=progress_reporter(job_uuid),
+                on_committed=committed,
+            )
+            return done, storage
+        except BackupNotFound:
+            if not use_parents:
+                raise
+            log.warning("backup.parent_missing vm=%s: reading every disk whole", vm.uuid)
+            session.rollback()
+            use_parents = False
+        except (BackendError, RepositoryError) as exc:
+            storage = _fail_over(session, rows, storage, attempt, exc)
+    raise Conflict(detail=f"VM {vm.uuid}: the live backup did not succeed in 3 attempts")
 
 
 def replicate(session: Session, rows: Sequence[AnyBackup], storage: BackupStorage) -> None:

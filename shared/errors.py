@@ -123,6 +123,24 @@ class TargetExists(VolumeError):
     http_status = 409
 
 
+class MonitorError(BlockvaultError):
+    """QEMU monitor {socket}: {detail}"""
+
+    code = "VM_MONITOR_ERROR"
+    http_status = 409
+
+    exit_code = 2
+
+
+class GuestAgentError(BlockvaultError):
+    """guest agent {socket}: {detail}"""
+
+    code = "GUEST_AGENT_ERROR"
+    http_status = 409
+
+    exit_code = 2
+
+
 class BackendError(BlockvaultError):
     """storage backend {location}: {detail}"""
 

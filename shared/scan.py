@@ -56,6 +56,8 @@ def _resources(session: Session, metadata: dict[str, Any], imported: dict[str, l
                 memorySize=vm.get("memorySize") or 0,
                 projectUuid=vm.get("projectUuid"),
                 state="Stopped",
+                qmpSocket=vm.get("qmpSocket"),
+                guestAgentSocket=vm.get("guestAgentSocket"),
                 createDate=_when(vm.get("createDate")),
             )
         )

@@ -16,7 +16,7 @@ import pytest
 
 from shared.repository.repo import Repository
 
-pytest_plugins = ["tests.services", "tests.storage_server_fixtures", "tests.s3_fixtures"]
+pytest_plugins = ["tests.services", "tests.storage_server_fixtures", "tests.s3_fixtures", "tests.qemu_fixtures"]
 
 MiB = 1024 * 1024
 ROOT = Path(__file__).resolve().parent.parent
@@ -24,7 +24,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def pytest_configure(config: pytest.Config) -> None:
     # A test that needs a tool the harness could not install fails; it never skips quietly.
-    missing = [tool for tool in ("qemu-img", "qemu-nbd", "qemu-io") if shutil.which(tool) is None]
+    missing = [tool for tool in ("qemu-img", "qemu-nbd", "qemu-io", "qemu-system-x86_64") if shutil.which(tool) is None]
     if missing:
         raise pytest.UsageError(f"missing {', '.join(missing)}: run tests/harness/ensure-system")
 

@@ -64,7 +64,8 @@ class VmInstance(Resource, Base):
     memorySize: Mapped[int] = mapped_column(BigInteger, default=0)
     projectUuid: Mapped[str | None] = mapped_column(String(32), index=True)
     state: Mapped[str] = mapped_column(String(32), default="Stopped")
-    qmpSocket: Mapped[str | None] = mapped_column(Text)
+    qmpSocket: Mapped[str | None] = mapped_column(Text)  # QMP socket on its host: live backups
+    guestAgentSocket: Mapped[str | None] = mapped_column(Text)  # guest agent: fsfreeze around them
 
 
 class Volume(Resource, Base):

@@ -27,7 +27,7 @@ from .locks import repository_lock
 from .manifest import BackupEntry, Manifest
 from .pipeline import parallel_map
 from .repo import Repository
-from .volume import Qcow2Reader, RawReader, chunk_indexes, open_reader, probe_volume, zeros
+from .volume import NbdReader, RawReader, chunk_indexes, open_reader, probe_volume, zeros
 
 log = logging.getLogger(__name__)
 
@@ -70,10 +70,10 @@ def _latest_of_volume(repo: Repository, volume: str) -> BackupEntry | None:
     return same[-1] if same else None
 
 
-def _bitmap_base(repo: Repository, path: str, name: str, parent_id: str | None) -> BackupEntry | None:
+def bitmap_base(repo: Repository, names: list[str], name: str, parent_id: str | None) -> BackupEntry | None:
     """The backup since which bitmap ``name`` has tracked every write, when it can serve as
-    this backup's parent; None when the bitmap must be (re)started."""
-    names = [bitmap["name"] for bitmap in qemu.list_bitmaps(path)]
+    this backup's parent; None when the bitmap must be (re)started. ``names`` are the
+    image's (usable) bitmaps."""
     prefix = _marker_prefix(name, repo)
     bases = [n[len(prefix) :] for n in names if n.startswith(prefix)]
     if name not in names or not bases:
@@ -98,9 +98,18 @@ def _bitmap_base(repo: Repository, path: str, name: str, parent_id: str | None) 
     return base
 
 
-def _choose_plan(
+def _bitmap_names(path: str) -> list[str]:
+    return [bitmap["name"] for bitmap in qemu.list_bitmaps(path)]
+
+
+def marker_name(name: str, repo: Repository, manifest_id: str) -> str:
+    """The disabled bitmap that says "``name`` tracks writes since backup ``manifest_id``"."""
+    return f"{_marker_prefix(name, repo)}{manifest_id[:32]}"
+
+
+def choose_plan(
     repo: Repository,
-    reader: RawReader | Qcow2Reader,
+    reader: RawReader | NbdReader,
     *,
     full: bool,
     parent_id: str | None,
@@ -108,7 +117,7 @@ def _choose_plan(
 ) -> _Plan:
     chunk_size = repo.chunk_size
     data = sorted(chunk_indexes(reader.data_extents(), chunk_size))
-    if bitmap_base is not None and isinstance(reader, Qcow2Reader):
+    if bitmap_base is not None and isinstance(reader, NbdReader) and reader.bitmap:
         if bitmap_base.manifest.size == reader.size:
             dirty = chunk_indexes(reader.dirty_extents(), chunk_size)
             readable = dirty.intersection(data)
@@ -147,7 +156,7 @@ def _rotate_bitmap(path: str, name: str, repo: Repository, manifest_id: str) -> 
     invalidates them all), then clear. A crash between steps leaves only markers whose base
     the bitmap still covers."""
     old = [b["name"] for b in qemu.list_bitmaps(path) if b["name"].startswith(f"{name}@")]
-    new = f"{_marker_prefix(name, repo)}{manifest_id[:32]}"
+    new = marker_name(name, repo, manifest_id)
     if new not in old:
         qemu.bitmap_add(path, new, disabled=True, granularity=MARKER_GRANULARITY)
     failpoint("backup.bitmap_marked")
@@ -183,15 +192,15 @@ def backup_volume(
             if fmt != "qcow2":
                 raise VolumeError(path=volume_path, detail="dirty bitmaps need a qcow2 image; this one is raw")
             try:
-                base = None if full else _bitmap_base(repo, path, bitmap, parent)
+                base = None if full else bitmap_base(repo, _bitmap_names(path), bitmap, parent)
                 if base is None:
                     _restart_bitmap(path, bitmap)
             except qemu.QemuError as exc:
                 raise VolumeError(path=volume_path, detail=str(exc)) from None
         reader = open_reader(path, bitmap if base else None, fmt)
         try:
-            plan = _choose_plan(repo, reader, full=full, parent_id=parent, bitmap_base=base)
-            result = _run(repo, reader, plan, name, metadata or {}, bitmap, started, progress)
+            plan = choose_plan(repo, reader, full=full, parent_id=parent, bitmap_base=base)
+            result = run_plan(repo, reader, plan, name, metadata or {}, bitmap, started, progress)
         finally:
             reader.close()
     if bitmap:
@@ -202,9 +211,9 @@ def backup_volume(
     return result
 
 
-def _run(
+def run_plan(
     repo: Repository,
-    reader: RawReader | Qcow2Reader,
+    reader: RawReader | NbdReader,
     plan: _Plan,
     name: str,
     metadata: dict[str, Any],

@@ -16,7 +16,7 @@ import os
 import stat
 import threading
 import uuid
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Protocol
 
@@ -105,17 +105,24 @@ class RawReader:
             self._fd = -1
 
 
-class Qcow2Reader:
-    """A qcow2 image exported by a private read-only qemu-nbd."""
+class NbdReader:
+    """A volume read through an NBD export (one connection per thread): its allocation map
+    from ``base:allocation`` and, with ``bitmap``, its dirty extents from
+    ``qemu:dirty-bitmap:BITMAP``. ``connect`` opens a connection negotiating the contexts."""
 
-    format = "qcow2"
-
-    def __init__(self, path: str, bitmap: str | None = None) -> None:
+    def __init__(
+        self,
+        path: str,
+        size: int,
+        bitmap: str | None,
+        connect: Callable[[list[str]], NBDClient],
+        fmt: str = "qcow2",
+    ) -> None:
         self.path = path
+        self.format = fmt
+        self.size = size
         self.bitmap = bitmap
-        self.size = qemu.virtual_size(path)
-        self._server = qemu.QemuNbdServer(path, read_only=True, bitmap=bitmap, shared=NBD_CONNECTIONS)
-        self._server.__enter__()
+        self._connect = connect
         self._local = threading.local()
         self._clients: list[NBDClient] = []
         self._lock = threading.Lock()
@@ -126,7 +133,7 @@ class Qcow2Reader:
             contexts = ["base:allocation"]
             if self.bitmap:
                 contexts.append(f"qemu:dirty-bitmap:{self.bitmap}")
-            client = self._server.connect(contexts)
+            client = self._connect(contexts)
             self._local.client = client
             with self._lock:
                 self._clients.append(client)
@@ -152,6 +159,19 @@ class Qcow2Reader:
             for client in self._clients:
                 client.close()
             self._clients.clear()
+
+
+class Qcow2Reader(NbdReader):
+    """A qcow2 image exported by a private read-only qemu-nbd."""
+
+    def __init__(self, path: str, bitmap: str | None = None) -> None:
+        size = qemu.virtual_size(path)
+        self._server = qemu.QemuNbdServer(path, read_only=True, bitmap=bitmap, shared=NBD_CONNECTIONS)
+        self._server.__enter__()
+        super().__init__(path, size, bitmap, self._server.connect)
+
+    def close(self) -> None:
+        super().close()
         self._server.__exit__(None, None, None)
 
 
