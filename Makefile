@@ -47,5 +47,9 @@ bench-sync: venv system-test
 bench-db: venv system-test
 	$(PY) tests/bench/db_dedup.py $(BENCH_ARGS)
 
+.PHONY: bench-live
+bench-live: venv system-test
+	$(PY) tests/bench/live_backup.py $(BENCH_ARGS)
+
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .blockvault
