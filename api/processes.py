@@ -37,8 +37,19 @@ def api_command(host: str, port: int) -> None:
 @click.option("--host-uuid", help="This host's identity (default BLOCKVAULT_HOST_UUID or one kept in the data dir).")
 @click.option("--concurrency", default=2, show_default=True, type=click.IntRange(1, 64))
 @click.option("--loglevel", default="INFO", show_default=True)
-def worker_command(host_uuid: str | None, concurrency: int, loglevel: str) -> None:
-    """Run a Celery worker for this host's queue and the shared queues."""
+@click.option("--database-url", help="The catalog (default BLOCKVAULT_DATABASE_URL): how a new host joins.")
+@click.option("--broker-url", help="The broker (default BLOCKVAULT_BROKER_URL).")
+def worker_command(
+    host_uuid: str | None, concurrency: int, loglevel: str, database_url: str | None, broker_url: str | None
+) -> None:
+    """Run a Celery worker for this host's queue and the shared queues. Adding a host is this
+    one command on it, with the catalog's and the broker's URLs."""
+    from shared.config import get_settings
+
+    for name, value in (("BLOCKVAULT_DATABASE_URL", database_url), ("BLOCKVAULT_BROKER_URL", broker_url)):
+        if value:
+            os.environ[name] = value  # the settings, and the processes the worker forks, see it
+    get_settings.cache_clear()
     from workers.main import run_worker
 
     run_worker(host_uuid, concurrency, loglevel)

@@ -1,0 +1,48 @@
+"""Adding a host is one command on it: ``blockvault worker`` with the catalog's and the
+broker's URLs, nothing else in its environment."""
+
+from __future__ import annotations
+
+import time
+
+from shared.catalog.models import new_uuid
+from tests.conftest import MiB
+from tests.service.conftest import Stack
+from tests.service.test_storage_topologies import raw_volume
+
+
+def test_a_new_host_joins_with_one_command_and_backs_up_its_volumes(stack: Stack) -> None:
+    host = new_uuid()
+    urls = {key: stack.env.pop(key) for key in ("BLOCKVAULT_DATABASE_URL", "BLOCKVAULT_BROKER_URL")}
+    try:
+        proc = stack.spawn(
+            "worker-joined",
+            [
+                "worker",
+                "--host-uuid",
+                host,
+                "--concurrency",
+                "1",
+                "--database-url",
+                urls["BLOCKVAULT_DATABASE_URL"],
+                "--broker-url",
+                urls["BLOCKVAULT_BROKER_URL"],
+            ],
+        )
+    finally:
+        stack.env.update(urls)
+    stack.wait_host(host, "Connected", proc=proc, name="worker-joined")
+    deadline = time.monotonic() + 60
+    while "ready." not in stack.log("worker-joined"):
+        assert proc.poll() is None and time.monotonic() < deadline, stack.log("worker-joined")
+        time.sleep(0.2)
+    stack.client.add_backup_storage("local", f"file://{stack.tmp / 'local'}")
+    volume, path = raw_volume(stack, host, "joined", 8 * MiB)
+    backup = stack.client.wait(stack.client.backup_volume(volume["uuid"]), timeout=120)
+    assert backup["status"] == "Ready"
+    target = stack.tmp / "joined-restored.raw"
+    stack.client.wait(
+        stack.client.create_volume_from_backup(backup["uuid"], name="r", hostUuid=host, installPath=str(target)),
+        timeout=120,
+    )
+    assert target.read_bytes() == path.read_bytes()
