@@ -2,8 +2,9 @@
 
 Routes live in :mod:`api.routes` (and ``routes_*``); this module maps every error to its status
 and stable code in exception handlers (never in routes), and serves everything under ``/v1``
-and, for ZStack's SDKs, ``/zstack/v1``. Abuse limits: a client IP presenting too many bad keys
-is locked out for a while (429), and request bodies are capped (413).
+and, for ZStack's SDKs, ``/zstack/v1``; Prometheus text at ``/metrics``. Abuse limits: a client
+IP presenting too many bad keys is locked out for a while (429), and request bodies are capped
+(413).
 """
 
 from __future__ import annotations
@@ -204,11 +205,16 @@ def create_app() -> FastAPI:
         log.exception("api.unexpected")
         return JSONResponse(error_body("INTERNAL_ERROR", f"{type(exc).__name__}: {exc}"), status_code=500)
 
+    from shared.metrics import registry
+
     from .routes import public, router
     from .routes_accounts import router as accounts_router
+    from .routes_metrics import router as metrics_router
     from .routes_scheduler import router as scheduler_router
 
+    app.state.metrics_registry = registry()
     app.include_router(public)
+    app.include_router(metrics_router)
     for routes in (router, scheduler_router, accounts_router):
         app.include_router(routes, prefix="/v1")
         app.include_router(routes, prefix="/zstack/v1", include_in_schema=False)

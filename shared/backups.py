@@ -291,6 +291,10 @@ def _record(
     backup.size = result.size
     backup.parentUuid = _parent_uuid(session, storage, result.parent)
     backup.metadata_ = metadata
+    backup.bytesRead = result.bytesRead
+    backup.bytesWritten = result.bytesWritten
+    backup.chunks = result.chunks
+    backup.newChunks = result.newChunks
     backup.status = "Ready"
     for ref in backup.backupStorageRefs:
         if ref.backupStorageUuid == storage.uuid:

@@ -109,6 +109,10 @@ def _volume_backup_row(session: Session, repo: Repository, entry: BackupEntry) -
         status="Ready",
         metadata_=metadata or None,
         createDate=manifest.created_at,
+        bytesRead=(manifest.stats or {}).get("bytesRead"),
+        bytesWritten=(manifest.stats or {}).get("bytesWritten"),
+        chunks=sum(1 for digest in manifest.chunks if digest),
+        newChunks=(manifest.stats or {}).get("newChunks"),
     )
     session.add(row)
     return row, True

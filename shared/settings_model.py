@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -38,6 +39,8 @@ class Settings(BaseSettings):
     storage_check_seconds: float = Field(default=30.0, gt=0)
     storage_retry_seconds: float = Field(default=120.0, ge=0)
     environment: str = "development"
+    metrics_public: bool = False  # GET /metrics without an API key (for a scraper on a trusted network)
+    log_format: Literal["text", "json"] = "text"  # the worker's log lines
 
     @property
     def data_path(self) -> Path:

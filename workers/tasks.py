@@ -1,7 +1,9 @@
 """Celery tasks: thin wrappers that load an API job by id, call the core, record the result.
 
 ``job_task`` gives every task the same life cycle (Running, progress, Succeeded/Failed with an
-error envelope), logging and retry policy, so no task repeats it.
+error envelope), logging and retry policy, so no task repeats it. Every line logged while a
+job runs, the engine's included, names its API job and Celery task (``job=... task=...``, see
+:mod:`shared.logcontext`).
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from typing import Any
 
 from billiard.exceptions import WorkerLostError
 from celery import Task
-from celery.signals import task_failure, worker_process_init
+from celery.signals import after_setup_logger, after_setup_task_logger, task_failure, worker_process_init
 from sqlalchemy.orm import Session
 
 from shared import backups, dbbackups, jobgroups, scan
@@ -21,7 +23,9 @@ from shared.apijobs import fail_job, finish_job, start_job
 from shared.catalog import db
 from shared.catalog.models import ApiJob
 from shared.celery_app import celery_app
+from shared.config import get_settings
 from shared.errors import BlockvaultError, CatalogUnavailable
+from shared.logcontext import install, job_context
 
 log = logging.getLogger(__name__)
 app = celery_app()
@@ -37,6 +41,14 @@ def _fresh_connections(**_: object) -> None:
     db.reset()
 
 
+@after_setup_logger.connect
+@after_setup_task_logger.connect
+def _job_context_in_logs(logger: logging.Logger | None = None, **_: object) -> None:
+    """The worker's handlers (set up before the pool forks) add the job and task to each line."""
+    if logger is not None:
+        install(logger, get_settings().log_format)
+
+
 @task_failure.connect
 def _worker_lost(task_id: str | None = None, exception: BaseException | None = None, **_: object) -> None:
     """A pool process that died mid-job (SIGKILL, out of memory) never records the job's end;
@@ -45,7 +57,7 @@ def _worker_lost(task_id: str | None = None, exception: BaseException | None = N
     if not task_id or not isinstance(exception, WorkerLostError):
         return
     try:
-        with db.session() as session:
+        with job_context(task_id, task_id), db.session() as session:
             job = session.get(ApiJob, task_id)
             if job is not None and job.state == "Running":
                 fail_job(
@@ -70,7 +82,7 @@ def job_task(name: str) -> Callable[[Runner], Task]:
             max_retries=20,
         )
         def task(self: Task, job_uuid: str) -> None:
-            with db.session() as session:
+            with job_context(job_uuid, self.request.id), db.session() as session:
                 job = start_job(session, job_uuid)
                 if job is None:
                     log.info("job.skipped uuid=%s (unknown or finished)", job_uuid)

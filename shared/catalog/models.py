@@ -116,6 +116,11 @@ class VolumeBackup(Resource, Base):
     state: Mapped[str] = mapped_column(String(32), default="Enabled")
     status: Mapped[str] = mapped_column(String(32), default="Creating")
     schedulerJobUuid: Mapped[str | None] = mapped_column(String(32), index=True, default=None)
+    # what the engine did, recorded when the backup turns Ready (None: older rows, imports)
+    bytesRead: Mapped[int | None] = mapped_column(BigInteger, default=None)
+    bytesWritten: Mapped[int | None] = mapped_column(BigInteger, default=None)
+    chunks: Mapped[int | None] = mapped_column(BigInteger, default=None)
+    newChunks: Mapped[int | None] = mapped_column(BigInteger, default=None)
     backupStorageRefs: Mapped[list[VolumeBackupStorageRef]] = relationship(
         back_populates="backup", cascade="all, delete-orphan", lazy="selectin", order_by="VolumeBackupStorageRef.id"
     )

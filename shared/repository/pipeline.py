@@ -7,6 +7,7 @@ chunk data at once), so memory is bounded whatever the volume's size.
 
 from __future__ import annotations
 
+import contextvars
 import ctypes
 import functools
 import os
@@ -44,6 +45,13 @@ def default_workers() -> int:
     return max(2, min(8, 2 * (os.cpu_count() or 1)))
 
 
+def _inherit(context: contextvars.Context) -> None:
+    """A pool thread starts with the submitting thread's context variables (the job a log
+    line belongs to, see :mod:`shared.logcontext`): threads do not inherit them otherwise."""
+    for var, value in context.items():
+        var.set(value)
+
+
 def parallel_map(
     fn: Callable[[T], R], items: Iterable[T], *, workers: int | None = None, window: int | None = None
 ) -> Iterator[R]:
@@ -54,7 +62,9 @@ def parallel_map(
     workers = workers or default_workers()
     window = window or workers * 2
     pending: set[Future[R]] = set()
-    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="chunk") as pool:
+    with ThreadPoolExecutor(
+        max_workers=workers, thread_name_prefix="chunk", initializer=_inherit, initargs=(contextvars.copy_context(),)
+    ) as pool:
         try:
             for item in items:
                 pending.add(pool.submit(fn, item))
