@@ -51,5 +51,9 @@ bench-db: venv system-test
 bench-live: venv system-test
 	$(PY) tests/bench/live_backup.py $(BENCH_ARGS)
 
+.PHONY: bench-hosts
+bench-hosts: venv system-test
+	$(PY) tests/bench/multihost_throughput.py $(BENCH_ARGS)
+
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .blockvault
