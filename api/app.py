@@ -209,13 +209,16 @@ def create_app() -> FastAPI:
 
     from .routes import public, router
     from .routes_accounts import router as accounts_router
+    from .routes_accounts import sessions as sessions_router
     from .routes_metrics import router as metrics_router
     from .routes_scheduler import router as scheduler_router
+    from .zstack_wire import router as wire_router
 
     app.state.metrics_registry = registry()
     app.include_router(public)
     app.include_router(metrics_router)
-    for routes in (router, scheduler_router, accounts_router):
+    app.include_router(wire_router)  # ZStack's RPC protocol, over the same routes
+    for routes in (sessions_router, router, scheduler_router, accounts_router):
         app.include_router(routes, prefix="/v1")
         app.include_router(routes, prefix="/zstack/v1", include_in_schema=False)
     return app

@@ -1,4 +1,4 @@
-"""API keys: ``Authorization: Bearer <key>`` (or ZStack's ``OAuth <key>``).
+"""API keys: ``Authorization: Bearer <key>`` (or ZStack's ``OAuth <key>``), and sessions.
 
 Keys are random 32-byte tokens shown once and never stored: the catalog keeps an HMAC-SHA256
 of each under the server secret (``BLOCKVAULT_SECRET_KEY``, else a random key kept in
@@ -6,6 +6,10 @@ of each under the server secret (``BLOCKVAULT_SECRET_KEY``, else a random key ke
 earlier versions, a plain SHA-256, still open and are re-hashed on first use.
 ``BLOCKVAULT_ADMIN_API_KEY`` seeds an admin account's key at start. :class:`FailureWindow`
 locks out a client that keeps presenting bad keys.
+
+Sessions (ZStack's ``LogInByAccount``): an account with a password (only an scrypt hash of its
+SHA-512 hex is stored, :func:`password_hash`) logs in for a session uuid that opens the API as
+``OAuth <session uuid>`` (or Bearer) until it expires (``BLOCKVAULT_SESSION_TIMEOUT_SECONDS``).
 """
 
 from __future__ import annotations
@@ -23,13 +27,13 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import datetime, timedelta
 from pathlib import Path
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from shared.catalog.models import Account, ApiKey, ProjectMember, now
+from shared.catalog.models import Account, ApiKey, LoginSession, ProjectMember, aware, new_uuid, now
 from shared.config import get_settings
 from shared.errors import BlockvaultError, Unauthorized, UsageError
 
@@ -136,15 +140,113 @@ def seed_admin(session: Session, key: str) -> None:
     session.add(ApiKey(accountUuid=admin.uuid, keyHash=digest, name="BLOCKVAULT_ADMIN_API_KEY"))
 
 
+# -- passwords and sessions ------------------------------------------------------------------------
+SCRYPT_N, SCRYPT_R, SCRYPT_P = 2**14, 8, 1
+SCRYPT_PREFIX = "scrypt:"
+SHA512_HEX = 128
+SESSION_UUID_CHARS = 32
+
+
+def password_digest(password: str) -> str:
+    """What ZStack's clients send for a password: its SHA-512, in hex."""
+    return hashlib.sha512(password.encode()).hexdigest()
+
+
+def password_hash(digest: str) -> str:
+    """The stored form of a password's SHA-512 hex: scrypt with a random salt."""
+    salt = secrets.token_bytes(16)
+    derived = hashlib.scrypt(digest.lower().encode(), salt=salt, n=SCRYPT_N, r=SCRYPT_R, p=SCRYPT_P, dklen=32)
+    return f"{SCRYPT_PREFIX}{SCRYPT_N}:{SCRYPT_R}:{SCRYPT_P}:{salt.hex()}:{derived.hex()}"
+
+
+def password_matches(stored: str | None, digest: str) -> bool:
+    if not stored or not stored.startswith(SCRYPT_PREFIX):
+        return False
+    try:
+        n, r, p, salt, expected = stored[len(SCRYPT_PREFIX) :].split(":")
+        derived = hashlib.scrypt(
+            digest.lower().encode(), salt=bytes.fromhex(salt), n=int(n), r=int(r), p=int(p), dklen=len(expected) // 2
+        )
+    except ValueError:
+        return False
+    return hmac.compare_digest(derived.hex(), expected)
+
+
+def log_in(session: Session, account_name: str, digest: str) -> LoginSession:
+    """A new session for the account when ``digest`` is the SHA-512 hex of its password;
+    Unauthorized otherwise (the same answer for an unknown account, or one without a password)."""
+    account = session.scalars(select(Account).where(Account.name == account_name)).first()
+    if account is None or not password_matches(account.passwordHash, digest):
+        if account is None:
+            password_hash(digest)  # the same work either way: no timing oracle for account names
+        raise Unauthorized(detail="wrong account name or password")
+    moment = now()
+    for stale in session.scalars(
+        select(LoginSession).where(LoginSession.accountUuid == account.uuid, LoginSession.expiredDate <= moment)
+    ):
+        session.delete(stale)
+    row = LoginSession(
+        uuid=new_uuid(),
+        accountUuid=account.uuid,
+        createDate=moment,
+        expiredDate=moment + timedelta(seconds=get_settings().session_timeout_seconds),
+    )
+    session.add(row)
+    session.flush()
+    return row
+
+
+def log_out(session: Session, uuid: str) -> bool:
+    """End a session; False when there was none."""
+    row = session.get(LoginSession, uuid)
+    if row is None:
+        return False
+    session.delete(row)
+    return True
+
+
+def _caller(session: Session, account: Account) -> Caller:
+    memberships = session.execute(
+        select(ProjectMember.projectUuid, ProjectMember.role).where(ProjectMember.accountUuid == account.uuid)
+    ).all()
+    return Caller(
+        account_uuid=account.uuid,
+        admin=account.type == "SystemAdmin",
+        projects=frozenset(project for project, _role in memberships),
+        project_admin=frozenset(project for project, role in memberships if role == "projectAdmin"),
+    )
+
+
+def _session_caller(session: Session, token: str, moment: datetime) -> Caller | None:
+    """The caller of a live session ``token``; None when it is no session; Unauthorized when expired."""
+    if len(token) != SESSION_UUID_CHARS or token.strip("0123456789abcdef"):
+        return None
+    row = session.execute(
+        select(LoginSession, Account)
+        .join(Account, Account.uuid == LoginSession.accountUuid)
+        .where(LoginSession.uuid == token)
+    ).first()
+    if row is None:
+        return None
+    login, account = row
+    if aware(login.expiredDate) <= moment:
+        raise Unauthorized(detail="the session has expired: log in again")
+    return _caller(session, account)
+
+
 def authenticate(session: Session, header: str | None) -> Caller:
-    """The caller a request's Authorization header names; Unauthorized (never quoting the key)
-    when it names none. One query: the key, its account and the account's memberships."""
+    """The caller a request's Authorization header names (an API key or a session uuid);
+    Unauthorized (never quoting the key) when it names none. One query for a key: the key, its
+    account and the account's memberships."""
     if not header:
         raise Unauthorized(detail="missing Authorization header (Bearer <api key>)")
     scheme, _, key = header.partition(" ")
     key = key.strip()
     if scheme.lower() not in ("bearer", "oauth") or not key:
-        raise Unauthorized(detail="Authorization must be 'Bearer <api key>' or 'OAuth <api key>'")
+        raise Unauthorized(detail="Authorization must be 'Bearer <api key>' or 'OAuth <api key or session uuid>'")
+    from_session = _session_caller(session, key, now())
+    if from_session is not None:
+        return from_session
     digest = key_hash(key)
     rows = session.execute(
         select(ApiKey, Account, ProjectMember.projectUuid, ProjectMember.role)

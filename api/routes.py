@@ -18,12 +18,14 @@ from shared.catalog.models import (
     BackupStorage,
     Base,
     DatabaseBackup,
+    DatabaseBackupStorageRef,
     Host,
     SchedulerJobGroup,
     Tag,
     VmInstance,
     Volume,
     VolumeBackup,
+    VolumeBackupStorageRef,
     new_uuid,
 )
 from shared.catalog.query import parse_rest, run_query
@@ -163,18 +165,24 @@ def get_job(
     job = session.get(ApiJob, uuid)
     if job is None or not (caller.admin or job.accountUuid == caller.account_uuid):
         raise NotFound(resource="API job", uuid=uuid)
+    status, body = job_answer(session, job)
+    return JSONResponse(body, status_code=status)
+
+
+def job_answer(session: Session, job: ApiJob) -> tuple[int, dict[str, Any]]:
+    """An API job's status and answer: 202 while it runs, 200 with its result, or its error's."""
     if job.state in ("Pending", "Running") and job.hostUuid:
         hosts.reap(session)  # a job on a host whose worker is gone fails now, not never
         session.refresh(job)
     if job.state in ("Pending", "Running"):
-        return JSONResponse({"state": "Running", "progress": job.progress, "jobUuid": job.uuid}, status_code=202)
+        return 202, {"state": "Running", "progress": job.progress, "jobUuid": job.uuid}
     if job.state == "Succeeded":
-        return JSONResponse({"inventory": job.result or {}, "success": True})
+        return 200, {"inventory": job.result or {}, "success": True}
     error = job.error or {"code": "INTERNAL_ERROR", "description": "failed", "details": ""}
     status = {"NOT_FOUND": 404, "INVALID_ARGUMENT": 400, "DATABASE_UNAVAILABLE": 503}.get(error["code"], 500)
     if error["code"] in ("CONFLICT", "HOST_DISCONNECTED", "VOLUME_ERROR", "TARGET_EXISTS", "STORAGE_BUSY"):
         status = 409
-    return JSONResponse({"success": False, "error": error}, status_code=status)
+    return status, {"success": False, "error": error}
 
 
 # -- registration ----------------------------------------------------------------------------------
@@ -560,6 +568,34 @@ def backup_storage_action(
         storage.probe(row)
     session.flush()
     return one(session, row)
+
+
+@router.delete("/backup-storage/{uuid}")
+def delete_backup_storage(
+    uuid: str,
+    deleteMode: str = "Permissive",
+    session: Session = Depends(get_session, scope="function"),
+    caller: Caller = Depends(get_caller),
+) -> JSONResponse:
+    """Unregister a backup storage (ZStack's DeleteBackupStorage; what it holds stays there):
+    409 while a backup has a copy on it or a job group copies to it (``deleteMode`` is accepted
+    and changes nothing: blockvault never drops catalog copies silently)."""
+    access.require_admin(caller, "unregistering backup-storage")
+    if deleteMode not in ("Permissive", "Enforcing"):
+        raise InvalidArgument(detail="deleteMode must be Permissive or Enforcing")
+    row = session.get(BackupStorage, check_uuid(uuid, "uuid"))
+    if row is None:
+        raise NotFound(resource="backup storage", uuid=uuid)
+    for ref_model in (VolumeBackupStorageRef, DatabaseBackupStorageRef):
+        if session.scalars(select(ref_model.id).where(ref_model.backupStorageUuid == row.uuid).limit(1)).first():
+            raise Conflict(detail=f"backup storage {row.uuid} holds backups: delete them (or their copies there) first")
+    for group in session.scalars(select(SchedulerJobGroup)):
+        if row.uuid in ((group.jobData or {}).get("backupStorageUuids") or []):
+            raise Conflict(detail=f"job group {group.uuid} copies to backup storage {row.uuid}")
+    for tag in session.scalars(select(Tag).where(Tag.resourceUuid == row.uuid)):
+        session.delete(tag)
+    session.delete(row)
+    return JSONResponse({"success": True})
 
 
 @router.put("/vm-instances/{uuid}/actions")

@@ -4,27 +4,48 @@ Only admins create accounts and projects (403 ``FORBIDDEN`` for anyone else); a 
 members are managed by admins and its projectAdmins. A caller that may not see a resource
 (another account's key, a project it does not administer) gets 404, as if it did not exist.
 An API key is in the answer that creates it and nowhere else; the catalog keeps its hash.
+
+Passwords (optional, for ZStack's ``LogInByAccount``): ``password`` on ``POST /v1/accounts`` or
+``updateAccount``, plaintext over TLS, stored only as an scrypt hash of its SHA-512 hex.
+``PUT /v1/accounts/login`` ``{"logInByAccount": {"accountName", "password": <SHA-512 hex>}}``
+opens a session (as ZStack's REST API does) and ``DELETE /v1/accounts/sessions/{uuid}`` ends it;
+both need no key.
 """
 
 from __future__ import annotations
 
+import logging
+import math
 from typing import Any
 
-from fastapi import APIRouter, Depends
+from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from shared import access
 from shared.catalog.models import Account, ApiKey, Project, ProjectMember, new_uuid
-from shared.errors import Conflict, InvalidArgument, NotFound, require
-from shared.inventory import inventory
+from shared.errors import Conflict, InvalidArgument, NotFound, Unauthorized, require
+from shared.inventory import inventory, iso
 
 from .app import get_caller, get_session
-from .auth import Caller, key_hash, new_key
-from .routes import Envelope, add_tags, check_uuid, one
+from .auth import (
+    SHA512_HEX,
+    Caller,
+    FailureWindow,
+    TooManyFailures,
+    key_hash,
+    log_in,
+    log_out,
+    new_key,
+    password_digest,
+    password_hash,
+)
+from .routes import Envelope, _action, _update, add_tags, check_uuid, one
 
+log = logging.getLogger(__name__)
 router = APIRouter(dependencies=[Depends(get_caller)])
+sessions = APIRouter()  # log in and out: no key needed
 
 ACCOUNT_TYPES = ("Normal", "SystemAdmin")
 ROLES = ("projectAdmin", "member")
@@ -64,11 +85,82 @@ def create_account(
         name=name,
         description=_text(p, "description", None),
         type=_choice(p, "type", ACCOUNT_TYPES, "Normal"),
+        passwordHash=_password(p),
     )
     session.add(account)
     session.flush()
     add_tags(session, account, body)
     return one(session, account)
+
+
+def _password(params: dict[str, Any]) -> str | None:
+    """The stored hash of ``password`` (plaintext), None when absent; never logged."""
+    value = params.get("password")
+    if value is None:
+        return None
+    if not isinstance(value, str) or not value:
+        raise InvalidArgument(detail="password must be a non-empty string")
+    return password_hash(password_digest(value))
+
+
+@router.put("/accounts/{uuid}/actions")
+def account_action(
+    uuid: str,
+    body: dict[str, Any],
+    session: Session = Depends(get_session, scope="function"),
+    caller: Caller = Depends(get_caller),
+) -> JSONResponse:
+    """``updateAccount {name, description, password}``: an admin for any account, others for their own."""
+    _name, params = _action(body, ("updateAccount",))
+    account: Account = access.visible(session, caller, Account, check_uuid(uuid, "uuid"), "account")
+    if "name" in params and params["name"] != account.name:
+        _unique_name(session, Account, str(params["name"]), "account")
+    _update(account, params)
+    if "password" in params:
+        account.passwordHash = _password(params)
+    session.flush()
+    return one(session, account)
+
+
+@sessions.put("/accounts/login")
+def log_in_by_account(
+    body: dict[str, Any], request: Request, session: Session = Depends(get_session, scope="function")
+) -> JSONResponse:
+    """ZStack's ``logInByAccount {accountName, password}``, the password as its SHA-512 hex: a
+    session uuid that opens the API as ``OAuth <uuid>`` until ``expiredDate``."""
+    _name, params = _action(body, ("logInByAccount",))
+    name, digest = params.get("accountName"), params.get("password")
+    if not isinstance(name, str) or not name:
+        raise InvalidArgument(detail="accountName is required")
+    if not isinstance(digest, str) or len(digest) != SHA512_HEX or digest.lower().strip("0123456789abcdef"):
+        raise InvalidArgument(detail="password must be the SHA-512 of the password in hex (128 digits)")
+    failures: FailureWindow = request.app.state.auth_failures
+    client = request.client.host if request.client else "unknown"
+    wait = failures.retry_after(client)
+    if wait is not None:
+        raise TooManyFailures(client=client, retry_after=max(1, math.ceil(wait)))
+    try:
+        row = log_in(session, name, digest)
+    except Unauthorized:
+        failures.failed(client)
+        log.info("api.login_failed client=%s", client)  # never the name's password
+        raise
+    inventory_ = {
+        "uuid": row.uuid,
+        "accountUuid": row.accountUuid,
+        "userUuid": row.accountUuid,
+        "createDate": iso(row.createDate),
+        "expiredDate": iso(row.expiredDate),
+    }
+    return JSONResponse({"inventory": inventory_, "success": True})
+
+
+@sessions.delete("/accounts/sessions/{uuid}")
+def log_out_session(uuid: str, session: Session = Depends(get_session, scope="function")) -> JSONResponse:
+    """End the session ``uuid`` (knowing it is the capability, as in ZStack); 404 when none."""
+    if not log_out(session, check_uuid(uuid, "sessionUuid")):
+        raise NotFound(resource="session", uuid=uuid)
+    return JSONResponse({"success": True})
 
 
 @router.post("/projects")

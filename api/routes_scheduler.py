@@ -1,4 +1,11 @@
-"""Scheduling routes (API.md "Scheduling"): job groups, their targets, triggers, attachments."""
+"""Scheduling routes (API.md "Scheduling"): job groups, their targets, triggers, attachments.
+
+Besides the shortcut ``POST /v1/scheduler/jobgroups/{uuid}/jobs {targetResourceUuids}``, ZStack's
+own steps: ``POST /v1/scheduler/jobs`` (a job of its own, in no group yet), then
+``POST /v1/scheduler/jobgroups/{uuid}/jobs {schedulerJobUuids}`` (the same rows either way);
+``DELETE /v1/scheduler/jobgroups/{uuid}/jobs?schedulerJobUuids=`` takes jobs out again,
+``PUT /v1/scheduler/jobs/{uuid}/actions {updateSchedulerJob}`` and ``DELETE /v1/scheduler/jobs/{uuid}``.
+"""
 
 from __future__ import annotations
 
@@ -110,6 +117,12 @@ def add_jobs(
     caller: Caller = Depends(get_caller),
 ) -> JSONResponse:
     group = _group(session, uuid, caller)
+    job_uuids = body.params.get("schedulerJobUuids")
+    if job_uuids is not None:
+        if "targetResourceUuids" in body.params:
+            raise InvalidArgument(detail="give targetResourceUuids or schedulerJobUuids, not both")
+        jobgroups.add_jobs(session, group, _jobs(session, caller, job_uuids))
+        return _ok(group_inventory(session, group))
     targets = body.params.get("targetResourceUuids")
     _check_targets(session, caller, group, targets)
     if isinstance(targets, list):
@@ -123,16 +136,80 @@ def add_jobs(
 def remove_jobs(
     uuid: str,
     targetResourceUuids: str = "",
+    schedulerJobUuids: str = "",
     session: Session = Depends(get_session, scope="function"),
     caller: Caller = Depends(get_caller),
 ) -> JSONResponse:
+    """Delete the jobs of the targets named, or take the jobs named out of the group (they remain)."""
     group = _group(session, uuid, caller)
+    if schedulerJobUuids:
+        if targetResourceUuids:
+            raise InvalidArgument(detail="give targetResourceUuids or schedulerJobUuids, not both")
+        jobgroups.remove_jobs(session, group, _jobs(session, caller, [j for j in schedulerJobUuids.split(",") if j]))
+        return _ok(group_inventory(session, group))
     targets = [check_uuid(t, "targetResourceUuid") for t in targetResourceUuids.split(",") if t]
     if not targets:
         raise InvalidArgument(detail="targetResourceUuids is required")
     jobgroups.remove_targets(session, group, targets)
     session.flush()
     return _ok(group_inventory(session, group))
+
+
+def _jobs(session: Session, caller: Caller, uuids: Any) -> list[SchedulerJob]:
+    if not isinstance(uuids, list) or not uuids or not all(isinstance(u, str) for u in uuids):
+        raise InvalidArgument(detail="schedulerJobUuids must be a non-empty list of uuids")
+    return [_job(session, uuid, caller) for uuid in dict.fromkeys(uuids)]
+
+
+def _job(session: Session, uuid: str, caller: Caller) -> SchedulerJob:
+    job: SchedulerJob = access.visible(session, caller, SchedulerJob, check_uuid(uuid, "uuid"), "scheduler job")
+    return job
+
+
+@router.post("/scheduler/jobs")
+def create_job(
+    body: Envelope, session: Session = Depends(get_session, scope="function"), caller: Caller = Depends(get_caller)
+) -> JSONResponse:
+    """ZStack's CreateSchedulerJob: ``name``, ``description``, ``targetResourceUuid``, ``type``
+    (volumeBackup|vmBackup), ``parameters`` (jobData), ``projectUuid``; in no group until
+    ``POST /v1/scheduler/jobgroups/{uuid}/jobs {schedulerJobUuids}``."""
+    p = body.params
+    _check_job_data(session, caller, p)
+    target = p.get("targetResourceUuid")
+    if not caller.admin:
+        model = VmInstance if p.get("type") == "vmBackup" else Volume
+        access.visible(session, caller, model, check_uuid(target, "targetResourceUuid"), "target")
+    elif target is not None:
+        check_uuid(target, "targetResourceUuid")
+    project = access.project_for(caller, p.get("projectUuid"))
+    job = jobgroups.create_job(session, {k: v for k, v in p.items() if k != "projectUuid"})
+    job.projectUuid = project
+    session.flush()
+    return _ok(inventory(session, job))
+
+
+@router.put("/scheduler/jobs/{uuid}/actions")
+def job_action(
+    uuid: str,
+    body: dict[str, Any],
+    session: Session = Depends(get_session, scope="function"),
+    caller: Caller = Depends(get_caller),
+) -> JSONResponse:
+    _name, params = _action(body, ("updateSchedulerJob",))
+    job = _job(session, uuid, caller)
+    if isinstance(params.get("parameters"), dict):
+        _check_job_data(session, caller, {"parameters": params["parameters"]})
+    jobgroups.update_job(session, job, params)
+    session.flush()
+    return _ok(inventory(session, job))
+
+
+@router.delete("/scheduler/jobs/{uuid}")
+def delete_job(
+    uuid: str, session: Session = Depends(get_session, scope="function"), caller: Caller = Depends(get_caller)
+) -> JSONResponse:
+    session.delete(_job(session, uuid, caller))
+    return JSONResponse({"success": True})
 
 
 @router.post("/scheduler/triggers")

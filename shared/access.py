@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Collection
 from typing import Any, Protocol
 
-from sqlalchemy import Select, false, or_, select, union
+from sqlalchemy import Select, and_, false, or_, select, union
 from sqlalchemy.orm import Session
 
 from shared.catalog.models import (
@@ -76,8 +76,13 @@ def scope(viewer: Viewer, model: type[Base]) -> Select[Any]:
         return base.where(VolumeBackup.volumeUuid.in_(_volumes(viewer)))
     if model is SchedulerJobGroup:
         return base.where(SchedulerJobGroup.projectUuid.in_(projects))
-    if model is SchedulerJob:
-        return base.where(SchedulerJob.schedulerJobGroupUuid.in_(_groups(viewer)))
+    if model is SchedulerJob:  # in one of its groups, or in no group yet and in its project
+        return base.where(
+            or_(
+                SchedulerJob.schedulerJobGroupUuid.in_(_groups(viewer)),
+                and_(SchedulerJob.schedulerJobGroupUuid.is_(None), SchedulerJob.projectUuid.in_(projects)),
+            )
+        )
     if model is SchedulerTrigger:
         return base.where(SchedulerTrigger.projectUuid.in_(projects))
     if model is SchedulerJobHistory:

@@ -165,6 +165,79 @@ def add_targets(session: Session, group: SchedulerJobGroup, uuids: list[str]) ->
     return jobs
 
 
+def create_job(session: Session, params: dict[str, Any]) -> SchedulerJob:
+    """A SchedulerJob of its own, in no group yet (ZStack's CreateSchedulerJob): ``name``,
+    ``description``, ``targetResourceUuid``, ``type`` (volumeBackup|vmBackup), ``parameters``
+    (jobData, kept on the job: the runs use its group's). :func:`add_jobs` puts it in a group."""
+    name, kind, target = (
+        params.get("name"),
+        params.get("type") or params.get("jobType"),
+        params.get("targetResourceUuid"),
+    )
+    if not isinstance(name, str) or not name:
+        raise InvalidArgument(detail="name is required")
+    if kind not in JOB_TYPES:
+        raise InvalidArgument(detail=f"type must be one of {', '.join(JOB_TYPES)}")
+    if not isinstance(target, str) or not target:
+        raise InvalidArgument(detail="targetResourceUuid is required")
+    _check_target(session, SchedulerJobGroup(jobType=kind), target)
+    job = SchedulerJob(
+        name=name,
+        description=params.get("description"),
+        targetResourceUuid=target,
+        jobType=kind,
+        jobData=check_job_data(session, params.get("parameters")),
+    )
+    session.add(job)
+    session.flush()
+    return job
+
+
+def update_job(session: Session, job: SchedulerJob, params: dict[str, Any]) -> None:
+    for key in ("name", "description"):
+        if key in params:
+            if not isinstance(params[key], str | None) or (key == "name" and not params[key]):
+                raise InvalidArgument(detail=f"{key} must be a string" + (" and not empty" if key == "name" else ""))
+            setattr(job, key, params[key])
+    if "parameters" in params:
+        job.jobData = check_job_data(session, params["parameters"])
+
+
+def add_jobs(session: Session, group: SchedulerJobGroup, jobs: Sequence[SchedulerJob]) -> None:
+    """Put jobs made by :func:`create_job` in ``group``: the same rows ``add_targets`` makes.
+    A job of another type (400), in another group, or for a target the group has already (409)
+    is refused, and then none is added."""
+    present = set(
+        session.scalars(select(SchedulerJob.targetResourceUuid).where(SchedulerJob.schedulerJobGroupUuid == group.uuid))
+    )
+    for job in jobs:
+        if job.schedulerJobGroupUuid == group.uuid:
+            continue
+        if job.schedulerJobGroupUuid is not None:
+            raise Conflict(detail=f"scheduler job {job.uuid} is in job group {job.schedulerJobGroupUuid} already")
+        if job.jobType != group.jobType:
+            raise InvalidArgument(detail=f"scheduler job {job.uuid} is a {job.jobType} job, the group {group.jobType}")
+        if job.targetResourceUuid in present:
+            raise Conflict(detail=f"job group {group.uuid} has a job for {job.targetResourceUuid} already")
+        present.add(job.targetResourceUuid)
+    for job in jobs:
+        job.schedulerJobGroupUuid = group.uuid
+        job.projectUuid = group.projectUuid
+    session.flush()
+
+
+def remove_jobs(session: Session, group: SchedulerJobGroup, jobs: Sequence[SchedulerJob]) -> None:
+    """Take jobs out of ``group`` (ZStack's RemoveSchedulerJobsFromSchedulerJobGroup): they
+    remain, in no group, in the group's project."""
+    for job in jobs:
+        if job.schedulerJobGroupUuid != group.uuid:
+            raise NotFound(resource=f"scheduler job in job group {group.uuid}", uuid=job.uuid)
+    for job in jobs:
+        job.schedulerJobGroupUuid = None
+        job.projectUuid = group.projectUuid
+    session.flush()
+
+
 def remove_targets(session: Session, group: SchedulerJobGroup, uuids: list[str]) -> int:
     jobs = list(
         session.scalars(

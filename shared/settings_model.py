@@ -27,6 +27,7 @@ class Settings(BaseSettings):
     secret_key: SecretStr | None = None  # the API keys' HMAC key; default: <data dir>/secret.key
     auth_max_failures: int = Field(default=10, ge=1)  # bad keys from one client IP per window...
     auth_failure_window_seconds: float = Field(default=60.0, gt=0)  # ...before it gets 429s
+    session_timeout_seconds: int = Field(default=7200, ge=1)  # a LogInByAccount session's life
     max_body_bytes: int = Field(default=1024 * 1024, ge=1)  # larger request bodies get 413
     host_uuid: str | None = None
     api_url: str = "http://127.0.0.1:8080"

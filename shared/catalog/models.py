@@ -183,6 +183,8 @@ class SchedulerJob(Resource, Base):
     jobType: Mapped[str | None] = mapped_column(String(32))
     jobData: Mapped[dict[str, Any] | None] = mapped_column(default=None)
     state: Mapped[str] = mapped_column(String(32), default="Enabled")
+    # a job not in a group yet (ZStack's CreateSchedulerJob) belongs to this project (None: admin only)
+    projectUuid: Mapped[str | None] = mapped_column(String(32), index=True, default=None)
 
 
 class SchedulerTrigger(Resource, Base):
@@ -256,7 +258,22 @@ class Tag(Stamped, Base):
 class Account(Resource, Base):
     __tablename__ = "account"
     resource_type = "AccountVO"
+    secret_fields = frozenset({"passwordHash"})
     type: Mapped[str] = mapped_column(String(16), default="Normal")  # SystemAdmin | Normal
+    # scrypt of the password's SHA-512 hex (api.auth.password_hash); None: no password login
+    passwordHash: Mapped[str | None] = mapped_column(String(255), default=None)
+
+
+class LoginSession(Base):
+    """A ZStack-style session (``LogInByAccount``): its uuid opens the API as ``OAuth <uuid>``
+    until ``expiredDate``."""
+
+    __tablename__ = "session"
+    resource_type = "SessionVO"
+    uuid: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_uuid)
+    accountUuid: Mapped[str] = mapped_column(ForeignKey("account.uuid", ondelete="CASCADE"), index=True)
+    createDate: Mapped[datetime] = mapped_column(default=now)
+    expiredDate: Mapped[datetime] = mapped_column(index=True)
 
 
 class ApiKey(Stamped, Base):
@@ -286,6 +303,7 @@ class ApiJob(Stamped, Base):
     result: Mapped[dict[str, Any] | None] = mapped_column(default=None)
     error: Mapped[dict[str, Any] | None] = mapped_column(default=None)
     accountUuid: Mapped[str | None] = mapped_column(String(32))
+    zstackClass: Mapped[str | None] = mapped_column(String(255), default=None)  # the ZStack message that started it
 
 
 QUERYABLE: dict[str, type[Base]] = {
