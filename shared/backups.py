@@ -809,9 +809,31 @@ def _check_delete_mode(mode: str) -> None:
         raise InvalidArgument(detail="deleteMode must be Permissive or Enforcing")
 
 
+def _new_volume_place(params: dict[str, Any], source: Volume | None, vm: VmInstance | None) -> dict[str, Any]:
+    """Where a volume made from a backup goes when the request does not say (ZStack's message
+    has no hostUuid or installPath): the host of the VM it joins, else of the backed-up
+    volume; a new file named by a fresh uuid beside the backed-up volume's file, in its format."""
+    place: dict[str, Any] = {}
+    if not params.get("hostUuid"):
+        host = (vm.hostUuid if vm else None) or (source.hostUuid if source else None)
+        if not host:
+            raise InvalidArgument(detail="hostUuid is required: the backup's volume is no longer registered")
+        place["hostUuid"] = host
+    if not params.get("installPath"):
+        if source is None:
+            raise InvalidArgument(detail="installPath is required: the backup's volume is no longer registered")
+        fmt = params.get("format") or source.format
+        suffix = ".qcow2" if fmt == "qcow2" else ".raw"
+        place["installPath"] = str(Path(source.installPath).parent / f"{new_uuid()}{suffix}")
+    return place
+
+
 def request_create_volume(session: Session, uuid: str, params: dict[str, Any], account: str | None) -> ApiJob:
     backup = _backup_for_action(session, uuid)
-    require(params, "name", "hostUuid", "installPath")
+    require(params, "name")
+    source = session.get(Volume, backup.volumeUuid)
+    target_vm = session.get(VmInstance, params["vmInstanceUuid"]) if params.get("vmInstanceUuid") else None
+    params = {**params, **_new_volume_place(params, source, target_vm)}
     path = str(params["installPath"])
     if not path.startswith("/"):
         raise InvalidArgument(detail="installPath must be an absolute path on the host")
@@ -823,8 +845,6 @@ def request_create_volume(session: Session, uuid: str, params: dict[str, Any], a
     ensure_path_free(session, params["hostUuid"], path)
     ref = _ready_ref(backup, params.get("backupStorageUuid"), session)
     _connected_host(session, params["hostUuid"])
-    source = session.get(Volume, backup.volumeUuid)
-    target_vm = session.get(VmInstance, params["vmInstanceUuid"]) if params.get("vmInstanceUuid") else None
     volume = Volume(
         uuid=new_uuid(),
         name=str(params["name"]),

@@ -371,10 +371,10 @@ def parse_zstack(params: Mapping[str, Any]) -> QuerySpec:
         conditions.append(Condition(raw["name"].strip(), _normalize_op(op), _zstack_value(raw.get("value"), index)))
     sort: list[tuple[str, bool]] = []
     sort_by = _optional_name(params.get("sortBy"), "sortBy")
+    direction = params.get("sortDirection") or "asc"
+    if not isinstance(direction, str) or direction.strip().lower() not in ("asc", "desc"):
+        raise InvalidArgument(detail=f"sortDirection must be asc or desc, got {_show(direction)}")
     if sort_by:
-        direction = params.get("sortDirection") or "asc"
-        if not isinstance(direction, str) or direction.strip().lower() not in ("asc", "desc"):
-            raise InvalidArgument(detail=f"sortDirection must be asc or desc, got {_show(direction)}")
         sort.append((sort_by, direction.strip().lower() == "asc"))
     return QuerySpec(
         conditions=conditions,
