@@ -23,7 +23,8 @@ from typing import Any
 
 import httpx
 
-MESSAGES_TSV = Path(__file__).resolve().parents[2].parent / "shared" / "zstack-messages.tsv"
+# the contract's message list, as the repository carries it (a copy of the handbook's, kept equal)
+MESSAGES_TSV = Path(__file__).resolve().parents[2] / "docs" / "zstack-messages.tsv"
 API_PATH = "/zstack/api/"
 LOGIN_REPLY = "org.zstack.header.identity.APILogInReply"  # ZStack's shared reply of every LogIn*Msg
 
@@ -60,7 +61,9 @@ class Message:
 def load_messages(path: Path = MESSAGES_TSV) -> dict[str, Message]:
     """The TSV's messages keyed by name, by Java class and by the class's short name."""
     if not path.is_file():
-        raise FileNotFoundError(f"zstack-messages.tsv not found at {path} (expected beside API.md in shared/)")
+        raise FileNotFoundError(
+            f"zstack-messages.tsv not found at {path} (the repository's copy of the contract's list)"
+        )
     table: dict[str, Message] = {}
     for line in path.read_text().splitlines():
         if not line.strip() or line.startswith("#"):
