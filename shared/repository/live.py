@@ -47,7 +47,7 @@ from shared.errors import BlockvaultError, GuestAgentError, MonitorError, Volume
 from shared.failpoints import failpoint
 
 from . import qemu
-from .backup import BackupResult, bitmap_base, choose_plan, marker_name, run_plan
+from .backup import MARKER_GRANULARITY, BackupResult, bitmap_base, choose_plan, marker_name, run_plan
 from .locks import repository_lock
 from .manifest import BackupEntry
 from .nbd import NBDClient, NBDError
@@ -59,7 +59,6 @@ log = logging.getLogger(__name__)
 
 PREFIX = "blockvault-"
 NEXT = ".next"
-MARKER_GRANULARITY = 2**31
 _GONE_TIMEOUT = 20.0
 
 Progress = Callable[[int, int], None]
@@ -161,17 +160,29 @@ def clean_up(mon: Monitor, run_dir: Path, *, hard: bool = True) -> list[str]:
     nodes = {n for n in _nodes(mon) if n.startswith(PREFIX)}
     for node in sorted(nodes):
         mon.cmd("blockdev-del", **{"node-name": node})
-    server = run_dir / "nbd-server"
-    if server.exists():
+    if (run_dir / "nbd-server").exists():
         with contextlib.suppress(MonitorError):  # not running any more: fine
             mon.cmd("nbd-server-stop")
-        shutil.rmtree(server.read_text().strip() or "/nonexistent", ignore_errors=True)
-        server.unlink()
+        _forget_nbd_server(run_dir)
         removed.append("nbd-server")
+    removed += _remove_overlays(run_dir)
+    return [*sorted(exports), *sorted(jobs), *sorted(nodes), *removed]
+
+
+def _forget_nbd_server(run_dir: Path) -> None:
+    """Remove the record that a live backup started QEMU's NBD server, and its socket folder."""
+    server = run_dir / "nbd-server"
+    shutil.rmtree(server.read_text().strip() or "/nonexistent", ignore_errors=True)
+    server.unlink()
+
+
+def _remove_overlays(run_dir: Path) -> list[str]:
+    """Delete the fleecing overlays' files; their names."""
+    removed = []
     for leftover in run_dir.glob("fleece-*.qcow2"):
         leftover.unlink(missing_ok=True)
         removed.append(leftover.name)
-    return [*sorted(exports), *sorted(jobs), *sorted(nodes), *removed]
+    return removed
 
 
 def _promote_next(mon: Monitor, disk: _Disk, *, clear: bool) -> None:
@@ -490,12 +501,9 @@ def _undo(mon: Monitor, disks: list[_Disk], run_dir: Path, instant_taken: bool) 
                     _promote_next(mon, disk, clear=False)
     except MonitorError as exc:  # QEMU is gone: its bitmaps, nodes and NBD server went with it
         log.warning("live.undo_failed error=%s", exc)
-        for leftover in run_dir.glob("fleece-*.qcow2"):
-            leftover.unlink(missing_ok=True)
-        server = run_dir / "nbd-server"
-        if server.exists() and not _answers(mon):  # else the next run stops it
-            shutil.rmtree(server.read_text().strip() or "/nonexistent", ignore_errors=True)
-            server.unlink()
+        _remove_overlays(run_dir)
+        if (run_dir / "nbd-server").exists() and not _answers(mon):  # else the next run stops it
+            _forget_nbd_server(run_dir)
 
 
 def _answers(mon: Monitor) -> bool:
