@@ -83,6 +83,20 @@ class Manifest:
             full -= self.chunkSize - self.size % self.chunkSize
         return full
 
+    def hole_runs(self) -> list[tuple[int, int]]:
+        """(offset, length) of the runs of the volume that no chunk holds (zeros or holes)."""
+        runs: list[tuple[int, int]] = []
+        for index, digest in enumerate(self.chunks):
+            if digest:
+                continue
+            offset = index * self.chunkSize
+            length = min(self.chunkSize, self.size - offset)
+            if runs and runs[-1][0] + runs[-1][1] == offset:
+                runs[-1] = (runs[-1][0], runs[-1][1] + length)
+            else:
+                runs.append((offset, length))
+        return runs
+
 
 @dataclass
 class BackupEntry:

@@ -14,7 +14,7 @@ from shared.failpoints import failpoint
 from .locks import repository_lock
 from .pipeline import parallel_map
 from .repo import Repository
-from .volume import open_writer
+from .volume import DeviceWriter, VolumeWriter, check_block_device, open_writer
 
 log = logging.getLogger(__name__)
 
@@ -36,9 +36,13 @@ def restore_backup(
     *,
     progress: Callable[[int, int], None] | None = None,
     lock_wait: float = 60.0,
+    fmt: str | None = None,
+    in_place: bool = False,
 ) -> RestoreResult:
-    """Write backup ``backup_id`` to the new file ``target`` (qcow2 when it ends in .qcow2).
-    On any failure nothing is left at ``target``."""
+    """Write backup ``backup_id`` to the new file ``target`` in format ``fmt`` (by default
+    qcow2 when the name ends in .qcow2, else raw). On any failure nothing is left at
+    ``target``. With ``in_place``, ``target`` is an existing block device written over
+    (raw only): every byte of the backup, holes zeroed; a failure leaves it partly written."""
     started = time.monotonic()
     with repository_lock(repo.backend, "shared", f"restore to {target}", wait=lock_wait):
         manifest_id = repo.resolve(backup_id)
@@ -48,7 +52,13 @@ def restore_backup(
                 detail=f"backup {manifest_id[:12]} is a {manifest.format} stream of {manifest.volume}, "
                 "not a volume: restore it with restore_stream (a database restore)"
             )
-        writer = open_writer(target, manifest.size)
+        writer: VolumeWriter
+        if in_place:
+            if fmt not in (None, "raw"):
+                raise UsageError(detail=f"an in-place restore writes raw data to a block device, not {fmt}")
+            writer = DeviceWriter(check_block_device(target), manifest.size)
+        else:
+            writer = open_writer(target, manifest.size, fmt)
         chunk_size = manifest.chunkSize
         todo = [(i, digest) for i, digest in enumerate(manifest.chunks) if digest]
         total = manifest.stored_size
@@ -69,6 +79,9 @@ def restore_backup(
                 failpoint("restore.chunk_written")
                 if progress:
                     progress(done, total)
+            if isinstance(writer, DeviceWriter):
+                for offset, length in manifest.hole_runs():
+                    writer.zero(offset, length)
             writer.commit()
         except BlockvaultError as exc:
             writer.abort()
