@@ -91,6 +91,7 @@ def _start_service(work: Path, port: int) -> tuple[subprocess.Popen[bytes], dict
     env = {k: v for k, v in os.environ.items() if not k.startswith("BLOCKVAULT_")}
     env.update(
         BLOCKVAULT_DATA_DIR=str(work / "data"),
+        BLOCKVAULT_VOLUME_ROOTS=str(work),  # the demo's disks live here (its data folder stays out of reach)
         BLOCKVAULT_ADMIN_API_KEY=key,
         BLOCKVAULT_API_KEY=key,
         BLOCKVAULT_API_URL=f"http://127.0.0.1:{port}",

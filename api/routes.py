@@ -11,7 +11,7 @@ from pydantic import BaseModel, Field, field_validator
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from shared import access, backups, dbbackups, hosts, storage
+from shared import access, backups, dbbackups, hostpaths, hosts, storage
 from shared.catalog.models import (
     QUERYABLE,
     ApiJob,
@@ -29,7 +29,7 @@ from shared.catalog.models import (
     new_uuid,
 )
 from shared.catalog.query import parse_rest, run_query
-from shared.errors import Conflict, InvalidArgument, NotFound, require
+from shared.errors import Conflict, Forbidden, InvalidArgument, NotFound, require
 from shared.inventory import inventories, inventory
 
 from .app import get_caller, get_session
@@ -193,14 +193,17 @@ def _int(params: dict[str, Any], key: str, default: int) -> int:
     return value
 
 
-def _socket_path(params: dict[str, Any], key: str) -> str | None:
-    """A VM's QMP or guest agent socket: an absolute path on its host, or null."""
+def _socket_path(session: Session, params: dict[str, Any], key: str, host_uuid: str | None) -> str | None:
+    """A VM's QMP or guest agent socket: null, or a path inside its host's VM socket folder
+    (admins only name one: the root worker connects to it)."""
     value = params.get(key)
     if value is None:
         return None
-    if not isinstance(value, str) or not value.startswith("/") or "\0" in value or len(value) > 4096:
-        raise InvalidArgument(detail=f"{key} must be an absolute path of a UNIX socket on the VM's host, or null")
-    return value
+    if not host_uuid:
+        raise InvalidArgument(detail=f"{key} needs the VM's hostUuid: sockets are inside its host's socket folder")
+    host = session.get(Host, host_uuid)
+    folder = [host.vmSocketDir] if host is not None and host.vmSocketDir else None
+    return hostpaths.require_under(value, folder, key, host_uuid)
 
 
 @router.post("/vm-instances")
@@ -224,8 +227,8 @@ def create_vm(
         memorySize=_int(p, "memorySize", 0),
         projectUuid=p.get("projectUuid"),
         state=state,
-        qmpSocket=_socket_path(p, "qmpSocket"),
-        guestAgentSocket=_socket_path(p, "guestAgentSocket"),
+        qmpSocket=_socket_path(session, p, "qmpSocket", p.get("hostUuid")),
+        guestAgentSocket=_socket_path(session, p, "guestAgentSocket", p.get("hostUuid")),
     )
     if not vm.name:
         raise InvalidArgument(detail="name is required")
@@ -244,9 +247,8 @@ def create_volume(
     require(p, "hostUuid", "installPath")
     if session.get(Host, check_uuid(p["hostUuid"], "hostUuid")) is None:
         raise NotFound(resource="host", uuid=p["hostUuid"])
-    path = str(p["installPath"])
-    if not path.startswith("/"):
-        raise InvalidArgument(detail="installPath must be an absolute path on the host")
+    host: Host = session.get(Host, p["hostUuid"])  # type: ignore[assignment]
+    path = hostpaths.require_under(p["installPath"], host.volumeRoots, "installPath", host.uuid)
     fmt = p.get("format") or ("qcow2" if path.endswith(".qcow2") else "raw")
     if fmt not in ("raw", "qcow2"):
         raise InvalidArgument(detail="format must be raw or qcow2")
@@ -402,6 +404,8 @@ def volume_backup_action(
     name, params = _action(body, VOLUME_BACKUP_ACTIONS)
     backup = access.visible(session, caller, VolumeBackup, check_uuid(uuid, "uuid"), "volume backup")
     _check_named_storages(session, caller, params)
+    if name == "createDataVolumeFromVolumeBackup":
+        _check_placement(caller, params)
     if params.get("vmInstanceUuid") and not caller.admin:
         access.visible(session, caller, VmInstance, check_uuid(str(params["vmInstanceUuid"]), "vmInstanceUuid"), "VM")
     if name == "changeVolumeBackupState":
@@ -421,9 +425,32 @@ def volume_backup_action(
     return accepted(request, request_fn(session, uuid, params, caller.account_uuid))
 
 
-def _storage_uuids(value: str | None) -> list[str] | None:
-    """``backupStorageUuids=a,b`` of a DELETE: the storages named, or None for all."""
-    return [check_uuid(s, "backupStorageUuid") for s in value.split(",")] if value else None
+def _check_placement(caller: Caller, params: dict[str, Any]) -> None:
+    """The platform places new volumes: only an admin may name their host or file (inside
+    the host's volume roots)."""
+    named = [key for key in ("hostUuid", "installPath") if params.get(key) is not None]
+    if named and not caller.admin:
+        raise Forbidden(detail=f"{' and '.join(named)}: new volumes are placed by the platform (admins may name them)")
+    if params.get("hostUuid") is not None:
+        check_uuid(params["hostUuid"], "hostUuid")
+
+
+def _delete_targets(session: Session, caller: Caller, value: str | None, refs: list[Any]) -> list[str] | None:
+    """The storages a DELETE removes copies from: those named (``backupStorageUuids=a,b``,
+    each one the caller may use), else all (None) for an admin; a member's delete removes only
+    the copies on storage it may act on (offsite copies are deleted by admins)."""
+    if value:
+        targets = [check_uuid(s, "backupStorageUuid") for s in value.split(",")]
+        for target in targets:
+            _check_storage(session, caller, target)
+        return targets
+    if caller.admin:
+        return None
+    usable = {row.uuid for row in session.scalars(access.scope(caller, BackupStorage))}
+    mine = sorted({ref.backupStorageUuid for ref in refs} & usable)
+    if not mine:
+        raise Conflict(detail="every copy of this backup is on storage only an admin may delete from")
+    return mine
 
 
 @router.delete("/volume-backups/{uuid}", status_code=202)
@@ -435,10 +462,8 @@ def delete_volume_backup(
     session: Session = Depends(get_session, scope="function"),
     caller: Caller = Depends(get_caller),
 ) -> JSONResponse:
-    targets = _storage_uuids(backupStorageUuids)
-    access.visible(session, caller, VolumeBackup, check_uuid(uuid, "uuid"), "volume backup")
-    for target in targets or []:
-        _check_storage(session, caller, target)
+    backup = access.visible(session, caller, VolumeBackup, check_uuid(uuid, "uuid"), "volume backup")
+    targets = _delete_targets(session, caller, backupStorageUuids, backup.backupStorageRefs)
     job = backups.request_delete(session, uuid, targets, deleteMode, caller.account_uuid)
     return accepted(request, job)
 
@@ -485,10 +510,8 @@ def delete_vm_backup(
     session: Session = Depends(get_session, scope="function"),
     caller: Caller = Depends(get_caller),
 ) -> JSONResponse:
-    targets = _storage_uuids(backupStorageUuids)
-    _vm_backup(session, caller, uuid)
-    for target in targets or []:
-        _check_storage(session, caller, target)
+    rows = _vm_backup(session, caller, uuid)
+    targets = _delete_targets(session, caller, backupStorageUuids, [r for row in rows for r in row.backupStorageRefs])
     job = backups.request_vm_delete(session, uuid, targets, deleteMode, caller.account_uuid)
     return accepted(request, job)
 
@@ -514,6 +537,7 @@ def database_backup_action(
     caller: Caller = Depends(get_caller),
 ) -> Response:
     name, params = _action(body, ("syncDatabaseBackupFromImageStoreBackupStorage", "recoverDatabaseBackup"))
+    access.require_admin(caller, name)
     row = access.visible(session, caller, DatabaseBackup, check_uuid(uuid, "uuid"), "database backup")
     if name == "recoverDatabaseBackup":
         return accepted(request, dbbackups.request_recover(session, row.uuid, params, caller.account_uuid))
@@ -529,8 +553,9 @@ def delete_database_backup(
     session: Session = Depends(get_session, scope="function"),
     caller: Caller = Depends(get_caller),
 ) -> JSONResponse:
-    targets = _storage_uuids(backupStorageUuids)
-    access.visible(session, caller, DatabaseBackup, check_uuid(uuid, "uuid"), "database backup")
+    access.require_admin(caller, "deleting database backups")
+    row = access.visible(session, caller, DatabaseBackup, check_uuid(uuid, "uuid"), "database backup")
+    targets = _delete_targets(session, caller, backupStorageUuids, row.backupStorageRefs)
     job = backups.request_delete(session, uuid, targets, deleteMode, caller.account_uuid, model=DatabaseBackup)
     return accepted(request, job)
 
@@ -554,8 +579,8 @@ def backup_storage_action(
     caller: Caller = Depends(get_caller),
 ) -> Response:
     name, params = _action(body, STORAGE_ACTIONS)
-    row = access.visible(session, caller, BackupStorage, check_uuid(uuid, "uuid"), "backup storage")
     access.require_admin(caller, name)
+    row = access.visible(session, caller, BackupStorage, check_uuid(uuid, "uuid"), "backup storage")
     if name in ("scanBackupStorage", "reclaimSpaceFromImageStore"):
         return accepted(request, backups.request_storage_job(session, row, name, caller.account_uuid))
     if name == "changeBackupStorageState":
@@ -613,7 +638,8 @@ def vm_action(
         vm.state = params["state"]
     for key in ("qmpSocket", "guestAgentSocket"):
         if key in params:
-            setattr(vm, key, _socket_path(params, key))
+            access.require_admin(caller, f"setting {key}")
+            setattr(vm, key, _socket_path(session, params, key, vm.hostUuid))
     _update(vm, params)
     session.flush()
     return one(session, vm)
@@ -669,22 +695,18 @@ def _vm_backup(session: Session, caller: Caller, uuid: str) -> list[VolumeBackup
     return rows
 
 
-TAGGABLE: tuple[type[Base], ...] = (
-    VmInstance,
-    Volume,
-    VolumeBackup,
-    SchedulerJobGroup,
-    BackupStorage,
-    DatabaseBackup,
-    Host,
-)
+# what a project member may tag: its projects' own rows (shared ones, storage, are admins')
+MEMBER_TAGGABLE: tuple[type[Base], ...] = (VmInstance, Volume, VolumeBackup, SchedulerJobGroup)
 
 
 def _check_taggable(session: Session, caller: Caller, uuid: str) -> None:
-    """Tags go on resources the caller may see; anything else is a 404."""
-    for model in TAGGABLE:
+    """An admin may tag any uuid (ZStack does not check either); a member only its projects'
+    VMs, volumes, backups and job groups: a shared resource it can see is 403, anything else 404."""
+    if caller.admin:
+        return
+    for model in MEMBER_TAGGABLE:
         if session.scalars(access.scope(caller, model).where(model.__mapper__.primary_key[0] == uuid)).first():
             return
-    if caller.admin:
-        return  # an admin may tag any uuid (ZStack does not check either)
+    if session.scalars(access.scope(caller, BackupStorage).where(BackupStorage.uuid == uuid)).first():
+        raise Forbidden(detail=f"backup storage {uuid} is shared: only admins tag it")
     raise NotFound(resource="resource", uuid=uuid)

@@ -20,7 +20,7 @@ from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session
 
 from shared.catalog import db
-from shared.catalog.models import ApiJob, DatabaseBackup, VolumeBackup, new_uuid, now
+from shared.catalog.models import ApiJob, DatabaseBackup, Volume, VolumeBackup, new_uuid, now
 from shared.celery_app import celery_app
 
 log = logging.getLogger(__name__)
@@ -206,6 +206,12 @@ def fail_job(session: Session, job: ApiJob, *, code: str, description: str, deta
             for ref in row.backupStorageRefs:
                 if ref.status == "Creating":
                     ref.status = "Failed"
+    if job.resourceType == Volume.resource_type and job.resourceUuid:
+        # a volume being created (from a backup) that will never be whole: no row is left that
+        # could be backed up, reverted or used, whatever the file at its path is
+        volume = session.get(Volume, job.resourceUuid)
+        if volume is not None and volume.status == "Creating":
+            session.delete(volume)
     target = params.get("dstBackupStorageUuid")
     if target and params.get("backupUuids"):  # a copy that died: its half-made refs are Failed
         for uuid in params["backupUuids"]:

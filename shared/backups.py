@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+import stat
 from collections.abc import Callable, Sequence
 from dataclasses import asdict
 from pathlib import Path
@@ -19,7 +20,7 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from shared import hosts
+from shared import hostpaths, hosts
 from shared.apijobs import enqueue, progress_reporter
 from shared.catalog.models import (
     ApiJob,
@@ -42,7 +43,9 @@ from shared.errors import (
     Conflict,
     InvalidArgument,
     NotFound,
+    PathNotAllowed,
     RepositoryError,
+    VolumeError,
     require,
 )
 from shared.inventory import inventory
@@ -87,6 +90,15 @@ def pick_storage(session: Session, uuid: str | None, *, for_write: bool = True) 
     if for_write and storage.state != "Enabled":
         raise Conflict(detail=f"backup storage {storage.uuid} is {storage.state}")
     return storage
+
+
+def ready_volume(session: Session, uuid: str) -> Volume:
+    """The volume ``uuid``, which must be Ready: a volume being created (or left Failed) is
+    never backed up, reverted or used."""
+    volume: Volume = get(session, Volume, uuid, "volume")
+    if volume.status != "Ready":
+        raise Conflict(detail=f"volume {uuid} is {volume.status}")
+    return volume
 
 
 def _check_vm_stopped(session: Session, volume: Volume, action: str) -> None:
@@ -155,7 +167,7 @@ def _force(params: dict[str, Any]) -> bool:
 
 
 def request_volume_backup(session: Session, volume_uuid: str, params: dict[str, Any], account: str | None) -> ApiJob:
-    volume: Volume = get(session, Volume, volume_uuid, "volume")
+    volume = ready_volume(session, volume_uuid)
     name = params.get("name") or f"backup-{volume.name or volume.uuid[:8]}"
     mode = _mode(params)
     storage = pick_storage(session, params.get("backupStorageUuid"))
@@ -193,6 +205,8 @@ def request_vm_backup(session: Session, root_volume_uuid: str, params: dict[str,
     )
     if any(v.hostUuid != root.hostUuid for v in volumes):
         raise Conflict(detail=f"VM {vm.uuid} has volumes on several hosts")
+    for volume in volumes:
+        ready_volume(session, volume.uuid)
     _connected_host(session, root.hostUuid)
     group = new_uuid()
     name = str(params.get("name") or f"backup-{vm.name or vm.uuid[:8]}")
@@ -242,6 +256,26 @@ def run_volume_backups(session: Session, job: ApiJob) -> dict[str, Any]:
     )
 
 
+def volume_file(session: Session, volume: Volume) -> str:
+    """The real path of ``volume``'s file on this host, checked (shared.hostpaths: inside a
+    volume root, a regular file or block device), and not the file of another registered
+    volume (a symlinked path naming it); the volume must be Ready. What a worker opens."""
+    if volume.status != "Ready":
+        raise Conflict(detail=f"volume {volume.uuid} is {volume.status}")
+    real = str(hostpaths.resolve_volume(volume.installPath, f"volume {volume.uuid}"))
+    if real != volume.installPath:
+        other = session.scalars(
+            select(Volume.uuid).where(
+                Volume.hostUuid == volume.hostUuid, Volume.installPath == real, Volume.uuid != volume.uuid
+            )
+        ).first()
+        if other:
+            raise PathNotAllowed(
+                what=f"volume {volume.uuid}", path=volume.installPath, detail=f"it is the file of volume {other}"
+            )
+    return real
+
+
 def take_backups(
     session: Session,
     rows: list[VolumeBackup],
@@ -259,13 +293,16 @@ def take_backups(
     replicated to every standby that answers. Returns the inventories with the engine's
     stats, and the storage that took them."""
     volumes: list[Volume] = [get(session, Volume, backup.volumeUuid, "volume") for backup in rows]
+    files = {volume.uuid: volume_file(session, volume) for volume in volumes}  # checked before anything opens
     vm = _running_vm(session, volumes[0]) if volumes else None
     _check_backup_allowed(vm, force)
     if vm is not None and vm.qmpSocket:
-        done, storage = _take_live(session, rows, volumes, storage, vm, full=full, job_uuid=job_uuid)
+        done, storage = _take_live(session, rows, volumes, files, storage, vm, full=full, job_uuid=job_uuid)
     else:
         consistency = "crash" if vm is not None else "offline"
-        done, storage = _take_offline(session, rows, volumes, storage, full=full, job_uuid=job_uuid, how=consistency)
+        done, storage = _take_offline(
+            session, rows, volumes, files, storage, full=full, job_uuid=job_uuid, how=consistency
+        )
     refresh_capacity(storage)
     session.commit()
     replicate(session, rows, storage)
@@ -322,6 +359,7 @@ def _take_offline(
     session: Session,
     rows: list[VolumeBackup],
     volumes: list[Volume],
+    files: dict[str, str],
     storage: BackupStorage,
     *,
     full: bool,
@@ -346,7 +384,7 @@ def _take_offline(
                 repo = repo or open_repository(storage)
                 result = backup_volume(
                     repo,
-                    volume.installPath,
+                    files[volume.uuid],
                     full=take_full or (not bitmap and parent is None),
                     parent=parent,
                     bitmap=bitmap,
@@ -372,6 +410,7 @@ def _take_live(
     session: Session,
     rows: list[VolumeBackup],
     volumes: list[Volume],
+    files: dict[str, str],
     storage: BackupStorage,
     vm: VmInstance,
     *,
@@ -381,14 +420,19 @@ def _take_live(
     """The volumes of a Running VM, read from its QEMU at one instant (one transaction across
     its disks). The rows turn Ready together once every manifest is on storage, before the
     dirty bitmaps rotate. A master that fails mid-way: the whole VM again on the standby."""
-    assert vm.qmpSocket
+    monitor = hostpaths.resolve_socket(vm.qmpSocket, f"VM {vm.uuid}'s qmpSocket")
+    agent = (
+        hostpaths.resolve_socket(vm.guestAgentSocket, f"VM {vm.uuid}'s guestAgentSocket")
+        if vm.guestAgentSocket
+        else None
+    )
     done: list[dict[str, Any]] = []
     use_parents = not full
     for attempt in range(3):
         metadata = [_backup_metadata(session, backup, volume) for backup, volume in zip(rows, volumes, strict=True)]
         disks = [
             LiveDisk(
-                path=volume.installPath,
+                path=files[volume.uuid],
                 format=volume.format,
                 name=backup.name,
                 metadata=meta,
@@ -410,11 +454,11 @@ def _take_live(
         try:
             backup_live(
                 open_repository(storage),
-                vm.qmpSocket,
+                monitor,
                 disks,
                 work_dir=get_settings().data_path / "live",
                 full=full,
-                agent_socket=vm.guestAgentSocket,
+                agent_socket=agent,
                 progress=progress_reporter(job_uuid),
                 on_committed=committed,
             )
@@ -711,7 +755,7 @@ def request_revert(session: Session, uuid: str, params: dict[str, Any], account:
     backup = _backup_for_action(session, uuid)
     if backup.state != "Enabled":
         raise Conflict(detail=f"volume backup {uuid} is Disabled")
-    volume: Volume = get(session, Volume, backup.volumeUuid, "volume")
+    volume = ready_volume(session, backup.volumeUuid)
     _check_vm_stopped(session, volume, "revert")
     ref = _ready_ref(backup, params.get("backupStorageUuid") or params.get("backupStrogeUuid"), session)
     _connected_host(session, volume.hostUuid)
@@ -749,7 +793,7 @@ def request_vm_revert(session: Session, group_uuid: str, params: dict[str, Any],
     storages = {r.backupStorageUuid for r in refs}
     if len(storages) != 1:
         raise Conflict(detail=f"VM backup {group_uuid} has no single storage with every volume: name backupStorageUuid")
-    volumes = [get(session, Volume, b.volumeUuid, "volume") for b in backups]
+    volumes = [ready_volume(session, b.volumeUuid) for b in backups]
     for volume in volumes:
         _check_vm_stopped(session, volume, "revert")
     host = volumes[0].hostUuid
@@ -772,8 +816,10 @@ def _manifest_id(ref: AnyRef) -> str:
 
 
 def run_revert(session: Session, job: ApiJob) -> dict[str, Any]:
-    """Revert each volume to its backup: restore beside the volume, then rename over it, so
-    a volume is either untouched or wholly reverted."""
+    """Revert each volume to its backup, on the volume's real file (a symlinked volume's
+    target, checked inside the host's volume roots): a regular file is restored beside itself
+    and renamed over itself with its owner and mode, so it is either untouched or wholly
+    reverted; a block device is written in place."""
     params = job.params or {}
     uuids = params.get("backupUuids") or [params["backupUuid"]]
     report = progress_reporter(job.uuid)
@@ -783,15 +829,25 @@ def run_revert(session: Session, job: ApiJob) -> dict[str, Any]:
         volume: Volume = get(session, Volume, backup.volumeUuid, "volume")
         _check_vm_stopped(session, volume, "revert")
         storage, ref = copy_on(session, backup, params["backupStorageUuid"])
-        target = Path(volume.installPath)
-        staging = target.with_name(f".{target.name}.revert-{job.uuid[:8]}{target.suffix}")
-        staging.unlink(missing_ok=True)
+        target = Path(volume_file(session, volume))
 
         def scaled(d: int, t: int, i: int = index) -> None:
             report(i * 1000 + (d * 1000 // t if t else 0), len(uuids) * 1000)
 
-        restore_backup(open_repository(storage), _manifest_id(ref), str(staging), progress=scaled)
-        os.replace(staging, target)  # the volume switches to the backup's content in one step
+        repo, manifest_id = open_repository(storage), _manifest_id(ref)
+        before = target.stat()
+        if stat.S_ISBLK(before.st_mode):
+            if volume.format != "raw":
+                raise VolumeError(path=volume.installPath, detail="only raw volumes on block devices are reverted")
+            restore_backup(repo, manifest_id, str(target), progress=scaled, in_place=True)
+        else:
+            suffix = ".qcow2" if volume.format == "qcow2" else ".raw"
+            staging = target.with_name(f".{target.name}.revert-{job.uuid[:8]}{suffix}")
+            staging.unlink(missing_ok=True)
+            restore_backup(repo, manifest_id, str(staging), progress=scaled, fmt=volume.format)
+            os.chown(staging, before.st_uid, before.st_gid)
+            os.chmod(staging, stat.S_IMODE(before.st_mode))
+            os.replace(staging, target)  # the volume switches to the backup's content in one step
         volume.size = backup.size
         session.commit()
         reverted.append(inventory(session, volume))
@@ -809,48 +865,43 @@ def _check_delete_mode(mode: str) -> None:
         raise InvalidArgument(detail="deleteMode must be Permissive or Enforcing")
 
 
-def _new_volume_place(params: dict[str, Any], source: Volume | None, vm: VmInstance | None) -> dict[str, Any]:
-    """Where a volume made from a backup goes when the request does not say (ZStack's message
-    has no hostUuid or installPath): the host of the VM it joins, else of the backed-up
-    volume; a new file named by a fresh uuid beside the backed-up volume's file, in its format."""
-    place: dict[str, Any] = {}
-    if not params.get("hostUuid"):
-        host = (vm.hostUuid if vm else None) or (source.hostUuid if source else None)
-        if not host:
-            raise InvalidArgument(detail="hostUuid is required: the backup's volume is no longer registered")
-        place["hostUuid"] = host
-    if not params.get("installPath"):
-        if source is None:
-            raise InvalidArgument(detail="installPath is required: the backup's volume is no longer registered")
-        fmt = params.get("format") or source.format
-        suffix = ".qcow2" if fmt == "qcow2" else ".raw"
-        place["installPath"] = str(Path(source.installPath).parent / f"{new_uuid()}{suffix}")
-    return place
-
-
 def request_create_volume(session: Session, uuid: str, params: dict[str, Any], account: str | None) -> ApiJob:
+    """createDataVolumeFromVolumeBackup: a new volume, placed by the platform: on the host of
+    the VM it joins, else of the backed-up volume (an admin may name ``hostUuid``), as
+    ``<volume uuid>.<format>`` beside the backed-up volume's file when that lies in one of the
+    host's volume roots, else in its first root (an admin may name an ``installPath`` inside a
+    root). The row is ``Creating`` until the worker has written every byte; a failed create
+    leaves no row."""
     backup = _backup_for_action(session, uuid)
     require(params, "name")
-    source = session.get(Volume, backup.volumeUuid)
-    target_vm = session.get(VmInstance, params["vmInstanceUuid"]) if params.get("vmInstanceUuid") else None
-    params = {**params, **_new_volume_place(params, source, target_vm)}
-    path = str(params["installPath"])
-    if not path.startswith("/"):
-        raise InvalidArgument(detail="installPath must be an absolute path on the host")
-    fmt = params.get("format") or ("qcow2" if path.endswith(".qcow2") else "raw")
+    source: Volume | None = session.get(Volume, backup.volumeUuid)
+    vm_uuid = params.get("vmInstanceUuid")
+    target_vm: VmInstance | None = get(session, VmInstance, vm_uuid, "VM instance") if vm_uuid else None
+    host_uuid = params.get("hostUuid") or (target_vm.hostUuid if target_vm else None) or (source and source.hostUuid)
+    if not host_uuid:
+        raise InvalidArgument(detail="hostUuid is required: the backup's volume is no longer registered")
+    host: Host = get(session, Host, str(host_uuid), "host")
+    if target_vm is not None and target_vm.hostUuid and target_vm.hostUuid != host.uuid:
+        raise Conflict(detail=f"VM {target_vm.uuid} runs on host {target_vm.hostUuid}, not on {host.uuid}")
+    volume_uuid = new_uuid()
+    if params.get("installPath") is not None:
+        path = hostpaths.require_under(params["installPath"], host.volumeRoots, "installPath", host.uuid)
+        fmt = params.get("format") or ("qcow2" if path.endswith(".qcow2") else "raw")
+    else:
+        fmt = params.get("format") or (source.format if source else "raw")
+        near = source.installPath if source is not None and source.hostUuid == host.uuid else None
+        path = hostpaths.new_volume_path(hostpaths.reported_roots(host), volume_uuid, str(fmt), near)
     if fmt not in ("raw", "qcow2") or (fmt == "qcow2") != path.endswith(".qcow2"):
         raise InvalidArgument(detail="format must be raw or qcow2, and qcow2 paths end in .qcow2")
-    if params.get("vmInstanceUuid"):
-        get(session, VmInstance, params["vmInstanceUuid"], "VM instance")
-    ensure_path_free(session, params["hostUuid"], path)
+    ensure_path_free(session, host.uuid, path)
     ref = _ready_ref(backup, params.get("backupStorageUuid"), session)
-    _connected_host(session, params["hostUuid"])
+    _connected_host(session, host.uuid)
     volume = Volume(
-        uuid=new_uuid(),
+        uuid=volume_uuid,
         name=str(params["name"]),
         description=params.get("description"),
-        hostUuid=params["hostUuid"],
-        vmInstanceUuid=params.get("vmInstanceUuid"),
+        hostUuid=host.uuid,
+        vmInstanceUuid=target_vm.uuid if target_vm else None,
         # the new volume belongs where its data came from (or to the VM it joins)
         projectUuid=(target_vm.projectUuid if target_vm else None) or _project_of(session, source),
         type="Data",
@@ -865,11 +916,11 @@ def request_create_volume(session: Session, uuid: str, params: dict[str, Any], a
         session,
         "createDataVolumeFromVolumeBackup",
         task="blockvault.volume.create_from_backup",
-        queue=host_queue(params["hostUuid"]),
+        queue=host_queue(host.uuid),
         params={"backupUuid": uuid, "backupStorageUuid": ref.backupStorageUuid, "volumeUuid": volume.uuid},
         resource_uuid=volume.uuid,
         resource_type=Volume.resource_type,
-        host_uuid=params["hostUuid"],
+        host_uuid=host.uuid,
         account_uuid=account,
     )
 
@@ -887,13 +938,10 @@ def run_create_volume(session: Session, job: ApiJob) -> dict[str, Any]:
     backup: VolumeBackup = get(session, VolumeBackup, params["backupUuid"], "volume backup")
     volume: Volume = get(session, Volume, params["volumeUuid"], "volume")
     storage, ref = copy_on(session, backup, params["backupStorageUuid"])
-    try:
-        restore_backup(
-            open_repository(storage), _manifest_id(ref), volume.installPath, progress=progress_reporter(job.uuid)
-        )
-    except Exception:
-        volume.status = "Failed"
-        raise
+    if volume.status != "Creating":
+        raise Conflict(detail=f"volume {volume.uuid} is {volume.status}, not being created")
+    target = hostpaths.resolve_new_volume(volume.installPath)  # a failure fails the job: the row goes
+    restore_backup(open_repository(storage), _manifest_id(ref), str(target), progress=progress_reporter(job.uuid))
     volume.status = "Ready"
     return inventory(session, volume)
 

@@ -123,6 +123,14 @@ class TargetExists(VolumeError):
     http_status = 409
 
 
+class PathNotAllowed(BlockvaultError):
+    """{what} {path} is not allowed: {detail}"""
+
+    code = "PATH_NOT_ALLOWED"
+    http_status = 400
+    exit_code = 2
+
+
 class MonitorError(BlockvaultError):
     """QEMU monitor {socket}: {detail}"""
 

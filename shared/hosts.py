@@ -13,6 +13,7 @@ from pathlib import Path
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from shared import hostpaths
 from shared.catalog.models import ApiJob, Host, aware, now
 from shared.config import get_settings
 
@@ -45,13 +46,17 @@ def _management_ip() -> str:
 
 
 def register(session: Session, host_uuid: str) -> Host:
-    """Create or refresh this host's row; it is Connected from now on."""
+    """Create or refresh this host's row with its volume roots and VM socket folder; it is
+    Connected from now on. UsageError (the worker does not start) for bad roots."""
+    roots, sockets = hostpaths.volume_roots(), hostpaths.socket_dir()
     host = session.get(Host, host_uuid)
     if host is None:
         host = Host(uuid=host_uuid, name=socket.gethostname())
         session.add(host)
     host.hostname = socket.gethostname()
     host.managementIp = _management_ip()
+    host.volumeRoots = roots
+    host.vmSocketDir = sockets
     host.status = "Connected"
     host.lastHeartbeat = now()
     return host

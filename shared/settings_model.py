@@ -30,6 +30,10 @@ class Settings(BaseSettings):
     session_timeout_seconds: int = Field(default=7200, ge=1)  # a LogInByAccount session's life
     max_body_bytes: int = Field(default=1024 * 1024, ge=1)  # larger request bodies get 413
     host_uuid: str | None = None
+    # the folders a worker may open volumes in, ``:``-separated (default <data dir>/volumes),
+    # and the folder of its VMs' QEMU monitor and guest agent sockets (shared.hostpaths)
+    volume_roots: str | None = None
+    vm_socket_dir: Path | None = None
     api_url: str = "http://127.0.0.1:8080"
     api_key: SecretStr | None = None
     passphrase: SecretStr | None = None

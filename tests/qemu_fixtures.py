@@ -403,6 +403,67 @@ def _shared_libraries(binary: str) -> list[str]:
     return sorted(set(re.findall(r"(/\S+) \(0x", out)))
 
 
+class _Relay:
+    """A UNIX socket at ``path`` whose every connection is joined, byte for byte both ways, to
+    the socket ``target``: the chrooted agent's socket (only reachable as
+    ``/proc/<pid>/root/qga.sock``) as a real socket file in the test's folder, where
+    blockvault's socket-folder check finds it inside the folder (a symlink into ``/proc``
+    resolves outside any folder, and blockvault refuses it)."""
+
+    def __init__(self, path: Path, target: str) -> None:
+        self.path, self.target = path, target
+        self.server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.server.bind(str(path))
+        self.server.listen(8)
+        threading.Thread(target=self._serve, daemon=True, name="qga-relay").start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                client, _ = self.server.accept()
+            except OSError:  # closed
+                return
+            upstream = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                upstream.connect(self.target)
+            except OSError:
+                client.close()
+                upstream.close()
+                continue
+            ends = [2]
+            lock = threading.Lock()
+            for source, sink in ((client, upstream), (upstream, client)):
+                args = (source, sink, ends, lock, (client, upstream))
+                threading.Thread(target=self._pump, args=args, daemon=True).start()
+
+    @staticmethod
+    def _pump(
+        source: socket.socket,
+        sink: socket.socket,
+        ends: list[int],
+        lock: threading.Lock,
+        both: tuple[socket.socket, socket.socket],
+    ) -> None:
+        try:
+            while data := source.recv(65536):
+                sink.sendall(data)
+        except OSError:
+            pass
+        finally:
+            with contextlib.suppress(OSError):
+                sink.shutdown(socket.SHUT_WR)
+            with lock:
+                ends[0] -= 1
+                last = ends[0] == 0
+            if last:
+                for sock in both:
+                    sock.close()
+
+    def close(self) -> None:
+        self.server.close()
+        self.path.unlink(missing_ok=True)
+
+
 class GuestAgent:
     """A real ``qemu-ga`` listening on a unix socket, unable to freeze this host's filesystems.
 
@@ -423,9 +484,10 @@ class GuestAgent:
     ``{"error": {"class": "CommandNotFound", "desc": "Command guest-fsfreeze-freeze has been
     disabled"}}``.
 
-    ``socket_path`` is ``<folder>/qga.sock``, a symlink to ``/proc/<pid>/root/qga.sock``
-    (``proc_socket_path``) that stays valid across ``stop()``/``start()``. qemu-ga serves one
-    client at a time; others wait until it hangs up.
+    ``socket_path`` is ``<folder>/qga.sock``, a socket relayed to ``/proc/<pid>/root/qga.sock``
+    (``proc_socket_path``, see :class:`_Relay`); it is gone while the agent is stopped and back
+    at the same path after ``start()``. qemu-ga serves one client at a time; others wait until
+    it hangs up.
     """
 
     def __init__(self, folder: Path, *, block_freeze: bool = False) -> None:
@@ -438,6 +500,7 @@ class GuestAgent:
         _check_socket_path(self.link)
         self.proc: subprocess.Popen[bytes] | None = None
         self._checked = False
+        self._relay: _Relay | None = None
 
     @property
     def pid(self) -> int | None:
@@ -487,10 +550,14 @@ class GuestAgent:
             self.kill()
             raise
         self._checked = True
-        tmp = self.folder / f".qga.sock.{uuid.uuid4().hex}"
-        tmp.symlink_to(f"/proc/{self.proc.pid}/root/qga.sock")
-        tmp.replace(self.link)
+        self._relay = _Relay(self.link, f"/proc/{self.proc.pid}/root/qga.sock")
         return self
+
+    def _close_relay(self) -> None:
+        if self._relay is not None:
+            self._relay.close()
+            self._relay = None
+        self.link.unlink(missing_ok=True)
 
     def _wait_listening(self) -> None:
         assert self.proc is not None
@@ -518,7 +585,7 @@ class GuestAgent:
 
     def kill(self) -> None:
         self._checked = False
-        self.link.unlink(missing_ok=True)
+        self._close_relay()
         if self.proc is not None and self.proc.poll() is None:
             self.proc.send_signal(signal.SIGKILL)
             self.proc.wait(30)
@@ -526,7 +593,7 @@ class GuestAgent:
     def stop(self) -> None:
         """SIGTERM (qemu-ga thaws and exits), SIGKILL after 10 s."""
         self._checked = False
-        self.link.unlink(missing_ok=True)
+        self._close_relay()
         if self.proc is not None and self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
             try:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import stat
 import subprocess
 import threading
 from pathlib import Path
@@ -90,8 +91,9 @@ def test_kill_restart_and_quit(qemu_vm: VmFactory, tmp_path: Path) -> None:
 
 
 def test_agent_freeze_thaw_round_trip(guest_agent: GuestAgent, tmp_path: Path) -> None:
-    assert os.path.islink(guest_agent.socket_path)
-    assert os.readlink(guest_agent.socket_path) == guest_agent.proc_socket_path
+    assert stat.S_ISSOCK(os.stat(guest_agent.socket_path).st_mode)  # a real socket: the relay
+    assert os.path.realpath(guest_agent.socket_path) == guest_agent.socket_path
+    assert os.path.exists(guest_agent.proc_socket_path)
     assert guest_agent.execute("guest-ping") == {"return": {}}
     assert guest_agent.execute("guest-fsfreeze-status") == {"return": "thawed"}
     assert guest_agent.execute("guest-fsfreeze-freeze") == {"return": 0}

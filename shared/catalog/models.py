@@ -53,6 +53,9 @@ class Host(Resource, Base):
     state: Mapped[str] = mapped_column(String(32), default="Enabled")
     status: Mapped[str] = mapped_column(String(32), default="Connected")
     lastHeartbeat: Mapped[datetime | None] = mapped_column()
+    # what its worker reported (real paths): where volumes may be, where VM sockets are
+    volumeRoots: Mapped[list[str] | None] = mapped_column(JSON, default=None)
+    vmSocketDir: Mapped[str | None] = mapped_column(Text, default=None)
 
 
 class VmInstance(Resource, Base):

@@ -210,7 +210,7 @@ def _rest_put(wire: Wire, path: str, body: dict[str, Any]) -> dict[str, Any]:
 def test_scheduler_steps_make_the_rows_of_the_rest_shortcut(wire: Wire, tmp_path: Path) -> None:
     host = new_uuid()
     with db.session() as session:
-        session.add(Host(uuid=host, name="h1", managementIp="127.0.0.1"))
+        session.add(Host(uuid=host, name="h1", managementIp="127.0.0.1", volumeRoots=[str(tmp_path)]))
     volumes = [
         wire.rest("POST", "/volumes", hostUuid=host, installPath=str(tmp_path / f"v{i}.raw"), name=f"v{i}")[
             "inventory"

@@ -39,6 +39,9 @@ class Stack:
             BLOCKVAULT_DATABASE_URL=database_url,
             BLOCKVAULT_BROKER_URL=broker_url,
             BLOCKVAULT_DATA_DIR=str(tmp / "data"),
+            # the test's folder holds its volumes and VM sockets (tmp/data stays out of reach)
+            BLOCKVAULT_VOLUME_ROOTS=str(tmp),
+            BLOCKVAULT_VM_SOCKET_DIR=str(tmp),
             BLOCKVAULT_ADMIN_API_KEY=self.key,
             BLOCKVAULT_HEARTBEAT_SECONDS="1",
             BLOCKVAULT_HOST_TIMEOUT_SECONDS="6",

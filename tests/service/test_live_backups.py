@@ -157,10 +157,11 @@ def test_a_running_vm_without_a_monitor_needs_force_and_bad_sockets_are_refused(
     with pytest.raises(ApiError) as bad_force:
         client.backup_volume(root["uuid"], force="yes")
     assert bad_force.value.status == 400
-    for bad in ("relative/qmp.sock", 7, "/nul\0byte"):
+    paths = ("relative/qmp.sock", 7, "/run/other-tenant.sock", f"{stack.tmp}/../x.sock", f"{stack.tmp}/./q.sock")
+    for bad, code in [*((p, "PATH_NOT_ALLOWED") for p in paths), ("/nul\0byte", "INVALID_ARGUMENT")]:
         with pytest.raises(ApiError) as bad_socket:
             client.register_vm("bad", hostUuid=host, state="Running", qmpSocket=bad)
-        assert bad_socket.value.status == 400 and bad_socket.value.code == "INVALID_ARGUMENT"
+        assert bad_socket.value.status == 400 and bad_socket.value.code == code, bad
     with pytest.raises(ApiError) as bad_update:
         client.action("vm-instances", vm["uuid"], "updateVmInstance", {"guestAgentSocket": "agent.sock"})
     assert bad_update.value.status == 400

@@ -317,7 +317,7 @@ def test_remote_and_cloud_copies_recovery_and_scan_into_a_fresh_catalog(
         imported = c2.get("volume-backups", by_type["Root"]["uuid"])
         assert (imported["status"], imported["groupUuid"], imported["name"]) == ("Ready", group, "incr")
         assert c2.wait(c2.scan_storage(remote2["uuid"]), timeout=120)["imported"] == []
-        restored = stack.tmp / "site2-root.raw"
+        restored = stack.tmp / "site2" / "root.raw"  # inside that site host's volume roots
         c2.wait(
             c2.create_volume_from_backup(imported["uuid"], name="r", hostUuid=host2, installPath=str(restored)),
             timeout=120,
