@@ -9,11 +9,13 @@ IP presenting too many bad keys is locked out for a while (429), and request bod
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from typing import Any, Literal
+from urllib.parse import unquote
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -147,6 +149,94 @@ class BodyLimit:
                 await self._refuse(scope, receive, send)
 
 
+MAX_JSON_DEPTH = 64
+
+
+def _bad_text(text: str) -> str | None:
+    """Why ``text`` cannot be stored or answered: a NUL or a lone surrogate; None when fine."""
+    if "\0" in text:
+        return "contains a NUL character"
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return "is not valid Unicode (a lone surrogate)"
+    return None
+
+
+def json_problem(value: Any) -> str | None:
+    """What makes a parsed JSON value unacceptable anywhere in the API (nesting deeper than
+    ``MAX_JSON_DEPTH``, a string or key with NUL or a lone surrogate); None when fine. Walks
+    with its own stack, so no input can exhaust the interpreter's."""
+    stack: list[tuple[Any, int]] = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if depth > MAX_JSON_DEPTH:
+            return f"the JSON is nested deeper than {MAX_JSON_DEPTH} levels"
+        if isinstance(item, str):
+            reason = _bad_text(item)
+            if reason:
+                return f"a string {reason}"
+        elif isinstance(item, dict):
+            for key, child in item.items():
+                reason = _bad_text(key)
+                if reason:
+                    return f"a key {reason}"
+                stack.append((child, depth + 1))
+        elif isinstance(item, list):
+            stack.extend((child, depth + 1) for child in item)
+    return None
+
+
+class InputGuard:
+    """400 ``INVALID_ARGUMENT`` before any route runs for input no route can store or answer:
+    a path or query string with NUL, or a JSON body nested too deeply or with NUL / broken
+    Unicode in a string. A body that is not JSON is passed on (the route says what it wants)."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        reason = _bad_text(scope.get("path", "")) or _bad_text(
+            unquote(scope.get("query_string", b"").decode("latin-1"))
+        )
+        if reason:
+            await self._refuse(scope, receive, send, f"the URL {reason}")
+            return
+        messages: list[Message] = []
+        body = b""
+        if scope.get("method") in ("POST", "PUT", "PATCH", "DELETE"):
+            while True:
+                message = await receive()
+                messages.append(message)
+                body += message.get("body", b"")
+                if message["type"] != "http.request" or not message.get("more_body"):
+                    break
+        if body.lstrip()[:1] in (b"{", b"["):
+            try:
+                problem = json_problem(json.loads(body))
+            except RecursionError:
+                problem = f"the JSON is nested deeper than {MAX_JSON_DEPTH} levels"
+            except ValueError:
+                problem = None  # not JSON after all: the route answers that
+            if problem:
+                await self._refuse(scope, receive, send, problem)
+                return
+
+        async def replay() -> Message:
+            return messages.pop(0) if messages else await receive()
+
+        await self.app(scope, replay, send)
+
+    @staticmethod
+    async def _refuse(scope: Scope, receive: Receive, send: Send, reason: str) -> None:
+        await JSONResponse(error_body("INVALID_ARGUMENT", f"invalid request: {reason}"), status_code=400)(
+            scope, receive, send
+        )
+
+
 @asynccontextmanager
 async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
     db.migrate()
@@ -167,6 +257,7 @@ def create_app() -> FastAPI:
         title="blockvault", version="1", lifespan=lifespan, openapi_url="/openapi.json", responses=ERROR_RESPONSES
     )
     app.state.auth_failures = FailureWindow(settings.auth_max_failures, settings.auth_failure_window_seconds)
+    app.add_middleware(InputGuard)  # inside BodyLimit: it reads at most the limit
     app.add_middleware(BodyLimit, limit=settings.max_body_bytes)
 
     @app.exception_handler(BlockvaultError)
