@@ -25,6 +25,7 @@ from fastapi import APIRouter, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, ValidationError, create_model
+from sqlalchemy.orm import Session
 
 from shared.catalog import db
 from shared.catalog.models import ApiJob, new_uuid
@@ -779,6 +780,8 @@ def _result(request: Request, uuid: str) -> JSONResponse:
 
     with db.session() as session:
         job = session.get(ApiJob, uuid) if JOB_UUID.fullmatch(uuid) else None
+        if job is not None and not _may_see(request, session, job):
+            job = None
         if job is None:
             return JSONResponse(error_body("NOT_FOUND", f"no API job {uuid[:64]}"), status_code=404)
         status, body = job_answer(session, job)
@@ -794,6 +797,17 @@ def _result(request: Request, uuid: str) -> JSONResponse:
             event.update(extra)
         return JSONResponse({"uuid": uuid, "state": "Done", "result": json.dumps({event_class: event})})
     return JSONResponse({"uuid": uuid, "state": "Error", "error": body["error"]})
+
+
+def _may_see(request: Request, session: Session, job: ApiJob) -> bool:
+    """Who may read a job's result here: with a session (``Authorization: OAuth <session>``,
+    as ZStack's SDKs send it) the job's owner or an admin; without one, only a job started by
+    a wire message, whose random uuid its caller alone was told (REST and scheduled jobs need
+    a session)."""
+    if request.headers.get("authorization"):
+        caller = get_caller(request, session)
+        return caller.admin or job.accountUuid == caller.account_uuid
+    return job.zstackClass is not None
 
 
 @router.get("/zstack/api/result/{uuid}", include_in_schema=False)

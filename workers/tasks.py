@@ -9,7 +9,6 @@ job runs, the engine's included, names its API job and Celery task (``job=... ta
 from __future__ import annotations
 
 import logging
-import traceback
 from collections.abc import Callable
 from typing import Any
 
@@ -105,13 +104,13 @@ def job_task(name: str) -> Callable[[Runner], Task]:
                     session.rollback()
                     job = session.get(ApiJob, job_uuid)
                     assert job is not None
-                    log.exception("job.crashed uuid=%s", job_uuid)
+                    log.exception("job.crashed uuid=%s", job_uuid)  # the traceback: in the log only
                     fail_job(
                         session,
                         job,
                         code="INTERNAL_ERROR",
-                        description=f"{type(exc).__name__}: {exc}",
-                        details=traceback.format_exc(limit=5)[-2000:],
+                        description=f"{type(exc).__name__}: {exc}"[:2000],
+                        details=type(exc).__name__,
                     )
                     return
                 finish_job(session, job, result)
