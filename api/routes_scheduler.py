@@ -39,14 +39,17 @@ def _trigger(session: Session, uuid: str, caller: Caller) -> SchedulerTrigger:
 
 
 def _check_job_data(session: Session, caller: Caller, params: dict[str, Any]) -> None:
-    """A member's group copies only to storage it may use, and never backs up the catalog."""
+    """A member's group (or job) copies only to storage it may use, and never backs up the
+    catalog; ``params`` in :func:`jobgroups.group_params`' spelling. A jobData that is not an
+    object is left to the validation that follows (400)."""
     if caller.admin:
         return
-    if params.get("type") == "databaseBackup":
-        access.require_admin(caller, "a databaseBackup job group")
+    if params.get("type") in jobgroups.ADMIN_JOB_TYPES:
+        access.require_admin(caller, f"a {params['type']} job group")
     data = params.get("parameters") or {}
-    for uuid in (data.get("backupStorageUuids") or []) if isinstance(data, dict) else []:
-        access.visible(session, caller, BackupStorage, check_uuid(str(uuid), "backupStorageUuid"), "backup storage")
+    storages = data.get("backupStorageUuids") if isinstance(data, dict) else None
+    for uuid in storages if isinstance(storages, list) else []:
+        access.visible(session, caller, BackupStorage, check_uuid(uuid, "backupStorageUuid"), "backup storage")
 
 
 def _check_targets(session: Session, caller: Caller, group: SchedulerJobGroup, targets: Any) -> None:
@@ -70,9 +73,10 @@ def _ok(data: dict[str, Any]) -> JSONResponse:
 def create_group(
     body: Envelope, session: Session = Depends(get_session, scope="function"), caller: Caller = Depends(get_caller)
 ) -> JSONResponse:
-    _check_job_data(session, caller, body.params)
-    project = access.project_for(caller, body.params.get("projectUuid"))
-    group = jobgroups.create_group(session, {k: v for k, v in body.params.items() if k != "projectUuid"})
+    params = jobgroups.group_params(body.params)
+    _check_job_data(session, caller, params)
+    project = access.project_for(caller, params.get("projectUuid"))
+    group = jobgroups.create_group(session, {k: v for k, v in params.items() if k != "projectUuid"})
     group.projectUuid = project
     return _ok(group_inventory(session, group))
 
@@ -85,9 +89,9 @@ def group_action(
     caller: Caller = Depends(get_caller),
 ) -> JSONResponse:
     name, params = _action(body, ("updateSchedulerJobGroup", "runSchedulerJobGroup", "changeSchedulerJobGroupState"))
+    params = jobgroups.group_params(params)
     group = _group(session, uuid, caller)
-    if isinstance(params.get("parameters"), dict):
-        _check_job_data(session, caller, {"parameters": params["parameters"]})
+    _check_job_data(session, caller, {"type": group.jobType, **params})
     if name == "runSchedulerJobGroup":
         created = jobgroups.run_now(session, group)
         return JSONResponse({"inventory": {**group_inventory(session, group), "jobsStarted": created}, "success": True})
@@ -173,7 +177,7 @@ def create_job(
     """ZStack's CreateSchedulerJob: ``name``, ``description``, ``targetResourceUuid``, ``type``
     (volumeBackup|vmBackup), ``parameters`` (jobData), ``projectUuid``; in no group until
     ``POST /v1/scheduler/jobgroups/{uuid}/jobs {schedulerJobUuids}``."""
-    p = body.params
+    p = jobgroups.group_params(body.params)
     _check_job_data(session, caller, p)
     target = p.get("targetResourceUuid")
     if not caller.admin:
@@ -196,9 +200,9 @@ def job_action(
     caller: Caller = Depends(get_caller),
 ) -> JSONResponse:
     _name, params = _action(body, ("updateSchedulerJob",))
+    params = jobgroups.group_params(params)
     job = _job(session, uuid, caller)
-    if isinstance(params.get("parameters"), dict):
-        _check_job_data(session, caller, {"parameters": params["parameters"]})
+    _check_job_data(session, caller, {"type": job.jobType, **params})
     jobgroups.update_job(session, job, params)
     session.flush()
     return _ok(inventory(session, job))

@@ -47,6 +47,7 @@ from shared.storage import current_master
 
 log = logging.getLogger(__name__)
 JOB_TYPES = ("volumeBackup", "vmBackup", "databaseBackup")
+ADMIN_JOB_TYPES = ("databaseBackup",)  # they touch every project's rows: admins' groups only
 JOB_DATA_KEYS = {"backupStorageUuids", "fullBackupInterval", "retention", "bandwidthLimit"}
 RETENTION_KEYS = {"keepLast", "keepDaily", "keepWeekly", "keepMonthly"}
 ID_NAMESPACE = uuidlib.UUID("6b1f0f7e-8d5c-4c43-9a57-0c0de5b10c4b")
@@ -100,11 +101,27 @@ def check_job_data(session: Session, data: Any) -> dict[str, Any]:
 
 
 get = backups.get
+ALIASES = {"jobType": "type", "jobData": "parameters"}  # the inventory's names for ZStack's
+
+
+def group_params(params: dict[str, Any]) -> dict[str, Any]:
+    """A job group's (or scheduler job's) request parameters in one spelling, ZStack's
+    ``type`` and ``parameters``: the inventory's ``jobType``/``jobData`` are read as those, and
+    both spellings of one key at once are a 400. Every check (permissions included) runs on
+    what this returns, so no spelling slips past one."""
+    out = dict(params)
+    for alias, key in ALIASES.items():
+        if alias in out:
+            if key in out:
+                raise InvalidArgument(detail=f"give {key} or {alias}, not both")
+            out[key] = out.pop(alias)
+    return out
 
 
 # -- groups, targets, triggers ------------------------------------------------------------------
 def create_group(session: Session, params: dict[str, Any]) -> SchedulerJobGroup:
-    name, kind = params.get("name"), params.get("type") or params.get("jobType")
+    """A job group from :func:`group_params`' parameters."""
+    name, kind = params.get("name"), params.get("type")
     if not isinstance(name, str) or not name:
         raise InvalidArgument(detail="name is required")
     if kind not in JOB_TYPES:
@@ -113,7 +130,7 @@ def create_group(session: Session, params: dict[str, Any]) -> SchedulerJobGroup:
         name=name,
         description=params.get("description"),
         jobType=kind,
-        jobData=check_job_data(session, params.get("parameters", params.get("jobData"))),
+        jobData=check_job_data(session, params.get("parameters")),
     )
     session.add(group)
     session.flush()
@@ -134,8 +151,7 @@ def update_group(session: Session, group: SchedulerJobGroup, params: dict[str, A
 
 def _check_target(session: Session, group: SchedulerJobGroup, uuid: str) -> str:
     if group.jobType == "volumeBackup":
-        volume: Volume = get(session, Volume, uuid, "volume")
-        return volume.name
+        return backups.ready_volume(session, uuid).name
     if group.jobType == "vmBackup":
         vm: VmInstance = get(session, VmInstance, uuid, "VM instance")
         return vm.name
@@ -169,11 +185,7 @@ def create_job(session: Session, params: dict[str, Any]) -> SchedulerJob:
     """A SchedulerJob of its own, in no group yet (ZStack's CreateSchedulerJob): ``name``,
     ``description``, ``targetResourceUuid``, ``type`` (volumeBackup|vmBackup), ``parameters``
     (jobData, kept on the job: the runs use its group's). :func:`add_jobs` puts it in a group."""
-    name, kind, target = (
-        params.get("name"),
-        params.get("type") or params.get("jobType"),
-        params.get("targetResourceUuid"),
-    )
+    name, kind, target = params.get("name"), params.get("type"), params.get("targetResourceUuid")
     if not isinstance(name, str) or not name:
         raise InvalidArgument(detail="name is required")
     if kind not in JOB_TYPES:
