@@ -3,9 +3,11 @@ a server killed and restarted, and whole repositories (backup, restore, sync) ov
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -60,8 +62,9 @@ def test_append_only_adds_but_never_overwrites_or_deletes(start_storage_server: 
     with pytest.raises(BackendForbidden):
         appender.delete("chunks/aa/aa1")
     assert appender.get("chunks/aa/aa1") == b"first"
-    appender.put("locks/l1", b"lock")  # lock files: write, refresh, remove
-    appender.put("locks/l1", b"lock refreshed")
+    lock = {"kind": "shared", "purpose": "backup", "host": "h", "pid": 1, "pstart": "1", "created": time.time()}
+    appender.put("locks/l1", json.dumps({**lock, "refreshed": lock["created"]}).encode())  # lock files: write,
+    appender.put("locks/l1", json.dumps({**lock, "refreshed": time.time()}).encode())  # refresh, remove
     appender.delete("locks/l1")
     assert not appender.exists("locks/l1")
     admin = server.backend("repo", token="admin-secret-1")
