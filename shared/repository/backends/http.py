@@ -142,6 +142,8 @@ def invalid_key(key: str) -> str | None:
 class HttpBackend(Backend):
     """Objects on a storage server, over one pooled, thread-safe HTTP/1.1 client."""
 
+    foreign_writers = True  # other sites' and hosts' tokens add objects there too
+
     def __init__(
         self,
         url: str,

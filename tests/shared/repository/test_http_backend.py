@@ -226,6 +226,7 @@ def test_sync_into_http_sends_only_what_is_missing_after_a_kill(
     resumed = server.stats()["bytesReceived"] - received
     assert report.backups == [backup.id]
     assert report.chunksCopied == len(chunks) - len(present)
+    assert report.chunksVerified == 0  # a plain target: its server checked what it holds
     assert missing_bytes + manifest <= resumed <= missing_bytes + manifest + overhead
     assert target.manifest_ids() == [backup.id]
 
