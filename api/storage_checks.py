@@ -25,7 +25,7 @@ import json
 import os
 import re
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -49,13 +49,16 @@ Check = Callable[[Path], None]
 
 class Refused(Exception):
     """A request the server answers with ``status``, the error name ``error`` (the status's
-    name unless given) and ``detail``."""
+    name unless given), ``detail`` and ``headers``."""
 
-    def __init__(self, status: Status, detail: str, error: str | None = None) -> None:
+    def __init__(
+        self, status: Status, detail: str, error: str | None = None, headers: Mapping[str, str] | None = None
+    ) -> None:
         super().__init__(detail)
         self.status = status
         self.detail = detail
         self.error = error or status.name.lower()
+        self.headers = dict(headers or {})
 
 
 @dataclass(frozen=True)

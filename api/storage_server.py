@@ -17,6 +17,8 @@ everything (prune, gc).
 
 What is stored is checked first (:mod:`api.storage_checks`): lock objects, the names of
 chunks and manifests, and in repositories without keys their content against their names.
+An address that sends too many wrong or missing tokens gets 429 for those (a valid token is
+always served): ``--auth-max-failures`` within ``--auth-failure-window`` seconds.
 """
 
 from __future__ import annotations
@@ -25,13 +27,14 @@ import contextlib
 import hmac
 import json
 import logging
+import math
 import os
 import re
 import time
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Literal, NoReturn
 
 import anyio
 from starlette.applications import Starlette
@@ -42,6 +45,7 @@ from starlette.routing import Route
 
 from shared.errors import BackendError, BackendForbidden, UsageError
 from shared.failpoints import failpoint
+from shared.ratelimit import FailureWindow
 from shared.repository.backends.file import FileBackend
 from shared.repository.backends.http import API, MISSING_LIMIT, Status, invalid_key
 from shared.repository.locks import LOCK_MAX_BYTES
@@ -54,6 +58,8 @@ MiB = 1024 * 1024
 DEFAULT_MAX_OBJECT = 256 * MiB
 LIST_CHUNK = 64 * 1024  # bytes of listing per write: one thread hop per ~700 objects
 CHECKS_AT_ONCE = 4  # bodies decoded and hashed at once (api/storage_checks.py)
+AUTH_MAX_FAILURES = 10  # bad tokens from one address in AUTH_FAILURE_WINDOW seconds: then 429
+AUTH_FAILURE_WINDOW = 60.0
 _RANGE = re.compile(r"bytes=(\d*)-(\d*)")
 _TOKEN = re.compile(r"[!-+\--~]+")  # printable ASCII, no space, no comma (the list separator)
 Role = Literal["admin", "writer", "appender"]
@@ -151,6 +157,8 @@ class StorageServer:
         admin_token: str | None = None,
         site_tokens: Mapping[str, str] | None = None,
         max_object_size: int = DEFAULT_MAX_OBJECT,
+        auth_max_failures: int = AUTH_MAX_FAILURES,
+        auth_failure_window: float = AUTH_FAILURE_WINDOW,
     ) -> None:
         sites = check_sites((site_tokens or {}).items(), "site tokens")
         check_tokens(token, sites, admin_token)
@@ -166,6 +174,7 @@ class StorageServer:
             self._tokens.append((f"Bearer {site_token}".encode(), Grant("appender", site)))
         self._stores: dict[str, FileBackend] = {}
         self._checks = ObjectChecks()
+        self._failures = FailureWindow(auth_max_failures, auth_failure_window)
         self._checking = anyio.Semaphore(CHECKS_AT_ONCE)
         self.counters = Counters()
         methods = ["GET", "HEAD", "PUT", "DELETE", "POST"]
@@ -179,6 +188,24 @@ class StorageServer:
             if hmac.compare_digest(given, expected) and grant is None:
                 grant = candidate
         return grant
+
+    def _refuse_token(self, request: Request) -> NoReturn:
+        """Refuse a request without a valid token for its repository: 429 with Retry-After
+        while its address is throttled (not counted again), else 401, counted. Requests with
+        a valid token are never throttled: another client behind the same address is served."""
+        client = request.client.host if request.client else "unknown"
+        wait = self._failures.retry_after(client)
+        if wait is not None:
+            seconds = max(1, math.ceil(wait))
+            raise Refused(
+                Status.TOO_MANY_REQUESTS,
+                f"too many failed authentications from {client}: retry in {seconds} s",
+                headers={"retry-after": str(seconds)},
+            )
+        self._failures.failed(client)
+        if self._failures.retry_after(client) is not None:
+            log.warning("storage_server.auth_throttled client=%s seconds=%s", client, self._failures.seconds)
+        raise Refused(Status.UNAUTHORIZED, "a valid Authorization: Bearer token is required")
 
     def _store(self, repository: str) -> FileBackend:
         store = self._stores.get(repository)
@@ -213,7 +240,7 @@ class StorageServer:
             response = await self._route(request)
         except Refused as exc:
             body = {"error": exc.error, "detail": exc.detail}
-            response = JSONResponse(body, status_code=exc.status)
+            response = JSONResponse(body, status_code=exc.status, headers=exc.headers)
         except BackendError as exc:
             status = Status.for_error(exc)
             response = self._error(status, str(exc.fields.get("detail") or exc.fields.get("key") or status.meaning))
@@ -243,7 +270,7 @@ class StorageServer:
         if grant is None or (grant.site is not None and repository != grant.site):
             # a site token elsewhere is answered like a wrong token: whether that repository
             # (another site's) exists is not told
-            raise Refused(Status.UNAUTHORIZED, "a valid Authorization: Bearer token is required")
+            self._refuse_token(request)
         if op == "stats" and grant.site is not None:  # server-wide counters: other sites' traffic
             raise Refused(Status.FORBIDDEN, "stats are server-wide: they need --token or --admin-token")
         if repository and (invalid_key(repository) or API in repository.split("/")):
@@ -488,6 +515,8 @@ def run(
     tls_cert: str | None = None,
     tls_key: str | None = None,
     max_object_size: int = DEFAULT_MAX_OBJECT,
+    auth_max_failures: int = AUTH_MAX_FAILURES,
+    auth_failure_window: float = AUTH_FAILURE_WINDOW,
 ) -> None:
     """Serve until stopped (SIGTERM / Ctrl-C)."""
     import uvicorn
@@ -499,6 +528,8 @@ def run(
         admin_token=admin_token,
         site_tokens=site_tokens,
         max_object_size=max_object_size,
+        auth_max_failures=auth_max_failures,
+        auth_failure_window=auth_failure_window,
     )
     log.info(  # which kinds of token and the site names; never a token
         "storage_server.tokens global=%s admin=%s sites=%s",

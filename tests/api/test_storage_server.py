@@ -1,5 +1,6 @@
 """The storage server against a holder of a site (append-only) token, with real server
-processes: lock objects are checked, and objects of a plain repository must match their names."""
+processes: lock objects are checked, objects of a plain repository must match their names,
+and bad tokens are throttled per address without ever refusing a good one."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ import httpx
 import pytest
 
 from api.storage_checks import Place, classify, read_rules
-from shared.errors import BackendError, BackendForbidden, BackendUnavailable
+from shared.errors import BackendAuthFailed, BackendError, BackendForbidden, BackendUnavailable
 from shared.repository.backup import backup_volume
 from shared.repository.keys import KeyMaterial, ObjectCodec
 from shared.repository.locks import CLOCK_SKEW_SECONDS, LOCK_MAX_BYTES, MAX_PURPOSE
@@ -143,6 +144,36 @@ def test_an_encrypted_repository_is_checked_for_names_only(start_storage_server:
     name = os.urandom(32).hex()
     assert put(server, chunk_key(name), os.urandom(100)).status_code == 201  # no keys: cannot tell
     assert put(server, f"chunks/{name[:2]}/{name[:-1]}", os.urandom(100)).status_code == 400
+
+
+def test_bad_tokens_are_throttled_per_address_but_good_ones_always_served(
+    start_storage_server: Start, tmp_path: Path
+) -> None:
+    server = site_server(
+        start_storage_server, tmp_path / "root", "--auth-max-failures", "3", "--auth-failure-window", "3"
+    )
+    good = server.backend("site-a", token=SITE)
+    good.create()
+    url = f"{server.url}/site-a/v1/objects/config"
+    for _ in range(3):
+        assert httpx.get(url, headers={"authorization": "Bearer wrong"}).status_code == 401
+    started = time.monotonic()
+    throttled = httpx.get(url, headers={"authorization": "Bearer wrong"})
+    assert throttled.status_code == 429 and 1 <= int(throttled.headers["retry-after"]) <= 3
+    assert httpx.get(url).status_code == 429  # no token at all
+    other_site = httpx.get(f"{server.url}/site-b/v1/objects/config", headers={"authorization": f"Bearer {SITE}"})
+    assert other_site.status_code == 429  # a token for another repository is a wrong token here
+    good.put("config", b"{}")  # a valid token from the same address: served
+    assert server.backend("site-a", token=ADMIN).get("config") == b"{}"
+    with pytest.raises(BackendAuthFailed) as caught:
+        server.backend("site-a", token="wrong").get("config")
+    assert "refused for" in str(caught.value) and "wrong" not in str(caught.value)
+    assert httpx.get(f"{server.url}/v1/health").status_code == 200
+    while time.monotonic() - started < 3.2:  # the window passes: the address is heard again
+        time.sleep(0.2)
+    assert httpx.get(url, headers={"authorization": "Bearer wrong"}).status_code == 401
+    assert "storage_server.auth_throttled client=127.0.0.1" in server.log.read_text()
+    assert "wrong" not in server.log.read_text().replace("wrong or missing", "")
 
 
 def test_places_follow_the_repository_layout(tmp_path: Path) -> None:
