@@ -30,8 +30,9 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from shared.catalog import db
 from shared.config import get_settings
 from shared.errors import BlockvaultError, Unauthorized
+from shared.ratelimit import FailureWindow
 
-from .auth import Caller, FailureWindow, TooManyFailures, authenticate, seed_admin, server_secret
+from .auth import Caller, TooManyFailures, authenticate, seed_admin, server_secret
 
 log = logging.getLogger(__name__)
 

@@ -4,8 +4,9 @@ Keys are random 32-byte tokens shown once and never stored: the catalog keeps an
 of each under the server secret (``BLOCKVAULT_SECRET_KEY``, else a random key kept in
 ``<data dir>/secret.key``), so a copy of the catalog alone cannot check guessed keys. Rows of
 earlier versions, a plain SHA-256, still open and are re-hashed on first use.
-``BLOCKVAULT_ADMIN_API_KEY`` seeds an admin account's key at start. :class:`FailureWindow`
-locks out a client that keeps presenting bad keys.
+``BLOCKVAULT_ADMIN_API_KEY`` seeds an admin account's key at start. The routes lock out a
+client that keeps presenting bad keys with :class:`shared.ratelimit.FailureWindow` and answer
+it with :class:`TooManyFailures`.
 
 Sessions (ZStack's ``LogInByAccount``): an account with a password (only an scrypt hash of its
 SHA-512 hex is stored, :func:`password_hash`) logs in for a session uuid that opens the API as
@@ -22,10 +23,6 @@ import logging
 import os
 import secrets
 import stat
-import threading
-import time
-from collections import deque
-from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -271,47 +268,3 @@ def authenticate(session: Session, header: str | None) -> Caller:
         projects=frozenset(project for project, _role in memberships),
         project_admin=frozenset(project for project, role in memberships if role == "projectAdmin"),
     )
-
-
-# -- lockout ---------------------------------------------------------------------------------------
-class FailureWindow:
-    """Failed authentications per client in a sliding window of ``seconds``: a client with
-    ``limit`` of them is refused, good key or not, until the oldest leaves the window.
-
-    In memory, thread-safe, per process: each API process counts its own clients.
-    """
-
-    MAX_CLIENTS = 100_000  # past this many clients tracked, expired ones are swept
-
-    def __init__(self, limit: int, seconds: float, clock: Callable[[], float] = time.monotonic) -> None:
-        self.limit, self.seconds, self.clock = limit, seconds, clock
-        self._failures: dict[str, deque[float]] = {}
-        self._lock = threading.Lock()
-
-    def _live(self, client: str, moment: float) -> deque[float] | None:
-        times = self._failures.get(client)
-        if times is None:
-            return None
-        while times and times[0] <= moment - self.seconds:
-            times.popleft()
-        if not times:
-            del self._failures[client]
-            return None
-        return times
-
-    def retry_after(self, client: str) -> float | None:
-        """Seconds until ``client`` may try again, or None when it may now."""
-        with self._lock:
-            moment = self.clock()
-            times = self._live(client, moment)
-            if times is None or len(times) < self.limit:
-                return None
-            return times[0] + self.seconds - moment
-
-    def failed(self, client: str) -> None:
-        with self._lock:
-            moment = self.clock()
-            if len(self._failures) >= self.MAX_CLIENTS:
-                for other in list(self._failures):
-                    self._live(other, moment)
-            self._failures.setdefault(client, deque(maxlen=self.limit)).append(moment)

@@ -133,6 +133,22 @@ def up_command(port: int) -> None:
 @click.option("--tls-cert", type=click.Path(dir_okay=False), help="PEM certificate (chain): serve https.")
 @click.option("--tls-key", type=click.Path(dir_okay=False), help="PEM private key of --tls-cert.")
 @click.option("--max-object-size", default=256 * 1024 * 1024, show_default=True, type=click.IntRange(1))
+@click.option(
+    "--auth-max-failures",
+    default=10,
+    show_default=True,
+    type=click.IntRange(1),
+    help="Wrong or missing tokens from one address within --auth-failure-window before its requests "
+    "without a valid token get 429; valid tokens are always served.",
+)
+@click.option(
+    "--auth-failure-window",
+    default=60.0,
+    show_default=True,
+    type=click.FloatRange(min=1.0),
+    metavar="SECONDS",
+    help="The sliding window of --auth-max-failures.",
+)
 def storage_server_command(
     root: Path,
     host: str,
@@ -144,6 +160,8 @@ def storage_server_command(
     tls_cert: str | None,
     tls_key: str | None,
     max_object_size: int,
+    auth_max_failures: int,
+    auth_failure_window: float,
 ) -> None:
     """Serve repositories over HTTP(S): remote backup storage in another data center."""
     from shared.config import setting
@@ -179,4 +197,6 @@ def storage_server_command(
         tls_cert=tls_cert,
         tls_key=tls_key,
         max_object_size=max_object_size,
+        auth_max_failures=auth_max_failures,
+        auth_failure_window=auth_failure_window,
     )

@@ -27,12 +27,12 @@ from shared import access
 from shared.catalog.models import Account, ApiKey, Project, ProjectMember, new_uuid
 from shared.errors import Conflict, InvalidArgument, NotFound, Unauthorized, require
 from shared.inventory import inventory, iso
+from shared.ratelimit import FailureWindow
 
 from .app import get_caller, get_session
 from .auth import (
     SHA512_HEX,
     Caller,
-    FailureWindow,
     TooManyFailures,
     key_hash,
     log_in,

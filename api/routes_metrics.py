@@ -20,9 +20,10 @@ from prometheus_client.exposition import choose_encoder
 from shared.catalog import db
 from shared.config import get_settings
 from shared.errors import Forbidden
+from shared.ratelimit import FailureWindow
 
 from .app import get_caller
-from .auth import FailureWindow, TooManyFailures
+from .auth import TooManyFailures
 
 router = APIRouter()
 

@@ -14,6 +14,11 @@ allows). A site token (``--site-token NAME=TOKEN``) opens only the repository ``
 always append-only there; anywhere else it is answered 401 like a wrong token, so it does not
 tell whether another site exists. ``--admin-token`` opens every repository and may always do
 everything (prune, gc).
+
+What is stored is checked first (:mod:`api.storage_checks`): lock objects, the names of
+chunks and manifests, and in repositories without keys their content against their names.
+An address that sends too many wrong or missing tokens gets 429 for those (a valid token is
+always served): ``--auth-max-failures`` within ``--auth-failure-window`` seconds.
 """
 
 from __future__ import annotations
@@ -22,14 +27,16 @@ import contextlib
 import hmac
 import json
 import logging
+import math
 import os
 import re
 import time
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Literal, NoReturn
 
+import anyio
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import ClientDisconnect, Request
@@ -38,14 +45,21 @@ from starlette.routing import Route
 
 from shared.errors import BackendError, BackendForbidden, UsageError
 from shared.failpoints import failpoint
+from shared.ratelimit import FailureWindow
 from shared.repository.backends.file import FileBackend
 from shared.repository.backends.http import API, MISSING_LIMIT, Status, invalid_key
+from shared.repository.locks import LOCK_MAX_BYTES
+
+from .storage_checks import Check, ObjectChecks, Refused, classify
 
 log = logging.getLogger(__name__)
 
 MiB = 1024 * 1024
 DEFAULT_MAX_OBJECT = 256 * MiB
 LIST_CHUNK = 64 * 1024  # bytes of listing per write: one thread hop per ~700 objects
+CHECKS_AT_ONCE = 4  # bodies decoded and hashed at once (api/storage_checks.py)
+AUTH_MAX_FAILURES = 10  # bad tokens from one address in AUTH_FAILURE_WINDOW seconds: then 429
+AUTH_FAILURE_WINDOW = 60.0
 _RANGE = re.compile(r"bytes=(\d*)-(\d*)")
 _TOKEN = re.compile(r"[!-+\--~]+")  # printable ASCII, no space, no comma (the list separator)
 Role = Literal["admin", "writer", "appender"]
@@ -131,13 +145,6 @@ class Counters:
     objectsWritten: int = 0
 
 
-class _Refused(Exception):
-    def __init__(self, status: Status, detail: str) -> None:
-        super().__init__(detail)
-        self.status = status
-        self.detail = detail
-
-
 class StorageServer:
     """The ASGI application's state and handlers (``app`` is the Starlette app)."""
 
@@ -150,6 +157,8 @@ class StorageServer:
         admin_token: str | None = None,
         site_tokens: Mapping[str, str] | None = None,
         max_object_size: int = DEFAULT_MAX_OBJECT,
+        auth_max_failures: int = AUTH_MAX_FAILURES,
+        auth_failure_window: float = AUTH_FAILURE_WINDOW,
     ) -> None:
         sites = check_sites((site_tokens or {}).items(), "site tokens")
         check_tokens(token, sites, admin_token)
@@ -164,6 +173,9 @@ class StorageServer:
         for site, site_token in sites.items():
             self._tokens.append((f"Bearer {site_token}".encode(), Grant("appender", site)))
         self._stores: dict[str, FileBackend] = {}
+        self._checks = ObjectChecks()
+        self._failures = FailureWindow(auth_max_failures, auth_failure_window)
+        self._checking = anyio.Semaphore(CHECKS_AT_ONCE)
         self.counters = Counters()
         methods = ["GET", "HEAD", "PUT", "DELETE", "POST"]
         self.app = Starlette(routes=[Route("/{path:path}", self.dispatch, methods=methods)])
@@ -176,6 +188,24 @@ class StorageServer:
             if hmac.compare_digest(given, expected) and grant is None:
                 grant = candidate
         return grant
+
+    def _refuse_token(self, request: Request) -> NoReturn:
+        """Refuse a request without a valid token for its repository: 429 with Retry-After
+        while its address is throttled (not counted again), else 401, counted. Requests with
+        a valid token are never throttled: another client behind the same address is served."""
+        client = request.client.host if request.client else "unknown"
+        wait = self._failures.retry_after(client)
+        if wait is not None:
+            seconds = max(1, math.ceil(wait))
+            raise Refused(
+                Status.TOO_MANY_REQUESTS,
+                f"too many failed authentications from {client}: retry in {seconds} s",
+                headers={"retry-after": str(seconds)},
+            )
+        self._failures.failed(client)
+        if self._failures.retry_after(client) is not None:
+            log.warning("storage_server.auth_throttled client=%s seconds=%s", client, self._failures.seconds)
+        raise Refused(Status.UNAUTHORIZED, "a valid Authorization: Bearer token is required")
 
     def _store(self, repository: str) -> FileBackend:
         store = self._stores.get(repository)
@@ -208,8 +238,9 @@ class StorageServer:
         self.counters.requests += 1
         try:
             response = await self._route(request)
-        except _Refused as exc:
-            response = self._error(exc.status, exc.detail)
+        except Refused as exc:
+            body = {"error": exc.error, "detail": exc.detail}
+            response = JSONResponse(body, status_code=exc.status, headers=exc.headers)
         except BackendError as exc:
             status = Status.for_error(exc)
             response = self._error(status, str(exc.fields.get("detail") or exc.fields.get("key") or status.meaning))
@@ -229,7 +260,7 @@ class StorageServer:
         path: str = request.scope["path"]
         repository, sep, rest = path.partition(f"/{API}/")
         if not sep:
-            raise _Refused(Status.NOT_FOUND, f"no route {path}: the protocol is under /{API}/")
+            raise Refused(Status.NOT_FOUND, f"no route {path}: the protocol is under /{API}/")
         repository = repository.strip("/")
         op, _, key = rest.partition("/")
         method = request.method
@@ -239,17 +270,17 @@ class StorageServer:
         if grant is None or (grant.site is not None and repository != grant.site):
             # a site token elsewhere is answered like a wrong token: whether that repository
             # (another site's) exists is not told
-            raise _Refused(Status.UNAUTHORIZED, "a valid Authorization: Bearer token is required")
+            self._refuse_token(request)
         if op == "stats" and grant.site is not None:  # server-wide counters: other sites' traffic
-            raise _Refused(Status.FORBIDDEN, "stats are server-wide: they need --token or --admin-token")
+            raise Refused(Status.FORBIDDEN, "stats are server-wide: they need --token or --admin-token")
         if repository and (invalid_key(repository) or API in repository.split("/")):
-            raise _Refused(Status.BAD_REQUEST, f"invalid repository name {repository!r}")
+            raise Refused(Status.BAD_REQUEST, f"invalid repository name {repository!r}")
         store = self._store(repository)
         try:
             return await self._operation(request, store, repository, op, key, grant.role)
         except BackendError:
             if not store.root.is_dir():
-                raise _Refused(Status.GONE, f"no repository folder {repository or '(root)'}: create it first") from None
+                raise Refused(Status.GONE, f"no repository folder {repository or '(root)'}: create it first") from None
             raise
 
     async def _operation(
@@ -259,13 +290,13 @@ class StorageServer:
         if op == "objects":
             reason = invalid_key(key)
             if reason:
-                raise _Refused(Status.BAD_REQUEST, f"{reason}: {key!r}")
+                raise Refused(Status.BAD_REQUEST, f"{reason}: {key!r}")
             if method == "GET":
                 return await self._get(request, store, key)
             if method == "HEAD":
                 return self._head(store, key)
             if method == "PUT":
-                return await self._put(request, store, key, role)
+                return await self._put(request, store, repository, key, role)
             if method == "DELETE":
                 return self._delete(store, key, role)
         elif op == "list" and method == "GET":
@@ -282,7 +313,7 @@ class StorageServer:
             return JSONResponse({"total": total, "available": available})
         elif op == "stats" and method == "GET":
             return JSONResponse(asdict(self.counters))
-        raise _Refused(Status.BAD_REQUEST, f"no route {method} /{API}/{op}")
+        raise Refused(Status.BAD_REQUEST, f"no route {method} /{API}/{op}")
 
     # -- objects ----------------------------------------------------------------------------
     async def _get(self, request: Request, store: FileBackend, key: str) -> Response:
@@ -293,7 +324,7 @@ class StorageServer:
             return Response(data, media_type="application/octet-stream")
         match = _RANGE.fullmatch(spec.strip())
         if not match or not (match[1] or match[2]):
-            raise _Refused(Status.BAD_REQUEST, f"unsupported range {spec!r}: use bytes=a-b or bytes=a-")
+            raise Refused(Status.BAD_REQUEST, f"unsupported range {spec!r}: use bytes=a-b or bytes=a-")
         size = store.stat(key).size
         if match[1]:
             start = int(match[1])
@@ -303,7 +334,7 @@ class StorageServer:
         if start >= size:
             return Response(status_code=Status.RANGE_PAST_END, headers={"content-range": f"bytes */{size}"})
         if end < start:
-            raise _Refused(Status.BAD_REQUEST, f"empty range {spec!r}")
+            raise Refused(Status.BAD_REQUEST, f"empty range {spec!r}")
         data = await run_in_threadpool(store.get, key, start, end - start + 1)
         self.counters.bytesSent += len(data)
         headers = {"content-range": f"bytes {start}-{start + len(data) - 1}/{size}"}
@@ -324,10 +355,13 @@ class StorageServer:
             received += len(chunk)
         return received
 
-    async def _put(self, request: Request, store: FileBackend, key: str, role: Role) -> Response:
+    async def _put(self, request: Request, store: FileBackend, repository: str, key: str, role: Role) -> Response:
+        place = classify(self.root, repository, key)
+        check = self._checks.check_for(place, appender=role == "appender")
+        limit = LOCK_MAX_BYTES if place is not None and place.kind == "locks" else self.max_object_size
         declared = request.headers.get("content-length")
-        if declared is not None and int(declared) > self.max_object_size:
-            raise _Refused(Status.TOO_LARGE, f"{declared} bytes is over the limit of {self.max_object_size}")
+        if declared is not None and int(declared) > limit:
+            raise Refused(Status.TOO_LARGE, f"{declared} bytes is over the limit of {limit}")
         overwrite = request.query_params.get("overwrite", "1") not in ("0", "false")
         no_overwrite = role == "appender" and not key.startswith("locks/")
         if (not overwrite or no_overwrite) and os.path.exists(store.root / key):
@@ -336,28 +370,12 @@ class StorageServer:
             if overwrite:
                 raise BackendForbidden(location=store.location, detail=f"append-only: {key} exists")
             return Response(status_code=Status.NO_CONTENT)
-        fd, tmp = store.open_tmp(key)
-        received = 0
-        try:
-            async for chunk in request.stream():
-                received += len(chunk)
-                if received > self.max_object_size:
-                    raise _Refused(Status.TOO_LARGE, f"body over the limit of {self.max_object_size} bytes")
-                view = memoryview(chunk)
-                while view:
-                    view = view[os.write(fd, view) :]
-        except ClientDisconnect:
-            store.discard_tmp(fd, tmp)
-            log.info("storage_server.put_abandoned key=%s after=%d", key, received)
+        received = await self._receive(request, store, key, limit)
+        if received is None:
             return Response(status_code=Status.BAD_REQUEST)  # nobody is listening any more
-        except OSError as exc:
-            store.discard_tmp(fd, tmp)
-            raise BackendError(location=store.location, detail=f"{key}: {exc.strerror or exc}") from None
-        except BaseException:
-            store.discard_tmp(fd, tmp)
-            raise
-        finally:
-            self.counters.bytesReceived += received
+        fd, tmp = received
+        if check is not None:
+            await self._check(check, store, fd, tmp, f"{repository}/{key}" if repository else key)
         created = await run_in_threadpool(
             lambda: store.install_tmp(fd, tmp, key, overwrite=overwrite and not no_overwrite)
         )
@@ -369,6 +387,40 @@ class StorageServer:
         failpoint("storage_server.object_written")
         return Response(status_code=Status.CREATED)
 
+    async def _receive(self, request: Request, store: FileBackend, key: str, limit: int) -> tuple[int, Path] | None:
+        """Stream the body into a new temporary file of ``store``: its descriptor (open) and
+        path, or None when the client went away (nothing kept). Refused (413) past ``limit``
+        bytes."""
+        fd, tmp = store.open_tmp(key)
+        received = 0
+        try:
+            with _discarded_on_error(store, fd, tmp, key):
+                async for chunk in request.stream():
+                    received += len(chunk)
+                    if received > limit:
+                        raise Refused(Status.TOO_LARGE, f"body over the limit of {limit} bytes")
+                    view = memoryview(chunk)
+                    while view:
+                        view = view[os.write(fd, view) :]
+        except ClientDisconnect:
+            log.info("storage_server.put_abandoned key=%s after=%d", key, received)
+            return None
+        finally:
+            self.counters.bytesReceived += received
+        return fd, tmp
+
+    async def _check(self, check: Check, store: FileBackend, fd: int, tmp: Path, where: str) -> None:
+        """Run ``check`` on a received body off the event loop, ``CHECKS_AT_ONCE`` at a time
+        (decoding holds up to zstd's window in memory); a body refused (logged) or that
+        cannot be read back is discarded: nothing is stored."""
+        try:
+            with _discarded_on_error(store, fd, tmp, where):
+                async with self._checking:
+                    await run_in_threadpool(check, tmp)
+        except Refused as exc:
+            log.warning("storage_server.object_refused key=%s error=%s detail=%s", where, exc.error, exc.detail)
+            raise
+
     def _delete(self, store: FileBackend, key: str, role: Role) -> Response:
         if role == "appender" and not key.startswith("locks/"):
             raise BackendForbidden(location=store.location, detail=f"append-only: cannot delete {key}")
@@ -378,7 +430,7 @@ class StorageServer:
     # -- batches ----------------------------------------------------------------------------
     def _list(self, store: FileBackend, prefix: str) -> Response:
         if prefix and (prefix.startswith("/") or any(part in (".", "..") for part in prefix.split("/"))):
-            raise _Refused(Status.BAD_REQUEST, f"invalid prefix {prefix!r}")
+            raise Refused(Status.BAD_REQUEST, f"invalid prefix {prefix!r}")
         counters = self.counters
 
         def lines() -> Iterator[bytes]:
@@ -414,18 +466,32 @@ class StorageServer:
             if not isinstance(keys, list) or not all(isinstance(key, str) for key in keys):
                 raise TypeError
         except (ValueError, KeyError, TypeError):
-            raise _Refused(Status.BAD_REQUEST, 'the body must be {"keys": [string, ...]}') from None
+            raise Refused(Status.BAD_REQUEST, 'the body must be {"keys": [string, ...]}') from None
         if len(keys) > MISSING_LIMIT:
-            raise _Refused(Status.BAD_REQUEST, f"at most {MISSING_LIMIT} keys per request")
+            raise Refused(Status.BAD_REQUEST, f"at most {MISSING_LIMIT} keys per request")
         for key in keys:
             reason = invalid_key(key)
             if reason:
-                raise _Refused(Status.BAD_REQUEST, f"{reason}: {key!r}")
+                raise Refused(Status.BAD_REQUEST, f"{reason}: {key!r}")
         root = store.root
         absent = await run_in_threadpool(lambda: [key for key in keys if not os.path.exists(root / key)])
         data = json.dumps({"missing": absent}).encode()
         self.counters.bytesSent += len(data)
         return Response(data, media_type="application/json")
+
+
+@contextlib.contextmanager
+def _discarded_on_error(store: FileBackend, fd: int, tmp: Path, what: str) -> Iterator[None]:
+    """Close and remove the temporary file ``tmp`` when the body raises (an OSError becomes a
+    BackendError naming ``what``); nothing of a failed put is kept."""
+    try:
+        yield
+    except OSError as exc:
+        store.discard_tmp(fd, tmp)
+        raise BackendError(location=store.location, detail=f"{what}: {exc.strerror or exc}") from None
+    except BaseException:
+        store.discard_tmp(fd, tmp)
+        raise
 
 
 def usable_root(root: Path) -> str | None:
@@ -449,6 +515,8 @@ def run(
     tls_cert: str | None = None,
     tls_key: str | None = None,
     max_object_size: int = DEFAULT_MAX_OBJECT,
+    auth_max_failures: int = AUTH_MAX_FAILURES,
+    auth_failure_window: float = AUTH_FAILURE_WINDOW,
 ) -> None:
     """Serve until stopped (SIGTERM / Ctrl-C)."""
     import uvicorn
@@ -460,6 +528,8 @@ def run(
         admin_token=admin_token,
         site_tokens=site_tokens,
         max_object_size=max_object_size,
+        auth_max_failures=auth_max_failures,
+        auth_failure_window=auth_failure_window,
     )
     log.info(  # which kinds of token and the site names; never a token
         "storage_server.tokens global=%s admin=%s sites=%s",

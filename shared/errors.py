@@ -98,6 +98,13 @@ class RepositoryLocked(RepositoryError):
     http_status = 409
 
 
+class MalformedLock(BlockvaultError):
+    """lock {key} is malformed: {detail}"""
+
+    code = "INVALID_ARGUMENT"
+    http_status = 400
+
+
 class BackupNotFound(RepositoryError):
     """no backup {backup} in the repository at {location}"""
 

@@ -3,9 +3,11 @@
 A lock is an object ``locks/<uuid>`` holding who took it and when it was last refreshed.
 Backups, restores, syncs, verify and prune take shared locks and run side by side; ``gc``
 takes an exclusive one, so it never deletes a chunk a running backup is about to reference.
-A lock whose process is gone (same host) or whose refresh is older than ``STALE_SECONDS``
-(any host) is stale and removed by whoever finds it: a killed backup never wedges the
-repository.
+A lock whose refresh is older than ``STALE_SECONDS``, or further ahead of the reader's clock
+than that, or whose process is gone (same host), is stale and removed by whoever finds it, as
+is a malformed one (:func:`parse_lock`): neither a killed backup nor a planted lock object
+wedges the repository. A storage server accepts only well-formed locks whose times are at
+most ``CLOCK_SKEW_SECONDS`` ahead of its clock (:func:`accept_lock`).
 """
 
 from __future__ import annotations
@@ -13,18 +15,19 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import os
 import random
 import socket
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Literal
 
-from shared.errors import ObjectNotFound, RepositoryLocked
+from shared.errors import BackendForbidden, MalformedLock, ObjectNotFound, RepositoryLocked
 
 from .backends.base import Backend
 
@@ -33,19 +36,55 @@ log = logging.getLogger(__name__)
 LockKind = Literal["shared", "exclusive"]
 REFRESH_SECONDS = 30.0
 STALE_SECONDS = 300.0
+# How far ahead of a storage server's clock a lock's times may be: hosts' clocks differ a
+# little (NTP keeps them within milliseconds); a lock from much further ahead would look live
+# to every reader for as long as it claims.
+CLOCK_SKEW_SECONDS = 120.0
+MAX_PURPOSE = 1024  # characters; a longer purpose is cut when the lock is written
+MAX_HOST = 255
+MAX_PSTART = 32
+LOCK_MAX_BYTES = 16 * 1024  # a lock of the longest fields, every character escaped, fits
+LAST_SECOND = 253402300799.0  # 9999-12-31 23:59:59 UTC: times past it cannot be shown
 HOSTNAME = socket.gethostname()
 
 
-def _process_start(pid: int) -> str:
+def _process_start(pid: int) -> str | None:
+    """Process ``pid``'s start time (``/proc/<pid>/stat`` field 22, clock ticks since boot);
+    "" when there is no such process; None when this system cannot tell (no ``/proc``)."""
     try:
         with open(f"/proc/{pid}/stat", "rb") as handle:
             return handle.read().rsplit(b")", 1)[1].split()[19].decode()
+    except (FileNotFoundError, ProcessLookupError):
+        return "" if os.path.isdir("/proc/self") else None
     except (OSError, IndexError):
-        return ""
+        return None
+
+
+def _seconds(value: object) -> bool:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return False
+    return math.isfinite(value) and 0 <= value <= LAST_SECOND
+
+
+# Every field repository_lock writes: whether a value is acceptable, and what is expected.
+_FIELDS: dict[str, tuple[Callable[[object], bool], str]] = {
+    "kind": (lambda v: v in ("shared", "exclusive"), '"shared" or "exclusive"'),
+    "purpose": (lambda v: isinstance(v, str) and len(v) <= MAX_PURPOSE, f"a string of <= {MAX_PURPOSE} characters"),
+    "host": (lambda v: isinstance(v, str) and 0 < len(v) <= MAX_HOST, f"a string of 1-{MAX_HOST} characters"),
+    "pid": (lambda v: type(v) is int and 0 < v < 2**31, "a process id"),
+    "pstart": (
+        lambda v: isinstance(v, str) and len(v) <= MAX_PSTART and (v == "" or (v.isascii() and v.isdigit())),
+        "a process start time (digits, or empty)",
+    ),
+    "created": (_seconds, "seconds since the epoch"),
+    "refreshed": (_seconds, "seconds since the epoch"),
+}
 
 
 @dataclass
 class LockRecord:
+    """One well-formed lock (:func:`parse_lock` makes them)."""
+
     key: str
     kind: str
     purpose: str
@@ -60,24 +99,80 @@ class LockRecord:
         return f"{self.purpose} (host {self.host}, pid {self.pid}, since {since})"
 
     def stale(self, now: float) -> bool:
-        if self.host == HOSTNAME:
-            return _process_start(self.pid) != self.pstart
-        return now - self.refreshed > STALE_SECONDS
+        """Whether nobody holds this lock any more: not refreshed for ``STALE_SECONDS``, or
+        refreshed further ahead of ``now`` than that (planted, or a clock far off), or taken
+        on this host by a process that is gone (or whose pid another process now has)."""
+        if abs(now - self.refreshed) > STALE_SECONDS:
+            return True
+        if self.host != HOSTNAME:
+            return False
+        current = _process_start(self.pid)
+        return current is not None and (current == "" or current != self.pstart)
+
+
+def parse_lock(key: str, data: bytes) -> LockRecord:
+    """The lock stored under ``key``; MalformedLock unless ``data`` is a JSON object of at most
+    ``LOCK_MAX_BYTES`` with exactly the fields :func:`repository_lock` writes, each of its type
+    and within its bounds, and ``refreshed >= created``. No clock is consulted."""
+    if len(data) > LOCK_MAX_BYTES:
+        raise MalformedLock(key=key, detail=f"over {LOCK_MAX_BYTES} bytes")
+    try:
+        fields = json.loads(data)
+    except (ValueError, RecursionError):
+        raise MalformedLock(key=key, detail="not JSON") from None
+    if not isinstance(fields, dict):
+        raise MalformedLock(key=key, detail="not a JSON object")
+    if set(fields) != set(_FIELDS):
+        raise MalformedLock(key=key, detail=f"the fields must be exactly {', '.join(_FIELDS)}")
+    for name, (valid, expected) in _FIELDS.items():
+        if not valid(fields[name]):
+            raise MalformedLock(key=key, detail=f"{name} must be {expected}")
+    if fields["refreshed"] < fields["created"]:
+        raise MalformedLock(key=key, detail="refreshed is before created")
+    return LockRecord(key=key, **fields)
+
+
+def accept_lock(key: str, data: bytes, now: float) -> LockRecord:
+    """What a storage server checks of a lock it is asked to store: :func:`parse_lock`, and
+    MalformedLock when ``created`` or ``refreshed`` is more than ``CLOCK_SKEW_SECONDS`` ahead
+    of ``now`` (its clock)."""
+    record = parse_lock(key, data)
+    ahead = record.refreshed - now  # refreshed >= created: the later of the two
+    if ahead > CLOCK_SKEW_SECONDS:
+        raise MalformedLock(
+            key=key, detail=f"refreshed {ahead:.0f} s in the future (clocks may differ by {CLOCK_SKEW_SECONDS:.0f} s)"
+        )
+    return record
+
+
+def _drop(backend: Backend, key: str, what: str, level: int, detail: str) -> None:
+    """Delete a lock nobody holds, logging ``lock.<what>_removed``; a store that refuses this
+    token the delete keeps it, logged as ``lock.<what>_ignored`` (it is ignored all the same)."""
+    outcome = "removed"
+    try:
+        backend.delete(key)
+    except BackendForbidden:
+        outcome = "ignored"
+    log.log(level, "lock.%s_%s %s", what, outcome, detail)
 
 
 def read_locks(backend: Backend) -> list[LockRecord]:
-    """Every lock in the repository, stale ones removed."""
+    """Every live lock in the repository. Stale and malformed ones are left out, and removed
+    where the store allows; none of them ever raises or blocks."""
     records = []
     now = time.time()
     for info in backend.list("locks/"):
         try:
-            data = json.loads(backend.get(info.key))
-            record = LockRecord(key=info.key, **data)
-        except (ObjectNotFound, ValueError, TypeError):
+            if info.size > LOCK_MAX_BYTES:  # not read at all
+                raise MalformedLock(key=info.key, detail=f"over {LOCK_MAX_BYTES} bytes")
+            record = parse_lock(info.key, backend.get(info.key))
+        except ObjectNotFound:
+            continue
+        except MalformedLock as exc:
+            _drop(backend, info.key, "malformed", logging.WARNING, str(exc))
             continue
         if record.stale(now):
-            log.info("lock.stale_removed %s", record.describe())
-            backend.delete(record.key)
+            _drop(backend, record.key, "stale", logging.INFO, record.describe())
             continue
         records.append(record)
     return records
@@ -107,10 +202,10 @@ def repository_lock(backend: Backend, kind: LockKind, purpose: str, wait: float 
     pid = os.getpid()
     body: dict[str, object] = {
         "kind": kind,
-        "purpose": purpose,
+        "purpose": purpose[:MAX_PURPOSE],
         "host": HOSTNAME,
         "pid": pid,
-        "pstart": _process_start(pid),
+        "pstart": _process_start(pid) or "",
         "created": now,
         "refreshed": now,
     }

@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import os
 import uuid
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 from shared.errors import (
@@ -37,6 +37,15 @@ from .manifest import BackupEntry, Manifest, utcnow
 
 DEFAULT_CHUNK_SIZE = 4 * 1024 * 1024
 CONFIG_VERSION = 1
+
+
+def checkable_without_keys(config: Mapping[str, Any]) -> bool:
+    """Whether anyone can check this repository's objects against their names without its
+    keys: they are not encrypted, so each is named by the plain BLAKE3 of its content
+    (:meth:`Repository.open` then names with plain BLAKE3 whatever ``naming`` says). A storage
+    server checks such objects as they arrive; ``sync`` reads back, into a remote repository
+    with keys, what nobody could check for it."""
+    return config.get("encryption") == "none"
 
 
 def chunk_key(digest_hex: str) -> str:

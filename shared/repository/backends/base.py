@@ -28,6 +28,10 @@ class Backend(abc.ABC):
     """
 
     location: str
+    # Others may add objects here that this client never saw: a storage server's repository
+    # takes objects from append-only and site tokens, and can check one against its name only
+    # where the repository has no keys. ``sync`` reads back what it relies on in the others.
+    foreign_writers: bool = False
 
     @abc.abstractmethod
     def put(self, key: str, data: Buffer, *, overwrite: bool = True) -> None:

@@ -67,6 +67,7 @@ class Status(IntEnum):
     GONE = 410
     TOO_LARGE = 413
     RANGE_PAST_END = 416
+    TOO_MANY_REQUESTS = 429
     SERVER_ERROR = 500
     UNAVAILABLE = 503
 
@@ -118,6 +119,10 @@ STATUS_TABLE: dict[Status, tuple[str, type[BackendError] | None]] = {
     Status.GONE: ("the repository's folder does not exist: never created, or its disk vanished", BackendError),
     Status.TOO_LARGE: ("body over the server's object size limit", BackendError),
     Status.RANGE_PAST_END: ("range starts at or past the end: the client reads b''", None),
+    Status.TOO_MANY_REQUESTS: (
+        "a wrong or missing token from an address that sent too many: Retry-After says for how long",
+        BackendAuthFailed,
+    ),
     Status.SERVER_ERROR: ("the server's disk failed (I/O error, disk full): retried", BackendUnavailable),
     Status.UNAVAILABLE: ("the server is starting, stopping or overloaded: retried", BackendUnavailable),
 }
@@ -141,6 +146,8 @@ def invalid_key(key: str) -> str | None:
 
 class HttpBackend(Backend):
     """Objects on a storage server, over one pooled, thread-safe HTTP/1.1 client."""
+
+    foreign_writers = True  # other sites' and hosts' tokens add objects there too
 
     def __init__(
         self,
@@ -216,9 +223,11 @@ class HttpBackend(Backend):
             # then says there is no repository); a write there is the BackendError below
             return ObjectNotFound(location=self.location, key=key or what)
         if error is BackendAuthFailed:
+            throttled = response.headers.get("retry-after") if code == Status.TOO_MANY_REQUESTS else None
             return BackendAuthFailed(
                 location=self.location,
-                detail="the token was rejected (check the token option or BLOCKVAULT_STORAGE_TOKEN)",
+                detail="the token was rejected (check the token option or BLOCKVAULT_STORAGE_TOKEN)"
+                + (f"; after too many, this address is refused for {throttled} s" if throttled else ""),
             )
         detail = ""
         try:

@@ -37,6 +37,7 @@ class RetryingBackend(Backend):
     def __init__(self, inner: Backend, *, attempts: int = 6, max_seconds: float = 120.0) -> None:
         self.inner = inner
         self.location = inner.location
+        self.foreign_writers = inner.foreign_writers
         self.attempts = attempts
         self._policy = {
             "retry": retry_if_exception(_retryable),

@@ -3,9 +3,11 @@ a server killed and restarted, and whole repositories (backup, restore, sync) ov
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -60,8 +62,9 @@ def test_append_only_adds_but_never_overwrites_or_deletes(start_storage_server: 
     with pytest.raises(BackendForbidden):
         appender.delete("chunks/aa/aa1")
     assert appender.get("chunks/aa/aa1") == b"first"
-    appender.put("locks/l1", b"lock")  # lock files: write, refresh, remove
-    appender.put("locks/l1", b"lock refreshed")
+    lock = {"kind": "shared", "purpose": "backup", "host": "h", "pid": 1, "pstart": "1", "created": time.time()}
+    appender.put("locks/l1", json.dumps({**lock, "refreshed": lock["created"]}).encode())  # lock files: write,
+    appender.put("locks/l1", json.dumps({**lock, "refreshed": time.time()}).encode())  # refresh, remove
     appender.delete("locks/l1")
     assert not appender.exists("locks/l1")
     admin = server.backend("repo", token="admin-secret-1")
@@ -223,6 +226,7 @@ def test_sync_into_http_sends_only_what_is_missing_after_a_kill(
     resumed = server.stats()["bytesReceived"] - received
     assert report.backups == [backup.id]
     assert report.chunksCopied == len(chunks) - len(present)
+    assert report.chunksVerified == 0  # a plain target: its server checked what it holds
     assert missing_bytes + manifest <= resumed <= missing_bytes + manifest + overhead
     assert target.manifest_ids() == [backup.id]
 
@@ -300,7 +304,12 @@ def test_site_token_backs_up_and_syncs_into_its_own_repository_append_only(
 
 
 def test_site_token_opens_no_other_repository(start_storage_server: Start, tmp_path: Path) -> None:
-    server = start_storage_server(tmp_path / "root", site_tokens={"a": SITE_A, "dc1/b": SITE_B}, admin_token=ADMIN)
+    server = start_storage_server(  # the refusals below are many: not throttled here (test_storage_server.py)
+        tmp_path / "root",
+        site_tokens={"a": SITE_A, "dc1/b": SITE_B},
+        admin_token=ADMIN,
+        extra_args=("--auth-max-failures", "1000"),
+    )
     a, b = server.backend("a", token=SITE_A), server.backend("dc1/b", token=SITE_B)
     for store in (a, b):
         store.create()

@@ -1,0 +1,104 @@
+"""ObjectCodec.check: what a storage server runs on a plain repository's objects. It passes
+what encode writes, refuses damaged, swapped and oversized objects a piece at a time, and
+never passes an object decode would refuse."""
+
+from __future__ import annotations
+
+import io
+import os
+
+import pytest
+import zstandard
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from shared.errors import IntegrityError
+from shared.repository.keys import STORED, ZSTD, KeyMaterial, ObjectCodec
+
+PLAIN = ObjectCodec(KeyMaterial(None, None))
+LIMIT = 256 * 1024
+
+
+def sealed(codec: ObjectCodec, data: bytes) -> tuple[bytes, bytes]:
+    digest = codec.digest(data)
+    return digest, bytes(codec.encode(digest, data))
+
+
+def check(blob: bytes, digest: bytes, limit: int = LIMIT, codec: ObjectCodec = PLAIN) -> None:
+    codec.check(digest, io.BytesIO(blob), "chunk x", limit)
+
+
+@pytest.mark.parametrize(
+    ("data", "kind"),
+    [(b"a", STORED), (b"text " * 50_000, ZSTD), (os.urandom(LIMIT), STORED), (bytes(LIMIT), ZSTD)],
+    ids=["byte", "text", "random", "zeros"],
+)
+def test_what_encode_writes_passes(data: bytes, kind: int) -> None:
+    digest, blob = sealed(PLAIN, data)
+    assert blob[0] == kind
+    check(blob, digest, limit=len(data))
+    with pytest.raises(IntegrityError, match=r"more than|over"):
+        check(blob, digest, limit=len(data) - 1)
+
+
+def frame(data: bytes, **options: object) -> bytes:
+    return bytes((ZSTD,)) + zstandard.ZstdCompressor(**options).compress(data)  # type: ignore[arg-type]
+
+
+DATA = b"the chunk's bytes " * 1000
+DIGEST, BLOB = sealed(PLAIN, DATA)
+ZEROS = bytes(64 * 1024 * 1024)
+REFUSED = {
+    "empty": (b"", DIGEST, "is empty"),
+    "unknown type": (b"\x06" + BLOB[1:], DIGEST, "unknown type byte"),
+    "sealed in a plain repository": (b"\x01" + BLOB[1:], DIGEST, "encrypted but the repository is not"),
+    "swapped": (BLOB, PLAIN.digest(b"another chunk"), "does not match its digest"),
+    "truncated": (BLOB[:-7], DIGEST, "does not decompress"),
+    "corrupt": (BLOB[:20] + bytes(len(BLOB) - 20), DIGEST, "does not decompress"),
+    "trailing garbage": (BLOB + b"garbage", DIGEST, "does not decompress"),
+    "no content size": (frame(DATA, write_content_size=False), DIGEST, "no content size"),
+    "a bomb": (frame(ZEROS), PLAIN.digest(ZEROS), "declares 67108864 bytes, over"),
+    "stored, too long": (bytes((STORED,)) + os.urandom(LIMIT + 1), DIGEST, "decodes to more than"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(REFUSED))
+def test_damaged_swapped_and_oversized_objects_are_refused(name: str) -> None:
+    blob, digest, message = REFUSED[name]
+    with pytest.raises(IntegrityError, match=f"chunk x .*{message}"):
+        check(blob, digest)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    data=st.binary(min_size=1, max_size=4096),
+    cut=st.integers(min_value=0, max_value=4096),
+    tail=st.binary(max_size=16),
+    flip=st.integers(min_value=0, max_value=5000),
+    compressible=st.booleans(),
+)
+def test_nothing_check_passes_fails_to_decode(
+    data: bytes, cut: int, tail: bytes, flip: int, compressible: bool
+) -> None:
+    if compressible:
+        data = data[:8] * 100
+    digest, blob = sealed(PLAIN, data)
+    damaged = bytearray(blob[: max(1, len(blob) - cut)] + tail)
+    if flip < len(damaged):
+        damaged[flip] ^= 0x40
+    try:
+        check(bytes(damaged), digest, limit=len(data) + 64)
+    except IntegrityError:
+        return
+    assert PLAIN.decode(digest, bytes(damaged), "chunk x") == data
+
+
+def test_an_encrypted_object_is_authenticated_whole() -> None:
+    codec = ObjectCodec(KeyMaterial.generate(encrypt=True))
+    digest, blob = sealed(codec, b"secret " * 1000)
+    check(blob, digest, codec=codec)
+    tampered = blob[:-1] + bytes((blob[-1] ^ 1,))
+    with pytest.raises(IntegrityError, match="authentication"):
+        check(tampered, digest, codec=codec)
+    with pytest.raises(IntegrityError, match="encrypted but the repository is not"):
+        check(blob, digest)  # a plain codec never opens a sealed object
