@@ -15,6 +15,7 @@ from sqlalchemy.orm import Session
 
 from shared.catalog.models import ApiJob, Host, aware, now
 from shared.config import get_settings
+from shared.private import private_dir
 
 log = logging.getLogger(__name__)
 
@@ -27,7 +28,7 @@ def local_host_uuid() -> str:
     path = settings.data_path / "host-uuid"
     if path.exists():
         return path.read_text().strip()
-    path.parent.mkdir(parents=True, exist_ok=True)
+    private_dir(path.parent)
     value = uuidlib.uuid4().hex
     tmp = Path(f"{path}.tmp")
     tmp.write_text(value + "\n")
