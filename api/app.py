@@ -27,9 +27,11 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from shared.catalog import db
 from shared.config import get_settings
+from shared.credentials import seal_plaintext
 from shared.errors import BlockvaultError, Unauthorized
+from shared.secret import check_at_start
 
-from .auth import Caller, FailureWindow, TooManyFailures, authenticate, seed_admin, server_secret
+from .auth import Caller, FailureWindow, TooManyFailures, authenticate, seed_admin
 
 log = logging.getLogger(__name__)
 
@@ -150,11 +152,10 @@ class BodyLimit:
 @asynccontextmanager
 async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
     db.migrate()
-    settings = get_settings()
-    server_secret()  # read or create it now: a bad BLOCKVAULT_SECRET_KEY stops the start
-    if settings.secret_key is None and settings.catalog_url.startswith("postgresql"):
-        log.warning("api.secret_key_from_file: set BLOCKVAULT_SECRET_KEY on every API host of a shared catalog")
-    key = settings.admin_api_key
+    check_at_start("api")
+    with db.session() as session:
+        seal_plaintext(session)  # storage credentials an earlier version stored in the clear
+    key = get_settings().admin_api_key
     if key:
         with db.session() as session:
             seed_admin(session, key.get_secret_value())

@@ -1,11 +1,10 @@
 """API keys: ``Authorization: Bearer <key>`` (or ZStack's ``OAuth <key>``), and sessions.
 
 Keys are random 32-byte tokens shown once and never stored: the catalog keeps an HMAC-SHA256
-of each under the server secret (``BLOCKVAULT_SECRET_KEY``, else a random key kept in
-``<data dir>/secret.key``), so a copy of the catalog alone cannot check guessed keys. Rows of
-earlier versions, a plain SHA-256, still open and are re-hashed on first use.
-``BLOCKVAULT_ADMIN_API_KEY`` seeds an admin account's key at start. :class:`FailureWindow`
-locks out a client that keeps presenting bad keys.
+of each under the server secret (:mod:`shared.secret`), so a copy of the catalog alone cannot
+check guessed keys. Rows of earlier versions, a plain SHA-256, still open and are re-hashed on
+first use. ``BLOCKVAULT_ADMIN_API_KEY`` seeds an admin account's key at start.
+:class:`FailureWindow` locks out a client that keeps presenting bad keys.
 
 Sessions (ZStack's ``LogInByAccount``): an account with a password (only an scrypt hash of its
 SHA-512 hex is stored, :func:`password_hash`) logs in for a session uuid that opens the API as
@@ -14,35 +13,29 @@ SHA-512 hex is stored, :func:`password_hash`) logs in for a session uuid that op
 
 from __future__ import annotations
 
-import contextlib
-import functools
 import hashlib
 import hmac
 import logging
-import os
 import secrets
-import stat
 import threading
 import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from pathlib import Path
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from shared.catalog.models import Account, ApiKey, LoginSession, ProjectMember, aware, new_uuid, now
 from shared.config import get_settings
-from shared.errors import BlockvaultError, Unauthorized, UsageError
+from shared.errors import BlockvaultError, Unauthorized
+from shared.secret import keyed_hash
 
 log = logging.getLogger(__name__)
 
 LAST_USED_GRANULARITY = timedelta(minutes=1)
 HMAC_PREFIX = "hmac-sha256:"  # stored hashes without it are an earlier version's plain SHA-256
-SECRET_FILE = "secret.key"
-MIN_SECRET_CHARS = 16
 
 
 class TooManyFailures(BlockvaultError):
@@ -64,56 +57,9 @@ class Caller:
     project_admin: frozenset[str] = frozenset()  # those where it is projectAdmin
 
 
-# -- the server secret -----------------------------------------------------------------------------
-def server_secret() -> bytes:
-    """The HMAC key of API key hashes: ``BLOCKVAULT_SECRET_KEY``, else ``<data dir>/secret.key``
-    (created on first use). Every API process of one catalog must use the same one."""
-    settings = get_settings()
-    configured = settings.secret_key.get_secret_value() if settings.secret_key else None
-    return _secret(configured, settings.data_path / SECRET_FILE)
-
-
-@functools.cache
-def _secret(configured: str | None, path: Path) -> bytes:
-    if configured is not None:
-        if len(configured) < MIN_SECRET_CHARS:
-            raise UsageError(detail=f"BLOCKVAULT_SECRET_KEY must have at least {MIN_SECRET_CHARS} characters")
-        return configured.encode()
-    if not path.exists():
-        _create_secret(path)
-    text = path.read_text().strip()
-    try:
-        secret = bytes.fromhex(text)
-    except ValueError:
-        secret = b""
-    if len(secret) < 32:
-        raise UsageError(detail=f"{path} is not a secret key (64 hex digits); set BLOCKVAULT_SECRET_KEY or restore it")
-    if stat.S_IMODE(path.stat().st_mode) & 0o077:
-        log.warning("auth.secret_file_readable path=%s (chmod 600 it)", path)
-    return secret
-
-
-def _create_secret(path: Path) -> None:
-    """Write a random key to ``path`` mode 0600, atomically: written in full to a temporary
-    file, then linked in place; when another process got there first, its key stays."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}")
-    fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    try:
-        with os.fdopen(fd, "w") as handle:
-            handle.write(secrets.token_bytes(32).hex() + "\n")
-            handle.flush()
-            os.fsync(handle.fileno())
-        with contextlib.suppress(FileExistsError):
-            os.link(temp, path)  # never replaces a key another process created meanwhile
-    finally:
-        temp.unlink(missing_ok=True)
-    log.info("auth.secret_created path=%s", path)
-
-
 # -- hashing ---------------------------------------------------------------------------------------
 def key_hash(key: str) -> str:
-    return HMAC_PREFIX + hmac.new(server_secret(), key.encode(), hashlib.sha256).hexdigest()
+    return HMAC_PREFIX + keyed_hash(key)
 
 
 def legacy_key_hash(key: str) -> str:
