@@ -4,11 +4,13 @@ Keys are random 32-byte tokens shown once and never stored: the catalog keeps an
 of each under the server secret (:mod:`shared.secret`), so a copy of the catalog alone cannot
 check guessed keys. Rows of earlier versions, a plain SHA-256, still open and are re-hashed on
 first use. ``BLOCKVAULT_ADMIN_API_KEY`` seeds an admin account's key at start.
-:class:`FailureWindow` locks out a client that keeps presenting bad keys.
+:class:`FailureWindow` counts a client's failed authentications.
 
 Sessions (ZStack's ``LogInByAccount``): an account with a password (only an scrypt hash of its
 SHA-512 hex is stored, :func:`password_hash`) logs in for a session uuid that opens the API as
-``OAuth <session uuid>`` (or Bearer) until it expires (``BLOCKVAULT_SESSION_TIMEOUT_SECONDS``).
+``OAuth <session uuid>`` (or Bearer) until it expires (``BLOCKVAULT_SESSION_TIMEOUT_SECONDS``),
+it is logged out, or the account's password changes. The uuid is shown once, in the login's
+answer; the catalog keeps its keyed hash (:func:`session_hash`), as for keys.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import logging
+import math
 import secrets
 import threading
 import time
@@ -24,7 +27,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from sqlalchemy import select
+from sqlalchemy import delete, select
 from sqlalchemy.orm import Session
 
 from shared.catalog.models import Account, ApiKey, LoginSession, ProjectMember, aware, new_uuid, now
@@ -47,6 +50,13 @@ class TooManyFailures(BlockvaultError):
     @property
     def headers(self) -> dict[str, str]:
         return {"Retry-After": str(self.fields["retry_after"])}
+
+
+def refuse_while_locked(failures: FailureWindow, key: str, client: str) -> None:
+    """TooManyFailures (429 with Retry-After) while ``key`` has too many failures in ``failures``."""
+    wait = failures.retry_after(key)
+    if wait is not None:
+        raise TooManyFailures(client=client, retry_after=max(1, math.ceil(wait)))
 
 
 @dataclass(frozen=True)
@@ -118,9 +128,16 @@ def password_matches(stored: str | None, digest: str) -> bool:
     return hmac.compare_digest(derived.hex(), expected)
 
 
-def log_in(session: Session, account_name: str, digest: str) -> LoginSession:
-    """A new session for the account when ``digest`` is the SHA-512 hex of its password;
-    Unauthorized otherwise (the same answer for an unknown account, or one without a password)."""
+def session_hash(token: str) -> str:
+    """What the catalog keeps of a session uuid: the first 32 hex digits (128 bits) of its
+    HMAC-SHA256 under the server secret, the width of the session table's key."""
+    return keyed_hash(token)[:SESSION_UUID_CHARS]
+
+
+def log_in(session: Session, account_name: str, digest: str) -> tuple[LoginSession, str]:
+    """A new session for the account when ``digest`` is the SHA-512 hex of its password, and its
+    uuid (shown to the caller once; the row keeps its hash); Unauthorized otherwise (the same
+    answer for an unknown account, or one without a password)."""
     account = session.scalars(select(Account).where(Account.name == account_name)).first()
     if account is None or not password_matches(account.passwordHash, digest):
         if account is None:
@@ -131,24 +148,30 @@ def log_in(session: Session, account_name: str, digest: str) -> LoginSession:
         select(LoginSession).where(LoginSession.accountUuid == account.uuid, LoginSession.expiredDate <= moment)
     ):
         session.delete(stale)
+    token = new_uuid()
     row = LoginSession(
-        uuid=new_uuid(),
+        uuid=session_hash(token),
         accountUuid=account.uuid,
         createDate=moment,
         expiredDate=moment + timedelta(seconds=get_settings().session_timeout_seconds),
     )
     session.add(row)
     session.flush()
-    return row
+    return row, token
 
 
-def log_out(session: Session, uuid: str) -> bool:
-    """End a session; False when there was none."""
-    row = session.get(LoginSession, uuid)
+def log_out(session: Session, token: str) -> bool:
+    """End the session ``token``; False when there was none."""
+    row = session.get(LoginSession, session_hash(token))
     if row is None:
         return False
     session.delete(row)
     return True
+
+
+def end_sessions(session: Session, account_uuid: str) -> None:
+    """End every session of an account (its password changed)."""
+    session.execute(delete(LoginSession).where(LoginSession.accountUuid == account_uuid))
 
 
 def _caller(session: Session, account: Account) -> Caller:
@@ -170,7 +193,7 @@ def _session_caller(session: Session, token: str, moment: datetime) -> Caller | 
     row = session.execute(
         select(LoginSession, Account)
         .join(Account, Account.uuid == LoginSession.accountUuid)
-        .where(LoginSession.uuid == token)
+        .where(LoginSession.uuid == session_hash(token))
     ).first()
     if row is None:
         return None
