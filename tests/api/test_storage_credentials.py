@@ -28,12 +28,13 @@ class Deployment:
     def __init__(self, url: str, tmp: Path, monkeypatch: pytest.MonkeyPatch) -> None:
         self.url, self.tmp, self.monkeypatch = url, tmp, monkeypatch
         self.admin_key = "test-admin-" + secrets.token_hex(12)
-        self.client: TestClient | None = None
+        self.secret = "first-server-secret-" + secrets.token_hex(8)
         self.responses: list[str] = []
 
-    def start(self, secret: str) -> AbstractContextManager[TestClient]:
+    def start(self, secret: str | None = None) -> AbstractContextManager[TestClient]:
+        """The API on this catalog, with ``secret`` (default: the one it was first started with)."""
         settings = {"DATABASE_URL": self.url, "DATA_DIR": str(self.tmp / "data"), "ADMIN_API_KEY": self.admin_key}
-        return app_client(self.monkeypatch, {**settings, "SECRET_KEY": secret})
+        return app_client(self.monkeypatch, {**settings, "SECRET_KEY": secret or self.secret})
 
     def call(self, client: TestClient, method: str, path: str, body: Any = None) -> tuple[int, dict[str, Any]]:
         headers = {"Authorization": f"Bearer {self.admin_key}"}
@@ -65,24 +66,23 @@ def deployment(pg_database: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     yield Deployment(pg_database, tmp_path, monkeypatch)
 
 
-def first_secret() -> str:
-    return "first-server-secret-" + secrets.token_hex(8)
-
-
-def register_two(deployment: Deployment, client: TestClient, server: Any) -> tuple[dict[str, Any], dict[str, Any]]:
-    remote = deployment.register(client, name="dc2", type="Remote", url=server.url, token=server.token)
-    local = deployment.register(
-        client, name="local", url=f"file://{deployment.tmp / 'local'}", encryptionPassphrase=PASSPHRASE
-    )
-    return remote, local
+def register_two(deployment: Deployment, start_storage_server: Any) -> tuple[Any, dict[str, Any], dict[str, Any]]:
+    """A storage-server, and a Remote storage on it and an encrypted ImageStore registered
+    under the deployment's first secret (the API stopped again)."""
+    server = start_storage_server(deployment.tmp / "remote")
+    with deployment.start() as client:
+        remote = deployment.register(client, name="dc2", type="Remote", url=server.url, token=server.token)
+        local = deployment.register(
+            client, name="local", url=f"file://{deployment.tmp / 'local'}", encryptionPassphrase=PASSPHRASE
+        )
+    return server, remote, local
 
 
 def test_credentials_are_sealed_in_the_catalog_and_open_the_storage(
     deployment: Deployment, start_storage_server: Any
 ) -> None:
-    server = start_storage_server(deployment.tmp / "remote")
-    with deployment.start(first_secret()) as client:
-        remote, local = register_two(deployment, client, server)
+    server, remote, local = register_two(deployment, start_storage_server)
+    with deployment.start() as client:
         stored = deployment.stored()
         assert set(stored[remote["uuid"]]) == {"sealed"} and set(stored[local["uuid"]]) == {"sealed"}
         text_ = json.dumps(stored)
@@ -106,10 +106,7 @@ def test_credentials_are_sealed_in_the_catalog_and_open_the_storage(
 def test_an_earlier_versions_plaintext_credentials_still_open_and_are_sealed_at_start(
     deployment: Deployment, start_storage_server: Any
 ) -> None:
-    server = start_storage_server(deployment.tmp / "remote")
-    secret = first_secret()
-    with deployment.start(secret) as client:
-        remote = deployment.register(client, name="dc2", type="Remote", url=server.url, token=server.token)
+    server, remote, _local = register_two(deployment, start_storage_server)
     plain = {"token": server.token}
     engine = create_engine(deployment.url, poolclass=NullPool)
     with engine.begin() as conn:  # as an earlier version stored it
@@ -119,7 +116,7 @@ def test_an_earlier_versions_plaintext_credentials_still_open_and_are_sealed_at_
         )
     engine.dispose()
     assert deployment.stored()[remote["uuid"]] == plain
-    with deployment.start(secret) as client:
+    with deployment.start() as client:
         assert set(deployment.stored()[remote["uuid"]]) == {"sealed"}
         status, body = deployment.action(client, remote["uuid"], "reconnectBackupStorage")
         assert status == 200 and body["inventory"]["status"] == "Connected", body
@@ -128,9 +125,7 @@ def test_an_earlier_versions_plaintext_credentials_still_open_and_are_sealed_at_
 def test_after_the_secret_changed_the_credentials_are_re_entered_with_update(
     deployment: Deployment, start_storage_server: Any
 ) -> None:
-    server = start_storage_server(deployment.tmp / "remote")
-    with deployment.start(first_secret()) as client:
-        remote, local = register_two(deployment, client, server)
+    server, remote, local = register_two(deployment, start_storage_server)
     # the catalog restored onto a deployment with another secret
     with deployment.start("another-server-secret-" + secrets.token_hex(8)) as client:
         for storage in (remote, local):
@@ -171,7 +166,7 @@ def test_after_the_secret_changed_the_credentials_are_re_entered_with_update(
 
 
 def test_update_with_an_unknown_storage_or_a_bad_body(deployment: Deployment) -> None:
-    with deployment.start(first_secret()) as client:
+    with deployment.start() as client:
         status, body = deployment.action(client, new_uuid(), "updateBackupStorage", token="x")
         assert status == 404, body
         storage = deployment.register(client, name="plain", url=f"file://{deployment.tmp / 'plain'}")

@@ -13,6 +13,7 @@ import json
 import subprocess
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +22,7 @@ import pytest
 from sqlalchemy import create_engine, text
 from sqlalchemy.pool import NullPool
 
-from api.client import ApiError, JobFailed
+from api.client import ApiError, Client, JobFailed
 from shared.dbdump import libpq_url
 from shared.repository.repo import Repository
 from shared.repository.stream import restore_stream
@@ -52,12 +53,27 @@ def record_responses(stack: Stack) -> Recording:
     return recorder
 
 
-def register_storages(
-    stack: Stack, recorder: Recording, server: Any, s3_server: Any
-) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any], set[str]]:
-    """The local master, a Remote and a PublicCloud storage with known secrets (a wrong token
-    tried first); those secrets and the stack's own."""
+@dataclass
+class Run:
+    """What :func:`back_up_and_copy` did: its storages, the backup and every secret it used."""
+
+    client: Client
+    recorder: Recording
+    local: dict[str, Any]
+    remote: dict[str, Any]
+    store: dict[str, Any]
+    backup: dict[str, Any]
+    secrets: set[str]
+
+
+def back_up_and_copy(stack: Stack, start_storage_server: Any, s3_server: Any) -> Run:
+    """A host; the local master, a Remote and a PublicCloud storage with known secrets (a wrong
+    token tried first); an account's sessions and key; a volume backed up and copied to both
+    (the worker opens them with the credentials the API sealed). Every response is recorded."""
+    host = start_host(stack)
     client = stack.client
+    recorder = record_responses(stack)
+    server = start_storage_server(stack.tmp / "remote")
     local = client.add_backup_storage("local", f"file://{stack.tmp / 'local'}")
     bucket = s3_server.make_bucket()
     cloud = cloud_params(s3_server, bucket, "p", passphrase="cloud-passphrase-" + "x" * 12)
@@ -70,10 +86,14 @@ def register_storages(
     remote = client.create("backup-storage", {"name": "remote", **remote_params(server)})
     store = client.create("backup-storage", {"name": "cloud", **cloud})
     secrets = {server.token, "wrong-" + server.token, cloud["accessKey"], cloud["secretKey"]}
-    secrets |= {cloud["encryptionPassphrase"], stack.key}
+    secrets |= {cloud["encryptionPassphrase"], stack.key, *sessions_and_keys(stack)}
     if "BLOCKVAULT_SECRET_KEY" in stack.env:
         secrets.add(stack.env["BLOCKVAULT_SECRET_KEY"])
-    return local, remote, store, secrets
+    volume, _ = raw_volume(stack, host, "v")
+    backup = client.wait(client.backup_volume(volume["uuid"]), timeout=120)
+    for target in (remote, store):
+        client.wait(client.sync_backup(backup["uuid"], target["uuid"]), timeout=120)
+    return Run(client, recorder, local, remote, store, backup, secrets)
 
 
 def sessions_and_keys(stack: Stack) -> set[str]:
@@ -135,21 +155,13 @@ def test_no_secret_in_responses_logs_tasks_history_catalog_or_database_backups(
 ) -> None:
     flower_port = free_port()
     stack.spawn("flower", ["flower", "--port", str(flower_port)], env={"FLOWER_UNAUTHENTICATED_API": "true"})
-    host = start_host(stack)
     stack.start_beat()
-    client = stack.client
-    recorder = record_responses(stack)
-    server = start_storage_server(stack.tmp / "remote")
-    local, remote, store, secrets = register_storages(stack, recorder, server, s3_server)
-    secrets |= sessions_and_keys(stack)
-    volume, _ = raw_volume(stack, host, "v")
-    backup = client.wait(client.backup_volume(volume["uuid"]), timeout=120)
-    client.wait(client.sync_backup(backup["uuid"], remote["uuid"]), timeout=120)
-    client.wait(client.sync_backup(backup["uuid"], store["uuid"]), timeout=120)
+    run = back_up_and_copy(stack, start_storage_server, s3_server)
+    client, recorder, backup, store = run.client, run.recorder, run.backup, run.store
     group = client.create_job_group(
         "g", "volumeBackup", backupStorageUuids=[backup["backupStorageRefs"][0]["backupStorageUuid"], store["uuid"]]
     )
-    client.add_targets(group["uuid"], [volume["uuid"]])
+    client.add_targets(group["uuid"], [backup["volumeUuid"]])
     client.run_job_group(group["uuid"])
     stack.wait_for("a history row", lambda: len(client.histories(f"schedulerJobGroupUuid={group['uuid']}")) == 1)
     database_backup = client.wait(client.backup_database(name="catalog"), timeout=120)
@@ -189,7 +201,7 @@ def test_no_secret_in_responses_logs_tasks_history_catalog_or_database_backups(
     assert "backup_storage" in dumped.stdout and "sealed" in dumped.stdout
     assert len(recorder.bodies) > 20
     assert_nowhere(
-        secrets,
+        run.secrets,
         {
             "API responses": "\n".join(recorder.bodies),
             "logs": logs(stack),
@@ -197,7 +209,7 @@ def test_no_secret_in_responses_logs_tasks_history_catalog_or_database_backups(
             "API job rows": json.dumps(jobs, default=str),
             "history rows": json.dumps(history, default=str),
             "pg_dump of the catalog": dumped.stdout,
-            "the database backup": restored_dump(stack.tmp / "local", database_backup, local["uuid"]),
+            "the database backup": restored_dump(stack.tmp / "local", database_backup, run.local["uuid"]),
         },
     )
 
@@ -220,18 +232,9 @@ def test_the_embedded_sqlite_catalog_and_its_database_backups_hold_no_secret(
     embedded: Stack, start_storage_server: Any, s3_server: Any
 ) -> None:
     stack = embedded
-    host = start_host(stack)
-    client = stack.client
-    recorder = record_responses(stack)
-    server = start_storage_server(stack.tmp / "remote")
-    local, remote, store, secrets = register_storages(stack, recorder, server, s3_server)
-    secrets |= sessions_and_keys(stack)
-    volume, _ = raw_volume(stack, host, "v")
-    backup = client.wait(client.backup_volume(volume["uuid"]), timeout=120)
-    for target in (remote, store):  # the worker reads the credentials the API sealed
-        client.wait(client.sync_backup(backup["uuid"], target["uuid"]), timeout=120)
-    database_backup = client.wait(client.backup_database(name="catalog"), timeout=120)
-    client.wait(client.sync_database_backup(database_backup["uuid"], store["uuid"]), timeout=120)
+    run = back_up_and_copy(stack, start_storage_server, s3_server)
+    database_backup = run.client.wait(run.client.backup_database(name="catalog"), timeout=120)
+    run.client.wait(run.client.sync_database_backup(database_backup["uuid"], run.store["uuid"]), timeout=120)
     data = stack.tmp / "data"
     at_rest = {
         path.name: path.read_bytes().decode("latin-1")
@@ -241,11 +244,11 @@ def test_the_embedded_sqlite_catalog_and_its_database_backups_hold_no_secret(
     assert {"catalog.db", "catalog.db-wal"} <= set(at_rest)
     assert "sealed" in at_rest["catalog.db"] + at_rest["catalog.db-wal"]
     assert_nowhere(
-        secrets,
+        run.secrets,
         {
-            "API responses": "\n".join(recorder.bodies),
+            "API responses": "\n".join(run.recorder.bodies),
             "logs": logs(stack),
             "the data dir (catalog, broker)": "\n".join(at_rest.values()),
-            "the database backup": restored_dump(stack.tmp / "local", database_backup, local["uuid"]),
+            "the database backup": restored_dump(stack.tmp / "local", database_backup, run.local["uuid"]),
         },
     )
