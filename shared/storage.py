@@ -125,6 +125,16 @@ def probe(storage: BackupStorage) -> bool:
     return healthy
 
 
+def _answers(storage: BackupStorage) -> bool:
+    """:func:`probe` for the health pass and the choice of a new master: a storage whose
+    credentials this process cannot read is passed over, its status left as it is."""
+    try:
+        return probe(storage)
+    except CredentialsUnreadable as exc:
+        log.warning("storage.credentials_unreadable uuid=%s %s", storage.uuid, exc)
+        return False
+
+
 def refresh_capacity(storage: BackupStorage) -> None:
     """Status and capacity after a job wrote to or deleted from ``storage``."""
     probe(storage)
@@ -224,7 +234,7 @@ def update_credentials(storage: BackupStorage, params: dict[str, Any]) -> None:
     repo.close()
     if storage.repositoryUuid and repo.id != storage.repositoryUuid:
         raise Conflict(detail=f"{storage.url} holds repository {repo.id}, not {storage.repositoryUuid} any more")
-    storage.credentials = trial.credentials
+    set_credentials(storage, merged)
     probe(storage)
     log.info("storage.credentials_updated uuid=%s", storage.uuid)
 
@@ -276,7 +286,7 @@ def failover(session: Session, failed: BackupStorage) -> BackupStorage | None:
             session.commit()
             return None  # it answers: the failure was something else
         for candidate in standbys(session):
-            if probe(candidate):
+            if _answers(candidate):
                 return promote(session, candidate)
         session.commit()
         return None
@@ -301,10 +311,7 @@ def check_storages(session: Session) -> None:
     """One health pass: probe every enabled storage; fail over when the master is down."""
     rows = session.scalars(select(BackupStorage).where(BackupStorage.state == "Enabled")).all()
     for row in rows:
-        try:
-            probe(row)
-        except CredentialsUnreadable as exc:
-            log.warning("storage.credentials_unreadable uuid=%s %s", row.uuid, exc)
+        _answers(row)
     session.commit()
     master = current_master(session)
     if master is not None and master.type == "ImageStore" and master.status == "Disconnected":

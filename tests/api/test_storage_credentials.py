@@ -16,7 +16,9 @@ from fastapi.testclient import TestClient
 from sqlalchemy import create_engine, text
 from sqlalchemy.pool import NullPool
 
+from shared.catalog import db
 from shared.catalog.models import new_uuid
+from shared.storage import check_storages
 from tests.api.conftest import app_client
 
 PASSPHRASE = "local-passphrase-" + secrets.token_hex(8)
@@ -134,6 +136,14 @@ def test_after_the_secret_changed_the_credentials_are_re_entered_with_update(
             description = body["error"]["description"]
             assert storage["name"] in description and storage["uuid"] in description
             assert "re-enter" in description and "updateBackupStorage" in description
+        # a worker's health pass cannot tell: it passes them over and leaves their status alone
+        with db.session() as session:
+            check_storages(session)
+        statuses = deployment.call(client, "GET", "/backup-storage")[1]["inventories"]
+        assert {row["uuid"]: row["status"] for row in statuses} == {
+            remote["uuid"]: "Connected",
+            local["uuid"]: "Connected",
+        }
         # re-entered credentials are checked like a registration's; nothing changes when they fail
         before = deployment.stored()
         for params, code in (
