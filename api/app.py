@@ -3,7 +3,8 @@
 Routes live in :mod:`api.routes` (and ``routes_*``); this module maps every error to its status
 and stable code in exception handlers (never in routes), and serves everything under ``/v1``
 and, for ZStack's SDKs, ``/zstack/v1``; Prometheus text at ``/metrics``. Abuse limits: a client
-IP presenting too many bad keys is locked out for a while (429), and request bodies are capped
+IP presenting too many bad keys gets 429 for its bad keys for a while (a valid key is always
+served), password logins are limited per client IP and account, and request bodies are capped
 (413).
 """
 
@@ -11,7 +12,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from typing import Any, Literal
@@ -29,10 +29,12 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from shared.catalog import db
 from shared.config import get_settings
+from shared.credentials import seal_plaintext
 from shared.errors import BlockvaultError, Unauthorized
 from shared.ratelimit import FailureWindow
+from shared.secret import check_at_start
 
-from .auth import Caller, TooManyFailures, authenticate, seed_admin, server_secret
+from .auth import Caller, TooManyFailures, authenticate, refuse_while_locked, seed_admin
 
 log = logging.getLogger(__name__)
 
@@ -78,16 +80,20 @@ def get_session() -> Iterator[Session]:
         yield session
 
 
+def client_address(request: Request) -> str:
+    return request.client.host if request.client else "unknown"
+
+
 def get_caller(request: Request, session: Session = Depends(get_session, scope="function")) -> Caller:
-    """The authenticated caller; 429 for a client locked out by its failures, key or not."""
+    """The authenticated caller. A valid key or session is always served, whoever shares its
+    client address; a bad one is a 401, or a 429 once its address has had too many failures
+    in the window (one client's guessing never locks out the good keys behind its address)."""
     failures: FailureWindow = request.app.state.auth_failures
-    client = request.client.host if request.client else "unknown"
-    wait = failures.retry_after(client)
-    if wait is not None:
-        raise TooManyFailures(client=client, retry_after=max(1, math.ceil(wait)))
+    client = client_address(request)
     try:
         caller = authenticate(session, request.headers.get("authorization"))
     except Unauthorized:
+        refuse_while_locked(failures, client, client)
         failures.failed(client)
         log.info("api.auth_failed client=%s path=%s", client, request.url.path)  # never the key
         raise
@@ -241,11 +247,10 @@ class InputGuard:
 @asynccontextmanager
 async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
     db.migrate()
-    settings = get_settings()
-    server_secret()  # read or create it now: a bad BLOCKVAULT_SECRET_KEY stops the start
-    if settings.secret_key is None and settings.catalog_url.startswith("postgresql"):
-        log.warning("api.secret_key_from_file: set BLOCKVAULT_SECRET_KEY on every API host of a shared catalog")
-    key = settings.admin_api_key
+    check_at_start("api")
+    with db.session() as session:
+        seal_plaintext(session)  # storage credentials an earlier version stored in the clear
+    key = get_settings().admin_api_key
     if key:
         with db.session() as session:
             seed_admin(session, key.get_secret_value())
@@ -258,6 +263,8 @@ def create_app() -> FastAPI:
         title="blockvault", version="1", lifespan=lifespan, openapi_url="/openapi.json", responses=ERROR_RESPONSES
     )
     app.state.auth_failures = FailureWindow(settings.auth_max_failures, settings.auth_failure_window_seconds)
+    # password logins, per client address and account name
+    app.state.login_failures = FailureWindow(settings.auth_max_failures, settings.auth_failure_window_seconds)
     app.add_middleware(InputGuard)  # inside BodyLimit: it reads at most the limit
     app.add_middleware(BodyLimit, limit=settings.max_body_bytes)
 

@@ -1,45 +1,42 @@
 """API keys: ``Authorization: Bearer <key>`` (or ZStack's ``OAuth <key>``), and sessions.
 
 Keys are random 32-byte tokens shown once and never stored: the catalog keeps an HMAC-SHA256
-of each under the server secret (``BLOCKVAULT_SECRET_KEY``, else a random key kept in
-``<data dir>/secret.key``), so a copy of the catalog alone cannot check guessed keys. Rows of
-earlier versions, a plain SHA-256, still open and are re-hashed on first use.
-``BLOCKVAULT_ADMIN_API_KEY`` seeds an admin account's key at start. The routes lock out a
-client that keeps presenting bad keys with :class:`shared.ratelimit.FailureWindow` and answer
-it with :class:`TooManyFailures`.
+of each under the server secret (:mod:`shared.secret`), so a copy of the catalog alone cannot
+check guessed keys. Rows of earlier versions, a plain SHA-256, still open and are re-hashed on
+first use. ``BLOCKVAULT_ADMIN_API_KEY`` seeds an admin account's key at start.
+The routes lock out a client that keeps presenting bad keys
+(:class:`shared.ratelimit.FailureWindow`) and answer it with :class:`TooManyFailures`.
 
 Sessions (ZStack's ``LogInByAccount``): an account with a password (only an scrypt hash of its
 SHA-512 hex is stored, :func:`password_hash`) logs in for a session uuid that opens the API as
-``OAuth <session uuid>`` (or Bearer) until it expires (``BLOCKVAULT_SESSION_TIMEOUT_SECONDS``).
+``OAuth <session uuid>`` (or Bearer) until it expires (``BLOCKVAULT_SESSION_TIMEOUT_SECONDS``),
+it is logged out, or the account's password changes. The uuid is shown once, in the login's
+answer; the catalog keeps its keyed hash (:func:`session_hash`), as for keys.
 """
 
 from __future__ import annotations
 
-import contextlib
-import functools
 import hashlib
 import hmac
 import logging
-import os
+import math
 import secrets
-import stat
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from pathlib import Path
 
-from sqlalchemy import select
+from sqlalchemy import delete, select
 from sqlalchemy.orm import Session
 
 from shared.catalog.models import Account, ApiKey, LoginSession, ProjectMember, aware, new_uuid, now
 from shared.config import get_settings
-from shared.errors import BlockvaultError, Unauthorized, UsageError
+from shared.errors import BlockvaultError, Unauthorized
+from shared.ratelimit import FailureWindow
+from shared.secret import keyed_hash
 
 log = logging.getLogger(__name__)
 
 LAST_USED_GRANULARITY = timedelta(minutes=1)
 HMAC_PREFIX = "hmac-sha256:"  # stored hashes without it are an earlier version's plain SHA-256
-SECRET_FILE = "secret.key"
-MIN_SECRET_CHARS = 16
 
 
 class TooManyFailures(BlockvaultError):
@@ -53,6 +50,13 @@ class TooManyFailures(BlockvaultError):
         return {"Retry-After": str(self.fields["retry_after"])}
 
 
+def refuse_while_locked(failures: FailureWindow, key: str, client: str) -> None:
+    """TooManyFailures (429 with Retry-After) while ``key`` has too many failures in ``failures``."""
+    wait = failures.retry_after(key)
+    if wait is not None:
+        raise TooManyFailures(client=client, retry_after=max(1, math.ceil(wait)))
+
+
 @dataclass(frozen=True)
 class Caller:
     account_uuid: str
@@ -61,56 +65,9 @@ class Caller:
     project_admin: frozenset[str] = frozenset()  # those where it is projectAdmin
 
 
-# -- the server secret -----------------------------------------------------------------------------
-def server_secret() -> bytes:
-    """The HMAC key of API key hashes: ``BLOCKVAULT_SECRET_KEY``, else ``<data dir>/secret.key``
-    (created on first use). Every API process of one catalog must use the same one."""
-    settings = get_settings()
-    configured = settings.secret_key.get_secret_value() if settings.secret_key else None
-    return _secret(configured, settings.data_path / SECRET_FILE)
-
-
-@functools.cache
-def _secret(configured: str | None, path: Path) -> bytes:
-    if configured is not None:
-        if len(configured) < MIN_SECRET_CHARS:
-            raise UsageError(detail=f"BLOCKVAULT_SECRET_KEY must have at least {MIN_SECRET_CHARS} characters")
-        return configured.encode()
-    if not path.exists():
-        _create_secret(path)
-    text = path.read_text().strip()
-    try:
-        secret = bytes.fromhex(text)
-    except ValueError:
-        secret = b""
-    if len(secret) < 32:
-        raise UsageError(detail=f"{path} is not a secret key (64 hex digits); set BLOCKVAULT_SECRET_KEY or restore it")
-    if stat.S_IMODE(path.stat().st_mode) & 0o077:
-        log.warning("auth.secret_file_readable path=%s (chmod 600 it)", path)
-    return secret
-
-
-def _create_secret(path: Path) -> None:
-    """Write a random key to ``path`` mode 0600, atomically: written in full to a temporary
-    file, then linked in place; when another process got there first, its key stays."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}")
-    fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    try:
-        with os.fdopen(fd, "w") as handle:
-            handle.write(secrets.token_bytes(32).hex() + "\n")
-            handle.flush()
-            os.fsync(handle.fileno())
-        with contextlib.suppress(FileExistsError):
-            os.link(temp, path)  # never replaces a key another process created meanwhile
-    finally:
-        temp.unlink(missing_ok=True)
-    log.info("auth.secret_created path=%s", path)
-
-
 # -- hashing ---------------------------------------------------------------------------------------
 def key_hash(key: str) -> str:
-    return HMAC_PREFIX + hmac.new(server_secret(), key.encode(), hashlib.sha256).hexdigest()
+    return HMAC_PREFIX + keyed_hash(key)
 
 
 def legacy_key_hash(key: str) -> str:
@@ -169,9 +126,16 @@ def password_matches(stored: str | None, digest: str) -> bool:
     return hmac.compare_digest(derived.hex(), expected)
 
 
-def log_in(session: Session, account_name: str, digest: str) -> LoginSession:
-    """A new session for the account when ``digest`` is the SHA-512 hex of its password;
-    Unauthorized otherwise (the same answer for an unknown account, or one without a password)."""
+def session_hash(token: str) -> str:
+    """What the catalog keeps of a session uuid: the first 32 hex digits (128 bits) of its
+    HMAC-SHA256 under the server secret, the width of the session table's key."""
+    return keyed_hash(token)[:SESSION_UUID_CHARS]
+
+
+def log_in(session: Session, account_name: str, digest: str) -> tuple[LoginSession, str]:
+    """A new session for the account when ``digest`` is the SHA-512 hex of its password, and its
+    uuid (shown to the caller once; the row keeps its hash); Unauthorized otherwise (the same
+    answer for an unknown account, or one without a password)."""
     account = session.scalars(select(Account).where(Account.name == account_name)).first()
     if account is None or not password_matches(account.passwordHash, digest):
         if account is None:
@@ -182,24 +146,30 @@ def log_in(session: Session, account_name: str, digest: str) -> LoginSession:
         select(LoginSession).where(LoginSession.accountUuid == account.uuid, LoginSession.expiredDate <= moment)
     ):
         session.delete(stale)
+    token = new_uuid()
     row = LoginSession(
-        uuid=new_uuid(),
+        uuid=session_hash(token),
         accountUuid=account.uuid,
         createDate=moment,
         expiredDate=moment + timedelta(seconds=get_settings().session_timeout_seconds),
     )
     session.add(row)
     session.flush()
-    return row
+    return row, token
 
 
-def log_out(session: Session, uuid: str) -> bool:
-    """End a session; False when there was none."""
-    row = session.get(LoginSession, uuid)
+def log_out(session: Session, token: str) -> bool:
+    """End the session ``token``; False when there was none."""
+    row = session.get(LoginSession, session_hash(token))
     if row is None:
         return False
     session.delete(row)
     return True
+
+
+def end_sessions(session: Session, account_uuid: str) -> None:
+    """End every session of an account (its password changed)."""
+    session.execute(delete(LoginSession).where(LoginSession.accountUuid == account_uuid))
 
 
 def _caller(session: Session, account: Account) -> Caller:
@@ -221,7 +191,7 @@ def _session_caller(session: Session, token: str, moment: datetime) -> Caller | 
     row = session.execute(
         select(LoginSession, Account)
         .join(Account, Account.uuid == LoginSession.accountUuid)
-        .where(LoginSession.uuid == token)
+        .where(LoginSession.uuid == session_hash(token))
     ).first()
     if row is None:
         return None

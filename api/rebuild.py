@@ -22,6 +22,7 @@ from shared import scan, storage
 from shared.catalog import db
 from shared.catalog.models import BackupStorage, DatabaseBackup, VmInstance, Volume, VolumeBackup
 from shared.config import get_settings
+from shared.credentials import credentials_of, seal_plaintext, set_credentials
 from shared.dbbackups import recover_into
 from shared.errors import NotFound, UsageError
 from shared.repository.manifest import BackupEntry
@@ -50,7 +51,7 @@ def rebuild(url: str, options: dict[str, str | None], *, restore_dir: Path | Non
     started = time.monotonic()
     params = _storage_params(url, options)
     probe = BackupStorage(uuid="rebuild", name="rebuild", type=params["type"], url=params["url"])
-    probe.credentials = {k: v for k, v in params.items() if k not in ("type", "url")} or None
+    set_credentials(probe, params)
     repo = storage.open_repository(probe)
     newest = _newest_database_backup(repo)
     catalog = get_settings().catalog_url
@@ -62,11 +63,12 @@ def rebuild(url: str, options: dict[str, str | None], *, restore_dir: Path | Non
         "databaseBytes": loaded,
     }
     with db.session() as session:
+        seal_plaintext(session)  # a catalog of an earlier version held them in the clear
         row = session.scalars(select(BackupStorage).where(BackupStorage.url == params["url"])).first()
         if row is None:
             row = storage.register_storage(session, params)
-        else:  # the recovered catalog knows it: take the credentials given now
-            row.credentials = probe.credentials
+        else:  # the recovered catalog knows it: take the credentials given now, sealed to this deployment
+            set_credentials(row, credentials_of(probe))
             row.state = "Enabled"
             storage.probe(row)
         session.commit()

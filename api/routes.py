@@ -587,6 +587,7 @@ def backup_storage_action(
         row.state = _state_event(params)
     elif name == "updateBackupStorage":
         _update(row, params)
+        storage.update_credentials(row, params)  # token, keys, passphrase re-entered: checked, then sealed
     elif name == "switchBackupStorageRole":
         storage.switch_role(session, row)
     else:

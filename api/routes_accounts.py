@@ -6,16 +6,16 @@ members are managed by admins and its projectAdmins. A caller that may not see a
 An API key is in the answer that creates it and nowhere else; the catalog keeps its hash.
 
 Passwords (optional, for ZStack's ``LogInByAccount``): ``password`` on ``POST /v1/accounts`` or
-``updateAccount``, plaintext over TLS, stored only as an scrypt hash of its SHA-512 hex.
-``PUT /v1/accounts/login`` ``{"logInByAccount": {"accountName", "password": <SHA-512 hex>}}``
-opens a session (as ZStack's REST API does) and ``DELETE /v1/accounts/sessions/{uuid}`` ends it;
-both need no key.
+``updateAccount``, plaintext over TLS, stored only as an scrypt hash of its SHA-512 hex; a new
+password ends the account's sessions. ``PUT /v1/accounts/login`` ``{"logInByAccount":
+{"accountName", "password": <SHA-512 hex>}}`` opens a session (as ZStack's REST API does) and
+``DELETE /v1/accounts/sessions/{uuid}`` ends it; both need no key. Failed logins are counted per
+client address and account name: past the limit that pair gets 429 until the window passes.
 """
 
 from __future__ import annotations
 
 import logging
-import math
 from typing import Any
 
 from fastapi import APIRouter, Depends, Request
@@ -29,17 +29,18 @@ from shared.errors import Conflict, InvalidArgument, NotFound, Unauthorized, req
 from shared.inventory import inventory, iso
 from shared.ratelimit import FailureWindow
 
-from .app import get_caller, get_session
+from .app import client_address, get_caller, get_session
 from .auth import (
     SHA512_HEX,
     Caller,
-    TooManyFailures,
+    end_sessions,
     key_hash,
     log_in,
     log_out,
     new_key,
     password_digest,
     password_hash,
+    refuse_while_locked,
 )
 from .routes import Envelope, _action, _update, add_tags, check_uuid, one
 
@@ -118,6 +119,7 @@ def account_action(
     _update(account, params)
     if "password" in params:
         account.passwordHash = _password(params)
+        end_sessions(session, account.uuid)  # whoever logged in with the old one is out
     session.flush()
     return one(session, account)
 
@@ -134,19 +136,18 @@ def log_in_by_account(
         raise InvalidArgument(detail="accountName is required")
     if not isinstance(digest, str) or len(digest) != SHA512_HEX or digest.lower().strip("0123456789abcdef"):
         raise InvalidArgument(detail="password must be the SHA-512 of the password in hex (128 digits)")
-    failures: FailureWindow = request.app.state.auth_failures
-    client = request.client.host if request.client else "unknown"
-    wait = failures.retry_after(client)
-    if wait is not None:
-        raise TooManyFailures(client=client, retry_after=max(1, math.ceil(wait)))
+    failures: FailureWindow = request.app.state.login_failures
+    client = client_address(request)
+    pair = f"{client}\n{name}"
+    refuse_while_locked(failures, pair, f"{client} for account {name!r}")  # even a right password: no guessing
     try:
-        row = log_in(session, name, digest)
+        row, token = log_in(session, name, digest)
     except Unauthorized:
-        failures.failed(client)
+        failures.failed(pair)
         log.info("api.login_failed client=%s", client)  # never the name's password
         raise
     inventory_ = {
-        "uuid": row.uuid,
+        "uuid": token,
         "accountUuid": row.accountUuid,
         "userUuid": row.accountUuid,
         "createDate": iso(row.createDate),
@@ -157,7 +158,8 @@ def log_in_by_account(
 
 @sessions.delete("/accounts/sessions/{uuid}")
 def log_out_session(uuid: str, session: Session = Depends(get_session, scope="function")) -> JSONResponse:
-    """End the session ``uuid`` (knowing it is the capability, as in ZStack); 404 when none."""
+    """End the session ``uuid`` (knowing it is the capability, as in ZStack; the catalog holds
+    its hash only); 404 when none."""
     if not log_out(session, check_uuid(uuid, "sessionUuid")):
         raise NotFound(resource="session", uuid=uuid)
     return JSONResponse({"success": True})

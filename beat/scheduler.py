@@ -15,6 +15,7 @@ from celery.beat import Scheduler
 
 from shared import jobgroups
 from shared.catalog import db
+from shared.secret import check_at_start
 
 log = logging.getLogger(__name__)
 MAX_SLEEP = 2.0
@@ -25,6 +26,7 @@ class CatalogScheduler(Scheduler):  # type: ignore[misc]
 
     def setup_schedule(self) -> None:
         db.migrate()
+        check_at_start("beat")
 
     def tick(self, *args: Any, **kwargs: Any) -> float:
         try:

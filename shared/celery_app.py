@@ -14,6 +14,7 @@ from typing import Any
 from celery import Celery
 
 from shared.config import get_settings
+from shared.private import private_dir
 
 STORAGE_QUEUE = "storage"
 TASK_MODULES = ["workers.tasks"]
@@ -45,6 +46,7 @@ def celery_config() -> dict[str, Any]:
     }
     if settings.broker == "filesystem://":
         folder = settings.broker_folder
+        private_dir(settings.data_path)
         for sub in ("queue", "processed", "control"):
             (folder / sub).mkdir(parents=True, exist_ok=True)
         config["broker_transport_options"] = {

@@ -36,6 +36,7 @@ from sqlalchemy.exc import DBAPIError
 from sqlalchemy.pool import NullPool
 
 from shared.errors import Conflict, DatabaseDumpError, UsageError
+from shared.private import private_file
 
 if TYPE_CHECKING:
     from shared.repository.repo import Repository
@@ -437,8 +438,8 @@ def _fsync_dir(path: Path) -> None:
 def _sqlite_load(path: Path, reader: BinaryIO, *, force: bool) -> None:
     tables, rows = _sqlite_tables(path)
     _refuse(str(path), tables, rows, force)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.load-{os.getpid()}-{time.monotonic_ns()}")
+    private_file(tmp)  # mode 0600 before SQLite writes a byte: it becomes the catalog
     try:
         conn = sqlite3.connect(tmp, isolation_level=None)  # the dump's BEGIN/COMMIT rule
         try:

@@ -200,6 +200,18 @@ class BucketNotFound(BackendError):
     http_status = 400
 
 
+class CredentialsUnreadable(BlockvaultError):
+    """backup storage {name} ({uuid}): credentials sealed under another secret; re-enter them (updateBackupStorage)
+
+    The server secret (BLOCKVAULT_SECRET_KEY or <data dir>/secret.key) is not the one they were sealed
+    under, as after restoring a catalog onto another deployment: updateBackupStorage with its token,
+    accessKey, secretKey and encryptionPassphrase seals them again.
+    """
+
+    code = "CREDENTIALS_UNREADABLE"
+    http_status = 409
+
+
 class DatabaseDumpError(BlockvaultError):
     """database {database}: {detail}"""
 

@@ -16,6 +16,7 @@ from sqlalchemy.orm import Session
 from shared import hostpaths
 from shared.catalog.models import ApiJob, Host, aware, now
 from shared.config import get_settings
+from shared.private import private_dir
 
 log = logging.getLogger(__name__)
 
@@ -28,7 +29,7 @@ def local_host_uuid() -> str:
     path = settings.data_path / "host-uuid"
     if path.exists():
         return path.read_text().strip()
-    path.parent.mkdir(parents=True, exist_ok=True)
+    private_dir(path.parent)
     value = uuidlib.uuid4().hex
     tmp = Path(f"{path}.tmp")
     tmp.write_text(value + "\n")

@@ -24,9 +24,9 @@ class Settings(BaseSettings):
     database_url: str | None = None
     broker_url: str | None = None
     admin_api_key: SecretStr | None = None
-    secret_key: SecretStr | None = None  # the API keys' HMAC key; default: <data dir>/secret.key
-    auth_max_failures: int = Field(default=10, ge=1)  # bad keys from one client IP per window...
-    auth_failure_window_seconds: float = Field(default=60.0, gt=0)  # ...before it gets 429s
+    secret_key: SecretStr | None = None  # the server secret (shared.secret); default: <data dir>/secret.key
+    auth_max_failures: int = Field(default=10, ge=1)  # bad keys from one client IP (logins: IP and account)...
+    auth_failure_window_seconds: float = Field(default=60.0, gt=0)  # ...per window before bad ones get 429s
     session_timeout_seconds: int = Field(default=7200, ge=1)  # a LogInByAccount session's life
     max_body_bytes: int = Field(default=1024 * 1024, ge=1)  # larger request bodies get 413
     host_uuid: str | None = None

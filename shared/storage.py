@@ -7,6 +7,10 @@ any S3-compatible endpoint, always encrypted client-side). Every repository of o
 names chunks alike (a new one is created like an existing one), so copies between any two
 are made by sending only the chunks the target lacks, without re-hashing.
 
+Credentials (tokens, keys, passphrases) are read and written only through
+:mod:`shared.credentials`, which keeps the secrets sealed in the catalog;
+:func:`update_credentials` re-enters them (``updateBackupStorage``), checked like registering.
+
 Health: :func:`check_storages` (run by every worker's maintenance thread) probes each storage
 and marks it Connected or Disconnected with its capacity; when the ImageStore master fails and
 a standby answers, the standby is promoted (:func:`failover`). A backup that fails on the
@@ -23,16 +27,16 @@ from urllib.parse import urlparse
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from shared.catalog.models import BackupStorage, now
+from shared.catalog.models import BackupStorage, new_uuid, now
 from shared.config import get_settings
-from shared.errors import BlockvaultError, Conflict, InvalidArgument, RepositoryNotFound, require
+from shared.credentials import OPTION_FIELDS, SECRET_FIELDS, credentials_of, set_credentials
+from shared.errors import BlockvaultError, Conflict, CredentialsUnreadable, InvalidArgument, RepositoryNotFound, require
 from shared.repository.backends import Backend, open_backend
 from shared.repository.repo import Repository
 
 log = logging.getLogger(__name__)
 TYPES = {"ImageStore": ("file",), "Remote": ("http", "https"), "PublicCloud": ("s3",)}
 ROLES = ("master", "standby")
-SECRETS = ("token", "accessKey", "secretKey", "encryptionPassphrase")
 # credentials key -> open_backend option
 OPTIONS = {"token": "token", "caFile": "cafile", "endpoint": "endpoint", "region": "region"}
 OPTIONS |= {"accessKey": "accessKey", "secretKey": "secretKey"}
@@ -64,8 +68,11 @@ def _location(storage: BackupStorage) -> str:
 def open_storage_backend(storage: BackupStorage, *, retry_seconds: float | None = -1.0) -> Backend:
     """The backend of ``storage`` with its credentials; retried for the configured
     ``BLOCKVAULT_STORAGE_RETRY_SECONDS`` unless ``retry_seconds`` says otherwise."""
-    creds = storage.credentials or {}
-    options = {option: creds.get(key) for key, option in OPTIONS.items() if creds.get(key)}
+    return _backend(storage, credentials_of(storage), retry_seconds)
+
+
+def _backend(storage: BackupStorage, creds: dict[str, str], retry_seconds: float | None) -> Backend:
+    options: dict[str, str | None] = {option: creds[key] for key, option in OPTIONS.items() if creds.get(key)}
     if retry_seconds is not None and retry_seconds < 0:
         retry_seconds = get_settings().storage_retry_seconds
     return open_backend(_location(storage), options, retry_seconds=retry_seconds)
@@ -80,8 +87,9 @@ def open_repository(
 ) -> Repository:
     """The repository of ``storage`` (created, ``like`` another when given, when ``create``
     and it does not exist yet)."""
-    passphrase = (storage.credentials or {}).get("encryptionPassphrase")
-    backend = open_storage_backend(storage, retry_seconds=retry_seconds)
+    creds = credentials_of(storage)
+    passphrase = creds.get("encryptionPassphrase")
+    backend = _backend(storage, creds, retry_seconds)
     try:
         return Repository.open(backend, passphrase)
     except RepositoryNotFound:
@@ -92,7 +100,9 @@ def open_repository(
 
 def probe(storage: BackupStorage) -> bool:
     """Ask the storage at once (no retries) whether it answers and holds its repository;
-    record status and capacity. Returns whether it is healthy."""
+    record status and capacity. Returns whether it is healthy. CredentialsUnreadable passes
+    through and changes nothing: a process that cannot read the credentials knows nothing of
+    the storage's health."""
     try:
         backend = open_storage_backend(storage, retry_seconds=None)
         try:
@@ -100,6 +110,8 @@ def probe(storage: BackupStorage) -> bool:
             healthy = backend.exists("config")
         finally:
             backend.close()
+    except CredentialsUnreadable:
+        raise
     except BlockvaultError as exc:
         log.info("storage.unhealthy uuid=%s %s", storage.uuid, exc)
         healthy, capacity = False, None
@@ -111,6 +123,16 @@ def probe(storage: BackupStorage) -> bool:
         storage.status = status
         storage.lastOpDate = now()
     return healthy
+
+
+def _answers(storage: BackupStorage) -> bool:
+    """:func:`probe` for the health pass and the choice of a new master: a storage whose
+    credentials this process cannot read is passed over, its status left as it is."""
+    try:
+        return probe(storage)
+    except CredentialsUnreadable as exc:
+        log.warning("storage.credentials_unreadable uuid=%s %s", storage.uuid, exc)
+        return False
 
 
 def refresh_capacity(storage: BackupStorage) -> None:
@@ -146,22 +168,17 @@ def register_storage(session: Session, params: dict[str, Any]) -> BackupStorage:
         raise InvalidArgument(detail="role must be master or standby")
     if kind != "ImageStore" and params.get("role") not in (None, "master"):
         raise InvalidArgument(detail="only ImageStore backup storage has a standby role")
-    if kind == "Remote":
-        require(params, "token")
-    if kind == "PublicCloud":
-        require(params, "encryptionPassphrase")
-    for key in (*SECRETS, "endpoint", "region", "caFile"):
-        if params.get(key) is not None and not isinstance(params[key], str):
-            raise InvalidArgument(detail=f"{key} must be a string")
+    _check_credentials(kind, params, (*SECRET_FIELDS, *OPTION_FIELDS))
     endpoint = params.get("endpoint")
     for other in session.scalars(select(BackupStorage).where(BackupStorage.url == url)):
-        if (other.credentials or {}).get("endpoint") == endpoint:
+        if credentials_of(other, secrets=False).get("endpoint") == endpoint:
             raise Conflict(detail=f"backup storage {other.uuid} is registered with {url} already")
     if kind == "ImageStore":
         folder = urlparse(url).path
         if os.path.exists(folder) and not os.path.isdir(folder):
             raise InvalidArgument(detail=f"{folder} exists and is not a folder")
     storage = BackupStorage(
+        uuid=new_uuid(),  # before the credentials: they are sealed to it
         name=str(params.get("name") or urlparse(url).path.rstrip("/").rsplit("/", 1)[-1] or url),
         description=params.get("description"),
         type=kind,
@@ -169,8 +186,7 @@ def register_storage(session: Session, params: dict[str, Any]) -> BackupStorage:
         role=role,
         status="Connected",
     )
-    credentials = {k: params[k] for k in (*OPTIONS, "encryptionPassphrase") if params.get(k)}
-    storage.credentials = credentials or None
+    set_credentials(storage, params)
     like = _reference(session)
     repo = open_repository(storage, create=True, like=like, retry_seconds=REGISTER_RETRY_SECONDS)
     if like is not None and not repo.codec.same_naming(like.codec):
@@ -182,6 +198,45 @@ def register_storage(session: Session, params: dict[str, Any]) -> BackupStorage:
     if role == "standby" and current_master(session) is None:
         storage.role = "master"  # a standby with no master would take no backups
     return storage
+
+
+def _check_credentials(kind: str, params: dict[str, Any], keys: tuple[str, ...]) -> None:
+    """InvalidArgument unless ``params`` has what a ``kind`` storage needs and ``keys`` are strings."""
+    if kind == "Remote":
+        require(params, "token")
+    if kind == "PublicCloud":
+        require(params, "encryptionPassphrase")
+    for key in keys:
+        if params.get(key) is not None and not isinstance(params[key], str):
+            raise InvalidArgument(detail=f"{key} must be a string")
+
+
+def update_credentials(storage: BackupStorage, params: dict[str, Any]) -> None:
+    """updateBackupStorage's ``token``, ``accessKey``, ``secretKey`` and ``encryptionPassphrase``
+    (nothing when none is given): merged with the ones the row holds (when it can read them:
+    after a catalog came from another deployment, give them all), checked like registering (the
+    storage's repository must open with them) and sealed."""
+    given = {key: params[key] for key in SECRET_FIELDS if key in params}
+    if not given:
+        return
+    for key, value in given.items():
+        if not isinstance(value, str) or not value:
+            raise InvalidArgument(detail=f"{key} must be a non-empty string")
+    try:
+        current = credentials_of(storage)
+    except CredentialsUnreadable:
+        current = credentials_of(storage, secrets=False)
+    merged = {**current, **given}
+    _check_credentials(storage.type, merged, ())
+    trial = BackupStorage(uuid=storage.uuid, name=storage.name, type=storage.type, url=storage.url)
+    set_credentials(trial, merged)
+    repo = open_repository(trial, retry_seconds=REGISTER_RETRY_SECONDS)
+    repo.close()
+    if storage.repositoryUuid and repo.id != storage.repositoryUuid:
+        raise Conflict(detail=f"{storage.url} holds repository {repo.id}, not {storage.repositoryUuid} any more")
+    set_credentials(storage, merged)
+    probe(storage)
+    log.info("storage.credentials_updated uuid=%s", storage.uuid)
 
 
 # -- master / standby -----------------------------------------------------------------------------
@@ -231,7 +286,7 @@ def failover(session: Session, failed: BackupStorage) -> BackupStorage | None:
             session.commit()
             return None  # it answers: the failure was something else
         for candidate in standbys(session):
-            if probe(candidate):
+            if _answers(candidate):
                 return promote(session, candidate)
         session.commit()
         return None
@@ -256,7 +311,7 @@ def check_storages(session: Session) -> None:
     """One health pass: probe every enabled storage; fail over when the master is down."""
     rows = session.scalars(select(BackupStorage).where(BackupStorage.state == "Enabled")).all()
     for row in rows:
-        probe(row)
+        _answers(row)
     session.commit()
     master = current_master(session)
     if master is not None and master.type == "ImageStore" and master.status == "Disconnected":

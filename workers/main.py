@@ -15,6 +15,7 @@ from shared.apijobs import requeue_stale
 from shared.catalog import db
 from shared.celery_app import STORAGE_QUEUE, celery_app, host_queue
 from shared.config import get_settings
+from shared.secret import check_at_start
 
 log = logging.getLogger(__name__)
 
@@ -82,6 +83,7 @@ def run_worker(host_uuid: str | None = None, concurrency: int = 2, loglevel: str
     settings = get_settings()
     host = (host_uuid or hosts.local_host_uuid()).replace("-", "").lower()
     db.migrate()
+    check_at_start("worker")  # it opens storage with the credentials the API sealed
     with db.session() as session:
         hosts.register(session, host)
     beat = Heartbeat(host, settings.heartbeat_seconds)

@@ -3,6 +3,9 @@
 ``engine()`` and ``session()`` serve every process; ``migrate()`` brings the schema to the
 newest Alembic revision (each process calls it at start: it is a no-op when up to date).
 Errors reaching the database are translated to :class:`~shared.errors.CatalogUnavailable`.
+An SQLite catalog is private to blockvault's user (:func:`private_sqlite`): the file is made
+mode 0600 before SQLite first opens it (SQLite gives its ``-wal`` and ``-shm`` the database's
+mode), and an earlier version's readable files are tightened.
 """
 
 from __future__ import annotations
@@ -14,12 +17,14 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from sqlalchemy import Engine, create_engine, event
+from sqlalchemy.engine import make_url
 from sqlalchemy.exc import InterfaceError as SAInterfaceError
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 from shared.config import get_settings
 from shared.errors import CatalogUnavailable
+from shared.private import private_file, tighten
 
 MIGRATIONS = Path(__file__).with_name("migrations")
 _lock = threading.RLock()
@@ -46,11 +51,30 @@ def engine(url: str | None = None) -> Engine:
         return _engines[url]
 
 
+SQLITE_COMPANIONS = ("-wal", "-shm", "-journal")
+
+
+def private_sqlite(path: Path) -> None:
+    """Make the SQLite database ``path`` (and its companion files) readable by this user only,
+    creating it empty, mode 0600, when missing (an empty file is an empty database)."""
+    private_file(path)
+    for suffix in SQLITE_COMPANIONS:
+        tighten(Path(f"{path}{suffix}"))
+
+
+def sqlite_path(url: str) -> Path | None:
+    """The file of an SQLite URL (None for another database, or one in memory)."""
+    if not url.startswith("sqlite"):
+        return None
+    path = make_url(url).database
+    return Path(path) if path and path != ":memory:" and not path.startswith("file:") else None
+
+
 def _make_engine(url: str) -> Engine:
     if url.startswith("sqlite"):
-        path = url.split("///", 1)[-1]
-        if path and path != ":memory:":
-            Path(path).parent.mkdir(parents=True, exist_ok=True)
+        path = sqlite_path(url)
+        if path is not None:
+            private_sqlite(path)
         eng = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
         event.listen(eng, "connect", _sqlite_pragmas)
         return eng

@@ -1,9 +1,11 @@
-"""A world for API tests: two projects, each with a member and every kind of row, shared
-storage, and the app in process on a real PostgreSQL catalog (rows written straight into it;
-no worker runs, so jobs stay queued)."""
+"""API tests' fixtures: the app in process (FastAPI's TestClient) with the settings a test
+gives (:func:`app_client`), and a world (:class:`World`): two projects, each with a member
+and every kind of row, shared storage, on a real PostgreSQL catalog (rows written straight
+into it; no worker runs, so jobs stay queued)."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
 from collections.abc import Iterator
@@ -37,6 +39,27 @@ from shared.catalog.models import (
     now,
 )
 from shared.config import get_settings
+
+
+@contextlib.contextmanager
+def app_client(monkeypatch: pytest.MonkeyPatch, settings: dict[str, str]) -> Iterator[TestClient]:
+    """The app started (its lifespan run) with exactly ``settings`` (``NAME`` for
+    ``BLOCKVAULT_NAME``) in the environment, on the catalog ``DATABASE_URL`` names."""
+    for name in list(os.environ):
+        if name.startswith("BLOCKVAULT_"):
+            monkeypatch.delenv(name)
+    for name, value in settings.items():
+        monkeypatch.setenv("BLOCKVAULT_" + name, value)
+    get_settings.cache_clear()
+    db.reset()  # the default session factory follows the settings of this test
+    try:
+        with TestClient(create_app()) as client:
+            yield client
+    finally:
+        db.engine(get_settings().catalog_url).dispose()
+        db.reset()
+        get_settings.cache_clear()
+
 
 PASSWORD = "a password"
 
@@ -264,9 +287,6 @@ KINDS = (
 
 @pytest.fixture
 def world(pg_database: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[World]:
-    for name in list(os.environ):
-        if name.startswith("BLOCKVAULT_"):
-            monkeypatch.delenv(name)
     admin_key = "test-admin-" + secrets.token_hex(12)
     settings = {
         "DATABASE_URL": pg_database,
@@ -274,16 +294,7 @@ def world(pg_database: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> 
         "ADMIN_API_KEY": admin_key,
         "AUTH_MAX_FAILURES": "100000",  # the no-key calls are many
     }
-    for name, value in settings.items():
-        monkeypatch.setenv("BLOCKVAULT_" + name, value)
-    get_settings.cache_clear()
-    db.reset()
-    try:
-        with TestClient(create_app()) as client:
-            built = World(client, admin_key, tmp_path)
-            built.build()
-            yield built
-    finally:
-        db.engine(pg_database).dispose()
-        db.reset()
-        get_settings.cache_clear()
+    with app_client(monkeypatch, settings) as client:
+        built = World(client, admin_key, tmp_path)
+        built.build()
+        yield built

@@ -1,14 +1,15 @@
-"""Accounts, projects, members and API keys through the REST API (the app in process, on a
-real PostgreSQL catalog); the lockout after bad keys and the request body limit."""
+"""Accounts, projects, members, API keys and sessions through the REST API (the app in process,
+on a real PostgreSQL catalog); the limits on bad keys and failed logins, and the request body
+limit."""
 
 from __future__ import annotations
 
 import hashlib
-import os
 import secrets
 import stat
 import time
 from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -16,11 +17,10 @@ import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy import select
 
-from api.app import create_app
-from api.auth import HMAC_PREFIX, legacy_key_hash
+from api.auth import HMAC_PREFIX, legacy_key_hash, session_hash
 from shared.catalog import db
-from shared.catalog.models import Account, ApiKey
-from shared.config import get_settings
+from shared.catalog.models import Account, ApiKey, LoginSession
+from tests.api.conftest import app_client
 
 MAX_FAILURES = 3
 WINDOW = 1.5
@@ -50,9 +50,6 @@ class Api:
 
 @pytest.fixture
 def api(pg_database: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Api]:
-    for name in list(os.environ):
-        if name.startswith("BLOCKVAULT_"):
-            monkeypatch.delenv(name)
     admin_key = "test-admin-" + secrets.token_hex(12)
     settings = {
         "DATABASE_URL": pg_database,
@@ -62,17 +59,8 @@ def api(pg_database: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> It
         "AUTH_FAILURE_WINDOW_SECONDS": str(WINDOW),
         "MAX_BODY_BYTES": str(MAX_BODY),
     }
-    for name, value in settings.items():
-        monkeypatch.setenv("BLOCKVAULT_" + name, value)
-    get_settings.cache_clear()
-    db.reset()  # the default session factory follows the settings of this test
-    try:
-        with TestClient(create_app()) as client:
-            yield Api(client, admin_key, pg_database, tmp_path / "data")
-    finally:
-        db.engine(pg_database).dispose()
-        db.reset()
-        get_settings.cache_clear()
+    with app_client(monkeypatch, settings) as client:
+        yield Api(client, admin_key, pg_database, tmp_path / "data")
 
 
 def test_accounts_projects_members_and_keys(api: Api) -> None:
@@ -169,18 +157,121 @@ def test_keys_are_hmac_hashed_and_legacy_keys_rehashed(api: Api) -> None:
         assert hashes and all(h.startswith(HMAC_PREFIX) for h in hashes)
 
 
-def test_lockout_after_bad_keys(api: Api, caplog: pytest.LogCaptureFixture) -> None:
+def test_bad_keys_from_an_address_get_429_and_good_keys_behind_it_are_still_served(
+    api: Api, caplog: pytest.LogCaptureFixture
+) -> None:
+    _account, member_key = api.account_with_key("dave")
     bad = "bv_guess_" + secrets.token_hex(8)
     for _ in range(MAX_FAILURES):
-        status, _ = api.call("GET", "/projects", bad)
-        assert status == 401
-    response = api.client.get("/v1/projects", headers={"Authorization": f"Bearer {api.admin_key}"})
-    assert response.status_code == 429 and response.json()["error"]["code"] == "TOO_MANY_REQUESTS"
-    assert 1 <= int(response.headers["Retry-After"]) <= 2
-    assert api.client.get("/v1/health").status_code == 200  # no key needed: not locked
+        status, body = api.call("GET", "/projects", bad)
+        assert status == 401 and body["error"]["code"] == "UNAUTHORIZED"
+    # the address is over the limit: its bad keys get 429 with Retry-After, unknown sessions too
+    for wrong in (bad, "bv_another_" + secrets.token_hex(8), secrets.token_hex(16)):
+        response = api.client.get("/v1/projects", headers={"Authorization": f"Bearer {wrong}"})
+        assert response.status_code == 429 and response.json()["error"]["code"] == "TOO_MANY_REQUESTS"
+        assert 1 <= int(response.headers["Retry-After"]) <= 2
+    # ...while every valid key behind the same address is served
+    api.ok("GET", "/projects")
+    api.ok("GET", "/projects", member_key)
+    assert api.client.get("/v1/health").status_code == 200
     assert bad not in caplog.text
     time.sleep(WINDOW + 0.1)
+    status, _ = api.call("GET", "/projects", bad)
+    assert status == 401  # the window passed: a bad key is a plain 401 again
+
+
+LOGIN = "/v1/accounts/login"
+
+
+def log_in(api: Api, name: str, password: str) -> Any:
+    body = {"logInByAccount": {"accountName": name, "password": hashlib.sha512(password.encode()).hexdigest()}}
+    return api.client.put(LOGIN, json=body)
+
+
+def test_password_logins_are_limited_per_address_and_account(api: Api) -> None:
+    for name in ("erin", "frank"):
+        api.ok("POST", "/accounts", name=name, password=f"{name}-password")
+    for _ in range(MAX_FAILURES):
+        response = log_in(api, "erin", "a guess")
+        assert response.status_code == 401 and response.json()["error"]["code"] == "UNAUTHORIZED"
+    # this address may not try erin any more, not even with her password...
+    response = log_in(api, "erin", "erin-password")
+    assert response.status_code == 429 and response.json()["error"]["code"] == "TOO_MANY_REQUESTS"
+    assert 1 <= int(response.headers["Retry-After"]) <= 2 and "erin" in response.json()["error"]["description"]
+    # ...but another account logs in from it, and keys are served as ever
+    assert log_in(api, "frank", "frank-password").status_code == 200
     api.ok("GET", "/projects")
+    status, _ = api.call("GET", "/projects", "bv_wrong")
+    assert status == 401  # failed logins are not failed keys
+    time.sleep(WINDOW + 0.1)
+    assert log_in(api, "erin", "erin-password").status_code == 200
+
+
+def test_sessions_are_stored_hashed_end_with_a_new_password_and_log_out_by_token(api: Api) -> None:
+    account = api.ok("POST", "/accounts", name="grace", password="first")["inventory"]["uuid"]
+    tokens = []
+    for _ in range(2):
+        response = log_in(api, "grace", "first")
+        assert response.status_code == 200, response.text
+        tokens.append(response.json()["inventory"]["uuid"])
+    assert all(len(token) == 32 and not token.strip("0123456789abcdef") for token in tokens)
+    with db.session(api.url) as session:
+        stored = set(session.scalars(select(LoginSession.uuid).where(LoginSession.accountUuid == account)))
+    assert stored == {session_hash(token) for token in tokens} and not stored & set(tokens)
+    for token in tokens:
+        api.ok("GET", "/projects", token)
+    # a stored hash is no session: a copy of the catalog opens nothing
+    status, _ = api.call("GET", "/projects", next(iter(stored)))
+    assert status == 401
+    response = api.client.delete(f"/v1/accounts/sessions/{next(iter(stored))}")
+    assert response.status_code == 404
+    # logging out takes the token the login answered
+    assert api.client.delete(f"/v1/accounts/sessions/{tokens[0]}").status_code == 200
+    assert api.call("GET", "/projects", tokens[0])[0] == 401
+    assert api.client.delete(f"/v1/accounts/sessions/{tokens[0]}").status_code == 404
+    api.ok("GET", "/projects", tokens[1])
+    # a new password ends every session of the account (the old password opens none either)
+    response = api.client.put(
+        f"/v1/accounts/{account}/actions",
+        json={"updateAccount": {"password": "second"}},
+        headers={"Authorization": f"Bearer {api.admin_key}"},
+    )
+    assert response.status_code == 200, response.text
+    assert api.call("GET", "/projects", tokens[1])[0] == 401
+    assert log_in(api, "grace", "first").status_code == 401
+    fresh = log_in(api, "grace", "second").json()["inventory"]["uuid"]
+    api.ok("GET", "/projects", fresh)
+    # a name change leaves the sessions alone
+    response = api.client.put(
+        f"/v1/accounts/{account}/actions",
+        json={"updateAccount": {"name": "grace2"}},
+        headers={"Authorization": f"Bearer {api.admin_key}"},
+    )
+    assert response.status_code == 200
+    api.ok("GET", "/projects", fresh)
+
+
+def test_sessions_stored_in_the_clear_by_an_earlier_version_open_nothing(api: Api) -> None:
+    account = api.ok("POST", "/accounts", name="heidi", password="pw")["inventory"]["uuid"]
+    old = secrets.token_hex(16)
+    with db.session(api.url) as session:
+        session.add(LoginSession(uuid=old, accountUuid=account, expiredDate=datetime.now(UTC) + timedelta(hours=1)))
+    status, body = api.call("GET", "/projects", old)
+    assert status == 401 and body["error"]["code"] == "UNAUTHORIZED"
+
+
+def test_bad_login_input(api: Api) -> None:
+    for body in (
+        {"logInByAccount": {"accountName": "x", "password": "not-hex"}},
+        {"logInByAccount": {"accountName": "", "password": "0" * 128}},
+        {"logInByAccount": {"password": "0" * 128}},
+        {"logInByAccount": {"accountName": 5, "password": "0" * 128}},
+        {"somethingElse": {}},
+    ):
+        response = api.client.put(LOGIN, json=body)
+        assert response.status_code == 400 and response.json()["error"]["code"] == "INVALID_ARGUMENT", body
+    for bad in ("nonsense", "0" * 31, "Z" * 32):
+        assert api.client.delete(f"/v1/accounts/sessions/{bad}").status_code in (400, 404)
 
 
 def test_body_limit(api: Api) -> None:

@@ -756,6 +756,49 @@ def test_systemd_units_pass_systemd_analyze_verify_when_available(tmp_path: Path
     assert "sometimes" in complaint.stderr, "systemd-analyze verify reports nothing here: the check is void"
 
 
+# -- the server secret, everywhere the catalog is ----------------------------------------------------
+CATALOG_PROCESSES = {"api", "worker", "beat"}  # they open the storage credentials sealed in the catalog
+
+
+def test_every_process_of_the_catalog_gets_the_one_server_secret() -> None:
+    """API, beat and every worker get BLOCKVAULT_SECRET_KEY, from the one place each deploy
+    method keeps it: a worker with another secret could not open any storage."""
+    compose_envs = {name: environment(svc) for name, svc in blockvault_services().items()}
+    with_catalog = {name: env for name, env in compose_envs.items() if "BLOCKVAULT_DATABASE_URL" in env}
+    assert {"api", "beat", "worker-host1", "worker-host2"} <= set(with_catalog)
+    secrets = {env.get("BLOCKVAULT_SECRET_KEY") for env in with_catalog.values()}
+    assert len(secrets) == 1, f"compose: one BLOCKVAULT_SECRET_KEY for all of {sorted(with_catalog)}: {secrets}"
+    (value,) = secrets
+    match = INTERPOLATION.fullmatch(str(value))
+    assert match and match.group(1) == "BLOCKVAULT_SECRET_KEY" and match.group(2) == ":?", value
+
+    roles = {}
+    for workload, spec in pod_specs():
+        for kind, container in containers(spec):
+            if kind == "init":
+                continue
+            roles[workload] = str(container["args"][0])
+            refs = {e["name"]: e.get("valueFrom", {}).get("secretKeyRef") for e in container.get("env") or []}
+            if roles[workload] in CATALOG_PROCESSES:
+                assert refs.get("BLOCKVAULT_SECRET_KEY") == {
+                    "name": "blockvault-secrets",
+                    "key": "BLOCKVAULT_SECRET_KEY",
+                }, f"{workload}: the server secret from the Secret"
+    assert set(roles.values()) >= CATALOG_PROCESSES
+
+    env_file = "/etc/blockvault/blockvault.env"
+    readers = {
+        role
+        for name, role in UNITS.items()
+        if one(parse_unit(SYSTEMD / name), "Service", "EnvironmentFile") == env_file
+    }
+    assert readers >= CATALOG_PROCESSES, "the units of the catalog's processes share one environment file"
+    example = (SYSTEMD / "blockvault.env.example").read_text()
+    assert re.search(r"^BLOCKVAULT_SECRET_KEY=CHANGE_ME$", example, re.M), "set for every host, not commented out"
+    before = example[: example.index("BLOCKVAULT_SECRET_KEY=CHANGE_ME")]
+    assert "API hosts only" not in before, "the server secret is not an API-only setting"
+
+
 # -- deploy/README.md -------------------------------------------------------------------------------
 def test_deploy_readme_names_every_file() -> None:
     readme = (DEPLOY / "README.md").read_text()

@@ -33,6 +33,7 @@ class Stack:
     def __init__(self, tmp: Path, database_url: str, broker_url: str) -> None:
         self.tmp = tmp
         self.key = "test-admin-" + secrets.token_hex(12)
+        self.secret_key = "test-server-secret-" + secrets.token_hex(16)  # one per deployment, as in production
         self.port = free_port()
         self.env = {k: v for k, v in os.environ.items() if not k.startswith("BLOCKVAULT_")}
         self.env.update(
@@ -43,6 +44,7 @@ class Stack:
             BLOCKVAULT_VOLUME_ROOTS=str(tmp),
             BLOCKVAULT_VM_SOCKET_DIR=str(tmp),
             BLOCKVAULT_ADMIN_API_KEY=self.key,
+            BLOCKVAULT_SECRET_KEY=self.secret_key,  # every process, on every host: they share the catalog
             BLOCKVAULT_HEARTBEAT_SECONDS="1",
             BLOCKVAULT_HOST_TIMEOUT_SECONDS="6",
             BLOCKVAULT_REQUEUE_SECONDS="5",

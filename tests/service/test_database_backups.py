@@ -176,6 +176,7 @@ def test_disaster_drill_rebuilds_the_site_from_the_remote_storage_alone(
     env |= {
         "BLOCKVAULT_DATA_DIR": str(stack.tmp / "new-site"),
         "BLOCKVAULT_DATABASE_URL": make_pg_database(migrate=False),
+        "BLOCKVAULT_SECRET_KEY": "the-new-sites-server-secret",  # not the burnt site's
     }
     if kind == "PublicCloud":
         wrong = rebuild(env, *flags, "--encryption-passphrase", "not it", "--json")
@@ -192,12 +193,15 @@ def test_disaster_drill_rebuilds_the_site_from_the_remote_storage_alone(
     assert restored == expected, "every volume back, byte for byte, as of its newest backup"
     # the rebuilt catalog is a working one: the service starts on it and lists what came back
     rebuilt = Stack(stack.tmp / "new-site-stack", env["BLOCKVAULT_DATABASE_URL"], "")
+    rebuilt.env["BLOCKVAULT_SECRET_KEY"] = env["BLOCKVAULT_SECRET_KEY"]
     (stack.tmp / "new-site-stack").mkdir()
     try:
         rebuilt.start_api()
         backups = rebuilt.client.query("volume-backups", "status=Ready", count=True)["total"]
         assert backups == 4
         assert storage(rebuilt, report["backupStorageUuid"])["status"] == "Connected"
+        # rebuild sealed the credentials it was given under the new site's secret: they open
+        assert rebuilt.client.reconnect_storage(report["backupStorageUuid"])["status"] == "Connected"
     finally:
         rebuilt.stop_all()
 

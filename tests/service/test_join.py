@@ -1,5 +1,6 @@
 """Adding a host is one command on it: ``blockvault worker`` with the catalog's and the
-broker's URLs, nothing else in its environment."""
+broker's URLs and, in its environment, the deployment's ``BLOCKVAULT_SECRET_KEY`` (it opens
+storage with the credentials the API sealed); its data dir is its own."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from tests.service.test_storage_topologies import raw_volume
 def test_a_new_host_joins_with_one_command_and_backs_up_its_volumes(stack: Stack) -> None:
     host = new_uuid()
     urls = {key: stack.env.pop(key) for key in ("BLOCKVAULT_DATABASE_URL", "BLOCKVAULT_BROKER_URL")}
+    own = {"BLOCKVAULT_DATA_DIR": str(stack.tmp / "joined-host")}  # another machine's
     try:
         proc = stack.spawn(
             "worker-joined",
@@ -28,6 +30,7 @@ def test_a_new_host_joins_with_one_command_and_backs_up_its_volumes(stack: Stack
                 "--broker-url",
                 urls["BLOCKVAULT_BROKER_URL"],
             ],
+            own,
         )
     finally:
         stack.env.update(urls)
@@ -36,7 +39,8 @@ def test_a_new_host_joins_with_one_command_and_backs_up_its_volumes(stack: Stack
     while "ready." not in stack.log("worker-joined"):
         assert proc.poll() is None and time.monotonic() < deadline, stack.log("worker-joined")
         time.sleep(0.2)
-    stack.client.add_backup_storage("local", f"file://{stack.tmp / 'local'}")
+    # an encrypted storage: the new host reads its passphrase, sealed under the shared secret
+    stack.client.add_backup_storage("local", f"file://{stack.tmp / 'local'}", encryptionPassphrase="joined-pass")
     volume, path = raw_volume(stack, host, "joined", 8 * MiB)
     backup = stack.client.wait(stack.client.backup_volume(volume["uuid"]), timeout=120)
     assert backup["status"] == "Ready"
@@ -46,3 +50,4 @@ def test_a_new_host_joins_with_one_command_and_backs_up_its_volumes(stack: Stack
         timeout=120,
     )
     assert target.read_bytes() == path.read_bytes()
+    assert not (stack.tmp / "joined-host" / "secret.key").exists()  # the shared secret, none of its own

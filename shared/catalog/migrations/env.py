@@ -12,12 +12,12 @@ from __future__ import annotations
 import contextlib
 import fcntl
 from collections.abc import Iterator
-from pathlib import Path
 
 from alembic import context
 from sqlalchemy import Connection, create_engine, pool, text
 from sqlalchemy.engine import make_url
 
+from shared.catalog.db import private_sqlite, sqlite_path
 from shared.catalog.models import Base
 
 config = context.config
@@ -29,13 +29,12 @@ _PG_LOCK_KEY = 0x6276636174616C6F
 
 @contextlib.contextmanager
 def _sqlite_file_lock(url: str) -> Iterator[None]:
-    database = make_url(url).database
-    if not database or database == ":memory:" or database.startswith("file:"):
+    path = sqlite_path(url)
+    if path is None:
         yield
         return
-    path = Path(database)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "ab") as handle:  # an empty file is an empty SQLite database
+    private_sqlite(path)
+    with open(path, "ab") as handle:
         fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
         try:
             yield
