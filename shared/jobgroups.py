@@ -43,6 +43,7 @@ from shared.celery_app import STORAGE_QUEUE, host_queue
 from shared.errors import BlockvaultError, Conflict, InvalidArgument, NotFound
 from shared.repository.maintenance import Policy, select_keep
 from shared.schedule import TriggerSpec, due_fire, fire_times_after, validate
+from shared.secret import keyed_hash
 from shared.storage import current_master
 
 log = logging.getLogger(__name__)
@@ -330,8 +331,9 @@ def detach(session: Session, trigger: SchedulerTrigger, group: SchedulerJobGroup
 # -- firing --------------------------------------------------------------------------------------
 def run_id(group_uuid: str, trigger_uuid: str, fire_time: datetime, target: str) -> str:
     """The API job uuid (= Celery task id) of one target's run in one fire: the same for
-    every beat that computes it."""
-    return uuidlib.uuid5(ID_NAMESPACE, f"{group_uuid}/{trigger_uuid}/{fire_time.isoformat()}/{target}").hex
+    every beat that computes it (they share the server secret), and not derivable by anyone
+    who knows only the group, trigger and target (a job's uuid opens its wire result)."""
+    return keyed_hash(f"scheduler-run/{group_uuid}/{trigger_uuid}/{fire_time.isoformat()}/{target}")[:32]
 
 
 def fire(
