@@ -89,7 +89,8 @@ def rebuild(url: str, options: dict[str, str | None], *, restore_dir: Path | Non
 
 
 def _restore_volumes(session: Any, repo: Repository, row: BackupStorage, folder: Path) -> list[dict[str, Any]]:
-    """The newest Ready backup on this storage of every volume, restored into ``folder``."""
+    """The newest Ready backup on this storage of every volume, restored into ``folder`` as
+    ``<volume uuid>.<raw|qcow2>``: named by the platform, never by a name a catalog row holds."""
     folder.mkdir(parents=True, exist_ok=True)
     restored = []
     for volume in session.scalars(select(Volume).order_by(Volume.createDate)):
@@ -108,8 +109,9 @@ def _restore_volumes(session: Any, repo: Repository, row: BackupStorage, folder:
         if newest is None:
             continue
         backup, manifest_id = newest
-        target = folder / f"{volume.name or volume.uuid}-{volume.uuid[:8]}.{volume.format}"
-        result = restore_backup(repo, manifest_id, str(target))
+        fmt = "qcow2" if volume.format == "qcow2" else "raw"
+        target = folder / f"{volume.uuid}.{fmt}"
+        result = restore_backup(repo, manifest_id, str(target), fmt=fmt)
         restored.append(
             {
                 "volumeUuid": volume.uuid,

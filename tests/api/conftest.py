@@ -181,15 +181,14 @@ class World:
         session.flush()
         return volume
 
+    def _on_local(self) -> dict[str, str]:
+        """A Ready copy's fields on the shared ImageStore storage."""
+        where = f"zstore://{self.shared['repository']}/{secrets.token_hex(32)}"
+        return {"backupStorageUuid": self.shared["local"], "status": "Ready", "installPath": where}
+
     def _backup(self, session: Any, volume: Volume, group: str | None = None) -> VolumeBackup:
         backup = VolumeBackup(volumeUuid=volume.uuid, type=volume.type, status="Ready", groupUuid=group, size=4096)
-        backup.backupStorageRefs.append(
-            VolumeBackupStorageRef(
-                backupStorageUuid=self.shared["local"],
-                status="Ready",
-                installPath=f"zstore://{self.shared['repository']}/{secrets.token_hex(32)}",
-            )
-        )
+        backup.backupStorageRefs.append(VolumeBackupStorageRef(**self._on_local()))
         session.add(backup)
         session.flush()
         return backup
@@ -215,13 +214,7 @@ class World:
             return self._backup(session, self._volume(session, party, None)).uuid
         if kind == "database-backup":
             row = DatabaseBackup(name="db", status="Ready", size=1)
-            row.backupStorageRefs.append(
-                DatabaseBackupStorageRef(
-                    backupStorageUuid=self.shared["local"],
-                    status="Ready",
-                    installPath=f"zstore://{self.shared['repository']}/{secrets.token_hex(32)}",
-                )
-            )
+            row.backupStorageRefs.append(DatabaseBackupStorageRef(**self._on_local()))
             session.add(row)
             session.flush()
             return row.uuid

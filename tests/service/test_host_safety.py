@@ -91,8 +91,9 @@ def test_a_symlink_out_of_the_roots_is_never_read_nor_written(stack: Stack, outs
     assert revert.value.code == "PATH_NOT_ALLOWED"
     assert secret.read_bytes() == content
     # the data folder stays out of reach even inside the roots
-    catalog_like = stack.tmp / "data" / "secret.key"  # the API keys' HMAC key
-    assert catalog_like.exists()
+    catalog_like = stack.tmp / "data" / "catalog-like.db"  # (a catalog, a key: what the data folder holds)
+    catalog_like.parent.mkdir(exist_ok=True)
+    catalog_like.write_bytes(b"\1" * 8192)
     leaked = client.register_volume(host, str(catalog_like), name="data")
     with pytest.raises(JobFailed) as data:
         client.wait(client.backup_volume(leaked["uuid"]), timeout=120)
