@@ -13,16 +13,16 @@ from typing import Any
 
 from celery.beat import Scheduler
 
-from shared import jobgroups
 from shared.catalog import db
 from shared.secret import check_at_start
+from shared.service import scheduled_runs
 
 log = logging.getLogger(__name__)
 MAX_SLEEP = 2.0
 
 
 class CatalogScheduler(Scheduler):  # type: ignore[misc]
-    """Celery's beat Scheduler with ``tick`` delegated to :func:`shared.jobgroups.tick`."""
+    """Celery's beat Scheduler with ``tick`` delegated to :func:`shared.service.scheduled_runs.tick`."""
 
     def setup_schedule(self) -> None:
         db.migrate()
@@ -31,7 +31,7 @@ class CatalogScheduler(Scheduler):  # type: ignore[misc]
     def tick(self, *args: Any, **kwargs: Any) -> float:
         try:
             with db.session() as session:
-                return min(MAX_SLEEP, jobgroups.tick(session))
+                return min(MAX_SLEEP, scheduled_runs.tick(session))
         except Exception:
             log.warning("beat.tick_failed", exc_info=True)
             return MAX_SLEEP

@@ -17,6 +17,18 @@ from shared.config import get_settings
 from shared.private import private_dir
 
 STORAGE_QUEUE = "storage"
+# the Celery task names, one constant each (workers/tasks.py registers them, the service sends them)
+VOLUME_BACKUP = "blockvault.volume.backup"
+VOLUME_REVERT = "blockvault.volume.revert"
+VOLUME_CREATE = "blockvault.volume.create_from_backup"
+STORAGE_VERIFY = "blockvault.storage.verify"
+STORAGE_DELETE = "blockvault.storage.delete"
+STORAGE_SYNC = "blockvault.storage.sync"
+STORAGE_SCAN = "blockvault.storage.scan"
+STORAGE_GC = "blockvault.storage.gc"
+SCHEDULER_RUN = "blockvault.scheduler.run"
+DATABASE_BACKUP = "blockvault.database.backup"
+DATABASE_RECOVER = "blockvault.database.recover"
 TASK_MODULES = ["workers.tasks"]
 # longer than the longest backup, so Redis never redelivers a message a worker still runs
 VISIBILITY_TIMEOUT = 24 * 3600

@@ -17,7 +17,7 @@ from celery import Task
 from celery.signals import after_setup_logger, after_setup_task_logger, task_failure, worker_process_init
 from sqlalchemy.orm import Session
 
-from shared import backups, dbbackups, jobgroups, scan
+from shared import celery_app as tasks
 from shared.apijobs import fail_job, finish_job, start_job
 from shared.catalog import db
 from shared.catalog.models import ApiJob
@@ -25,6 +25,7 @@ from shared.celery_app import celery_app
 from shared.config import get_settings
 from shared.errors import BlockvaultError, CatalogUnavailable
 from shared.logcontext import install, job_context
+from shared.service import copies, database_backups, deletion, recovery, scan, scheduled_runs, volume_backups
 
 log = logging.getLogger(__name__)
 app = celery_app()
@@ -121,14 +122,14 @@ def job_task(name: str) -> Callable[[Runner], Task]:
     return register
 
 
-volume_backup = job_task("blockvault.volume.backup")(backups.run_volume_backups)
-volume_revert = job_task("blockvault.volume.revert")(backups.run_revert)
-volume_create_from_backup = job_task("blockvault.volume.create_from_backup")(backups.run_create_volume)
-storage_verify = job_task("blockvault.storage.verify")(backups.run_verify)
-storage_delete = job_task("blockvault.storage.delete")(backups.run_delete)
-scheduler_run = job_task("blockvault.scheduler.run")(jobgroups.run_scheduled)
-storage_sync = job_task("blockvault.storage.sync")(backups.run_sync)
-storage_scan = job_task("blockvault.storage.scan")(scan.run_scan)
-storage_gc = job_task("blockvault.storage.gc")(backups.run_reclaim)
-database_backup = job_task("blockvault.database.backup")(dbbackups.run_database_backup)
-database_recover = job_task("blockvault.database.recover")(dbbackups.run_recover)
+volume_backup = job_task(tasks.VOLUME_BACKUP)(volume_backups.run_volume_backups)
+volume_revert = job_task(tasks.VOLUME_REVERT)(recovery.run_revert)
+volume_create_from_backup = job_task(tasks.VOLUME_CREATE)(recovery.run_create_volume)
+storage_verify = job_task(tasks.STORAGE_VERIFY)(recovery.run_verify)
+storage_delete = job_task(tasks.STORAGE_DELETE)(deletion.run_delete)
+scheduler_run = job_task(tasks.SCHEDULER_RUN)(scheduled_runs.run_scheduled)
+storage_sync = job_task(tasks.STORAGE_SYNC)(copies.run_sync)
+storage_scan = job_task(tasks.STORAGE_SCAN)(scan.run_scan)
+storage_gc = job_task(tasks.STORAGE_GC)(deletion.run_reclaim)
+database_backup = job_task(tasks.DATABASE_BACKUP)(database_backups.run_database_backup)
+database_recover = job_task(tasks.DATABASE_RECOVER)(database_backups.run_recover)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import uuid
 from collections.abc import Iterable, Mapping
 from typing import Any
@@ -46,6 +47,23 @@ def checkable_without_keys(config: Mapping[str, Any]) -> bool:
     server checks such objects as they arrive; ``sync`` reads back, into a remote repository
     with keys, what nobody could check for it."""
     return config.get("encryption") == "none"
+
+
+INSTALL_PATH = re.compile(r"^zstore://([0-9A-Za-z-]{1,64})/([0-9a-f]{64})$")
+
+
+def install_path(repository_id: str, manifest_id: str) -> str:
+    """Where a backup lives, as the catalog records it: ``zstore://<repository>/<manifest>``."""
+    return f"zstore://{repository_id}/{manifest_id}"
+
+
+def parse_install_path(path: str | None) -> tuple[str, str]:
+    """(repository id, manifest id) of an install path: the inverse of :func:`install_path`.
+    RepositoryError for anything that is not one."""
+    found = INSTALL_PATH.fullmatch(path or "")
+    if found is None:
+        raise RepositoryError(location=str(path)[:200], detail="not an install path zstore://<repository>/<manifest>")
+    return found[1], found[2]
 
 
 def chunk_key(digest_hex: str) -> str:
@@ -151,7 +169,7 @@ class Repository:
 
     # -- chunks -----------------------------------------------------------------------------
     def install_path(self, manifest_id: str) -> str:
-        return f"zstore://{self.id}/{manifest_id}"
+        return install_path(self.id, manifest_id)
 
     def store_chunk(self, digest: bytes, data: Buffer) -> int:
         """Seal and store a chunk; returns the stored size."""

@@ -6,6 +6,7 @@ and tests/shared/test_hostpaths.py)."""
 from __future__ import annotations
 
 import json
+import posixpath
 from typing import Any
 
 from hypothesis import HealthCheck, given, settings
@@ -264,4 +265,4 @@ def test_arbitrary_install_paths_are_refused_or_inside_a_root(world: World, path
         assert response.status_code in (200, 400, 409), (text, response.text)
         if response.status_code == 200:
             stored = response.json()["inventory"]["installPath"]
-            assert stored == text and stored.startswith(f"{world.tmp}/") and "/." not in stored and "//" not in stored
+            assert stored == text and stored.startswith(f"{world.tmp}/") and posixpath.normpath(stored) == stored

@@ -19,6 +19,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy import select
 
 from api.app import create_app
+from shared import celery_app as tasks
 from shared.catalog import db
 from shared.catalog.models import (
     Account,
@@ -171,7 +172,7 @@ def populate() -> dict[str, str]:
 def test_metrics_are_exact_aggregates_of_the_catalog(api: Api) -> None:
     ids = populate()
     for _ in range(2):  # two messages wait for host 1's worker
-        celery_app().send_task("blockvault.volume.backup", args=["x"], queue=host_queue(ids["h1"]))
+        celery_app().send_task(tasks.VOLUME_BACKUP, args=["x"], queue=host_queue(ids["h1"]))
     api.client.app.state.metrics_registry = registry(CatalogCollector(clock=lambda: T))  # type: ignore[attr-defined]
     status, samples, types = scrape(api)
     assert status == 200

@@ -17,7 +17,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from api.app import create_app
-from api.zstack_wire import MESSAGES, zstack_date
+from api.routes.zstack_wire import MESSAGES, zstack_date
 from shared.catalog import db
 from shared.catalog.models import Host, new_uuid
 from shared.config import get_settings

@@ -26,7 +26,7 @@ What it does:
    disconnected hosts) and the Redis queues left over;
 4. optionally (``--profile-beat``) samples every beat with ``py-spy record --idle`` from just before
    the fire until the last job is enqueued, and prints where a beat spends its time inside
-   ``jobgroups.fire``; optionally (``--fire-profile K``) fires a second group of K of the volumes
+   ``scheduled_runs.fire``; optionally (``--fire-profile K``) fires a second group of K of the volumes
    in this process with every SQL statement, commit and ``send_task`` counted and timed (the tasks
    are not sent: the API job rows are deleted again afterwards);
 5. prints a table of the figures with verdicts against the target (every task enqueued within
@@ -39,7 +39,7 @@ Which code runs (``--code``): by default a snapshot of the working tree taken at
 run do not mix versions; ``--code HEAD`` (or any commit: ``git archive``), or ``--code live``
 (the tree itself). The script re-executes itself with ``PYTHONPATH`` at the snapshot, so the
 processes, the migration and the in-process profile all import that code; the report names it
-(commit, dirty or not, hash of shared/jobgroups.py and shared/apijobs.py).
+(commit, dirty or not, hash of shared/service/scheduled_runs.py and shared/apijobs.py).
 
 Not a pytest test: it needs PostgreSQL (``--pg``) and Redis (``--redis``) and takes minutes at
 full size. Exit status 0 when every verdict passes, 1 otherwise.
@@ -92,18 +92,18 @@ POLL_SECONDS = 0.25
 FIRED_RE = re.compile(r"^(\S+ \S+) INFO \S+ scheduler\.fired group=(\w+) trigger=(\w+) time=(.+?) jobs=(\d+)")
 RESUMED_RE = re.compile(r"^(\S+ \S+) WARNING \S+ scheduler\.resume_fire group=(\w+)")
 SPY_FUNCS = (  # (label, frame substring) for the beat profile's inclusive shares
-    ("jobgroups.fire (all)", "fire (shared/jobgroups.py"),
+    ("scheduled_runs.fire (all)", "fire (shared/service/scheduled_runs.py"),
     ("  apijobs.enqueue (one job)", "enqueue (shared/apijobs.py"),
     ("  apijobs.enqueue_many (a batch)", "enqueue_many (shared/apijobs.py"),
-    ("  _routes (a batch's volumes and hosts)", "_routes (shared/jobgroups.py"),
-    ("  _failed_at_fire", "_failed_at_fire (shared/jobgroups.py"),
+    ("  _routes (a batch's volumes and hosts)", "_routes (shared/service/scheduled_runs.py"),
+    ("  _failed_at_fire", "_failed_at_fire (shared/service/scheduled_runs.py"),
     ("    Session.flush (INSERT api_job)", "flush (sqlalchemy/orm/session.py"),
     ("    Session.scalars (SELECT existing, INSERT RETURNING)", "scalars (sqlalchemy/orm/session.py"),
     ("    Session.commit", "commit (sqlalchemy/orm/session.py"),
     ("    celery send_task", "send_task (celery/app/base.py"),
     ("    logging", "info (logging/__init__.py"),
     ("  Session.get (api_job exists? / volume / host)", "get (sqlalchemy/orm/session.py"),
-    ("  _route", "_route (shared/jobgroups.py"),
+    ("  _route", "_route (shared/service/scheduled_runs.py"),
     ("  begin_nested (SAVEPOINT)", "begin_nested (sqlalchemy/orm/session.py"),
     ("  pool checkout (pre-ping)", "_checkout (sqlalchemy/pool/base.py"),
     ("  hosts.reap", "reap (shared/hosts.py"),
@@ -586,11 +586,11 @@ class Spy:
             stack, _, count = line.rpartition(" ")
             if count.isdigit():
                 stacks.append((stack, int(count)))
-        in_fire = [(s, c) for s, c in stacks if "fire (shared/jobgroups.py" in s]
+        in_fire = [(s, c) for s, c in stacks if "fire (shared/service/scheduled_runs.py" in s]
         total = sum(c for _, c in in_fire)
         if not total:
-            return [f"{self.beat}: no samples inside jobgroups.fire (it did not fire)"]
-        lines = [f"{self.beat}: {total} samples inside jobgroups.fire (200/s, idle included):"]
+            return [f"{self.beat}: no samples inside scheduled_runs.fire (it did not fire)"]
+        lines = [f"{self.beat}: {total} samples inside scheduled_runs.fire (200/s, idle included):"]
         for label, needle in SPY_FUNCS:
             share = sum(c for s, c in in_fire if needle in s)
             lines.append(f"    {label:<48} {100 * share / total:5.1f} %")
@@ -635,10 +635,11 @@ def fire_profile(url: str, broker: str, group_name: str, volumes: list[str], sto
     os.environ["BLOCKVAULT_BROKER_URL"] = broker
     from sqlalchemy import event, select
 
-    from shared import apijobs, jobgroups
+    from shared import apijobs
     from shared.catalog.models import SchedulerJobGroup
     from shared.celery_app import celery_app
     from shared.config import get_settings
+    from shared.service import jobgroups, scheduled_runs
 
     get_settings.cache_clear()
     celery_app.cache_clear()
@@ -686,7 +687,7 @@ def fire_profile(url: str, broker: str, group_name: str, volumes: list[str], sto
         with db.session(url) as session:
             group = session.scalars(select(SchedulerJobGroup).where(SchedulerJobGroup.uuid == group_uuid)).one()
             begin = time.perf_counter()
-            created = jobgroups.run_now(session, group)
+            created = scheduled_runs.run_now(session, group)
             wall = time.perf_counter() - begin
     finally:
         apijobs.celery_app = real_app
@@ -769,12 +770,13 @@ def reexec_in(args: argparse.Namespace) -> None:
 
 def code_label() -> str:
     import shared.apijobs
-    import shared.jobgroups
+    import shared.service.scheduled_runs
 
     digest = "/".join(
-        hashlib.sha256(Path(m.__file__ or "").read_bytes()).hexdigest()[:10] for m in (shared.jobgroups, shared.apijobs)
+        hashlib.sha256(Path(m.__file__ or "").read_bytes()).hexdigest()[:10]
+        for m in (shared.service.scheduled_runs, shared.apijobs)
     )
-    where = Path(shared.jobgroups.__file__ or "").parents[1]
+    where = Path(shared.service.scheduled_runs.__file__ or "").parents[2]
     return f"{os.environ.get(CODE_LABEL_ENV, 'live tree')} in {where}; sha256 jobgroups/apijobs {digest}"
 
 
@@ -1215,7 +1217,7 @@ def run(
     beat_spies = [spy for spy in spies if spy not in worker_spies]
     if beat_spies:
         report.notes.append("")
-        report.notes.append("beat profile (py-spy, inside jobgroups.fire, inclusive):")
+        report.notes.append("beat profile (py-spy, inside scheduled_runs.fire, inclusive):")
         for spy in beat_spies:
             report.notes += spy.summary()
     for spy in worker_spies:

@@ -151,7 +151,7 @@ def test_flower_lists_both_workers_and_the_backup_tasks(stack: Stack) -> None:
         tasks = httpx.get(f"http://127.0.0.1:{port}/api/tasks", timeout=10).json()
         time.sleep(1)
     assert job in tasks, stack.log("flower")
-    assert tasks[job]["name"] == "blockvault.volume.backup"
+    assert tasks[job]["name"] == tasks.VOLUME_BACKUP
     assert tasks[job]["state"] == "SUCCESS"
 
 

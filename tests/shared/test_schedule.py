@@ -2,7 +2,7 @@
 
 Every test drives the pure functions with a fake clock: explicit aware datetimes handed in as
 ``now``, and each fire that ``due_fire`` returns fed back as the trigger's ``last_fire``, the
-way ``shared.jobgroups.tick`` does. Nothing sleeps and nothing reads the real time.
+way ``shared.service.scheduled_runs.tick`` does. Nothing sleeps and nothing reads the real time.
 """
 
 from __future__ import annotations
@@ -609,7 +609,7 @@ def test_validate_rejects_naming_the_field(fields: dict[str, Any], field: str) -
 @pytest.mark.parametrize(
     ("fields", "field"),
     [
-        # Trigger parameters arrive as decoded JSON (jobgroups.create_trigger passes them on
+        # Trigger parameters arrive as decoded JSON (shared.service.jobgroups.create_trigger passes them on
         # unchecked), so a wrongly typed value must be an InvalidArgument, not a crash.
         ({"schedulerType": "cron", "cron": 5}, "cron"),
         ({"schedulerType": "cron", "cron": ["*", "*", "*", "*", "*"]}, "cron"),
@@ -637,7 +637,7 @@ def test_validate_rejects_wrongly_typed_cron_fields(fields: dict[str, Any], fiel
 )
 def test_a_validated_trigger_never_makes_the_schedule_raise(fields: dict[str, Any], field: str) -> None:
     # Either validate() refuses the trigger, or the scheduler can compute with it: an exception
-    # out of fire_times_after/due_fire aborts shared.jobgroups.tick for every other trigger too.
+    # out of fire_times_after/due_fire aborts shared.service.scheduled_runs.tick for every other trigger too.
     spec = TriggerSpec(**fields)
     try:
         validate(spec)

@@ -23,14 +23,7 @@ from fastapi.responses import JSONResponse
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from shared import access
-from shared.catalog.models import Account, ApiKey, Project, ProjectMember, new_uuid
-from shared.errors import Conflict, InvalidArgument, NotFound, Unauthorized, require
-from shared.inventory import inventory, iso
-from shared.ratelimit import FailureWindow
-
-from .app import client_address, get_caller, get_session
-from .auth import (
+from api.auth import (
     SHA512_HEX,
     Caller,
     end_sessions,
@@ -42,7 +35,14 @@ from .auth import (
     password_hash,
     refuse_while_locked,
 )
-from .routes import Envelope, _action, _update, add_tags, check_uuid, one
+from api.deps import CurrentCaller, DbSession, client_address, get_caller
+from api.envelopes import Envelope, add_tags, check_uuid, ok, one, parse_action, update_names
+from api.schemas import Done, SessionAnswer, one_answer
+from shared import access
+from shared.catalog.models import Account, ApiKey, Project, ProjectMember, new_uuid
+from shared.errors import Conflict, InvalidArgument, NotFound, Unauthorized, require
+from shared.inventory import inventory, iso
+from shared.ratelimit import FailureWindow
 
 log = logging.getLogger(__name__)
 router = APIRouter(dependencies=[Depends(get_caller)])
@@ -72,10 +72,8 @@ def _unique_name(session: Session, model: type[Account] | type[Project], name: s
 
 
 # -- accounts and projects -------------------------------------------------------------------------
-@router.post("/accounts")
-def create_account(
-    body: Envelope, session: Session = Depends(get_session, scope="function"), caller: Caller = Depends(get_caller)
-) -> JSONResponse:
+@router.post("/accounts", response_model=one_answer(Account))
+def create_account(body: Envelope, session: DbSession, caller: CurrentCaller) -> JSONResponse:
     access.require_admin(caller, "creating accounts")
     p = body.params
     require(p, "name")
@@ -104,19 +102,19 @@ def _password(params: dict[str, Any]) -> str | None:
     return password_hash(password_digest(value))
 
 
-@router.put("/accounts/{uuid}/actions")
+@router.put("/accounts/{uuid}/actions", response_model=one_answer(Account))
 def account_action(
     uuid: str,
     body: dict[str, Any],
-    session: Session = Depends(get_session, scope="function"),
-    caller: Caller = Depends(get_caller),
+    session: DbSession,
+    caller: CurrentCaller,
 ) -> JSONResponse:
     """``updateAccount {name, description, password}``: an admin for any account, others for their own."""
-    _name, params = _action(body, ("updateAccount",))
+    _name, params = parse_action(body, ("updateAccount",))
     account: Account = access.visible(session, caller, Account, check_uuid(uuid, "uuid"), "account")
     if "name" in params and params["name"] != account.name:
         _unique_name(session, Account, str(params["name"]), "account")
-    _update(account, params)
+    update_names(account, params)
     if "password" in params:
         account.passwordHash = _password(params)
         end_sessions(session, account.uuid)  # whoever logged in with the old one is out
@@ -124,13 +122,11 @@ def account_action(
     return one(session, account)
 
 
-@sessions.put("/accounts/login")
-def log_in_by_account(
-    body: dict[str, Any], request: Request, session: Session = Depends(get_session, scope="function")
-) -> JSONResponse:
+@sessions.put("/accounts/login", response_model=SessionAnswer)
+def log_in_by_account(body: dict[str, Any], request: Request, session: DbSession) -> JSONResponse:
     """ZStack's ``logInByAccount {accountName, password}``, the password as its SHA-512 hex: a
     session uuid that opens the API as ``OAuth <uuid>`` until ``expiredDate``."""
-    _name, params = _action(body, ("logInByAccount",))
+    _name, params = parse_action(body, ("logInByAccount",))
     name, digest = params.get("accountName"), params.get("password")
     if not isinstance(name, str) or not name:
         raise InvalidArgument(detail="accountName is required")
@@ -156,19 +152,17 @@ def log_in_by_account(
     return JSONResponse({"inventory": inventory_, "success": True})
 
 
-@sessions.delete("/accounts/sessions/{uuid}")
-def log_out_session(uuid: str, session: Session = Depends(get_session, scope="function")) -> JSONResponse:
+@sessions.delete("/accounts/sessions/{uuid}", response_model=Done)
+def log_out_session(uuid: str, session: DbSession) -> JSONResponse:
     """End the session ``uuid`` (knowing it is the capability, as in ZStack; the catalog holds
     its hash only); 404 when none."""
     if not log_out(session, check_uuid(uuid, "sessionUuid")):
         raise NotFound(resource="session", uuid=uuid)
-    return JSONResponse({"success": True})
+    return ok()
 
 
-@router.post("/projects")
-def create_project(
-    body: Envelope, session: Session = Depends(get_session, scope="function"), caller: Caller = Depends(get_caller)
-) -> JSONResponse:
+@router.post("/projects", response_model=one_answer(Project))
+def create_project(body: Envelope, session: DbSession, caller: CurrentCaller) -> JSONResponse:
     access.require_admin(caller, "creating projects")
     p = body.params
     require(p, "name")
@@ -189,12 +183,12 @@ def _managed_project(session: Session, caller: Caller, uuid: str) -> Project:
     return project
 
 
-@router.post("/projects/{uuid}/members")
+@router.post("/projects/{uuid}/members", response_model=one_answer(ProjectMember))
 def add_member(
     uuid: str,
     body: Envelope,
-    session: Session = Depends(get_session, scope="function"),
-    caller: Caller = Depends(get_caller),
+    session: DbSession,
+    caller: CurrentCaller,
 ) -> JSONResponse:
     """Make an account a member of the project, or change its role if it is one already."""
     project = _managed_project(session, caller, uuid)
@@ -218,12 +212,12 @@ def add_member(
     return one(session, member)
 
 
-@router.delete("/projects/{uuid}/members/{accountUuid}")
+@router.delete("/projects/{uuid}/members/{accountUuid}", response_model=Done)
 def remove_member(
     uuid: str,
     accountUuid: str,
-    session: Session = Depends(get_session, scope="function"),
-    caller: Caller = Depends(get_caller),
+    session: DbSession,
+    caller: CurrentCaller,
 ) -> JSONResponse:
     project = _managed_project(session, caller, uuid)
     member = session.scalars(
@@ -235,14 +229,12 @@ def remove_member(
     if member is None:
         raise NotFound(resource="member of the project", uuid=accountUuid)
     session.delete(member)
-    return JSONResponse({"success": True})
+    return ok()
 
 
 # -- API keys --------------------------------------------------------------------------------------
-@router.post("/api-keys")
-def create_api_key(
-    body: Envelope, session: Session = Depends(get_session, scope="function"), caller: Caller = Depends(get_caller)
-) -> JSONResponse:
+@router.post("/api-keys", response_model=one_answer(ApiKey))
+def create_api_key(body: Envelope, session: DbSession, caller: CurrentCaller) -> JSONResponse:
     """A new key for ``accountUuid`` (default: the caller's account); its ``key`` is in this
     answer only."""
     p = body.params
@@ -255,9 +247,7 @@ def create_api_key(
     return JSONResponse({"inventory": {**inventory(session, row), "key": key}, "success": True})
 
 
-@router.delete("/api-keys/{uuid}")
-def revoke_api_key(
-    uuid: str, session: Session = Depends(get_session, scope="function"), caller: Caller = Depends(get_caller)
-) -> JSONResponse:
+@router.delete("/api-keys/{uuid}", response_model=Done)
+def revoke_api_key(uuid: str, session: DbSession, caller: CurrentCaller) -> JSONResponse:
     session.delete(access.visible(session, caller, ApiKey, check_uuid(uuid, "uuid"), "API key"))
-    return JSONResponse({"success": True})
+    return ok()

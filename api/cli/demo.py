@@ -27,9 +27,8 @@ from typing import Any
 import click
 import httpx
 
+from api.client import ApiError, Client
 from shared.config import get_settings
-
-from .client import ApiError, Client
 
 MiB = 1024 * 1024
 VOLUME_SIZE = 256 * MiB

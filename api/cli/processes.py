@@ -20,7 +20,7 @@ def api_command(host: str, port: int) -> None:
     """Run the REST API."""
     import uvicorn
 
-    from .app import create_app
+    from api.app import create_app
 
     uvicorn.run(
         create_app(),
@@ -166,8 +166,13 @@ def storage_server_command(
     """Serve repositories over HTTP(S): remote backup storage in another data center."""
     from shared.config import setting
     from shared.errors import UsageError
-
-    from .storage_server import check_tokens, parse_site_tokens, run, site_tokens_from_env, usable_root
+    from shared.repository.backends.http_server import (
+        check_tokens,
+        parse_site_tokens,
+        run,
+        site_tokens_from_env,
+        usable_root,
+    )
 
     token = token or setting("storage_token") or None
     admin_token = admin_token or setting("storage_admin_token") or None

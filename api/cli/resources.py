@@ -15,7 +15,7 @@ from typing import Any
 
 import click
 
-from .client import ApiError, Client, JobFailed
+from api.client import ApiError, Client, JobFailed
 
 
 def _client() -> Client:

@@ -13,8 +13,8 @@ from typing import Any
 
 import httpx
 import pytest
+from shared.repository.backends.http_checks import Place, classify, read_rules
 
-from api.storage_checks import Place, classify, read_rules
 from shared.errors import BackendAuthFailed, BackendError, BackendForbidden, BackendUnavailable
 from shared.repository.backup import backup_volume
 from shared.repository.keys import KeyMaterial, ObjectCodec

@@ -17,13 +17,12 @@ import math
 from fastapi import APIRouter, Request, Response
 from prometheus_client.exposition import choose_encoder
 
+from api.auth import TooManyFailures
+from api.deps import get_caller
 from shared.catalog import db
 from shared.config import get_settings
 from shared.errors import Forbidden
 from shared.ratelimit import FailureWindow
-
-from .app import get_caller
-from .auth import TooManyFailures
 
 router = APIRouter()
 

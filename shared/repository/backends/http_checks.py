@@ -1,4 +1,4 @@
-"""What the storage server checks of an object before it stores it (:mod:`api.storage_server`).
+"""What the storage server checks of an object before it stores it (:mod:`shared.repository.backends.http_server`).
 
 An object's place in the layout of docs/repository-format.md comes from its path below
 ``ROOT`` (:func:`classify`): below the repository's folder, a lock is ``locks/...``, a chunk

@@ -1,92 +1,23 @@
-"""The ``blockvault`` command. ``blockvault repo ...`` drives the engine on a repository path
-with no service (API.md "The repository CLI"). Output: progress on stderr, results on stdout
-(one JSON object with ``--json``); exit 0 success, 1 failed check or integrity error, 2 bad
-usage; errors are one line on stderr."""
+"""``blockvault repo ...``: the engine on a repository path or URL, with no catalog and no
+service (docs/api.md "The repository CLI")."""
 
 from __future__ import annotations
 
 import contextlib
-import faulthandler
-import importlib
 import json
-import logging
-import signal
 import sys
 from collections.abc import Callable, Iterator
-from typing import Any, ClassVar, NoReturn
+from typing import Any
 
 import click
 
 from shared.config import float_setting, setting
-from shared.errors import BlockvaultError, RepositoryNotFound, UsageError
+from shared.errors import RepositoryNotFound, UsageError
 
-log = logging.getLogger("blockvault")
-
-
-def fail(message: str, code: int) -> NoReturn:
-    click.echo(f"blockvault: error: {message}", err=True)
-    sys.exit(code)
+from . import Group
 
 
-class Group(click.Group):
-    """Turns blockvault errors into one line and the right exit code. Subcommands named in
-    ``lazy`` are imported only when used, so ``blockvault repo ...`` starts fast."""
-
-    lazy: ClassVar[dict[str, str]] = {}
-
-    def list_commands(self, ctx: click.Context) -> list[str]:
-        return sorted({*super().list_commands(ctx), *self.lazy})
-
-    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
-        if cmd_name in self.lazy and cmd_name not in self.commands:
-            module, _, attr = self.lazy[cmd_name].partition(":")
-            command = getattr(importlib.import_module(module), attr)
-            self.add_command(command, cmd_name)
-        return super().get_command(ctx, cmd_name)
-
-    def invoke(self, ctx: click.Context) -> Any:
-        try:
-            return super().invoke(ctx)
-        except BlockvaultError as exc:
-            fail(str(exc), exc.exit_code)
-        except KeyboardInterrupt:
-            fail("interrupted", 130)
-
-
-class MainGroup(Group):
-    lazy: ClassVar[dict[str, str]] = {
-        "api": "api.processes:api_command",
-        "worker": "api.processes:worker_command",
-        "flower": "api.processes:flower_command",
-        "beat": "api.processes:beat_command",
-        "up": "api.processes:up_command",
-        "storage-server": "api.processes:storage_server_command",
-        "rebuild": "api.rebuild:rebuild_command",
-        "host": "api.resources_cli:host",
-        "vm": "api.resources_cli:vm",
-        "volume": "api.resources_cli:volume",
-        "backup-storage": "api.resources_cli:storage",
-        "volume-backup": "api.resources_cli:volume_backup",
-        "database-backup": "api.resources_cli:database_backup",
-        "job": "api.resources_cli:job",
-        "job-group": "api.resources_cli:job_group",
-        "trigger": "api.resources_cli:trigger",
-        "history": "api.resources_cli:history",
-    }
-
-
-@click.group(cls=MainGroup)
-@click.option("-v", "--verbose", count=True, help="Log more (-vv for debug).")
-def main(verbose: int) -> None:
-    """blockvault: backups of VM volumes and of their management database."""
-    faulthandler.register(signal.SIGUSR1, all_threads=True)  # `kill -USR1` dumps every stack
-    level = logging.WARNING - 10 * min(verbose, 2)
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s %(message)s", stream=sys.stderr)
-    for chatty in ("httpx", "httpcore", "botocore", "boto3", "s3transfer"):  # a line per chunk request
-        logging.getLogger(chatty).setLevel(max(level, logging.WARNING))
-
-
-@main.group(cls=Group)
+@click.group(cls=Group)
 def repo() -> None:
     """Work on a repository directly (no catalog, no service)."""
 
@@ -361,16 +292,3 @@ def repo_sync(src: str, dst: str, bandwidth_limit: int | None, as_json: bool) ->
         f"copied {len(report.backups)} backups, {report.chunksCopied} chunks ({_size(report.bytesCopied)}) "
         f"in {report.seconds:.2f} s",
     )
-
-
-@main.command("demo")
-@click.option("--workdir", type=click.Path(file_okay=False), help="Default: <data dir>/demo.")
-def demo(workdir: str | None) -> None:
-    """Back up a raw and a qcow2 volume full and incrementally, sync, restore, verify."""
-    from .demo import run_demo
-
-    run_demo(workdir)
-
-
-if __name__ == "__main__":
-    main()

@@ -27,12 +27,13 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, ValidationError, create_model
 from sqlalchemy.orm import Session
 
+from api.deps import get_caller
+from api.envelopes import error_body
+from api.routes.api_jobs import job_answer
 from shared.catalog import db
 from shared.catalog.models import ApiJob, new_uuid
 from shared.catalog.query import parse_zstack
 from shared.errors import BlockvaultError, InvalidArgument, Unauthorized
-
-from .app import error_body, get_caller
 
 log = logging.getLogger(__name__)
 router = APIRouter(include_in_schema=False)
@@ -776,8 +777,6 @@ async def zstack_api(request: Request) -> JSONResponse:
 
 
 def _result(request: Request, uuid: str) -> JSONResponse:
-    from .routes import job_answer
-
     with db.session() as session:
         job = session.get(ApiJob, uuid) if JOB_UUID.fullmatch(uuid) else None
         if job is not None and not _may_see(request, session, job):

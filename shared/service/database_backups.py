@@ -17,9 +17,9 @@ from typing import Any
 
 from sqlalchemy.orm import Session
 
+from shared import celery_app as tasks
 from shared import dbdump
 from shared.apijobs import enqueue, progress_reporter
-from shared.backups import _manifest_id, _ready_ref, copy_on, get, pick_storage, replicate
 from shared.catalog.models import ApiJob, BackupStorage, DatabaseBackup, DatabaseBackupStorageRef, new_uuid
 from shared.celery_app import STORAGE_QUEUE
 from shared.config import get_settings
@@ -27,6 +27,8 @@ from shared.errors import BackendError, Conflict, InvalidArgument, RepositoryErr
 from shared.inventory import inventory
 from shared.repository.repo import Repository
 from shared.repository.stream import backup_stream
+from shared.service.copies import replicate
+from shared.service.rows import copy_on, get, manifest_id, pick_storage, ready_ref
 from shared.storage import failover, open_repository, refresh_capacity
 
 log = logging.getLogger(__name__)
@@ -51,7 +53,7 @@ def request_database_backup(session: Session, params: dict[str, Any], account: s
     return enqueue(
         session,
         "createDatabaseBackup",
-        task="blockvault.database.backup",
+        task=tasks.DATABASE_BACKUP,
         queue=STORAGE_QUEUE,
         params={"backupStorageUuid": storage.uuid},
         resource_uuid=row.uuid,
@@ -149,7 +151,7 @@ def request_recover(session: Session, uuid: str, params: dict[str, Any], account
     row: DatabaseBackup = get(session, DatabaseBackup, uuid, "database backup")
     if row.status != "Ready":
         raise Conflict(detail=f"database backup {uuid} is {row.status}")
-    ref = _ready_ref(row, params.get("backupStorageUuid"), session)
+    ref = ready_ref(row, params.get("backupStorageUuid"), session)
     target = params.get("databaseUrl") or get_settings().catalog_url
     if not isinstance(target, str) or not target.startswith(("postgresql", "sqlite:///")):
         raise InvalidArgument(detail="databaseUrl must be a postgresql:// or sqlite:/// SQLAlchemy URL")
@@ -159,7 +161,7 @@ def request_recover(session: Session, uuid: str, params: dict[str, Any], account
     return enqueue(
         session,
         "recoverDatabaseBackup",
-        task="blockvault.database.recover",
+        task=tasks.DATABASE_RECOVER,
         queue=STORAGE_QUEUE,
         params={"backupUuid": uuid, "backupStorageUuid": ref.backupStorageUuid, "databaseUrl": target, "force": force},
         resource_uuid=uuid,
@@ -174,7 +176,7 @@ def run_recover(session: Session, job: ApiJob) -> dict[str, Any]:
     storage, ref = copy_on(session, row, params["backupStorageUuid"])
     repo = open_repository(storage)
     session.commit()  # hold no transaction on the catalog while it may be the target
-    recover_into(repo, _manifest_id(ref), str(params["databaseUrl"]), force=bool(params.get("force")))
+    recover_into(repo, manifest_id(ref), str(params["databaseUrl"]), force=bool(params.get("force")))
     return {"databaseBackupUuid": row.uuid, "databaseUrl": _safe_url(str(params["databaseUrl"]))}
 
 

@@ -15,7 +15,7 @@ always append-only there; anywhere else it is answered 401 like a wrong token, s
 tell whether another site exists. ``--admin-token`` opens every repository and may always do
 everything (prune, gc).
 
-What is stored is checked first (:mod:`api.storage_checks`): lock objects, the names of
+What is stored is checked first (:mod:`shared.repository.backends.http_checks`): lock objects, the names of
 chunks and manifests, and in repositories without keys their content against their names.
 An address that sends too many wrong or missing tokens gets 429 for those (a valid token is
 always served): ``--auth-max-failures`` within ``--auth-failure-window`` seconds.
@@ -50,14 +50,14 @@ from shared.repository.backends.file import FileBackend
 from shared.repository.backends.http import API, MISSING_LIMIT, Status, invalid_key
 from shared.repository.locks import LOCK_MAX_BYTES
 
-from .storage_checks import Check, ObjectChecks, Refused, classify
+from .http_checks import Check, ObjectChecks, Refused, classify
 
 log = logging.getLogger(__name__)
 
 MiB = 1024 * 1024
 DEFAULT_MAX_OBJECT = 256 * MiB
 LIST_CHUNK = 64 * 1024  # bytes of listing per write: one thread hop per ~700 objects
-CHECKS_AT_ONCE = 4  # bodies decoded and hashed at once (api/storage_checks.py)
+CHECKS_AT_ONCE = 4  # bodies decoded and hashed at once (http_checks.py)
 AUTH_MAX_FAILURES = 10  # bad tokens from one address in AUTH_FAILURE_WINDOW seconds: then 429
 AUTH_FAILURE_WINDOW = 60.0
 _RANGE = re.compile(r"bytes=(\d*)-(\d*)")

@@ -16,10 +16,10 @@ from typing import Any
 
 from sqlalchemy.orm import Session
 
-from shared.backups import AnyBackup, _ref_on, add_ref, get
 from shared.catalog.models import ApiJob, BackupStorage, DatabaseBackup, Host, VmInstance, Volume, VolumeBackup
 from shared.repository.manifest import BackupEntry, parse_time
 from shared.repository.repo import Repository
+from shared.service.rows import AnyBackup, add_ref, get, ref_on
 from shared.storage import open_repository, refresh_capacity
 
 log = logging.getLogger(__name__)
@@ -163,7 +163,7 @@ def scan_storage(session: Session, storage: BackupStorage) -> dict[str, Any]:
         row, new = (_database_backup_row if database else _volume_backup_row)(session, repo, entry)
         if new:
             imported["databaseBackups" if database else "volumeBackups"].append(row.uuid)
-        ref = _ref_on(row, storage.uuid)
+        ref = ref_on(row, storage.uuid)
         if ref is None or ref.status != "Ready":
             ref = ref or add_ref(row, storage.uuid)
             ref.status, ref.installPath = "Ready", repo.install_path(entry.id)

@@ -16,14 +16,15 @@ from fastapi.responses import JSONResponse
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from shared import access, jobgroups
+from api.auth import Caller
+from api.deps import CurrentCaller, DbSession, get_caller
+from api.envelopes import Envelope, check_uuid, ok, parse_action
+from api.schemas import Done, one_answer
+from shared import access
 from shared.catalog.models import BackupStorage, SchedulerJob, SchedulerJobGroup, SchedulerTrigger, VmInstance, Volume
 from shared.errors import InvalidArgument
 from shared.inventory import inventory
-
-from .app import get_caller, get_session
-from .auth import Caller
-from .routes import Envelope, _action, check_uuid
+from shared.service import jobgroups, scheduled_runs
 
 router = APIRouter(dependencies=[Depends(get_caller)])
 
@@ -69,10 +70,8 @@ def _ok(data: dict[str, Any]) -> JSONResponse:
     return JSONResponse({"inventory": data, "success": True})
 
 
-@router.post("/scheduler/jobgroups")
-def create_group(
-    body: Envelope, session: Session = Depends(get_session, scope="function"), caller: Caller = Depends(get_caller)
-) -> JSONResponse:
+@router.post("/scheduler/jobgroups", response_model=one_answer(SchedulerJobGroup))
+def create_group(body: Envelope, session: DbSession, caller: CurrentCaller) -> JSONResponse:
     params = jobgroups.group_params(body.params)
     _check_job_data(session, caller, params)
     project = access.project_for(caller, params.get("projectUuid"))
@@ -81,19 +80,21 @@ def create_group(
     return _ok(group_inventory(session, group))
 
 
-@router.put("/scheduler/jobgroups/{uuid}/actions")
+@router.put("/scheduler/jobgroups/{uuid}/actions", response_model=one_answer(SchedulerJobGroup))
 def group_action(
     uuid: str,
     body: dict[str, Any],
-    session: Session = Depends(get_session, scope="function"),
-    caller: Caller = Depends(get_caller),
+    session: DbSession,
+    caller: CurrentCaller,
 ) -> JSONResponse:
-    name, params = _action(body, ("updateSchedulerJobGroup", "runSchedulerJobGroup", "changeSchedulerJobGroupState"))
+    name, params = parse_action(
+        body, ("updateSchedulerJobGroup", "runSchedulerJobGroup", "changeSchedulerJobGroupState")
+    )
     params = jobgroups.group_params(params)
     group = _group(session, uuid, caller)
     _check_job_data(session, caller, {"type": group.jobType, **params})
     if name == "runSchedulerJobGroup":
-        created = jobgroups.run_now(session, group)
+        created = scheduled_runs.run_now(session, group)
         return JSONResponse({"inventory": {**group_inventory(session, group), "jobsStarted": created}, "success": True})
     if name == "changeSchedulerJobGroupState":
         params = {"state": params.get("stateEvent")}
@@ -102,23 +103,21 @@ def group_action(
     return _ok(group_inventory(session, group))
 
 
-@router.delete("/scheduler/jobgroups/{uuid}")
-def delete_group(
-    uuid: str, session: Session = Depends(get_session, scope="function"), caller: Caller = Depends(get_caller)
-) -> JSONResponse:
+@router.delete("/scheduler/jobgroups/{uuid}", response_model=Done)
+def delete_group(uuid: str, session: DbSession, caller: CurrentCaller) -> JSONResponse:
     group = _group(session, uuid, caller)
     for job in session.scalars(select(SchedulerJob).where(SchedulerJob.schedulerJobGroupUuid == group.uuid)):
         session.delete(job)
     session.delete(group)
-    return JSONResponse({"success": True})
+    return ok()
 
 
-@router.post("/scheduler/jobgroups/{uuid}/jobs")
+@router.post("/scheduler/jobgroups/{uuid}/jobs", response_model=one_answer(SchedulerJobGroup))
 def add_jobs(
     uuid: str,
     body: Envelope,
-    session: Session = Depends(get_session, scope="function"),
-    caller: Caller = Depends(get_caller),
+    session: DbSession,
+    caller: CurrentCaller,
 ) -> JSONResponse:
     group = _group(session, uuid, caller)
     job_uuids = body.params.get("schedulerJobUuids")
@@ -136,13 +135,13 @@ def add_jobs(
     return _ok(group_inventory(session, group))
 
 
-@router.delete("/scheduler/jobgroups/{uuid}/jobs")
+@router.delete("/scheduler/jobgroups/{uuid}/jobs", response_model=one_answer(SchedulerJobGroup))
 def remove_jobs(
     uuid: str,
+    session: DbSession,
+    caller: CurrentCaller,
     targetResourceUuids: str = "",
     schedulerJobUuids: str = "",
-    session: Session = Depends(get_session, scope="function"),
-    caller: Caller = Depends(get_caller),
 ) -> JSONResponse:
     """Delete the jobs of the targets named, or take the jobs named out of the group (they remain)."""
     group = _group(session, uuid, caller)
@@ -170,10 +169,8 @@ def _job(session: Session, uuid: str, caller: Caller) -> SchedulerJob:
     return job
 
 
-@router.post("/scheduler/jobs")
-def create_job(
-    body: Envelope, session: Session = Depends(get_session, scope="function"), caller: Caller = Depends(get_caller)
-) -> JSONResponse:
+@router.post("/scheduler/jobs", response_model=one_answer(SchedulerJob))
+def create_job(body: Envelope, session: DbSession, caller: CurrentCaller) -> JSONResponse:
     """ZStack's CreateSchedulerJob: ``name``, ``description``, ``targetResourceUuid``, ``type``
     (volumeBackup|vmBackup), ``parameters`` (jobData), ``projectUuid``; in no group until
     ``POST /v1/scheduler/jobgroups/{uuid}/jobs {schedulerJobUuids}``."""
@@ -192,14 +189,14 @@ def create_job(
     return _ok(inventory(session, job))
 
 
-@router.put("/scheduler/jobs/{uuid}/actions")
+@router.put("/scheduler/jobs/{uuid}/actions", response_model=one_answer(SchedulerJob))
 def job_action(
     uuid: str,
     body: dict[str, Any],
-    session: Session = Depends(get_session, scope="function"),
-    caller: Caller = Depends(get_caller),
+    session: DbSession,
+    caller: CurrentCaller,
 ) -> JSONResponse:
-    _name, params = _action(body, ("updateSchedulerJob",))
+    _name, params = parse_action(body, ("updateSchedulerJob",))
     params = jobgroups.group_params(params)
     job = _job(session, uuid, caller)
     _check_job_data(session, caller, {"type": job.jobType, **params})
@@ -208,18 +205,14 @@ def job_action(
     return _ok(inventory(session, job))
 
 
-@router.delete("/scheduler/jobs/{uuid}")
-def delete_job(
-    uuid: str, session: Session = Depends(get_session, scope="function"), caller: Caller = Depends(get_caller)
-) -> JSONResponse:
+@router.delete("/scheduler/jobs/{uuid}", response_model=Done)
+def delete_job(uuid: str, session: DbSession, caller: CurrentCaller) -> JSONResponse:
     session.delete(_job(session, uuid, caller))
-    return JSONResponse({"success": True})
+    return ok()
 
 
-@router.post("/scheduler/triggers")
-def create_trigger(
-    body: Envelope, session: Session = Depends(get_session, scope="function"), caller: Caller = Depends(get_caller)
-) -> JSONResponse:
+@router.post("/scheduler/triggers", response_model=one_answer(SchedulerTrigger))
+def create_trigger(body: Envelope, session: DbSession, caller: CurrentCaller) -> JSONResponse:
     project = access.project_for(caller, body.params.get("projectUuid"))
     trigger = jobgroups.create_trigger(session, {k: v for k, v in body.params.items() if k != "projectUuid"})
     trigger.projectUuid = project
@@ -227,14 +220,14 @@ def create_trigger(
     return _ok(inventory(session, trigger))
 
 
-@router.put("/scheduler/triggers/{uuid}/actions")
+@router.put("/scheduler/triggers/{uuid}/actions", response_model=one_answer(SchedulerTrigger))
 def trigger_action(
     uuid: str,
     body: dict[str, Any],
-    session: Session = Depends(get_session, scope="function"),
-    caller: Caller = Depends(get_caller),
+    session: DbSession,
+    caller: CurrentCaller,
 ) -> JSONResponse:
-    name, params = _action(body, ("updateSchedulerTrigger", "runSchedulerTrigger"))
+    name, params = parse_action(body, ("updateSchedulerTrigger", "runSchedulerTrigger"))
     trigger = _trigger(session, uuid, caller)
     if name == "updateSchedulerTrigger":
         jobgroups.update_trigger(session, trigger, params)
@@ -249,7 +242,7 @@ def trigger_action(
             access.scope(caller, SchedulerJobGroup).where(SchedulerJobGroup.uuid == group_uuid)
         ).first()  # a member runs only its own groups on a shared trigger
         if group is not None:
-            started += jobgroups.run_now(session, group, trigger.uuid, job_uuids)
+            started += scheduled_runs.run_now(session, group, trigger.uuid, job_uuids)
     return JSONResponse({"inventory": {**inventory(session, trigger), "jobsStarted": started}, "success": True})
 
 
@@ -259,37 +252,35 @@ def _attached(session: Session, trigger: SchedulerTrigger) -> list[str]:
     return list(session.scalars(select(Ref.schedulerJobGroupUuid).where(Ref.schedulerTriggerUuid == trigger.uuid)))
 
 
-@router.delete("/scheduler/triggers/{uuid}")
-def delete_trigger(
-    uuid: str, session: Session = Depends(get_session, scope="function"), caller: Caller = Depends(get_caller)
-) -> JSONResponse:
+@router.delete("/scheduler/triggers/{uuid}", response_model=Done)
+def delete_trigger(uuid: str, session: DbSession, caller: CurrentCaller) -> JSONResponse:
     session.delete(_trigger(session, uuid, caller))
-    return JSONResponse({"success": True})
+    return ok()
 
 
-@router.post("/scheduler/triggers/{trigger_uuid}/jobgroups/{group_uuid}")
+@router.post("/scheduler/triggers/{trigger_uuid}/jobgroups/{group_uuid}", response_model=one_answer(SchedulerJobGroup))
 def attach(
     trigger_uuid: str,
     group_uuid: str,
+    session: DbSession,
+    caller: CurrentCaller,
     body: Envelope | None = None,
-    session: Session = Depends(get_session, scope="function"),
-    caller: Caller = Depends(get_caller),
 ) -> JSONResponse:
     trigger, group = _trigger(session, trigger_uuid, caller), _group(session, group_uuid, caller)
     jobgroups.attach(session, trigger, group)
     started = 0
     if body is not None and body.params.get("triggerNow"):
         session.commit()
-        started = jobgroups.run_now(session, group, trigger.uuid)
+        started = scheduled_runs.run_now(session, group, trigger.uuid)
     return JSONResponse({"inventory": {**group_inventory(session, group), "jobsStarted": started}, "success": True})
 
 
-@router.delete("/scheduler/triggers/{trigger_uuid}/jobgroups/{group_uuid}")
+@router.delete("/scheduler/triggers/{trigger_uuid}/jobgroups/{group_uuid}", response_model=Done)
 def detach(
     trigger_uuid: str,
     group_uuid: str,
-    session: Session = Depends(get_session, scope="function"),
-    caller: Caller = Depends(get_caller),
+    session: DbSession,
+    caller: CurrentCaller,
 ) -> JSONResponse:
     jobgroups.detach(session, _trigger(session, trigger_uuid, caller), _group(session, group_uuid, caller))
-    return JSONResponse({"success": True})
+    return ok()

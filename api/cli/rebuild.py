@@ -18,18 +18,18 @@ from typing import Any
 import click
 from sqlalchemy import func, select
 
-from shared import scan, storage
+from api.cli.resources import credential_options, credential_params
+from shared import storage
 from shared.catalog import db
 from shared.catalog.models import BackupStorage, DatabaseBackup, VmInstance, Volume, VolumeBackup
 from shared.config import get_settings
 from shared.credentials import credentials_of, seal_plaintext, set_credentials
-from shared.dbbackups import recover_into
 from shared.errors import NotFound, UsageError
 from shared.repository.manifest import BackupEntry
-from shared.repository.repo import Repository
+from shared.repository.repo import Repository, parse_install_path
 from shared.repository.restore import restore_backup
-
-from .resources_cli import credential_options, credential_params
+from shared.service import scan
+from shared.service.database_backups import recover_into
 
 
 def _storage_params(url: str, options: dict[str, str | None]) -> dict[str, Any]:
@@ -104,7 +104,7 @@ def _restore_volumes(session: Any, repo: Repository, row: BackupStorage, folder:
                 (r for r in backup.backupStorageRefs if r.backupStorageUuid == row.uuid and r.status == "Ready"), None
             )
             if ref is not None and ref.installPath:
-                newest = (backup, ref.installPath.rsplit("/", 1)[-1])
+                newest = (backup, parse_install_path(ref.installPath)[1])
                 break
         if newest is None:
             continue

@@ -1,0 +1,5 @@
+"""``python -m api.cli``: the ``blockvault`` command."""
+
+from api.cli import main
+
+main()

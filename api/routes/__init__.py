@@ -1,0 +1,44 @@
+"""The REST routes, one router per resource (docs/api.md "Resources and calls").
+
+Each module is thin: it parses the request, checks who may do it (:mod:`shared.access`), calls
+the service (:mod:`shared.service`) and wraps the answer in ZStack's envelopes
+(:mod:`api.envelopes`). :data:`VERSIONED` are served under ``/v1`` and, for ZStack's SDKs,
+``/zstack/v1``; :data:`ROOT` at their own paths (health, metrics, the ZStack RPC endpoint).
+"""
+
+from __future__ import annotations
+
+from fastapi import APIRouter
+
+from . import (
+    accounts,
+    api_jobs,
+    backup_storage,
+    database_backups,
+    health,
+    metrics,
+    queries,
+    scheduler,
+    tags,
+    vm_backups,
+    vm_instances,
+    volume_backups,
+    volumes,
+    zstack_wire,
+)
+
+VERSIONED: tuple[APIRouter, ...] = (
+    accounts.sessions,
+    queries.router,
+    api_jobs.router,
+    vm_instances.router,
+    volumes.router,
+    backup_storage.router,
+    volume_backups.router,
+    vm_backups.router,
+    database_backups.router,
+    tags.router,
+    scheduler.router,
+    accounts.router,
+)
+ROOT: tuple[APIRouter, ...] = (health.router, metrics.router, zstack_wire.router)

@@ -1,0 +1,95 @@
+"""VM instances: ``POST /v1/vm-instances`` (admins register them), ``DELETE`` (unregister),
+``PUT /v1/vm-instances/{uuid}/actions`` ``updateVmInstance``."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter, Depends
+from fastapi.responses import JSONResponse
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from api.deps import CurrentCaller, DbSession, get_caller
+from api.envelopes import Envelope, add_tags, check_uuid, non_negative_int, ok, one, parse_action, update_names
+from api.schemas import Done, one_answer
+from shared import access, hostpaths
+from shared.catalog.models import Host, VmInstance, Volume, new_uuid
+from shared.errors import InvalidArgument, NotFound
+
+router = APIRouter(dependencies=[Depends(get_caller)])
+VM_STATES = ("Running", "Stopped")
+
+
+def _socket_path(session: Session, params: dict[str, Any], key: str, host_uuid: str | None) -> str | None:
+    """A VM's QMP or guest agent socket: null, or a path inside its host's VM socket folder
+    (admins only name one: the root worker connects to it)."""
+    value = params.get(key)
+    if value is None:
+        return None
+    if not host_uuid:
+        raise InvalidArgument(detail=f"{key} needs the VM's hostUuid: sockets are inside its host's socket folder")
+    host = session.get(Host, host_uuid)
+    folder = [host.vmSocketDir] if host is not None and host.vmSocketDir else None
+    return hostpaths.require_under(value, folder, key, host_uuid)
+
+
+@router.post("/vm-instances", response_model=one_answer(VmInstance))
+def create_vm(body: Envelope, session: DbSession, caller: CurrentCaller) -> JSONResponse:
+    access.require_admin(caller, "registering vm-instances")
+    p = body.params
+    if p.get("hostUuid") and session.get(Host, check_uuid(p["hostUuid"], "hostUuid")) is None:
+        raise NotFound(resource="host", uuid=p["hostUuid"])
+    state = p.get("state") or "Stopped"
+    if state not in VM_STATES:
+        raise InvalidArgument(detail="state must be Running or Stopped")
+    vm = VmInstance(
+        uuid=new_uuid(),
+        name=str(p.get("name") or ""),
+        description=p.get("description"),
+        hostUuid=p.get("hostUuid"),
+        platform=str(p.get("platform") or "Linux"),
+        cpuNum=non_negative_int(p, "cpuNum", 1),
+        memorySize=non_negative_int(p, "memorySize", 0),
+        projectUuid=p.get("projectUuid"),
+        state=state,
+        qmpSocket=_socket_path(session, p, "qmpSocket", p.get("hostUuid")),
+        guestAgentSocket=_socket_path(session, p, "guestAgentSocket", p.get("hostUuid")),
+    )
+    if not vm.name:
+        raise InvalidArgument(detail="name is required")
+    session.add(vm)
+    session.flush()
+    add_tags(session, vm, body)
+    return one(session, vm)
+
+
+@router.delete("/vm-instances/{uuid}", response_model=Done)
+def delete_vm(uuid: str, session: DbSession, caller: CurrentCaller) -> JSONResponse:
+    """Unregister a VM and its volumes (files and backups stay)."""
+    access.require_admin(caller, "unregistering vm-instances")
+    vm = session.get(VmInstance, check_uuid(uuid, "uuid"))
+    if vm is None:
+        raise NotFound(resource="VM instance", uuid=uuid)
+    for volume in session.scalars(select(Volume).where(Volume.vmInstanceUuid == vm.uuid)):
+        session.delete(volume)
+    session.flush()
+    session.delete(vm)
+    return ok()
+
+
+@router.put("/vm-instances/{uuid}/actions", response_model=one_answer(VmInstance))
+def vm_action(uuid: str, body: dict[str, Any], session: DbSession, caller: CurrentCaller) -> JSONResponse:
+    _name, params = parse_action(body, ("updateVmInstance",))
+    vm = access.visible(session, caller, VmInstance, check_uuid(uuid, "uuid"), "VM instance")
+    if "state" in params:
+        if params["state"] not in VM_STATES:
+            raise InvalidArgument(detail="state must be Running or Stopped")
+        vm.state = params["state"]
+    for key in ("qmpSocket", "guestAgentSocket"):
+        if key in params:
+            access.require_admin(caller, f"setting {key}")
+            setattr(vm, key, _socket_path(session, params, key, vm.hostUuid))
+    update_names(vm, params)
+    session.flush()
+    return one(session, vm)
