@@ -11,12 +11,14 @@ served), password logins are limited per client IP and account, and request bodi
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from fastapi.routing import APIRoute
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -49,10 +51,21 @@ async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
     yield
 
 
+def operation_id(route: APIRoute) -> str:
+    """A route's OpenAPI operationId: its name (``create_volume``, ``query volume-backups``
+    as ``query_volume_backups``), what a generated client calls the method."""
+    return re.sub(r"[^0-9A-Za-z]+", "_", route.name).strip("_")
+
+
 def create_app() -> FastAPI:
     settings = get_settings()
     app = FastAPI(
-        title="blockvault", version="1", lifespan=lifespan, openapi_url="/openapi.json", responses=ERROR_RESPONSES
+        title="blockvault",
+        version="1",
+        lifespan=lifespan,
+        openapi_url="/openapi.json",
+        responses=ERROR_RESPONSES,
+        generate_unique_id_function=operation_id,
     )
     app.state.auth_failures = FailureWindow(settings.auth_max_failures, settings.auth_failure_window_seconds)
     # password logins, per client address and account name

@@ -11,7 +11,8 @@ import logging
 from collections.abc import Iterator
 from typing import Annotated
 
-from fastapi import Depends, Request
+from fastapi import Depends, Request, Security
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.orm import Session
 
 from shared.catalog import db
@@ -33,7 +34,14 @@ def client_address(request: Request) -> str:
     return request.client.host if request.client else "unknown"
 
 
-def get_caller(request: Request, session: Session = Depends(get_session, scope="function")) -> Caller:
+BEARER = HTTPBearer(auto_error=False, description="An API key or a session uuid (``OAuth <...>`` works too)")
+
+
+def get_caller(
+    request: Request,
+    session: Session = Depends(get_session, scope="function"),
+    _scheme: HTTPAuthorizationCredentials | None = Security(BEARER),  # documents the scheme in OpenAPI
+) -> Caller:
     """The authenticated caller. A valid key or session is always served, whoever shares its
     client address; a bad one is a 401, or a 429 once its address has had too many failures
     in the window (one client's guessing never locks out the good keys behind its address)."""

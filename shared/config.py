@@ -13,11 +13,10 @@ from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from .envnames import ENV_FILE, ENV_PREFIX
+
 if TYPE_CHECKING:
     from .settings_model import Settings
-
-ENV_PREFIX = "BLOCKVAULT_"
-ENV_FILE = ".env"
 
 
 @lru_cache(maxsize=1)

@@ -8,7 +8,7 @@ from typing import Literal
 from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from .config import ENV_FILE, ENV_PREFIX
+from .envnames import ENV_FILE, ENV_PREFIX
 
 
 class Settings(BaseSettings):

@@ -10,12 +10,13 @@ from __future__ import annotations
 import logging
 import threading
 
-from shared import backups, hosts, storage
+from shared import hosts, storage
 from shared.apijobs import requeue_stale
 from shared.catalog import db
 from shared.celery_app import STORAGE_QUEUE, celery_app, host_queue
 from shared.config import get_settings
 from shared.secret import check_at_start
+from shared.service import copies
 
 log = logging.getLogger(__name__)
 
@@ -74,7 +75,7 @@ class StorageHealth(threading.Thread):
                 with db.session() as session:
                     storage.check_storages(session)
                 with db.session() as session:
-                    backups.catch_up(session)
+                    copies.catch_up(session)
             except Exception:
                 log.warning("worker.storage_check_failed", exc_info=True)
 

@@ -1,4 +1,4 @@
-"""``blockvault api | worker | flower | beat | up | storage-server``: the processes of API.md
+"""``blockvault api | worker | flower | beat | up | storage-server``: the processes of docs/api.md
 "Processes, settings, ports"."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Accounts, projects, their members, and API keys (API.md "Auth").
+"""Accounts, projects, their members, and API keys (docs/api.md "Auth").
 
 Only admins create accounts and projects (403 ``FORBIDDEN`` for anyone else); a project's
 members are managed by admins and its projectAdmins. A caller that may not see a resource

@@ -1,4 +1,4 @@
-"""Scheduling routes (API.md "Scheduling"): job groups, their targets, triggers, attachments.
+"""Scheduling routes (docs/api.md "Scheduling"): job groups, their targets, triggers, attachments.
 
 Besides the shortcut ``POST /v1/scheduler/jobgroups/{uuid}/jobs {targetResourceUuids}``, ZStack's
 own steps: ``POST /v1/scheduler/jobs`` (a job of its own, in no group yet), then

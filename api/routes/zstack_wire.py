@@ -1,4 +1,4 @@
-"""ZStack's RPC wire protocol (API.md "ZStack wire compatibility"): ``POST /zstack/api/``.
+"""ZStack's RPC wire protocol (docs/api.md "ZStack wire compatibility"): ``POST /zstack/api/``.
 
 One table, :data:`MESSAGES`, maps each ZStack message (``docs/zstack-messages.tsv``) to the
 REST call that does it: an HTTP method, a ``/v1`` path and how the message's parameters become

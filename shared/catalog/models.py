@@ -1,4 +1,4 @@
-"""SQLAlchemy 2 models: one class per inventory of API.md (and the rows behind accounts and API jobs)."""
+"""SQLAlchemy 2 models: one class per inventory of docs/api.md (and the rows behind accounts and API jobs)."""
 
 from __future__ import annotations
 

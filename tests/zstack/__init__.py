@@ -1,1 +1,1 @@
-"""ZStack wire compatibility (``/zstack/api/``): a client written from API.md and tests over it."""
+"""ZStack wire compatibility (``/zstack/api/``): a client written from docs/api.md and tests over it."""

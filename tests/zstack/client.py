@@ -1,4 +1,4 @@
-"""A small ZStack RPC client, written from the contract (API.md, "ZStack wire compatibility")
+"""A small ZStack RPC client, written from the contract (docs/api.md, "ZStack wire compatibility")
 and ``zstack-messages.tsv`` alone -- deliberately not from the server code.
 
     zs = ZStackClient("http://127.0.0.1:8080")

@@ -1,10 +1,10 @@
 """ZStack's RPC protocol (``POST /zstack/api/``) against the real service: backups, restores,
 queries and sessions; scheduling compared with the REST shortcut; bad input in ZStack's shape.
 
-Written from API.md ("ZStack wire compatibility") and zstack-messages.tsv only. Readings of the
+Written from docs/api.md ("ZStack wire compatibility") and zstack-messages.tsv only. Readings of the
 contract where it is silent or ambiguous:
 
-- Passwords. API.md's "Accounts" does not say how a password is set. Assumed, as in ZStack:
+- Passwords. docs/api.md's "Accounts" does not say how a password is set. Assumed, as in ZStack:
   ``POST /v1/accounts {"params": {"name", "password"}}`` creates an account with one, and the
   seeded ``admin`` account (type SystemAdmin) gets one through ZStack's UpdateAccount action,
   ``PUT /v1/accounts/{uuid}/actions {"updateAccount": {"password": ...}}``. LogInByAccount sends

@@ -13,9 +13,9 @@ from typing import Any
 
 import httpx
 import pytest
-from shared.repository.backends.http_checks import Place, classify, read_rules
 
 from shared.errors import BackendAuthFailed, BackendError, BackendForbidden, BackendUnavailable
+from shared.repository.backends.http_checks import Place, classify, read_rules
 from shared.repository.backup import backup_volume
 from shared.repository.keys import KeyMaterial, ObjectCodec
 from shared.repository.locks import CLOCK_SKEW_SECONDS, LOCK_MAX_BYTES, MAX_PURPOSE
