@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from api.auth import password_digest
-from api.routes.zstack_wire import MESSAGES
+from api.zstack_messages import MESSAGES
 from shared.catalog.models import (
     new_uuid,
 )

@@ -17,7 +17,8 @@ import pytest
 from fastapi.testclient import TestClient
 
 from api.app import create_app
-from api.routes.zstack_wire import MESSAGES, zstack_date
+from api.routes.zstack_wire import zstack_date
+from api.zstack_messages import MESSAGES
 from shared.catalog import db
 from shared.catalog.models import Host, new_uuid
 from shared.config import get_settings
