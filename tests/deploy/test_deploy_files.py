@@ -116,7 +116,7 @@ def storage_server_env() -> frozenset[str]:
     its source as it reads them: ``setting("name")``."""
     from shared.config import ENV_PREFIX
 
-    source = (REPO / "api" / "processes.py").read_text()
+    source = (REPO / "api" / "cli" / "processes.py").read_text()
     start = source.index('@click.command("storage-server")')
     names = re.findall(r'\bsetting\("(\w+)"\)', source[start:])
     assert names, "storage-server reads no setting: has its source moved?"

@@ -304,7 +304,7 @@ def test_site_token_backs_up_and_syncs_into_its_own_repository_append_only(
 
 
 def test_site_token_opens_no_other_repository(start_storage_server: Start, tmp_path: Path) -> None:
-    server = start_storage_server(  # the refusals below are many: not throttled here (test_storage_server.py)
+    server = start_storage_server(  # the refusals below are many: not throttled here (test_http_server.py)
         tmp_path / "root",
         site_tokens={"a": SITE_A, "dc1/b": SITE_B},
         admin_token=ADMIN,
