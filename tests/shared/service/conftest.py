@@ -155,6 +155,14 @@ class Site:
         backup: VolumeBackup = self.session.get_one(VolumeBackup, job.resourceUuid)
         return backup
 
+    def parent_and_child(self, volume: Volume) -> tuple[VolumeBackup, VolumeBackup]:
+        """A backup of ``volume``, then one chunk rewritten and the incremental backup on it."""
+        parent = self.backup(volume)
+        overwrite(volume)
+        child = self.backup(volume)
+        assert (child.mode, child.parentUuid) == ("incremental", parent.uuid)
+        return parent, child
+
     # -- jobs ----------------------------------------------------------------------------------
     def run(self, runner: Runner, job: ApiJob) -> dict[str, Any]:
         """Run ``job`` as its worker would: claimed (Running), then ``runner`` in a session of
@@ -242,6 +250,13 @@ class Site:
 def _body(message: dict[str, Any]) -> str:
     body = message["body"]
     return base64.b64decode(body).decode() if message["properties"].get("body_encoding") == "base64" else body
+
+
+def overwrite(volume: Volume, index: int = 0) -> None:
+    """The guest rewrites chunk ``index`` of ``volume`` (a raw one) with new random bytes."""
+    with open(volume.installPath, "r+b") as handle:
+        handle.seek(index * CHUNK)
+        handle.write(os.urandom(CHUNK))
 
 
 def content(volume: Volume) -> bytes:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 import pytest
@@ -14,7 +13,7 @@ from shared.repository.repo import parse_install_path
 from shared.service.copies import catch_up, copy_backups, replicate, request_sync, run_sync
 from shared.service.rows import ref_on
 from shared.service.volume_backups import request_vm_backup, run_volume_backups
-from tests.shared.service.conftest import CHUNK, Message, Site, content
+from tests.shared.service.conftest import Message, Site, content, overwrite
 
 SYNC = "syncBackupFromImageStoreBackupStorage"
 RECOVER = "recoverBackupFromImageStoreBackupStorage"
@@ -60,9 +59,7 @@ def test_a_copy_sends_only_the_chunks_the_target_lacks(site: Site) -> None:
     target = site.storage("target", role="standby")
     copied = copy_backups(site.session, [first], master, target)
     again = copy_backups(site.session, [first], master, target)
-    with open(volume.installPath, "r+b") as handle:
-        handle.seek(7 * CHUNK)
-        handle.write(os.urandom(CHUNK))
+    overwrite(volume, 7)
     target.state = "Disabled"  # (no replication: the copy below does it)
     site.session.commit()
     second = site.backup(volume)
@@ -162,20 +159,27 @@ def test_replicate_copies_to_every_standby_that_answers(site: Site) -> None:
 
 def test_catch_up_sends_one_job_per_direction_for_what_the_other_lacks(site: Site) -> None:
     master = site.storage("master")
-    backups = [site.backup(site.volume(f"v{i}.raw", seed=i)) for i in range(2)]
     standby = site.storage("standby", role="standby")
+    standby.state = "Disabled"  # down while the master takes a backup
+    site.session.commit()
+    on_master = site.backup(site.volume("a.raw", seed=1))
+    standby.state = "Enabled"
+    site.session.commit()
+    on_standby = site.backup(site.volume("b.raw", seed=2), backupStorageUuid=standby.uuid)
 
     sent = catch_up(site.session)
-    assert catch_up(site.session) == []  # the job is still pending: not sent twice
+    assert catch_up(site.session) == []  # the jobs are still pending: not sent twice
 
-    job = site.session.get_one(ApiJob, sent[0])
-    assert len(sent) == 1
-    assert (job.action, job.resourceUuid) == ("replicateBackupStorage", standby.uuid)
-    params = job.params or {}
-    assert (params["srcBackupStorageUuid"], params["dstBackupStorageUuid"]) == (master.uuid, standby.uuid)
-    assert sorted(params["backupUuids"]) == sorted(b.uuid for b in backups)
-    site.run(run_sync, job)
-    site.finish(job, {})
+    jobs = [site.session.get_one(ApiJob, uuid) for uuid in sent]
+    assert [(j.action, j.resourceUuid, (j.params or {})["backupUuids"]) for j in jobs] == [
+        ("replicateBackupStorage", standby.uuid, [on_master.uuid]),
+        ("replicateBackupStorage", master.uuid, [on_standby.uuid]),
+    ]
+    assert [(j.params or {})["srcBackupStorageUuid"] for j in jobs] == [master.uuid, standby.uuid]
+    for job in jobs:
+        site.run(run_sync, job)
+        site.finish(job, {})
     assert catch_up(site.session) == []
-    for backup in backups:
-        assert site.ref(backup, standby).status == "Ready"
+    for backup in (on_master, on_standby):
+        site.session.refresh(backup)
+        assert [site.ref(backup, s).status for s in (master, standby)] == ["Ready", "Ready"]

@@ -42,6 +42,18 @@ def test_deleting_the_last_copy_removes_manifest_chunks_and_row(site: Site) -> N
         assert (manifest in repo.manifest_ids(), _chunks(repo)) == (False, 0)
 
 
+def test_deleting_a_parent_keeps_its_incremental_child_whole(site: Site) -> None:
+    storage = site.storage()
+    volume = site.volume()
+    parent, child = site.parent_and_child(volume)
+
+    site.run(run_delete, request_delete(site.session, parent.uuid, None, "Permissive", None))
+
+    assert site.restored(storage, child) == content(volume)
+    with site.repository(storage) as repo:
+        assert _chunks(repo) == child.chunks
+
+
 def test_deleting_one_copy_keeps_the_other_and_the_row(site: Site) -> None:
     master = site.storage("master")
     standby = site.storage("standby", role="standby")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import stat
 from pathlib import Path
 from typing import Any
@@ -29,15 +28,13 @@ from shared.service.recovery import (
     run_verify,
 )
 from shared.service.volume_backups import request_vm_backup, run_volume_backups
-from tests.shared.service.conftest import CHUNK, SIZE, Message, Site, content, raw_bytes
+from tests.shared.service.conftest import CHUNK, SIZE, Message, Site, content, overwrite, raw_bytes
 
 
-def _scribble(path: Path) -> None:
+def _scribble(volume: Volume) -> None:
     """The volume changes after its backup."""
-    with open(path, "r+b") as handle:
-        for offset in range(0, SIZE, 4 * CHUNK):
-            handle.seek(offset)
-            handle.write(os.urandom(CHUNK // 2))
+    for index in range(0, SIZE // CHUNK, 4):
+        overwrite(volume, index)
 
 
 def test_revert_puts_the_backup_back_in_the_file_with_its_mode(site: Site) -> None:
@@ -45,8 +42,8 @@ def test_revert_puts_the_backup_back_in_the_file_with_its_mode(site: Site) -> No
     volume = site.volume()
     backup = site.backup(volume)
     before = content(volume)
+    _scribble(volume)
     path = Path(volume.installPath)
-    _scribble(path)
     path.chmod(0o640)
 
     job = request_revert(site.session, backup.uuid, {}, "account-1")
@@ -74,7 +71,7 @@ def test_revert_of_a_symlinked_volume_writes_its_target_and_keeps_the_link(site:
     link.symlink_to(real)
     volume = site.volume(path=link)
     backup = site.backup(volume)
-    _scribble(real)
+    _scribble(volume)
 
     site.run(run_revert, request_revert(site.session, backup.uuid, {}, None))
 
@@ -99,7 +96,7 @@ def test_a_vm_revert_reverts_every_volume_of_the_group(site: Site) -> None:
     made = request_vm_backup(site.session, root.uuid, {}, None)
     site.run(run_volume_backups, made)
     for volume in (root, data):
-        _scribble(Path(volume.installPath))
+        _scribble(volume)
 
     job = request_vm_revert(site.session, str(made.resourceUuid), {}, None)
     assert (job.action, job.resourceUuid) == ("revertVmFromVmBackup", vm.uuid)
@@ -151,7 +148,7 @@ def test_a_vm_started_before_the_revert_runs_keeps_its_disk(site: Site) -> None:
     vm = site.vm()
     volume = site.volume(vm=vm)
     backup = site.backup(volume)
-    _scribble(Path(volume.installPath))
+    _scribble(volume)
     now_content = content(volume)
     job = request_revert(site.session, backup.uuid, {}, None)
     vm.state = "Running"
@@ -191,17 +188,22 @@ def test_a_new_volume_is_placed_beside_the_source_and_filled_byte_for_byte(site:
     assert content(volume) == content(source)
 
 
-def test_a_new_qcow2_volume_at_a_given_path_holds_the_backups_bytes(site: Site) -> None:
+def test_a_new_qcow2_volume_at_a_given_path_joins_a_vm_with_the_backups_bytes(site: Site) -> None:
     site.storage()
     source = site.volume()
     backup = site.backup(source)
+    vm = site.vm()
+    vm.projectUuid = "p-vm"
+    site.session.commit()
     target = site.tmp / "sub" / "restored.qcow2"
     target.parent.mkdir()
-    job = request_create_volume(site.session, backup.uuid, {"name": "q", "installPath": str(target)}, None)
+    params = {"name": "q", "installPath": str(target), "vmInstanceUuid": vm.uuid}
+    job = request_create_volume(site.session, backup.uuid, params, None)
     site.run(run_create_volume, job)
 
     volume = site.session.get_one(Volume, job.resourceUuid)
     assert (volume.format, volume.status, volume.installPath) == ("qcow2", "Ready", str(target))
+    assert (volume.vmInstanceUuid, volume.projectUuid) == (vm.uuid, "p-vm")
     assert raw_bytes(target) == content(source)
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 from shared.catalog.models import DatabaseBackup, VmInstance, Volume, VolumeBackup
@@ -11,7 +10,7 @@ from shared.service.database_backups import request_database_backup, run_databas
 from shared.service.deletion import request_storage_job
 from shared.service.scan import run_scan, scan_storage
 from shared.service.volume_backups import request_vm_backup, run_volume_backups
-from tests.shared.service.conftest import CHUNK, Site
+from tests.shared.service.conftest import Site
 
 
 def _columns(row: Any, names: tuple[str, ...]) -> tuple[Any, ...]:
@@ -63,11 +62,7 @@ def test_a_scan_imports_the_backups_vm_and_volumes_the_catalog_lost_and_a_second
 
 def test_a_scan_links_an_incremental_backup_to_its_parent(site: Site) -> None:
     storage = site.storage()
-    volume = site.volume()
-    first = site.backup(volume)
-    with open(volume.installPath, "r+b") as handle:
-        handle.write(os.urandom(CHUNK))
-    second = site.backup(volume)
+    first, second = site.parent_and_child(site.volume())
     uuids = (first.uuid, second.uuid)
     site.session.delete(first)
     site.session.delete(second)

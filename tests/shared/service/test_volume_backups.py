@@ -4,7 +4,6 @@ over to the standby mid-way)."""
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
@@ -19,7 +18,7 @@ from shared.service import volume_backups
 from shared.service.volume_backups import request_vm_backup, request_volume_backup, run_volume_backups
 from tests.conftest import qemu_write
 from tests.qemu_fixtures import VmFactory
-from tests.shared.service.conftest import CHUNK, Message, Site, content
+from tests.shared.service.conftest import CHUNK, Message, Site, content, overwrite
 
 
 def test_a_volume_backup_is_one_job_on_the_host_queue_and_restores_byte_for_byte(site: Site) -> None:
@@ -62,9 +61,7 @@ def test_the_next_backup_is_incremental_on_the_last_and_stores_only_the_changed_
     volume = site.volume()
     first = site.backup(volume)
     first_content = content(volume)
-    with open(volume.installPath, "r+b") as handle:
-        handle.seek(3 * CHUNK)
-        handle.write(os.urandom(CHUNK))
+    overwrite(volume, 3)
     second = site.backup(volume)
     again = site.backup(volume, mode="full")
 
