@@ -241,10 +241,10 @@ class Site:
             restore_backup(repo, manifest, str(target))
         return target.read_bytes()
 
-    def vanish(self, storage: BackupStorage) -> None:
+    def vanish(self, storage: BackupStorage) -> Path:
         """The storage's folder is gone at once (a failed disk, an unmounted share), even while
-        a job writes into it."""
-        (self.tmp / storage.name).rename(self.tmp / f"gone-{storage.name}-{new_uuid()[:8]}")
+        a job writes into it; where it went."""
+        return (self.tmp / storage.name).rename(self.tmp / f"gone-{storage.name}-{new_uuid()[:8]}")
 
 
 def _body(message: dict[str, Any]) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -123,22 +124,31 @@ def test_request_sync_refuses_bad_parameters_and_states(site: Site) -> None:
     assert site.count(ApiJob) == jobs
 
 
-def test_a_target_gone_mid_way_leaves_its_copy_failed(site: Site) -> None:
+def test_a_target_gone_mid_way_leaves_its_copy_failed_and_a_later_copy_resumes(site: Site) -> None:
     master = site.storage("master")
-    backup = site.backup(site.volume())
+    volume = site.volume()
+    backup = site.backup(volume)
     target = site.storage("target", role="standby")
+    gone: list[Path] = []
 
     def progress(done: int, total: int) -> None:
-        if (site.tmp / "target").exists():
-            site.vanish(target)
+        if not gone:
+            gone.append(site.vanish(target))
 
     with pytest.raises(BackendError, match="folder missing") as caught:
         copy_backups(site.session, [backup], master, target, progress=progress)
     assert caught.type is BackendError
-
     site.session.expire_all()
-    assert site.ref(backup, target).status == "Failed"
-    assert site.ref(backup, master).status == "Ready"
+    assert (site.ref(backup, target).status, site.ref(backup, master).status) == ("Failed", "Ready")
+
+    gone[0].rename(site.tmp / "target")  # the share is back
+    with site.repository(target) as repo:
+        held = sum(1 for _ in repo.backend.list("chunks/"))
+    resumed = copy_backups(site.session, [backup], master, target)
+
+    assert (held > 0, resumed["chunksCopied"]) == (True, (backup.chunks or 0) - held)
+    assert site.ref(backup, target).status == "Ready"
+    assert site.restored(target, backup) == content(volume)
 
 
 def test_replicate_copies_to_every_standby_that_answers(site: Site) -> None:
