@@ -74,6 +74,10 @@ def request_vm_delete(
     busy = [b.uuid for b in backups if b.status in ("Deleting", "Creating")]
     if busy:
         raise Conflict(detail=f"VM backup {group_uuid} has backups being created or deleted: {', '.join(busy)}")
+    held = {ref.backupStorageUuid for backup in backups for ref in backup.backupStorageRefs}
+    unknown = [s for s in storage_uuids or [] if s not in held]
+    if unknown:  # as for one volume backup
+        raise InvalidArgument(detail=f"VM backup {group_uuid} has no copy on backup storage {', '.join(unknown)}")
     for backup in backups:
         backup.status = "Deleting"
     session.flush()

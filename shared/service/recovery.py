@@ -27,6 +27,7 @@ from shared.catalog.models import (
 from shared.celery_app import STORAGE_QUEUE, host_queue
 from shared.errors import (
     Conflict,
+    IntegrityError,
     InvalidArgument,
     VolumeError,
     require,
@@ -218,7 +219,11 @@ def run_create_volume(session: Session, job: ApiJob) -> dict[str, Any]:
 
 def request_verify(session: Session, uuid: str, params: dict[str, Any], account: str | None) -> ApiJob:
     backup = ready_backup(session, uuid)
-    ref = ready_ref(backup, params.get("backupStorageUuid"), session)
+    named = params.get("backupStorageUuid")
+    corrupted = next(
+        (r for r in backup.backupStorageRefs if r.backupStorageUuid == named and r.status == "Corrupted"), None
+    )
+    ref = corrupted or ready_ref(backup, named, session)  # a Corrupted copy may be checked again, by name
     return enqueue(
         session,
         "verifyVolumeBackup",
@@ -243,7 +248,7 @@ def run_verify(session: Session, job: ApiJob) -> dict[str, Any]:
     if not report.ok:
         ref.status = "Corrupted"
         session.commit()
-        from shared.errors import IntegrityError
-
         raise IntegrityError(detail="; ".join(p.describe() for p in report.problems[:5]))
+    if ref.status == "Corrupted" and params.get("readData"):
+        ref.status = "Ready"  # every chunk re-read and checked: whole again (repaired, or a false alarm)
     return {**inventory(session, backup), "verified": {"chunks": report.chunks, "bytesRead": report.bytesRead}}

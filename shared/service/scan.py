@@ -164,7 +164,7 @@ def scan_storage(session: Session, storage: BackupStorage) -> dict[str, Any]:
         if new:
             imported["databaseBackups" if database else "volumeBackups"].append(row.uuid)
         ref = ref_on(row, storage.uuid)
-        if ref is None or ref.status != "Ready":
+        if ref is None or ref.status not in ("Ready", "Corrupted"):  # a scan lists, it does not verify
             ref = ref or add_ref(row, storage.uuid)
             ref.status, ref.installPath = "Ready", repo.install_path(entry.id)
             attached.append(row.uuid)

@@ -127,7 +127,7 @@ def _routes(
         return {t: (STORAGE_QUEUE, None) for t in targets}
     out: dict[str, tuple[str, str | None] | BlockvaultError] = {}
     if group.jobType == "volumeBackup":
-        rows = session.execute(select(Volume.uuid, Volume.hostUuid).where(Volume.uuid.in_(targets))).tuples()
+        rows = session.execute(select(Volume.uuid, Volume.hostUuid).where(Volume.uuid.in_(targets))).all()
         found = {uuid: host for uuid, host in rows}
         for target in targets:
             if target not in found:
@@ -137,13 +137,13 @@ def _routes(
         roots = select(Volume.vmInstanceUuid, Volume.hostUuid).where(
             Volume.vmInstanceUuid.in_(targets), Volume.type == "Root"
         )
-        found = {str(vm): host for vm, host in session.execute(roots).tuples()}
+        found = {str(vm): host for vm, host in session.execute(roots).all()}
         for target in targets:
             if target not in vms:
                 out[target] = NotFound(resource="VM instance", uuid=target)
             elif target not in found:
                 out[target] = Conflict(detail=f"VM {target} has no root volume")
-    hosts_rows = session.execute(select(Host.uuid, Host.status).where(Host.uuid.in_(set(found.values())))).tuples()
+    hosts_rows = session.execute(select(Host.uuid, Host.status).where(Host.uuid.in_(set(found.values())))).all()
     status = {uuid: state for uuid, state in hosts_rows}
     for target, host in found.items():
         if target in out:

@@ -110,6 +110,8 @@ def test_a_vm_backup_is_deleted_whole(site: Site) -> None:
     site.run(run_volume_backups, made)
     group = str(made.resourceUuid)
     uuids = (made.params or {})["backupUuids"]
+    elsewhere = site.storage("elsewhere", role="standby")  # holds none of its copies: refused, as for one volume backup
+    site.refused(InvalidArgument, lambda: request_vm_delete(site.session, group, [elsewhere.uuid], "Permissive", None))
 
     job = request_vm_delete(site.session, group, None, "Permissive", None)
     assert (job.action, job.resourceUuid, (job.params or {})["backupUuids"]) == ("deleteVmBackup", group, uuids)

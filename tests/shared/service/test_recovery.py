@@ -289,3 +289,17 @@ def test_verify_reads_every_chunk_and_marks_a_damaged_copy_corrupted(site: Site)
     assert ((failed.error or {})["code"], site.ref(backup, storage).status) == ("INTEGRITY_ERROR", "Corrupted")
     site.refused(Conflict, lambda: request_verify(site.session, backup.uuid, {}, None))  # no Ready copy left
     assert site.session.get_one(VolumeBackup, backup.uuid).status == "Ready"
+    # the chunk put right again (repaired from elsewhere): a named re-check of every chunk makes the copy Ready
+    chunk.write_bytes(
+        bytes(damaged[: len(damaged) // 2])
+        + bytes([damaged[len(damaged) // 2] ^ 0xFF])
+        + bytes(damaged[len(damaged) // 2 + 1 :])
+    )
+    shallow_again = request_verify(site.session, backup.uuid, {"backupStorageUuid": storage.uuid}, None)
+    site.run(run_verify, shallow_again)
+    assert site.ref(backup, storage).status == "Corrupted"  # presence alone proves nothing
+    site.run(
+        run_verify,
+        request_verify(site.session, backup.uuid, {"backupStorageUuid": storage.uuid, "readData": True}, None),
+    )
+    assert site.ref(backup, storage).status == "Ready"

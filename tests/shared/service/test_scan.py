@@ -110,3 +110,12 @@ def test_a_scan_of_another_storage_attaches_its_copies_and_imports_database_back
     assert (result["importedDatabaseBackups"], imported.name, imported.status) == ([database.uuid], "catalog", "Ready")
     assert (imported.metadata_ or {})["md5"] == metadata["md5"]
     assert site.ref(backup, other).status == "Ready"
+
+
+def test_a_scan_leaves_a_corrupted_copy_corrupted(site: Site) -> None:
+    storage = site.storage()
+    backup = site.backup(site.volume())
+    site.ref(backup, storage).status = "Corrupted"  # verify found it damaged
+    site.session.commit()
+    scan_storage(site.session, storage)
+    assert site.ref(backup, storage).status == "Corrupted"  # listing it is no proof it is whole
