@@ -150,7 +150,7 @@ def delete_backup_copies(
             except Exception:  # noqa: BLE001 - busy or append-only storage: the next gc reclaims it
                 log.info("delete.gc_deferred storage=%s", storage.uuid)
                 storage.reclaimDue = True
-            refresh_capacity(storage)
+            refresh_capacity(storage, force=True)
     if not backup.backupStorageRefs:
         session.delete(backup)
         session.commit()
@@ -185,7 +185,7 @@ def run_reclaim(session: Session, job: ApiJob) -> dict[str, Any]:
     storage.lastReclaim = started
     if storage.lastOpDate is None or aware(storage.lastOpDate) <= started:  # nothing deleted meanwhile
         storage.reclaimDue = False
-    refresh_capacity(storage)
+    refresh_capacity(storage, force=True)
     session.commit()
     return {"backupStorageUuid": storage.uuid, **asdict(report)}
 
