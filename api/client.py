@@ -154,6 +154,12 @@ class Client:
     def register_volume(self, host_uuid: str, install_path: str, **params: Any) -> dict[str, Any]:
         return self.create("volumes", {"hostUuid": host_uuid, "installPath": install_path, **params})
 
+    def register_volumes(self, volumes: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Register many volumes in one request (all or none)."""
+        body = {"params": {"volumes": list(volumes)}}
+        inventories: list[dict[str, Any]] = self.request("POST", "/v1/volumes", json=body)[1]["inventories"]
+        return inventories
+
     def add_backup_storage(self, name: str, url: str, **params: Any) -> dict[str, Any]:
         return self.create("backup-storage", {"name": name, "url": url, "type": "ImageStore", **params})
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
-from sqlalchemy import select, update
+from sqlalchemy import select, tuple_, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session
@@ -25,6 +25,8 @@ from shared.celery_app import celery_app
 
 log = logging.getLogger(__name__)
 FINISHED = ("Succeeded", "Failed")
+REQUEUE_BATCH = 1000  # stale jobs read (and sent) at a time
+REQUEUE_BUDGET_SECONDS = 20.0  # one maintenance pass's share of re-sending
 _end_hooks: dict[str, Callable[[Session, ApiJob], None]] = {}
 
 
@@ -105,13 +107,9 @@ def enqueue_many(session: Session, jobs: list[NewJob]) -> list[str]:
     statement = insert(ApiJob).values(rows).on_conflict_do_nothing(index_elements=["uuid"]).returning(ApiJob.uuid)
     recorded = set(session.scalars(statement))
     session.commit()
-    app = celery_app()
-    sent = []
-    for job in jobs:
-        if job.uuid in recorded:
-            app.send_task(job.task, args=[job.uuid], task_id=job.uuid, queue=job.queue)
-            sent.append(job.uuid)
-    return sent
+    todo = [(job.uuid, job.task, job.queue) for job in jobs if job.uuid in recorded]
+    send_many(todo)
+    return [uuid for uuid, _task, _queue in todo]
 
 
 def start_job(session: Session, job_uuid: str) -> ApiJob | None:
@@ -138,36 +136,61 @@ def queue_depth(queue: str) -> int | None:
         return None
 
 
-def requeue_stale(session: Session, older_than: float, limit: int = 200) -> int:
+def requeue_stale(
+    session: Session, older_than: float, *, batch: int = REQUEUE_BATCH, budget_seconds: float = REQUEUE_BUDGET_SECONDS
+) -> int:
     """Send again the tasks of jobs still Pending after ``older_than`` seconds whose queue
-    is empty on the broker: their message was lost (a broker that keeps nothing on disk was
-    restarted). Jobs waiting behind others in a non-empty queue are left alone. Duplicates
-    are harmless (see start_job). At most ``limit`` a call; returns how many were sent."""
+    was empty on the broker when this pass began: their message was lost (a broker that
+    keeps nothing on disk was restarted). Jobs waiting behind others in a non-empty queue are
+    left alone. Duplicates are harmless (see start_job). Reads the stale jobs ``batch`` at a
+    time (oldest first, by keyset) and sends each batch with one producer, for at most
+    ``budget_seconds``; other workers' passes skip the rows this one holds (PostgreSQL).
+    Returns how many were sent."""
     cutoff = now() - timedelta(seconds=older_than)
-    stale = session.scalars(
-        select(ApiJob).where(ApiJob.state == "Pending", ApiJob.lastOpDate < cutoff).order_by(ApiJob.lastOpDate)
-    ).all()
+    deadline = time.monotonic() + budget_seconds
     depths: dict[str, int | None] = {}
-    chosen: list[ApiJob] = []
-    for job in stale:
-        task, queue = (job.params or {}).get("_task"), (job.params or {}).get("_queue")
-        if not task or not queue:
-            continue
-        if queue not in depths:
-            depths[queue] = queue_depth(queue)
-        if depths[queue]:  # messages are waiting there: nothing was lost
-            continue
-        chosen.append(job)
-        if len(chosen) >= limit:
+    cursor: tuple[Any, str] | None = None
+    sent = 0
+    while time.monotonic() < deadline:
+        query = select(ApiJob.uuid, ApiJob.lastOpDate, ApiJob.params).where(
+            ApiJob.state == "Pending", ApiJob.lastOpDate < cutoff
+        )
+        if cursor is not None:
+            query = query.where(tuple_(ApiJob.lastOpDate, ApiJob.uuid) > tuple_(*cursor))
+        rows = session.execute(
+            query.order_by(ApiJob.lastOpDate, ApiJob.uuid).limit(batch).with_for_update(skip_locked=True)
+        ).all()
+        if not rows:
             break
-    for job in chosen:
-        job.lastOpDate = now()
-    session.commit()
-    for job in chosen:
-        params = job.params or {}
-        celery_app().send_task(params["_task"], args=[job.uuid], task_id=job.uuid, queue=params["_queue"])
-        log.warning("job.requeued uuid=%s action=%s queue=%s", job.uuid, job.action, params["_queue"])
-    return len(chosen)
+        cursor = (rows[-1].lastOpDate, rows[-1].uuid)
+        chosen: list[tuple[str, str, str]] = []
+        for uuid, _last, params in rows:
+            task, queue = (params or {}).get("_task"), (params or {}).get("_queue")
+            if not task or not queue:
+                continue
+            if queue not in depths:
+                depths[queue] = queue_depth(queue)
+            if not depths[queue]:  # messages waiting there (or no answer): nothing was lost
+                chosen.append((uuid, task, queue))
+        if chosen:
+            session.execute(update(ApiJob).where(ApiJob.uuid.in_([c[0] for c in chosen])).values(lastOpDate=now()))
+        session.commit()
+        send_many(chosen)
+        for uuid, _task, queue in chosen:
+            log.warning("job.requeued uuid=%s queue=%s", uuid, queue)
+        sent += len(chosen)
+    return sent
+
+
+def send_many(tasks: list[tuple[str, str, str]]) -> None:
+    """Send ``(job uuid, task, queue)`` messages on one producer (one connection, no pool
+    round trip per message)."""
+    if not tasks:
+        return
+    app = celery_app()
+    with app.producer_or_acquire() as producer:
+        for uuid, task, queue in tasks:
+            app.send_task(task, args=[uuid], task_id=uuid, queue=queue, producer=producer)
 
 
 def finish_job(session: Session, job: ApiJob, result: dict[str, Any]) -> None:

@@ -21,15 +21,22 @@ class BlockvaultError(Exception):
 
     def __init__(self, **fields: Any) -> None:
         self.fields = fields
+        self.where = ""
         super().__init__(self.message)
 
     @property
     def message(self) -> str:
         template = (type(self).__doc__ or "{detail}").strip().splitlines()[0]
         try:
-            return template.format(**self.fields)
+            return self.where + template.format(**self.fields)
         except (KeyError, IndexError):
-            return f"{template} {self.fields}"
+            return f"{self.where}{template} {self.fields}"
+
+    def at(self, where: str) -> BlockvaultError:
+        """This error, its message saying where it happened first (``volumes[3]: ...``)."""
+        self.where = f"{where}: "
+        self.args = (self.message,)
+        return self
 
     def __str__(self) -> str:
         return self.message

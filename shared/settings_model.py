@@ -43,6 +43,9 @@ class Settings(BaseSettings):
     requeue_seconds: float = Field(default=60.0, gt=0)
     storage_check_seconds: float = Field(default=30.0, gt=0)
     storage_retry_seconds: float = Field(default=120.0, ge=0)
+    reclaim_interval_seconds: float = Field(
+        default=3600.0, gt=0
+    )  # retention's space: one gc a storage at most this often
     environment: str = "development"
     metrics_public: bool = False  # GET /metrics without an API key (for a scraper on a trusted network)
     log_format: Literal["text", "json"] = "text"  # the worker's log lines

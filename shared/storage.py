@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from typing import Any
 from urllib.parse import urlparse
 
@@ -135,8 +136,18 @@ def _answers(storage: BackupStorage) -> bool:
         return False
 
 
-def refresh_capacity(storage: BackupStorage) -> None:
-    """Status and capacity after a job wrote to or deleted from ``storage``."""
+CAPACITY_EVERY = 10.0  # seconds between two capacity refreshes of one storage by one process
+_refreshed: dict[str, float] = {}
+
+
+def refresh_capacity(storage: BackupStorage, *, force: bool = False) -> None:
+    """Status and capacity after a job wrote to or deleted from ``storage``: at most every
+    :data:`CAPACITY_EVERY` seconds per process (thousands of small backups a minute would
+    otherwise probe the storage as often), at once with ``force``."""
+    moment = time.monotonic()
+    if not force and moment - _refreshed.get(storage.uuid, -CAPACITY_EVERY) < CAPACITY_EVERY:
+        return
+    _refreshed[storage.uuid] = moment
     probe(storage)
 
 

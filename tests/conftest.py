@@ -16,7 +16,13 @@ import pytest
 
 from shared.repository.repo import Repository
 
-pytest_plugins = ["tests.services", "tests.storage_server_fixtures", "tests.s3_fixtures", "tests.qemu_fixtures"]
+pytest_plugins = [
+    "tests.services",
+    "tests.storage_server_fixtures",
+    "tests.s3_fixtures",
+    "tests.qemu_fixtures",
+    "tests.rabbitmq_fixtures",
+]
 
 MiB = 1024 * 1024
 ROOT = Path(__file__).resolve().parent.parent

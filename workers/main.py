@@ -16,7 +16,7 @@ from shared.catalog import db
 from shared.celery_app import STORAGE_QUEUE, celery_app, host_queue
 from shared.config import get_settings
 from shared.secret import check_at_start
-from shared.service import copies
+from shared.service import copies, deletion
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +76,8 @@ class StorageHealth(threading.Thread):
                     storage.check_storages(session)
                 with db.session() as session:
                     copies.catch_up(session)
+                with db.session() as session:
+                    deletion.reclaim_due(session, get_settings().reclaim_interval_seconds)
             except Exception:
                 log.warning("worker.storage_check_failed", exc_info=True)
 

@@ -7,6 +7,7 @@ import contextlib
 import json
 import sys
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import click
@@ -28,6 +29,10 @@ def _passphrase() -> str | None:
 
 def _lock_wait() -> float:
     return float_setting("lock_wait_seconds", 60.0)
+
+
+def _data_dir() -> Path:
+    return Path(setting("data_dir") or ".blockvault").absolute()
 
 
 def _open(location: str) -> Any:
@@ -109,6 +114,7 @@ def repo_backup(
     from shared.repository.backup import backup_volume
 
     repository = _open(location)
+    repository.use_index(_data_dir() / "chunk-index")  # this host's index of the repository's chunks
     with _progress("backup") as progress:
         result = backup_volume(
             repository,

@@ -228,6 +228,33 @@ def volume_create(
     _print(_client().register_volume(host_uuid, install_path, **{k: v for k, v in params.items() if v}), as_json)
 
 
+@volume.command("create-many")
+@click.argument("source", type=click.File("r"))
+@click.option("--batch", type=click.IntRange(1, 5000), default=1000, help="Volumes per request.")
+@JSON
+def volume_create_many(source: Any, batch: int, as_json: bool) -> None:
+    """Register the volumes SOURCE lists (a file, or - for stdin): a JSON list of objects,
+    or one object per line, each with the fields of ``volume create`` as the API names them
+    (hostUuid, installPath, type, format, vmInstanceUuid, name). A request registers
+    ``--batch`` of them at once, all or none."""
+    text = source.read()
+    try:
+        items = (
+            json.loads(text)
+            if text.lstrip().startswith("[")
+            else [json.loads(line) for line in text.splitlines() if line.strip()]
+        )
+    except ValueError as exc:
+        raise click.UsageError(f"{source.name} is not JSON (a list, or an object per line): {exc}") from None
+    if not isinstance(items, list) or not all(isinstance(item, dict) for item in items):
+        raise click.UsageError(f"{source.name} must hold JSON objects")
+    client = _client()
+    made: list[dict[str, Any]] = []
+    for start in range(0, len(items), batch):
+        made += client.register_volumes(items[start : start + batch])
+    _print(made, as_json)
+
+
 @storage.command("add")
 @click.option("--name", required=True)
 @click.option(

@@ -4,9 +4,12 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse
 from sqlalchemy import select
+from sqlalchemy.orm import Session
 
 from api.deps import CurrentCaller, DbSession, get_caller
 from api.envelopes import (
@@ -21,23 +24,99 @@ from api.envelopes import (
     ok,
     one,
 )
-from api.schemas import Done, one_answer
+from api.schemas import Done, one_answer, query_answer
 from shared import access, hostpaths
 from shared.catalog.models import Host, VmInstance, Volume, new_uuid
-from shared.errors import Conflict, InvalidArgument, NotFound, require
-from shared.service import recovery, volume_backups
+from shared.errors import BlockvaultError, Conflict, InvalidArgument, NotFound, require
+from shared.inventory import inventories
+from shared.service import volume_backups
 
 router = APIRouter(dependencies=[Depends(get_caller)])
 
 
-@router.post("/volumes", response_model=one_answer(Volume))
+BULK_LIMIT = 5000  # volumes one request may register
+
+
+@router.post("/volumes", response_model=one_answer(Volume) | query_answer(Volume))
 def create_volume(body: Envelope, session: DbSession, caller: CurrentCaller) -> JSONResponse:
+    """Register one volume (``params``: hostUuid, installPath, format, type, vmInstanceUuid,
+    size, name, description, projectUuid), or many at once with ``params.volumes``, a list of
+    those (at most :data:`BULK_LIMIT`): all or none, errors naming the item."""
     access.require_admin(caller, "registering volumes")
-    p = body.params
+    items = body.params.get("volumes")
+    if items is None:
+        [volume] = _register(session, [body.params], bulk=False)
+        add_tags(session, volume, body)
+        return one(session, volume)
+    if not isinstance(items, list) or not items or not all(isinstance(item, dict) for item in items):
+        raise InvalidArgument(detail="volumes must be a non-empty list of objects")
+    if len(items) > BULK_LIMIT:
+        raise InvalidArgument(detail=f"at most {BULK_LIMIT} volumes in one request")
+    made = _register(session, items, bulk=True)
+    for volume in made:
+        add_tags(session, volume, body)
+    return JSONResponse({"inventories": inventories(session, made), "success": True})
+
+
+def _register(session: Session, items: list[dict[str, Any]], *, bulk: bool) -> list[Volume]:
+    """Check every item, then add them all; a few queries for the whole list."""
+    hosts: dict[str, Host | None] = {}
+    vms: dict[str, VmInstance | None] = {}
+    made: list[Volume] = []
+    for number, p in enumerate(items):
+        try:
+            made.append(_volume_of(session, p, hosts, vms))
+        except BlockvaultError as exc:
+            if not bulk:
+                raise
+            raise exc.at(f"volumes[{number}]") from None
+    taken = {}
+    for host in {v.hostUuid for v in made}:
+        paths = [v.installPath for v in made if v.hostUuid == host]
+        for start in range(0, len(paths), 1000):
+            query = select(Volume.installPath).where(
+                Volume.hostUuid == host, Volume.installPath.in_(paths[start : start + 1000])
+            )
+            taken.update(dict.fromkeys(session.scalars(query), host))
+    seen: set[tuple[str, str]] = set()
+    roots = {v.vmInstanceUuid for v in made if v.type == "Root" and v.vmInstanceUuid}
+    with_root = (
+        set(
+            session.scalars(
+                select(Volume.vmInstanceUuid).where(Volume.vmInstanceUuid.in_(roots), Volume.type == "Root")
+            )
+        )
+        if roots
+        else set()
+    )
+    for number, volume in enumerate(made):
+        where = f"volumes[{number}]: " if bulk else ""
+        key = (volume.hostUuid, volume.installPath)
+        if (volume.installPath in taken and taken[volume.installPath] == volume.hostUuid) or key in seen:
+            raise Conflict(
+                detail=f"{where}a volume at {volume.installPath} on host {volume.hostUuid} is registered already"
+            )
+        seen.add(key)
+        if volume.type == "Root":
+            if volume.vmInstanceUuid in with_root:
+                raise Conflict(detail=f"{where}VM {volume.vmInstanceUuid} has a root volume already")
+            with_root.add(volume.vmInstanceUuid)
+    session.add_all(made)
+    session.flush()
+    return made
+
+
+def _volume_of(
+    session: Session, p: dict[str, Any], hosts: dict[str, Host | None], vms: dict[str, VmInstance | None]
+) -> Volume:
+    """The volume one item describes, checked against its host's roots and its VM."""
     require(p, "hostUuid", "installPath")
-    host = session.get(Host, check_uuid(p["hostUuid"], "hostUuid"))
+    host_uuid = check_uuid(p["hostUuid"], "hostUuid")
+    if host_uuid not in hosts:
+        hosts[host_uuid] = session.get(Host, host_uuid)
+    host = hosts[host_uuid]
     if host is None:
-        raise NotFound(resource="host", uuid=p["hostUuid"])
+        raise NotFound(resource="host", uuid=host_uuid)
     path = hostpaths.require_under(p["installPath"], host.volumeRoots, "installPath", host.uuid)
     fmt = p.get("format") or ("qcow2" if path.endswith(".qcow2") else "raw")
     if fmt not in ("raw", "qcow2"):
@@ -47,18 +126,17 @@ def create_volume(body: Envelope, session: DbSession, caller: CurrentCaller) -> 
         raise InvalidArgument(detail="type must be Root or Data")
     vm_uuid = p.get("vmInstanceUuid")
     if vm_uuid:
-        vm = session.get(VmInstance, check_uuid(vm_uuid, "vmInstanceUuid"))
-        if vm is None:
+        check_uuid(vm_uuid, "vmInstanceUuid")
+        if vm_uuid not in vms:
+            vms[vm_uuid] = session.get(VmInstance, vm_uuid)
+        if vms[vm_uuid] is None:
             raise NotFound(resource="VM instance", uuid=vm_uuid)
-        if (
-            kind == "Root"
-            and session.scalars(select(Volume).where(Volume.vmInstanceUuid == vm_uuid, Volume.type == "Root")).first()
-        ):
-            raise Conflict(detail=f"VM {vm_uuid} has a root volume already")
     elif kind == "Root":
         raise InvalidArgument(detail="a Root volume needs vmInstanceUuid")
-    recovery.ensure_path_free(session, host.uuid, path)
-    volume = Volume(
+    for key in ("name", "description", "projectUuid"):
+        if not isinstance(p.get(key), str | None):
+            raise InvalidArgument(detail=f"{key} must be a string")
+    return Volume(
         uuid=new_uuid(),
         name=str(p.get("name") or path.rsplit("/", 1)[-1]),
         description=p.get("description"),
@@ -70,10 +148,6 @@ def create_volume(body: Envelope, session: DbSession, caller: CurrentCaller) -> 
         installPath=path,
         size=non_negative_int(p, "size", 0),
     )
-    session.add(volume)
-    session.flush()
-    add_tags(session, volume, body)
-    return one(session, volume)
 
 
 @router.delete("/volumes/{uuid}", response_model=Done)

@@ -6,7 +6,19 @@ import uuid as uuidlib
 from datetime import UTC, datetime
 from typing import Any, ClassVar
 
-from sqlalchemy import JSON, BigInteger, Boolean, DateTime, ForeignKey, Index, Integer, String, Text, UniqueConstraint
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Boolean,
+    DateTime,
+    ForeignKey,
+    Index,
+    Integer,
+    String,
+    Text,
+    UniqueConstraint,
+    false,
+)
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
 
@@ -98,6 +110,10 @@ class BackupStorage(Resource, Base):
     availableCapacity: Mapped[int] = mapped_column(BigInteger, default=0)
     repositoryUuid: Mapped[str | None] = mapped_column(String(64))
     credentials: Mapped[dict[str, Any] | None] = mapped_column(default=None)
+    # retention deleted backups here whose chunks no reclaim has freed yet (one reclaim job
+    # frees them later: shared.service.deletion.reclaim_due)
+    reclaimDue: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
+    lastReclaim: Mapped[datetime | None] = mapped_column(default=None)
 
 
 # -- backups -----------------------------------------------------------------------------------
@@ -294,6 +310,7 @@ class ApiJob(Stamped, Base):
     """An asynchronous action; its uuid is the Celery task id."""
 
     __tablename__ = "api_job"
+    __table_args__ = (Index("ix_api_job_state_lastOpDate", "state", "lastOpDate"),)
     resource_type = "ApiJobVO"
     uuid: Mapped[str] = mapped_column(String(64), primary_key=True, default=new_uuid)
     action: Mapped[str] = mapped_column(String(128))

@@ -65,11 +65,6 @@ def _marker_prefix(name: str, repo: Repository) -> str:
     return f"{name}@{repo.id[:8]}."
 
 
-def _latest_of_volume(repo: Repository, volume: str) -> BackupEntry | None:
-    same = [entry for entry in repo.backups() if entry.manifest.volume == volume and not entry.manifest.is_stream]
-    return same[-1] if same else None
-
-
 def bitmap_base(repo: Repository, names: list[str], name: str, parent_id: str | None) -> BackupEntry | None:
     """The backup since which bitmap ``name`` has tracked every write, when it can serve as
     this backup's parent; None when the bitmap must be (re)started. ``names`` are the
@@ -78,14 +73,8 @@ def bitmap_base(repo: Repository, names: list[str], name: str, parent_id: str | 
     bases = [n[len(prefix) :] for n in names if n.startswith(prefix)]
     if name not in names or not bases:
         return None
-    entries = sorted(
-        (
-            BackupEntry(mid, repo.load_manifest(mid))
-            for mid in repo.manifest_ids()
-            if any(mid.startswith(base) for base in bases)
-        ),
-        key=lambda entry: entry.manifest.created,
-    )
+    ids = {mid for base in set(bases) for mid in repo.manifest_ids(base)}  # one listing a marker
+    entries = sorted((BackupEntry(mid, repo.load_manifest(mid)) for mid in ids), key=lambda e: e.manifest.created)
     if not entries:
         return None
     base = entries[-1]  # the newest marker is always covered (see _rotate_bitmap's order)
@@ -132,7 +121,7 @@ def choose_plan(
         if parent.manifest.chunkSize != chunk_size:
             raise UsageError(detail=f"parent {mid[:12]} has another chunk size")
     elif not full:
-        parent = _latest_of_volume(repo, reader.path)
+        parent = repo.newest(reader.path)
     if parent is None:
         return _Plan("full", None, data, False)
     return _Plan("incremental", parent, data, False)
@@ -186,6 +175,7 @@ def backup_volume(
         raise UsageError(detail="--full and --parent exclude each other")
     started = time.monotonic()
     with repository_lock(repo.backend, "shared", f"backup of {volume_path}", wait=lock_wait):
+        repo.refresh_index()
         path, fmt = probe_volume(volume_path, volume_format)
         base: BackupEntry | None = None
         if bitmap:
@@ -239,7 +229,7 @@ def run_plan(
             return index, None, length, 0
         digest = repo.codec.digest(data)
         hexd = digest.hex()
-        if hexd in known or not repo.missing_chunks([hexd]):
+        if hexd in known or repo.has_chunk(hexd):
             return index, hexd, length, 0
         return index, hexd, length, repo.store_chunk(digest, data)
 
@@ -270,6 +260,7 @@ def run_plan(
     failpoint("backup.before_manifest")
     manifest_id = repo.save_manifest(manifest)
     failpoint("backup.after_manifest")
+    repo.record_newest(reader.path, manifest_id)
     log.info("backup.committed id=%s mode=%s volume=%s", manifest_id[:12], plan.mode, reader.path)
     result = BackupResult(
         id=manifest_id,

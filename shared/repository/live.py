@@ -317,6 +317,7 @@ def backup_live(
         repository_lock(repo.backend, "shared", f"live backup of {qmp_socket}", wait=lock_wait),
         Monitor(qmp_socket) as mon,
     ):
+        repo.refresh_index()
         leftovers = clean_up(mon, run_dir)
         if leftovers:
             log.warning("live.leftovers_removed socket=%s removed=%s", qmp_socket, leftovers)

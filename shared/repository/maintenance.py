@@ -11,6 +11,7 @@ from datetime import datetime
 
 from shared.errors import BlockvaultError, IntegrityError, UsageError
 
+from .chunkindex import announce_deletion
 from .locks import read_locks, repository_lock
 from .manifest import BackupEntry
 from .pipeline import parallel_map
@@ -57,6 +58,7 @@ def verify(
         ids = [repo.resolve(backup_id)] if backup_id else repo.manifest_ids()
         users: dict[str, list[str]] = defaultdict(list)
         lengths: dict[str, int] = {}  # stream chunks: the length their manifests give
+        newest: dict[tuple[str, bool], tuple[str, str]] = {}  # (volume, stream) -> (created, id) of its newest
         for mid in ids:
             try:
                 manifest = repo.load_manifest(mid)
@@ -64,6 +66,8 @@ def verify(
                 report.problems.append(Problem(mid, None, str(exc)))
                 continue
             report.backups += 1
+            key = (manifest.volume, manifest.is_stream)
+            newest[key] = max(newest.get(key, ("", "")), (manifest.created, mid))
             if manifest.is_stream:
                 if len(manifest.sizes) != len(manifest.chunks) or sum(manifest.sizes) != manifest.size:
                     report.problems.append(Problem(mid, None, "stream manifest: chunk sizes do not add up"))
@@ -71,6 +75,8 @@ def verify(
             for digest in manifest.referenced():
                 users[digest].append(mid)
         report.chunks = len(users)
+        if backup_id is None:
+            _rewrite_heads(repo, newest)
         bad: dict[str, str] = {}
         for digest in repo.missing_chunks(users):
             bad[digest] = "chunk is missing"
@@ -96,6 +102,15 @@ def verify(
             for mid in users[digest]:
                 report.problems.append(Problem(mid, digest, detail))
     return report
+
+
+def _rewrite_heads(repo: Repository, newest: dict[tuple[str, bool], tuple[str, str]]) -> None:
+    """After reading every manifest: each volume's head names its newest backup (a head that
+    was missing or behind is written again)."""
+    for (volume, stream), (_created, manifest_id) in newest.items():
+        head = repo.head(volume, stream=stream)
+        if head is None or head.id != manifest_id:
+            repo.record_newest(volume, manifest_id)
 
 
 # -- prune --------------------------------------------------------------------------------
@@ -199,14 +214,19 @@ def gc(repo: Repository, *, wait: float = 0.0) -> GcReport:
                 referenced |= repo.load_manifest(mid).referenced()
             except BlockvaultError as exc:
                 raise IntegrityError(detail=f"gc stopped, nothing deleted: manifest {mid[:12]}: {exc}") from None
+        doomed = []
         for info in list(repo.backend.list("chunks/")):
             digest = info.key.rsplit("/", 1)[1]
             if digest in referenced:
                 report.chunksKept += 1
-                continue
+            else:
+                doomed.append((digest, info.size))
+        if doomed:  # every host's chunk index forgets them before they go (chunkindex.py)
+            announce_deletion(repo.backend, (digest for digest, _size in doomed))
+        for digest, size in doomed:
             repo.backend.delete(chunk_key(digest))
             report.chunksDeleted += 1
-            report.bytesFreed += info.size
+            report.bytesFreed += size
         for info in list(repo.backend.list("tmp/")):
             if info.mtime > time.time() - TMP_GRACE_SECONDS:
                 continue  # our own lock refresh may be writing it

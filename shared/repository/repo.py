@@ -13,14 +13,17 @@ Layout (see docs/repository-format.md)::
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import uuid
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
+from pathlib import Path
 from typing import Any
 
 from shared.errors import (
     BackupNotFound,
+    BlockvaultError,
     IntegrityError,
     ObjectNotFound,
     PassphraseRequired,
@@ -33,10 +36,13 @@ from shared.errors import (
 
 from .backends import Backend, open_backend
 from .backends.base import Buffer
+from .chunkindex import ChunkIndex
 from .keys import KeyMaterial, ObjectCodec, dump_json
 from .manifest import BackupEntry, Manifest, utcnow
 
+log = logging.getLogger(__name__)
 DEFAULT_CHUNK_SIZE = 4 * 1024 * 1024
+ID_HEX = 64  # a backup id: the manifest's digest in hex
 CONFIG_VERSION = 1
 
 
@@ -83,6 +89,26 @@ class Repository:
         self.codec = codec
         self.id: str = config["id"]
         self.chunk_size: int = config["chunkSize"]
+        self.index: ChunkIndex | None = None
+
+    def use_index(self, folder: Path | None) -> None:
+        """Keep this host's index of the repository's chunks in ``folder`` (None: none, every
+        chunk not known from the parent is asked for). It is trusted only after
+        :meth:`refresh_index`, which writers call under their lock."""
+        if self.index is not None:
+            self.index.close()
+        self.index = ChunkIndex(folder / f"{self.id}.sqlite") if folder is not None else None
+
+    def refresh_index(self) -> None:
+        """Bring the chunk index up to the repository's gc generation (under a lock that keeps
+        gc out); filled by one listing when it is new or too far behind."""
+        if self.index is not None:
+            self.index.bring_up_to_date(self.backend, self)
+
+    def chunk_names(self) -> Iterator[str]:
+        """Every chunk the repository holds, by name (one listing)."""
+        for info in self.backend.list("chunks/"):
+            yield info.key.rsplit("/", 1)[1]
 
     @property
     def location(self) -> str:
@@ -172,10 +198,20 @@ class Repository:
         return install_path(self.id, manifest_id)
 
     def store_chunk(self, digest: bytes, data: Buffer) -> int:
-        """Seal and store a chunk; returns the stored size."""
+        """Seal and store a chunk (unless it is there already); returns the stored size."""
         blob = self.codec.encode(digest, data)
         self.backend.put(chunk_key(digest.hex()), blob, overwrite=False)
+        if self.index is not None:
+            self.index.add(digest.hex())
         return len(blob)
+
+    def has_chunk(self, digest_hex: str) -> bool:
+        """Whether the repository holds the chunk: this host's index when it has a usable one
+        (no request: what it does not name was never stored or seen here, and a store of it
+        is a no-op when another host stored it meanwhile), else one existence request."""
+        if self.index is not None and self.index.usable:
+            return self.index.has(digest_hex)
+        return not self.missing_chunks([digest_hex])
 
     def load_chunk(self, digest_hex: str) -> bytes | bytearray:
         """A chunk's plain bytes, checked; IntegrityError when damaged or missing."""
@@ -212,8 +248,9 @@ class Repository:
         plain = self.codec.decode(bytes.fromhex(manifest_id), blob, f"manifest {manifest_id}")
         return Manifest.from_json(json.loads(plain))
 
-    def manifest_ids(self) -> list[str]:
-        return [info.key.rsplit("/", 1)[1] for info in self.backend.list("manifests/")]
+    def manifest_ids(self, prefix: str = "") -> list[str]:
+        """The ids of the backups (whose id starts with ``prefix``): one listing."""
+        return [info.key.rsplit("/", 1)[1] for info in self.backend.list(f"manifests/{prefix}")]
 
     def backups(self) -> list[BackupEntry]:
         """Every backup, oldest first."""
@@ -226,7 +263,9 @@ class Repository:
         prefix = prefix.lower()
         if len(prefix) < 6 or any(c not in "0123456789abcdef" for c in prefix):
             raise UsageError(detail=f"backup id {prefix!r} must be at least 6 hex digits")
-        matches = [mid for mid in self.manifest_ids() if mid.startswith(prefix)]
+        if len(prefix) == ID_HEX:
+            return prefix  # a whole id: no listing (loading it says whether it exists)
+        matches = [mid for mid in self.manifest_ids(prefix) if mid.startswith(prefix)]
         if not matches:
             raise BackupNotFound(location=self.location, backup=prefix)
         if len(matches) > 1:
@@ -235,3 +274,47 @@ class Repository:
 
     def delete_manifest(self, manifest_id: str) -> None:
         self.backend.delete(manifest_key(manifest_id))
+
+    # -- heads: the newest backup of each volume --------------------------------------------
+    def head_key(self, volume: str) -> str:
+        """Where the newest backup of ``volume`` (a path) is named: by the (keyed) hash of the
+        path, so an encrypted repository does not show its volumes' paths."""
+        return f"heads/{self.codec.digest(volume.encode()).hex()[:32]}"
+
+    def write_head(self, volume: str, manifest_id: str) -> None:
+        """Record ``manifest_id`` as the newest backup of ``volume`` (after its commit)."""
+        self.backend.put(self.head_key(volume), json.dumps({"id": manifest_id}).encode())
+
+    def head(self, volume: str, *, stream: bool = False) -> BackupEntry | None:
+        """The newest backup of ``volume`` (a volume path, or a stream's source) as its head
+        records it, checked: the manifest exists and is of that volume and kind. None when
+        there is no head or it does not hold."""
+        try:
+            manifest_id = str(json.loads(self.backend.get(self.head_key(volume)))["id"])
+            manifest = self.load_manifest(manifest_id)
+        except (ObjectNotFound, BackupNotFound, ValueError, KeyError, TypeError):
+            return None
+        if manifest.volume != volume or manifest.is_stream != stream:
+            return None
+        return BackupEntry(manifest_id, manifest)
+
+    def newest(self, volume: str, *, stream: bool = False) -> BackupEntry | None:
+        """The newest backup of ``volume``: its head (one read) when that holds, else found by
+        reading every manifest (a repository of an earlier version, a head whose backup was
+        pruned), and the head written for next time."""
+        head = self.head(volume, stream=stream)
+        if head is not None:
+            return head
+        same = [e for e in self.backups() if e.manifest.volume == volume and e.manifest.is_stream == stream]
+        if not same:
+            return None
+        self.record_newest(volume, same[-1].id)
+        return same[-1]
+
+    def record_newest(self, volume: str, manifest_id: str) -> None:
+        """Write the head of ``volume`` after a commit; best effort: a head that is missing or
+        behind only costs the next backup a listing or a less recent parent."""
+        try:
+            self.write_head(volume, manifest_id)
+        except BlockvaultError as exc:
+            log.warning("repo.head_not_written volume=%s error=%s", volume, exc)

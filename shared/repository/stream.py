@@ -117,11 +117,6 @@ def cut_stream(reader: BinaryIO, sizes: ChunkSizes, block: int = BLOCK) -> Itera
             raise AssertionError("stream chunker left bytes behind")
 
 
-def _latest_of_source(repo: Repository, source: str) -> Manifest | None:
-    same = [e.manifest for e in repo.backups() if e.manifest.is_stream and e.manifest.volume == source]
-    return same[-1] if same else None
-
-
 def backup_stream(
     repo: Repository,
     reader: BinaryIO,
@@ -149,8 +144,9 @@ def backup_stream(
     sizes = chunk_sizes(repo.chunk_size)
     source = source or "stream"
     with repository_lock(repo.backend, "shared", f"backup of {source}", wait=lock_wait):
-        previous = _latest_of_source(repo, source)
-        known: set[str] = previous.referenced() if previous else set()
+        repo.refresh_index()
+        previous = repo.newest(source, stream=True)
+        known: set[str] = previous.manifest.referenced() if previous else set()
         claimed: set[str] = set()  # digests this run stores (or found present)
         claim_lock = threading.Lock()
         digests: list[str] = []
@@ -175,7 +171,7 @@ def backup_stream(
                 if hexd in known or hexd in claimed:
                     return index, hexd, 0
                 claimed.add(hexd)
-            if not repo.missing_chunks([hexd]):
+            if repo.has_chunk(hexd):
                 return index, hexd, 0
             return index, hexd, repo.store_chunk(digest, view)
 
@@ -211,6 +207,7 @@ def backup_stream(
         }
         failpoint("stream.before_manifest")
         manifest_id = repo.save_manifest(manifest)
+        repo.record_newest(source, manifest_id)
     log.info("stream.committed id=%s source=%s size=%d new=%d", manifest_id[:12], source, read, new_chunks)
     return StreamResult(
         id=manifest_id,

@@ -28,7 +28,7 @@ from shared.inventory import inventory
 from shared.repository.repo import Repository
 from shared.repository.stream import backup_stream
 from shared.service.copies import replicate
-from shared.service.rows import copy_on, get, manifest_id, pick_storage, ready_ref
+from shared.service.rows import backup_repository, copy_on, get, manifest_id, pick_storage, ready_ref
 from shared.storage import failover, open_repository, refresh_capacity
 
 log = logging.getLogger(__name__)
@@ -88,7 +88,7 @@ def take_database_backup(
     report = progress_reporter(job_uuid)
     for attempt in range(2):
         try:
-            repo = open_repository(storage)
+            repo = backup_repository(storage)
             with dbdump.dump(url) as dumped:
                 created = datetime.now(UTC).isoformat(timespec="seconds")
                 described = {

@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import logging
 from dataclasses import asdict
+from datetime import timedelta
 from typing import Any
 
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from shared import celery_app as tasks
@@ -17,6 +19,8 @@ from shared.catalog.models import (
     BackupStorage,
     DatabaseBackup,
     VolumeBackup,
+    aware,
+    now,
 )
 from shared.celery_app import STORAGE_QUEUE
 from shared.config import get_settings
@@ -112,10 +116,17 @@ def run_delete(session: Session, job: ApiJob) -> dict[str, Any]:
 
 
 def delete_backup_copies(
-    session: Session, uuid: str, storage_uuids: list[str] | None, model: type[AnyBackup] = VolumeBackup
+    session: Session,
+    uuid: str,
+    storage_uuids: list[str] | None,
+    model: type[AnyBackup] = VolumeBackup,
+    *,
+    reclaim: bool = True,
 ) -> dict[str, Any]:
-    """Remove a backup's copies from ``storage_uuids`` (all when None), gc there when idle,
-    and the row when no copy is left."""
+    """Remove a backup's copies from ``storage_uuids`` (all when None), and the row when no
+    copy is left. With ``reclaim`` the space is freed at once (gc, when the storage is idle);
+    without (retention, many at a time) the storage is marked reclaimDue and one reclaim job
+    frees it later (:func:`reclaim_due`): a gc reads every manifest, far too much per backup."""
     backup: AnyBackup | None = session.get(model, uuid)  # type: ignore[assignment]
     if backup is None:
         return {"uuid": uuid, "deleted": True}
@@ -134,12 +145,16 @@ def delete_backup_copies(
             session.commit()
             raise
         backup.backupStorageRefs.remove(ref)  # type: ignore[arg-type]
+        if not reclaim:
+            storage.reclaimDue = True
         session.commit()  # each storage's copy is gone for good before the next one is touched
-        try:
-            gc(repo, wait=0)
-        except Exception:  # noqa: BLE001 - busy or append-only storage: the next gc reclaims it
-            log.info("delete.gc_deferred storage=%s", storage.uuid)
-        refresh_capacity(storage)
+        if reclaim:
+            try:
+                gc(repo, wait=0)
+            except Exception:  # noqa: BLE001 - busy or append-only storage: the next gc reclaims it
+                log.info("delete.gc_deferred storage=%s", storage.uuid)
+                storage.reclaimDue = True
+            refresh_capacity(storage, force=True)
     if not backup.backupStorageRefs:
         session.delete(backup)
         session.commit()
@@ -169,7 +184,35 @@ def request_storage_job(session: Session, storage: BackupStorage, action: str, a
 def run_reclaim(session: Session, job: ApiJob) -> dict[str, Any]:
     """reclaimSpaceFromImageStore: garbage-collect chunks no backup references."""
     storage: BackupStorage = get(session, BackupStorage, (job.params or {})["backupStorageUuid"], "backup storage")
+    started = now()
     report = gc(open_repository(storage), wait=get_settings().lock_wait_seconds)
-    refresh_capacity(storage)
+    storage.lastReclaim = started
+    if storage.lastOpDate is None or aware(storage.lastOpDate) <= started:  # nothing deleted meanwhile
+        storage.reclaimDue = False
+    refresh_capacity(storage, force=True)
     session.commit()
     return {"backupStorageUuid": storage.uuid, **asdict(report)}
+
+
+def reclaim_due(session: Session, every: float) -> list[str]:
+    """Maintenance: one reclaim job for each storage whose retention deleted backups and
+    whose last reclaim is older than ``every`` seconds (none while one is queued or
+    running). Returns the jobs sent."""
+    sent = []
+    cutoff = now() - timedelta(seconds=every)
+    for storage in session.scalars(
+        select(BackupStorage).where(BackupStorage.reclaimDue.is_(True), BackupStorage.state == "Enabled")
+    ):
+        if storage.lastReclaim is not None and aware(storage.lastReclaim) > cutoff:
+            continue
+        busy = session.scalars(
+            select(ApiJob.uuid).where(
+                ApiJob.action == "reclaimSpaceFromImageStore",
+                ApiJob.resourceUuid == storage.uuid,
+                ApiJob.state.in_(("Pending", "Running")),
+            )
+        ).first()
+        if busy is None:
+            sent.append(request_storage_job(session, storage, "reclaimSpaceFromImageStore", None).uuid)
+            log.info("storage.reclaim_queued uuid=%s", storage.uuid)
+    return sent

@@ -22,14 +22,15 @@ from shared.catalog.models import (
     VolumeBackupStorageRef,
     new_uuid,
 )
+from shared.config import get_settings
 from shared.errors import (
     Conflict,
     InvalidArgument,
     NotFound,
     PathNotAllowed,
 )
-from shared.repository.repo import parse_install_path
-from shared.storage import current_master
+from shared.repository.repo import Repository, parse_install_path
+from shared.storage import current_master, open_repository
 
 log = logging.getLogger(__name__)
 
@@ -79,6 +80,14 @@ def check_vm_stopped(session: Session, volume: Volume, action: str) -> None:
         vm = session.get(VmInstance, volume.vmInstanceUuid)
         if vm is not None and vm.state == "Running":
             raise Conflict(detail=f"VM {vm.uuid} is Running: {action} needs it Stopped")
+
+
+def backup_repository(storage: BackupStorage) -> Repository:
+    """The repository a backup on this host writes into, with this host's index of what it
+    holds (``<data dir>/chunk-index``: no existence request per chunk)."""
+    repo = open_repository(storage)
+    repo.use_index(get_settings().data_path / "chunk-index")
+    return repo
 
 
 def new_backup_row(

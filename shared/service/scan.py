@@ -175,7 +175,7 @@ def scan_storage(session: Session, storage: BackupStorage) -> dict[str, Any]:
         parent = by_manifest.get(entry.manifest.parent or "")
         if row_or_none is not None and parent is not None and row_or_none.parentUuid is None:
             row_or_none.parentUuid = parent.uuid
-    refresh_capacity(storage)
+    refresh_capacity(storage, force=True)
     session.commit()
     log.info("storage.scanned uuid=%s backups=%d imported=%s", storage.uuid, len(entries), imported)
     return {

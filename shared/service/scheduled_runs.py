@@ -388,7 +388,7 @@ def _run_database_backup(
         keep = select_keep([(r.uuid, aware(r.createDate)) for r in rows], policy)
         for old in rows:
             if old.uuid not in keep:
-                delete_backup_copies(session, old.uuid, None, DatabaseBackup)
+                delete_backup_copies(session, old.uuid, None, DatabaseBackup, reclaim=False)
                 removed.append(old.uuid)
         session.commit()
     return {
@@ -454,7 +454,7 @@ def _apply_retention(
         if key in keep:
             continue
         for row in members:
-            delete_backup_copies(session, row.uuid, None)
+            delete_backup_copies(session, row.uuid, None, reclaim=False)
             removed.append(row.uuid)
     session.commit()
     return {"kept": len(keep), "removed": removed}

@@ -40,6 +40,7 @@ from shared.repository.live import LiveDisk, LiveResult, backup_live
 from shared.repository.repo import Repository, install_path, parse_install_path
 from shared.service.copies import replicate
 from shared.service.rows import (
+    backup_repository,
     connected_host,
     get,
     new_backup_row,
@@ -47,7 +48,7 @@ from shared.service.rows import (
     ready_volume,
     volume_file,
 )
-from shared.storage import failover, open_repository, refresh_capacity
+from shared.storage import failover, refresh_capacity
 
 log = logging.getLogger(__name__)
 
@@ -294,7 +295,7 @@ def _take_offline(
         for attempt in range(3):
             parent = None if take_full or bitmap else _newest_copy(session, volume.uuid, storage.uuid)
             try:
-                repo = repo or open_repository(storage)
+                repo = repo or backup_repository(storage)
                 result = backup_volume(
                     repo,
                     files[volume.uuid],
@@ -366,7 +367,7 @@ def _take_live(
 
         try:
             backup_live(
-                open_repository(storage),
+                backup_repository(storage),
                 monitor,
                 disks,
                 work_dir=get_settings().data_path / "live",

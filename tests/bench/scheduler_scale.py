@@ -14,7 +14,7 @@ What it does:
    worker --host-uuid U``, each its own host) as subprocesses, logs in the work dir under /var/tmp;
 2. makes ``--targets`` small sparse raw volumes (``--volume-mib`` each, ``--data-kib`` of random
    bytes at a random offset), registers one ImageStore backup storage and every volume (spread
-   round-robin over the hosts, ``--register-threads`` keep-alive clients in parallel), creates one
+   round-robin over the hosts, ``--register-batch`` in a request), creates one
    volumeBackup job group with all of them as targets (``add_targets`` in batches of
    ``--batch``), a simple trigger with ``startTime`` = now + ``--fire-delay`` s and
    ``repeatCount=1``, attaches it, and starts ``--beats`` beats before the fire time;
@@ -65,7 +65,6 @@ import threading
 import time
 import traceback
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -230,6 +229,38 @@ class RedisIndex:
         return out
 
 
+class AmqpVhost:
+    """A RabbitMQ virtual host of this run's own (``--amqp``): the broker instead of Redis,
+    with the same few methods the run uses."""
+
+    def __init__(self, base: str) -> None:
+        self.vhost = f"bv-sched-{secrets.token_hex(6)}"
+        self._ctl("add_vhost", self.vhost)
+        self._ctl("set_permissions", "-p", self.vhost, "guest", ".*", ".*", ".*")
+        self.url = f"{base.rstrip('/')}/{self.vhost}"
+
+    @staticmethod
+    def _ctl(*args: str) -> str:
+        return subprocess.run(["rabbitmqctl", "-q", *args], capture_output=True, text=True, check=True).stdout
+
+    def flush(self) -> None:
+        """Nothing to flush: the virtual host is new, and deleted by :meth:`release`."""
+
+    def refresh(self) -> None:
+        """Nothing to refresh: a virtual host is not a lease."""
+
+    def release(self) -> None:
+        self._ctl("delete_vhost", self.vhost)
+
+    def queues(self) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for line in self._ctl("list_queues", "-p", self.vhost, "name", "messages").splitlines():
+            name, _, count = line.partition("\t")
+            if count.strip().isdigit() and int(count):
+                out[name] = int(count)
+        return out
+
+
 def start_own_redis(work: Path) -> tuple[subprocess.Popen[bytes], str]:
     """A private redis-server (no persistence, like the shared one) on a free port: immune to
     other sessions' tests that restart the shared server (which loses every queued message)."""
@@ -275,6 +306,7 @@ class Stack:
     database_url: str
     broker_url: str
     key: str = field(default_factory=lambda: "bench-admin-" + secrets.token_hex(12))
+    secret: str = field(default_factory=lambda: secrets.token_hex(32))  # BLOCKVAULT_SECRET_KEY of every process
     port: int = field(default_factory=free_port)
     procs: dict[str, Proc] = field(default_factory=dict)
 
@@ -284,6 +316,8 @@ class Stack:
             BLOCKVAULT_DATABASE_URL=self.database_url,
             BLOCKVAULT_BROKER_URL=self.broker_url,
             BLOCKVAULT_DATA_DIR=str(self.work / "data"),
+            BLOCKVAULT_VOLUME_ROOTS=str(self.work / "volumes"),
+            BLOCKVAULT_SECRET_KEY=self.secret,
             BLOCKVAULT_ADMIN_API_KEY=self.key,
             **(extra or {}),
         )
@@ -448,29 +482,21 @@ def make_volumes(folder: Path, count: int, size: int, data: int, seed: int) -> l
     return paths
 
 
-def register_volumes(stack: Stack, hosts: list[str], paths: list[Path], threads: int) -> list[str]:
-    local = threading.local()
-    clients: list[Client] = []
-    lock = threading.Lock()
-
-    def client() -> Client:
-        if not hasattr(local, "client"):
-            local.client = stack.client()
-            with lock:
-                clients.append(local.client)
-        return local.client  # type: ignore[no-any-return]
-
-    def register(item: tuple[int, Path]) -> str:
-        i, path = item
-        volume = client().register_volume(hosts[i % len(hosts)], str(path), name=path.stem, size=MiB)
-        return str(volume["uuid"])
-
+def register_volumes(stack: Stack, hosts: list[str], paths: list[Path], batch: int) -> list[str]:
+    """Every volume, ``batch`` in a request (POST /v1/volumes with params.volumes)."""
+    items = [
+        {"hostUuid": hosts[i % len(hosts)], "installPath": str(path), "name": path.stem, "size": MiB}
+        for i, path in enumerate(paths)
+    ]
+    client = stack.client()
     try:
-        with ThreadPoolExecutor(threads) as pool:
-            return list(pool.map(register, enumerate(paths)))
+        return [
+            str(v["uuid"])
+            for start in range(0, len(items), batch)
+            for v in client.register_volumes(items[start : start + batch])
+        ]
     finally:
-        for each in clients:
-            each.close()
+        client.close()
 
 
 # -- measuring -------------------------------------------------------------------------------------
@@ -868,14 +894,19 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--redis", default="redis://127.0.0.1:6379")
     parser.add_argument("--redis-index", type=int, default=14)
     parser.add_argument(
+        "--amqp", metavar="URL", help="RabbitMQ instead of Redis, e.g. amqp://guest:guest@127.0.0.1:5672"
+    )
+    parser.add_argument(
         "--own-redis", action="store_true", help="run a private redis-server (other sessions restart the shared one)"
     )
     parser.add_argument("--volume-mib", type=int, default=1)
     parser.add_argument("--data-kib", type=int, default=8)
-    parser.add_argument("--register-threads", type=int, default=8)
+    parser.add_argument("--register-batch", type=int, default=2000, help="volumes per registration request")
     parser.add_argument("--batch", type=int, default=1000, help="targets per add_targets call")
     parser.add_argument("--fire-delay", type=float, default=20.0, help="s from trigger creation to its fire")
-    parser.add_argument("--enqueue-target", type=float, default=60.0, help="s after the fire")
+    parser.add_argument("--enqueue-target", type=float, default=20.0, help="s after the fire")
+    parser.add_argument("--total-target", type=float, default=600.0, help="s from the fire to the last history row")
+    parser.add_argument("--register-target", type=float, default=10.0, help="s to register every volume")
     parser.add_argument("--stall", type=float, default=180.0, help="give up after this long without progress")
     parser.add_argument("--timeout", type=float, default=7200.0, help="give up this long after the fire")
     parser.add_argument("--settle", type=float, default=5.0, help="s to watch for late duplicates at the end")
@@ -914,12 +945,17 @@ def main() -> int:
     db_name, url = create_database(args.pg)
     log(f"database {db_name}")
     own_redis = None
-    if args.own_redis:
+    rindex: RedisIndex | AmqpVhost
+    if args.amqp:
+        rindex = AmqpVhost(args.amqp)
+        log(f"RabbitMQ {rindex.url} (a virtual host of this run)")
+    elif args.own_redis:
         own_redis, base = start_own_redis(work)
         rindex = RedisIndex(base, 1, claim=False)
     else:
         rindex = RedisIndex(args.redis, args.redis_index)
-    log(f"Redis {rindex.url} (flushed){' (a server of our own)' if own_redis else ''}")
+    if not args.amqp:
+        log(f"Redis {rindex.url} (flushed){' (a server of our own)' if own_redis else ''}")
     stack = Stack(work, url, rindex.url)
     catalog = create_engine(url, poolclass=NullPool, isolation_level="AUTOCOMMIT")
     spies: list[Spy] = []
@@ -971,7 +1007,7 @@ def run(
     stack: Stack,
     catalog: Engine,
     db_name: str,
-    rindex: RedisIndex,
+    rindex: RedisIndex | AmqpVhost,
     report: Report,
     spies: list[Spy],
 ) -> None:
@@ -982,6 +1018,7 @@ def run(
     from shared.catalog.models import new_uuid
 
     hosts = [new_uuid() for _ in range(args.workers)]
+    (stack.work / "volumes").mkdir(exist_ok=True)  # the workers' volume root
     stack.start_api()
     stack.start_workers(hosts, args.concurrency, catalog)
     log("API and workers up")
@@ -995,10 +1032,15 @@ def run(
     api_spy = Spy.start(args.py_spy, stack.procs["api"], stack.work, idle=False) if args.profile_api else None
     before = CpuSnapshot.take(stack)
     begin = time.monotonic()
-    volumes = register_volumes(stack, hosts, paths, args.register_threads)
+    volumes = register_volumes(stack, hosts, paths, args.register_batch)
     registered = time.monotonic() - begin
     after = CpuSnapshot.take(stack)
     log(f"{n} volumes registered in {registered:.1f} s ({n / registered:.0f}/s)")
+    report.add(
+        f"{n} volumes registered (bulk, goal {args.register_target:.0f} s)",
+        fmt_s(registered),
+        registered <= args.register_target,
+    )
     report.notes.append("CPU while registering the volumes:")
     report.notes += [
         f"    {who:<32} {used:8.1f} s  {pct:6.1f} %  {1000 * used / n:6.2f} ms/volume"
@@ -1157,6 +1199,24 @@ def run(
     if hist_last and hist_first is not None and hist[0] > 1:
         report.add("history throughput (fire..last)", f"{hist[0] / max(hist_last, 1e-6):.1f} rows/s")
         report.add("history throughput (first..last)", f"{hist[0] / max(hist_last - hist_first, 1e-6):.1f} rows/s")
+        report.add(
+            f"all {n} backups done (history, goal {args.total_target:.0f} s)",
+            fmt_s(hist_last),
+            hist_last <= args.total_target,
+        )
+        stamps = [
+            aware(row[0])
+            for row in conn.execute(
+                text('SELECT "createDate" FROM scheduler_job_history WHERE "schedulerJobGroupUuid" = :g ORDER BY 1'),
+                {"g": group["uuid"]},
+            ).all()
+        ]
+        window = min(1000, len(stamps) // 2)
+        if window > 1:
+            first = window / max((stamps[window - 1] - stamps[0]).total_seconds(), 1e-6)
+            last = window / max((stamps[-1] - stamps[-window]).total_seconds(), 1e-6)
+            report.add(f"rate of the first / last {window} backups", f"{first:.1f} / {last:.1f} per s")
+            report.add("  last / first (goal >= 0.8)", f"{last / first:.2f}", last / first >= 0.8)
     report.add("API jobs (action=schedulerJob) == targets", jobs[0], jobs[0] == n)
     report.add("distinct API job targets == targets", jobs[1], jobs[1] == n)
     report.add("API jobs Succeeded / Failed", f"{jobs[4]} / {jobs[5]}", jobs[4] == n)
@@ -1195,7 +1255,7 @@ def run(
         f"{counts['job.failed']} / {counts['job.crashed']} / {counts['Traceback']}",
     )
     leftovers = rindex.queues()
-    report.add("Redis messages left (queue: n)", ", ".join(f"{k[:13]}: {v}" for k, v in leftovers.items()) or "none")
+    report.add("broker messages left (queue: n)", ", ".join(f"{k[:13]}: {v}" for k, v in leftovers.items()) or "none")
     deltas = {k: stats_end[k] - stats0[k] for k in stats0}
     report.add(
         "PostgreSQL commits / inserts (fire..end)",

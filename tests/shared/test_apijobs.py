@@ -1,0 +1,81 @@
+"""API jobs on a real PostgreSQL catalog and a real Redis broker: lost messages are sent
+again in one pass, thousands at a time, and only where the queue lost them."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+import redis
+from sqlalchemy import insert
+
+from shared import apijobs
+from shared.catalog import db
+from shared.catalog.models import ApiJob, new_uuid, now
+from shared.celery_app import celery_app
+from shared.config import get_settings
+
+
+@pytest.fixture
+def broker(pg_database: str, redis_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[redis.Redis]:
+    for name in list(os.environ):
+        if name.startswith("BLOCKVAULT_"):
+            monkeypatch.delenv(name)
+    monkeypatch.setenv("BLOCKVAULT_DATABASE_URL", pg_database)
+    monkeypatch.setenv("BLOCKVAULT_BROKER_URL", redis_url)
+    monkeypatch.setenv("BLOCKVAULT_DATA_DIR", str(tmp_path / "data"))
+    get_settings.cache_clear()
+    celery_app.cache_clear()
+    db.reset()
+    try:
+        yield redis.Redis.from_url(redis_url)
+    finally:
+        db.engine(pg_database).dispose()
+        db.reset()
+        celery_app.cache_clear()
+        get_settings.cache_clear()
+
+
+def pending(count: int, queue: str, age: float = 600) -> list[str]:
+    moment = now() - timedelta(seconds=age)
+    rows = [
+        {
+            "uuid": new_uuid(),
+            "action": "createVolumeBackup",
+            "state": "Pending",
+            "progress": 0,
+            "params": {"_task": "blockvault.volume.backup", "_queue": queue},
+            "createDate": moment,
+            "lastOpDate": moment,
+        }
+        for _ in range(count)
+    ]
+    with db.session() as session:
+        session.execute(insert(ApiJob), rows)
+    return [str(row["uuid"]) for row in rows]
+
+
+def test_a_restarted_broker_gets_every_lost_job_again_in_one_pass(broker: redis.Redis) -> None:
+    lost = pending(5000, "host.lost")
+    with db.session() as session:
+        assert apijobs.requeue_stale(session, older_than=60) == 5000
+    assert broker.llen("host.lost") == 5000
+    with db.session() as session:  # sent just now: no longer stale
+        assert apijobs.requeue_stale(session, older_than=60) == 0
+    assert broker.llen("host.lost") == 5000
+    assert len(set(lost)) == 5000
+
+
+def test_jobs_waiting_behind_others_are_left_alone(broker: redis.Redis) -> None:
+    pending(3, "host.busy")
+    waiting = pending(2, "host.idle", age=5)  # not stale yet
+    celery_app().send_task("blockvault.volume.backup", args=["x"], queue="host.busy")
+    with db.session() as session:
+        assert apijobs.requeue_stale(session, older_than=60) == 0
+    assert broker.llen("host.busy") == 1 and broker.llen("host.idle") == 0
+    with db.session() as session:
+        assert apijobs.requeue_stale(session, older_than=1) == 2  # the idle queue's, now stale
+    assert broker.llen("host.idle") == 2 and len(waiting) == 2
