@@ -190,6 +190,38 @@ def repo_ls(location: str, as_json: bool) -> None:
         )
 
 
+@repo.command("serve-nbd")
+@click.argument("location", metavar="REPO")
+@click.argument("backup_id", metavar="ID")
+@click.option(
+    "--socket", "socket_path", required=True, type=click.Path(dir_okay=False), help="UNIX socket to serve on."
+)
+@click.option("--cache-mb", type=click.IntRange(0, 1 << 20), default=64, show_default=True, help="Chunk cache size.")
+@click.option("--json", "as_json", is_flag=True)
+def repo_serve_nbd(location: str, backup_id: str, socket_path: str, cache_mb: int, as_json: bool) -> None:
+    """Serve backup ID read-only over NBD on a UNIX socket until interrupted (SIGINT/SIGTERM):
+    e.g. qemu-img convert nbd+unix:///?socket=PATH out.raw."""
+    import signal
+    import threading
+
+    from shared.repository.nbdserver import export_backup
+
+    repository = _open(location)
+    stop = threading.Event()
+    for number in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(number, lambda *_: stop.set())
+    with export_backup(repository, backup_id, socket_path, cache_bytes=cache_mb << 20, lock_wait=_lock_wait()) as (
+        server,
+        view,
+    ):
+        info = {"id": view.id, "socket": socket_path, "size": view.size, "uri": f"nbd+unix:///?socket={socket_path}"}
+        _emit(info, as_json, f"serving {view.id[:12]} ({_size(view.size)}) on nbd+unix:///?socket={socket_path}")
+        sys.stdout.flush()
+        while not stop.wait(0.5):
+            pass
+    click.echo(f"stopped; {server.connections} connections, {_size(view.stats.bytes_fetched)} fetched", err=True)
+
+
 @repo.command("verify")
 @click.argument("location", metavar="REPO")
 @click.argument("backup_id", metavar="ID", required=False)

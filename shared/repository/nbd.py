@@ -19,9 +19,75 @@ import itertools
 import logging
 import os
 import socket
-import struct
 from collections.abc import Sequence
 from types import TracebackType
+
+from .nbdproto import (
+    CMD_BLOCK_STATUS,
+    CMD_DISC,
+    CMD_FLUSH,
+    CMD_NAMES,
+    CMD_READ,
+    CMD_WRITE,
+    CMD_WRITE_ZEROES,
+    DIRTY,
+    ERROR_HEAD,
+    EXPORT_NAME_REPLY,
+    EXTENT,
+    FLAG_C_FIXED_NEWSTYLE,
+    FLAG_C_NO_ZEROES,
+    FLAG_FIXED_NEWSTYLE,
+    FLAG_NO_ZEROES,
+    GREETING,
+    IHAVEOPT,
+    INFO_BLOCK_SIZE,
+    INFO_BLOCK_SIZE_S,
+    INFO_EXPORT,
+    INFO_EXPORT_S,
+    MAX_BLOCK_SIZE,
+    MAX_STATUS_REQUEST,
+    NBD_ERRNO,
+    NBDMAGIC,
+    OLDSTYLE_MAGIC,
+    OPT_ABORT,
+    OPT_EXPORT_NAME,
+    OPT_GO,
+    OPT_NAMES,
+    OPT_SET_META_CONTEXT,
+    OPT_STRUCTURED_REPLY,
+    OPTION,
+    OPTION_REPLY,
+    REP_ACK,
+    REP_ERR_NAMES,
+    REP_ERR_UNKNOWN,
+    REP_ERR_UNSUP,
+    REP_FLAG_ERROR,
+    REP_INFO,
+    REP_META_CONTEXT,
+    REPLY_FLAG_DONE,
+    REPLY_MAGIC,
+    REPLY_PREFIX,
+    REPLY_TYPE_BLOCK_STATUS,
+    REPLY_TYPE_ERROR_BIT,
+    REPLY_TYPE_ERROR_OFFSET,
+    REPLY_TYPE_NONE,
+    REPLY_TYPE_OFFSET_DATA,
+    REPLY_TYPE_OFFSET_HOLE,
+    REQUEST,
+    REQUEST_MAGIC,
+    SIMPLE_REPLY_MAGIC,
+    STATE_HOLE,
+    STATE_ZERO,
+    STRUCTURED_REPLY_MAGIC,
+    TFLAG_HAS_FLAGS,
+    TFLAG_READ_ONLY,
+    TFLAG_SEND_FLUSH,
+    TFLAG_SEND_WRITE_ZEROES,
+    U16,
+    U32,
+    U64,
+    U64_U32,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -34,135 +100,10 @@ __all__ = [
     "probe_unix",
 ]
 
-# --- public flag constants -------------------------------------------------------------------
-
-STATE_HOLE = 1
-"""``base:allocation``: the extent is unallocated (a hole)."""
-STATE_ZERO = 2
-"""``base:allocation``: the extent reads as zeros."""
-DIRTY = 1
-"""``qemu:dirty-bitmap:NAME``: flag bit 1 (value 1) means the extent is dirty."""
-
-# --- handshake ---------------------------------------------------------------------------------
-
-_NBDMAGIC = 0x4E42444D41474943  # "NBDMAGIC"
-_IHAVEOPT = 0x49484156454F5054  # "IHAVEOPT"
-_OLDSTYLE_MAGIC = 0x00420281861253
-_REPLY_MAGIC = 0x0003E889045565A9
-
-_FLAG_FIXED_NEWSTYLE = 1 << 0
-_FLAG_NO_ZEROES = 1 << 1
-_FLAG_C_FIXED_NEWSTYLE = 1 << 0
-_FLAG_C_NO_ZEROES = 1 << 1
-
-_OPT_EXPORT_NAME = 1
-_OPT_ABORT = 2
-_OPT_GO = 7
-_OPT_STRUCTURED_REPLY = 8
-_OPT_SET_META_CONTEXT = 10
-
-_OPT_NAMES = {
-    _OPT_EXPORT_NAME: "NBD_OPT_EXPORT_NAME",
-    _OPT_ABORT: "NBD_OPT_ABORT",
-    _OPT_GO: "NBD_OPT_GO",
-    _OPT_STRUCTURED_REPLY: "NBD_OPT_STRUCTURED_REPLY",
-    _OPT_SET_META_CONTEXT: "NBD_OPT_SET_META_CONTEXT",
-}
-
-_REP_ACK = 1
-_REP_INFO = 3
-_REP_META_CONTEXT = 4
-_REP_FLAG_ERROR = 1 << 31
-_REP_ERR_UNSUP = _REP_FLAG_ERROR | 1
-_REP_ERR_UNKNOWN = _REP_FLAG_ERROR | 6
-
-_REP_ERR_NAMES = {
-    _REP_FLAG_ERROR | 1: "NBD_REP_ERR_UNSUP",
-    _REP_FLAG_ERROR | 2: "NBD_REP_ERR_POLICY",
-    _REP_FLAG_ERROR | 3: "NBD_REP_ERR_INVALID",
-    _REP_FLAG_ERROR | 4: "NBD_REP_ERR_PLATFORM",
-    _REP_FLAG_ERROR | 5: "NBD_REP_ERR_TLS_REQD",
-    _REP_FLAG_ERROR | 6: "NBD_REP_ERR_UNKNOWN",
-    _REP_FLAG_ERROR | 7: "NBD_REP_ERR_SHUTDOWN",
-    _REP_FLAG_ERROR | 8: "NBD_REP_ERR_BLOCK_SIZE_REQD",
-    _REP_FLAG_ERROR | 9: "NBD_REP_ERR_TOO_BIG",
-    _REP_FLAG_ERROR | 10: "NBD_REP_ERR_EXT_HEADER_REQD",
-}
-
-_INFO_EXPORT = 0
-_INFO_BLOCK_SIZE = 3
-
-# --- transmission ------------------------------------------------------------------------------
-
-_TFLAG_HAS_FLAGS = 1 << 0
-_TFLAG_READ_ONLY = 1 << 1
-_TFLAG_SEND_FLUSH = 1 << 2
-_TFLAG_SEND_WRITE_ZEROES = 1 << 6
-
-_REQUEST_MAGIC = 0x25609513
-_SIMPLE_REPLY_MAGIC = 0x67446698
-_STRUCTURED_REPLY_MAGIC = 0x668E33EF
-
-_CMD_READ = 0
-_CMD_WRITE = 1
-_CMD_DISC = 2
-_CMD_FLUSH = 3
-_CMD_WRITE_ZEROES = 6
-_CMD_BLOCK_STATUS = 7
-
-_CMD_NAMES = {
-    _CMD_READ: "NBD_CMD_READ",
-    _CMD_WRITE: "NBD_CMD_WRITE",
-    _CMD_DISC: "NBD_CMD_DISC",
-    _CMD_FLUSH: "NBD_CMD_FLUSH",
-    _CMD_WRITE_ZEROES: "NBD_CMD_WRITE_ZEROES",
-    _CMD_BLOCK_STATUS: "NBD_CMD_BLOCK_STATUS",
-}
-
-_REPLY_FLAG_DONE = 1 << 0
-_REPLY_TYPE_NONE = 0
-_REPLY_TYPE_OFFSET_DATA = 1
-_REPLY_TYPE_OFFSET_HOLE = 2
-_REPLY_TYPE_BLOCK_STATUS = 5
-_REPLY_TYPE_ERROR_BIT = 1 << 15
-_REPLY_TYPE_ERROR = _REPLY_TYPE_ERROR_BIT | 1
-_REPLY_TYPE_ERROR_OFFSET = _REPLY_TYPE_ERROR_BIT | 2
-
-# NBD wire error numbers -> local errno, for messages.
-_NBD_ERRNO = {
-    1: errno.EPERM,
-    5: errno.EIO,
-    12: errno.ENOMEM,
-    22: errno.EINVAL,
-    28: errno.ENOSPC,
-    75: errno.EOVERFLOW,
-    95: errno.EOPNOTSUPP,
-    108: errno.ESHUTDOWN,
-}
-
-MAX_BLOCK_SIZE = 32 * 1024 * 1024
-"""Largest READ/WRITE payload sent in one request (servers commonly refuse more)."""
 _MAX_ZEROES_REQUEST = 1 << 30  # WRITE_ZEROES carries no payload, but keep requests sane
-_MAX_STATUS_REQUEST = 1 << 31  # BLOCK_STATUS length is 32 bits on the wire
 _MAX_OPTION_REPLY = 16 * 1024 * 1024
 _MAX_CHUNK_PAYLOAD = MAX_BLOCK_SIZE + 4096
 _ZERO_FILL_CHUNK = 4 * 1024 * 1024
-
-_U16 = struct.Struct(">H")
-_U32 = struct.Struct(">I")
-_U64 = struct.Struct(">Q")
-_U64_U32 = struct.Struct(">QI")
-_GREETING = struct.Struct(">QQH")
-_OPTION = struct.Struct(">QII")
-_OPTION_REPLY = struct.Struct(">QIII")
-_INFO_EXPORT_S = struct.Struct(">QH")
-_INFO_BLOCK_SIZE_S = struct.Struct(">III")
-_REQUEST = struct.Struct(">IHHQQI")
-_REPLY_PREFIX = struct.Struct(">IHHQ")  # first 16 bytes of either reply kind
-_SIMPLE_REPLY = struct.Struct(">IIQ")
-_EXTENT = struct.Struct(">II")
-_ERROR_HEAD = struct.Struct(">IH")
-_EXPORT_NAME_REPLY = struct.Struct(">QH")
 
 
 class NBDError(Exception):
@@ -178,7 +119,7 @@ class NBDError(Exception):
 
 
 def _errno_text(code: int) -> str:
-    local = _NBD_ERRNO.get(code)
+    local = NBD_ERRNO.get(code)
     if local is None:
         return f"error {code}"
     return f"{errno.errorcode.get(local, str(local))} ({os.strerror(local)})"
@@ -212,7 +153,7 @@ class NBDClient:
         """Run the handshake on an already connected socket. Prefer :meth:`connect_unix`."""
         self._sock: socket.socket | None = sock
         self._cookies = itertools.count(1)
-        self._header = bytearray(_REPLY_PREFIX.size)
+        self._header = bytearray(REPLY_PREFIX.size)
         self._header_view = memoryview(self._header)
         self.export_name = export_name
         self.size = 0
@@ -276,7 +217,7 @@ class NBDClient:
             return
         self._sock = None
         try:
-            sock.sendall(_REQUEST.pack(_REQUEST_MAGIC, 0, _CMD_DISC, next(self._cookies), 0, 0))
+            sock.sendall(REQUEST.pack(REQUEST_MAGIC, 0, CMD_DISC, next(self._cookies), 0, 0))
             sock.shutdown(socket.SHUT_WR)
         except OSError:
             pass
@@ -342,18 +283,18 @@ class NBDClient:
     # -- handshake ------------------------------------------------------------------------------
 
     def _handshake(self, export_name: str, meta_contexts: Sequence[str]) -> None:
-        magic, opt_magic, hflags = _GREETING.unpack(self._recv(_GREETING.size))
-        if magic != _NBDMAGIC:
+        magic, opt_magic, hflags = GREETING.unpack(self._recv(GREETING.size))
+        if magic != NBDMAGIC:
             raise self._abort(f"not an NBD server (bad greeting magic {magic:#x})")
-        if opt_magic == _OLDSTYLE_MAGIC:
+        if opt_magic == OLDSTYLE_MAGIC:
             raise self._abort("NBD server speaks the oldstyle protocol, which is not supported")
-        if opt_magic != _IHAVEOPT:
+        if opt_magic != IHAVEOPT:
             raise self._abort(f"unexpected NBD handshake magic {opt_magic:#x}")
-        if not hflags & _FLAG_FIXED_NEWSTYLE:
+        if not hflags & FLAG_FIXED_NEWSTYLE:
             raise self._abort("NBD server does not support the fixed newstyle handshake")
-        self._no_zeroes = bool(hflags & _FLAG_NO_ZEROES)
-        cflags = _FLAG_C_FIXED_NEWSTYLE | (_FLAG_C_NO_ZEROES if self._no_zeroes else 0)
-        self._send(_U32.pack(cflags))
+        self._no_zeroes = bool(hflags & FLAG_NO_ZEROES)
+        cflags = FLAG_C_FIXED_NEWSTYLE | (FLAG_C_NO_ZEROES if self._no_zeroes else 0)
+        self._send(U32.pack(cflags))
 
         self.structured_replies = self._negotiate_structured_replies()
         name = export_name.encode()
@@ -374,59 +315,57 @@ class NBDClient:
         )
 
     def _send_option(self, option: int, data: bytes = b"") -> None:
-        self._send(_OPTION.pack(_IHAVEOPT, option, len(data)), data)
+        self._send(OPTION.pack(IHAVEOPT, option, len(data)), data)
 
     def _recv_option_reply(self, option: int) -> tuple[int, bytes]:
-        magic, opt, reply_type, length = _OPTION_REPLY.unpack(self._recv(_OPTION_REPLY.size))
-        if magic != _REPLY_MAGIC:
+        magic, opt, reply_type, length = OPTION_REPLY.unpack(self._recv(OPTION_REPLY.size))
+        if magic != REPLY_MAGIC:
             raise self._abort(f"bad NBD option reply magic {magic:#x}")
         if opt != option:
-            raise self._abort(f"NBD option reply for option {opt}, expected {_OPT_NAMES[option]}")
+            raise self._abort(f"NBD option reply for option {opt}, expected {OPT_NAMES[option]}")
         if length > _MAX_OPTION_REPLY:
             raise self._abort(f"NBD option reply of {length} bytes is too large")
         return reply_type, self._recv(length)
 
     def _option_error(self, option: int, reply_type: int, payload: bytes, what: str) -> NBDError:
-        name = _REP_ERR_NAMES.get(reply_type, f"error {reply_type & ~_REP_FLAG_ERROR}")
+        name = REP_ERR_NAMES.get(reply_type, f"error {reply_type & ~REP_FLAG_ERROR}")
         detail = _decode(payload).strip()
-        msg = f"{what}: {_OPT_NAMES[option]} failed with {name}"
+        msg = f"{what}: {OPT_NAMES[option]} failed with {name}"
         if detail:
             msg += f": {detail}"
         return NBDError(msg, code=reply_type)
 
     def _negotiate_structured_replies(self) -> bool:
-        self._send_option(_OPT_STRUCTURED_REPLY)
-        reply_type, payload = self._recv_option_reply(_OPT_STRUCTURED_REPLY)
-        if reply_type == _REP_ACK:
+        self._send_option(OPT_STRUCTURED_REPLY)
+        reply_type, payload = self._recv_option_reply(OPT_STRUCTURED_REPLY)
+        if reply_type == REP_ACK:
             return True
-        if reply_type == _REP_ERR_UNSUP:
+        if reply_type == REP_ERR_UNSUP:
             return False
-        if reply_type & _REP_FLAG_ERROR:
-            raise self._option_error(_OPT_STRUCTURED_REPLY, reply_type, payload, "NBD handshake")
+        if reply_type & REP_FLAG_ERROR:
+            raise self._option_error(OPT_STRUCTURED_REPLY, reply_type, payload, "NBD handshake")
         raise self._abort(f"unexpected reply {reply_type} to NBD_OPT_STRUCTURED_REPLY")
 
     def _negotiate_meta_contexts(self, name: bytes, contexts: Sequence[str]) -> None:
         queries = [c.encode() for c in contexts]
-        data = b"".join(
-            [_U32.pack(len(name)), name, _U32.pack(len(queries))] + [_U32.pack(len(q)) + q for q in queries]
-        )
-        self._send_option(_OPT_SET_META_CONTEXT, data)
+        data = b"".join([U32.pack(len(name)), name, U32.pack(len(queries))] + [U32.pack(len(q)) + q for q in queries])
+        self._send_option(OPT_SET_META_CONTEXT, data)
         granted: dict[str, int] = {}
         while True:
-            reply_type, payload = self._recv_option_reply(_OPT_SET_META_CONTEXT)
-            if reply_type == _REP_META_CONTEXT:
+            reply_type, payload = self._recv_option_reply(OPT_SET_META_CONTEXT)
+            if reply_type == REP_META_CONTEXT:
                 if len(payload) < 4:
                     raise self._abort("short NBD_REP_META_CONTEXT reply")
-                (context_id,) = _U32.unpack_from(payload)
+                (context_id,) = U32.unpack_from(payload)
                 granted[_decode(payload[4:])] = context_id
-            elif reply_type == _REP_ACK:
+            elif reply_type == REP_ACK:
                 break
-            elif reply_type == _REP_ERR_UNSUP:
+            elif reply_type == REP_ERR_UNSUP:
                 logger.debug("NBD server does not support meta contexts")
                 granted = {}
                 break
-            elif reply_type & _REP_FLAG_ERROR:
-                raise self._option_error(_OPT_SET_META_CONTEXT, reply_type, payload, f"NBD export {_decode(name)!r}")
+            elif reply_type & REP_FLAG_ERROR:
+                raise self._option_error(OPT_SET_META_CONTEXT, reply_type, payload, f"NBD export {_decode(name)!r}")
             else:
                 raise self._abort(f"unexpected reply {reply_type} to NBD_OPT_SET_META_CONTEXT")
         missing = [c for c in contexts if c not in granted]
@@ -435,34 +374,34 @@ class NBDClient:
         self.meta_contexts = granted
 
     def _negotiate_go(self, name: bytes) -> None:
-        data = _U32.pack(len(name)) + name + _U16.pack(1) + _U16.pack(_INFO_BLOCK_SIZE)
-        self._send_option(_OPT_GO, data)
+        data = U32.pack(len(name)) + name + U16.pack(1) + U16.pack(INFO_BLOCK_SIZE)
+        self._send_option(OPT_GO, data)
         got_export = False
         while True:
-            reply_type, payload = self._recv_option_reply(_OPT_GO)
-            if reply_type == _REP_INFO:
+            reply_type, payload = self._recv_option_reply(OPT_GO)
+            if reply_type == REP_INFO:
                 if len(payload) < 2:
                     raise self._abort("short NBD_REP_INFO reply")
-                (info,) = _U16.unpack_from(payload)
-                if info == _INFO_EXPORT and len(payload) >= 2 + _INFO_EXPORT_S.size:
-                    self.size, tflags = _INFO_EXPORT_S.unpack_from(payload, 2)
+                (info,) = U16.unpack_from(payload)
+                if info == INFO_EXPORT and len(payload) >= 2 + INFO_EXPORT_S.size:
+                    self.size, tflags = INFO_EXPORT_S.unpack_from(payload, 2)
                     self._set_transmission_flags(tflags)
                     got_export = True
-                elif info == _INFO_BLOCK_SIZE and len(payload) >= 2 + _INFO_BLOCK_SIZE_S.size:
-                    lo, pref, hi = _INFO_BLOCK_SIZE_S.unpack_from(payload, 2)
+                elif info == INFO_BLOCK_SIZE and len(payload) >= 2 + INFO_BLOCK_SIZE_S.size:
+                    lo, pref, hi = INFO_BLOCK_SIZE_S.unpack_from(payload, 2)
                     self.min_block_size = max(1, lo)
                     self.preferred_block_size = max(1, pref)
                     self.max_block_size = max(1, min(hi, MAX_BLOCK_SIZE))
-            elif reply_type == _REP_ACK:
+            elif reply_type == REP_ACK:
                 break
-            elif reply_type == _REP_ERR_UNSUP:
+            elif reply_type == REP_ERR_UNSUP:
                 self._export_name_fallback(name)
                 return
-            elif reply_type & _REP_FLAG_ERROR:
+            elif reply_type & REP_FLAG_ERROR:
                 what = f"NBD export {_decode(name)!r}"
-                if reply_type == _REP_ERR_UNKNOWN:
+                if reply_type == REP_ERR_UNKNOWN:
                     what += " does not exist"
-                raise self._option_error(_OPT_GO, reply_type, payload, what)
+                raise self._option_error(OPT_GO, reply_type, payload, what)
             else:
                 raise self._abort(f"unexpected reply {reply_type} to NBD_OPT_GO")
         if not got_export:
@@ -470,37 +409,37 @@ class NBDClient:
 
     def _export_name_fallback(self, name: bytes) -> None:
         """Old servers without NBD_OPT_GO: NBD_OPT_EXPORT_NAME (no error reply possible)."""
-        self._send_option(_OPT_EXPORT_NAME, name)
+        self._send_option(OPT_EXPORT_NAME, name)
         try:
-            head = self._recv(_EXPORT_NAME_REPLY.size)
+            head = self._recv(EXPORT_NAME_REPLY.size)
         except NBDError as exc:
             raise NBDError(f"NBD export {_decode(name)!r} was refused by the server ({exc})") from exc
-        self.size, tflags = _EXPORT_NAME_REPLY.unpack(head)
+        self.size, tflags = EXPORT_NAME_REPLY.unpack(head)
         if not self._no_zeroes:
             self._skip(124)
         self._set_transmission_flags(tflags)
 
     def _set_transmission_flags(self, tflags: int) -> None:
         self.transmission_flags = tflags
-        self.read_only = bool(tflags & _TFLAG_READ_ONLY)
+        self.read_only = bool(tflags & TFLAG_READ_ONLY)
 
     # -- capabilities ----------------------------------------------------------------------------
 
     @property
     def can_flush(self) -> bool:
         """The server accepts NBD_CMD_FLUSH."""
-        return bool(self.transmission_flags & _TFLAG_HAS_FLAGS and self.transmission_flags & _TFLAG_SEND_FLUSH)
+        return bool(self.transmission_flags & TFLAG_HAS_FLAGS and self.transmission_flags & TFLAG_SEND_FLUSH)
 
     @property
     def can_write_zeroes(self) -> bool:
         """The server accepts NBD_CMD_WRITE_ZEROES."""
-        return bool(self.transmission_flags & _TFLAG_HAS_FLAGS and self.transmission_flags & _TFLAG_SEND_WRITE_ZEROES)
+        return bool(self.transmission_flags & TFLAG_HAS_FLAGS and self.transmission_flags & TFLAG_SEND_WRITE_ZEROES)
 
     # -- transmission helpers ---------------------------------------------------------------------
 
     def _request(self, cmd: int, offset: int, length: int, payload: bytes | memoryview | None = None) -> int:
         cookie = next(self._cookies)
-        header = _REQUEST.pack(_REQUEST_MAGIC, 0, cmd, cookie, offset, length)
+        header = REQUEST.pack(REQUEST_MAGIC, 0, cmd, cookie, offset, length)
         if payload is None:
             self._send(header)
         else:
@@ -511,13 +450,13 @@ class NBDClient:
         """Read the first 16 bytes of a reply. Returns (magic, word1, word2): for a simple reply
         word1 is the error; for a structured one word1 is flags and word2 the chunk type."""
         self._recv_into(self._header_view)
-        magic, a, b, got_cookie = _REPLY_PREFIX.unpack(self._header)
-        if magic == _SIMPLE_REPLY_MAGIC:
+        magic, a, b, got_cookie = REPLY_PREFIX.unpack(self._header)
+        if magic == SIMPLE_REPLY_MAGIC:
             error = (a << 16) | b
             if got_cookie != cookie:
                 raise self._abort(f"NBD reply cookie {got_cookie} does not match request {cookie}")
             return magic, error, 0
-        if magic == _STRUCTURED_REPLY_MAGIC:
+        if magic == STRUCTURED_REPLY_MAGIC:
             if not self.structured_replies:
                 raise self._abort("NBD server sent a structured reply that was not negotiated")
             if got_cookie != cookie:
@@ -526,27 +465,27 @@ class NBDClient:
         raise self._abort(f"bad NBD reply magic {magic:#x}")
 
     def _recv_chunk_length(self) -> int:
-        length = int(_U32.unpack(self._recv(4))[0])
+        length = int(U32.unpack(self._recv(4))[0])
         if length > _MAX_CHUNK_PAYLOAD:
             raise self._abort(f"NBD reply chunk of {length} bytes is too large")
         return length
 
     def _parse_error_chunk(self, chunk_type: int, payload: bytes, cmd: int, offset: int, length: int) -> NBDError:
-        if len(payload) < _ERROR_HEAD.size:
+        if len(payload) < ERROR_HEAD.size:
             raise self._abort("short NBD error chunk")
-        code, msg_len = _ERROR_HEAD.unpack_from(payload)
-        message = _decode(payload[_ERROR_HEAD.size : _ERROR_HEAD.size + msg_len]).strip()
+        code, msg_len = ERROR_HEAD.unpack_from(payload)
+        message = _decode(payload[ERROR_HEAD.size : ERROR_HEAD.size + msg_len]).strip()
         where = f"offset {offset} length {length}"
-        if chunk_type == _REPLY_TYPE_ERROR_OFFSET and len(payload) >= _ERROR_HEAD.size + msg_len + 8:
-            (bad,) = _U64.unpack_from(payload, _ERROR_HEAD.size + msg_len)
+        if chunk_type == REPLY_TYPE_ERROR_OFFSET and len(payload) >= ERROR_HEAD.size + msg_len + 8:
+            (bad,) = U64.unpack_from(payload, ERROR_HEAD.size + msg_len)
             where += f" (failed at offset {bad})"
-        text = f"{_CMD_NAMES[cmd]} {where} failed: {_errno_text(code)}"
+        text = f"{CMD_NAMES[cmd]} {where} failed: {_errno_text(code)}"
         if message:
             text += f": {message}"
         return NBDError(text, code=code)
 
     def _server_error(self, cmd: int, offset: int, length: int, code: int) -> NBDError:
-        return NBDError(f"{_CMD_NAMES[cmd]} offset {offset} length {length} failed: {_errno_text(code)}", code=code)
+        return NBDError(f"{CMD_NAMES[cmd]} offset {offset} length {length} failed: {_errno_text(code)}", code=code)
 
     def _simple_command(self, cmd: int, offset: int, length: int, payload: bytes | memoryview | None = None) -> None:
         """A command whose successful reply carries no data (WRITE, WRITE_ZEROES, FLUSH)."""
@@ -554,19 +493,19 @@ class NBDClient:
         error: NBDError | None = None
         while True:
             magic, a, b = self._recv_reply_prefix(cookie)
-            if magic == _SIMPLE_REPLY_MAGIC:
+            if magic == SIMPLE_REPLY_MAGIC:
                 if a:
                     raise self._server_error(cmd, offset, length, a)
                 return
             chunk_len = self._recv_chunk_length()
-            if b & _REPLY_TYPE_ERROR_BIT:
+            if b & REPLY_TYPE_ERROR_BIT:
                 err = self._parse_error_chunk(b, self._recv(chunk_len), cmd, offset, length)
                 error = error or err
-            elif b == _REPLY_TYPE_NONE:
+            elif b == REPLY_TYPE_NONE:
                 self._skip(chunk_len)
             else:
-                raise self._abort(f"unexpected NBD reply chunk type {b} to {_CMD_NAMES[cmd]}")
-            if a & _REPLY_FLAG_DONE:
+                raise self._abort(f"unexpected NBD reply chunk type {b} to {CMD_NAMES[cmd]}")
+            if a & REPLY_FLAG_DONE:
                 break
         if error is not None:
             raise error
@@ -640,16 +579,16 @@ class NBDClient:
         """One NBD_CMD_READ of ``length`` bytes (at most the maximum block size). With a
         ``view`` (of that length) the data lands there and None is returned; without one the
         data is returned as ``bytes``."""
-        cookie = self._request(_CMD_READ, offset, length)
+        cookie = self._request(CMD_READ, offset, length)
         covered = 0
         whole: bytes | None = None  # the fast path: one chunk described the whole request
         buf: bytearray | None = None
         error: NBDError | None = None
         while True:
             magic, a, b = self._recv_reply_prefix(cookie)
-            if magic == _SIMPLE_REPLY_MAGIC:
+            if magic == SIMPLE_REPLY_MAGIC:
                 if a:
-                    raise self._server_error(_CMD_READ, offset, length, a)
+                    raise self._server_error(CMD_READ, offset, length, a)
                 if covered:
                     raise self._abort("NBD server mixed simple and structured replies to NBD_CMD_READ")
                 if view is None:
@@ -658,40 +597,40 @@ class NBDClient:
                 return None
             flags, chunk_type = a, b
             chunk_len = self._recv_chunk_length()
-            if chunk_type in (_REPLY_TYPE_OFFSET_DATA, _REPLY_TYPE_OFFSET_HOLE):
-                if chunk_type == _REPLY_TYPE_OFFSET_DATA:
+            if chunk_type in (REPLY_TYPE_OFFSET_DATA, REPLY_TYPE_OFFSET_HOLE):
+                if chunk_type == REPLY_TYPE_OFFSET_DATA:
                     if chunk_len < 8:
                         raise self._abort("short NBD_REPLY_TYPE_OFFSET_DATA chunk")
-                    chunk_off = int(_U64.unpack(self._recv(8))[0])
+                    chunk_off = int(U64.unpack(self._recv(8))[0])
                     part = chunk_len - 8
                 else:
-                    if chunk_len != _U64_U32.size:
+                    if chunk_len != U64_U32.size:
                         raise self._abort("bad NBD_REPLY_TYPE_OFFSET_HOLE chunk")
-                    chunk_off, part = _U64_U32.unpack(self._recv(_U64_U32.size))
+                    chunk_off, part = U64_U32.unpack(self._recv(U64_U32.size))
                 rel = chunk_off - offset
                 if rel < 0 or rel + part > length or covered + part > length:
                     raise self._abort(
                         f"NBD read reply chunk at {chunk_off}+{part} outside or overlapping request {offset}+{length}"
                     )
                 if view is None and part == length:
-                    whole = self._recv_bytes(part) if chunk_type == _REPLY_TYPE_OFFSET_DATA else bytes(part)
+                    whole = self._recv_bytes(part) if chunk_type == REPLY_TYPE_OFFSET_DATA else bytes(part)
                 else:
                     if view is None:
                         buf = bytearray(length)
                         view = memoryview(buf)
-                    if chunk_type == _REPLY_TYPE_OFFSET_DATA:
+                    if chunk_type == REPLY_TYPE_OFFSET_DATA:
                         self._recv_into(view[rel : rel + part])
                     else:
                         _zero_fill(view[rel : rel + part])
                 covered += part
-            elif chunk_type == _REPLY_TYPE_NONE:
+            elif chunk_type == REPLY_TYPE_NONE:
                 self._skip(chunk_len)
-            elif chunk_type & _REPLY_TYPE_ERROR_BIT:
-                err = self._parse_error_chunk(chunk_type, self._recv(chunk_len), _CMD_READ, offset, length)
+            elif chunk_type & REPLY_TYPE_ERROR_BIT:
+                err = self._parse_error_chunk(chunk_type, self._recv(chunk_len), CMD_READ, offset, length)
                 error = error or err
             else:
                 raise self._abort(f"unexpected NBD reply chunk type {chunk_type} to NBD_CMD_READ")
-            if flags & _REPLY_FLAG_DONE:
+            if flags & REPLY_FLAG_DONE:
                 break
         if error is not None:
             raise error
@@ -717,7 +656,7 @@ class NBDClient:
         pos = 0
         while pos < total:
             n = min(step, total - pos)
-            self._simple_command(_CMD_WRITE, offset + pos, n, view[pos : pos + n])
+            self._simple_command(CMD_WRITE, offset + pos, n, view[pos : pos + n])
             pos += n
 
     def write_zeroes(self, offset: int, length: int) -> None:
@@ -733,13 +672,13 @@ class NBDClient:
         if self.can_write_zeroes:
             while pos < end:
                 n = min(_MAX_ZEROES_REQUEST, end - pos)
-                self._simple_command(_CMD_WRITE_ZEROES, pos, n)
+                self._simple_command(CMD_WRITE_ZEROES, pos, n)
                 pos += n
             return
         zeros = bytes(min(length, _ZERO_FILL_CHUNK, self.max_block_size))
         while pos < end:
             n = min(len(zeros), end - pos)
-            self._simple_command(_CMD_WRITE, pos, n, memoryview(zeros)[:n])
+            self._simple_command(CMD_WRITE, pos, n, memoryview(zeros)[:n])
             pos += n
 
     def flush(self) -> None:
@@ -748,7 +687,7 @@ class NBDClient:
         if not self.can_flush:
             self._live_sock()
             return
-        self._simple_command(_CMD_FLUSH, 0, 0)
+        self._simple_command(CMD_FLUSH, 0, 0)
 
     # -- block status -------------------------------------------------------------------------------
 
@@ -773,7 +712,7 @@ class NBDClient:
         pos = offset
         end = offset + length
         while pos < end:
-            want = min(end - pos, _MAX_STATUS_REQUEST)
+            want = min(end - pos, MAX_STATUS_REQUEST)
             got = self._block_status_once(context_id, pos, want, extents)
             pos += got
         return extents
@@ -781,28 +720,28 @@ class NBDClient:
     def _block_status_once(self, context_id: int, offset: int, length: int, out: list[tuple[int, int, int]]) -> int:
         """One BLOCK_STATUS request; appends extents of ``context_id`` to ``out`` and returns how
         many bytes from ``offset`` they cover (at most ``length``, at least 1)."""
-        cookie = self._request(_CMD_BLOCK_STATUS, offset, length)
+        cookie = self._request(CMD_BLOCK_STATUS, offset, length)
         covered = 0
         seen = False
         error: NBDError | None = None
         while True:
             magic, a, b = self._recv_reply_prefix(cookie)
-            if magic == _SIMPLE_REPLY_MAGIC:
+            if magic == SIMPLE_REPLY_MAGIC:
                 if a:
-                    raise self._server_error(_CMD_BLOCK_STATUS, offset, length, a)
+                    raise self._server_error(CMD_BLOCK_STATUS, offset, length, a)
                 raise self._abort("NBD server sent a simple reply without error to NBD_CMD_BLOCK_STATUS")
             flags, chunk_type = a, b
             chunk_len = self._recv_chunk_length()
             payload = self._recv(chunk_len)
-            if chunk_type == _REPLY_TYPE_BLOCK_STATUS:
-                if chunk_len < 4 or (chunk_len - 4) % _EXTENT.size:
+            if chunk_type == REPLY_TYPE_BLOCK_STATUS:
+                if chunk_len < 4 or (chunk_len - 4) % EXTENT.size:
                     raise self._abort("malformed NBD_REPLY_TYPE_BLOCK_STATUS chunk")
-                (cid,) = _U32.unpack_from(payload)
+                (cid,) = U32.unpack_from(payload)
                 if cid == context_id and not seen:
                     seen = True
                     pos = offset
                     end = offset + length
-                    for ext_len, ext_flags in _EXTENT.iter_unpack(memoryview(payload)[4:]):
+                    for ext_len, ext_flags in EXTENT.iter_unpack(memoryview(payload)[4:]):
                         if pos >= end:
                             break
                         if ext_len == 0:
@@ -811,12 +750,12 @@ class NBDClient:
                         out.append((pos, n, ext_flags))
                         pos += n
                     covered = pos - offset
-            elif chunk_type & _REPLY_TYPE_ERROR_BIT:
-                err = self._parse_error_chunk(chunk_type, payload, _CMD_BLOCK_STATUS, offset, length)
+            elif chunk_type & REPLY_TYPE_ERROR_BIT:
+                err = self._parse_error_chunk(chunk_type, payload, CMD_BLOCK_STATUS, offset, length)
                 error = error or err
-            elif chunk_type != _REPLY_TYPE_NONE:
+            elif chunk_type != REPLY_TYPE_NONE:
                 raise self._abort(f"unexpected NBD reply chunk type {chunk_type} to NBD_CMD_BLOCK_STATUS")
-            if flags & _REPLY_FLAG_DONE:
+            if flags & REPLY_FLAG_DONE:
                 break
         if error is not None:
             raise error
@@ -832,20 +771,20 @@ def probe_unix(path: str, timeout: float = 2.0) -> None:
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
         sock.settimeout(timeout)
         sock.connect(path)
-        greeting = bytearray(_GREETING.size)
+        greeting = bytearray(GREETING.size)
         view = memoryview(greeting)
         while view:
             n = sock.recv_into(view)
             if n == 0:
                 raise NBDError(f"NBD server at {path} closed the connection during the greeting")
             view = view[n:]
-        magic, opt_magic, hflags = _GREETING.unpack(greeting)
-        if magic != _NBDMAGIC or opt_magic != _IHAVEOPT:
+        magic, opt_magic, hflags = GREETING.unpack(greeting)
+        if magic != NBDMAGIC or opt_magic != IHAVEOPT:
             raise NBDError(f"peer at {path} is not a newstyle NBD server")
-        cflags = _FLAG_C_FIXED_NEWSTYLE | (_FLAG_C_NO_ZEROES if hflags & _FLAG_NO_ZEROES else 0)
-        sock.sendall(_U32.pack(cflags) + _OPTION.pack(_IHAVEOPT, _OPT_ABORT, 0))
+        cflags = FLAG_C_FIXED_NEWSTYLE | (FLAG_C_NO_ZEROES if hflags & FLAG_NO_ZEROES else 0)
+        sock.sendall(U32.pack(cflags) + OPTION.pack(IHAVEOPT, OPT_ABORT, 0))
         with contextlib.suppress(OSError):  # the server may acknowledge the abort or hang up
-            sock.recv(_OPTION_REPLY.size)
+            sock.recv(OPTION_REPLY.size)
 
 
 def _zero_fill(view: memoryview) -> None:
