@@ -281,3 +281,22 @@ class Forbidden(BlockvaultError):
 
     code = "FORBIDDEN"
     http_status = 403
+
+
+class NoFilesystem(BlockvaultError):
+    """{what}: {detail}"""
+
+    code = "NO_FILESYSTEM"
+    http_status = 422
+
+
+class FileNotInBackup(NotFound):
+    """no file {path} in {what}"""
+
+
+class FilesTimeout(BlockvaultError):
+    """{what}: {detail}"""
+
+    code = "TIMEOUT"
+    http_status = 503
+    retryable = True

@@ -49,6 +49,13 @@ class Settings(BaseSettings):
     environment: str = "development"
     metrics_public: bool = False  # GET /metrics without an API key (for a scraper on a trusted network)
     log_format: Literal["text", "json"] = "text"  # the worker's log lines
+    # file-level restore (docs/file-restore.md): each listing or read runs in a sandboxed child
+    files_timeout_seconds: float = Field(default=30.0, gt=0)  # a listing, stat or a read's silence
+    files_memory_mb: int = Field(default=1024, ge=128)  # the child's address space
+    files_max_entries: int = Field(default=1_000_000, ge=1)  # a directory with more is refused
+    export_cache_mb: int = Field(default=64, ge=0)  # an NBD export's chunk cache
+    # instant recovery (docs/instant-recovery.md)
+    instant_attach_timeout_seconds: float = Field(default=600.0, ge=0)  # wait for the VM to open its overlay
 
     @property
     def data_path(self) -> Path:
