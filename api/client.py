@@ -12,7 +12,7 @@ Every failure is an :class:`ApiError` carrying the HTTP status and the API's sta
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import httpx
@@ -223,6 +223,59 @@ class Client:
         return str(
             self.action("database-backups", backup_uuid, "syncDatabaseBackupFromImageStoreBackupStorage", params)
         )
+
+    def instant_restore_volume(self, backup_uuid: str, **params: Any) -> str:
+        """instantRestoreVolumeFromVolumeBackup {name, vmInstanceUuid, hostUuid, installPath,
+        backupStorageUuid, attachTimeout}: the job uuid. The new volume (its resourceUuid on the
+        job, its overlay's installPath on the volume) is usable while the job streams."""
+        return str(self.action("volume-backups", backup_uuid, "instantRestoreVolumeFromVolumeBackup", params))
+
+    def instant_restore_vm(self, group_uuid: str, **params: Any) -> str:
+        """instantRestoreVmFromVmBackup {vmInstanceUuid, backupStorageUuid, attachTimeout}."""
+        return str(self.action("vm-backups", group_uuid, "instantRestoreVmFromVmBackup", params))
+
+    # -- files inside a backup -----------------------------------------------------------------------
+    def backup_partitions(self, backup_uuid: str, **params: Any) -> list[dict[str, Any]]:
+        """Where filesystems may be in the backup: partitions, LVM volumes, the whole volume."""
+        found: list[dict[str, Any]] = self.request(
+            "GET", f"/v1/volume-backups/{backup_uuid}/partitions", params=params
+        )[1]["inventories"]
+        return found
+
+    def list_files(
+        self, backup_uuid: str, path: str = "/", *, partition: int | None = None, start: int = 0, limit: int = 1000
+    ) -> dict[str, Any]:
+        """A directory's entries in a backup (``inventories``, ``total``, ``partition``)."""
+        params: dict[str, Any] = {"path": path, "start": start, "limit": limit}
+        if partition is not None:
+            params["partition"] = partition
+        return self.request("GET", f"/v1/volume-backups/{backup_uuid}/files", params=params)[1]
+
+    def read_file(self, backup_uuid: str, path: str, *, partition: int | None = None) -> Iterator[bytes]:
+        """The bytes of a file in a backup, as they come (ApiError before the first piece)."""
+        params: dict[str, Any] = {"path": path}
+        if partition is not None:
+            params["partition"] = partition
+        url = f"/v1/volume-backups/{backup_uuid}/files/content"
+        try:
+            with self.http.stream("GET", url, params=params, timeout=None) as response:
+                if response.status_code >= 400:
+                    response.read()
+                    error = (response.json() if response.content else {}).get("error") or {}
+                    raise ApiError(
+                        response.status_code,
+                        str(error.get("code", "HTTP_ERROR")),
+                        str(error.get("description", response.reason_phrase)),
+                    )
+                expected = int(response.headers.get("Content-Length", -1))
+                got = 0
+                for piece in response.iter_bytes():
+                    got += len(piece)
+                    yield piece
+                if 0 <= expected != got:
+                    raise ApiError(502, "TRUNCATED", f"{path}: got {got} of {expected} bytes")
+        except httpx.HTTPError as exc:
+            raise ApiError(0, "UNREACHABLE", f"cannot read {path} from {self.base_url}: {exc}") from None
 
     def revert_vm(self, group_uuid: str, **params: Any) -> str:
         return str(self.action("vm-backups", group_uuid, "revertVmFromVmBackup", params))

@@ -175,6 +175,7 @@ class JobRunning(BaseModel):
     state: str
     progress: int | None
     jobUuid: str
+    resourceUuid: str | None = None  # what the job works on (an instant restore's new volume, usable meanwhile)
 
 
 ACCEPTED: dict[int | str, dict[str, Any]] = {202: {"model": Accepted, "description": "An API job was started"}}

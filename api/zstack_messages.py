@@ -146,6 +146,7 @@ class Message:
     extras: tuple[str, ...] = ()
     reply_class: str | None = None
     session: bool = True  # needs a session (all but LogInByAccount and LogOut)
+    extension: bool = False  # blockvault's own message, named as ZStack would (not in zstack-messages.tsv)
     model: type[BaseModel] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -168,6 +169,7 @@ class Message:
 
 
 PARAM_TYPES: dict[str, Any] = {
+    "attachTimeout": float,
     "conditions": list[dict[str, Any]],
     "fields": list[str] | str,
     "limit": int,
@@ -298,6 +300,39 @@ MESSAGE_LIST: tuple[Message, ...] = (
             "format",
         ),
         extras=("hostUuid", "installPath", "format"),
+    ),
+    _m(
+        "InstantRestoreVolumeFromVolumeBackup",
+        VB,
+        "async",
+        ("*uuid", "name", "description", "vmInstanceUuid", "backupStorageUuid", "attachTimeout"),
+        action(
+            "/volume-backups/{uuid}",
+            "instantRestoreVolumeFromVolumeBackup",
+            "name",
+            "description",
+            "vmInstanceUuid",
+            "backupStorageUuid",
+            "attachTimeout",
+            "hostUuid",
+            "installPath",
+        ),
+        extras=("hostUuid", "installPath"),
+        extension=True,
+    ),
+    _m(
+        "InstantRestoreVmFromVmBackup",
+        VB,
+        "async",
+        ("*groupUuid", "vmInstanceUuid", "backupStorageUuid", "attachTimeout"),
+        action(
+            "/vm-backups/{groupUuid}",
+            "instantRestoreVmFromVmBackup",
+            "vmInstanceUuid",
+            "backupStorageUuid",
+            "attachTimeout",
+        ),
+        extension=True,
     ),
     _m(
         "SyncBackupFromImageStoreBackupStorage",

@@ -229,10 +229,11 @@ def fail_job(session: Session, job: ApiJob, *, code: str, description: str, deta
             for ref in row.backupStorageRefs:
                 if ref.status == "Creating":
                     ref.status = "Failed"
-    if job.resourceType == Volume.resource_type and job.resourceUuid:
+    made = params.get("volumeUuids") or ([job.resourceUuid] if job.resourceType == Volume.resource_type else [])
+    for volume_uuid in made:
         # a volume being created (from a backup) that will never be whole: no row is left that
         # could be backed up, reverted or used, whatever the file at its path is
-        volume = session.get(Volume, job.resourceUuid)
+        volume = session.get(Volume, volume_uuid) if volume_uuid else None
         if volume is not None and volume.status == "Creating":
             session.delete(volume)
     target = params.get("dstBackupStorageUuid")

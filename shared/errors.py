@@ -300,3 +300,10 @@ class FilesTimeout(BlockvaultError):
     code = "TIMEOUT"
     http_status = 503
     retryable = True
+
+
+class StreamFailed(BlockvaultError):
+    """instant restore of {what}: {detail}"""
+
+    code = "STREAM_FAILED"
+    http_status = 500

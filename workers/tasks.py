@@ -25,7 +25,7 @@ from shared.celery_app import celery_app
 from shared.config import get_settings
 from shared.errors import BlockvaultError, CatalogUnavailable
 from shared.logcontext import install, job_context
-from shared.service import copies, database_backups, deletion, recovery, scan, scheduled_runs, volume_backups
+from shared.service import copies, database_backups, deletion, instant, recovery, scan, scheduled_runs, volume_backups
 
 log = logging.getLogger(__name__)
 app = celery_app()
@@ -125,6 +125,7 @@ def job_task(name: str) -> Callable[[Runner], Task]:
 volume_backup = job_task(tasks.VOLUME_BACKUP)(volume_backups.run_volume_backups)
 volume_revert = job_task(tasks.VOLUME_REVERT)(recovery.run_revert)
 volume_create_from_backup = job_task(tasks.VOLUME_CREATE)(recovery.run_create_volume)
+instant_restore = job_task(tasks.INSTANT_RESTORE)(instant.run_instant)
 storage_verify = job_task(tasks.STORAGE_VERIFY)(recovery.run_verify)
 storage_delete = job_task(tasks.STORAGE_DELETE)(deletion.run_delete)
 scheduler_run = job_task(tasks.SCHEDULER_RUN)(scheduled_runs.run_scheduled)

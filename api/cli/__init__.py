@@ -64,6 +64,7 @@ class MainGroup(Group):
         "volume": "api.cli.resources:volume",
         "backup-storage": "api.cli.resources:storage",
         "volume-backup": "api.cli.resources:volume_backup",
+        "backup": "api.cli.files:backup",
         "database-backup": "api.cli.resources:database_backup",
         "job": "api.cli.resources:job",
         "job-group": "api.cli.resources:job_group",

@@ -365,6 +365,17 @@ _async_action(
     lambda c, u, p: c.create_volume_from_backup(u, **p),
     "Create a new data volume from the backup (-p name=... -p hostUuid=... -p installPath=...).",
 )
+_async_action(
+    "instant-restore",
+    lambda c, u, p: c.instant_restore_volume(u, **p),
+    "Run a new qcow2 volume from the backup at once, the rest streamed in behind it "
+    "(-p name=... -p vmInstanceUuid=... -p attachTimeout=SECONDS).",
+)
+_async_action(
+    "instant-restore-vm",
+    lambda c, u, p: c.instant_restore_vm(u, **p),
+    "Run a VM from its VM backup (the argument: its groupUuid) at once (-p vmInstanceUuid=...).",
+)
 _async_action("verify", lambda c, u, p: c.verify_backup(u, **p), "Verify the backup on storage (-p readData=true).")
 _async_action(
     "sync",

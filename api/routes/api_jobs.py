@@ -34,7 +34,12 @@ def job_answer(session: Session, job: ApiJob) -> tuple[int, dict[str, Any]]:
         hosts.reap(session)  # a job on a host whose worker is gone fails now, not never
         session.refresh(job)
     if job.state in ("Pending", "Running"):
-        return 202, {"state": "Running", "progress": job.progress, "jobUuid": job.uuid}
+        return 202, {
+            "state": "Running",
+            "progress": job.progress,
+            "jobUuid": job.uuid,
+            "resourceUuid": job.resourceUuid,
+        }
     if job.state == "Succeeded":
         return 200, {"inventory": job.result or {}, "success": True}
     error = job.error or {"code": "INTERNAL_ERROR", "description": "failed", "details": ""}

@@ -14,15 +14,16 @@ from api.deps import CurrentCaller, DbSession, get_caller
 from api.envelopes import ACCEPTED, Accepted, accepted, check_named_storages, check_uuid, delete_targets, parse_action
 from api.schemas import query_answer
 from shared import access
-from shared.catalog.models import VolumeBackup
+from shared.catalog.models import VmInstance, VolumeBackup
 from shared.inventory import inventories
-from shared.service import copies, deletion, recovery, rows
+from shared.service import copies, deletion, instant, recovery, rows
 
 router = APIRouter(dependencies=[Depends(get_caller)])
 ACTIONS = (
     "revertVmFromVmBackup",
     "syncVmBackupFromImageStoreBackupStorage",
     "recoverVmBackupFromImageStoreBackupStorage",
+    "instantRestoreVmFromVmBackup",
 )
 
 
@@ -49,6 +50,12 @@ def vm_backup_action(
     check_named_storages(session, caller, params)
     if name in copies.SYNC_ACTIONS:
         return accepted(request, copies.request_sync(session, name, found, params, caller.account_uuid))
+    if name == "instantRestoreVmFromVmBackup":
+        if params.get("vmInstanceUuid") and not caller.admin:
+            access.visible(
+                session, caller, VmInstance, check_uuid(str(params["vmInstanceUuid"]), "vmInstanceUuid"), "VM"
+            )
+        return accepted(request, instant.request_instant_vm(session, group, params, caller.account_uuid))
     return accepted(request, recovery.request_vm_revert(session, group, params, caller.account_uuid))
 
 

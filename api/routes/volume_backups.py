@@ -26,7 +26,7 @@ from api.schemas import one_answer
 from shared import access
 from shared.catalog.models import VmInstance, VolumeBackup
 from shared.errors import Forbidden
-from shared.service import copies, deletion, recovery
+from shared.service import copies, deletion, instant, recovery
 
 router = APIRouter(dependencies=[Depends(get_caller)])
 ACTIONS = (
@@ -37,11 +37,13 @@ ACTIONS = (
     "updateVolumeBackup",
     "syncBackupFromImageStoreBackupStorage",
     "recoverBackupFromImageStoreBackupStorage",
+    "instantRestoreVolumeFromVolumeBackup",
 )
 JOBS = {
     "revertVolumeFromVolumeBackup": recovery.request_revert,
     "createDataVolumeFromVolumeBackup": recovery.request_create_volume,
     "verifyVolumeBackup": recovery.request_verify,
+    "instantRestoreVolumeFromVolumeBackup": instant.request_instant_volume,
 }
 
 
@@ -62,7 +64,7 @@ def volume_backup_action(
     name, params = parse_action(body, ACTIONS)
     backup = access.visible(session, caller, VolumeBackup, check_uuid(uuid, "uuid"), "volume backup")
     check_named_storages(session, caller, params)
-    if name == "createDataVolumeFromVolumeBackup":
+    if name in ("createDataVolumeFromVolumeBackup", "instantRestoreVolumeFromVolumeBackup"):
         check_placement(caller, params)
     if params.get("vmInstanceUuid") and not caller.admin:
         access.visible(session, caller, VmInstance, check_uuid(str(params["vmInstanceUuid"]), "vmInstanceUuid"), "VM")

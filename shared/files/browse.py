@@ -206,7 +206,7 @@ class Browser:
         except BaseException:
             self._kill(child)
             raise
-        entry = answer["entry"]
+        entry = {**answer["entry"], "partition": answer["partition"], "filesystem": answer["filesystem"]}
         return entry, self._stream(child, int(entry["size"]))
 
     def _stream(self, child: subprocess.Popen[bytes], size: int) -> Iterator[bytes]:

@@ -79,9 +79,14 @@ def main() -> int:
         if request["op"] == "stat":
             answer({**head, "entry": fs.stat(path).to_json(path)})
         elif request["op"] == "list":
-            entries, total = fs.listdir(path, int(request["start"]), int(request["limit"]))
-            if total > int(request["maxEntries"]):
-                raise FilesError("toobig", path, f"{total} entries, more than the {request['maxEntries']} allowed")
+            try:
+                entries, total = fs.listdir(
+                    path, int(request["start"]), int(request["limit"]), int(request["maxEntries"])
+                )
+            except FilesError as exc:  # a file (or a link to one): listed as itself, as ls does
+                if exc.kind != "notdir" or exc.path != path:
+                    raise
+                entries, total = [(path, fs.stat(path))], 1
             answer({**head, "entries": [e.to_json(p) for p, e in entries], "total": total})
         elif request["op"] == "read":
             entry, node = fs.open(path)

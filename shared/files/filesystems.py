@@ -254,7 +254,7 @@ class Filesystem:
                 continue
             directory = stack[-1][1]
             if self.reader.entry(stack[-1][0], directory).type != "directory":
-                raise FilesError("notdir", path, f"{stack[-1][0]} is not a directory")
+                raise FilesError("missing", path, f"{stack[-1][0]} is not a directory")
             node = self.reader.child(directory, name)
             if node is None:
                 raise FilesError("missing", path, "no such file or directory")
@@ -278,13 +278,20 @@ class Filesystem:
     def _root_entry(self) -> Entry:
         return self.reader.entry("/", self.reader.root())
 
-    def listdir(self, path: str, start: int, limit: int) -> tuple[list[tuple[str, Entry]], int]:
+    def listdir(
+        self, path: str, start: int, limit: int, max_entries: int = 1_000_000
+    ) -> tuple[list[tuple[str, Entry]], int]:
         """One page of the directory at ``path`` (links to directories followed), sorted by
         name, and how many entries it has."""
         _name, node = self._walk(path, follow_last=True)
         if self.reader.entry(_name, node).type != "directory":
             raise FilesError("notdir", path, "not a directory")
-        names = sorted(self.reader.children(node), key=lambda item: item[0])
+        names = []
+        for item in self.reader.children(node):
+            names.append(item)
+            if len(names) > max_entries:
+                raise FilesError("toobig", path, f"more than {max_entries} entries")
+        names.sort(key=lambda item: item[0])
         page = names[start : start + limit]
         base = path.rstrip("/")
         return [(f"{base}/{name}", self.reader.entry(name, child)) for name, child in page], len(names)

@@ -28,13 +28,17 @@ __all__ = [
     "QCOW2_MAGIC",
     "QemuError",
     "QemuNbdServer",
+    "QemuStorageDaemon",
+    "backing_of",
     "bitmap_add",
     "bitmap_clear",
     "bitmap_remove",
+    "create_overlay",
     "create_qcow2",
     "detect_format",
     "image_info",
     "list_bitmaps",
+    "nbd_uri",
     "virtual_size",
 ]
 
@@ -326,6 +330,95 @@ class QemuNbdServer:
                 if proc.poll() is None:  # interrupted while waiting: never leave it behind
                     proc.kill()
                     proc.wait()
+        if self._tmpdir is not None:
+            shutil.rmtree(self._tmpdir, ignore_errors=True)
+            self._tmpdir = None
+
+
+def nbd_uri(socket_path: str, export: str = "") -> str:
+    """The URI qemu opens an NBD export on a UNIX socket by."""
+    return f"nbd+unix:///{export}?socket={socket_path}"
+
+
+def create_overlay(path: str, backing: str, size: int) -> None:
+    """A new qcow2 image at ``path`` of ``size`` bytes whose backing is the raw image
+    ``backing`` (a file or an NBD URI), which is not opened (``-u``)."""
+    args = ["create", "-q", "-f", "qcow2", "-F", "raw", "-b", backing, "-u", os.path.abspath(path), str(size)]
+    _run_qemu_img(path, "qemu-img create (overlay)", args)
+
+
+def backing_of(path: str) -> str | None:
+    """The backing file a qcow2 image's header names (None when it stands alone)."""
+    backing = image_info(path).get("backing-filename")
+    return str(backing) if backing else None
+
+
+class QemuStorageDaemon:
+    """``qemu-storage-daemon`` holding one qcow2 image (and its backing chain) open, with a QMP
+    monitor on a private socket, for a ``with`` block: block jobs on an image no VM runs from.
+
+    The image's node is ``node`` (its format node; ``<node>-file`` below it). The daemon locks
+    the image as QEMU does, so a VM cannot start on it meanwhile. Stopped with ``quit``, then
+    SIGTERM/SIGKILL; it also dies with the thread that started it (see ``_die_with_parent``)."""
+
+    def __init__(self, path: str, node: str = "vol0") -> None:
+        self.path = os.path.abspath(path)
+        self.node = node
+        self.qmp_socket = ""
+        self._tmpdir: str | None = None
+        self._proc: subprocess.Popen[bytes] | None = None
+
+    def __enter__(self) -> QemuStorageDaemon:
+        self._tmpdir = tempfile.mkdtemp(prefix="blockvault-qsd-")
+        self.qmp_socket = os.path.join(self._tmpdir, "qmp.sock")
+        log_path = os.path.join(self._tmpdir, "qsd.log")
+        cmd = [
+            "qemu-storage-daemon",
+            "--blockdev",
+            f"driver=file,filename={self.path},node-name={self.node}-file",
+            "--blockdev",
+            f"driver=qcow2,file={self.node}-file,node-name={self.node}",
+            "--chardev",
+            f"socket,id=m0,path={self.qmp_socket},server=on,wait=off",
+            "--monitor",
+            "chardev=m0",
+        ]
+        try:
+            with open(log_path, "wb") as log:
+                self._proc = subprocess.Popen(
+                    _die_with_parent(cmd), stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT
+                )
+            deadline = time.monotonic() + _START_TIMEOUT
+            while not os.path.exists(self.qmp_socket):
+                if self._proc.poll() is not None or time.monotonic() > deadline:
+                    with open(log_path, encoding="utf-8", errors="replace") as handle:
+                        said = handle.read()
+                    raise QemuError(
+                        f"{self.path}: qemu-storage-daemon did not start: {_first_line(said, self._proc.poll())}",
+                        path=self.path,
+                        stderr=said,
+                    )
+                time.sleep(0.02)
+        except OSError as exc:
+            self._stop()
+            raise QemuError(f"{self.path}: cannot start qemu-storage-daemon: {exc}", path=self.path) from exc
+        except BaseException:
+            self._stop()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop()
+
+    def _stop(self) -> None:
+        proc, self._proc = self._proc, None
+        if proc is not None and proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)  # qemu-storage-daemon flushes and exits on SIGTERM
+            try:
+                proc.wait(timeout=_STOP_TIMEOUT_WRITABLE)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
         if self._tmpdir is not None:
             shutil.rmtree(self._tmpdir, ignore_errors=True)
             self._tmpdir = None
