@@ -177,7 +177,9 @@ def test_a_damaged_chunk_is_an_error_for_the_reader_never_wrong_bytes(tmp_path: 
             assert client.read(0, CHUNK) == source.read_bytes()[:CHUNK]
 
 
-def test_a_storage_server_backup_served_over_nbd(start_storage_server: Callable[..., StorageServer], tmp_path: Path) -> None:
+def test_a_storage_server_backup_served_over_nbd(
+    start_storage_server: Callable[..., StorageServer], tmp_path: Path
+) -> None:
     server = start_storage_server(tmp_path / "root")
     repo = Repository.init(server.backend("repo"), chunk_size=CHUNK)
     check_read_back(repo, volume(tmp_path / "vol.raw"), tmp_path)
