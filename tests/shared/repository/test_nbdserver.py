@@ -23,7 +23,7 @@ from shared.repository.nbd import STATE_HOLE, STATE_ZERO, NBDClient, NBDError
 from shared.repository.nbdserver import NBDServer, export_backup
 from shared.repository.qemu import nbd_uri
 from shared.repository.repo import Repository, chunk_key
-from tests.conftest import MiB, Cli
+from tests.conftest import Cli, MiB
 from tests.s3_fixtures import S3Server
 from tests.storage_server_fixtures import StorageServer
 
@@ -103,7 +103,7 @@ def test_our_client_reads_block_status_and_is_refused_writes(tmp_path: Path) -> 
         assert any(flags & STATE_HOLE for _, _, flags in status)
         with pytest.raises(NBDError):
             client.write(0, b"x" * 512)
-        with pytest.raises(NBDError, match="EINVAL|outside"):
+        with pytest.raises(NBDError, match=r"EINVAL|outside"):
             client._read_chunk(len(data) - 10, 20, None)  # past the end: refused, the connection lives
         assert client.read(0, 16) == data[:16]
     with export_backup(repo, backup_id, sock), pytest.raises(NBDError, match="does not exist"):
@@ -205,7 +205,7 @@ def test_a_storage_that_goes_away_fails_reads_and_they_work_again_when_it_is_bac
     with export_backup(repo, backup_id, sock, cache_bytes=0), NBDClient.connect_unix(sock) as client:
         assert client.read(0, CHUNK) == data[:CHUNK]
         server.kill()
-        with pytest.raises(NBDError, match="EIO|Input/output"):
+        with pytest.raises(NBDError, match=r"EIO|Input/output"):
             client.read(CHUNK, CHUNK)
         server.start()
         assert client.read(CHUNK, CHUNK) == data[CHUNK : 2 * CHUNK]
