@@ -170,6 +170,7 @@ class Message:
 
 PARAM_TYPES: dict[str, Any] = {
     "attachTimeout": float,
+    "bandwidthLimit": int,
     "conditions": list[dict[str, Any]],
     "fields": list[str] | str,
     "limit": int,
@@ -305,7 +306,7 @@ MESSAGE_LIST: tuple[Message, ...] = (
         "InstantRestoreVolumeFromVolumeBackup",
         VB,
         "async",
-        ("*uuid", "name", "description", "vmInstanceUuid", "backupStorageUuid", "attachTimeout"),
+        ("*uuid", "name", "description", "vmInstanceUuid", "backupStorageUuid", "attachTimeout", "bandwidthLimit"),
         action(
             "/volume-backups/{uuid}",
             "instantRestoreVolumeFromVolumeBackup",
@@ -314,6 +315,7 @@ MESSAGE_LIST: tuple[Message, ...] = (
             "vmInstanceUuid",
             "backupStorageUuid",
             "attachTimeout",
+            "bandwidthLimit",
             "hostUuid",
             "installPath",
         ),

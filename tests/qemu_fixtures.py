@@ -270,6 +270,16 @@ class QemuVm:
         if f"wrote {length}/{length} bytes at offset {offset}" not in text:
             raise QemuError(f"qemu-io write on drive{index} failed: {text.strip()}")
 
+    def reads(self, index: int, offset: int, length: int, pattern: int) -> bool:
+        """Guest read: whether ``length`` bytes at ``offset`` of disk ``index`` are all ``pattern``
+        (qemu-io ``read -P``); QemuError when the read itself fails."""
+        text = self._qemu_io(index, f"read -P {pattern} {offset} {length}")
+        if "Pattern verification failed" in text:
+            return False
+        if f"read {length}/{length} bytes at offset {offset}" in text:
+            return True
+        raise QemuError(f"qemu-io read on drive{index} failed: {text.strip()}")
+
     def discard(self, index: int, offset: int, length: int) -> None:
         """Guest discard. qcow2 drops whole clusters only (64 KiB by default): the parts of
         the range that do not cover a whole cluster keep their data. Use aligned ranges."""

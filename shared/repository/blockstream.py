@@ -29,11 +29,15 @@ def stream(
     *,
     progress: Callable[[int, int], None] | None = None,
     poll: float = POLL_SECONDS,
+    speed: int = 0,
 ) -> None:
     """Run ``block-stream`` on block node ``node`` until it has concluded; StreamFailed with
     QEMU's reason when it ends in error or is cancelled (the overlay then still has its
-    backing, and every byte the guest wrote)."""
-    monitor.cmd("block-stream", **{"job-id": job_id, "device": node, "auto-dismiss": False})
+    backing, and every byte the guest wrote). ``speed``: at most that many bytes/s (0: no limit)."""
+    args: dict[str, object] = {"job-id": job_id, "device": node, "auto-dismiss": False}
+    if speed:
+        args["speed"] = speed
+    monitor.cmd("block-stream", **args)
     log.info("stream.started what=%s node=%s job=%s", what, node, job_id)
     try:
         while True:

@@ -73,6 +73,13 @@ def _attach_timeout(params: dict[str, Any]) -> float:
     return float(value)
 
 
+def _bandwidth(params: dict[str, Any]) -> int:
+    value = params.get("bandwidthLimit") or 0
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise InvalidArgument(detail="bandwidthLimit is a number of bytes per second (0: no limit)")
+    return value
+
+
 def _new_volume(session: Session, backup: VolumeBackup, host: Host, near: str | None, **fields: Any) -> Volume:
     volume_uuid = new_uuid()
     path = fields.pop("installPath", None) or hostpaths.new_volume_path(
@@ -141,6 +148,7 @@ def request_instant_volume(session: Session, uuid: str, params: dict[str, Any], 
             "backupStorageUuid": ref.backupStorageUuid,
             "vmInstanceUuid": vm.uuid if vm else None,
             "attachTimeout": attach,
+            "bandwidthLimit": _bandwidth(params),
         },
         resource_uuid=volume.uuid,
         resource_type=Volume.resource_type,
@@ -198,6 +206,7 @@ def request_instant_vm(session: Session, group_uuid: str, params: dict[str, Any]
             "backupStorageUuid": storages.pop(),
             "vmInstanceUuid": vm.uuid,
             "attachTimeout": attach,
+            "bandwidthLimit": _bandwidth(params),
         },
         resource_uuid=vm.uuid,
         resource_type=VmInstance.resource_type,
@@ -287,7 +296,8 @@ def run_instant(session: Session, job: ApiJob) -> dict[str, Any]:
             _publish(session, volumes, vm, job)
             streaming = True
             log.info("instant.ready job=%s volumes=%s seconds=%.3f", job.uuid, len(volumes), time.monotonic() - started)
-            result = _stream_all(session, job, vm, volumes, targets, float(params.get("attachTimeout") or 0))
+            attach, speed = float(params.get("attachTimeout") or 0), int(params.get("bandwidthLimit") or 0)
+            result = _stream_all(session, job, vm, volumes, targets, attach, speed)
         except BaseException as exc:
             if not streaming:
                 for path in made:  # nothing ran from them: no file is left behind
@@ -337,7 +347,13 @@ def _publish(session: Session, volumes: list[Volume], vm: VmInstance | None, job
 
 
 def _stream_all(
-    session: Session, job: ApiJob, vm: VmInstance | None, volumes: list[Volume], targets: list[Path], attach: float
+    session: Session,
+    job: ApiJob,
+    vm: VmInstance | None,
+    volumes: list[Volume],
+    targets: list[Path],
+    attach: float,
+    speed: int,
 ) -> dict[str, Any]:
     report = progress_reporter(job.uuid)
     total = sum(v.size for v in volumes) or 1
@@ -357,13 +373,14 @@ def _stream_all(
             socket, nodes = running
             try:
                 with Monitor(socket) as monitor:
-                    stream(monitor, nodes[index], job_id, what, progress=scaled)
+                    stream(monitor, nodes[index], job_id, what, progress=scaled, speed=speed)
             except (StreamFailed, MonitorError) as exc:
                 _pause(socket, vm)
-                raise StreamFailed(what=what, detail=f"{exc}; the VM is paused, its writes kept") from None
+                reason = exc.fields.get("detail", str(exc))
+                raise StreamFailed(what=what, detail=f"{reason}; the VM is paused, its writes kept") from None
         else:
             with QemuStorageDaemon(str(target)) as daemon, Monitor(daemon.qmp_socket) as monitor:
-                stream(monitor, daemon.node, job_id, what, progress=scaled)
+                stream(monitor, daemon.node, job_id, what, progress=scaled, speed=speed)
         done_before += volume.size
     return {"mode": mode, "streamSeconds": round(time.monotonic() - started, 3)}
 
