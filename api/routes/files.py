@@ -22,13 +22,13 @@ from shared.service import files
 router = APIRouter(dependencies=[Depends(get_caller)])
 
 
-def _browser(session: DbSession, caller: CurrentCaller, uuid: str, storage: str | None) -> Browser:
+def _browser(
+    session: DbSession, caller: CurrentCaller, uuid: str, storage: str | None
+) -> contextlib.AbstractContextManager[Browser]:
     access.visible(session, caller, VolumeBackup, check_uuid(uuid, "uuid"), "volume backup")
     if storage is not None:
         check_uuid(storage, "backupStorageUuid")
-    found = files.browser(session, uuid, storage)
-    session.commit()  # nothing is written; the catalog connection is not held while reading
-    return found
+    return files.opened(session, uuid, storage)
 
 
 @router.get("/volume-backups/{uuid}/partitions")
@@ -72,7 +72,7 @@ def backup_file_content(
     uuid: str,
     session: DbSession,
     caller: CurrentCaller,
-    path: str,
+    path: str = "/",
     partition: int | None = None,
     backupStorageUuid: str | None = None,
 ) -> StreamingResponse:

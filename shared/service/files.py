@@ -4,10 +4,14 @@ inside it; the API checks the caller may see the backup."""
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 from sqlalchemy.orm import Session
 
 from shared.catalog.models import BackupStorage
 from shared.config import get_settings
+from shared.errors import BackupNotFound, Conflict
 from shared.files.browse import Browser, Limits
 from shared.service.rows import get, manifest_id, ready_backup, ready_ref
 from shared.storage import open_repository
@@ -30,3 +34,19 @@ def browser(session: Session, backup_uuid: str, storage_uuid: str | None = None)
     ref = ready_ref(backup, storage_uuid, session)
     storage: BackupStorage = get(session, BackupStorage, ref.backupStorageUuid, "backup storage")
     return Browser(open_repository(storage), manifest_id(ref), f"volume backup {backup_uuid}", limits())
+
+
+@contextlib.contextmanager
+def opened(session: Session, backup_uuid: str, storage_uuid: str | None = None) -> Iterator[Browser]:
+    """:func:`browser`, entered; a copy the catalog calls Ready that its storage does not hold
+    is a Conflict (scan or verify the storage), not a missing backup."""
+    found = browser(session, backup_uuid, storage_uuid)
+    session.commit()  # nothing is written; the catalog connection is not held while reading
+    try:
+        entered = found.__enter__()
+    except BackupNotFound as exc:
+        raise Conflict(detail=f"volume backup {backup_uuid}: its copy is missing from its storage ({exc})") from None
+    try:
+        yield entered
+    finally:
+        found.__exit__(None, None, None)
