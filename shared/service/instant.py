@@ -122,7 +122,7 @@ def request_instant_volume(session: Session, uuid: str, params: dict[str, Any], 
             raise InvalidArgument(detail="an instant restore's volume is a qcow2 overlay: its path ends in .qcow2")
         fields["installPath"] = path
     ref = ready_ref(backup, params.get("backupStorageUuid"), session)
-    attach = _attach_timeout(params)
+    job_params = {"attachTimeout": _attach_timeout(params), "bandwidthLimit": _bandwidth(params)}
     connected_host(session, host.uuid)
     near = source.installPath if source is not None and source.hostUuid == host.uuid else None
     volume = _new_volume(
@@ -137,21 +137,39 @@ def request_instant_volume(session: Session, uuid: str, params: dict[str, Any], 
         type=backup.type if vm is not None else "Data",
         **fields,
     )
+    resource = (volume.uuid, Volume.resource_type)
+    return _enqueue(
+        session, VOLUME_ACTION, [backup], [volume], ref.backupStorageUuid, vm, host, job_params, resource, account
+    )
+
+
+def _enqueue(
+    session: Session,
+    action: str,
+    backups: list[VolumeBackup],
+    volumes: list[Volume],
+    storage_uuid: str,
+    vm: VmInstance | None,
+    host: Host,
+    params: dict[str, Any],
+    resource: tuple[str, str],
+    account: str | None,
+) -> ApiJob:
+    """The instant restore's API job, on the host's queue."""
     return enqueue(
         session,
-        VOLUME_ACTION,
+        action,
         task=tasks.INSTANT_RESTORE,
         queue=host_queue(host.uuid),
         params={
-            "backupUuids": [uuid],
-            "volumeUuids": [volume.uuid],
-            "backupStorageUuid": ref.backupStorageUuid,
+            "backupUuids": [b.uuid for b in backups],
+            "volumeUuids": [v.uuid for v in volumes],
+            "backupStorageUuid": storage_uuid,
             "vmInstanceUuid": vm.uuid if vm else None,
-            "attachTimeout": attach,
-            "bandwidthLimit": _bandwidth(params),
+            **params,
         },
-        resource_uuid=volume.uuid,
-        resource_type=Volume.resource_type,
+        resource_uuid=resource[0],
+        resource_type=resource[1],
         host_uuid=host.uuid,
         account_uuid=account,
     )
@@ -180,7 +198,7 @@ def request_instant_vm(session: Session, group_uuid: str, params: dict[str, Any]
     if not host_uuid:
         raise InvalidArgument(detail=f"VM {vm.uuid} has no host")
     host: Host = get(session, Host, host_uuid, "host")
-    attach = _attach_timeout(params)
+    job_params = {"attachTimeout": _attach_timeout(params), "bandwidthLimit": _bandwidth(params)}
     connected_host(session, host.uuid)
     volumes = [
         _new_volume(
@@ -195,24 +213,8 @@ def request_instant_vm(session: Session, group_uuid: str, params: dict[str, Any]
         )
         for backup, source in zip(backups, sources, strict=True)
     ]
-    return enqueue(
-        session,
-        VM_ACTION,
-        task=tasks.INSTANT_RESTORE,
-        queue=host_queue(host.uuid),
-        params={
-            "backupUuids": [b.uuid for b in backups],
-            "volumeUuids": [v.uuid for v in volumes],
-            "backupStorageUuid": storages.pop(),
-            "vmInstanceUuid": vm.uuid,
-            "attachTimeout": attach,
-            "bandwidthLimit": _bandwidth(params),
-        },
-        resource_uuid=vm.uuid,
-        resource_type=VmInstance.resource_type,
-        host_uuid=host.uuid,
-        account_uuid=account,
-    )
+    resource = (vm.uuid, VmInstance.resource_type)
+    return _enqueue(session, VM_ACTION, backups, volumes, storages.pop(), vm, host, job_params, resource, account)
 
 
 # -- the worker side -------------------------------------------------------------------------------
