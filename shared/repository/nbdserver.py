@@ -20,13 +20,14 @@ import contextlib
 import logging
 import os
 import socket
+import stat
 import struct
 import threading
 import time
 from collections.abc import Iterator
 from typing import Protocol
 
-from shared.errors import BlockvaultError
+from shared.errors import BlockvaultError, UsageError
 
 from .blockview import DEFAULT_CACHE_BYTES, BackupView
 from .locks import repository_lock
@@ -153,14 +154,14 @@ class NBDServer:
         listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             with contextlib.suppress(FileNotFoundError):
-                if os.path.exists(self.socket_path) and not os.path.isdir(self.socket_path):
-                    os.unlink(self.socket_path)  # a socket left by a killed server
+                if stat.S_ISSOCK(os.lstat(self.socket_path).st_mode):
+                    os.unlink(self.socket_path)  # a socket left by a killed server (nothing else)
             listener.bind(self.socket_path)
             os.chmod(self.socket_path, self.mode)
             listener.listen(16)
-        except OSError:
+        except OSError as exc:
             listener.close()
-            raise
+            raise UsageError(detail=f"cannot serve NBD on {self.socket_path}: {exc.strerror or exc}") from None
         self._listener = listener
         self._accepter = threading.Thread(target=self._accept, name="nbd-accept", daemon=True)
         self._accepter.start()

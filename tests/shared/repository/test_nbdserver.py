@@ -229,3 +229,8 @@ def test_repo_serve_nbd_serves_until_terminated(cli: Cli, tmp_path: Path) -> Non
     assert not os.path.exists(sock)
     bad = cli.run("repo", "serve-nbd", repo_path, "ffffffffff", "--socket", sock)
     assert bad.returncode == 2 and "no backup" in bad.stderr
+    occupied = tmp_path / "a-file"
+    occupied.write_text("mine")
+    refused = cli.run("repo", "serve-nbd", repo_path, backup["id"], "--socket", str(occupied))
+    assert refused.returncode == 2 and "cannot serve NBD" in refused.stderr
+    assert occupied.read_text() == "mine"  # never removed to make room
