@@ -236,6 +236,8 @@ def fail_job(session: Session, job: ApiJob, *, code: str, description: str, deta
         volume = session.get(Volume, volume_uuid) if volume_uuid else None
         if volume is not None and volume.status == "Creating":
             session.delete(volume)
+        elif volume is not None and volume.status == "Streaming":
+            volume.status = "Failed"  # an instant restore's overlay: it keeps the guest's writes
     target = params.get("dstBackupStorageUuid")
     if target and params.get("backupUuids"):  # a copy that died: its half-made refs are Failed
         for uuid in params["backupUuids"]:

@@ -300,6 +300,9 @@ def run_instant(session: Session, job: ApiJob) -> dict[str, Any]:
             log.info("instant.ready job=%s volumes=%s seconds=%.3f", job.uuid, len(volumes), time.monotonic() - started)
             attach, speed = float(params.get("attachTimeout") or 0), int(params.get("bandwidthLimit") or 0)
             result = _stream_all(session, job, vm, volumes, targets, attach, speed)
+            for volume, target in zip(volumes, targets, strict=True):
+                if backing_of(str(target)) is not None:
+                    raise StreamFailed(what=f"volume {volume.uuid}", detail="the overlay still has its backing")
         except BaseException as exc:
             if not streaming:
                 for path in made:  # nothing ran from them: no file is left behind
@@ -318,9 +321,6 @@ def run_instant(session: Session, job: ApiJob) -> dict[str, Any]:
             }
             for v in views
         ]
-    for volume, target in zip(volumes, targets, strict=True):
-        if backing_of(str(target)) is not None:
-            raise StreamFailed(what=f"volume {volume.uuid}", detail="the overlay still has its backing")
     for volume in volumes:
         volume.status = "Ready"
     session.commit()

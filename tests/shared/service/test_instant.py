@@ -216,3 +216,21 @@ def test_what_the_request_refuses(site: Site) -> None:
     site.session.commit()
     site.refused(Conflict, lambda: instant.request_instant_vm(site.session, "g" * 32, {}, None))  # the VM runs
     assert site.count(Volume) == 1  # nothing was registered
+
+
+def test_a_worker_that_dies_fails_streaming_volumes_and_forgets_unmade_ones(site: Site) -> None:
+    from shared.apijobs import fail_job
+    from shared.catalog import db
+
+    site.storage()
+    backup = site.backup(site.volume("data.raw", size=MiB))
+    made = instant.request_instant_volume(site.session, backup.uuid, {}, None)
+    unmade = instant.request_instant_volume(site.session, backup.uuid, {}, None)
+    site.session.get_one(Volume, made.resourceUuid).status = "Streaming"  # its overlay was in use
+    site.session.commit()
+    with db.session() as worker:  # as the worker's main process records a pool process's death
+        for job in (made, unmade):
+            fail_job(worker, worker.get_one(ApiJob, job.uuid), code="WORKER_LOST", description="died")
+    site.session.expire_all()
+    assert site.session.get_one(Volume, made.resourceUuid).status == "Failed"
+    assert site.session.get(Volume, unmade.resourceUuid) is None
