@@ -199,11 +199,15 @@ def _table(device: Device) -> list[tuple[int, int, str]]:
     except OSError:
         return []
     block = int(volumes.info.block_size) or SECTOR
-    found = []
+    kind = "gpt" if int(volumes.info.vstype) == pytsk3.TSK_VS_TYPE_GPT else "mbr"
+    found, logical = [], 5  # as Linux numbers them: primaries by slot, logical ones from 5 on
     for part in volumes:
         if int(part.flags) & pytsk3.TSK_VS_PART_FLAG_ALLOC and int(part.len) > 0:
-            kind = "gpt" if int(volumes.info.vstype) == pytsk3.TSK_VS_TYPE_GPT else "mbr"
-            found.append((int(part.start) * block, int(part.len) * block, f"{kind}{int(part.slot_num) + 1}"))
+            if kind == "mbr" and int(part.table_num) > 0:
+                number, logical = logical, logical + 1
+            else:
+                number = int(part.slot_num) + 1
+            found.append((int(part.start) * block, int(part.len) * block, f"{kind}{number}"))
     return found
 
 

@@ -208,3 +208,24 @@ def test_a_huge_directory_is_paged_and_limited(repo: Repository, tmp_path: Path)
         assert browser.listdir("/etc", None)["total"] == 3  # small folders still list
     with Browser(repo, backup, "big", Limits(timeout=0.001)) as browser, pytest.raises(FilesTimeout):
         browser.listdir("/", None)
+
+
+def test_logical_partitions_of_an_extended_mbr_partition(repo: Repository, tmp_path: Path) -> None:
+    tree = disk_images.source_tree(tmp_path / "src", many=3)
+    ext = disk_images.ext4(tree, tmp_path / "ext.img", size=32 * MiB)
+    disk = tmp_path / "mbr.img"
+    with open(disk, "wb") as handle:
+        handle.truncate(100 * MiB)
+    script = "label: dos\nstart=2048, size=8192, type=83\nstart=12288, size=180000, type=5\n"
+    script += "start=14336, size=65536, type=83\nstart=81920, size=8192, type=83\n"
+    disk_images.run("sfdisk", "-q", str(disk), stdin=script)
+    disk_images.run("dd", f"if={ext}", f"of={disk}", "bs=512", "seek=14336", "conv=notrunc,sparse", "status=none")
+    with Browser(repo, backed_up(repo, disk), "logical") as browser:
+        parts = browser.partitions()
+        assert [(p["name"], p["offset"], p["filesystem"]) for p in parts] == [
+            ("mbr1", 2048 * 512, None),
+            ("mbr5", 14336 * 512, "ext"),
+            ("mbr6", 81920 * 512, None),
+        ]
+        assert browser.listdir("/", None)["partition"] == 1
+        assert content(browser, "/etc/hosts", 1) == (tree.root / "etc/hosts").read_bytes()
