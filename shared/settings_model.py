@@ -85,7 +85,7 @@ class Settings(BaseSettings):
     storage_site_tokens: SecretStr | None = Field(
         default=None, description="the storage-server's site tokens: name=token,name2=token2"
     )
-    storage_cafile: Path | None = Field(
+    storage_cafile: str | None = Field(
         default=None, description="the CA (or certificate) an http backend trusts when its storage names none"
     )
     s3_endpoint: str | None = Field(
