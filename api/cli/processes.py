@@ -22,11 +22,21 @@ if TYPE_CHECKING:
 
 def refuse_unsafe(process: Process, *, tokens: dict[str, str | None] | None = None, tls: bool = False) -> None:
     """With ``BLOCKVAULT_ENVIRONMENT=production``, print every unsafe setting of ``process``
-    (:func:`shared.production.unsafe_settings`), one line each, and exit 2 when there is one."""
+    (:func:`shared.production.unsafe_settings`), one line each, and exit 2 when there is one;
+    the same for settings that do not parse, in any environment."""
+    from pydantic import ValidationError
+
     from shared.config import get_settings
+    from shared.envnames import ENV_PREFIX
     from shared.production import unsafe_settings
 
-    problems = unsafe_settings(get_settings(), process, tokens=tokens, tls=tls)
+    try:
+        problems = unsafe_settings(get_settings(), process, tokens=tokens, tls=tls)
+    except ValidationError as exc:
+        problems = [
+            f"{ENV_PREFIX}{str(error['loc'][0]).upper().removeprefix(ENV_PREFIX)}: {error['msg']}"
+            for error in exc.errors()
+        ]
     for problem in problems[:-1]:
         click.echo(f"blockvault: error: {problem}", err=True)
     if problems:
