@@ -7,6 +7,8 @@ import { VmPage, VolumePage } from "./resources.js";
 import { SchedulingPage } from "./scheduling.js";
 import { StoragePage, AccessPage } from "./admin.js";
 
+const DONE_SHOWN_MS = 6000; // a finished job's panel goes away by itself; a failed one stays
+
 function parseRoute() {
   const parts = (window.location.hash.replace(/^#\/?/, "") || "overview").split("/");
   return { page: parts[0], id: parts[1] || null };
@@ -165,6 +167,7 @@ function App() {
           return;
         }
         update(uuid, { state: "Succeeded", progress: 100 });
+        setTimeout(() => setJobs((list) => list.filter((j) => j.uuid !== uuid)), DONE_SHOWN_MS);
         if (onDone) onDone(state.result);
       } catch (error) {
         update(uuid, { state: "Failed", error: `${error.code}: ${error.message}` });
