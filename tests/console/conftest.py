@@ -114,7 +114,7 @@ def browser(stack: Stack, tmp_path: Path) -> Iterator[Browser]:  # noqa: F811 - 
             page = context.new_page()
             page.set_default_timeout(30_000)
             found = Browser(page, f"http://127.0.0.1:{stack.port}", shots)
-            page.on("response", lambda response: found.responses.append(response))
+            page.on("response", lambda response: found.responses.append(response))  # noqa: PLW0108 - a bound builtin cannot take playwright's wrapper
             errors: list[str] = []
             page.on("pageerror", lambda error: errors.append(str(error)))
             yield found
