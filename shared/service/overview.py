@@ -274,7 +274,7 @@ def _expected_backups(session: Session, viewer: Viewer, before: datetime) -> dic
         )
     )
     due: dict[str, datetime | None] = {}
-    for group_uuid, attached in session.execute(query).tuples():
+    for group_uuid, attached in session.execute(query).all():
         triggers[group_uuid].append(attached)
     for trigger in {t.uuid: t for ts in triggers.values() for t in ts}.values():
         due[trigger.uuid] = schedule.due_fire(trigger_spec(trigger), aware(trigger.createDate), None, before)
