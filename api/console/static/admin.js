@@ -1,7 +1,7 @@
 // Storage (admins) and access: hosts, accounts, projects and API keys, as the API shows them.
 import { html, useState } from "./vendor/preact-htm.js";
 import * as api from "./api.js";
-import { Badge, ErrorBox, FormDialog, Modal, age, filled, formatBytes, formatDate, short, useLoad } from "./ui.js";
+import { Badge, ErrorBox, FormDialog, Modal, age, filled, formatBytes, formatDate, short, useAct, useLoad } from "./ui.js";
 
 const STORAGE_FIELDS = {
   ImageStore: [["url", "URL (file:///path)", true], ["role", "role"], ["encryptionPassphrase", "encryption passphrase (optional)", false, "password"]],
@@ -31,19 +31,8 @@ function AddStorageDialog({ onClose, onDone }) {
 
 export function StoragePage({ ctx }) {
   const [adding, setAdding] = useState(false);
-  const [failure, setFailure] = useState(null);
-  const [message, setMessage] = useState(null);
   const { data, error, reload } = useLoad(() => api.rows("backup-storage", [], { sort: "+createDate" }), []);
-  const act = async (work) => {
-    setFailure(null);
-    setMessage(null);
-    try {
-      await work();
-      reload();
-    } catch (e) {
-      setFailure(e);
-    }
-  };
+  const { act, failure, message, setMessage } = useAct(reload);
   const job = (storage, what, name) =>
     act(async () => ctx.follow(`${what}: ${storage.name}`, await api.action(`/v1/backup-storage/${storage.uuid}`, name), (result) => {
       if (result) setMessage(`${what} of ${storage.name}: ${JSON.stringify(result)}`);
@@ -75,7 +64,6 @@ export function StoragePage({ ctx }) {
 export function AccessPage({ ctx }) {
   const { me } = ctx;
   const [dialog, setDialog] = useState(null);
-  const [failure, setFailure] = useState(null);
   const [shownKey, setShownKey] = useState(null);
   const { data, error, reload } = useLoad(async () => {
     const [hosts, accounts, projects, keys] = await Promise.all([
@@ -86,17 +74,9 @@ export function AccessPage({ ctx }) {
     ]);
     return { hosts, accounts, projects, keys };
   }, []);
+  const { act, failure } = useAct(reload);
   if (!data) return html`<h1>Access</h1><${ErrorBox} error=${error} />`;
   const accountName = Object.fromEntries(data.accounts.map((a) => [a.uuid, a.name]));
-  const act = async (work) => {
-    setFailure(null);
-    try {
-      await work();
-      reload();
-    } catch (e) {
-      setFailure(e);
-    }
-  };
   return html`<h1>Access</h1>
     <${ErrorBox} error=${failure || error} />
     ${me.admin ? html`<section class="panel"><h2>Hosts</h2>

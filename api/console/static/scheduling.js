@@ -12,6 +12,7 @@ import {
   formatDuration,
   short,
   triggerTimeToDate,
+  useAct,
   useLoad,
 } from "./ui.js";
 
@@ -140,8 +141,6 @@ function History({ groups, names }) {
 
 export function SchedulingPage({ ctx }) {
   const [dialog, setDialog] = useState(null);
-  const [message, setMessage] = useState(null);
-  const [failure, setFailure] = useState(null);
   const { data, error, reload } = useLoad(async () => {
     const [groups, jobs, triggers, vms, volumes, storages] = await Promise.all([
       api.rows("scheduler/jobgroups", [], { sort: "+name" }),
@@ -153,19 +152,9 @@ export function SchedulingPage({ ctx }) {
     ]);
     return { groups, jobs, triggers, vms, volumes, storages };
   }, []);
+  const { act, failure, message } = useAct(reload);
   if (!data) return html`<h1>Scheduling</h1><${ErrorBox} error=${error} />`;
   const names = Object.fromEntries([...data.vms, ...data.volumes].map((r) => [r.uuid, r.name]));
-  const act = async (work) => {
-    setFailure(null);
-    setMessage(null);
-    try {
-      const note = await work();
-      if (note) setMessage(note);
-      reload();
-    } catch (e) {
-      setFailure(e);
-    }
-  };
   const groupAction = (g, name, params = {}) => api.action(`/v1/scheduler/jobgroups/${g.uuid}`, name, params);
   return html`<h1>Scheduling</h1>
     ${message ? html`<p class="notice" role="status">${message}</p>` : null}

@@ -156,3 +156,20 @@ export function StorageOptions({ storages, includeDefault = true, exclude = [] }
 export function filled(values) {
   return Object.fromEntries(Object.entries(values).filter(([, v]) => v !== "" && v !== undefined && v !== null));
 }
+
+/** Runs an action (a function calling the API), then reload(); {act, failure, message}:
+ * the API's error if it failed, what the action returned (a line for the person) if it did. */
+export function useAct(reload) {
+  const [state, setState] = useState({ failure: null, message: null });
+  const act = async (work) => {
+    setState({ failure: null, message: null });
+    try {
+      const note = await work();
+      setState({ failure: null, message: typeof note === "string" ? note : null });
+      reload();
+    } catch (failure) {
+      setState({ failure, message: null });
+    }
+  };
+  return { act, ...state, setMessage: (message) => setState({ failure: null, message }) };
+}
