@@ -378,7 +378,7 @@ def _hosts(session: Session, viewer: Viewer) -> list[dict[str, Any]]:
 
 def _storage(session: Session, viewer: Viewer, moment: datetime, storages: list[BackupStorage]) -> list[dict[str, Any]]:
     """Each storage with its capacity and, for a copy (not a master), its sync lag over the
-    newest :data:`LAG_WINDOW` backups Ready on a master: how many of those newer than its
+    newest :data:`LAG_WINDOW` Ready backups (the createDate index, newest first): how many of those newer than its
     newest copy it lacks, and how long the oldest of them has waited."""
     masters = [s.uuid for s in storages if storage_kind(s) == "master"]
     copies = [s for s in storages if storage_kind(s) != "master"]
@@ -392,15 +392,10 @@ def _storage(session: Session, viewer: Viewer, moment: datetime, storages: list[
                 VolumeBackupStorageRef.status == "Ready",
             )
 
-        on_master = exists().where(
-            VolumeBackupStorageRef.volumeBackupUuid == VolumeBackup.uuid,
-            VolumeBackupStorageRef.backupStorageUuid.in_(masters),
-            VolumeBackupStorageRef.status == "Ready",
-        )
         query = (
             access.scope(viewer, VolumeBackup)
             .with_only_columns(VolumeBackup.createDate, *(held(s.uuid) for s in copies))
-            .where(VolumeBackup.status == "Ready", on_master)
+            .where(VolumeBackup.status == "Ready")
             .order_by(desc(VolumeBackup.createDate))
             .limit(LAG_WINDOW)
         )
