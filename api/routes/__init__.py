@@ -17,6 +17,7 @@ from . import (
     database_backups,
     health,
     metrics,
+    overview,
     queries,
     scheduler,
     tags,
@@ -40,5 +41,6 @@ VERSIONED: tuple[APIRouter, ...] = (
     tags.router,
     scheduler.router,
     accounts.router,
+    overview.router,
 )
 ROOT: tuple[APIRouter, ...] = (health.router, metrics.router, zstack_wire.router)
