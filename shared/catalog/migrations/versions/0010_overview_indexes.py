@@ -2,7 +2,7 @@
 1,000 VMs and 100,000 backups): each volume's newest Ready and Failed backup, and each
 target's newest failed scheduled run, as one index probe each.
 
-Revision ID: 0013
+Revision ID: 0010
 Revises: 0009
 """
 
@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from alembic import op
 
-revision: str = "0013"
+revision: str = "0010"
 down_revision: str | None = "0009"
 branch_labels: str | tuple[str, ...] | None = None
 depends_on: str | tuple[str, ...] | None = None
