@@ -55,5 +55,11 @@ bench-live: venv system-test
 bench-hosts: venv system-test
 	$(PY) tests/bench/multihost_throughput.py $(BENCH_ARGS)
 
+# the console's pages, screenshot by its browser tests, into docs/screenshots/
+.PHONY: screenshots
+screenshots: venv system-test
+	tests/harness/ensure-services
+	BLOCKVAULT_CONSOLE_SCREENSHOTS=docs/screenshots $(PY) -m pytest -q tests/console
+
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .blockvault

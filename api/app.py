@@ -2,10 +2,10 @@
 
 Routers live in :mod:`api.routes` (one per resource); this module maps every error to its
 status and stable code in exception handlers (never in routes), and serves everything under
-``/v1`` and, for ZStack's SDKs, ``/zstack/v1``; Prometheus text at ``/metrics``. Abuse limits: a client
-IP presenting too many bad keys gets 429 for its bad keys for a while (a valid key is always
-served), password logins are limited per client IP and account, and request bodies are capped
-(413).
+``/v1`` and, for ZStack's SDKs, ``/zstack/v1``; Prometheus text at ``/metrics``; the web
+console at ``/`` (:mod:`api.console`). Abuse limits: a client IP presenting too many bad keys
+gets 429 for its bad keys for a while (a valid key is always served), password logins are
+limited per client IP and account, and request bodies are capped (413).
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ from shared.metrics import registry
 from shared.ratelimit import FailureWindow
 from shared.secret import check_at_start
 
+from . import console
 from .auth import TooManyFailures, seed_admin
 from .envelopes import ERROR_RESPONSES, error_body
 from .middleware import BodyLimit, InputGuard
@@ -115,4 +116,5 @@ def create_app() -> FastAPI:
     for routes in VERSIONED:
         app.include_router(routes, prefix="/v1")
         app.include_router(routes, prefix="/zstack/v1", include_in_schema=False)
+    console.install(app)
     return app

@@ -109,3 +109,24 @@ def one_answer(model: type[Base]) -> type[BaseModel]:
         f"{model.__name__}Answer", inventory=(inventory_model(model), ...), success=(bool, ...)
     )
     return made
+
+
+class Overview(BaseModel):
+    """``GET /v1/overview``: the protection of every VM the caller sees, the API jobs running,
+    the failures of the last hours, the hosts and the backup storage (docs/api.md "Overview")."""
+
+    model_config = OPEN
+    success: bool
+    generatedAt: str
+    vmInstances: list[dict[str, Any]]
+    runningJobs: list[dict[str, Any]]
+    failures: list[dict[str, Any]]
+    hosts: list[dict[str, Any]]
+    backupStorage: list[dict[str, Any]]
+
+
+class FireTimes(BaseModel):
+    """``GET /v1/scheduler/triggers/{uuid}/fire-times``: the trigger's next fire times (ISO 8601)."""
+
+    success: bool
+    fireTimes: list[str]

@@ -9,11 +9,12 @@ milliseconds.
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .envnames import ENV_FILE, ENV_PREFIX
+from .envnames import ENV_FILE, ENV_PREFIX, env_names
 
 if TYPE_CHECKING:
     from .settings_model import Settings
@@ -29,10 +30,15 @@ def _env_file() -> dict[str, str | None]:
 
 
 def setting(name: str) -> str | None:
-    """The raw value of ``BLOCKVAULT_<NAME>``: the environment first, then ``.env``."""
-    key = ENV_PREFIX + name.upper()
-    value = os.environ.get(key)
-    return value if value is not None else _env_file().get(key)
+    """The raw value of setting ``name`` (``BLOCKVAULT_<NAME>`` or an alias): the environment
+    first, then ``.env``; None when neither has one. Reads as the settings model does."""
+    names = env_names(name)
+    sources: tuple[Mapping[str, str | None], ...] = (os.environ, _env_file())
+    for source in sources:
+        value = next((source[key] for key in names if source.get(key) is not None), None)
+        if value is not None:
+            return value
+    return None
 
 
 def float_setting(name: str, default: float) -> float:

@@ -2,10 +2,11 @@
 
 A storage row's ``credentials`` column keeps its options (``endpoint``, ``region``, ``caFile``)
 as they are, for the checks that compare storages, and its secrets (``token``, ``accessKey``,
-``secretKey``, ``encryptionPassphrase``) as one ``sealed`` value: AES-256-GCM under a key
-derived from the server secret (:func:`shared.secret.derived_key`), with the row's uuid as
-associated data, so that the blob opens on that row only and a catalog (or a dump of it,
-which is what database backups hold) reveals none of them on its own.
+``secretKey``, ``encryptionPassphrase``) as one ``sealed`` value (which fields are secret, the
+backend registry says: :func:`~shared.repository.backends.registry.secret_names`): AES-256-GCM
+under a key derived from the server secret (:func:`shared.secret.derived_key`), with the row's
+uuid as associated data, so that the blob opens on that row only and a catalog (or a dump of
+it, which is what database backups hold) reveals none of them on its own.
 
 :func:`credentials_of` is how everything reads a storage's credentials, :func:`set_credentials`
 how everything writes them. Rows of earlier versions hold their secrets in the clear: they
@@ -28,12 +29,11 @@ from sqlalchemy.orm import Session
 
 from shared.catalog.models import BackupStorage, new_uuid
 from shared.errors import CredentialsUnreadable
+from shared.repository.backends.registry import option_names, secret_names
 from shared.secret import derived_key
 
 log = logging.getLogger(__name__)
 
-SECRET_FIELDS = ("token", "accessKey", "secretKey", "encryptionPassphrase")
-OPTION_FIELDS = ("endpoint", "region", "caFile")
 SEALED = "sealed"
 VERSION = "v1:"
 LABEL = b"blockvault credentials v1"
@@ -69,7 +69,8 @@ def credentials_of(storage: BackupStorage, *, secrets: bool = True) -> dict[str,
     stored = dict(storage.credentials or {})
     sealed = stored.pop(SEALED, None)
     if not secrets:
-        return {key: value for key, value in stored.items() if key in OPTION_FIELDS}
+        options = option_names()
+        return {key: value for key, value in stored.items() if key in options}
     if sealed is not None:
         stored.update(_unseal(storage, sealed))
     return stored
@@ -80,8 +81,8 @@ def set_credentials(storage: BackupStorage, credentials: dict[str, Any]) -> None
     are, the secrets sealed to this row. Empty values are left out."""
     if not storage.uuid:
         storage.uuid = new_uuid()
-    stored: dict[str, Any] = {key: credentials[key] for key in OPTION_FIELDS if credentials.get(key)}
-    secrets = {key: str(credentials[key]) for key in SECRET_FIELDS if credentials.get(key)}
+    stored: dict[str, Any] = {key: credentials[key] for key in option_names() if credentials.get(key)}
+    secrets = {key: str(credentials[key]) for key in secret_names() if credentials.get(key)}
     if secrets:
         stored[SEALED] = _seal(storage.uuid, secrets)
     storage.credentials = stored or None
@@ -89,7 +90,7 @@ def set_credentials(storage: BackupStorage, credentials: dict[str, Any]) -> None
 
 def in_the_clear(storage: BackupStorage) -> bool:
     """Whether the row holds a secret unsealed (an earlier version's row)."""
-    return any(key in (storage.credentials or {}) for key in SECRET_FIELDS)
+    return any(key in (storage.credentials or {}) for key in secret_names())
 
 
 def seal_plaintext(session: Session) -> int:

@@ -14,6 +14,8 @@ import signal
 import threading
 import time
 
+from shared.config import setting
+
 _counts: dict[str, int] = {}
 _lock = threading.Lock()
 
@@ -31,7 +33,7 @@ def _parse(spec: str) -> dict[str, tuple[int, str]]:
     return points
 
 
-_points = _parse(os.environ.get("BLOCKVAULT_FAILPOINTS", ""))
+_points = _parse(setting("failpoints") or "")
 
 
 def failpoint(name: str) -> None:

@@ -112,6 +112,17 @@ def fire_times_after(spec: TriggerSpec, created: datetime, after: datetime | Non
     return moment
 
 
+def next_fire_times(spec: TriggerSpec, created: datetime, after: datetime, count: int) -> list[datetime]:
+    """The next ``count`` fire times strictly after ``after`` (fewer when the trigger ends)."""
+    times: list[datetime] = []
+    moment: datetime | None = after
+    while len(times) < count and moment is not None:
+        moment = fire_times_after(spec, created, moment)
+        if moment is not None:
+            times.append(moment)
+    return times
+
+
 def due_fire(spec: TriggerSpec, created: datetime, last_fire: datetime | None, now: datetime) -> datetime | None:
     """The fire time to run now: the newest one in (last_fire, now], or None. Times missed
     while the scheduler was down collapse into this one fire."""

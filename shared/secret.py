@@ -6,7 +6,8 @@ not reveal on its own is keyed by it: API key and session hashes (:func:`keyed_h
 HMAC-SHA256) and backup storage credentials (AES-256-GCM under :func:`derived_key`, one HKDF
 label per use). So every process of a deployment, the API, every worker and beat, must hold
 the same secret: the embedded default shares one data dir; a shared (PostgreSQL) catalog needs
-``BLOCKVAULT_SECRET_KEY`` set on all of them, and :func:`check_at_start` warns when it is not.
+``BLOCKVAULT_SECRET_KEY`` set on all of them, and :func:`check_at_start` warns when it is not
+(with ``BLOCKVAULT_ENVIRONMENT=production`` the process refuses to start: :mod:`shared.production`).
 """
 
 from __future__ import annotations

@@ -1,9 +1,11 @@
 """Backup storage: registering one, opening its repository, health checks and master/standby.
 
-Three types (API.md "Backup storage registration"): ``ImageStore`` (a local or mounted folder,
-``file://``; a ``master`` and optionally ``standby`` ones), ``Remote`` (a ``blockvault
-storage-server``, ``http(s)://``, with a token) and ``PublicCloud`` (``s3://bucket/prefix`` on
-any S3-compatible endpoint, always encrypted client-side). Every repository of one deployment
+The types are the backend registry's (:mod:`shared.repository.backends.registry`: each type's
+URL schemes, required and secret fields, encryption), built in: ``ImageStore`` (a local or
+mounted folder, ``file://``; a ``master`` and optionally ``standby`` ones), ``Remote`` (a
+``blockvault storage-server``, ``http(s)://``, with a token) and ``PublicCloud``
+(``s3://bucket/prefix`` on any S3-compatible endpoint, always encrypted client-side). The
+master/standby roles and failover are ImageStore's alone. Every repository of one deployment
 names chunks alike (a new one is created like an existing one), so copies between any two
 are made by sending only the chunks the target lacks, without re-hashing.
 
@@ -30,40 +32,42 @@ from sqlalchemy.orm import Session
 
 from shared.catalog.models import BackupStorage, new_uuid, now
 from shared.config import get_settings
-from shared.credentials import OPTION_FIELDS, SECRET_FIELDS, credentials_of, set_credentials
+from shared.credentials import credentials_of, set_credentials
 from shared.errors import BlockvaultError, Conflict, CredentialsUnreadable, InvalidArgument, RepositoryNotFound, require
-from shared.repository.backends import Backend, open_backend
+from shared.repository.backends import Backend, open_backend, registry
+from shared.repository.backends.registry import BackendType
 from shared.repository.repo import Repository
 
 log = logging.getLogger(__name__)
-TYPES = {"ImageStore": ("file",), "Remote": ("http", "https"), "PublicCloud": ("s3",)}
 ROLES = ("master", "standby")
-# credentials key -> open_backend option
-OPTIONS = {"token": "token", "caFile": "cafile", "endpoint": "endpoint", "region": "region"}
-OPTIONS |= {"accessKey": "accessKey", "secretKey": "secretKey"}
 REGISTER_RETRY_SECONDS = 5.0
 
 
 def type_of_url(url: str) -> str | None:
-    """The backup storage type whose URLs have ``url``'s scheme (None for another scheme)."""
+    """The backup storage type whose URLs have ``url``'s scheme (None for another scheme, or
+    none: a plain path is no storage URL)."""
     scheme = urlparse(url).scheme
-    return next((kind for kind, schemes in TYPES.items() if scheme in schemes), None)
+    entry = registry.for_scheme(scheme) if scheme else None
+    return entry.storage_type if entry is not None else None
+
+
+def _entry(kind: str) -> BackendType:
+    entry = registry.for_type(kind)
+    if entry is None:
+        raise InvalidArgument(detail=f"type must be one of {', '.join(t.storage_type for t in registry.types())}")
+    return entry
 
 
 def _check_url(kind: str, url: str) -> str:
+    entry = _entry(kind)
     parsed = urlparse(url)
-    if parsed.scheme not in TYPES[kind]:
-        schemes = " or ".join(f"{s}://" for s in TYPES[kind])
+    if parsed.scheme not in entry.schemes:
+        schemes = " or ".join(f"{s}://" for s in entry.schemes)
         raise InvalidArgument(detail=f"a {kind} backup storage url starts with {schemes}, got {url!r}")
-    if kind == "ImageStore" and not parsed.path.startswith("/"):
-        raise InvalidArgument(detail=f"ImageStore url must be file:///absolute/path, got {url!r}")
-    if kind != "ImageStore" and not parsed.netloc:
-        raise InvalidArgument(detail=f"{url!r} names no host or bucket")
+    problem = entry.check_url(url)
+    if problem:
+        raise InvalidArgument(detail=problem)
     return url.rstrip("/") if parsed.path not in ("", "/") else url
-
-
-def _location(storage: BackupStorage) -> str:
-    return urlparse(storage.url).path if storage.type == "ImageStore" else storage.url
 
 
 def open_storage_backend(storage: BackupStorage, *, retry_seconds: float | None = -1.0) -> Backend:
@@ -73,10 +77,14 @@ def open_storage_backend(storage: BackupStorage, *, retry_seconds: float | None 
 
 
 def _backend(storage: BackupStorage, creds: dict[str, str], retry_seconds: float | None) -> Backend:
-    options: dict[str, str | None] = {option: creds[key] for key, option in OPTIONS.items() if creds.get(key)}
+    """The backend of ``storage``: the options its type's fields name, from ``creds``, and
+    what they lack from this process's settings (``BLOCKVAULT_S3_ENDPOINT``, ...)."""
+    settings = get_settings()
+    entry = registry.for_location(storage.url)
+    options = entry.options(creds, settings.text) if entry is not None else {}
     if retry_seconds is not None and retry_seconds < 0:
-        retry_seconds = get_settings().storage_retry_seconds
-    return open_backend(_location(storage), options, retry_seconds=retry_seconds)
+        retry_seconds = settings.storage_retry_seconds
+    return open_backend(storage.url, options, retry_seconds=retry_seconds)
 
 
 def open_repository(
@@ -168,8 +176,7 @@ def register_storage(session: Session, params: dict[str, Any]) -> BackupStorage:
     the storage. A storage holding a repository already is attached as it is (its backups
     are imported by ``scanBackupStorage``)."""
     kind = params.get("type") or "ImageStore"
-    if kind not in TYPES:
-        raise InvalidArgument(detail=f"type must be one of {', '.join(TYPES)}")
+    entry = _entry(str(kind))
     require(params, "url")
     if not isinstance(params["url"], str):
         raise InvalidArgument(detail="url must be a string")
@@ -179,10 +186,11 @@ def register_storage(session: Session, params: dict[str, Any]) -> BackupStorage:
         raise InvalidArgument(detail="role must be master or standby")
     if kind != "ImageStore" and params.get("role") not in (None, "master"):
         raise InvalidArgument(detail="only ImageStore backup storage has a standby role")
-    _check_credentials(kind, params, (*SECRET_FIELDS, *OPTION_FIELDS))
-    endpoint = params.get("endpoint")
+    _check_credentials(entry, params, tuple(f.name for f in registry.fields()))
+    where = {f.name: params.get(f.name) for f in entry.fields if f.identity}
     for other in session.scalars(select(BackupStorage).where(BackupStorage.url == url)):
-        if credentials_of(other, secrets=False).get("endpoint") == endpoint:
+        theirs = credentials_of(other, secrets=False)
+        if all(theirs.get(name) == value for name, value in where.items()):
             raise Conflict(detail=f"backup storage {other.uuid} is registered with {url} already")
     if kind == "ImageStore":
         folder = urlparse(url).path
@@ -211,12 +219,10 @@ def register_storage(session: Session, params: dict[str, Any]) -> BackupStorage:
     return storage
 
 
-def _check_credentials(kind: str, params: dict[str, Any], keys: tuple[str, ...]) -> None:
-    """InvalidArgument unless ``params`` has what a ``kind`` storage needs and ``keys`` are strings."""
-    if kind == "Remote":
-        require(params, "token")
-    if kind == "PublicCloud":
-        require(params, "encryptionPassphrase")
+def _check_credentials(entry: BackendType, params: dict[str, Any], keys: tuple[str, ...]) -> None:
+    """InvalidArgument unless ``params`` has the fields ``entry``'s type requires and ``keys``
+    are strings."""
+    require(params, *entry.required)
     for key in keys:
         if params.get(key) is not None and not isinstance(params[key], str):
             raise InvalidArgument(detail=f"{key} must be a string")
@@ -227,7 +233,7 @@ def update_credentials(storage: BackupStorage, params: dict[str, Any]) -> None:
     (nothing when none is given): merged with the ones the row holds (when it can read them:
     after a catalog came from another deployment, give them all), checked like registering (the
     storage's repository must open with them) and sealed."""
-    given = {key: params[key] for key in SECRET_FIELDS if key in params}
+    given = {key: params[key] for key in registry.secret_names() if key in params}
     if not given:
         return
     for key, value in given.items():
@@ -238,7 +244,7 @@ def update_credentials(storage: BackupStorage, params: dict[str, Any]) -> None:
     except CredentialsUnreadable:
         current = credentials_of(storage, secrets=False)
     merged = {**current, **given}
-    _check_credentials(storage.type, merged, ())
+    _check_credentials(_entry(storage.type), merged, ())
     trial = BackupStorage(uuid=storage.uuid, name=storage.name, type=storage.type, url=storage.url)
     set_credentials(trial, merged)
     repo = open_repository(trial, retry_seconds=REGISTER_RETRY_SECONDS)

@@ -1,5 +1,6 @@
 """``blockvault api | worker | flower | beat | up | storage-server``: the processes of docs/api.md
-"Processes, settings, ports"."""
+"Processes, settings, ports". With ``BLOCKVAULT_ENVIRONMENT=production`` the api, worker, beat
+and storage-server first refuse unsafe settings (:func:`refuse_unsafe`)."""
 
 from __future__ import annotations
 
@@ -9,8 +10,37 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
+
+from api.cli import fail
+
+if TYPE_CHECKING:
+    from shared.production import Process
+
+
+def refuse_unsafe(process: Process, *, tokens: dict[str, str | None] | None = None, tls: bool = False) -> None:
+    """With ``BLOCKVAULT_ENVIRONMENT=production``, print every unsafe setting of ``process``
+    (:func:`shared.production.unsafe_settings`), one line each, and exit 2 when there is one;
+    the same for settings that do not parse, in any environment."""
+    from pydantic import ValidationError
+
+    from shared.config import get_settings
+    from shared.envnames import ENV_PREFIX
+    from shared.production import unsafe_settings
+
+    try:
+        problems = unsafe_settings(get_settings(), process, tokens=tokens, tls=tls)
+    except ValidationError as exc:
+        problems = [
+            f"{ENV_PREFIX}{str(error['loc'][0]).upper().removeprefix(ENV_PREFIX)}: {error['msg']}"
+            for error in exc.errors()
+        ]
+    for problem in problems[:-1]:
+        click.echo(f"blockvault: error: {problem}", err=True)
+    if problems:
+        fail(problems[-1], 2)
 
 
 @click.command("api")
@@ -18,6 +48,7 @@ import click
 @click.option("--port", default=8080, show_default=True, type=click.IntRange(1, 65535))
 def api_command(host: str, port: int) -> None:
     """Run the REST API."""
+    refuse_unsafe("api")
     import uvicorn
 
     from api.app import create_app
@@ -50,6 +81,7 @@ def worker_command(
         if value:
             os.environ[name] = value  # the settings, and the processes the worker forks, see it
     get_settings.cache_clear()
+    refuse_unsafe("worker")
     from workers.main import run_worker
 
     run_worker(host_uuid, concurrency, loglevel)
@@ -59,6 +91,7 @@ def worker_command(
 @click.option("--loglevel", default="INFO", show_default=True)
 def beat_command(loglevel: str) -> None:
     """Run the scheduler: fires job groups' triggers from the catalog (safe to run two)."""
+    refuse_unsafe("beat")
     from beat.scheduler import run_beat
 
     run_beat(loglevel)
@@ -164,7 +197,7 @@ def storage_server_command(
     auth_failure_window: float,
 ) -> None:
     """Serve repositories over HTTP(S): remote backup storage in another data center."""
-    from shared.config import setting
+    from shared.config import get_settings
     from shared.errors import UsageError
     from shared.repository.backends.http_server import (
         check_tokens,
@@ -174,13 +207,17 @@ def storage_server_command(
         usable_root,
     )
 
-    token = token or setting("storage_token") or None
-    admin_token = admin_token or setting("storage_admin_token") or None
+    settings = get_settings()
+    token = token or settings.text("storage_token")
+    admin_token = admin_token or settings.text("storage_admin_token")
     if site_token:  # the options replace the variable, as --token replaces its variable
         site_tokens = parse_site_tokens(site_token, "--site-token")
     else:
-        site_tokens = site_tokens_from_env(setting("storage_site_tokens"))
+        site_tokens = site_tokens_from_env(settings.text("storage_site_tokens"))
     check_tokens(token, site_tokens, admin_token)
+    named = {"--token (BLOCKVAULT_STORAGE_TOKEN)": token, "--admin-token (BLOCKVAULT_STORAGE_ADMIN_TOKEN)": admin_token}
+    named |= {f"the token of site {name!r}": value for name, value in site_tokens.items()}
+    refuse_unsafe("storage-server", tokens=named, tls=bool(tls_cert))
     if append_only and not token:
         raise UsageError(detail="--append-only applies to --token, which is not given (site tokens always are)")
     problem = usable_root(root)

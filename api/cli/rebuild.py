@@ -18,7 +18,7 @@ from typing import Any
 import click
 from sqlalchemy import func, select
 
-from api.cli.resources import credential_options, credential_params
+from api.cli.storage_flags import StorageCommand, credential_params, url_prefixes
 from shared import storage
 from shared.catalog import db
 from shared.catalog.models import BackupStorage, DatabaseBackup, VmInstance, Volume, VolumeBackup
@@ -35,7 +35,7 @@ from shared.service.database_backups import recover_into
 def _storage_params(url: str, options: dict[str, str | None]) -> dict[str, Any]:
     kind = storage.type_of_url(url)
     if kind is None:
-        raise UsageError(detail=f"--backup-storage-url must be file://, http(s):// or s3://, got {url!r}")
+        raise UsageError(detail=f"--backup-storage-url must be {url_prefixes()}, got {url!r}")
     return {"type": kind, "url": url, **credential_params(kind, options)}
 
 
@@ -123,11 +123,7 @@ def _restore_volumes(session: Any, repo: Repository, row: BackupStorage, folder:
     return restored
 
 
-@click.command("rebuild")
-@click.option(
-    "--backup-storage-url", "url", required=True, help="file:///path, http(s)://host:port/repo or s3://bucket/prefix"
-)
-@credential_options
+@click.command("rebuild", cls=StorageCommand, url_flag="--backup-storage-url")
 @click.option("--restore-volumes", "restore_dir", type=click.Path(file_okay=False, path_type=Path))
 @click.option("--force", is_flag=True, help="Load over a catalog that is not empty.")
 @click.option("--json", "as_json", is_flag=True)

@@ -136,6 +136,36 @@ def repo_backup(
     )
 
 
+@repo.command("backup-stream")
+@click.argument("location", metavar="REPO")
+@click.option("--source", required=True, help="What the stream is of (backups are kept and deduplicated per source).")
+@click.option("--name", default="", help="A name for the backup.")
+@click.option("--format", "fmt", default="stream", show_default=True, help="How to read it back (pg_dump, ...).")
+@click.option("--json", "as_json", is_flag=True)
+def repo_backup_stream(location: str, source: str, name: str, fmt: str, as_json: bool) -> None:
+    """Back up standard input to its end into REPO, cut by content (a database dump:
+    ``pg_dump ... | blockvault repo backup-stream REPO --source database:NAME``)."""
+    from shared.repository.stream import backup_stream
+
+    repository = _open(location)
+    with _progress("backup") as progress:
+        result = backup_stream(
+            repository,
+            sys.stdin.buffer,
+            name=name,
+            source=source,
+            fmt=fmt,
+            progress=progress,
+            lock_wait=_lock_wait(),
+        )
+    _emit(
+        result.to_json(),
+        as_json,
+        f"backup {result.id[:12]} of {source}: size {_size(result.size)}, wrote {_size(result.bytesWritten)} "
+        f"in {result.newChunks} new of {result.chunks} chunks, {result.seconds:.2f} s",
+    )
+
+
 @repo.command("restore")
 @click.argument("location", metavar="REPO")
 @click.argument("backup_id", metavar="ID")

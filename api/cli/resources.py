@@ -15,6 +15,7 @@ from typing import Any
 
 import click
 
+from api.cli.storage_flags import StorageCommand, credential_params
 from api.client import ApiError, Client, JobFailed
 
 
@@ -131,33 +132,6 @@ database_backup = _group(
 job = ClientGroup("job", help="API jobs.")
 
 
-def credential_params(kind: str, flags: dict[str, str | None]) -> dict[str, str]:
-    """The registration params of a ``kind`` storage among CLI ``flags`` (token, caFile,
-    endpoint, region, accessKey, secretKey, encryptionPassphrase), the unset ones left out."""
-    keys = {"Remote": ("token", "caFile"), "PublicCloud": ("endpoint", "region", "accessKey", "secretKey")}
-    wanted = (*keys.get(kind, ()), "encryptionPassphrase")
-    return {key: value for key in wanted if (value := flags.get(key))}
-
-
-def credential_options(command: Callable[..., Any]) -> Callable[..., Any]:
-    """The flags of a storage's credentials (Remote: token, CA; PublicCloud: endpoint, region,
-    keys; any: passphrase), each also read from the environment so that ps does not show it.
-    They reach the command as keyword arguments named like the registration params."""
-    for option in reversed(
-        [
-            click.option("--token", envvar="BLOCKVAULT_STORAGE_TOKEN", help="Remote: the storage-server's token."),
-            click.option("--ca-file", "caFile", envvar="BLOCKVAULT_STORAGE_CAFILE", help="Remote: CA of its cert."),
-            click.option("--endpoint", envvar="BLOCKVAULT_S3_ENDPOINT", help="PublicCloud: S3-compatible URL."),
-            click.option("--region"),
-            click.option("--access-key", "accessKey", envvar="AWS_ACCESS_KEY_ID"),
-            click.option("--secret-key", "secretKey", envvar="AWS_SECRET_ACCESS_KEY"),
-            click.option("--encryption-passphrase", "encryptionPassphrase", envvar="BLOCKVAULT_STORAGE_PASSPHRASE"),
-        ]
-    ):
-        command = option(command)
-    return command
-
-
 job_group = _group(
     "job-group", "scheduler/jobgroups", ("uuid", "name", "jobType", "state", "triggersUuid"), "Scheduled job groups."
 )
@@ -255,17 +229,13 @@ def volume_create_many(source: Any, batch: int, as_json: bool) -> None:
     _print(made, as_json)
 
 
-@storage.command("add")
+@storage.command("add", cls=StorageCommand, with_type=True)
 @click.option("--name", required=True)
-@click.option(
-    "--url", required=True, help="file:///abs/path (ImageStore), http(s)://host:port (Remote), s3://bucket/prefix"
-)
-@click.option("--type", "kind", type=click.Choice(["ImageStore", "Remote", "PublicCloud"]), default="ImageStore")
 @click.option("--role", type=click.Choice(["master", "standby"]), default="master")
-@credential_options
 @JSON
 def storage_add(name: str, url: str, kind: str, role: str, as_json: bool, **flags: str | None) -> None:
-    """Register backup storage (secrets may come from the environment instead of flags)."""
+    """Register backup storage (secrets may come from the environment instead of flags); the
+    types and their flags are the backend registry's."""
     params: dict[str, Any] = {"type": kind, **credential_params(kind, flags)}
     if kind == "ImageStore":
         params["role"] = role

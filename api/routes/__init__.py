@@ -18,6 +18,7 @@ from . import (
     files,
     health,
     metrics,
+    overview,
     queries,
     scheduler,
     tags,
@@ -42,5 +43,6 @@ VERSIONED: tuple[APIRouter, ...] = (
     tags.router,
     scheduler.router,
     accounts.router,
+    overview.router,
 )
 ROOT: tuple[APIRouter, ...] = (health.router, metrics.router, zstack_wire.router)

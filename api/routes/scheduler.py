@@ -19,14 +19,24 @@ from sqlalchemy.orm import Session
 from api.auth import Caller
 from api.deps import CurrentCaller, DbSession, get_caller
 from api.envelopes import Envelope, check_uuid, ok, parse_action
-from api.schemas import Done, one_answer
-from shared import access
-from shared.catalog.models import BackupStorage, SchedulerJob, SchedulerJobGroup, SchedulerTrigger, VmInstance, Volume
+from api.schemas import Done, FireTimes, one_answer
+from shared import access, schedule
+from shared.catalog.models import (
+    BackupStorage,
+    SchedulerJob,
+    SchedulerJobGroup,
+    SchedulerTrigger,
+    VmInstance,
+    Volume,
+    aware,
+    now,
+)
 from shared.errors import InvalidArgument
-from shared.inventory import inventory
+from shared.inventory import inventory, iso
 from shared.service import jobgroups, scheduled_runs
 
 router = APIRouter(dependencies=[Depends(get_caller)])
+MAX_FIRE_TIMES = 100
 
 
 def _group(session: Session, uuid: str, caller: Caller) -> SchedulerJobGroup:
@@ -244,6 +254,16 @@ def trigger_action(
         if group is not None:
             started += scheduled_runs.run_now(session, group, trigger.uuid, job_uuids)
     return JSONResponse({"inventory": {**inventory(session, trigger), "jobsStarted": started}, "success": True})
+
+
+@router.get("/scheduler/triggers/{uuid}/fire-times", response_model=FireTimes)
+def fire_times(uuid: str, session: DbSession, caller: CurrentCaller, count: str | None = None) -> JSONResponse:
+    """The trigger's next fire times from now, by the scheduler's own rules (shared.schedule)."""
+    trigger = _trigger(session, uuid, caller)
+    if count is not None and (not count.isdigit() or not 1 <= int(count) <= MAX_FIRE_TIMES):
+        raise InvalidArgument(detail=f"count must be a whole number from 1 to {MAX_FIRE_TIMES}")
+    times = schedule.next_fire_times(jobgroups.trigger_spec(trigger), aware(trigger.createDate), now(), int(count or 5))
+    return JSONResponse({"success": True, "fireTimes": [iso(t) for t in times]})
 
 
 def _attached(session: Session, trigger: SchedulerTrigger) -> list[str]:

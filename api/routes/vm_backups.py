@@ -40,7 +40,13 @@ def get_vm_backup(uuid: str, session: DbSession, caller: CurrentCaller) -> JSONR
     return JSONResponse({"inventories": inventories(session, vm_backup(session, caller, uuid)), "success": True})
 
 
-@router.put("/vm-backups/{uuid}/actions", status_code=202, response_model=Accepted, responses=ACCEPTED)
+@router.put(
+    "/vm-backups/{uuid}/actions",
+    status_code=202,
+    response_model=Accepted,
+    responses=ACCEPTED,
+    description="One action of: " + ", ".join(ACTIONS),  # what the console looks for
+)
 def vm_backup_action(
     uuid: str, body: dict[str, Any], request: Request, session: DbSession, caller: CurrentCaller
 ) -> JSONResponse:

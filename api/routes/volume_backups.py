@@ -57,7 +57,12 @@ def check_placement(caller: Caller, params: dict[str, Any]) -> None:
         check_uuid(params["hostUuid"], "hostUuid")
 
 
-@router.put("/volume-backups/{uuid}/actions", response_model=one_answer(VolumeBackup), responses=ACCEPTED)
+@router.put(
+    "/volume-backups/{uuid}/actions",
+    response_model=one_answer(VolumeBackup),
+    responses=ACCEPTED,
+    description="One action of: " + ", ".join(ACTIONS),  # what the console looks for
+)
 def volume_backup_action(
     uuid: str, body: dict[str, Any], request: Request, session: DbSession, caller: CurrentCaller
 ) -> JSONResponse:

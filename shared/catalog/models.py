@@ -123,6 +123,7 @@ class VolumeBackup(Resource, Base):
         Index("ix_volume_backup_createDate", "createDate"),
         Index("ix_volume_backup_status", "status"),
         Index("ix_volume_backup_mode", "mode"),
+        Index("ix_volume_backup_volume_status_date", "volumeUuid", "status", "createDate"),
     )
     resource_type = "VolumeBackupVO"
     volumeUuid: Mapped[str] = mapped_column(String(32), index=True)
@@ -249,6 +250,7 @@ class SchedulerJobHistory(Stamped, Base):
         Index("ix_history_group_success", "schedulerJobGroupUuid", "success"),
         Index("ix_scheduler_job_history_createDate", "createDate"),
         Index("ix_scheduler_job_history_success", "success"),
+        Index("ix_history_target_success_time", "targetResourceUuid", "success", "executeTime"),
     )
     resource_type = "SchedulerJobHistoryVO"
     id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True)

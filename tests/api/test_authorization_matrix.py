@@ -98,6 +98,7 @@ RULES: dict[tuple[str, str], Rule] = {
     ("GET", "/v1/scheduler/triggers"): Rule(None, "scoped", ()),
     ("POST", "/v1/scheduler/triggers"): Rule(None, "scoped", ()),
     ("GET", "/v1/scheduler/triggers/{uuid}"): Rule("trigger", "scoped"),
+    ("GET", "/v1/scheduler/triggers/{uuid}/fire-times"): Rule("trigger", "scoped"),
     ("DELETE", "/v1/scheduler/triggers/{uuid}"): Rule("trigger", "scoped"),
     ("PUT", "/v1/scheduler/triggers/{uuid}/actions"): Rule("trigger", "scoped"),
     ("POST", "/v1/scheduler/triggers/{trigger_uuid}/jobgroups/{group_uuid}"): Rule("trigger+jobgroup", "scoped"),
@@ -123,6 +124,7 @@ RULES: dict[tuple[str, str], Rule] = {
     ("GET", "/v1/api-keys/{uuid}"): Rule("api-key", "self"),
     ("DELETE", "/v1/api-keys/{uuid}"): Rule("api-key", "self"),
     ("GET", "/v1/api-jobs/{uuid}"): Rule("api-job", "self"),
+    ("GET", "/v1/overview"): Rule(None, "scoped", ()),
 }
 
 

@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+import io
+import json
+import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from tests.conftest import Cli, MiB
+from shared.repository.repo import Repository
+from shared.repository.stream import restore_stream
+from tests.conftest import ROOT, Cli, MiB
 
 BACKUP_KEYS = {
     "id",
@@ -124,3 +130,32 @@ def test_repository_url_form(cli: Cli, make_raw: Callable[..., Path], tmp_path: 
     cli.run("repo", "init", url, check=True)
     backup = cli.json("repo", "backup", url, str(make_raw(size=4 * MiB)))
     assert cli.json("repo", "ls", str(tmp_path / "r"))[0]["id"] == backup["id"]
+
+
+def test_backup_stream_reads_standard_input_and_dedups_per_source(cli: Cli, tmp_path: Path) -> None:
+    repo, good = str(tmp_path / "enc"), {"BLOCKVAULT_PASSPHRASE": "stream passphrase"}
+    cli.run("repo", "init", repo, "--encrypt", env=good, check=True)
+    dump = b"".join(b"INSERT INTO t VALUES (%d, 'row text');\n" % i for i in range(300_000))
+
+    def backup(data: bytes) -> dict[str, object]:
+        args = ["repo", "backup-stream", repo, "--source", "database:catalog", "--format", "pg_dump", "--json"]
+        done = subprocess.run(
+            [sys.executable, "-m", "api.cli", *args],
+            input=data,
+            capture_output=True,
+            env={**cli.env, **good},
+            cwd=ROOT,
+            check=False,
+        )
+        assert done.returncode == 0, done.stderr
+        result: dict[str, object] = json.loads(done.stdout)
+        return result
+
+    first, again = backup(dump), backup(dump)
+    assert first["size"] == len(dump) and first["newChunks"] == first["chunks"]
+    assert again["newChunks"] == 0 and again["bytesWritten"] == 0 and again["md5"] == first["md5"]
+    out = io.BytesIO()
+    with Repository.open(repo, "stream passphrase") as opened:
+        assert [e.manifest.format for e in opened.backups()] == ["pg_dump", "pg_dump"]
+        restore_stream(opened, str(again["id"]), out)
+    assert out.getvalue() == dump

@@ -575,6 +575,15 @@ class Borg(Tool):
         return Step(m.seconds, m.peak_rss), only_file_under(target_dir)
 
 
+def blockvault_json(m: Measured, cmd: str) -> dict[str, Any]:
+    """The JSON a ``blockvault ... --json`` command printed last (BenchError when none)."""
+    for line in reversed(m.stdout.splitlines()):
+        if line.startswith("{"):
+            parsed: dict[str, Any] = json.loads(line)
+            return parsed
+    raise BenchError(f"no JSON from blockvault {cmd}: stdout={m.stdout!r} stderr={m.stderr[-500:]!r}")
+
+
 class Blockvault(Tool):
     def __init__(self, workdir: Path, volume: Path, scratch: Path, binary: str, *, bitmap: bool) -> None:
         self.name = "blockvault (bitmap)" if bitmap else "blockvault (rehash)"
@@ -589,20 +598,12 @@ class Blockvault(Tool):
         source = "qcow2 copy, --bitmap" if self.bitmap else "raw file, rehash"
         self.notes = f"{self.name}: --encrypt (AES-256-GCM), zstd, {source}"
 
-    @staticmethod
-    def _json(m: Measured, cmd: str) -> dict[str, Any]:
-        for line in reversed(m.stdout.splitlines()):
-            if line.startswith("{"):
-                parsed: dict[str, Any] = json.loads(line)
-                return parsed
-        raise BenchError(f"no JSON from blockvault {cmd}: stdout={m.stdout!r} stderr={m.stderr[-500:]!r}")
-
     def backup(self, label: str) -> Step:
         cmd = [self.binary, "repo", "backup", str(self.repo), str(self.volume), "--json"]
         if self.bitmap:
             cmd += ["--bitmap", BITMAP_NAME]
         m = self.run(cmd)
-        out = self._json(m, "backup")
+        out = blockvault_json(m, "backup")
         self.last_id = str(out["id"])
         keys = ("mode", "bytesRead", "bytesWritten", "chunks", "newChunks", "seconds")
         return Step(m.seconds, m.peak_rss, {k: out.get(k) for k in keys})
@@ -610,7 +611,7 @@ class Blockvault(Tool):
     def restore(self, target_dir: Path) -> tuple[Step, Path]:
         target = target_dir / "restored.raw"
         m = self.run([self.binary, "repo", "restore", str(self.repo), self.last_id, str(target), "--json"])
-        out = self._json(m, "restore")
+        out = blockvault_json(m, "restore")
         return Step(m.seconds, m.peak_rss, {k: out.get(k) for k in ("bytesWritten", "seconds")}), target
 
 

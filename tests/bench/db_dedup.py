@@ -6,6 +6,12 @@ Run by ``make bench-db`` as::
     .venv/bin/python tests/bench/db_dedup.py [--rows 230000] [--change-percent 1]
         [--pg-url postgresql+psycopg2://postgres@127.0.0.1:5432] [--workdir DIR] [--keep]
 
+Like with like: both tools run as processes reading the same ``pg_dump`` output through a
+pipe (``pg_dump | blockvault repo backup-stream`` and ``pg_dump | restic backup --stdin``, with
+the arguments blockvault's database backups give pg_dump), into encrypted local repositories;
+each one's seconds include pg_dump and its own start-up (blockvault is this checkout's CLI,
+``python -m api.cli``). What differs by design (chunkers, packing) is printed with the figures.
+
 What it does, on one PostgreSQL server:
 
 1. creates a database ``bv_bench_<random>``, migrates it to the catalog schema (``alembic
@@ -13,8 +19,8 @@ What it does, on one PostgreSQL server:
    of ``--rows`` volume backups: hosts, VM instances, volumes, backup storage, the backups and
    their storage refs, scheduler job groups, jobs, triggers, one job history per backup (JSON
    text in ``requestDump`` / ``resultDump``), API jobs and tags; rows in creation order;
-2. first backup: ``backup_database`` into a fresh plain local blockvault repository, then
-   ``pg_dump`` (the same arguments, so the same bytes) piped into ``restic backup --stdin``;
+2. first backup with both tools, into repositories made with ``blockvault repo init --encrypt``
+   and ``restic init``;
 3. three changes, each followed by a backup with both tools: (a) nothing; (b) catalog-like:
    the newest ``--change-percent`` of the backups move from Creating to Ready and as many new
    backups (with refs and histories) are appended; (c) scattered: ``--change-percent`` of the
@@ -59,11 +65,17 @@ from sqlalchemy.exc import DBAPIError  # noqa: E402
 from sqlalchemy.pool import NullPool  # noqa: E402
 
 from shared.catalog.db import migrate  # noqa: E402
-from shared.dbdump import PG_DUMP_ARGS, backup_database, libpq_url  # noqa: E402
+from shared.dbdump import PG_DUMP_ARGS, libpq_url, source_name  # noqa: E402
 from shared.errors import BlockvaultError  # noqa: E402
-from shared.repository.repo import Repository  # noqa: E402
 from tests.bench.compare_peers import PASSPHRASE, BenchError, MiB, disk_usage, run_plain  # noqa: E402
 
+BLOCKVAULT = [sys.executable, "-m", "api.cli"]  # this checkout's CLI (run in ROOT)
+DIFFERS = (
+    "chunkers: blockvault FastCDC 2020 with 256 KiB / 1 MiB / 4 MiB (min / average / max) chunks, restic its "
+    "Rabin chunker with 512 KiB / 1 MiB / 8 MiB;",
+    "storage: blockvault one zstd-compressed object per chunk plus a manifest; restic packs compressed blobs into "
+    "pack files with indexes and a snapshot (compression auto).",
+)
 DEFAULT_PG_URL = "postgresql+psycopg2://postgres@127.0.0.1:5432"
 DEFAULT_ROWS = 230_000
 SEED = 0.4242  # setseed(): the same catalog and the same random picks on every run
@@ -467,6 +479,67 @@ class Figures:
     restic_seconds: float = 0.0
 
 
+def piped(url: str, cmd: Sequence[str], env: dict[str, str], log: Path) -> tuple[float, str]:
+    """``pg_dump | cmd``, timed from the start of both to the end of both: seconds and ``cmd``'s
+    standard output. BenchError when either fails (pg_dump's messages go to ``log``)."""
+    dump_cmd, dump_env = _pg_dump_cmd(url)
+    started = time.perf_counter()
+    with log.open("ab") as err:
+        dumper = subprocess.Popen(dump_cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=err, env=dump_env)
+        try:
+            consumer = subprocess.Popen(
+                cmd, stdin=dumper.stdout, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, cwd=ROOT
+            )
+        except OSError:
+            _stop(dumper)
+            raise
+        assert dumper.stdout is not None
+        dumper.stdout.close()  # the consumer holds the read end now
+        try:
+            out, consumer_err = consumer.communicate()
+            dump_code = dumper.wait()
+        finally:
+            _stop(consumer)
+            _stop(dumper)
+    seconds = time.perf_counter() - started
+    if dump_code != 0 or consumer.returncode != 0:
+        lines = [line for line in log.read_text(errors="replace").splitlines() if line.strip()]
+        raise BenchError(
+            f"pg_dump | {shlex.join(cmd)} failed (pg_dump {dump_code}, {cmd[0]} {consumer.returncode}): "
+            f"{consumer_err.decode(errors='replace').strip()[-500:]}; pg_dump: {' | '.join(lines[-3:]) or 'no message'}"
+        )
+    return seconds, out.decode(errors="replace")
+
+
+def _init(cmd: Sequence[str], env: dict[str, str]) -> None:
+    proc = subprocess.run(list(cmd), env=env, capture_output=True, text=True, check=False, cwd=ROOT)
+    if proc.returncode != 0:
+        raise BenchError(f"{shlex.join(cmd)} failed: {proc.stderr.strip()}")
+
+
+class Blockvault:
+    """This checkout's CLI: ``repo backup-stream`` into an encrypted local repository."""
+
+    def __init__(self, workdir: Path) -> None:
+        self.repo = workdir / "blockvault"
+        self.log = workdir / "pg_dump-blockvault.err"
+        self.env = {k: v for k, v in os.environ.items() if not k.startswith("BLOCKVAULT_")}
+        self.env.update(BLOCKVAULT_PASSPHRASE=PASSPHRASE, BLOCKVAULT_DATA_DIR=str(workdir / "blockvault-data"))
+
+    def init(self) -> None:
+        _init([*BLOCKVAULT, "repo", "init", str(self.repo), "--encrypt"], self.env)
+
+    def backup(self, url: str, step: str) -> tuple[float, dict[str, Any]]:
+        """``pg_dump | blockvault repo backup-stream``: seconds and the backup's JSON."""
+        args = ["repo", "backup-stream", str(self.repo), "--source", source_name(url), "--format", "pg_dump"]
+        seconds, out = piped(url, [*BLOCKVAULT, *args, "--name", step, "--json"], self.env, self.log)
+        lines = [line for line in out.splitlines() if line.startswith("{")]
+        if not lines:
+            raise BenchError(f"no JSON from blockvault repo backup-stream: {out[-500:]!r}")
+        result: dict[str, Any] = json.loads(lines[-1])
+        return seconds, result
+
+
 class Restic:
     def __init__(self, workdir: Path) -> None:
         self.repo = workdir / "restic"
@@ -480,51 +553,17 @@ class Restic:
 
     def init(self) -> None:
         self.version = run_plain(["restic", "version"]).stdout.split()[1]
-        proc = subprocess.run(
-            self._cmd("init", "--repository-version", "2"), env=self.env, capture_output=True, text=True, check=False
-        )
-        if proc.returncode != 0:
-            raise BenchError(f"restic init failed: {proc.stderr.strip()}")
+        _init(self._cmd("init", "--repository-version", "2"), self.env)
 
     def backup(self, url: str, step: str) -> tuple[float, dict[str, Any]]:
         """``pg_dump | restic backup --stdin``: seconds and restic's JSON summary."""
-        dump_cmd, dump_env = _pg_dump_cmd(url)
         cmd = self._cmd("backup", "--json", "--stdin", "--stdin-filename", "catalog.sql", "--tag", step)
-        started = time.perf_counter()
-        with self.log.open("ab") as err:
-            dumper = subprocess.Popen(
-                dump_cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=err, env=dump_env
-            )
-            try:
-                restic = subprocess.Popen(
-                    cmd, stdin=dumper.stdout, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=self.env
-                )
-            except OSError:
-                _stop(dumper)
-                raise
-            assert dumper.stdout is not None
-            dumper.stdout.close()  # restic holds the read end now
-            try:
-                out, restic_err = restic.communicate()
-                dump_code = dumper.wait()
-            finally:
-                _stop(restic)
-                _stop(dumper)
-        seconds = time.perf_counter() - started
-        if dump_code != 0 or restic.returncode != 0:
-            raise BenchError(
-                f"pg_dump | {shlex.join(cmd)} failed (pg_dump {dump_code}, restic {restic.returncode}): "
-                f"{restic_err.decode(errors='replace').strip()[-500:]}; pg_dump: {self._log_tail()}"
-            )
+        seconds, out = piped(url, cmd, self.env, self.log)
         summary: dict[str, Any] = {}
-        for line in out.decode(errors="replace").splitlines():
+        for line in out.splitlines():
             if '"summary"' in line:
                 summary = json.loads(line)
         return seconds, summary
-
-    def _log_tail(self) -> str:
-        lines = [line for line in self.log.read_text(errors="replace").splitlines() if line.strip()]
-        return " | ".join(lines[-3:]) or "no message"
 
     def raw_data(self) -> int:
         proc = subprocess.run(
@@ -560,32 +599,30 @@ class Results:
     errors: list[str] = field(default_factory=list)
 
 
-def backup_both(catalog: Catalog, repo: Repository, repo_dir: Path, restic: Restic, fig: Figures) -> None:
+def backup_both(catalog: Catalog, blockvault: Blockvault, restic: Restic, fig: Figures) -> None:
     _say(f"{fig.step}: pg_dump alone (warms the cache)")
     fig.dump_bytes, fig.dump_seconds = time_dump(catalog.url)
-    _say(f"{fig.step}: blockvault backup_database ({fig.dump_bytes / MiB:.1f} MiB dump)")
-    before = disk_usage(repo_dir).apparent
-    started = time.perf_counter()
-    result = backup_database(repo, catalog.url, name=fig.step)
-    fig.bv_seconds = time.perf_counter() - started
-    fig.bv_grew = disk_usage(repo_dir).apparent - before
-    fig.bv_chunks, fig.bv_new_chunks, fig.bv_written = result.chunks, result.newChunks, result.bytesWritten
-    if result.size != fig.dump_bytes:
-        print(f"  note: blockvault read {result.size} bytes, pg_dump alone gave {fig.dump_bytes}", flush=True)
+    _say(f"{fig.step}: pg_dump | blockvault repo backup-stream ({fig.dump_bytes / MiB:.1f} MiB dump)")
+    before = disk_usage(blockvault.repo).apparent
+    fig.bv_seconds, result = blockvault.backup(catalog.url, fig.step)
+    fig.bv_grew = disk_usage(blockvault.repo).apparent - before
+    fig.bv_chunks, fig.bv_new_chunks, fig.bv_written = result["chunks"], result["newChunks"], result["bytesWritten"]
+    if result["size"] != fig.dump_bytes:
+        print(f"  note: blockvault read {result['size']} bytes, pg_dump alone gave {fig.dump_bytes}", flush=True)
     _say(f"{fig.step}: pg_dump | restic backup --stdin")
     before = disk_usage(restic.repo).apparent
     fig.restic_seconds, summary = restic.backup(catalog.url, fig.step)
     fig.restic_grew = disk_usage(restic.repo).apparent - before
     fig.restic_added = int(summary.get("data_added", 0))
     fig.restic_processed = int(summary.get("total_bytes_processed", 0))
-    if fig.restic_processed != result.size:
-        print(f"  note: restic read {fig.restic_processed} bytes, blockvault {result.size}", flush=True)
+    if fig.restic_processed != result["size"]:
+        print(f"  note: restic read {fig.restic_processed} bytes, blockvault {result['size']}", flush=True)
 
 
 def run_benchmark(args: argparse.Namespace, workdir: Path, results: Results) -> None:
     catalog = Catalog(args.pg_url, args.rows)
     results.database = catalog.name
-    repo_dir = workdir / "blockvault"
+    blockvault = Blockvault(workdir)
     restic = Restic(workdir)
     try:
         _say(f"creating {catalog.name}, migrating it and filling it with {args.rows} volume backups")
@@ -594,26 +631,26 @@ def run_benchmark(args: argparse.Namespace, workdir: Path, results: Results) -> 
         results.fill_seconds = time.perf_counter() - started
         results.counts = catalog.counts()
         _say(f"filled in {results.fill_seconds:.1f} s: {sum(results.counts.values())} rows")
+        blockvault.init()
         restic.init()
         results.restic_version = restic.version
-        with Repository.init(str(repo_dir)) as repo:
-            for step in STEPS:
-                fig = Figures(step)
-                if step == "unchanged":
-                    fig.change = "none"
-                elif step == "catalog-like":
-                    fig.change = catalog.change_catalog_like(results.change_rows)
-                elif step == "scattered":
-                    fig.change = catalog.change_scattered(args.change_percent)
-                if fig.change:
-                    _say(f"{step}: {fig.change}")
-                try:
-                    backup_both(catalog, repo, repo_dir, restic, fig)
-                except (BenchError, BlockvaultError) as exc:
-                    results.errors.append(f"{step}: {exc}")
-                    print(f"\n!!! {step} FAILED: {exc}\n", file=sys.stderr, flush=True)
-                results.steps.append(fig)
-        results.bv_total = disk_usage(repo_dir).apparent
+        for step in STEPS:
+            fig = Figures(step)
+            if step == "unchanged":
+                fig.change = "none"
+            elif step == "catalog-like":
+                fig.change = catalog.change_catalog_like(results.change_rows)
+            elif step == "scattered":
+                fig.change = catalog.change_scattered(args.change_percent)
+            if fig.change:
+                _say(f"{step}: {fig.change}")
+            try:
+                backup_both(catalog, blockvault, restic, fig)
+            except (BenchError, BlockvaultError) as exc:
+                results.errors.append(f"{step}: {exc}")
+                print(f"\n!!! {step} FAILED: {exc}\n", file=sys.stderr, flush=True)
+            results.steps.append(fig)
+        results.bv_total = disk_usage(blockvault.repo).apparent
         results.restic_total = disk_usage(restic.repo).apparent
         results.restic_raw_data = restic.raw_data()
     finally:
@@ -647,10 +684,14 @@ def print_report(results: Results) -> None:
         f"{results.change_percent:g} % of every table's rows for scattered)."
     )
     print(
-        f"Tools: blockvault backup_database into a plain local repository (FastCDC 256 KiB / 1 MiB / 4 MiB, zstd); "
-        f"restic {results.restic_version} backup --stdin into a local repository (v2, compression auto). Both read "
-        "the same pg_dump output (plain SQL); their seconds include pg_dump."
+        f"Compared: pg_dump | blockvault repo backup-stream and pg_dump | restic {results.restic_version} backup "
+        "--stdin, both processes reading the same pg_dump output (plain SQL) through a pipe, into encrypted local "
+        "repositories (blockvault repo init --encrypt: AES-256-GCM; restic repository v2: AES-256-CTR + "
+        "Poly1305); each one's seconds include pg_dump and its own start-up."
     )
+    print("What differs:")
+    for difference in DIFFERS:
+        print(f"  - {difference}")
     print()
     headers = [
         "step",

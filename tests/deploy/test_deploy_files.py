@@ -113,12 +113,12 @@ def settings_env() -> frozenset[str]:
 @cache
 def storage_server_env() -> frozenset[str]:
     """BLOCKVAULT_* variables `blockvault storage-server` reads itself (its tokens), found in
-    its source as it reads them: ``setting("name")``."""
+    its source as it reads them: ``settings.text("name")`` (or ``setting("name")``)."""
     from shared.config import ENV_PREFIX
 
     source = (REPO / "api" / "cli" / "processes.py").read_text()
     start = source.index('@click.command("storage-server")')
-    names = re.findall(r'\bsetting\("(\w+)"\)', source[start:])
+    names = re.findall(r'\b(?:setting|settings\.text)\("(\w+)"\)', source[start:])
     assert names, "storage-server reads no setting: has its source moved?"
     return frozenset(ENV_PREFIX + name.upper() for name in names)
 

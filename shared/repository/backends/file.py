@@ -17,12 +17,14 @@ import os
 import shutil
 import threading
 import uuid
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
+from urllib.parse import urlparse
 
-from shared.errors import BackendError, BackendUnavailable, ObjectNotFound
+from shared.errors import BackendError, BackendUnavailable, ObjectNotFound, UsageError
 
 from .base import Backend, Buffer, ObjectInfo
+from .registry import BackendType, register
 
 _TRANSIENT = {errno.EAGAIN, errno.EINTR, errno.EBUSY, errno.ETIMEDOUT, errno.ESTALE}
 
@@ -206,3 +208,29 @@ class FileBackend(Backend):
 
     def missing(self, keys: Iterable[str]) -> set[str]:
         return {key for key in keys if not os.path.exists(self._path(key))}
+
+
+def open_file(location: str, options: Mapping[str, str | None]) -> FileBackend:
+    """The backend of a folder: a plain path or ``file:///path`` (it takes no options)."""
+    parsed = urlparse(location)
+    path = parsed.path if parsed.scheme == "file" else location
+    if not path:
+        raise UsageError(detail=f"repository location {location!r} names no folder")
+    return FileBackend(Path(path))
+
+
+def check_image_store_url(url: str) -> str | None:
+    """Why ``url`` is no ImageStore URL (it must name an absolute folder), or None."""
+    return None if urlparse(url).path.startswith("/") else f"ImageStore url must be file:///absolute/path, got {url!r}"
+
+
+ENTRY = register(
+    BackendType(
+        "ImageStore",
+        ("file",),
+        open_file,
+        url_form="file:///abs/path",
+        plain_paths=True,
+        check_url=check_image_store_url,
+    )
+)

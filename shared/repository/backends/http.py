@@ -22,7 +22,6 @@ from urllib.parse import quote, urlsplit, urlunsplit
 
 import httpx
 
-from shared.config import setting
 from shared.errors import (
     BackendAuthFailed,
     BackendError,
@@ -33,6 +32,7 @@ from shared.errors import (
 )
 
 from .base import Backend, Buffer, ObjectInfo
+from .registry import BackendType, Field, register
 
 API = "v1"
 # Routes below ``[/<repository>]/v1/``; every one but ``health`` needs the token.
@@ -184,13 +184,13 @@ class HttpBackend(Backend):
 
     @classmethod
     def from_url(cls, location: str, options: Mapping[str, str | None]) -> HttpBackend:
-        """The backend for ``location``; ``token`` and ``cafile`` come from ``options`` or
-        else ``BLOCKVAULT_STORAGE_TOKEN`` / ``BLOCKVAULT_STORAGE_CAFILE``."""
-        token = options.get("token") or setting("storage_token")
+        """The backend for ``location`` with the ``token`` and ``cafile`` of ``options`` (the
+        process's settings, ``BLOCKVAULT_STORAGE_TOKEN`` / ``BLOCKVAULT_STORAGE_CAFILE``, are
+        given there by the caller: this reads no environment). UsageError without a token."""
+        token = options.get("token")
         if not token:
             raise UsageError(detail=f"{location}: no token: set the token option or BLOCKVAULT_STORAGE_TOKEN")
-        cafile = options.get("cafile") or setting("storage_cafile") or None
-        return cls(location, token, cafile=cafile)
+        return cls(location, token, cafile=options.get("cafile") or None)
 
     # -- the wire ---------------------------------------------------------------------------
     def _url(self, key: str) -> str:
@@ -332,3 +332,30 @@ class HttpBackend(Backend):
 
     def close(self) -> None:
         self._client.close()
+
+
+ENTRY = register(
+    BackendType(
+        "Remote",
+        ("http", "https"),
+        HttpBackend.from_url,
+        fields=(
+            Field(
+                "token",
+                help="the storage-server's token.",
+                secret=True,
+                required=True,
+                envvar="BLOCKVAULT_STORAGE_TOKEN",
+                setting="storage_token",
+            ),
+            Field(
+                "caFile",
+                help="CA of its cert.",
+                option="cafile",
+                envvar="BLOCKVAULT_STORAGE_CAFILE",
+                setting="storage_cafile",
+            ),
+        ),
+        url_form="http(s)://host:port",
+    )
+)

@@ -12,7 +12,6 @@ from __future__ import annotations
 import functools
 import logging
 import math
-import os
 import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -33,7 +32,6 @@ from botocore.exceptions import (
 )
 from botocore.exceptions import ConnectionError as BotoConnectionError
 
-from shared.config import setting
 from shared.errors import (
     BackendAuthFailed,
     BackendError,
@@ -45,6 +43,7 @@ from shared.errors import (
 )
 
 from .base import Backend, Buffer, ObjectInfo
+from .registry import BackendType, Field, register
 
 if TYPE_CHECKING:
     from mypy_boto3_s3 import S3Client
@@ -176,28 +175,19 @@ class S3Backend(Backend):
 
     @classmethod
     def from_url(cls, location: str, options: Mapping[str, str | None]) -> S3Backend:
-        """``s3://bucket/prefix`` with ``endpoint``, ``region``, ``accessKey``, ``secretKey``
-        from ``options``; what is missing comes from the environment as for the AWS CLI."""
+        """``s3://bucket/prefix`` with the ``endpoint`` (default AWS), ``region`` (default
+        us-east-1), ``accessKey`` and ``secretKey`` of ``options``. The process's settings
+        (``BLOCKVAULT_S3_ENDPOINT`` or ``AWS_ENDPOINT_URL(_S3)``, ``AWS_DEFAULT_REGION``) are
+        given there by the caller: this reads no environment. Without keys, botocore's own
+        credential chain (``AWS_ACCESS_KEY_ID``, ``~/.aws``, an instance role) applies."""
         parsed = urlparse(location)
         if parsed.scheme != "s3" or not parsed.netloc:
             raise UsageError(detail=f"{location!r} is not an s3://bucket/prefix location")
-        # AWS_* variables are the AWS SDKs' own configuration (botocore reads the credential
-        # ones itself); they are read here only to know whether the endpoint is custom.
-        endpoint = (
-            options.get("endpoint")
-            or setting("s3_endpoint")
-            or os.environ.get("AWS_ENDPOINT_URL_S3")
-            or os.environ.get("AWS_ENDPOINT_URL")
-            or None
-        )
-        region = (
-            options.get("region") or os.environ.get("AWS_DEFAULT_REGION") or os.environ.get("AWS_REGION") or "us-east-1"
-        )
         return cls(
             parsed.netloc,
             parsed.path,
-            endpoint=endpoint,
-            region=region,
+            endpoint=options.get("endpoint") or None,
+            region=options.get("region") or "us-east-1",
             access_key=options.get("accessKey") or None,
             secret_key=options.get("secretKey") or None,
         )
@@ -443,3 +433,26 @@ class S3Backend(Backend):
         if pool is not None:
             pool.shutdown(wait=True)
         self._client.close()
+
+
+ENTRY = register(
+    BackendType(
+        "PublicCloud",
+        ("s3",),
+        S3Backend.from_url,
+        fields=(
+            Field(
+                "endpoint",
+                help="S3-compatible URL.",
+                envvar="BLOCKVAULT_S3_ENDPOINT",
+                setting="s3_endpoint",
+                identity=True,
+            ),
+            Field("region", help="its region.", setting="s3_region"),
+            Field("accessKey", help="the access key.", secret=True, envvar="AWS_ACCESS_KEY_ID"),
+            Field("secretKey", help="the secret key.", secret=True, envvar="AWS_SECRET_ACCESS_KEY"),
+        ),
+        encrypted=True,
+        url_form="s3://bucket/prefix",
+    )
+)

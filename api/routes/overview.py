@@ -1,0 +1,41 @@
+"""``GET /v1/overview``: the protection overview the web console opens on (one call instead of
+a query per VM); what it holds and how each VM's status is decided: :mod:`shared.service.overview`.
+A member gets its projects' rows only, as from every other route."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+from fastapi import APIRouter, Depends
+from fastapi.responses import JSONResponse
+
+from api.deps import CurrentCaller, DbSession, get_caller
+from api.schemas import Overview
+from shared.catalog.models import now
+from shared.errors import InvalidArgument
+from shared.service import overview
+
+router = APIRouter(dependencies=[Depends(get_caller)])
+MAX_GRACE = 366 * 24 * 3600
+
+
+def _whole(value: str | None, name: str, default: int, low: int, high: int) -> int:
+    if value is None or value == "":
+        return default
+    if not value.isdigit() or not low <= int(value) <= high:
+        raise InvalidArgument(detail=f"{name} must be a whole number from {low} to {high}")
+    return int(value)
+
+
+@router.get("/overview", response_model=Overview)
+def get_overview(
+    session: DbSession,
+    caller: CurrentCaller,
+    graceSeconds: str | None = None,
+    failureHours: str | None = None,
+) -> JSONResponse:
+    options = overview.Options(
+        grace=timedelta(seconds=_whole(graceSeconds, "graceSeconds", 3600, 0, MAX_GRACE)),
+        failures_since=timedelta(hours=_whole(failureHours, "failureHours", 24, 1, 24 * 31)),
+    )
+    return JSONResponse({"success": True, **overview.overview(session, caller, now(), options)})

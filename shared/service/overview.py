@@ -1,0 +1,431 @@
+"""The protection overview (``GET /v1/overview``): every VM the caller sees with its last good
+backup and whether each kind of copy is current, the API jobs running now, the failures of the
+last hours, the hosts and the backup storage with its sync lag: what an operator asks first,
+answered in a handful of indexed queries whatever the catalog's size.
+
+Everything is read through :func:`shared.access.scope`, so a member gets exactly the rows the
+API shows it elsewhere (its projects' VMs and backups, its own API jobs, the ImageStore
+storage; no hosts).
+
+A VM's *status*: ``none`` (no Ready backup), ``failed`` (a backup or a scheduled run of it or
+one of its volumes failed after its last Ready backup), ``overdue`` (a trigger of a job group
+that targets it fired at least ``grace`` ago, and no Ready backup was taken since), else
+``ok``. A copy kind (``standby``: an ImageStore standby, ``remote``: Remote, ``cloud``:
+PublicCloud) is *current* when every backup of the VM's last good backup has a Ready copy on
+a storage of that kind; kinds the caller has no storage of are left out.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlalchemy import desc, exists, func, select
+from sqlalchemy.orm import Session
+
+from shared import access, schedule
+from shared.access import Viewer
+from shared.catalog.models import (
+    ApiJob,
+    BackupStorage,
+    Host,
+    SchedulerJob,
+    SchedulerJobGroup,
+    SchedulerJobGroupTriggerRef,
+    SchedulerJobHistory,
+    SchedulerTrigger,
+    VmInstance,
+    Volume,
+    VolumeBackup,
+    VolumeBackupStorageRef,
+    aware,
+)
+from shared.inventory import iso
+from shared.service.jobgroups import trigger_spec
+
+LAG_WINDOW = 500  # newest Ready backups a storage's sync lag is measured over
+FAILURE_ROWS = 200  # failures listed at most, per source
+RUNNING_ROWS = 100
+
+
+@dataclass(frozen=True)
+class Options:
+    grace: timedelta = timedelta(hours=1)  # a scheduled fire this old must have its backup
+    failures_since: timedelta = timedelta(hours=24)
+
+
+def storage_kind(storage: BackupStorage) -> str:
+    """master, standby, remote or cloud."""
+    if storage.type == "Remote":
+        return "remote"
+    if storage.type == "PublicCloud":
+        return "cloud"
+    return "standby" if storage.role == "standby" else "master"
+
+
+def overview(session: Session, viewer: Viewer, moment: datetime, options: Options = Options()) -> dict[str, Any]:
+    storages = list(session.scalars(access.scope(viewer, BackupStorage).order_by(BackupStorage.createDate)))
+    return {
+        "generatedAt": iso(moment),
+        "vmInstances": _vms(session, viewer, moment, options, storages),
+        "runningJobs": _running(session, viewer),
+        "failures": _failures(session, viewer, moment - options.failures_since),
+        "hosts": _hosts(session, viewer),
+        "backupStorage": _storage(session, viewer, moment, storages),
+    }
+
+
+# -- VMs ------------------------------------------------------------------------------------------
+def _vms(
+    session: Session, viewer: Viewer, moment: datetime, options: Options, storages: list[BackupStorage]
+) -> list[dict[str, Any]]:
+    vm_rows = session.execute(
+        access.scope(viewer, VmInstance)
+        .with_only_columns(
+            VmInstance.uuid, VmInstance.name, VmInstance.projectUuid, VmInstance.hostUuid, VmInstance.state
+        )
+        .order_by(VmInstance.name, VmInstance.uuid)
+    ).all()
+    if not vm_rows:
+        return []
+    visible_vms = access.scope(viewer, VmInstance).with_only_columns(VmInstance.uuid)
+    newest = (
+        select(func.max(VolumeBackup.createDate))
+        .where(VolumeBackup.volumeUuid == Volume.uuid)
+        .correlate(Volume)
+        .scalar_subquery()
+    )
+    last_good = (
+        select(VolumeBackup.uuid)
+        .where(VolumeBackup.volumeUuid == Volume.uuid, VolumeBackup.status == "Ready")
+        .order_by(desc(VolumeBackup.createDate))
+        .limit(1)
+        .correlate(Volume)
+        .scalar_subquery()
+    )
+    last_failed = newest.where(VolumeBackup.status == "Failed")
+    volume_query = select(Volume.uuid, Volume.vmInstanceUuid, last_good, last_failed).where(
+        Volume.vmInstanceUuid.is_not(None)
+    )
+    if not viewer.admin:
+        volume_query = volume_query.where(Volume.vmInstanceUuid.in_(visible_vms))
+    volumes = session.execute(volume_query).all()
+
+    good_uuids = [row[2] for row in volumes if row[2]]
+    good = _backups(session, good_uuids)
+    # each VM's newest Ready backup, then every Ready backup of its VM backup (group)
+    vm_volumes: dict[str, list[str]] = defaultdict(list)
+    vm_best: dict[str, dict[str, Any]] = {}
+    vm_failed: dict[str, datetime] = {}
+    for volume_uuid, vm_uuid, good_uuid, failed_at in volumes:
+        vm_volumes[vm_uuid].append(volume_uuid)
+        if failed_at is not None and (vm_uuid not in vm_failed or aware(failed_at) > vm_failed[vm_uuid]):
+            vm_failed[vm_uuid] = aware(failed_at)
+        backup = good.get(good_uuid) if good_uuid else None
+        if backup and (vm_uuid not in vm_best or backup["createDate"] > vm_best[vm_uuid]["createDate"]):
+            vm_best[vm_uuid] = backup
+    groups = {b["groupUuid"] for b in vm_best.values() if b["groupUuid"]}
+    members: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    if groups:
+        for backup in _backups(session, [], groups).values():
+            members[backup["groupUuid"]].append(backup)
+    chosen: dict[str, list[dict[str, Any]]] = {
+        vm: (members.get(b["groupUuid"]) or [b]) if b["groupUuid"] else [b] for vm, b in vm_best.items()
+    }
+    copies = _copies(session, [b["uuid"] for backups in chosen.values() for b in backups])
+    kinds = {s.uuid: storage_kind(s) for s in storages}
+    present = sorted({k for k in kinds.values() if k != "master"})
+
+    targets = [row[0] for row in vm_rows] + [row[0] for row in volumes]
+    failed_runs = _failed_runs(session, viewer, targets)
+    expected = _expected_backups(session, viewer, moment - options.grace)
+
+    out = []
+    for vm_uuid, name, project, host, state in vm_rows:
+        backups = chosen.get(vm_uuid, [])
+        last = max((b["createDate"] for b in backups), default=None)
+        failed_at = max(
+            [t for t in (vm_failed.get(vm_uuid), failed_runs.get(vm_uuid)) if t]
+            + [failed_runs[v] for v in vm_volumes[vm_uuid] if v in failed_runs],
+            default=None,
+        )
+        due = [expected[t] for t in (vm_uuid, *vm_volumes[vm_uuid]) if t in expected]
+        scheduled = bool(due)
+        overdue = any(when is not None and (last is None or last < when) for when in due)
+        if last is None:
+            status = "failed" if failed_at else "none"
+        elif failed_at is not None and failed_at > last:
+            status = "failed"
+        else:
+            status = "overdue" if overdue else "ok"
+        held = [{kinds.get(s) for s in copies.get(b["uuid"], ())} for b in backups]
+        out.append(
+            {
+                "uuid": vm_uuid,
+                "name": name,
+                "projectUuid": project,
+                "hostUuid": host,
+                "state": state,
+                "volumes": len(vm_volumes[vm_uuid]),
+                "status": status,
+                "overdue": overdue,
+                "scheduled": scheduled,
+                "lastFailure": iso(failed_at),
+                "lastBackup": (
+                    {
+                        "uuid": backups[0]["uuid"],
+                        "groupUuid": backups[0]["groupUuid"],
+                        "name": backups[0]["name"],
+                        "createDate": iso(last),
+                        "ageSeconds": int((moment - last).total_seconds()) if last else None,
+                        "size": sum(b["size"] for b in backups),
+                        "mode": sorted({b["mode"] for b in backups}),
+                        "volumeBackups": len(backups),
+                    }
+                    if backups
+                    else None
+                ),
+                "copies": {kind: bool(held) and all(kind in h for h in held) for kind in present},
+            }
+        )
+    return out
+
+
+def _backups(session: Session, uuids: list[str], groups: set[str] | None = None) -> dict[str, dict[str, Any]]:
+    """The Ready backups ``uuids`` (or of VM backups ``groups``), as plain dicts by uuid."""
+    columns = (
+        VolumeBackup.uuid,
+        VolumeBackup.name,
+        VolumeBackup.groupUuid,
+        VolumeBackup.createDate,
+        VolumeBackup.size,
+        VolumeBackup.mode,
+    )
+    found: dict[str, dict[str, Any]] = {}
+    keys = list(groups) if groups else uuids
+    column = VolumeBackup.groupUuid if groups else VolumeBackup.uuid
+    for start in range(0, len(keys), 1000):
+        query = select(*columns).where(column.in_(keys[start : start + 1000]), VolumeBackup.status == "Ready")
+        for uuid, name, group, created, size, mode in session.execute(query):
+            found[uuid] = {
+                "uuid": uuid,
+                "name": name,
+                "groupUuid": group,
+                "createDate": aware(created),
+                "size": size or 0,
+                "mode": mode,
+            }
+    return found
+
+
+def _copies(session: Session, uuids: list[str]) -> dict[str, set[str]]:
+    """The storages holding a Ready copy of each backup of ``uuids``."""
+    held: dict[str, set[str]] = defaultdict(set)
+    for start in range(0, len(uuids), 1000):
+        query = select(VolumeBackupStorageRef.volumeBackupUuid, VolumeBackupStorageRef.backupStorageUuid).where(
+            VolumeBackupStorageRef.volumeBackupUuid.in_(uuids[start : start + 1000]),
+            VolumeBackupStorageRef.status == "Ready",
+        )
+        for backup, storage in session.execute(query):
+            held[backup].add(storage)
+    return held
+
+
+def _failed_runs(session: Session, viewer: Viewer, targets: list[str]) -> dict[str, datetime]:
+    """Each target's newest failed scheduled run it may see (one index probe per target)."""
+    found: dict[str, datetime] = {}
+    base = access.scope(viewer, SchedulerJobHistory).with_only_columns(
+        SchedulerJobHistory.targetResourceUuid, func.max(SchedulerJobHistory.executeTime)
+    )
+    for start in range(0, len(targets), 1000):
+        query = base.where(
+            SchedulerJobHistory.targetResourceUuid.in_(targets[start : start + 1000]),
+            SchedulerJobHistory.success.is_(False),
+        ).group_by(SchedulerJobHistory.targetResourceUuid)
+        for target, when in session.execute(query):
+            if target:
+                found[target] = aware(when)
+    return found
+
+
+def _expected_backups(session: Session, viewer: Viewer, before: datetime) -> dict[str, datetime | None]:
+    """For every target of an enabled job of an enabled group the caller sees: the newest fire
+    at or before ``before`` of the group's enabled triggers (None: scheduled, nothing due yet)."""
+    groups = access.scope(viewer, SchedulerJobGroup).where(SchedulerJobGroup.state == "Enabled")
+    rows = session.execute(
+        select(SchedulerJob.targetResourceUuid, SchedulerJob.schedulerJobGroupUuid).where(
+            SchedulerJob.schedulerJobGroupUuid.in_(groups.with_only_columns(SchedulerJobGroup.uuid)),
+            SchedulerJob.state == "Enabled",
+        )
+    ).all()
+    if not rows:
+        return {}
+    triggers: dict[str, list[SchedulerTrigger]] = defaultdict(list)
+    query = (
+        select(SchedulerJobGroupTriggerRef.schedulerJobGroupUuid, SchedulerTrigger)
+        .join(SchedulerTrigger, SchedulerTrigger.uuid == SchedulerJobGroupTriggerRef.schedulerTriggerUuid)
+        .where(
+            SchedulerJobGroupTriggerRef.schedulerJobGroupUuid.in_({group for _t, group in rows}),
+            SchedulerTrigger.state == "Enabled",
+        )
+    )
+    due: dict[str, datetime | None] = {}
+    for group_uuid, attached in session.execute(query).all():
+        triggers[group_uuid].append(attached)
+    for trigger in {t.uuid: t for ts in triggers.values() for t in ts}.values():
+        due[trigger.uuid] = schedule.due_fire(trigger_spec(trigger), aware(trigger.createDate), None, before)
+    out: dict[str, datetime | None] = {}
+    for target, group in rows:
+        if not target or not group or not triggers.get(group):
+            continue
+        times = [when for when in (due[t.uuid] for t in triggers[group]) if when is not None]
+        previous = out.get(target)
+        if previous is not None:
+            times.append(previous)
+        out[target] = max(times, default=None)
+    return out
+
+
+# -- jobs and failures ----------------------------------------------------------------------------
+def _running(session: Session, viewer: Viewer) -> list[dict[str, Any]]:
+    query = (
+        access.scope(viewer, ApiJob)
+        .where(ApiJob.state.in_(("Pending", "Running")))
+        .order_by(ApiJob.createDate)
+        .limit(RUNNING_ROWS)
+    )
+    return [
+        {
+            "uuid": job.uuid,
+            "action": job.action,
+            "state": job.state,
+            "progress": job.progress,
+            "resourceUuid": job.resourceUuid,
+            "resourceType": job.resourceType,
+            "hostUuid": job.hostUuid,
+            "createDate": iso(job.createDate),
+        }
+        for job in session.scalars(query)
+    ]
+
+
+def _failures(session: Session, viewer: Viewer, since: datetime) -> list[dict[str, Any]]:
+    out: list[dict[str, Any]] = []
+    jobs = (
+        access.scope(viewer, ApiJob)
+        .where(ApiJob.state == "Failed", ApiJob.lastOpDate >= since)
+        .order_by(desc(ApiJob.lastOpDate))
+        .limit(FAILURE_ROWS)
+    )
+    for job in session.scalars(jobs):
+        error = job.error or {}
+        out.append(
+            {
+                "source": "apiJob",
+                "uuid": job.uuid,
+                "action": job.action,
+                "resourceUuid": job.resourceUuid,
+                "date": iso(job.lastOpDate),
+                "code": error.get("code"),
+                "reason": error.get("description"),
+            }
+        )
+    runs = (
+        access.scope(viewer, SchedulerJobHistory)
+        .where(SchedulerJobHistory.success.is_(False), SchedulerJobHistory.executeTime >= since)
+        .order_by(desc(SchedulerJobHistory.executeTime))
+        .limit(FAILURE_ROWS)
+    )
+    for run in session.scalars(runs):
+        try:
+            error = (json.loads(run.resultDump or "{}") or {}).get("error") or {}
+        except (ValueError, AttributeError):
+            error = {}
+        out.append(
+            {
+                "source": "jobHistory",
+                "id": run.id,
+                "schedulerJobGroupUuid": run.schedulerJobGroupUuid,
+                "resourceUuid": run.targetResourceUuid,
+                "date": iso(run.executeTime),
+                "code": error.get("code") if isinstance(error, dict) else None,
+                "reason": error.get("description") if isinstance(error, dict) else str(error),
+            }
+        )
+    out.sort(key=lambda row: row["date"] or "", reverse=True)
+    return out
+
+
+# -- hosts and storage ----------------------------------------------------------------------------
+def _hosts(session: Session, viewer: Viewer) -> list[dict[str, Any]]:
+    query = access.scope(viewer, Host).order_by(Host.name, Host.uuid)
+    return [
+        {
+            "uuid": host.uuid,
+            "name": host.name,
+            "hostname": host.hostname,
+            "managementIp": host.managementIp,
+            "status": host.status,
+            "lastHeartbeat": iso(host.lastHeartbeat),
+        }
+        for host in session.scalars(query)
+    ]
+
+
+def _storage(session: Session, viewer: Viewer, moment: datetime, storages: list[BackupStorage]) -> list[dict[str, Any]]:
+    """Each storage with its capacity and, for a copy (not a master), its sync lag over the
+    newest :data:`LAG_WINDOW` Ready backups (the createDate index, newest first): how many of those newer than its
+    newest copy it lacks, and how long the oldest of them has waited."""
+    masters = [s.uuid for s in storages if storage_kind(s) == "master"]
+    copies = [s for s in storages if storage_kind(s) != "master"]
+    window: Sequence[Any] = []
+    if masters and copies:
+
+        def held(storage_uuid: str) -> Any:
+            return exists().where(
+                VolumeBackupStorageRef.volumeBackupUuid == VolumeBackup.uuid,
+                VolumeBackupStorageRef.backupStorageUuid == storage_uuid,
+                VolumeBackupStorageRef.status == "Ready",
+            )
+
+        query = (
+            access.scope(viewer, VolumeBackup)
+            .with_only_columns(VolumeBackup.createDate, *(held(s.uuid) for s in copies))
+            .where(VolumeBackup.status == "Ready")
+            .order_by(desc(VolumeBackup.createDate))
+            .limit(LAG_WINDOW)
+        )
+        window = session.execute(query).all()
+    out = []
+    for storage in storages:
+        row: dict[str, Any] = {
+            "uuid": storage.uuid,
+            "name": storage.name,
+            "type": storage.type,
+            "role": storage.role,
+            "kind": storage_kind(storage),
+            "url": storage.url,
+            "state": storage.state,
+            "status": storage.status,
+            "totalCapacity": storage.totalCapacity,
+            "availableCapacity": storage.availableCapacity,
+            "syncLag": None,
+        }
+        if storage in copies:
+            column = 1 + copies.index(storage)
+            missing = []
+            for line in window:
+                if line[column]:
+                    break
+                missing.append(aware(line[0]))
+            row["syncLag"] = {
+                "missingBackups": len(missing),
+                "atLeast": len(missing) == LAG_WINDOW,
+                "seconds": int((moment - min(missing)).total_seconds()) if missing else 0,
+            }
+        out.append(row)
+    return out

@@ -1,0 +1,258 @@
+"""``GET /v1/overview`` and ``GET /v1/scheduler/triggers/{uuid}/fire-times`` on a real
+PostgreSQL catalog, rows written straight into it: each VM's status (ok, overdue by its group's
+trigger, failed after its last good backup, none), which copies are current, the failures of the
+last hours with their reason, the storage's sync lag, a member's view, and bad input."""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Iterator
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+from fastapi.testclient import TestClient
+
+from shared.catalog import db
+from shared.catalog.models import (
+    ApiJob,
+    BackupStorage,
+    Host,
+    Project,
+    SchedulerJob,
+    SchedulerJobGroup,
+    SchedulerJobGroupTriggerRef,
+    SchedulerJobHistory,
+    SchedulerTrigger,
+    VmInstance,
+    Volume,
+    VolumeBackup,
+    VolumeBackupStorageRef,
+    new_uuid,
+    now,
+)
+from shared.schedule import TriggerSpec, fire_times_after, from_ms, to_ms
+from tests.api.conftest import app_client
+
+Row = dict[str, Any]
+
+
+@pytest.fixture
+def api(pg_database: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[TestClient, str]]:
+    key = "test-admin-" + secrets.token_hex(12)
+    with app_client(monkeypatch, {"DATABASE_URL": pg_database, "ADMIN_API_KEY": key}) as client:
+        yield client, key
+
+
+def get(client: TestClient, key: str, path: str, **query: Any) -> tuple[int, Row]:
+    response = client.get(path, headers={"Authorization": f"Bearer {key}"}, params=query)
+    return response.status_code, response.json()
+
+
+def build(tmp: Path) -> Row:
+    """Four VMs in two projects on one host; a master, a standby and a remote storage."""
+    moment = now()
+    ids: Row = {}
+    with db.session() as session:
+        host = Host(name="h1", status="Connected", lastHeartbeat=moment, volumeRoots=[str(tmp)])
+        master = BackupStorage(name="master", url="file:///m", role="master")
+        standby = BackupStorage(name="standby", url="file:///s", role="standby")
+        remote = BackupStorage(name="remote", type="Remote", url="http://127.0.0.1:9/r")
+        projects = [Project(name="a"), Project(name="b")]
+        session.add_all([host, master, standby, remote, *projects])
+        session.flush()
+        ids.update(host=host.uuid, master=master.uuid, standby=standby.uuid, remote=remote.uuid)
+        ids["projects"] = [p.uuid for p in projects]
+
+        def vm(name: str, project: str) -> tuple[str, str]:
+            row = VmInstance(name=name, hostUuid=host.uuid, projectUuid=project)
+            session.add(row)
+            session.flush()
+            volume = Volume(
+                name=f"{name}-root", hostUuid=host.uuid, vmInstanceUuid=row.uuid, type="Root", installPath=f"/{name}"
+            )
+            session.add(volume)
+            session.flush()
+            return row.uuid, volume.uuid
+
+        def backup(volume: str, age: timedelta, status: str = "Ready", copies: tuple[str, ...] = ()) -> str:
+            row = VolumeBackup(
+                name="b", volumeUuid=volume, status=status, size=100, mode="full", createDate=moment - age
+            )
+            session.add(row)
+            session.flush()
+            for storage in copies:
+                session.add(
+                    VolumeBackupStorageRef(volumeBackupUuid=row.uuid, backupStorageUuid=storage, status="Ready")
+                )
+            return row.uuid
+
+        a_project, b_project = ids["projects"]
+        ids["ok"] = vm("ok-vm", a_project)
+        ids["old"] = backup(ids["ok"][1], timedelta(days=2), copies=(master.uuid, standby.uuid, remote.uuid))
+        ids["new"] = backup(ids["ok"][1], timedelta(minutes=5), copies=(master.uuid, standby.uuid))
+        ids["overdue"] = vm("overdue-vm", a_project)
+        backup(ids["overdue"][1], timedelta(hours=5), copies=(master.uuid,))
+        ids["failed"] = vm("failed-vm", b_project)
+        backup(ids["failed"][1], timedelta(hours=3), copies=(master.uuid,))
+        backup(ids["failed"][1], timedelta(hours=1), status="Failed")
+        ids["none"] = vm("none-vm", b_project)
+
+        # the overdue VM's group fires hourly since yesterday: its 5-hour-old backup is overdue
+        group = SchedulerJobGroup(name="g", jobType="vmBackup", projectUuid=a_project)
+        trigger = SchedulerTrigger(
+            name="hourly", schedulerType="simple", schedulerInterval=3600, createDate=moment - timedelta(days=1)
+        )
+        session.add_all([group, trigger])
+        session.flush()
+        session.add(SchedulerJob(schedulerJobGroupUuid=group.uuid, targetResourceUuid=ids["overdue"][0]))
+        session.add(SchedulerJobGroupTriggerRef(schedulerJobGroupUuid=group.uuid, schedulerTriggerUuid=trigger.uuid))
+        ids["trigger"] = trigger.uuid
+        session.add(
+            SchedulerJobHistory(
+                executeTime=moment - timedelta(hours=2),
+                success=False,
+                resultDump='{"error": {"code": "HOST_DISCONNECTED", "description": "host h1 is gone"}}',
+                schedulerJobGroupUuid=group.uuid,
+                targetResourceUuid=ids["overdue"][0],
+            )
+        )
+        session.add(
+            ApiJob(
+                action="createVmBackup",
+                state="Failed",
+                error={"code": "VOLUME_ERROR", "description": "cannot read /failed-vm"},
+                lastOpDate=moment - timedelta(hours=1),
+            )
+        )
+        session.add(ApiJob(action="createVmBackup", state="Running", progress=42))
+        session.add(ApiJob(action="old failure", state="Failed", lastOpDate=moment - timedelta(days=2)))
+    return ids
+
+
+def by_name(body: Row) -> dict[str, Row]:
+    return {vm["name"]: vm for vm in body["vmInstances"]}
+
+
+def test_overview_statuses_copies_failures_and_lag(api: tuple[TestClient, str], tmp_path: Path) -> None:
+    client, key = api
+    ids = build(tmp_path)
+    status, body = get(client, key, "/v1/overview")
+    assert status == 200, body
+    vms = by_name(body)
+    assert {name: vm["status"] for name, vm in vms.items()} == {
+        "failed-vm": "failed",
+        "none-vm": "none",
+        "ok-vm": "ok",
+        "overdue-vm": "failed",  # its last scheduled run failed after its last good backup
+    }
+    ok = vms["ok-vm"]
+    assert ok["lastBackup"]["uuid"] == ids["new"] and ok["lastBackup"]["size"] == 100
+    assert 290 <= ok["lastBackup"]["ageSeconds"] <= 400
+    assert ok["copies"] == {"standby": True, "remote": False}  # only the older backup went to the remote
+    assert vms["overdue-vm"]["overdue"] and vms["overdue-vm"]["scheduled"]
+    assert not ok["overdue"] and not ok["scheduled"]
+    assert vms["none-vm"]["lastBackup"] is None
+    # a grace longer than the backup's age: not overdue any more
+    assert by_name(get(client, key, "/v1/overview", graceSeconds=6 * 3600)[1])["overdue-vm"]["overdue"] is False
+
+    reasons = {(f["source"], f["code"], f["reason"]) for f in body["failures"]}
+    assert reasons == {
+        ("jobHistory", "HOST_DISCONNECTED", "host h1 is gone"),
+        ("apiJob", "VOLUME_ERROR", "cannot read /failed-vm"),
+    }  # the failure of two days ago is past the 24 hours
+    assert [(j["action"], j["progress"]) for j in body["runningJobs"]] == [("createVmBackup", 42)]
+    assert [h["status"] for h in body["hosts"]] == ["Connected"]
+    lag = {s["name"]: s["syncLag"] for s in body["backupStorage"]}
+    assert lag["master"] is None
+    assert lag["standby"] == {"missingBackups": 0, "atLeast": False, "seconds": 0}  # it holds the newest
+    # the remote holds the two-day-old backup only: the three newer ones wait, the oldest for 5 h
+    assert lag["remote"]["missingBackups"] == 3 and 5 * 3600 - 60 <= lag["remote"]["seconds"] <= 5 * 3600 + 60
+
+
+def test_overdue_without_failure_and_the_members_view(api: tuple[TestClient, str], tmp_path: Path) -> None:
+    client, key = api
+    ids = build(tmp_path)
+    with db.session() as session:
+        session.query(SchedulerJobHistory).delete()
+    assert by_name(get(client, key, "/v1/overview")[1])["overdue-vm"]["status"] == "overdue"
+
+    member = client.post(
+        "/v1/accounts", headers={"Authorization": f"Bearer {key}"}, json={"params": {"name": "m"}}
+    ).json()["inventory"]
+    headers = {"Authorization": f"Bearer {key}"}
+    client.post(
+        f"/v1/projects/{ids['projects'][0]}/members", headers=headers, json={"params": {"accountUuid": member["uuid"]}}
+    )
+    member_key = client.post("/v1/api-keys", headers=headers, json={"params": {"accountUuid": member["uuid"]}}).json()[
+        "inventory"
+    ]["key"]
+    status, body = get(client, member_key, "/v1/overview")
+    assert status == 200
+    assert sorted(by_name(body)) == ["ok-vm", "overdue-vm"]
+    assert body["hosts"] == [] and body["runningJobs"] == [] and body["failures"] == []
+    assert {s["name"] for s in body["backupStorage"]} == {"master", "standby"}  # ImageStore only
+    assert by_name(body)["ok-vm"]["copies"] == {"standby": True}
+    text = str(body)
+    assert ids["failed"][0] not in text and ids["remote"] not in text
+
+
+def test_fire_times_follow_the_scheduler_and_bad_input(api: tuple[TestClient, str], tmp_path: Path) -> None:
+    client, key = api
+    ids = build(tmp_path)
+    status, body = get(client, key, f"/v1/scheduler/triggers/{ids['trigger']}/fire-times")
+    assert status == 200 and len(body["fireTimes"]) == 5
+    with db.session() as session:
+        trigger = session.get(SchedulerTrigger, ids["trigger"])
+        assert trigger is not None
+        spec = TriggerSpec(schedulerType="simple", schedulerInterval=3600)
+        created = trigger.createDate
+    moment = from_ms(to_ms(now()))
+    expected = []
+    after = moment
+    for _ in range(5):
+        upcoming = fire_times_after(spec, created, after)
+        assert upcoming is not None
+        expected.append(upcoming)
+        after = upcoming
+    got = [t.replace("Z", "+00:00") for t in body["fireTimes"]]
+    assert [e.isoformat(timespec="milliseconds") for e in expected] == got
+    # a cron trigger with a stop time: only the fires before it
+    with db.session() as session:
+        cron = SchedulerTrigger(
+            name="c",
+            schedulerType="cron",
+            cron="0 3 * * *",
+            timeZone="Europe/Berlin",
+            stopTime=to_ms(now()) + 3 * 86400_000,
+        )
+        session.add(cron)
+        session.flush()
+        cron_uuid = cron.uuid
+    status, body = get(client, key, f"/v1/scheduler/triggers/{cron_uuid}/fire-times", count=10)
+    assert status == 200 and 2 <= len(body["fireTimes"]) <= 3
+    assert all(t.endswith(("01:00:00.000Z", "02:00:00.000Z")) for t in body["fireTimes"])  # 03:00 in Berlin
+
+    for bad in ("0", "101", "x", "-1"):
+        status, body = get(client, key, f"/v1/scheduler/triggers/{ids['trigger']}/fire-times", count=bad)
+        assert status == 400 and body["error"]["code"] == "INVALID_ARGUMENT", bad
+    assert get(client, key, f"/v1/scheduler/triggers/{new_uuid()}/fire-times")[0] == 404
+    for name, bad in (("graceSeconds", "-5"), ("graceSeconds", "abc"), ("failureHours", "0"), ("failureHours", "9999")):
+        status, body = get(client, key, "/v1/overview", **{name: bad})
+        assert status == 400 and name in body["error"]["description"], (name, bad)
+    assert client.get("/v1/overview").status_code == 401
+
+
+def test_the_console_is_served_with_its_files_and_a_strict_policy(api: tuple[TestClient, str]) -> None:
+    client, _key = api
+    page = client.get("/")
+    assert page.status_code == 200 and '<script type="module" src="/console/app.js">' in page.text
+    assert "default-src 'none'" in page.headers["content-security-policy"]
+    for name in ("app.js", "api.js", "ui.js", "overview.js", "resources.js", "scheduling.js", "admin.js", "style.css"):
+        found = client.get(f"/console/{name}")
+        assert found.status_code == 200 and found.headers["content-security-policy"], name
+        assert "http://" not in found.text and "https://" not in found.text, name  # nothing from elsewhere
+    assert client.get("/console/vendor/preact-htm.js").status_code == 200
+    assert client.get("/console/../app.py").status_code == 404
+    assert client.get("/console/nothing.js").status_code == 404
