@@ -13,6 +13,7 @@ import pytest
 
 from api.client import ApiError
 from shared.catalog.models import new_uuid
+from shared.celery_app import VOLUME_BACKUP
 from tests.conftest import MiB, qcow2_equal, qemu_write, vm_like_regions, write_regions
 from tests.service.conftest import Stack, free_port
 
@@ -146,13 +147,13 @@ def test_flower_lists_both_workers_and_the_backup_tasks(stack: Stack) -> None:
     job = stack.client.backup_volume(root["uuid"], name="seen-by-flower")
     stack.client.wait(job, timeout=120)
     deadline = time.monotonic() + 30
-    tasks: dict = {}
-    while time.monotonic() < deadline and job not in tasks:
-        tasks = httpx.get(f"http://127.0.0.1:{port}/api/tasks", timeout=10).json()
+    seen: dict = {}
+    while time.monotonic() < deadline and job not in seen:
+        seen = httpx.get(f"http://127.0.0.1:{port}/api/tasks", timeout=10).json()
         time.sleep(1)
-    assert job in tasks, stack.log("flower")
-    assert tasks[job]["name"] == tasks.VOLUME_BACKUP
-    assert tasks[job]["state"] == "SUCCESS"
+    assert job in seen, stack.log("flower")
+    assert seen[job]["name"] == VOLUME_BACKUP
+    assert seen[job]["state"] == "SUCCESS"
 
 
 def test_worker_killed_mid_backup_fails_the_job_never_a_ready_backup(stack: Stack) -> None:
