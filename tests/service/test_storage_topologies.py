@@ -11,6 +11,7 @@ import pytest
 
 from api.client import ApiError, JobFailed
 from shared.catalog.models import new_uuid
+from shared.failpoints import reached, release
 from tests.conftest import MiB, vm_like_regions, write_regions
 from tests.service.conftest import Stack
 
@@ -50,8 +51,9 @@ def ready_on(stack: Stack, storage_uuid: str) -> set[str]:
 
 
 def test_master_fails_while_a_job_group_fires_standby_takes_over_and_old_master_catches_up(stack: Stack) -> None:
-    # the third backup waits before committing its manifest: the master fails under it
-    host = start_host(stack, {"BLOCKVAULT_FAILPOINTS": "backup.before_manifest=3:pause4"})
+    # the third backup holds before committing its manifest: the master fails under it
+    gate = stack.tmp / "gate"
+    host = start_host(stack, {"BLOCKVAULT_FAILPOINTS": f"backup.before_manifest=3:hold:{gate}"})
     stack.start_beat()
     master_dir, standby_dir = stack.tmp / "master", stack.tmp / "standby"
     master = stack.client.add_backup_storage("master", f"file://{master_dir}")
@@ -78,12 +80,11 @@ def test_master_fails_while_a_job_group_fires_standby_takes_over_and_old_master_
     with open(path, "r+b") as handle:
         handle.seek(3 * MiB)
         handle.write(b"after the failover" * 1000)
-    stack.wait_for(
-        "the third backup under way",
-        lambda: stack.client.query("volume-backups", "status=Creating", count=True)["total"] > 0,
-    )
+    stack.wait_for("the third backup holding before its manifest", lambda: reached(gate), timeout=120)
+    assert stack.client.query("volume-backups", "status=Creating", count=True)["total"] > 0
     away = stack.tmp / "master-away"
     master_dir.rename(away)
+    release(gate)
     stack.wait_for("the standby promoted", lambda: storage(stack, standby["uuid"])["role"] == "master", timeout=60)
     old = storage(stack, master["uuid"])
     assert (old["role"], old["status"]) == ("standby", "Disconnected")
