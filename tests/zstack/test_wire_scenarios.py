@@ -15,8 +15,8 @@ contract where it is silent or ambiguous:
 - The Event of CreateDataVolumeFromVolumeBackup carries the new volume's inventory (ZStack's
   VolumeInventory); the wire message has no hostUuid/installPath, so the new volume is placed
   by the server, on the host of ``vmInstanceUuid``, and its ``installPath`` is read back.
-- CreateVmBackup's Event may carry ``inventories`` (ZStack) or one ``inventory``; either way it
-  names the VM backup's ``groupUuid``.
+- CreateVmBackup's Event carries one ``inventory``, as every async message's event does
+  (docs/zstack-wire.md), naming the VM backup's ``groupUuid``.
 - ``parameters`` of CreateSchedulerJobGroup is sent as an object (the REST ``parameters``, the
   group's jobData), not as ZStack's JSON string.
 - A missing or mistyped parameter is reported the way the message's kind reports failures (a
@@ -120,7 +120,8 @@ def test_login_backups_sync_revert_new_volume_queries_and_logout(stack: Stack) -
     assert (b1["volumeUuid"], b1["name"], b1["mode"]) == (data["uuid"], "zs-b1", "full"), b1
     assert {r["backupStorageUuid"]: r["status"] for r in b1["backupStorageRefs"]} == {first: "Ready"}, b1
     event = zs.call("CreateVmBackup", rootVolumeUuid=root["uuid"], backupStorageUuid=first, name="zs-vm")
-    group = (event.get("inventories") or [event.get("inventory") or {}])[0].get("groupUuid")
+    assert "inventories" not in event, event
+    group = event["inventory"]["groupUuid"]
     assert group, f"no groupUuid in the CreateVmBackup event: {event}"
     in_group = zs.inventories(QUERY, ("groupUuid", "=", group))
     assert sorted(r["volumeUuid"] for r in in_group) == sorted([root["uuid"], data["uuid"]]), in_group
