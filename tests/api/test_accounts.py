@@ -130,10 +130,12 @@ def test_invalid_params(api: Api) -> None:
     status, body = api.call("POST", "/accounts", name="dup")
     assert status == 409 and body["error"]["code"] == "CONFLICT"
     project = api.ok("POST", "/projects", name="p")["inventory"]["uuid"]
-    status, _ = api.call("POST", f"/projects/{project}/members", accountUuid=secrets.token_hex(16))
-    assert status == 404
-    status, body = api.call("POST", f"/projects/{project}/members", accountUuid=secrets.token_hex(16), role="owner")
-    assert status in (400, 404)
+    status, body = api.call("POST", f"/projects/{project}/members", accountUuid=secrets.token_hex(16))
+    assert status == 404 and body["error"]["code"] == "NOT_FOUND"
+    # an account that exists with a role that does not: the role is the bad input
+    account = api.ok("POST", "/accounts", name="would-be-owner")["inventory"]["uuid"]
+    status, body = api.call("POST", f"/projects/{project}/members", accountUuid=account, role="owner")
+    assert status == 400 and body["error"]["code"] == "INVALID_ARGUMENT" and "role" in body["error"]["description"]
 
 
 def test_keys_are_hmac_hashed_and_legacy_keys_rehashed(api: Api) -> None:
@@ -270,8 +272,11 @@ def test_bad_login_input(api: Api) -> None:
     ):
         response = api.client.put(LOGIN, json=body)
         assert response.status_code == 400 and response.json()["error"]["code"] == "INVALID_ARGUMENT", body
-    for bad in ("nonsense", "0" * 31, "Z" * 32):
-        assert api.client.delete(f"/v1/accounts/sessions/{bad}").status_code in (400, 404)
+    for bad in ("nonsense", "0" * 31, "Z" * 32):  # not a uuid: bad input
+        response = api.client.delete(f"/v1/accounts/sessions/{bad}")
+        assert response.status_code == 400 and response.json()["error"]["code"] == "INVALID_ARGUMENT", bad
+    unknown = api.client.delete(f"/v1/accounts/sessions/{secrets.token_hex(16)}")  # a uuid, no such session
+    assert unknown.status_code == 404 and unknown.json()["error"]["code"] == "NOT_FOUND"
 
 
 def test_body_limit(api: Api) -> None:
