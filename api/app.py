@@ -35,6 +35,7 @@ from .auth import TooManyFailures, seed_admin
 from .envelopes import ERROR_RESPONSES, error_body
 from .middleware import BodyLimit, InputGuard
 from .routes import ROOT, VERSIONED
+from .zstack_rest import ZStackDialect
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +73,7 @@ def create_app() -> FastAPI:
     # password logins, per client address and account name
     app.state.login_failures = FailureWindow(settings.auth_max_failures, settings.auth_failure_window_seconds)
     app.add_middleware(InputGuard)  # inside BodyLimit: it reads at most the limit
+    app.add_middleware(ZStackDialect)  # ZStack's types under /zstack/v1 (InputGuard's 400s too)
     app.add_middleware(BodyLimit, limit=settings.max_body_bytes)
 
     @app.exception_handler(BlockvaultError)
