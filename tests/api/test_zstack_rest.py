@@ -17,6 +17,7 @@ from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
+from sqlalchemy import select
 
 from shared.catalog import db, models
 from shared.schedule import MAX_SECONDS
@@ -301,3 +302,198 @@ def test_errors_have_zstack_shape(sdk: Sdk) -> None:
     # InputGuard's refusals too
     error = sdk.error("POST", "scheduler/triggers", {"params": {"name": "a\u0000b"}}, 400)
     assert error["code"] == "INVALID_ARGUMENT"
+
+
+# -- ZStack's own paths (api/routes/zstack_paths.py), each delegating to /v1's handler ---------------
+def _registered(sdk: Sdk, tmp: Path) -> dict[str, Any]:
+    """An ImageStore storage registered through ZStack's path, and the catalog rows of _rows."""
+    body = {"params": {"name": "is-1", "url": f"file://{tmp}/is-1"}}
+    storage = sdk.ok("POST", "backup-storage/image-store", body)["inventory"]
+    return {"storage": storage, **_rows(tmp)}
+
+
+def _accepted(sdk: Sdk, method: str, path: str, body: Any, action: str) -> None:
+    """An async call: 202 with ``location`` under /zstack/v1 (the SDK polls it), a job queued."""
+    status, answer = sdk.call(method, path, body)
+    assert status == 202, (path, answer)
+    assert "/zstack/v1/api-jobs/" in answer["location"], answer
+    with db.session() as session:
+        job = session.get(models.ApiJob, answer["jobUuid"])
+        assert job is not None and job.action == action, (job and job.action, action)
+
+
+def test_add_image_store_backup_storage_query_get_and_actions(sdk: Sdk, tmp_path: Path) -> None:
+    made = _registered(sdk, tmp_path)
+    storage = made["storage"]
+    assert storage["type"] == "ImageStore"
+    assert_dates(storage, "createDate", "lastOpDate")
+    listed = sdk.ok("GET", "backup-storage/image-store")["inventories"]
+    assert {s["type"] for s in listed} == {"ImageStore"} and storage["uuid"] in {s["uuid"] for s in listed}
+    with db.session() as session:
+        session.add(models.BackupStorage(name="remote", type="Remote", url="http://127.0.0.1:9/x"))
+    assert {s["type"] for s in sdk.ok("GET", "backup-storage/image-store")["inventories"]} == {"ImageStore"}
+    assert sdk.ok("GET", f"backup-storage/image-store/{storage['uuid']}")["inventories"][0]["uuid"] == storage["uuid"]
+    # ReconnectImageStoreBackupStorage, also with the empty body the SDK sends
+    for body in ({"reconnectImageStoreBackupStorage": {}}, {}):
+        again = sdk.ok("PUT", f"backup-storage/image-store/{storage['uuid']}/actions", body)["inventory"]
+        assert again["status"] == "Connected", again
+    update = {"updateImageStoreBackupStorage": {"name": "renamed"}}
+    assert (
+        sdk.ok("PUT", f"backup-storage/image-store/{storage['uuid']}/actions", update)["inventory"]["name"] == "renamed"
+    )
+    _accepted(
+        sdk,
+        "PUT",
+        f"backup-storage/image-store/{storage['uuid']}/actions",
+        {"reclaimSpaceFromImageStore": {}},
+        "reclaimSpaceFromImageStore",
+    )
+    error = sdk.error("PUT", f"backup-storage/image-store/{storage['uuid']}/actions", {"explode": {}}, 400)
+    assert "explode" in error["description"]
+
+
+def test_get_backup_storage_capacities(sdk: Sdk, tmp_path: Path) -> None:
+    made = _registered(sdk, tmp_path)
+    with db.session() as session:
+        for row in session.scalars(select(models.BackupStorage)):
+            row.totalCapacity, row.availableCapacity = 1000, 400
+    answer = sdk.ok("GET", "backup-storage/capacities")
+    assert answer["totalCapacity"] == 2000 and answer["availableCapacity"] == 800  # two storages
+    one = sdk.ok("GET", "backup-storage/capacities", backupStorageUuids=made["storage"]["uuid"])
+    assert (one["totalCapacity"], one["availableCapacity"]) == (1000, 400)
+    assert isinstance(one["totalCapacity"], int)
+
+
+def test_create_data_volume_from_volume_backup(sdk: Sdk, tmp_path: Path) -> None:
+    """POST volumes/data-volume/from/volume-template/{backupUuid} {"params": {"name", ...}}."""
+    made = _registered(sdk, tmp_path)
+    path = f"volumes/data-volume/from/volume-template/{made['backup']}"
+    _accepted(sdk, "POST", path, {"params": {"name": "restored"}}, "createDataVolumeFromVolumeBackup")
+    error = sdk.error("POST", f"volumes/data-volume/from/volume-template/{models.new_uuid()}", {"params": {}}, 404)
+    assert error["code"] == "NOT_FOUND"
+
+
+@pytest.mark.parametrize("kind", ["volume-backups", "vm-backups", "database-backups"])
+def test_sync_backups_from_an_image_store(sdk: Sdk, tmp_path: Path, kind: str) -> None:
+    """SyncVolumeBackup / SyncVmBackup / SyncDatabaseBackup: PUT <kind>/imageStore/{bs}/actions,
+    the named body or the empty one the SDK may send: the storage is scanned (an API job)."""
+    made = _registered(sdk, tmp_path)
+    name = {"volume-backups": "syncVolumeBackup", "vm-backups": "syncVmBackup"}.get(kind, "syncDatabaseBackup")
+    path = f"{kind}/imageStore/{made['storage']['uuid']}/actions"
+    _accepted(sdk, "PUT", path, {name: {}}, "scanBackupStorage")
+    _accepted(sdk, "PUT", path, {}, "scanBackupStorage")
+    assert "syncNothing" in sdk.error("PUT", path, {"syncNothing": {}}, 400)["description"]
+    sdk.error("PUT", f"{kind}/imageStore/{models.new_uuid()}/actions", {name: {}}, 404)
+
+
+def test_export_database_backup_from_backup_storage(sdk: Sdk, tmp_path: Path) -> None:
+    made = _rows(tmp_path)
+    with db.session() as session:
+        row = session.get(models.DatabaseBackup, made["database"])
+        assert row is not None
+        storage = row.backupStorageRefs[0].backupStorageUuid
+    path = f"database-backups/{made['database']}/backup-storage/{storage}/actions"
+    answer = sdk.ok("PUT", path, {"exportDatabaseBackupFromBackupStorage": {}})
+    assert answer["databaseBackupUrl"] == "zstore://r/d"
+    error = sdk.error("PUT", f"database-backups/{made['database']}/backup-storage/{models.new_uuid()}/actions", {}, 404)
+    assert "Ready copy" in error["description"]
+
+
+def _group_job_trigger(sdk: Sdk, tmp: Path) -> tuple[str, str, str, str]:
+    with db.session() as session:
+        host = models.Host(name="h", status="Connected", lastHeartbeat=models.now() + timedelta(days=1))
+        session.add(host)
+        session.flush()
+        path = tmp / "d.raw"
+        path.write_bytes(b"\0" * 4096)
+        volume = models.Volume(hostUuid=host.uuid, type="Data", installPath=str(path), size=4096)
+        session.add(volume)
+        session.flush()
+        volume_uuid = volume.uuid
+    group = sdk.ok("POST", "scheduler/jobgroups", {"params": {"name": "g", "type": "volumeBackup"}})["inventory"]
+    job_body = {"params": {"name": "j", "type": "volumeBackup", "targetResourceUuid": volume_uuid}}
+    job = sdk.ok("POST", "scheduler/jobs", job_body)["inventory"]
+    trigger_body = {"params": {"name": "t", "schedulerType": "cron", "cron": "0 0 3 ? * 2-6"}}
+    trigger = sdk.ok("POST", "scheduler/triggers", trigger_body)["inventory"]
+    return group["uuid"], job["uuid"], trigger["uuid"], volume_uuid
+
+
+def test_add_and_remove_scheduler_jobs_of_a_group(sdk: Sdk, tmp_path: Path) -> None:
+    """POST scheduler/jobgroups/{g}/job {"params": {"schedulerJobUuids"}} (response key
+    inventories: the group's job refs); DELETE the same path takes them out."""
+    group, job, _trigger, _volume = _group_job_trigger(sdk, tmp_path)
+    answer = sdk.ok("POST", f"scheduler/jobgroups/{group}/job", {"params": {"schedulerJobUuids": [job]}})
+    assert answer["inventories"] == [{"schedulerJobGroupUuid": group, "schedulerJobUuid": job}]
+    assert answer["inventory"]["jobsUuid"] == [job]
+    removed = sdk.ok("DELETE", f"scheduler/jobgroups/{group}/job", schedulerJobUuids=job)
+    assert removed["inventory"]["jobsUuid"] == []
+    error = sdk.error("POST", f"scheduler/jobgroups/{group}/job", {"params": {"schedulerJobUuids": "x"}}, 400)
+    assert "schedulerJobUuids" in error["description"]
+
+
+def test_add_and_remove_a_group_on_a_trigger(sdk: Sdk, tmp_path: Path) -> None:
+    group, _job, trigger, _volume = _group_job_trigger(sdk, tmp_path)
+    path = f"scheduler/jobgroups/{group}/scheduler/triggers/{trigger}"
+    attached = sdk.ok("POST", path, {"params": {}})["inventory"]
+    assert attached["triggersUuid"] == [trigger] and isinstance(attached["jobData"], str)
+    assert sdk.error("POST", path, {"params": {}}, 409)["code"]  # attached already
+    sdk.ok("DELETE", path)
+    assert sdk.ok("GET", f"scheduler/jobgroups/{group}")["inventories"][0].get("triggersUuid") in ([], None)
+    sdk.error("DELETE", path, None, 404)
+
+
+def test_query_scheduler_job_history_on_zstack_path(sdk: Sdk, tmp_path: Path) -> None:
+    """GET scheduler/job/history (QuerySchedulerJobHistory) and .../{id} (the SDK's Get)."""
+    made = _rows(tmp_path)
+    rows = sdk.ok("GET", "scheduler/job/history", q=f"targetResourceUuid=x{made['backup'][1:]}")["inventories"]
+    assert rows == []
+    listed = sdk.ok("GET", "scheduler/job/history", replyWithCount="true")
+    assert listed["total"] == 1 and isinstance(listed["inventories"][0]["executeTime"], int)
+    one = sdk.ok("GET", f"scheduler/job/history/{made['history']}")["inventories"]
+    assert [r["id"] for r in one] == [made["history"]]
+    assert sdk.ok("GET", "scheduler/job/history/999999")["inventories"] == []
+    assert sdk.ok("GET", "scheduler/job/history/abc")["inventories"] == []
+
+
+def test_delete_tag(sdk: Sdk, tmp_path: Path) -> None:
+    """DELETE tags/{uuid} (ZStack's DeleteTag): a user tag, a system tag (admin)."""
+    made = _rows(tmp_path)
+    with db.session() as session:
+        vm = session.scalars(select(models.VmInstance)).one()
+        system = models.Tag(resourceUuid=vm.uuid, resourceType="VmInstanceVO", tag="sys", type="system")
+        session.add(system)
+        session.flush()
+        system_uuid = system.uuid
+    body = {"params": {"resourceUuid": vm.uuid, "resourceType": "VmInstanceVO", "tag": "mine"}}
+    user = sdk.ok("POST", "/v1/user-tags", body)["inventory"]
+    for uuid in (user["uuid"], system_uuid):
+        sdk.ok("DELETE", f"tags/{uuid}")
+        sdk.error("DELETE", f"tags/{uuid}", None, 404)
+    assert made["backup"]
+
+
+# -- replies ZStack shapes differently --------------------------------------------------------------
+def test_create_vm_backup_result_answers_inventories(sdk: Sdk, tmp_path: Path) -> None:
+    """CreateVmBackupEventView: ``Inventories []VolumeBackupInventoryView`` (not /v1's
+    ``{groupUuid, volumeBackups}``); a sync's result answers inventory and inventories."""
+    made = _rows(tmp_path)
+    backup = sdk.ok("GET", f"/v1/volume-backups/{made['backup']}")["inventories"][0]
+    results = {
+        "createVmBackup": {"groupUuid": backup["groupUuid"], "volumeBackups": [backup]},
+        "syncVmBackupFromImageStoreBackupStorage": {"copied": 1, "inventories": [backup]},
+    }
+    with db.session() as session:
+        jobs = {}
+        for action, result in results.items():
+            row = models.ApiJob(action=action, state="Succeeded", result=result, accountUuid=None)
+            session.add(row)
+            session.flush()
+            jobs[action] = row.uuid
+    answer = sdk.ok("GET", f"api-jobs/{jobs['createVmBackup']}")
+    assert "inventory" not in answer and [b["uuid"] for b in answer["inventories"]] == [made["backup"]]
+    assert isinstance(answer["inventories"][0]["metadata"], str)
+    assert_dates(answer["inventories"][0], "createDate")
+    synced = sdk.ok("GET", f"api-jobs/{jobs['syncVmBackupFromImageStoreBackupStorage']}")
+    assert synced["inventory"]["uuid"] == made["backup"] and synced["inventories"][0]["uuid"] == made["backup"]
+    v1 = sdk.ok("GET", f"/v1/api-jobs/{jobs['createVmBackup']}")["inventory"]
+    assert v1["groupUuid"] == backup["groupUuid"]  # /v1 keeps its shape
