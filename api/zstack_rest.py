@@ -174,9 +174,22 @@ def job_parameters(raw: Any) -> dict[str, Any]:
     return out
 
 
+# an action path whose empty body names one action (ZStack's SDK sends ReconnectBackupStorage so)
+EMPTY_ACTIONS = ((re.compile(rf"^{PREFIX}/backup-storage/[0-9a-f]{{32}}/actions$"), "reconnectBackupStorage"),)
+
+
+def rewrites(path: str) -> bool:
+    """Whether :func:`zstack_request` may change the body of a request to ``path``."""
+    return path.startswith(f"{PREFIX}/scheduler/") or any(p.fullmatch(path) for p, _ in EMPTY_ACTIONS)
+
+
 def zstack_request(path: str, body: Any) -> Any:
     """A request body as ``/v1`` takes it: the ``parameters`` (or ``jobData``) of a scheduling
-    call, under ``params`` or an action's key, read by :func:`job_parameters`."""
+    call, under ``params`` or an action's key, read by :func:`job_parameters`; an empty body
+    (none, or ``{}``) where the path names the action, that action."""
+    for pattern, action in EMPTY_ACTIONS:
+        if body in (None, {}) and pattern.fullmatch(path):
+            return {action: {}}
     if not path.startswith(f"{PREFIX}/scheduler/") or not isinstance(body, dict):
         return body
     out = dict(body)
@@ -249,7 +262,7 @@ class ZStackDialect:
 
     async def _rewrite_request(self, scope: Scope, receive: Receive, send: Send) -> Receive | None:
         """The request's receive, its JSON body read as ``/v1`` takes it; None when a 400 was sent."""
-        if scope.get("method") not in ("POST", "PUT") or not scope["path"].startswith(f"{PREFIX}/scheduler/"):
+        if scope.get("method") not in ("POST", "PUT") or not rewrites(scope["path"]):
             return receive
         body = b""
         while True:
@@ -263,7 +276,7 @@ class ZStackDialect:
             parsed = json.loads(body) if body.strip() else None
         except ValueError:
             parsed = None  # not JSON: the route answers that
-        if parsed is not None:
+        if parsed is not None or not body.strip():
             try:
                 changed = zstack_request(scope["path"], parsed)
             except InvalidArgument as exc:
@@ -277,6 +290,7 @@ class ZStackDialect:
                 body = json.dumps(changed).encode()
                 headers = MutableHeaders(scope=scope)
                 headers["content-length"] = str(len(body))
+                headers["content-type"] = "application/json"
         sent = False
 
         async def replay() -> Message:

@@ -497,3 +497,14 @@ def test_create_vm_backup_result_answers_inventories(sdk: Sdk, tmp_path: Path) -
     assert synced["inventory"]["uuid"] == made["backup"] and synced["inventories"][0]["uuid"] == made["backup"]
     v1 = sdk.ok("GET", f"/v1/api-jobs/{jobs['createVmBackup']}")["inventory"]
     assert v1["groupUuid"] == backup["groupUuid"]  # /v1 keeps its shape
+
+
+@pytest.mark.parametrize("body", [{}, None, {"reconnectBackupStorage": None}])
+def test_reconnect_backup_storage_with_the_empty_body_the_sdk_sends(sdk: Sdk, tmp_path: Path, body: Any) -> None:
+    """ReconnectBackupStorage: PUT backup-storage/{uuid}/actions, the body empty (or the
+    action's parameters null): the path names the action."""
+    storage = _registered(sdk, tmp_path)["storage"]
+    answer = sdk.ok("PUT", f"backup-storage/{storage['uuid']}/actions", body)["inventory"]
+    assert answer["uuid"] == storage["uuid"] and answer["status"] == "Connected"
+    status, v1 = sdk.call("PUT", f"/v1/backup-storage/{storage['uuid']}/actions", {})
+    assert status == 400 and v1["success"] is False  # /v1 still wants the action named
