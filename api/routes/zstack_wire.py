@@ -28,7 +28,7 @@ from api.deps import get_caller
 from api.envelopes import error_body
 from api.routes.api_jobs import job_answer
 from api.zstack_messages import MESSAGES, Message, Rest
-from api.zstack_rest import zstack_answer, zstack_types
+from api.zstack_rest import job_parameters, zstack_answer, zstack_types
 from shared.catalog import db
 from shared.catalog.models import ApiJob, new_uuid
 from shared.errors import BlockvaultError, InvalidArgument, Unauthorized
@@ -96,6 +96,15 @@ def check(message: Message, params: dict[str, Any]) -> dict[str, Any]:
         raise InvalidArgument(detail=f"invalid {message.name}: {problems}") from None
     values = {k: v for k, v in checked.model_dump().items() if k in message.names or k in message.extras}
     return {k: v for k, v in values.items() if v is not None}
+
+
+def _string_parameters(params: dict[str, Any]) -> dict[str, Any]:
+    """A job group's or job's ``parameters`` sent as ZStack's ``Map<String, String>`` read into
+    the typed jobData (as on ``/zstack/v1``); an object of typed values passes as it is."""
+    data = params.get("parameters")
+    if isinstance(data, dict) and data and all(isinstance(v, str) for v in data.values()):
+        return {**params, "parameters": job_parameters(data)}
+    return params
 
 
 def _session_token(params: dict[str, Any]) -> str:
@@ -202,6 +211,7 @@ async def zstack_api(request: Request) -> JSONResponse:
         message, raw = _parse(await request.body())
         try:
             params = check(message, raw)
+            params = _string_parameters(params)
             rest = message.rest({**params, "session": raw.get("session")} if message.name == "LogOut" else params)
         except (InvalidArgument, KeyError) as exc:
             raise WireError(400, "INVALID_ARGUMENT", str(exc)) from None

@@ -508,3 +508,24 @@ def test_reconnect_backup_storage_with_the_empty_body_the_sdk_sends(sdk: Sdk, tm
     assert answer["uuid"] == storage["uuid"] and answer["status"] == "Connected"
     status, v1 = sdk.call("PUT", f"/v1/backup-storage/{storage['uuid']}/actions", {})
     assert status == 400 and v1["success"] is False  # /v1 still wants the action named
+
+
+def test_the_wire_reads_string_parameters_and_answers_zstack_types(sdk: Sdk, tmp_path: Path) -> None:
+    """CreateSchedulerJobGroup on the wire with ZStack's Map<String, String> parameters: the
+    event's inventory has jobData as a JSON string; a bad value is the wire's 400."""
+    storage = _storage(tmp_path)
+    message = "org.zstack.scheduler.APICreateSchedulerJobGroupMsg"
+    params = {
+        "name": "g",
+        "type": "volumeBackup",
+        "parameters": {"backupStorageUuids": storage, "fullBackupInterval": "2"},
+    }
+    started = sdk.client.post("/zstack/api/", json={message: {**params, "session": {"uuid": sdk.key}}}).json()
+    result = sdk.client.get(f"/zstack/api/result/{started['uuid']}").json()
+    assert result["state"] == "Done", result
+    event = json.loads(result["result"])["org.zstack.scheduler.APICreateSchedulerJobGroupEvent"]
+    assert json.loads(event["inventory"]["jobData"]) == {"backupStorageUuids": [storage], "fullBackupInterval": 2}
+    assert ZSTACK_DATE.fullmatch(event["inventory"]["createDate"])
+    bad = {**params, "parameters": {"fullBackupInterval": "two"}, "session": {"uuid": sdk.key}}
+    answer = sdk.client.post("/zstack/api/", json={message: bad})
+    assert answer.status_code == 400 and "fullBackupInterval" in answer.json()["error"]["description"]
