@@ -529,3 +529,31 @@ def test_the_wire_reads_string_parameters_and_answers_zstack_types(sdk: Sdk, tmp
     bad = {**params, "parameters": {"fullBackupInterval": "two"}, "session": {"uuid": sdk.key}}
     answer = sdk.client.post("/zstack/api/", json={message: bad})
     assert answer.status_code == 400 and "fullBackupInterval" in answer.json()["error"]["description"]
+
+
+def test_the_cli_takes_trigger_times_in_seconds(sdk: Sdk, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``blockvault trigger create --start/--stop`` in Unix seconds; a time out of range (a
+    negative one, one in milliseconds) is one line and exit 2, before any request."""
+    from click.testing import CliRunner
+
+    from api.cli import resources
+    from api.client import Client
+
+    def client() -> Client:
+        made = Client("http://testserver", sdk.key)
+        made.http = sdk.client
+        sdk.client.headers["Authorization"] = f"Bearer {sdk.key}"
+        return made
+
+    monkeypatch.setattr(resources, "_client", client)
+    start = int(time.time()) + 600
+    args = ["create", "--name", "cli", "--interval", "60", "--start", str(start), "--stop", str(start + 60)]
+    run = CliRunner().invoke(resources.trigger, [*args, "--json"])
+    assert run.exit_code == 0, run.output
+    made = json.loads(run.output)
+    assert (made["startTime"], made["stopTime"]) == (start, start + 60)
+    for bad in ("-1", str(start * 1000)):
+        run = CliRunner().invoke(resources.trigger, ["create", "--name", "x", "--interval", "60", "--start", bad])
+        assert run.exit_code == 2 and "--start" in run.output, run.output
+    run = CliRunner().invoke(resources.trigger, ["create", "--name", "x", "--cron", "0 0 2 * * MON"])
+    assert run.exit_code != 0 and len(run.output.strip().splitlines()) == 1 and "cron" in run.output, run.output
