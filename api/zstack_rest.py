@@ -10,8 +10,9 @@ translates for every route under ``/zstack/v1`` rather than each route doing it:
   read into the typed jobData ``/v1`` takes (:func:`job_parameters`); anything else is a 400;
 - answers (:func:`zstack_types`): dates as ZStack writes them (``Jul 25, 2018 4:55:41 PM``),
   ``metadata`` and ``jobData`` as JSON strings, a trigger's ``startTime``/``stopTime`` (Unix
-  seconds) as dates, a job history's ``executeTime`` as integer Unix milliseconds (its
-  ``startTime`` the date), a VM backup's result as ``inventories``;
+  seconds) as dates, a job history's ``executeTime`` and a database backup's metadata
+  ``createdTime`` as integer Unix milliseconds (the history's ``startTime`` the date), a VM
+  backup's result as ``inventories``;
 - errors: ZStack's ``{"error": {"code", "description", "details"}}``.
 
 The wire endpoint (``/zstack/api/``) answers with the same types (:func:`zstack_types`).
@@ -19,6 +20,7 @@ The wire endpoint (``/zstack/api/``) answers with the same types (:func:`zstack_
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 from datetime import datetime
@@ -68,6 +70,10 @@ def _unix_ms(text: str) -> int:
 def zstack_inventory(row: dict[str, Any]) -> dict[str, Any]:
     """One inventory with ZStack's types (the fields' names are the same as on ``/v1``)."""
     out = dict(row)
+    metadata = out.get("metadata")
+    if isinstance(metadata, dict) and isinstance(metadata.get("createdTime"), str):
+        with contextlib.suppress(ValueError):  # a database backup's createdTime: Unix ms, as ZStack's
+            out["metadata"] = {**metadata, "createdTime": _unix_ms(metadata["createdTime"])}
     for name in JSON_STRING_FIELDS:
         if name in out and out[name] is not None and not isinstance(out[name], str):
             out[name] = json.dumps(out[name], separators=(",", ":"))

@@ -243,7 +243,10 @@ def _rows(tmp: Path) -> dict[str, Any]:
         where = {"backupStorageUuid": storage.uuid, "status": "Ready", "installPath": "zstore://r/d"}
         backup.backupStorageRefs.append(models.VolumeBackupStorageRef(**where))
         database = models.DatabaseBackup(
-            name="db", status="Ready", size=1, metadata_={"name": "zstack", "version": "16", "md5": "0" * 32}
+            name="db",
+            status="Ready",
+            size=1,
+            metadata_={"name": "zstack", "version": "16", "md5": "0" * 32, "createdTime": "2026-03-01T02:00:05+00:00"},
         )
         database.backupStorageRefs.append(models.DatabaseBackupStorageRef(**where))
         executed = datetime(2026, 3, 1, 2, 0, 5, 250000, tzinfo=UTC)
@@ -275,7 +278,10 @@ def test_query_volume_backup_answers_zstack_types(sdk: Sdk, tmp_path: Path) -> N
 def test_query_database_backup_answers_zstack_types(sdk: Sdk, tmp_path: Path) -> None:
     rows = _rows(tmp_path)
     row = sdk.ok("GET", "database-backups", q=f"uuid={rows['database']}")["inventories"][0]
-    assert isinstance(row["metadata"], str) and json.loads(row["metadata"])["name"] == "zstack"
+    assert isinstance(row["metadata"], str)
+    metadata = json.loads(row["metadata"])  # the seed's keys, createdTime in Unix ms as ZStack's
+    assert metadata["name"] == "zstack" and metadata["version"] == "16" and metadata["md5"] == "0" * 32
+    assert metadata["createdTime"] == int(datetime(2026, 3, 1, 2, 0, 5, tzinfo=UTC).timestamp() * 1000)
     assert_dates(row, "createDate", "lastOpDate")
 
 
