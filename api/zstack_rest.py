@@ -280,8 +280,8 @@ class ZStackDialect:
                 break
         try:
             parsed = json.loads(body) if body.strip() else None
-        except ValueError:
-            parsed = None  # not JSON: the route answers that
+        except (ValueError, RecursionError):
+            parsed = None  # not JSON (the route answers that), or too deep (InputGuard's 400)
         if parsed is not None or not body.strip():
             try:
                 changed = zstack_request(scope["path"], parsed)
