@@ -12,12 +12,14 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from shared.errors import BackupNotFound, TargetExists, UsageError, VolumeError
 from shared.repository.backup import backup_volume
 from shared.repository.repo import Repository
 from shared.repository.restore import restore_backup
-from shared.repository.volume import DeviceWriter, RawReader, RawWriter
+from shared.repository.volume import ZERO_BLOCK, DeviceWriter, RawReader, RawWriter, nonzero_runs
 from tests.conftest import Cli, MiB, qcow2_equal, vm_like_regions, write_regions
 
 
@@ -197,3 +199,17 @@ def test_cli_restores_in_place_to_a_block_device(cli: Cli, tmp_path: Path, loop_
     refused = cli.run("repo", "restore", repo, backup["id"], str(volume), "--in-place")
     assert refused.returncode != 0 and "needs a block device" in refused.stderr
     assert len(refused.stderr.strip().splitlines()) == 1
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 9), st.booleans()), max_size=12), st.integers(0, 70000))
+def test_nonzero_runs_finds_every_nonzero_block(blocks: list[tuple[int, bool]], tail: int) -> None:
+    data = bytearray()
+    for count, zero in blocks:
+        data += bytes(count * ZERO_BLOCK) if zero else b"\1" * (count * ZERO_BLOCK)
+    data += b"\0" * (tail // 2) + b"\2" * (tail - tail // 2)
+    expected = [i for i in range(0, len(data), ZERO_BLOCK) if any(data[i : i + ZERO_BLOCK])]
+    runs = nonzero_runs(bytes(data))
+    assert [i for start, length in runs for i in range(start, start + length, ZERO_BLOCK)] == expected
+    assert runs == nonzero_runs(bytearray(data)) == nonzero_runs(memoryview(data))
+    assert all(length > 0 and start + length <= len(data) for start, length in runs)
