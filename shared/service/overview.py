@@ -25,7 +25,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy import and_, any_, bindparam, desc, func, select, text
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, aliased
 from sqlalchemy.sql.sqltypes import NullType
 
 from shared import access, schedule
@@ -100,50 +100,23 @@ def _vms(
     )
     if not vm_rows:
         return []
-    visible_vms = access.scope(viewer, VmInstance).with_only_columns(VmInstance.uuid)
-    newest = (
-        select(func.max(VolumeBackup.createDate))
-        .where(VolumeBackup.volumeUuid == Volume.uuid)
-        .correlate(Volume)
-        .scalar_subquery()
-    )
-    last_good = (
-        select(VolumeBackup.uuid)
-        .where(VolumeBackup.volumeUuid == Volume.uuid, VolumeBackup.status == "Ready")
-        .order_by(desc(VolumeBackup.createDate))
-        .limit(1)
-        .correlate(Volume)
-        .scalar_subquery()
-    )
-    last_failed = newest.where(VolumeBackup.status == "Failed")
-    volume_query = select(Volume.uuid, Volume.vmInstanceUuid, last_good, last_failed).where(
-        Volume.vmInstanceUuid.is_not(None)
-    )
-    if not viewer.admin:
-        volume_query = volume_query.where(Volume.vmInstanceUuid.in_(visible_vms))
-    volumes = _rows(session, volume_query)
-
-    good_uuids = [row[2] for row in volumes if row[2]]
-    good = {backup["uuid"]: backup for backup in _backups(session, VolumeBackup.uuid, good_uuids)}
+    volumes = _volumes(session, viewer)
     # each VM's newest Ready backup, then every Ready backup of its VM backup (group)
     vm_volumes: dict[str, list[str]] = defaultdict(list)
     vm_best: dict[str, dict[str, Any]] = {}
     vm_failed: dict[str, datetime] = {}
-    for volume_uuid, vm_uuid, good_uuid, failed_at in volumes:
+    for volume_uuid, vm_uuid, failed_at, backup in volumes:
         vm_volumes[vm_uuid].append(volume_uuid)
-        if failed_at is not None and (vm_uuid not in vm_failed or aware(failed_at) > vm_failed[vm_uuid]):
-            vm_failed[vm_uuid] = aware(failed_at)
-        backup = good.get(good_uuid) if good_uuid else None
+        if failed_at is not None and (vm_uuid not in vm_failed or failed_at > vm_failed[vm_uuid]):
+            vm_failed[vm_uuid] = failed_at
         if backup and (vm_uuid not in vm_best or backup["createDate"] > vm_best[vm_uuid]["createDate"]):
             vm_best[vm_uuid] = backup
-    groups = {b["groupUuid"] for b in vm_best.values() if b["groupUuid"]}
+    groups = sorted({b["groupUuid"] for b in vm_best.values() if b["groupUuid"]})
+    alone = [b["uuid"] for b in vm_best.values() if not b["groupUuid"]]
     members: dict[str, list[dict[str, Any]]] = defaultdict(list)
-    for backup in _backups(session, VolumeBackup.groupUuid, sorted(groups)):
+    for backup in _backups(session, VolumeBackup.groupUuid, groups):
         members[backup["groupUuid"]].append(backup)
-    chosen: dict[str, list[dict[str, Any]]] = {
-        vm: (members.get(b["groupUuid"]) or [b]) if b["groupUuid"] else [b] for vm, b in vm_best.items()
-    }
-    copies = _copies(session, [b["uuid"] for backups in chosen.values() for b in backups])
+    held_alone = {b["uuid"]: b["held"] for b in _backups(session, VolumeBackup.uuid, alone)}
     kinds = {s.uuid: storage_kind(s) for s in storages}
     present = sorted({k for k in kinds.values() if k != "master"})
 
@@ -153,15 +126,17 @@ def _vms(
 
     out = []
     for vm_uuid, name, project, host, state in vm_rows:
-        backups = chosen.get(vm_uuid, [])
+        best = vm_best.get(vm_uuid)
+        backups: list[dict[str, Any]] = []
+        if best is not None:
+            backups = members.get(best["groupUuid"]) or [{**best, "held": held_alone.get(best["uuid"], set())}]
+        own = vm_volumes.get(vm_uuid, [])
         last = max((b["createDate"] for b in backups), default=None)
-        failed_at = max(
-            [t for t in (vm_failed.get(vm_uuid), failed_runs.get(vm_uuid)) if t]
-            + [failed_runs[v] for v in vm_volumes[vm_uuid] if v in failed_runs],
-            default=None,
-        )
-        due = [expected[t] for t in (vm_uuid, *vm_volumes[vm_uuid]) if t in expected]
-        scheduled = bool(due)
+        failures = [failed_runs[t] for t in (vm_uuid, *own) if t in failed_runs]
+        if vm_uuid in vm_failed:
+            failures.append(vm_failed[vm_uuid])
+        failed_at = max(failures, default=None)
+        due = [expected[t] for t in (vm_uuid, *own) if t in expected]
         overdue = any(when is not None and (last is None or last < when) for when in due)
         if last is None:
             status = "failed" if failed_at else "none"
@@ -169,7 +144,7 @@ def _vms(
             status = "failed"
         else:
             status = "overdue" if overdue else "ok"
-        held = [{kinds.get(s) for s in copies.get(b["uuid"], ())} for b in backups]
+        held = [{kinds.get(s) for s in b["held"]} for b in backups]
         out.append(
             {
                 "uuid": vm_uuid,
@@ -177,10 +152,10 @@ def _vms(
                 "projectUuid": project,
                 "hostUuid": host,
                 "state": state,
-                "volumes": len(vm_volumes[vm_uuid]),
+                "volumes": len(own),
                 "status": status,
                 "overdue": overdue,
-                "scheduled": scheduled,
+                "scheduled": bool(due),
                 "lastFailure": iso(failed_at),
                 "lastBackup": (
                     {
@@ -193,13 +168,75 @@ def _vms(
                         "mode": sorted({b["mode"] for b in backups}),
                         "volumeBackups": len(backups),
                     }
-                    if backups
+                    if backups and last
                     else None
                 ),
                 "copies": {kind: bool(held) and all(kind in h for h in held) for kind in present},
             }
         )
     return out
+
+
+_BACKUP_COLUMNS = (
+    VolumeBackup.uuid,
+    VolumeBackup.name,
+    VolumeBackup.groupUuid,
+    VolumeBackup.createDate,
+    VolumeBackup.size,
+    VolumeBackup.mode,
+)
+
+
+def _backup(uuid: str, name: str, group: str | None, created: datetime, size: int | None, mode: str) -> dict[str, Any]:
+    return {
+        "uuid": uuid,
+        "name": name,
+        "groupUuid": group,
+        "createDate": aware(created),
+        "size": size or 0,
+        "mode": mode,
+    }
+
+
+def _volumes(session: Session, viewer: Viewer) -> list[tuple[str, str, datetime | None, dict[str, Any] | None]]:
+    """Every volume of a VM the caller sees: (volume, VM, its newest Failed backup's date, its
+    newest Ready backup), one statement: two index probes per volume on (volumeUuid, status,
+    createDate) and the Ready one's row by its key."""
+    newest_failed = (
+        select(func.max(VolumeBackup.createDate))
+        .where(VolumeBackup.volumeUuid == Volume.uuid, VolumeBackup.status == "Failed")
+        .correlate(Volume)
+        .scalar_subquery()
+    )
+    newest_ready = (
+        select(VolumeBackup.uuid)
+        .where(VolumeBackup.volumeUuid == Volume.uuid, VolumeBackup.status == "Ready")
+        .order_by(desc(VolumeBackup.createDate))
+        .limit(1)
+        .correlate(Volume)
+        .scalar_subquery()
+    )
+    per_volume = select(
+        Volume.uuid.label("volume"),
+        Volume.vmInstanceUuid.label("vm"),
+        newest_failed.label("failed"),
+        newest_ready.label("ready"),
+    ).where(Volume.vmInstanceUuid.is_not(None))
+    if not viewer.admin:
+        visible_vms = access.scope(viewer, VmInstance).with_only_columns(VmInstance.uuid)
+        per_volume = per_volume.where(Volume.vmInstanceUuid.in_(visible_vms))
+    listed = per_volume.subquery()
+    ready = aliased(VolumeBackup)
+    query = select(
+        listed.c.volume,
+        listed.c.vm,
+        listed.c.failed,
+        *(getattr(ready, column.key) for column in _BACKUP_COLUMNS),
+    ).outerjoin(ready, ready.uuid == listed.c.ready)
+    return [
+        (volume, vm, aware(failed) if failed else None, _backup(*backup) if backup[0] else None)
+        for volume, vm, failed, *backup in _rows(session, query)
+    ]
 
 
 def _rows(session: Session, query: Any) -> Sequence[Any]:
@@ -222,34 +259,28 @@ def _among(session: Session, column: Any, values: Sequence[str]) -> list[Any]:
 
 
 def _backups(session: Session, column: Any, keys: Sequence[str]) -> list[dict[str, Any]]:
-    """The Ready backups whose ``column`` (uuid or groupUuid) is one of ``keys``, as plain dicts."""
-    columns = (
-        VolumeBackup.uuid,
-        VolumeBackup.name,
-        VolumeBackup.groupUuid,
-        VolumeBackup.createDate,
-        VolumeBackup.size,
-        VolumeBackup.mode,
-    )
-    return [
-        {"uuid": uuid, "name": name, "groupUuid": group, "createDate": aware(created), "size": size or 0, "mode": mode}
-        for clause in _among(session, column, keys)
-        for uuid, name, group, created, size, mode in _rows(
-            session, select(*columns).where(clause, VolumeBackup.status == "Ready")
+    """The Ready backups whose ``column`` (uuid or groupUuid) is one of ``keys``, as plain dicts,
+    each with ``held``: the storages that hold a Ready copy of it (one row per copy)."""
+    found: dict[str, dict[str, Any]] = {}
+    for clause in _among(session, column, keys):
+        query = (
+            select(*_BACKUP_COLUMNS, VolumeBackupStorageRef.backupStorageUuid)
+            .outerjoin(
+                VolumeBackupStorageRef,
+                and_(
+                    VolumeBackupStorageRef.volumeBackupUuid == VolumeBackup.uuid,
+                    VolumeBackupStorageRef.status == "Ready",
+                ),
+            )
+            .where(clause, VolumeBackup.status == "Ready")
         )
-    ]
-
-
-def _copies(session: Session, uuids: list[str]) -> dict[str, set[str]]:
-    """The storages holding a Ready copy of each backup of ``uuids``."""
-    held: dict[str, set[str]] = defaultdict(set)
-    for clause in _among(session, VolumeBackupStorageRef.volumeBackupUuid, uuids):
-        query = select(VolumeBackupStorageRef.volumeBackupUuid, VolumeBackupStorageRef.backupStorageUuid).where(
-            clause, VolumeBackupStorageRef.status == "Ready"
-        )
-        for backup, storage in _rows(session, query):
-            held[backup].add(storage)
-    return held
+        for *backup, storage in _rows(session, query):
+            row = found.get(backup[0])
+            if row is None:
+                row = found[backup[0]] = {**_backup(*backup), "held": set()}
+            if storage:
+                row["held"].add(storage)
+    return list(found.values())
 
 
 def _failed_runs(session: Session, viewer: Viewer, targets: list[str]) -> dict[str, datetime]:
