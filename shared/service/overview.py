@@ -362,43 +362,52 @@ def _running(session: Session, viewer: Viewer) -> list[dict[str, Any]]:
 
 def _failures(session: Session, viewer: Viewer, since: datetime) -> list[dict[str, Any]]:
     out: list[dict[str, Any]] = []
+    # the columns shown only, not whole rows (a run's request and a job's parameters stay behind)
     jobs = (
         access.scope(viewer, ApiJob)
+        .with_only_columns(ApiJob.uuid, ApiJob.action, ApiJob.resourceUuid, ApiJob.lastOpDate, ApiJob.error)
         .where(ApiJob.state == "Failed", ApiJob.lastOpDate >= since)
         .order_by(desc(ApiJob.lastOpDate))
         .limit(FAILURE_ROWS)
     )
-    for job in session.scalars(jobs):
-        error = job.error or {}
+    for uuid, action, resource, when, job_error in _rows(session, jobs):
+        error = job_error or {}
         out.append(
             {
                 "source": "apiJob",
-                "uuid": job.uuid,
-                "action": job.action,
-                "resourceUuid": job.resourceUuid,
-                "date": iso(job.lastOpDate),
+                "uuid": uuid,
+                "action": action,
+                "resourceUuid": resource,
+                "date": iso(aware(when)),
                 "code": error.get("code"),
                 "reason": error.get("description"),
             }
         )
     runs = (
         access.scope(viewer, SchedulerJobHistory)
+        .with_only_columns(
+            SchedulerJobHistory.id,
+            SchedulerJobHistory.schedulerJobGroupUuid,
+            SchedulerJobHistory.targetResourceUuid,
+            SchedulerJobHistory.executeTime,
+            SchedulerJobHistory.resultDump,
+        )
         .where(SchedulerJobHistory.success.is_(False), SchedulerJobHistory.executeTime >= since)
         .order_by(desc(SchedulerJobHistory.executeTime))
         .limit(FAILURE_ROWS)
     )
-    for run in session.scalars(runs):
+    for run_id, group, target, executed, result in _rows(session, runs):
         try:
-            error = (json.loads(run.resultDump or "{}") or {}).get("error") or {}
+            error = (json.loads(result or "{}") or {}).get("error") or {}
         except (ValueError, AttributeError):
             error = {}
         out.append(
             {
                 "source": "jobHistory",
-                "id": run.id,
-                "schedulerJobGroupUuid": run.schedulerJobGroupUuid,
-                "resourceUuid": run.targetResourceUuid,
-                "date": iso(run.executeTime),
+                "id": run_id,
+                "schedulerJobGroupUuid": group,
+                "resourceUuid": target,
+                "date": iso(aware(executed)),
                 "code": error.get("code") if isinstance(error, dict) else None,
                 "reason": error.get("description") if isinstance(error, dict) else str(error),
             }
