@@ -342,12 +342,13 @@ def _expected_backups(session: Session, viewer: Viewer, before: datetime) -> dic
     """For every target of an enabled job of an enabled group the caller sees: the newest fire
     at or before ``before`` of the group's enabled triggers (None: scheduled, nothing due yet)."""
     groups = access.scope(viewer, SchedulerJobGroup).where(SchedulerJobGroup.state == "Enabled")
-    rows = session.execute(
+    rows = _rows(
+        session,
         select(SchedulerJob.targetResourceUuid, SchedulerJob.schedulerJobGroupUuid).where(
             SchedulerJob.schedulerJobGroupUuid.in_(groups.with_only_columns(SchedulerJobGroup.uuid)),
             SchedulerJob.state == "Enabled",
-        )
-    ).all()
+        ),
+    )
     if not rows:
         return {}
     triggers: dict[str, list[SchedulerTrigger]] = defaultdict(list)
@@ -355,7 +356,7 @@ def _expected_backups(session: Session, viewer: Viewer, before: datetime) -> dic
         select(SchedulerJobGroupTriggerRef.schedulerJobGroupUuid, SchedulerTrigger)
         .join(SchedulerTrigger, SchedulerTrigger.uuid == SchedulerJobGroupTriggerRef.schedulerTriggerUuid)
         .where(
-            SchedulerJobGroupTriggerRef.schedulerJobGroupUuid.in_({group for _t, group in rows}),
+            SchedulerJobGroupTriggerRef.schedulerJobGroupUuid.in_(groups.with_only_columns(SchedulerJobGroup.uuid)),
             SchedulerTrigger.state == "Enabled",
         )
     )
