@@ -6,6 +6,7 @@ import { Badge, ErrorBox, Progress, age, formatBytes, formatDate, formatDuration
 const KIND_LABEL = { standby: "Standby", remote: "Remote", cloud: "Cloud" };
 const REFRESH_MS = 10000;
 const PAGE_ROWS = 100; // VM rows a page of the table shows (asked of the API a page at a time)
+const FAILURE_ROWS = 20; // failures listed before "Show all"
 const FIND_DELAY_MS = 300; // the find text goes to the API once typing pauses this long
 
 /** A running API job's progress, polled at GET /v1/api-jobs/{uuid} while it runs. */
@@ -100,6 +101,27 @@ function Pager({ at, pages, first, shown, count, setPage }) {
   </nav>`;
 }
 
+/** The last day's failures, newest first: the first FAILURE_ROWS, the rest on request (the API
+ * sends up to 200 of each kind, and a few hundred rows cost the first render as much as the VMs). */
+function Failures({ failures }) {
+  const [all, setAll] = useState(false);
+  const shown = all ? failures : failures.slice(0, FAILURE_ROWS);
+  return html`<section class="panel" aria-labelledby="failures-title">
+    <h2 id="failures-title">Failures in the last 24 hours</h2>
+    ${failures.length === 0
+      ? html`<p class="muted">Nothing failed.</p>`
+      : html`<div class="table-wrap"><table id="failures"><thead><tr><th>When</th><th>What</th><th>Reason</th></tr></thead><tbody>
+          ${shown.map(
+            (f) => html`<tr><td>${formatDate(f.date)}</td>
+              <td>${f.source === "jobHistory" ? "scheduled run" : f.action} <span class="mono">${short(f.resourceUuid)}</span></td>
+              <td>${f.code ? html`<strong>${f.code}</strong>: ` : null}${f.reason || "–"}</td></tr>`,
+          )}</tbody></table></div>`}
+    ${failures.length > shown.length
+      ? html`<button type="button" onClick=${() => setAll(true)}>Show all ${failures.length} failures</button>`
+      : null}
+  </section>`;
+}
+
 /** What the VM table shows: the find text (sent once typing pauses), a status, a page. */
 function useChoice() {
   const [filter, setFilterNow] = useState("");
@@ -153,17 +175,7 @@ export function OverviewPage({ ctx }) {
                   <td>${age(job.createDate)} ago</td><td><${LiveProgress} job=${job} /></td></tr>`,
               )}</tbody></table>`}
       </section>
-      <section class="panel" aria-labelledby="failures-title">
-        <h2 id="failures-title">Failures in the last 24 hours</h2>
-        ${data.failures.length === 0
-          ? html`<p class="muted">Nothing failed.</p>`
-          : html`<div class="table-wrap"><table id="failures"><thead><tr><th>When</th><th>What</th><th>Reason</th></tr></thead><tbody>
-              ${data.failures.map(
-                (f) => html`<tr><td>${formatDate(f.date)}</td>
-                  <td>${f.source === "jobHistory" ? "scheduled run" : f.action} <span class="mono">${short(f.resourceUuid)}</span></td>
-                  <td>${f.code ? html`<strong>${f.code}</strong>: ` : null}${f.reason || "–"}</td></tr>`,
-              )}</tbody></table></div>`}
-      </section>
+      <${Failures} failures=${data.failures} />
       ${ctx.me.admin
         ? html`<section class="panel" aria-labelledby="hosts-title">
             <h2 id="hosts-title">Hosts</h2>
