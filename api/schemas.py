@@ -119,6 +119,8 @@ class Overview(BaseModel):
     success: bool
     generatedAt: str
     vmInstances: list[dict[str, Any]]
+    vmTotal: int
+    vmCounts: dict[str, int]
     runningJobs: list[dict[str, Any]]
     failures: list[dict[str, Any]]
     hosts: list[dict[str, Any]]

@@ -198,6 +198,48 @@ def test_overdue_without_failure_and_the_members_view(api: tuple[TestClient, str
     assert ids["failed"][0] not in text and ids["remote"] not in text
 
 
+def test_the_vm_list_in_pages_with_filters_and_counts(api: tuple[TestClient, str], tmp_path: Path) -> None:
+    """limit/start page the VM list (by name), status and q select from it; vmCounts count every
+    VM the caller sees whatever the selection, vmTotal the VMs selected; a page holds the same
+    rows as the whole list; a member's counts are its projects' VMs only."""
+    client, key = api
+    ids = build(tmp_path)
+    whole = get(client, key, "/v1/overview")[1]
+    assert whole["vmTotal"] == 4 and whole["vmCounts"] == {"ok": 1, "overdue": 0, "failed": 2, "none": 1}
+    names = [vm["name"] for vm in whole["vmInstances"]]
+    assert names == sorted(names)
+    pages = [get(client, key, "/v1/overview", limit=3, start=start)[1] for start in (0, 3, 6)]
+    assert [[vm["name"] for vm in page["vmInstances"]] for page in pages] == [names[:3], names[3:], []]
+    assert all(page["vmTotal"] == 4 and page["vmCounts"] == whole["vmCounts"] for page in pages)
+    assert pages[0]["vmInstances"] == whole["vmInstances"][:3]  # the same rows, details and all
+
+    failed = get(client, key, "/v1/overview", status="failed")[1]
+    assert sorted(by_name(failed)) == ["failed-vm", "overdue-vm"] and failed["vmTotal"] == 2
+    assert failed["vmCounts"] == whole["vmCounts"]
+    assert sorted(by_name(get(client, key, "/v1/overview", q="OVER")[1])) == ["overdue-vm"]  # any case
+    assert sorted(by_name(get(client, key, "/v1/overview", q=ids["ok"][0][:8])[1])) == ["ok-vm"]  # a uuid's start
+    nothing = get(client, key, "/v1/overview", q="ok", status="none")[1]
+    assert nothing["vmInstances"] == [] and nothing["vmTotal"] == 0
+
+    for name, bad in (("limit", "0"), ("limit", "1001"), ("limit", "x"), ("start", "-1"), ("status", "good")):
+        status, body = get(client, key, "/v1/overview", **{name: bad})
+        assert status == 400 and body["error"]["code"] == "INVALID_ARGUMENT" and name in body["error"]["description"]
+    assert get(client, key, "/v1/overview", q="x" * 256)[0] == 400
+
+    headers = {"Authorization": f"Bearer {key}"}
+    member = client.post("/v1/accounts", headers=headers, json={"params": {"name": "m"}}).json()["inventory"]
+    client.post(
+        f"/v1/projects/{ids['projects'][1]}/members", headers=headers, json={"params": {"accountUuid": member["uuid"]}}
+    )
+    member_key = client.post("/v1/api-keys", headers=headers, json={"params": {"accountUuid": member["uuid"]}}).json()[
+        "inventory"
+    ]["key"]
+    seen = get(client, member_key, "/v1/overview", limit=1)[1]
+    assert seen["vmTotal"] == 2 and seen["vmCounts"] == {"ok": 0, "overdue": 0, "failed": 1, "none": 1}
+    assert [vm["name"] for vm in seen["vmInstances"]] == ["failed-vm"]
+    assert get(client, member_key, "/v1/overview", q="ok-vm")[1]["vmInstances"] == []
+
+
 def test_fire_times_follow_the_scheduler_and_bad_input(api: tuple[TestClient, str], tmp_path: Path) -> None:
     client, key = api
     ids = build(tmp_path)

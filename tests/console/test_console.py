@@ -63,6 +63,16 @@ def test_admin_backs_up_restores_schedules_and_syncs(stack: Stack, browser: Brow
         assert table.get_by_role("link", name=name).is_visible()
     assert page.locator(f'tr[data-vm="{vm["vm"]["uuid"]}"]').get_by_text("No backup").is_visible()
     browser.shot("overview-empty")
+    # the find box and the status filter are the API's selection (GET /v1/overview?q=&status=)
+    page.get_by_label("Find").fill("DB-")
+    table.get_by_role("link", name="web-a").wait_for(state="detached")
+    assert table.get_by_role("link", name="db-b").is_visible()
+    page.get_by_label("Find").fill("")
+    page.locator("form[role=search] select").select_option("ok")
+    table.get_by_role("link", name="db-b").wait_for(state="detached")
+    assert table.locator("tbody tr").count() == 0  # nothing is backed up yet
+    page.locator("form[role=search] select").select_option("")
+    table.get_by_role("link", name="web-a").wait_for()
 
     # back the VM up, full, from its page, and watch the job
     table.get_by_role("link", name="web-a").click()
