@@ -28,6 +28,20 @@ MiB = 1024 * 1024
 ROOT = Path(__file__).resolve().parent.parent
 
 
+# The suite's layers (docs/testing.md). The system layer starts the service as processes (the
+# API, Celery workers, browsers, network namespaces): its folders are marked slow, as are the
+# long tests of the other layers listed here; `make test` runs them, `make test-fast` does not.
+SLOW_SUITES = ("service", "multihost", "console", "zstack")
+SLOW_MODULES: tuple[str, ...] = ()
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        where = item.path.relative_to(ROOT / "tests").as_posix()
+        if where.split("/", 1)[0] in SLOW_SUITES or where in SLOW_MODULES:
+            item.add_marker(pytest.mark.slow)
+
+
 def pytest_configure(config: pytest.Config) -> None:
     # A test that needs a tool the harness could not install fails; it never skips quietly.
     missing = [tool for tool in ("qemu-img", "qemu-nbd", "qemu-io", "qemu-system-x86_64") if shutil.which(tool) is None]
