@@ -8,6 +8,7 @@ import random
 import shutil
 import subprocess
 import sys
+import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -42,7 +43,21 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(pytest.mark.slow)
 
 
+SHORT_BASETEMP = "bvt"
+
+
+@pytest.hookimpl(tryfirst=True)  # before pytest's tmp_path factory reads the option
 def pytest_configure(config: pytest.Config) -> None:
+    if config.getoption("numprocesses", None) and not hasattr(config, "workerinput") and not config.option.basetemp:
+        # pytest-xdist puts each worker's folders in <basetemp>/popen-gw<n>: under pytest's own
+        # /tmp/pytest-of-<user>/pytest-<n> that leaves a socket in a test's folder (QMP, NBD
+        # exports) past AF_UNIX's 108 bytes. $TMPDIR/bvt<pid> is shorter than the serial run's.
+        tmp = Path(tempfile.gettempdir())
+        for old in tmp.glob(SHORT_BASETEMP + "*"):
+            pid = old.name.removeprefix(SHORT_BASETEMP)
+            if pid.isdigit() and not Path(f"/proc/{pid}").exists():
+                shutil.rmtree(old, ignore_errors=True)  # a finished run's
+        config.option.basetemp = str(tmp / f"{SHORT_BASETEMP}{os.getpid()}")
     # A test that needs a tool the harness could not install fails; it never skips quietly.
     missing = [tool for tool in ("qemu-img", "qemu-nbd", "qemu-io", "qemu-system-x86_64") if shutil.which(tool) is None]
     if missing:
