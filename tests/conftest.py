@@ -36,11 +36,42 @@ SLOW_SUITES = ("service", "multihost", "console", "zstack")
 SLOW_MODULES: tuple[str, ...] = ()
 
 
+# The longest tests (minutes each on the loaded machine): under xdist they start first.
+LONGEST = ("service/test_schemathesis.py", "service/test_scheduler.py", "service/test_database_backups.py")
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    slow: list[pytest.Item] = []
     for item in items:
         where = item.path.relative_to(ROOT / "tests").as_posix()
         if where.split("/", 1)[0] in SLOW_SUITES or where in SLOW_MODULES:
             item.add_marker(pytest.mark.slow)
+            slow.append(item)
+    workers = int(getattr(config, "workerinput", {}).get("workercount", 0))
+    if workers > 1:
+        items[:] = spread_slow_first(items, slow, workers)
+
+
+def spread_slow_first(items: list[pytest.Item], slow: list[pytest.Item], workers: int) -> list[pytest.Item]:
+    """The order that starts the slow tests first on every worker under ``--dist worksteal``,
+    which hands worker i the i-th of ``workers`` consecutive chunks (each ``remaining //
+    workers left``) and lets an idle worker steal from the end of a busy one's queue: the slow
+    tests, the LONGEST first, dealt in turn to the chunks' heads, the others after them. In
+    collection order the longest test (schemathesis, 9 minutes) started half-way and decided
+    the end of the run. Every worker computes the same order from the same collection."""
+    slow_ids = {id(item) for item in slow}
+    first = sorted(slow, key=lambda item: not item.nodeid.startswith(tuple(f"tests/{m}" for m in LONGEST)))
+    rest = [item for item in items if id(item) not in slow_ids]
+    heads: list[list[pytest.Item]] = [first[i::workers] for i in range(workers)]
+    ordered: list[pytest.Item] = []
+    remaining = len(items)
+    for i, head in enumerate(heads):
+        size = remaining // (workers - i)
+        fill = max(size - len(head), 0)
+        ordered += head + rest[:fill]
+        rest = rest[fill:]
+        remaining -= len(head) + fill
+    return ordered + rest
 
 
 SHORT_BASETEMP = "bvt"
