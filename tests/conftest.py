@@ -33,7 +33,27 @@ ROOT = Path(__file__).resolve().parent.parent
 # API, Celery workers, browsers, network namespaces): its folders are marked slow, as are the
 # long tests of the other layers listed here; `make test` runs them, `make test-fast` does not.
 SLOW_SUITES = ("service", "multihost", "console", "zstack")
-SLOW_MODULES: tuple[str, ...] = ()
+SLOW_MODULES = (  # each over a minute in the first parallel run (load 10 to 20), most start processes
+    "api/test_authorization_matrix.py",
+    "api/test_host_safety.py",
+    "api/test_metrics.py",
+    "api/test_openapi_client.py",
+    "api/test_repo_cli.py",
+    "api/test_storage_credentials.py",
+    "shared/files/test_browse.py",
+    "shared/repository/test_faults.py",
+    "shared/repository/test_http_backend.py",
+    "shared/repository/test_http_server.py",
+    "shared/repository/test_live.py",
+    "shared/repository/test_maintenance.py",
+    "shared/repository/test_nbdserver.py",
+    "shared/repository/test_s3_backend.py",
+    "shared/repository/test_scale.py",
+    "shared/repository/test_sync_remote.py",
+    "shared/test_dbdump.py",
+    "shared/test_production.py",
+    "test_qemu_fixtures.py",
+)
 
 
 # The longest tests (minutes each on the loaded machine): under xdist they start first.
