@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: demo test lint typecheck pytest bench venv system-demo system-test clean
+.PHONY: demo test test-fast lint typecheck pytest bench venv system-demo system-test clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -30,11 +30,21 @@ lint: venv
 typecheck: venv
 	$(VENV)/bin/mypy
 
+# pytest-xdist workers (docs/testing.md: most tests wait on child processes, so more workers
+# than the 2 cores pay); worksteal: an idle worker takes tests queued on a busy one.
+PYTEST_WORKERS ?= 4
+XDIST := -n $(PYTEST_WORKERS) --dist worksteal
+
 pytest: venv system-test
 	tests/harness/ensure-services
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q $(XDIST)
 
 test: lint typecheck pytest
+
+# the unit layer only, for the edit loop: no test marked slow (docs/testing.md)
+test-fast: venv system-test
+	tests/harness/ensure-services
+	$(PY) -m pytest -q $(XDIST) -m "not slow"
 
 bench: venv system-test
 	$(PY) tests/bench/compare_peers.py $(BENCH_ARGS)

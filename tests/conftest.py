@@ -8,6 +8,7 @@ import random
 import shutil
 import subprocess
 import sys
+import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -28,7 +29,86 @@ MiB = 1024 * 1024
 ROOT = Path(__file__).resolve().parent.parent
 
 
+# The suite's layers (docs/testing.md). The system layer starts the service as processes (the
+# API, Celery workers, browsers, network namespaces): its folders are marked slow, as are the
+# long tests of the other layers listed here; `make test` runs them, `make test-fast` does not.
+SLOW_SUITES = ("service", "multihost", "console", "zstack")
+SLOW_MODULES = (  # each over a minute in the first parallel run (load 10 to 20), most start processes
+    "api/test_authorization_matrix.py",
+    "api/test_host_safety.py",
+    "api/test_metrics.py",
+    "api/test_openapi_client.py",
+    "api/test_repo_cli.py",
+    "api/test_storage_credentials.py",
+    "shared/files/test_browse.py",
+    "shared/repository/test_faults.py",
+    "shared/repository/test_http_backend.py",
+    "shared/repository/test_http_server.py",
+    "shared/repository/test_live.py",
+    "shared/repository/test_maintenance.py",
+    "shared/repository/test_nbdserver.py",
+    "shared/repository/test_s3_backend.py",
+    "shared/repository/test_scale.py",
+    "shared/repository/test_sync_remote.py",
+    "shared/test_dbdump.py",
+    "shared/test_production.py",
+    "test_qemu_fixtures.py",
+)
+
+
+# The longest tests (minutes each on the loaded machine): under xdist they start first.
+LONGEST = ("service/test_schemathesis.py", "service/test_scheduler.py", "service/test_database_backups.py")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    slow: list[pytest.Item] = []
+    for item in items:
+        where = item.path.relative_to(ROOT / "tests").as_posix()
+        if where.split("/", 1)[0] in SLOW_SUITES or where in SLOW_MODULES:
+            item.add_marker(pytest.mark.slow)
+            slow.append(item)
+    workers = int(getattr(config, "workerinput", {}).get("workercount", 0))
+    if workers > 1:
+        items[:] = spread_slow_first(items, slow, workers)
+
+
+def spread_slow_first(items: list[pytest.Item], slow: list[pytest.Item], workers: int) -> list[pytest.Item]:
+    """The order that starts the slow tests first on every worker under ``--dist worksteal``,
+    which hands worker i the i-th of ``workers`` consecutive chunks (each ``remaining //
+    workers left``) and lets an idle worker steal from the end of a busy one's queue: the slow
+    tests, the LONGEST first, dealt in turn to the chunks' heads, the others after them. In
+    collection order the longest test (schemathesis, 9 minutes) started half-way and decided
+    the end of the run. Every worker computes the same order from the same collection."""
+    slow_ids = {id(item) for item in slow}
+    first = sorted(slow, key=lambda item: not item.nodeid.startswith(tuple(f"tests/{m}" for m in LONGEST)))
+    rest = [item for item in items if id(item) not in slow_ids]
+    heads: list[list[pytest.Item]] = [first[i::workers] for i in range(workers)]
+    ordered: list[pytest.Item] = []
+    remaining = len(items)
+    for i, head in enumerate(heads):
+        size = remaining // (workers - i)
+        fill = max(size - len(head), 0)
+        ordered += head + rest[:fill]
+        rest = rest[fill:]
+        remaining -= len(head) + fill
+    return ordered + rest
+
+
+SHORT_BASETEMP = "bvt"
+
+
+@pytest.hookimpl(tryfirst=True)  # before pytest's tmp_path factory reads the option
 def pytest_configure(config: pytest.Config) -> None:
+    if config.getoption("numprocesses", None) and not hasattr(config, "workerinput") and not config.option.basetemp:
+        # pytest-xdist puts each worker's folders in <basetemp>/popen-gw<n>: under pytest's own
+        # /tmp/pytest-of-<user>/pytest-<n> that leaves a socket in a test's folder (QMP, NBD
+        # exports) past AF_UNIX's 108 bytes. $TMPDIR/bvt<pid> is shorter than the serial run's.
+        tmp = Path(tempfile.gettempdir())
+        for old in tmp.glob(SHORT_BASETEMP + "*"):
+            pid = old.name.removeprefix(SHORT_BASETEMP)
+            if pid.isdigit() and not Path(f"/proc/{pid}").exists():
+                shutil.rmtree(old, ignore_errors=True)  # a finished run's
+        config.option.basetemp = str(tmp / f"{SHORT_BASETEMP}{os.getpid()}")
     # A test that needs a tool the harness could not install fails; it never skips quietly.
     missing = [tool for tool in ("qemu-img", "qemu-nbd", "qemu-io", "qemu-system-x86_64") if shutil.which(tool) is None]
     if missing:

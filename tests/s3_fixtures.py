@@ -23,7 +23,6 @@ import contextlib
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -39,6 +38,8 @@ import boto3
 import pytest
 from botocore.config import Config
 
+from tests.ports import free_port
+
 if TYPE_CHECKING:
     from mypy_boto3_s3 import S3Client
 
@@ -49,13 +50,6 @@ SECRET_KEY = "blockvault-test-SECRET-do-not-print"
 REGION = "us-east-1"
 WAIT_SECONDS = 30.0
 _RUNNING: list[S3Server] = []
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 def _answers(url: str) -> bool:

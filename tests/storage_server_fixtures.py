@@ -29,7 +29,6 @@ import ipaddress
 import os
 import secrets
 import signal
-import socket
 import ssl
 import subprocess
 import sys
@@ -43,16 +42,10 @@ import httpx
 import pytest
 
 from shared.repository.backends.http import HttpBackend
+from tests.ports import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 START_SECONDS = 30.0
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 def make_self_signed(folder: Path, host: str = "127.0.0.1") -> tuple[Path, Path]:

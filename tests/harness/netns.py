@@ -62,6 +62,8 @@ from typing import Any, TextIO
 from unittest import mock
 from urllib.parse import urlsplit, urlunsplit
 
+from tests.ports import bindable, free_port
+
 HERE = Path(__file__).resolve().parent
 TCP_PROXY = HERE / "tcp-proxy.py"
 RELAY = HERE / "netem_relay.py"
@@ -69,6 +71,12 @@ STATE_DIR = Path(tempfile.gettempdir()) / "blockvault-netns"
 NAME = re.compile(r"^bv(\d+)h(\d+)([rp]?)$")
 LOCAL = frozenset({"127.0.0.1", "localhost"})
 START_SECONDS = 20.0
+# The interpreter of the root namespace. ``Namespace.running_python`` points ``sys.executable``
+# at a namespace's wrapper, process-wide, while one thread spawns into that namespace: helpers
+# this module starts (forwarders, relays) and the wrappers it writes use this one instead, or a
+# forwarder started by another thread meanwhile would run inside the wrong namespace, where its
+# address does not exist ("cannot assign requested address").
+PYTHON = sys.executable
 # A namespace's one route out: to the other links and the forwarders, never off the machine
 # (no default route: the root namespace would forward it out of its own uplink).
 INSIDE_ROUTE = "10.0.0.0/8"
@@ -468,14 +476,14 @@ class Network:
         sh("ip", "link", "set", "lo", "up", ns=name)
         Path(f"/proc/sys/net/ipv4/conf/{ns.root_end}/forwarding").write_text("1\n")
         ns.python = self.workdir / f"{name}-python"
-        ns.python.write_text(f'#!/bin/sh\nexec {_tool("ip")} netns exec {name} {sys.executable} "$@"\n')
+        ns.python.write_text(f'#!/bin/sh\nexec {_tool("ip")} netns exec {name} {PYTHON} "$@"\n')
         ns.python.chmod(0o755)
         return ns
 
     def _relay_link(self, ns: Namespace) -> None:
         ns.relay_control = self.workdir / f"{ns.name}-relay.sock"
         ns.relay_control.unlink(missing_ok=True)
-        args = [sys.executable, str(RELAY), "--outer", ns.root_end, "--inner", ns.ns_end]
+        args = [PYTHON, str(RELAY), "--outer", ns.root_end, "--inner", ns.ns_end]
         log = open(self.workdir / f"{ns.name}-relay.log", "ab")  # noqa: SIM115 - the child holds it
         with log:
             ns.relay = subprocess.Popen(
@@ -500,10 +508,10 @@ class Network:
         sh("ip", "route", "add", INSIDE_ROUTE, "dev", ns.ns_end, ns=ns.name)
 
     def _start_forwarder(self, ns: Namespace, host: str, port: int) -> Forwarder:
-        listen_port = port if _bindable(ns.root_ip, port) else _free_port(ns.root_ip)
-        control = _free_port("127.0.0.1")
+        listen_port = port if bindable(ns.root_ip, port) else free_port(ns.root_ip)
+        control = free_port("127.0.0.1")
         listen = f"{ns.root_ip}:{listen_port}"
-        command = [sys.executable, str(TCP_PROXY), "--listen", listen, "--target", f"{host}:{port}"]
+        command = [PYTHON, str(TCP_PROXY), "--listen", listen, "--target", f"{host}:{port}"]
         log = open(self.workdir / f"{ns.name}-proxy-{port}.log", "ab")  # noqa: SIM115 - the child holds it
         with log:
             proc = subprocess.Popen(
@@ -575,19 +583,3 @@ def _our_names() -> list[str]:
         if len(parts) > 1:
             names.append(parts[1].strip().split("@")[0])
     return [n for n in names if NAME.match(n)]
-
-
-def _bindable(host: str, port: int) -> bool:
-    with socket.socket() as probe:
-        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            probe.bind((host, port))
-        except OSError:
-            return False
-        return True
-
-
-def _free_port(host: str) -> int:
-    with socket.socket() as probe:
-        probe.bind((host, 0))
-        return int(probe.getsockname()[1])

@@ -249,7 +249,8 @@ def db(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory)
         connection.execute(
             text(f"CREATE DATABASE {name} TEMPLATE template0 ENCODING 'UTF8' LC_COLLATE 'C' LC_CTYPE 'C'")
         )
-    engine = create_engine(PG_ADMIN_URL.rsplit("/", 1)[0] + f"/{name}")
+    # pre-ping: a test of another process may restart the server between this module's tests
+    engine = create_engine(PG_ADMIN_URL.rsplit("/", 1)[0] + f"/{name}", pool_pre_ping=True)
     try:
         Base.metadata.create_all(engine)
         with Session(engine) as session:
