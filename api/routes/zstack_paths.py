@@ -17,7 +17,11 @@ from sqlalchemy import select
 
 from api.deps import CurrentCaller, DbSession, get_caller
 from api.envelopes import Envelope, check_uuid, ok, parse_action
-from api.routes import backup_storage, queries, scheduler, tags, volume_backups
+from api.routes.backup_storage import backup_storage_action, create_backup_storage
+from api.routes.queries import query_handler
+from api.routes.scheduler import add_jobs, attach, detach, remove_jobs
+from api.routes.tags import delete_user_tag
+from api.routes.volume_backups import volume_backup_action
 from shared import access
 from shared.catalog.models import BackupStorage, DatabaseBackup, SchedulerJob, SchedulerJobHistory, Tag
 from shared.errors import NotFound
@@ -25,7 +29,7 @@ from shared.inventory import inventory
 
 router = APIRouter(dependencies=[Depends(get_caller)], include_in_schema=False)
 
-query_history: Callable[..., JSONResponse] = queries.query_handler(SchedulerJobHistory, None)
+query_history: Callable[..., JSONResponse] = query_handler(SchedulerJobHistory, None)
 
 
 # -- volume backups --------------------------------------------------------------------------------
@@ -36,7 +40,7 @@ def create_data_volume_from_volume_backup(
     """CreateDataVolumeFromVolumeBackup: ``{"params": {name, vmInstanceUuid, backupStorageUuid,
     ...}}``, the backup in the path; the ``/v1`` action of that name."""
     action = {"createDataVolumeFromVolumeBackup": body.params}
-    return volume_backups.volume_backup_action(uuid, action, request, session, caller)
+    return volume_backup_action(uuid, action, request, session, caller)
 
 
 # -- imports: what an ImageStore storage holds (SyncVolumeBackup, SyncVmBackup, SyncDatabaseBackup) --
@@ -50,7 +54,7 @@ SYNC_ACTIONS = {
 def _sync(kind: str) -> Any:
     def handler(uuid: str, body: dict[str, Any], request: Request, session: DbSession, caller: CurrentCaller) -> Any:
         parse_action(body or {SYNC_ACTIONS[kind]: {}}, (SYNC_ACTIONS[kind],))  # {} from the SDK: the path names it
-        return backup_storage.backup_storage_action(uuid, {"scanBackupStorage": {}}, request, session, caller)
+        return backup_storage_action(uuid, {"scanBackupStorage": {}}, request, session, caller)
 
     return handler
 
@@ -90,12 +94,12 @@ IMAGE_STORE_ACTIONS = {
 def add_image_store(body: Envelope, session: DbSession, caller: CurrentCaller) -> JSONResponse:
     """AddImageStoreBackupStorage: ``/v1``'s registration, of type ImageStore."""
     body.params = {**body.params, "type": "ImageStore"}
-    return backup_storage.create_backup_storage(body, session, caller)
+    return create_backup_storage(body, session, caller)
 
 
 # QueryImageStoreBackupStorage: the storage query, ImageStore ones only
 router.add_api_route(
-    "/backup-storage/image-store", queries.query_handler(BackupStorage, None, ("type=ImageStore",)), methods=["GET"]
+    "/backup-storage/image-store", query_handler(BackupStorage, None, ("type=ImageStore",)), methods=["GET"]
 )
 
 
@@ -114,7 +118,7 @@ def image_store_action(
 ) -> JSONResponse:
     """ZStack's ImageStore actions as ``/v1``'s storage actions (an empty body reconnects)."""
     name, params = parse_action(body or {"reconnectImageStoreBackupStorage": {}}, tuple(IMAGE_STORE_ACTIONS))
-    return backup_storage.backup_storage_action(uuid, {IMAGE_STORE_ACTIONS[name]: params}, request, session, caller)
+    return backup_storage_action(uuid, {IMAGE_STORE_ACTIONS[name]: params}, request, session, caller)
 
 
 @router.get("/backup-storage/capacities")
@@ -136,7 +140,7 @@ def backup_storage_capacities(
 def add_jobs_to_group(uuid: str, body: Envelope, session: DbSession, caller: CurrentCaller) -> JSONResponse:
     """AddSchedulerJobsToSchedulerJobGroup ``{"params": {"schedulerJobUuids": [...]}}``: answers
     the group's job refs as ``inventories`` (the SDK's response key) beside the group."""
-    answer = scheduler.add_jobs(uuid, body, session, caller)
+    answer = add_jobs(uuid, body, session, caller)
     jobs = session.scalars(select(SchedulerJob).where(SchedulerJob.schedulerJobGroupUuid == uuid)).all()
     refs = [{"schedulerJobGroupUuid": uuid, "schedulerJobUuid": job.uuid} for job in jobs]
     return JSONResponse({**_json(answer), "inventories": refs})
@@ -148,7 +152,7 @@ def remove_jobs_from_group(
 ) -> JSONResponse:
     """RemoveSchedulerJobsFromSchedulerJobGroup: ``schedulerJobUuids`` repeated or comma-separated."""
     joined = ",".join(schedulerJobUuids)
-    return scheduler.remove_jobs(uuid, session, caller, targetResourceUuids="", schedulerJobUuids=joined)
+    return remove_jobs(uuid, session, caller, targetResourceUuids="", schedulerJobUuids=joined)
 
 
 @router.post("/scheduler/jobgroups/{group_uuid}/scheduler/triggers/{trigger_uuid}")
@@ -156,7 +160,7 @@ def add_group_to_trigger(
     group_uuid: str, trigger_uuid: str, session: DbSession, caller: CurrentCaller, body: Envelope | None = None
 ) -> JSONResponse:
     """AddSchedulerJobGroupToSchedulerTrigger (``triggerNow``)."""
-    return scheduler.attach(trigger_uuid, group_uuid, session, caller, body)
+    return attach(trigger_uuid, group_uuid, session, caller, body)
 
 
 @router.delete("/scheduler/jobgroups/{group_uuid}/scheduler/triggers/{trigger_uuid}")
@@ -164,7 +168,7 @@ def remove_group_from_trigger(
     group_uuid: str, trigger_uuid: str, session: DbSession, caller: CurrentCaller
 ) -> JSONResponse:
     """RemoveSchedulerJobGroupFromSchedulerTrigger."""
-    return scheduler.detach(trigger_uuid, group_uuid, session, caller)
+    return detach(trigger_uuid, group_uuid, session, caller)
 
 
 router.add_api_route("/scheduler/job/history", query_history, methods=["GET"])
@@ -188,7 +192,7 @@ def delete_tag(uuid: str, session: DbSession, caller: CurrentCaller) -> JSONResp
         access.require_admin(caller, "deleting a system tag")
         session.delete(tag)
         return ok()
-    return tags.delete_user_tag(uuid, session, caller)
+    return delete_user_tag(uuid, session, caller)
 
 
 def _json(answer: JSONResponse) -> dict[str, Any]:

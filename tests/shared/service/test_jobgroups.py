@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import pytest
@@ -189,13 +190,17 @@ def test_triggers_are_validated_and_attached_once(site: Site) -> None:
         jobgroups.create_trigger(site.session, {"schedulerInterval": 60})
     with pytest.raises(InvalidArgument, match="schedulerInterval"):
         jobgroups.create_trigger(site.session, {"name": "t"})
+    before = int(time.time())
     trigger = jobgroups.create_trigger(site.session, {"name": "t", "schedulerInterval": 60, "repeatCount": 3})
-    assert jobgroups.trigger_spec(trigger) == TriggerSpec("simple", 60, 3)
+    after = int(time.time()) + 1
+    spec = jobgroups.trigger_spec(trigger)
+    assert spec.startTime is not None and before <= spec.startTime <= after  # no startTime: now, stored as now
+    assert spec == TriggerSpec("simple", 60, 3, startTime=spec.startTime)
 
     jobgroups.update_trigger(
         site.session, trigger, {"schedulerType": "cron", "schedulerInterval": None, "cron": "0 3 * * *"}
     )
-    assert jobgroups.trigger_spec(trigger) == TriggerSpec("cron", None, 3, cron="0 3 * * *")
+    assert jobgroups.trigger_spec(trigger) == TriggerSpec("cron", None, 3, startTime=spec.startTime, cron="0 3 * * *")
     with pytest.raises(InvalidArgument, match="cron"):
         jobgroups.update_trigger(site.session, trigger, {"cron": "every night"})
     assert trigger.cron == "0 3 * * *"
