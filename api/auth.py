@@ -1,4 +1,5 @@
-"""API keys: ``Authorization: Bearer <key>`` (or ZStack's ``OAuth <key>``), and sessions.
+"""API keys: ``Authorization: Bearer <key>`` (or ZStack's ``OAuth <key>``), sessions, and
+ZStack's access keys (``Authorization: ZStack <AccessKeyID>:<signature>``, :mod:`shared.accesskeys`).
 
 Keys are random 32-byte tokens shown once and never stored: the catalog keeps an HMAC-SHA256
 of each under the server secret (:mod:`shared.secret`), so a copy of the catalog alone cannot
@@ -27,6 +28,7 @@ from datetime import datetime, timedelta
 from sqlalchemy import delete, select
 from sqlalchemy.orm import Session
 
+from shared import accesskeys
 from shared.catalog.models import Account, ApiKey, LoginSession, ProjectMember, aware, new_uuid, now
 from shared.config import get_settings
 from shared.errors import BlockvaultError, Unauthorized
@@ -201,16 +203,28 @@ def _session_caller(session: Session, token: str, moment: datetime) -> Caller | 
     return _caller(session, account)
 
 
-def authenticate(session: Session, header: str | None) -> Caller:
-    """The caller a request's Authorization header names (an API key or a session uuid);
-    Unauthorized (never quoting the key) when it names none. One query for a key: the key, its
-    account and the account's memberships."""
+def authenticate(
+    session: Session, header: str | None, *, method: str = "GET", path: str = "", date: str | None = None
+) -> Caller:
+    """The caller a request's Authorization header names (an API key, a session uuid, or an
+    access key's signature of ``method``, ``path`` and the ``date`` header); Unauthorized
+    (never quoting the key) when it names none. One query for a key: the key, its account and
+    the account's memberships."""
     if not header:
         raise Unauthorized(detail="missing Authorization header (Bearer <api key>)")
     scheme, _, key = header.partition(" ")
     key = key.strip()
+    if scheme.lower() == "zstack":
+        signed = accesskeys.verify(session, key, method, path, date)
+        account = session.get(Account, signed.accountUuid)
+        if account is None:  # (deleting an account deletes its keys: a race at most)
+            raise Unauthorized(detail="the access key's account is gone")
+        return _caller(session, account)
     if scheme.lower() not in ("bearer", "oauth") or not key:
-        raise Unauthorized(detail="Authorization must be 'Bearer <api key>' or 'OAuth <api key or session uuid>'")
+        raise Unauthorized(
+            detail="Authorization must be 'Bearer <api key>', 'OAuth <api key or session uuid>' "
+            "or 'ZStack <AccessKeyID>:<signature>'"
+        )
     from_session = _session_caller(session, key, now())
     if from_session is not None:
         return from_session

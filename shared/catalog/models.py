@@ -308,6 +308,25 @@ class ApiKey(Stamped, Base):
     lastUsedDate: Mapped[datetime | None] = mapped_column()
 
 
+class AccessKey(Stamped, Base):
+    """A ZStack access key: requests signed with its secret (``Authorization: ZStack
+    <AccessKeyID>:<signature>``, shared.accesskeys) act as its account. The secret is sealed
+    to the row (shared.secret.seal), shown once when the key is made; a Disabled key opens
+    nothing."""
+
+    __tablename__ = "access_key"
+    resource_type = "AccessKeyVO"
+    secret_fields = frozenset({"sealedSecret"})
+    uuid: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_uuid)
+    accountUuid: Mapped[str] = mapped_column(ForeignKey("account.uuid", ondelete="CASCADE"), index=True)
+    userUuid: Mapped[str] = mapped_column(String(32))  # ZStack's user; blockvault's accounts have none: the account
+    AccessKeyID: Mapped[str] = mapped_column(String(64), unique=True)
+    sealedSecret: Mapped[str] = mapped_column(Text)
+    description: Mapped[str | None] = mapped_column(Text, default=None)
+    state: Mapped[str] = mapped_column(String(16), default="Enabled")
+    lastUsedDate: Mapped[datetime | None] = mapped_column()
+
+
 class ApiJob(Stamped, Base):
     """An asynchronous action; its uuid is the Celery task id."""
 
@@ -369,3 +388,4 @@ class ProjectMember(Stamped, Base):
 QUERYABLE["projects"] = Project
 QUERYABLE["accounts"] = Account
 QUERYABLE["api-keys"] = ApiKey
+QUERYABLE["accesskeys"] = AccessKey

@@ -123,6 +123,11 @@ RULES: dict[tuple[str, str], Rule] = {
     ("POST", "/v1/api-keys"): Rule(None, "self", ()),
     ("GET", "/v1/api-keys/{uuid}"): Rule("api-key", "self"),
     ("DELETE", "/v1/api-keys/{uuid}"): Rule("api-key", "self"),
+    ("GET", "/v1/accesskeys"): Rule(None, "scoped", ()),
+    ("POST", "/v1/accesskeys"): Rule(None, "admin", ()),
+    ("GET", "/v1/accesskeys/{uuid}"): Rule("access-key", "self"),
+    ("DELETE", "/v1/accesskeys/{uuid}"): Rule("access-key", "self"),
+    ("PUT", "/v1/accesskeys/{uuid}/actions"): Rule("access-key", "admin"),
     ("GET", "/v1/api-jobs/{uuid}"): Rule("api-job", "self"),
     ("GET", "/v1/overview"): Rule(None, "scoped", ()),
 }
@@ -156,6 +161,7 @@ def action_params(world: World, side: str) -> dict[str, dict[str, Any]]:
         "updateSchedulerTrigger": {"name": "renamed"},
         "runSchedulerTrigger": {},
         "updateAccount": {"description": "changed"},
+        "changeAccessKeyState": {"stateEvent": "disable"},
         "_jobs": {"targetResourceUuids": [rows["volume"]]},
         "_tag": {"resourceUuid": rows["vm"], "resourceType": "VmInstanceVO", "tag": "x"},
     }
@@ -183,6 +189,7 @@ def collection_body(world: World, path: str, key: str | None, side: str) -> dict
         "/v1/projects": {"params": {"name": f"p-{new_uuid()[:8]}"}},
         "/v1/accounts": {"params": {"name": f"a-{new_uuid()[:8]}"}},
         "/v1/api-keys": {"params": {"accountUuid": party.account}},
+        "/v1/accesskeys": {"params": {"accountUuid": party.account}},
     }[path]
 
 
