@@ -169,6 +169,17 @@ def log_out(session: Session, token: str) -> bool:
     return True
 
 
+def live_session(session: Session, token: str) -> LoginSession | None:
+    """The session ``token`` names while it lasts; None for anything else (no session, an
+    expired one, a string that is no session uuid)."""
+    if len(token) != SESSION_UUID_CHARS or token.strip("0123456789abcdef"):
+        return None
+    row = session.get(LoginSession, session_hash(token))
+    if row is None or aware(row.expiredDate) <= now():
+        return None
+    return row
+
+
 def end_sessions(session: Session, account_uuid: str) -> None:
     """End every session of an account (its password changed)."""
     session.execute(delete(LoginSession).where(LoginSession.accountUuid == account_uuid))

@@ -56,6 +56,12 @@ class SessionAnswer(BaseModel):
     success: bool
 
 
+class SessionValid(BaseModel):
+    """ZStack's ValidateSession reply."""
+
+    valid: bool
+
+
 def _python_type(column: Any) -> Any:
     try:
         kind = column.type.python_type
