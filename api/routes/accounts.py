@@ -180,7 +180,6 @@ def validate_session(uuid: str, session: DbSession) -> JSONResponse:
 
 
 @router.put("/accounts/sessions/{uuid}/renew", response_model=SessionAnswer)
-@router.put("/accounts/sessions/{uuid}/actions", response_model=SessionAnswer)
 def renew_session(
     uuid: str, session: DbSession, caller: CurrentCaller, body: Annotated[dict[str, Any] | None, Body()] = None
 ) -> JSONResponse:
@@ -198,6 +197,15 @@ def renew_session(
     row.expiredDate = now() + timedelta(seconds=duration)
     session.flush()
     return JSONResponse({"inventory": session_inventory(row, uuid), "success": True})
+
+
+router.add_api_route(  # ZStack's isAction paths: the same call under /actions
+    "/accounts/sessions/{uuid}/actions",
+    renew_session,
+    methods=["PUT"],
+    name="renew_session_action",
+    response_model=SessionAnswer,
+)
 
 
 @router.post("/projects", response_model=one_answer(Project))
