@@ -160,10 +160,28 @@ class VolumeBackupStorageRef(Stamped, Base):
     backup: Mapped[VolumeBackup] = relationship(back_populates="backupStorageRefs")
 
 
+class ManagedDatabase(Resource, Base):
+    """A MySQL/MariaDB database an admin registered for database backups (ZStack's management
+    database): a TCP host and port, a login whose password is sealed to the row
+    (shared.secret.seal), and the database's name."""
+
+    __tablename__ = "managed_database"
+    resource_type = "DatabaseVO"
+    secret_fields = frozenset({"sealedPassword"})
+    engine: Mapped[str] = mapped_column(String(32), default="MySQL")
+    host: Mapped[str] = mapped_column(String(255))
+    port: Mapped[int] = mapped_column(Integer, default=3306)
+    username: Mapped[str] = mapped_column(String(255))
+    databaseName: Mapped[str] = mapped_column(String(64))
+    sealedPassword: Mapped[str | None] = mapped_column(Text, default=None)
+
+
 class DatabaseBackup(Resource, Base):
     __tablename__ = "database_backup"
     resource_type = "DatabaseBackupVO"
     metadata_: Mapped[dict[str, Any] | None] = mapped_column("metadata", default=None)
+    # the registered database it is a backup of; None: the catalog itself
+    databaseUuid: Mapped[str | None] = mapped_column(String(32), index=True, default=None)
     size: Mapped[int] = mapped_column(BigInteger, default=0)
     state: Mapped[str] = mapped_column(String(32), default="Enabled")
     status: Mapped[str] = mapped_column(String(32), default="Creating")
@@ -389,3 +407,4 @@ QUERYABLE["projects"] = Project
 QUERYABLE["accounts"] = Account
 QUERYABLE["api-keys"] = ApiKey
 QUERYABLE["accesskeys"] = AccessKey
+QUERYABLE["databases"] = ManagedDatabase

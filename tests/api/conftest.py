@@ -26,6 +26,7 @@ from shared.catalog.models import (
     DatabaseBackup,
     DatabaseBackupStorageRef,
     Host,
+    ManagedDatabase,
     SchedulerJob,
     SchedulerJobGroup,
     SchedulerJobGroupTriggerRef,
@@ -222,6 +223,11 @@ class World:
             return self._volume(session, party, None).uuid
         if kind == "volume-backup":
             return self._backup(session, self._volume(session, party, None)).uuid
+        if kind == "database":
+            database = ManagedDatabase(name="db", host="127.0.0.1", port=9, username="u", databaseName="db")
+            session.add(database)
+            session.flush()
+            return database.uuid
         if kind == "database-backup":
             row = DatabaseBackup(name="db", status="Ready", size=1)
             row.backupStorageRefs.append(DatabaseBackupStorageRef(**self._on_local()))

@@ -86,6 +86,10 @@ RULES: dict[tuple[str, str], Rule] = {
     ("GET", "/v1/database-backups/{uuid}"): Rule("database-backup", "hidden", ("other",)),
     ("DELETE", "/v1/database-backups/{uuid}"): Rule("database-backup", "admin", ("other",)),
     ("PUT", "/v1/database-backups/{uuid}/actions"): Rule("database-backup", "admin", ("other",)),
+    ("GET", "/v1/databases"): Rule(None, "scoped", ()),
+    ("POST", "/v1/databases"): Rule(None, "admin", ()),
+    ("GET", "/v1/databases/{uuid}"): Rule("database", "hidden", ("other",)),
+    ("DELETE", "/v1/databases/{uuid}"): Rule("database", "admin", ("other",)),
     ("GET", "/v1/scheduler/jobgroups"): Rule(None, "scoped", ()),
     ("POST", "/v1/scheduler/jobgroups"): Rule(None, "scoped", ()),
     ("GET", "/v1/scheduler/jobgroups/{uuid}"): Rule("jobgroup", "scoped"),
@@ -194,6 +198,7 @@ def collection_body(world: World, path: str, key: str | None, side: str) -> dict
         "/v1/accounts": {"params": {"name": f"a-{new_uuid()[:8]}"}},
         "/v1/api-keys": {"params": {"accountUuid": party.account}},
         "/v1/accesskeys": {"params": {"accountUuid": party.account}},
+        "/v1/databases": {"params": {"name": "db", "url": "mysql://u:p@127.0.0.1:9/db"}},
     }[path]
 
 
