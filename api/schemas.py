@@ -60,6 +60,7 @@ class SessionValid(BaseModel):
     """ZStack's ValidateSession reply."""
 
     valid: bool
+    success: bool
 
 
 def _python_type(column: Any) -> Any:

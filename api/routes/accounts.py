@@ -174,9 +174,9 @@ def log_out_session(uuid: str, session: DbSession) -> JSONResponse:
 @sessions.get("/accounts/sessions/{uuid}/valid", response_model=SessionValid)
 def validate_session(uuid: str, session: DbSession) -> JSONResponse:
     """ZStack's ValidateSession (no credentials, as in ZStack): ``{"valid": true}`` while the
-    session lasts, false for an ended, expired or unknown one (the Go SDK reads the answer as
-    a map of booleans)."""
-    return JSONResponse({"valid": live_session(session, uuid) is not None})
+    session lasts, false for an ended, expired or unknown one, with ``success`` as every answer
+    here (the Go SDK reads the answer as a map of booleans: both are)."""
+    return JSONResponse({"valid": live_session(session, uuid) is not None, "success": True})
 
 
 @router.put("/accounts/sessions/{uuid}/renew", response_model=SessionAnswer)

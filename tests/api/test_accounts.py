@@ -273,7 +273,7 @@ def test_bad_login_input(api: Api) -> None:
         assert response.status_code == 400 and response.json()["error"]["code"] == "INVALID_ARGUMENT", body
     for bad in ("nonsense", "0" * 31, "Z" * 32):
         assert api.client.delete(f"/v1/accounts/sessions/{bad}").status_code == 400
-        assert api.client.get(f"/zstack/v1/accounts/sessions/{bad}/valid").json() == {"valid": False}
+        assert api.client.get(f"/zstack/v1/accounts/sessions/{bad}/valid").json() == {"valid": False, "success": True}
 
 
 def test_body_limit(api: Api) -> None:
@@ -304,8 +304,12 @@ def test_sessions_are_validated_and_renewed_as_zstack_does(api: Api) -> None:
     other = log_in(api, "judy", "pw").json()["inventory"]["uuid"]
     valid = f"/zstack/v1/accounts/sessions/{token}/valid"
     response = api.client.get(valid)
-    assert response.status_code == 200 and response.json() == {"valid": True}
-    assert api.client.get(f"/v1/accounts/sessions/{secrets.token_hex(16)}/valid").json() == {"valid": False}
+    assert response.status_code == 200 and response.json() == {"valid": True, "success": True}
+    assert all(isinstance(value, bool) for value in response.json().values())  # the SDK's map[string]bool
+    assert api.client.get(f"/v1/accounts/sessions/{secrets.token_hex(16)}/valid").json() == {
+        "valid": False,
+        "success": True,
+    }
 
     renew = f"/zstack/v1/accounts/sessions/{token}/renew"
     oauth = {"Authorization": f"OAuth {token}"}
@@ -335,10 +339,10 @@ def test_sessions_are_validated_and_renewed_as_zstack_does(api: Api) -> None:
     # an expired session: not valid, not renewable, and it opens nothing
     with db.session(api.url) as session:
         session.get(LoginSession, session_hash(token)).expiredDate = datetime.now(UTC) - timedelta(seconds=1)
-    assert api.client.get(valid).json() == {"valid": False}
+    assert api.client.get(valid).json() == {"valid": False, "success": True}
     response = api.client.put(renew, json={}, headers={"Authorization": f"Bearer {api.admin_key}"})
     assert response.status_code == 404
     # logging out ends it: no longer valid
-    assert api.client.get(f"/v1/accounts/sessions/{other}/valid").json() == {"valid": True}
+    assert api.client.get(f"/v1/accounts/sessions/{other}/valid").json() == {"valid": True, "success": True}
     assert api.client.delete(f"/zstack/v1/accounts/sessions/{other}?deleteMode=Permissive").status_code == 200
-    assert api.client.get(f"/v1/accounts/sessions/{other}/valid").json() == {"valid": False}
+    assert api.client.get(f"/v1/accounts/sessions/{other}/valid").json() == {"valid": False, "success": True}
