@@ -271,6 +271,18 @@ def test_a_registered_mariadb_database_is_backed_up_and_recovered_into_a_new_dat
             with pytest.raises(ApiError) as refused:
                 client.create("databases", {"name": "bad", "url": bad_url})
             assert refused.value.status == 400, bad_url
+        # a databaseBackup job group that names the database backs it up on each run
+        group = client.create_job_group("zstack-db-nightly", "databaseBackup", databaseUuid=registered["uuid"])
+        assert group["jobData"]["databaseUuid"] == registered["uuid"]
+        client.run_job_group(group["uuid"])
+        where = f"schedulerJobGroupUuid={group['uuid']}"
+        stack.wait_for("the scheduled dump", lambda: len(client.histories(where)) == 1)
+        assert client.histories(where)[0]["success"] is True, client.histories(where)
+        scheduled = client.query("database-backups", f"databaseUuid={registered['uuid']}", sort="-createDate")
+        assert len(scheduled["inventories"]) == 3 and scheduled["inventories"][0]["status"] == "Ready"
+        with pytest.raises(ApiError) as refused:
+            client.create_job_group("bad", "databaseBackup", databaseUuid=new_uuid())
+        assert refused.value.status == 404
         assert f":{SERVER.password}@" not in stack.log("api")
     finally:
         for name in names:
