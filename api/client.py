@@ -241,8 +241,13 @@ class Client:
         """Back the catalog up (name, description, backupStorageUuid optional): the job uuid."""
         return self._job("POST", "/v1/database-backups", json={"params": params})
 
+    def register_database(self, name: str, url: str, **params: Any) -> dict[str, Any]:
+        """A MySQL/MariaDB database to back up (``mysql://user:password@host:port/database``)."""
+        return self.create("databases", {"name": name, "url": url, **params})
+
     def recover_database(self, backup_uuid: str, **params: Any) -> str:
-        """recoverDatabaseBackup {backupStorageUuid, databaseUrl, force}: the job uuid."""
+        """recoverDatabaseBackup {backupStorageUuid, databaseUrl, force} (the catalog's), or
+        {databaseUuid, databaseName, force} (a registered database's): the job uuid."""
         return str(self.action("database-backups", backup_uuid, "recoverDatabaseBackup", params))
 
     def sync_database_backup(self, backup_uuid: str, dst_storage_uuid: str, **params: Any) -> str:

@@ -72,6 +72,7 @@ class MainGroup(Group):
         "history": "api.cli.resources:history",
         "repo": "api.cli.repo:repo",
         "accesskey": "api.cli.accesskeys:accesskey",
+        "database": "api.cli.databases:database",
     }
 
 

@@ -20,6 +20,7 @@ from shared.catalog.models import new_uuid
 from shared.repository.repo import Repository
 from tests.conftest import ROOT, MiB
 from tests.service.conftest import Stack
+from tests.service.test_cli import bv
 from tests.service.test_storage_topologies import (
     cloud_params,
     refs,
@@ -235,7 +236,11 @@ def test_a_registered_mariadb_database_is_backed_up_and_recovered_into_a_new_dat
         client = stack.client
         client.add_backup_storage("local", f"file://{stack.tmp / 'local'}")
         url = f"mysql://{SERVER.user}:{SERVER.password}@127.0.0.1:3306/{source}"
-        registered = client.create("databases", {"name": "zstack-db", "url": url})
+        # by the CLI, the password on stdin (never on its command line)
+        args = ["--url", f"mysql://{SERVER.user}@127.0.0.1:3306/{source}", "--password-stdin"]
+        done = bv(stack, "database", "register", "--name", "zstack-db", "--json", *args, stdin=SERVER.password + "\n")
+        assert done.returncode == 0, done.stderr
+        registered = json.loads(done.stdout)
         assert registered["host"] == "127.0.0.1" and registered["databaseName"] == source
         listed = json.dumps(client.query("databases"))  # (the tests' password is also the user's name)
         assert url not in listed and f":{SERVER.password}@" not in listed and "sealedPassword" not in listed
@@ -243,8 +248,9 @@ def test_a_registered_mariadb_database_is_backed_up_and_recovered_into_a_new_dat
         assert first["status"] == "Ready" and first["databaseUuid"] == registered["uuid"]
         assert {"name", "version", "createdTime", "md5"} <= set(first["metadata"])
         assert first["metadata"]["engine"] == "mysqldump"
-        job = client.recover_database(first["uuid"], databaseName=copy)
-        recovered = client.wait(job, timeout=300)
+        done = bv(stack, "database-backup", "recover", first["uuid"], "--database-name", copy, "--wait", "--json")
+        assert done.returncode == 0, done.stderr
+        recovered = json.loads(done.stdout)
         assert recovered == {**recovered, "databaseUuid": registered["uuid"], "databaseName": copy}
         assert tables(copy) == tables(source)
         # recovering over a database with tables needs force
