@@ -57,8 +57,8 @@ def sdk_headers(
 
 
 class Api:
-    def __init__(self, client: TestClient, admin_key: str, url: str) -> None:
-        self.client, self.admin_key, self.url = client, admin_key, url
+    def __init__(self, client: TestClient, admin_key: str, url: str, tmp: Path) -> None:
+        self.client, self.admin_key, self.url, self.tmp = client, admin_key, url, tmp
 
     def admin(self, method: str, path: str, body: Any = None) -> dict[str, Any]:
         response = self.client.request(method, path, headers={"Authorization": f"Bearer {self.admin_key}"}, json=body)
@@ -92,7 +92,7 @@ def api(pg_database: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> It
         ACCESS_KEY_SKEW_SECONDS=str(SKEW),
     )
     with app_client(monkeypatch, settings) as client:
-        yield Api(client, admin_key, pg_database)
+        yield Api(client, admin_key, pg_database, tmp_path)
 
 
 def test_a_key_signed_as_the_sdk_signs_acts_as_its_account(api: Api) -> None:
@@ -230,3 +230,34 @@ def test_bad_create_input(api: Api) -> None:
         f"/v1/accesskeys/{made['uuid']}/actions", headers=headers, json={"changeAccessKeyState": {"stateEvent": "x"}}
     ).status_code
     assert status == 400
+
+
+def test_the_sdk_polls_a_job_with_the_headers_it_signed_for_the_call_that_started_it(api: Api) -> None:
+    """The Go SDK's ``httpWait`` polls ``location`` with the headers of the POST/PUT/DELETE that
+    answered 202 (another method and path; a Date that ages while the job runs), and ZStack's
+    server asks no credentials there: an Enabled key may poll its own account's jobs so."""
+    boss = api.key_for(api.account("poller", admin=True))
+    other = api.key_for(api.account("a-member"))
+    storage = {"params": {"name": "local", "url": f"file://{api.tmp}/bs"}}
+    api.admin("POST", "/v1/backup-storage", storage)
+    path = "/zstack/v1/database-backups"
+    started = sdk_headers(boss["AccessKeyID"], boss["AccessKeySecret"], "POST", BASE + path)
+    response = api.client.post(path, headers=started, json={"params": {}})
+    assert response.status_code == 202, response.text  # no worker runs here: the job stays queued
+    location = response.json()["location"].removeprefix(BASE)
+    assert location.startswith("/zstack/v1/api-jobs/")
+    assert api.client.get(location, headers=started).status_code == 202
+    stale = sdk_headers(
+        boss["AccessKeyID"], boss["AccessKeySecret"], "POST", BASE + path, moment=datetime.now(UTC) - timedelta(hours=2)
+    )
+    assert api.client.get(location, headers=stale).status_code == 202
+    # ...its own account's jobs only (an admin's: all, as ever); an unknown or disabled key is refused
+    started_by_other = sdk_headers(other["AccessKeyID"], other["AccessKeySecret"], "POST", BASE + path)
+    assert api.client.get(location, headers=started_by_other).status_code == 404
+    unknown = sdk_headers("NOSUCHKEY0000000000X", "x" * 40, "POST", BASE + path)
+    assert api.client.get(location, headers=unknown).status_code == 401
+    api.admin("PUT", f"/v1/accesskeys/{boss['uuid']}/actions", {"changeAccessKeyState": {"stateEvent": "disable"}})
+    assert api.client.get(location, headers=started).status_code == 401
+    # anywhere else, a signature of another call opens nothing
+    api.admin("PUT", f"/v1/accesskeys/{boss['uuid']}/actions", {"changeAccessKeyState": {"stateEvent": "enable"}})
+    assert api.client.get("/zstack/v1/accesskeys", headers=started).status_code == 401
