@@ -34,7 +34,8 @@ from . import console
 from .auth import TooManyFailures, seed_admin
 from .envelopes import ERROR_RESPONSES, error_body
 from .middleware import BodyLimit, InputGuard
-from .routes import ROOT, VERSIONED
+from .routes import ROOT, VERSIONED, ZSTACK_ONLY
+from .zstack_rest import ZStackDialect
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +73,7 @@ def create_app() -> FastAPI:
     # password logins, per client address and account name
     app.state.login_failures = FailureWindow(settings.auth_max_failures, settings.auth_failure_window_seconds)
     app.add_middleware(InputGuard)  # inside BodyLimit: it reads at most the limit
+    app.add_middleware(ZStackDialect)  # ZStack's types under /zstack/v1 (InputGuard's 400s too)
     app.add_middleware(BodyLimit, limit=settings.max_body_bytes)
 
     @app.exception_handler(BlockvaultError)
@@ -113,6 +115,7 @@ def create_app() -> FastAPI:
     app.state.metrics_registry = registry()
     for routes in ROOT:
         app.include_router(routes)
+    app.include_router(ZSTACK_ONLY, prefix="/zstack/v1")  # first: capacities is no storage uuid
     for routes in VERSIONED:
         app.include_router(routes, prefix="/v1")
         app.include_router(routes, prefix="/zstack/v1", include_in_schema=False)

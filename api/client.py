@@ -351,8 +351,8 @@ class Client:
         return dict(self.request("DELETE", f"/v1/scheduler/jobgroups/{group_uuid}/jobs", params=params)[1]["inventory"])
 
     def create_trigger(self, name: str, **params: Any) -> dict[str, Any]:
-        """schedulerType simple (schedulerInterval s, repeatCount, startTime/stopTime ms) or
-        cron (cron, timeZone)."""
+        """schedulerType simple (schedulerInterval s, repeatCount) or cron (cron: five fields or
+        Quartz's six or seven, timeZone); startTime/stopTime in Unix seconds (no startTime: now)."""
         return self.create("scheduler/triggers", {"name": name, **params})
 
     def attach_trigger(self, trigger_uuid: str, group_uuid: str, *, trigger_now: bool = False) -> dict[str, Any]:

@@ -182,7 +182,8 @@ PARAM_TYPES: dict[str, Any] = {
     "handleDependency": bool,
     "schedulerInterval": int,
     "repeatCount": int,
-    "startTime": int,
+    "startTime": int,  # Unix seconds (shared.schedule)
+    "stopTime": int,
     "parameters": dict[str, Any],
     "clientInfo": dict[str, Any],
     "jobUuids": list[str],

@@ -5,6 +5,11 @@ the 5th pass through ``failpoint("backup.chunk_stored")`` SIGKILL the process, a
 pass through ``backup.before_manifest`` raise; ``pause2.5`` sleeps 2.5 s there. Unset
 (always, outside tests) it costs one dict lookup. This is how the fault tests kill a backup
 at exact points (like TiKV's fail-rs).
+
+``hold:/some/file`` makes the process wait there for the test, not for a time: it creates
+``/some/file.reached`` and goes on once ``/some/file`` exists (or after ``HOLD_SECONDS``), so
+a test waits until the process is at the point, does what it tests, then lets it go
+(:func:`reached` and :func:`release` are the test's side).
 """
 
 from __future__ import annotations
@@ -13,9 +18,11 @@ import os
 import signal
 import threading
 import time
+from pathlib import Path
 
 from shared.config import setting
 
+HOLD_SECONDS = 600.0  # a held process goes on by itself after this (a test that died never releases it)
 _counts: dict[str, int] = {}
 _lock = threading.Lock()
 
@@ -48,7 +55,27 @@ def failpoint(name: str) -> None:
         return
     if action == "kill":
         os.kill(os.getpid(), signal.SIGKILL)
+    if action.startswith("hold:"):
+        _hold(Path(action[5:]))
+        return
     if action.startswith("pause"):
         time.sleep(float(action[5:] or 1))
         return
     raise FailpointError(f"failpoint {name}")
+
+
+def _hold(gate: Path) -> None:
+    Path(f"{gate}.reached").touch()
+    deadline = time.monotonic() + HOLD_SECONDS
+    while not gate.exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+
+
+def reached(gate: Path) -> bool:
+    """Whether a process held at ``hold:<gate>`` got there (the test's side)."""
+    return Path(f"{gate}.reached").exists()
+
+
+def release(gate: Path) -> None:
+    """Let every process held at ``hold:<gate>`` go on (the test's side)."""
+    gate.touch()

@@ -116,7 +116,7 @@ class Settings(BaseSettings):
         validation_alias=_aliased("s3_region"),
         description="the S3 region when a storage names none (also AWS_DEFAULT_REGION, AWS_REGION; default us-east-1)",
     )
-    failpoints: str = Field(default="", description="tests only: where a process dies or fails on purpose")
+    failpoints: str = Field(default="", description="tests only: where a process dies, fails or waits on purpose")
 
     @property
     def data_path(self) -> Path:

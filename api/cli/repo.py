@@ -170,14 +170,22 @@ def repo_backup_stream(location: str, source: str, name: str, fmt: str, as_json:
 @click.argument("location", metavar="REPO")
 @click.argument("backup_id", metavar="ID")
 @click.argument("target")
+@click.option(
+    "--in-place",
+    is_flag=True,
+    help="TARGET is an existing block device: write the backup over it (raw; holes zeroed).",
+)
 @click.option("--json", "as_json", is_flag=True)
-def repo_restore(location: str, backup_id: str, target: str, as_json: bool) -> None:
-    """Restore backup ID into the new file TARGET (qcow2 when it ends in .qcow2, else raw)."""
+def repo_restore(location: str, backup_id: str, target: str, in_place: bool, as_json: bool) -> None:
+    """Restore backup ID into the new file TARGET (qcow2 when it ends in .qcow2, else raw), or
+    with --in-place over the existing block device TARGET."""
     from shared.repository.restore import restore_backup
 
     repository = _open(location)
     with _progress("restore") as progress:
-        result = restore_backup(repository, backup_id, target, progress=progress, lock_wait=_lock_wait())
+        result = restore_backup(
+            repository, backup_id, target, progress=progress, lock_wait=_lock_wait(), in_place=in_place
+        )
     speed = result.bytesWritten / result.seconds if result.seconds else 0.0
     _emit(
         result.to_json(),

@@ -17,6 +17,7 @@ import click
 
 from api.cli.storage_flags import StorageCommand, credential_params
 from api.client import ApiError, Client, JobFailed
+from shared.schedule import MAX_SECONDS
 
 
 def _client() -> Client:
@@ -493,10 +494,10 @@ def group_state(group_uuid: str, state: str, as_json: bool) -> None:
 @click.option("--name", required=True)
 @click.option("--interval", type=click.IntRange(min=1), help="simple: seconds between fires")
 @click.option("--repeat", type=click.IntRange(min=1), help="simple: how many fires (default: forever)")
-@click.option("--cron", help="cron: a five-field expression")
+@click.option("--cron", help="cron: five fields, or Quartz's six or seven (seconds first)")
 @click.option("--time-zone", help="cron: e.g. Europe/Berlin (default UTC)")
-@click.option("--start", "start_ms", type=click.IntRange(min=0), help="Unix ms")
-@click.option("--stop", "stop_ms", type=click.IntRange(min=0), help="Unix ms")
+@click.option("--start", "start_s", type=click.IntRange(min=0, max=MAX_SECONDS), help="Unix seconds (default: now)")
+@click.option("--stop", "stop_s", type=click.IntRange(min=0, max=MAX_SECONDS), help="Unix seconds")
 @JSON
 def trigger_create(
     name: str,
@@ -504,8 +505,8 @@ def trigger_create(
     repeat: int | None,
     cron: str | None,
     time_zone: str | None,
-    start_ms: int | None,
-    stop_ms: int | None,
+    start_s: int | None,
+    stop_s: int | None,
     as_json: bool,
 ) -> None:
     """Create a simple (--interval) or cron (--cron) trigger."""
@@ -517,8 +518,8 @@ def trigger_create(
         ("repeatCount", repeat),
         ("cron", cron),
         ("timeZone", time_zone),
-        ("startTime", start_ms),
-        ("stopTime", stop_ms),
+        ("startTime", start_s),
+        ("stopTime", stop_s),
     ):
         if value is not None:
             params[key] = value

@@ -3,7 +3,8 @@
 Each module is thin: it parses the request, checks who may do it (:mod:`shared.access`), calls
 the service (:mod:`shared.service`) and wraps the answer in ZStack's envelopes
 (:mod:`api.envelopes`). :data:`VERSIONED` are served under ``/v1`` and, for ZStack's SDKs,
-``/zstack/v1``; :data:`ROOT` at their own paths (health, metrics, the ZStack RPC endpoint).
+``/zstack/v1``; :data:`ZSTACK_ONLY` (the paths where ZStack's REST differs) under ``/zstack/v1``
+only; :data:`ROOT` at their own paths (health, metrics, the ZStack RPC endpoint).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from . import (
     vm_instances,
     volume_backups,
     volumes,
+    zstack_paths,
     zstack_wire,
 )
 
@@ -48,3 +50,4 @@ VERSIONED: tuple[APIRouter, ...] = (
     overview.router,
 )
 ROOT: tuple[APIRouter, ...] = (health.router, metrics.router, zstack_wire.router)
+ZSTACK_ONLY: APIRouter = zstack_paths.router  # ZStack's own paths, under /zstack/v1 only, before VERSIONED

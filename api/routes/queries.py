@@ -21,7 +21,10 @@ TAG_TYPES = {"user-tags": "user", "system-tags": "system"}
 NO_SINGLE_GET = ("scheduler/jobhistories", "api-jobs")  # histories have integer ids; jobs: api_jobs.py
 
 
-def _query(model: type[Base], tag_type: str | None) -> Any:
+def query_handler(model: type[Base], tag_type: str | None, always: tuple[str, ...] = ()) -> Any:
+    """The handler of ``GET /v1/<collection>`` for ``model``, ``always`` ANDed to every query
+    (``/zstack/v1``'s own paths reuse it: ``backup-storage/image-store`` is ``type=ImageStore``)."""
+
     def handler(
         session: DbSession,
         caller: CurrentCaller,
@@ -34,7 +37,7 @@ def _query(model: type[Base], tag_type: str | None) -> Any:
         fields: str | None = None,
         groupBy: str | None = None,
     ) -> JSONResponse:
-        spec = parse_rest(q, sort, limit, start, count, replyWithCount, fields, groupBy)
+        spec = parse_rest([*q, *always], sort, limit, start, count, replyWithCount, fields, groupBy)
         base = access.scope(caller, model)
         if tag_type:
             base = base.where(Tag.type == tag_type)
@@ -69,7 +72,7 @@ for _path, _model in QUERYABLE.items():
     _answer = query_answer(_model)
     router.add_api_route(
         f"/{_path}",
-        _query(_model, TAG_TYPES.get(_path)),
+        query_handler(_model, TAG_TYPES.get(_path)),
         methods=["GET"],
         name=f"query {_path}",
         response_model=_answer,

@@ -5,8 +5,9 @@ does it. The endpoint checks the message against its parameter model,
 then calls the REST route in process (an ASGI sub-request into this same app, authorised as
 ``OAuth <session uuid>``), so every action has one implementation and project isolation is the
 REST API's. The REST answer is translated into ZStack's shapes: a sync reply, or for an async
-message a job whose result ``GET /zstack/api/result/{uuid}`` returns; dates in inventories are
-written as ZStack writes them (``Jul 25, 2018 4:55:41 PM``, the server's local time).
+message a job whose result ``GET /zstack/api/result/{uuid}`` returns; inventories have ZStack's
+types, as ``/zstack/v1``'s (:mod:`api.zstack_rest`: dates as ``Jul 25, 2018 4:55:41 PM``,
+JSON-string ``metadata``/``jobData``, ...).
 """
 
 from __future__ import annotations
@@ -14,7 +15,6 @@ from __future__ import annotations
 import json
 import logging
 import re
-from datetime import datetime
 from typing import Any
 
 import httpx
@@ -28,6 +28,7 @@ from api.deps import get_caller
 from api.envelopes import error_body
 from api.routes.api_jobs import job_answer
 from api.zstack_messages import MESSAGES, Message, Rest
+from api.zstack_rest import job_parameters, zstack_answer, zstack_types
 from shared.catalog import db
 from shared.catalog.models import ApiJob, new_uuid
 from shared.errors import BlockvaultError, InvalidArgument, Unauthorized
@@ -38,29 +39,6 @@ router = APIRouter(include_in_schema=False)
 SESSION_ERROR = "ID.1001"  # ZStack's IdentityErrors.INVALID_SESSION: no, unknown or expired session
 LOGIN_ERROR = "ID.1000"  # ZStack's IdentityErrors.AUTHENTICATION_ERROR: wrong account name or password
 JOB_UUID = re.compile(r"^[0-9a-f]{32}$")
-ISO_DATE = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d(:\d\d(\.\d+)?)?(Z|[+-]\d\d:?\d\d)?$")
-
-
-# -- dates -----------------------------------------------------------------------------------------
-def zstack_date(text: str) -> str:
-    """An ISO timestamp as ZStack writes dates: ``Jul 25, 2018 4:55:41 PM`` (server local time)."""
-    moment = datetime.fromisoformat(text.replace("Z", "+00:00")).astimezone()
-    hour = moment.hour % 12 or 12
-    return f"{moment:%b} {moment.day}, {moment.year} {hour}:{moment:%M:%S} {'AM' if moment.hour < 12 else 'PM'}"
-
-
-def zstack_dates(value: Any) -> Any:
-    """``value`` with every ISO timestamp in it (at any depth) written as ZStack's dates."""
-    if isinstance(value, dict):
-        return {k: zstack_dates(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [zstack_dates(v) for v in value]
-    if isinstance(value, str) and ISO_DATE.fullmatch(value):
-        try:
-            return zstack_date(value)
-        except ValueError:
-            return value
-    return value
 
 
 # -- answers ---------------------------------------------------------------------------------------
@@ -118,6 +96,15 @@ def check(message: Message, params: dict[str, Any]) -> dict[str, Any]:
         raise InvalidArgument(detail=f"invalid {message.name}: {problems}") from None
     values = {k: v for k, v in checked.model_dump().items() if k in message.names or k in message.extras}
     return {k: v for k, v in values.items() if v is not None}
+
+
+def _string_parameters(params: dict[str, Any]) -> dict[str, Any]:
+    """A job group's or job's ``parameters`` sent as ZStack's ``Map<String, String>`` read into
+    the typed jobData (as on ``/zstack/v1``); an object of typed values passes as it is."""
+    data = params.get("parameters")
+    if isinstance(data, dict) and data and all(isinstance(v, str) for v in data.values()):
+        return {**params, "parameters": job_parameters(data)}
+    return params
 
 
 def _session_token(params: dict[str, Any]) -> str:
@@ -199,7 +186,7 @@ def _export(params: dict[str, Any], body: Any) -> tuple[dict[str, Any], dict[str
 def _sync_reply(message: Message, body: Any) -> dict[str, Any]:
     data = body if isinstance(body, dict) else {}
     if message.reply == "query":
-        reply: dict[str, Any] = {"inventories": zstack_dates(data.get("inventories", []))}
+        reply: dict[str, Any] = {"inventories": zstack_types(data.get("inventories", []))}
         if "total" in data:
             reply["total"] = data["total"]
     elif message.reply == "capacity":
@@ -211,7 +198,7 @@ def _sync_reply(message: Message, body: Any) -> dict[str, Any]:
     elif message.reply == "logout":
         reply = {}
     else:
-        reply = {"inventory": zstack_dates(data.get("inventory", {}))}
+        reply = {"inventory": zstack_types(data.get("inventory", {}))}
     return {message.answer_class: {**reply, "success": True}}
 
 
@@ -224,6 +211,7 @@ async def zstack_api(request: Request) -> JSONResponse:
         message, raw = _parse(await request.body())
         try:
             params = check(message, raw)
+            params = _string_parameters(params)
             rest = message.rest({**params, "session": raw.get("session")} if message.name == "LogOut" else params)
         except (InvalidArgument, KeyError) as exc:
             raise WireError(400, "INVALID_ARGUMENT", str(exc)) from None
@@ -265,8 +253,9 @@ def _result(request: Request, uuid: str) -> JSONResponse:
         return JSONResponse({"uuid": uuid, "state": "Processing", "location": _location(request, uuid)})
     if status == 200:
         event: dict[str, Any] = {"success": True}
-        if body.get("inventory"):
-            event["inventory"] = zstack_dates(body["inventory"])
+        if body.get("inventory"):  # ZStack's types and shapes (a VM backup's inventories), as /zstack/v1's
+            answer = zstack_answer(200, body)
+            event.update({k: answer[k] for k in ("inventory", "inventories") if k in answer})
         if isinstance(extra, dict):
             event.update(extra)
         return JSONResponse({"uuid": uuid, "state": "Done", "result": json.dumps({event_class: event})})

@@ -231,8 +231,8 @@ class SchedulerTrigger(Resource, Base):
     schedulerType: Mapped[str] = mapped_column(String(16), default="simple")
     schedulerInterval: Mapped[int | None] = mapped_column(Integer)
     repeatCount: Mapped[int | None] = mapped_column(Integer)
-    startTime: Mapped[int | None] = mapped_column(BigInteger)
-    stopTime: Mapped[int | None] = mapped_column(BigInteger)
+    startTime: Mapped[int | None] = mapped_column(BigInteger)  # Unix seconds, as ZStack's (migration 0011)
+    stopTime: Mapped[int | None] = mapped_column(BigInteger)  # Unix seconds
     cron: Mapped[str | None] = mapped_column(String(255))
     timeZone: Mapped[str | None] = mapped_column(String(64))
     state: Mapped[str] = mapped_column(String(32), default="Enabled")

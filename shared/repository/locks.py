@@ -28,6 +28,7 @@ from datetime import UTC, datetime
 from typing import Literal
 
 from shared.errors import BackendForbidden, MalformedLock, ObjectNotFound, RepositoryLocked
+from shared.failpoints import failpoint
 
 from .backends.base import Backend
 
@@ -224,6 +225,7 @@ def repository_lock(backend: Backend, kind: LockKind, purpose: str, wait: float 
             who = "; ".join(record.describe() for record in conflicts)
             need = "needs the repository idle" if kind == "exclusive" else "waits for exclusive maintenance"
             raise RepositoryLocked(location=backend.location, detail=f"{purpose} {need}, held by {who}")
+        failpoint("lock.waiting")  # a test's sign that this process waits for another's lock
         time.sleep(min(1.0, max(0.0, deadline - time.monotonic())) * random.uniform(0.5, 1.0) + 0.05)
     refresher = _Refresher(backend, key, body)
     refresher.start()

@@ -13,12 +13,14 @@ import ctypes
 import errno
 import fcntl
 import functools
+import logging
+import mmap
 import os
 import stat
 import struct
 import threading
 import uuid
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Protocol
 
@@ -30,6 +32,7 @@ from .nbd import STATE_ZERO, NBDClient
 from .pipeline import default_workers
 
 Extent = tuple[int, int]
+log = logging.getLogger(__name__)
 # one NBD connection per thread that touches a volume: the pipeline's workers and the caller
 NBD_CONNECTIONS = default_workers() + 4
 
@@ -280,20 +283,25 @@ _ZEROS = bytes(ZERO_BLOCK)
 
 
 def nonzero_runs(data: Buffer) -> list[Extent]:
-    """(offset, length) of the runs of ``data`` that are not all-zero 64 KiB blocks."""
-    view = memoryview(data)
+    """(offset, length) of the runs of ``data`` that are not all-zero 64 KiB blocks.
+
+    Each block is tested with ``startswith`` (one memcmp): comparing a memoryview with bytes
+    goes byte by byte in CPython, 12 ms for an all-zero 4 MiB chunk against 0.1 ms."""
+    if isinstance(data, memoryview):  # (no caller passes one today) startswith needs bytes
+        data = data.tobytes()
     runs: list[Extent] = []
     start = -1
-    for pos in range(0, len(data), ZERO_BLOCK):
-        block = view[pos : pos + ZERO_BLOCK]
-        zero = block == _ZEROS[: len(block)]
+    size = len(data)
+    for pos in range(0, size, ZERO_BLOCK):
+        end = min(pos + ZERO_BLOCK, size)
+        zero = data.startswith(_ZEROS[: end - pos], pos, end)
         if not zero and start < 0:
             start = pos
         elif zero and start >= 0:
             runs.append((start, pos - start))
             start = -1
     if start >= 0:
-        runs.append((start, len(data) - start))
+        runs.append((start, size - start))
     return runs
 
 
@@ -310,33 +318,187 @@ def _start_writeback(fd: int, offset: int, length: int) -> None:
         _libc.sync_file_range(fd, ctypes.c_longlong(offset), ctypes.c_longlong(length), _SYNC_FILE_RANGE_WRITE)
 
 
-class RawWriter:
-    """A sparse raw file: only non-zero blocks are written."""
+DIRECT_ALIGN = 4096  # offsets, lengths and buffer addresses of O_DIRECT writes (any logical block size up to 4 KiB)
 
-    def __init__(self, target: Path, size: int) -> None:
+
+class _AlignedBuffers:
+    """Page-aligned buffers (anonymous mmaps) that O_DIRECT can write from, lent to one thread
+    at a time and reused: at most one per writing thread exists, so memory stays bounded."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self._free: list[mmap.mmap] = []
+        self._all: list[mmap.mmap] = []
+        self._lock = threading.Lock()
+
+    @contextlib.contextmanager
+    def lend(self) -> Iterator[mmap.mmap]:
+        with self._lock:
+            buffer = self._free.pop() if self._free else None
+        if buffer is None:
+            buffer = mmap.mmap(-1, self.size)
+            with self._lock:
+                self._all.append(buffer)
+        try:
+            yield buffer
+        finally:
+            with self._lock:
+                self._free.append(buffer)
+
+    def close(self) -> None:
+        with self._lock:
+            for buffer in self._all:
+                with contextlib.suppress(BufferError):  # a view still held by a failing thread
+                    buffer.close()
+            self._all.clear()
+            self._free.clear()
+
+
+class _PositionedWrites:
+    """Positioned writes of chunks into one file or device, from any thread.
+
+    Chunks are written with ``O_DIRECT`` from page-aligned buffers where the file system takes
+    it: the data goes from the buffer to the disk without passing through the page cache, whose
+    first touch of every page costs more on this kind of machine than the disk write itself
+    (2.8 s of system time a GiB against 0.76 s for the whole direct write), and the final fsync
+    has only metadata and the disk's cache left to flush. Where ``O_DIRECT`` is refused
+    (tmpfs, some network file systems: ``EINVAL`` at open or on a write), and for a last block
+    shorter than ``DIRECT_ALIGN``, the bytes go through the page cache with writeback started
+    at once. ``fd`` stays the caller's; a second, direct descriptor is opened on ``path``."""
+
+    def __init__(self, fd: int, path: Path, *, direct: bool) -> None:
+        self.fd = fd
+        self.path = path
+        self._lock = threading.Lock()
+        self._buffers: _AlignedBuffers | None = None
+        self._direct_fd = _open_direct(path) if direct else -1
+        self.direct = self._direct_fd >= 0
+
+    def write(self, offset: int, data: Buffer, runs: list[Extent]) -> None:
+        """Write the ``runs`` (offset, length within ``data``) of ``data`` at ``offset``."""
+        if not runs:
+            return
+        if self.direct and offset % DIRECT_ALIGN == 0 and self._write_direct(offset, data, runs):
+            return
+        view = memoryview(data)
+        for start, length in runs:
+            _pwrite_all(self.fd, view[start : start + length], offset + start)
+        _start_writeback(self.fd, offset, len(data))
+
+    def _write_direct(self, offset: int, data: Buffer, runs: list[Extent]) -> bool:
+        """Write ``runs`` with O_DIRECT (an unaligned tail buffered); False when the file system
+        refuses O_DIRECT: the caller then writes the whole chunk again, buffered."""
+        with self._lock:
+            if self._buffers is None or self._buffers.size < len(data):
+                self._buffers = _AlignedBuffers(max(len(data), 4 * 1024 * 1024))
+            buffers = self._buffers
+        with buffers.lend() as buffer:
+            buffer[: len(data)] = data
+            view = memoryview(buffer)
+            try:
+                for start, length in runs:
+                    aligned = length // DIRECT_ALIGN * DIRECT_ALIGN
+                    if aligned:
+                        try:
+                            _pwrite_all(self._direct_fd, view[start : start + aligned], offset + start)
+                        except OSError as exc:
+                            if exc.errno != errno.EINVAL:
+                                raise
+                            self._stop_direct()
+                            return False
+                    if aligned < length:  # the volume's last, short block
+                        tail = start + aligned
+                        _pwrite_all(self.fd, view[tail : start + length], offset + tail)
+            finally:
+                view.release()
+        return True
+
+    def _stop_direct(self) -> None:
+        """Write through the page cache from now on (the descriptor stays open until the end:
+        another thread may be writing with it)."""
+        with self._lock:
+            if self.direct:
+                self.direct = False
+                log.info("restore.direct_io_refused target=%s (writing through the page cache)", self.path)
+
+    def close(self) -> None:
+        """Close the direct descriptor and free the buffers (``fd`` is the caller's to close)."""
+        if self._direct_fd >= 0:
+            os.close(self._direct_fd)
+            self._direct_fd = -1
+        if self._buffers is not None:
+            self._buffers.close()
+
+
+class _DescriptorWriter:
+    """What the raw file and block device writers share: a descriptor and its positioned writes."""
+
+    _fd = -1
+    _writes: _PositionedWrites | None = None
+
+    @property
+    def direct(self) -> bool:
+        """Whether chunks are written with O_DIRECT (False after a fallback)."""
+        return self._writes is not None and self._writes.direct
+
+    def _close(self) -> None:
+        if self._writes is not None:
+            self._writes.close()
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+
+class RawWriter(_DescriptorWriter):
+    """A sparse raw file: only non-zero blocks are written, by positioned writes from the
+    pipeline's threads side by side (O_DIRECT where the file system takes it, see
+    :class:`_PositionedWrites`). The file's size is set first, so what is not written stays a
+    hole: the output is exactly as sparse as the backup's data."""
+
+    def __init__(self, target: Path, size: int, *, direct: bool = True) -> None:
         _check_target(target)
         self.target = target
         self.tmp = _temporary_name(target)
         self._fd = os.open(self.tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-        os.ftruncate(self._fd, size)
+        try:
+            os.ftruncate(self._fd, size)
+            self._writes = _PositionedWrites(self._fd, self.tmp, direct=direct)
+        except BaseException:
+            self.abort()
+            raise
 
     def write(self, offset: int, data: Buffer) -> None:
-        view = memoryview(data)
-        for start, length in nonzero_runs(data):
-            os.pwrite(self._fd, view[start : start + length], offset + start)
-        _start_writeback(self._fd, offset, len(data))
+        assert self._writes is not None
+        self._writes.write(offset, data, nonzero_runs(data))
 
     def commit(self) -> None:
-        os.fsync(self._fd)
-        os.close(self._fd)
-        self._fd = -1
+        os.fsync(self._fd)  # what went O_DIRECT is on the disk: this flushes metadata and the disk's cache
+        self._close()
         _link_into_place(self.tmp, self.target)
 
     def abort(self) -> None:
-        if self._fd >= 0:
-            os.close(self._fd)
-            self._fd = -1
+        self._close()
         self.tmp.unlink(missing_ok=True)
+
+
+def _open_direct(path: Path) -> int:
+    """A second descriptor on ``path`` opened O_DIRECT, or -1 where the file system refuses it."""
+    flag = getattr(os, "O_DIRECT", 0)
+    if not flag:
+        return -1
+    try:
+        return os.open(path, os.O_WRONLY | os.O_CLOEXEC | flag)
+    except OSError as exc:
+        if exc.errno != errno.EINVAL:
+            raise
+        log.info("restore.direct_io_refused target=%s (writing through the page cache)", path)
+        return -1
+
+
+def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
+    done = 0
+    while done < len(data):
+        done += os.pwrite(fd, data[done:], offset + done)
 
 
 class Qcow2Writer:
@@ -401,29 +563,31 @@ _BLKZEROOUT = 0x127F  # _IO(0x12, 127): zero a byte range of a block device
 _ZERO_PIECE = 1024 * 1024
 
 
-class DeviceWriter:
+class DeviceWriter(_DescriptorWriter):
     """An existing block device written in place (a revert of a volume that is a device): every
     byte of the backup is written, zeros included, and :meth:`zero` clears what the backup
     holds no data for; nothing past the backup's size is touched. Opened ``O_EXCL``, so a
     device that is mounted or held open exclusively is refused. There is no temporary copy:
     a failure leaves the device partly written (the caller reports it)."""
 
-    def __init__(self, target: Path, size: int) -> None:
+    def __init__(self, target: Path, size: int, *, direct: bool = True) -> None:
         try:
             self._fd = os.open(target, os.O_WRONLY | os.O_EXCL | os.O_CLOEXEC)
         except OSError as exc:
             raise VolumeError(path=str(target), detail=f"cannot open it for writing: {exc.strerror or exc}") from None
         self.target = target
-        capacity = os.lseek(self._fd, 0, os.SEEK_END)
-        if capacity < size:
-            os.close(self._fd)
-            raise VolumeError(path=str(target), detail=f"the device has {capacity} bytes, the backup {size}")
+        try:
+            capacity = os.lseek(self._fd, 0, os.SEEK_END)
+            if capacity < size:
+                raise VolumeError(path=str(target), detail=f"the device has {capacity} bytes, the backup {size}")
+            self._writes = _PositionedWrites(self._fd, target, direct=direct)
+        except BaseException:
+            self.abort()
+            raise
 
     def write(self, offset: int, data: Buffer) -> None:
-        view = memoryview(data)
-        done = 0
-        while done < len(view):
-            done += os.pwrite(self._fd, view[done:], offset + done)
+        assert self._writes is not None
+        self._writes.write(offset, data, [(0, len(data))])
 
     def zero(self, offset: int, length: int) -> None:
         """Zero ``length`` bytes at ``offset`` (the device's own zeroing when it has one)."""
@@ -440,13 +604,10 @@ class DeviceWriter:
 
     def commit(self) -> None:
         os.fsync(self._fd)
-        os.close(self._fd)
-        self._fd = -1
+        self.abort()
 
     def abort(self) -> None:
-        if self._fd >= 0:
-            os.close(self._fd)
-            self._fd = -1
+        self._close()
 
 
 def open_writer(target: str, size: int, fmt: str | None = None) -> RawWriter | Qcow2Writer:

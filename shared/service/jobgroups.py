@@ -21,9 +21,10 @@ from shared.catalog.models import (
     SchedulerJobGroupTriggerRef,
     SchedulerTrigger,
     VmInstance,
+    now,
 )
 from shared.errors import Conflict, InvalidArgument, NotFound
-from shared.schedule import TriggerSpec, validate
+from shared.schedule import TriggerSpec, to_seconds, validate
 from shared.service.rows import get, ready_volume
 
 log = logging.getLogger(__name__)
@@ -257,12 +258,19 @@ def trigger_spec(trigger: SchedulerTrigger) -> TriggerSpec:
 TRIGGER_FIELDS = ("schedulerType", "schedulerInterval", "repeatCount", "startTime", "stopTime", "cron", "timeZone")
 
 
+def _start_now(values: dict[str, Any]) -> dict[str, Any]:
+    """ZStack's rule: a ``startTime`` of 0 (or none, on create) is now, stored as now (Unix s)."""
+    if values.get("startTime") in (None, 0) and not isinstance(values.get("startTime"), bool):
+        values["startTime"] = to_seconds(now())
+    return values
+
+
 def create_trigger(session: Session, params: dict[str, Any]) -> SchedulerTrigger:
     if not isinstance(params.get("name"), str) or not params["name"]:
         raise InvalidArgument(detail="name is required")
     values: dict[str, Any] = {k: params.get(k) for k in TRIGGER_FIELDS}
     values["schedulerType"] = values["schedulerType"] or "simple"
-    validate(TriggerSpec(**values))
+    validate(TriggerSpec(**_start_now(values)))
     trigger = SchedulerTrigger(name=params["name"], description=params.get("description"), **values)
     session.add(trigger)
     session.flush()
@@ -271,6 +279,8 @@ def create_trigger(session: Session, params: dict[str, Any]) -> SchedulerTrigger
 
 def update_trigger(session: Session, trigger: SchedulerTrigger, params: dict[str, Any]) -> None:
     values: dict[str, Any] = {k: params.get(k, getattr(trigger, k)) for k in TRIGGER_FIELDS}
+    if params.get("startTime", 1) in (None, 0):
+        _start_now(values)
     validate(TriggerSpec(**values))
     for key, value in values.items():
         setattr(trigger, key, value)

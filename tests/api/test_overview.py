@@ -32,7 +32,7 @@ from shared.catalog.models import (
     new_uuid,
     now,
 )
-from shared.schedule import TriggerSpec, fire_times_after, from_ms, to_ms
+from shared.schedule import TriggerSpec, fire_times_after, from_seconds, to_seconds
 from tests.api.conftest import app_client
 
 Row = dict[str, Any]
@@ -208,7 +208,7 @@ def test_fire_times_follow_the_scheduler_and_bad_input(api: tuple[TestClient, st
         assert trigger is not None
         spec = TriggerSpec(schedulerType="simple", schedulerInterval=3600)
         created = trigger.createDate
-    moment = from_ms(to_ms(now()))
+    moment = from_seconds(to_seconds(now()))
     expected = []
     after = moment
     for _ in range(5):
@@ -225,7 +225,7 @@ def test_fire_times_follow_the_scheduler_and_bad_input(api: tuple[TestClient, st
             schedulerType="cron",
             cron="0 3 * * *",
             timeZone="Europe/Berlin",
-            stopTime=to_ms(now()) + 3 * 86400_000,
+            stopTime=to_seconds(now()) + 3 * 86400,
         )
         session.add(cron)
         session.flush()

@@ -153,7 +153,7 @@ def test_after_the_secret_changed_the_credentials_are_re_entered_with_update(
             ({"encryptionPassphrase": PASSPHRASE}, "INVALID_ARGUMENT"),  # a Remote needs its token
         ):
             status, body = deployment.action(client, remote["uuid"], "updateBackupStorage", **params)
-            assert body["error"]["code"] == code and status in (400, 409), (params, body)
+            assert (status, body["error"]["code"]) == (400, code), (params, body)  # bad input, not a conflict
         status, body = deployment.action(client, local["uuid"], "updateBackupStorage", encryptionPassphrase="nope")
         assert (status, body["error"]["code"]) == (409, "WRONG_PASSPHRASE"), body
         assert deployment.stored() == before

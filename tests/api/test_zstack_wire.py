@@ -17,8 +17,8 @@ import pytest
 from fastapi.testclient import TestClient
 
 from api.app import create_app
-from api.routes.zstack_wire import zstack_date
 from api.zstack_messages import MESSAGES
+from api.zstack_rest import zstack_date
 from shared.catalog import db
 from shared.catalog.models import Host, new_uuid
 from shared.config import get_settings

@@ -14,7 +14,14 @@ What it does, in one run and on a warm page cache:
 3. rewrites 2 % of the volume's 4 MiB-aligned regions with new random bytes, identically in the raw
    file and (through ``qemu-io``, so the dirty bitmap sees it) in the qcow2 copy;
 4. incremental backup with each tool (blockvault: by rehash on raw, by dirty bitmap on qcow2);
-5. restores each tool's latest backup into a new file and checks it byte for byte against the volume.
+5. restores each tool's latest backup into a new file, flushes it to disk (fsync, timed as part
+   of the restore: blockvault syncs before it reports success, restic and Borg do not), checks it
+   byte for byte against the volume and checks its holes are the volume's (restic 0.14 has no
+   sparse restore; Borg extracts with ``--sparse``);
+6. restores each tool's latest backup onto a block device (a loop device over a file, direct I/O,
+   unless ``--no-device`` or losetup fails), flushed and checked the same way (restic ``dump``,
+   ``borg extract --stdout``, ``blockvault repo restore --in-place``); the device is scribbled on
+   before each restore, so a tool that leaves a region (hole or data) unwritten is caught.
 
 For every step it measures wall time, the peak RSS of the command's process tree, and at the end
 each repository's size on disk; it prints a table, blockvault's ratios to the faster peer and
@@ -251,6 +258,87 @@ def first_difference(a: Path, b: Path) -> str | None:
             offset += len(da)
 
 
+def flush_seconds(path: Path) -> float:
+    """Flush a restored file or device to disk (fsync); the seconds it took. Added to every
+    tool's restore time, so that each is timed to the same point: data on the disk."""
+    started = time.perf_counter()
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    return time.perf_counter() - started
+
+
+def data_map(path: Path) -> list[tuple[int, int]]:
+    """The (offset, length) data extents of a file (SEEK_DATA/SEEK_HOLE): where its holes are."""
+    extents: list[tuple[int, int]] = []
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        size = os.fstat(fd).st_size
+        offset = 0
+        while offset < size:
+            try:
+                start = os.lseek(fd, offset, os.SEEK_DATA)
+            except OSError:  # ENXIO: only a hole remains
+                break
+            end = min(os.lseek(fd, start, os.SEEK_HOLE), size)
+            extents.append((start, end - start))
+            offset = end
+    finally:
+        os.close(fd)
+    return extents
+
+
+def first_difference_device(device: Path, raw: Path) -> str | None:
+    """None when the first ``raw``-size bytes of ``device`` are ``raw``'s, else where they differ."""
+    size = raw.stat().st_size
+    with device.open("rb", buffering=0) as fd, raw.open("rb", buffering=0) as fr:
+        offset = 0
+        while offset < size:
+            want = min(COMPARE_PIECE, size - offset)
+            dd, dr = fd.read(want), fr.read(want)
+            if dd != dr:
+                return f"first difference in the {COMPARE_PIECE} bytes at {offset}"
+            offset += want
+    return None
+
+
+@contextlib.contextmanager
+def loop_device(backing: Path, size: int) -> Iterator[Path | None]:
+    """A loop device (direct I/O to its backing file, like a disk) of ``size`` bytes, or None
+    when losetup does not work here (not root, no loop support)."""
+    with backing.open("wb") as handle:
+        handle.truncate(size)
+    made = subprocess.run(
+        ["losetup", "--find", "--show", "--direct-io=on", str(backing)], capture_output=True, text=True, check=False
+    )
+    if made.returncode != 0:
+        _say(f"no block device restore: losetup failed ({made.stderr.strip()})")
+        yield None
+        return
+    device = Path(made.stdout.strip())
+    try:
+        yield device
+    finally:
+        subprocess.run(["losetup", "--detach", str(device)], check=False)
+
+
+SCRIBBLE = b"\xee" * 4096
+
+
+def scribble(device: Path, size: int) -> None:
+    """Write 4 KiB of garbage at the start of every MiB of ``device`` (the volume's regions are
+    MiB-aligned), so that a restore which leaves any region unwritten shows as a mismatch."""
+    fd = os.open(device, os.O_WRONLY)
+    try:
+        for offset in range(0, size, MiB):
+            os.pwrite(fd, SCRIBBLE, offset)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def read_through(path: Path) -> None:
     """Read a file once so that it is in the page cache."""
     with path.open("rb", buffering=0) as f:
@@ -476,10 +564,13 @@ class Row:
     repo: Usage | None = None
     restored_allocated: int | None = None
     restore_ok: bool | None = None
+    sparse_ok: bool | None = None
+    device: Step | None = None
+    device_ok: bool | None = None
     error: str | None = None
 
     def peak_rss(self) -> int | None:
-        steps = [s for s in (self.full, self.incr, self.restore) if s]
+        steps = [s for s in (self.full, self.incr, self.restore, self.device) if s]
         return max(s.peak_rss for s in steps) if steps else None
 
 
@@ -513,6 +604,14 @@ class Tool:
     def restore(self, target_dir: Path) -> tuple[Step, Path]:
         raise NotImplementedError
 
+    def restore_device(self, device: Path) -> Step:
+        """Restore the latest backup onto the block device ``device`` (every byte written)."""
+        raise NotImplementedError
+
+    def run_to_device(self, cmd: Sequence[str], device: Path, cwd: Path | None = None) -> Measured:
+        """Run ``cmd`` with its standard output written to ``device``."""
+        return self.run(["sh", "-c", 'exec "$@" > "$0"', str(device), *cmd], cwd=cwd)
+
 
 class Restic(Tool):
     name = "restic"
@@ -543,6 +642,10 @@ class Restic(Tool):
         m = self.run(["restic", "restore", "latest", "--target", str(target_dir)])
         return Step(m.seconds, m.peak_rss), only_file_under(target_dir)
 
+    def restore_device(self, device: Path) -> Step:
+        m = self.run_to_device(["restic", "dump", "latest", str(self.volume.resolve())], device)
+        return Step(m.seconds, m.peak_rss)
+
 
 class Borg(Tool):
     name = "borg"
@@ -571,8 +674,13 @@ class Borg(Tool):
         return Step(m.seconds, m.peak_rss, detail)
 
     def restore(self, target_dir: Path) -> tuple[Step, Path]:
-        m = self.run(["borg", "extract", f"{self.repo}::{self.archive}"], cwd=target_dir)
+        m = self.run(["borg", "extract", "--sparse", f"{self.repo}::{self.archive}"], cwd=target_dir)
         return Step(m.seconds, m.peak_rss), only_file_under(target_dir)
+
+    def restore_device(self, device: Path) -> Step:
+        cmd = ["borg", "extract", "--stdout", f"{self.repo}::{self.archive}", self.volume.name]
+        m = self.run_to_device(cmd, device, cwd=self.volume.parent)
+        return Step(m.seconds, m.peak_rss)
 
 
 def blockvault_json(m: Measured, cmd: str) -> dict[str, Any]:
@@ -614,6 +722,13 @@ class Blockvault(Tool):
         out = blockvault_json(m, "restore")
         return Step(m.seconds, m.peak_rss, {k: out.get(k) for k in ("bytesWritten", "seconds")}), target
 
+    def restore_device(self, device: Path) -> Step:
+        m = self.run(
+            [self.binary, "repo", "restore", str(self.repo), self.last_id, str(device), "--in-place", "--json"]
+        )
+        out = blockvault_json(m, "restore")
+        return Step(m.seconds, m.peak_rss, {k: out.get(k) for k in ("bytesWritten", "seconds")})
+
 
 # --------------------------------------------------------------------------------------------
 # The run
@@ -637,7 +752,7 @@ def _say(message: str) -> None:
 
 
 def run_benchmark(
-    workdir: Path, size: int, seed: int, blockvault: str
+    workdir: Path, size: int, seed: int, blockvault: str, *, device_restores: bool = True
 ) -> tuple[VolumeInfo, list[Tool], dict[str, Row]]:
     scratch = workdir / "scratch"
     scratch.mkdir()
@@ -686,13 +801,18 @@ def run_benchmark(
     for tool, row in _each_live(tools, rows):
         row.repo = disk_usage(tool.repo)
 
+    source_map = data_map(raw)
     for tool, row in _each_live(tools, rows):
         _say(f"restore: {tool.name}")
         target_dir = workdir / f"restore-{tool.slug}"
         target_dir.mkdir()
         try:
-            row.restore, restored = tool.restore(target_dir)
+            step, restored = tool.restore(target_dir)
+            step.detail["flush_s"] = round(flush_seconds(restored), 3)
+            step.seconds += step.detail["flush_s"]
+            row.restore = step
             row.restored_allocated = disk_usage(restored).allocated
+            row.sparse_ok = data_map(restored) == source_map
             problem = first_difference(restored, raw)
             row.restore_ok = problem is None
             if problem:
@@ -705,6 +825,26 @@ def run_benchmark(
             _fail(row, exc)
         finally:
             shutil.rmtree(target_dir, ignore_errors=True)
+
+    if device_restores:
+        with loop_device(workdir / "device-backing.img", size) as device:
+            for tool, row in _each_live(tools, rows) if device else ():
+                assert device is not None
+                _say(f"restore to the block device {device}: {tool.name}")
+                scribble(device, size)
+                try:
+                    step = tool.restore_device(device)
+                    step.detail["flush_s"] = round(flush_seconds(device), 3)
+                    step.seconds += step.detail["flush_s"]
+                    row.device = step
+                    problem = first_difference_device(device, raw)
+                    row.device_ok = problem is None
+                    if problem:
+                        print(
+                            f"\n!!!!!!!! DEVICE RESTORE MISMATCH: {tool.name}: {problem}\n", file=sys.stderr, flush=True
+                        )
+                except BenchError as exc:
+                    _fail(row, exc)
     return info, tools, rows
 
 
@@ -774,6 +914,12 @@ def verdicts(size: int, rows: dict[str, Row]) -> list[Verdict]:
         TARGET_RESTORE,
         f"  [bitmap repo's restore: {_fmt(restore_bitmap)}x]",
     )
+    if any(row.device for row in rows.values()):
+        speed(
+            "restore to a block device",
+            _speedup([_secs(p.device) for p in peers], _secs(rehash.device)),
+            TARGET_RESTORE,
+        )
 
     peer_repos = [p.repo.allocated for p in peers if p.repo]
     for row in (rehash, bitmap):
@@ -818,7 +964,8 @@ def print_report(info: VolumeInfo, tools: list[Tool], rows: dict[str, Row], chec
     )
     print(
         "Warm cache (before each command: sync, drop caches, read the volume and the tool's repository); "
-        "times are wall seconds of the whole command."
+        "times are wall seconds of the whole command; a restore's time includes flushing what it "
+        "restored to disk (fsync).  device s: the same restore onto a loop device (direct I/O)."
     )
     for tool in tools:
         if tool.notes:
@@ -829,6 +976,7 @@ def print_report(info: VolumeInfo, tools: list[Tool], rows: dict[str, Row], chec
         "full s",
         "incr s",
         "restore s",
+        "device s",
         "repo MiB",
         "repo app MiB",
         "restore alloc MiB",
@@ -844,6 +992,7 @@ def print_report(info: VolumeInfo, tools: list[Tool], rows: dict[str, Row], chec
                 _fmt(_secs(row.full)),
                 _fmt(_secs(row.incr)),
                 _fmt(_secs(row.restore)),
+                _fmt(_secs(row.device)),
                 _fmt(row.repo.allocated / MiB if row.repo else None, ".1f"),
                 _fmt(row.repo.apparent / MiB if row.repo else None, ".1f"),
                 _fmt(row.restored_allocated / MiB if row.restored_allocated is not None else None, ".1f"),
@@ -851,7 +1000,7 @@ def print_report(info: VolumeInfo, tools: list[Tool], rows: dict[str, Row], chec
             ]
         )
     source = info.raw_allocated_after_change / MiB
-    table.append(["(source volume, after change)", "", "", "", "", "", f"{source:.1f}", ""])
+    table.append(["(source volume, after change)", "", "", "", "", "", "", f"{source:.1f}", ""])
     widths = [max(len(headers[i]), *(len(r[i]) for r in table)) for i in range(len(headers))]
     line = "  ".join(h.ljust(w) if i == 0 else h.rjust(w) for i, (h, w) in enumerate(zip(headers, widths, strict=True)))
     print(line)
@@ -862,7 +1011,7 @@ def print_report(info: VolumeInfo, tools: list[Tool], rows: dict[str, Row], chec
     print("Per step:")
     for tool in tools:
         row = rows[tool.name]
-        for label, step in (("full", row.full), ("incr", row.incr), ("restore", row.restore)):
+        for label, step in (("full", row.full), ("incr", row.incr), ("restore", row.restore), ("device", row.device)):
             if step:
                 detail = ", ".join(f"{k}={v}" for k, v in step.detail.items())
                 print(
@@ -870,6 +1019,11 @@ def print_report(info: VolumeInfo, tools: list[Tool], rows: dict[str, Row], chec
                 )
         if row.restore_ok is not None:
             print(f"  {row.name:<20} restore verified byte for byte: {'OK' if row.restore_ok else 'MISMATCH'}")
+        if row.sparse_ok is not None:
+            sparse = "yes" if row.sparse_ok else "NO (holes differ from the source's)"
+            print(f"  {row.name:<20} restore exactly as sparse as the source: {sparse}")
+        if row.device_ok is not None:
+            print(f"  {row.name:<20} device restore verified byte for byte: {'OK' if row.device_ok else 'MISMATCH'}")
         if row.error:
             print(f"  {row.name:<20} ERROR: {row.error.splitlines()[0]}")
     print()
@@ -886,7 +1040,13 @@ def results_json(info: VolumeInfo, tools: list[Tool], rows: dict[str, Row], chec
         "tools": {tool.name: tool.notes for tool in tools},
         "rows": {name: {**asdict(row), "peak_rss": row.peak_rss()} for name, row in rows.items()},
         "targets": [asdict(check) for check in checks],
-        "ok": all(row.error is None and row.restore_ok for row in rows.values()),
+        "ok": all(
+            row.error is None
+            and row.restore_ok
+            and row.device_ok is not False
+            and (row.sparse_ok or not row.name.startswith("blockvault"))  # restic 0.14 cannot restore sparse
+            for row in rows.values()
+        ),
     }
 
 
@@ -915,6 +1075,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--json-out", type=Path, help="also write the results as JSON to this file")
     parser.add_argument("--seed", type=int, default=DEFAULT_SEED, help="seed of the volume's layout and content")
     parser.add_argument("--no-prefault", action="store_true", help="skip touching free memory first")
+    parser.add_argument("--no-device", action="store_true", help="skip the restores to a block device (loop device)")
     parser.add_argument("--blockvault", help="the blockvault executable (default: beside this Python)")
     return parser.parse_args(argv)
 
@@ -965,7 +1126,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     parent = args.workdir or Path("/var/tmp")
     parent.mkdir(parents=True, exist_ok=True)
-    needed = 6 * size + GiB
+    needed = 7 * size + GiB
     free = shutil.disk_usage(parent).free
     if free < needed:
         print(
@@ -978,7 +1139,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not args.no_prefault:
         prefault_memory()
     try:
-        info, tools, rows = run_benchmark(workdir, size, args.seed, blockvault)
+        info, tools, rows = run_benchmark(workdir, size, args.seed, blockvault, device_restores=not args.no_device)
     except BenchError as exc:
         print(f"\n!!! benchmark aborted: {exc}", file=sys.stderr)
         return 1

@@ -221,7 +221,7 @@ def fill_static(conn: Connection, shape: Shape) -> None:
                                           "schedulerInterval", "repeatCount", "startTime", "stopTime", cron,
                                           "timeZone", state)
         SELECT md5('trg' || i), 'at-' || (i % 6) || 'h', :base, :base, 'cron', NULL, NULL,
-               1704067200000, NULL, '0 ' || (i % 6) || ' * * *', 'Europe/Berlin', 'Enabled'
+               1704067200, NULL, '0 ' || (i % 6) || ' * * *', 'Europe/Berlin', 'Enabled'
         FROM generate_series(0, :n - 1) AS i""",
         n=shape.groups,
         **p,

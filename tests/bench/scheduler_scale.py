@@ -1056,13 +1056,11 @@ def run(
         client.add_targets(group["uuid"], volumes[start : start + args.batch])
     targeted = time.monotonic() - begin
     log(f"{n} targets added in {targeted:.1f} s (batches of {args.batch})")
-    fire_ms = int((time.time() + args.fire_delay) * 1000)
-    fire_ms -= fire_ms % 1000
+    fire_epoch = int(time.time() + args.fire_delay)  # trigger times are Unix seconds
     trigger = client.create_trigger(
-        "scale", schedulerType="simple", schedulerInterval=3600, repeatCount=1, startTime=fire_ms
+        "scale", schedulerType="simple", schedulerInterval=3600, repeatCount=1, startTime=fire_epoch
     )
     client.attach_trigger(trigger["uuid"], group["uuid"])
-    fire_epoch = fire_ms / 1000
     beats = stack.start_beats(args.beats)
     lead = fire_epoch - time.time()
     log(f"{args.beats} beats up, {lead:.1f} s before the fire time")

@@ -7,11 +7,13 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
 
 from api.client import ApiError, JobFailed
+from shared.failpoints import reached, release
 from tests.conftest import MiB
 from tests.qemu_fixtures import GuestAgent, QemuVm, make_qcow2
 from tests.service.conftest import Stack
@@ -76,8 +78,9 @@ def group_backups(stack: Stack, result: dict[str, Any]) -> list[dict[str, Any]]:
 def test_running_vm_is_backed_up_live_at_one_instant_and_restored_while_it_runs(
     stack: Stack, qemu_vm: Callable[..., QemuVm], guest_agent: GuestAgent
 ) -> None:
-    # the first live backup waits 3 s once QEMU exports its point-in-time view
-    host = start_host(stack, {"BLOCKVAULT_FAILPOINTS": "live.exported=1:pause3"})
+    # the first live backup holds once QEMU exports its point-in-time view, until the guest wrote
+    gate = stack.tmp / "gate"
+    host = start_host(stack, {"BLOCKVAULT_FAILPOINTS": f"live.exported=1:hold:{gate}"})
     client = stack.client
     client.add_backup_storage("local", f"file://{stack.tmp / 'local'}")
     vm = RunningVm(stack, qemu_vm, host, guest_agent)
@@ -86,9 +89,11 @@ def test_running_vm_is_backed_up_live_at_one_instant_and_restored_while_it_runs(
     vm.write(1, 4 * MiB, 1 * MiB, 0x43)
     instant = vm.snapshot()
     job = client.backup_vm(vm.root["uuid"], name="live-1")
-    stack.wait_for("the point-in-time export", lambda: bool(vm.qemu.exports()), timeout=60)
+    stack.wait_for("the backup holding at its point-in-time export", lambda: reached(gate), timeout=120)
+    assert vm.qemu.exports()
     vm.write(0, 1 * MiB, 1 * MiB, 0x51)  # while the backup reads: must not leak into it
     vm.write(1, 4 * MiB, 1 * MiB, 0x52)
+    release(gate)
     first = group_backups(stack, client.wait(job, timeout=120))
     assert [b["status"] for b in first] == ["Ready", "Ready"]
     assert [b["mode"] for b in first] == ["full", "full"]
@@ -183,8 +188,11 @@ def test_a_running_vm_without_a_monitor_needs_force_and_bad_sockets_are_refused(
 def test_worker_or_qemu_killed_mid_backup_leaves_no_ready_backup_and_the_next_one_is_right(
     stack: Stack, qemu_vm: Callable[..., QemuVm]
 ) -> None:
-    fault = {"BLOCKVAULT_FAILPOINTS": "live.exported=2:pause6"}  # each worker's 2nd live backup waits
-    host = start_host(stack, fault)
+    def fault(gate: Path) -> dict[str, str]:  # the worker's 2nd live backup holds at its export
+        return {"BLOCKVAULT_FAILPOINTS": f"live.exported=2:hold:{gate}"}
+
+    gates = stack.tmp / "worker-gate", stack.tmp / "qemu-gate"
+    host = start_host(stack, fault(gates[0]))
     client = stack.client
     client.add_backup_storage("local", f"file://{stack.tmp / 'local'}")
     vm = RunningVm(stack, qemu_vm, host, None)
@@ -196,14 +204,15 @@ def test_worker_or_qemu_killed_mid_backup_leaves_no_ready_backup_and_the_next_on
     # 1. the worker dies (the whole process group) while QEMU exports the view
     vm.write(0, 12 * MiB, 1 * MiB, 0x21)
     job = client.backup_vm(vm.root["uuid"], name="killed-worker")
-    stack.wait_for("the point-in-time export", lambda: bool(vm.qemu.exports()), timeout=60)
+    stack.wait_for("the backup holding at its export", lambda: reached(gates[0]), timeout=120)
+    assert vm.qemu.exports()
     stack.kill(f"worker-{host[:8]}")
     with pytest.raises(JobFailed) as lost:
         client.wait(job, timeout=120)
     assert lost.value.code == "HOST_DISCONNECTED", lost.value.description
     assert not vm.clean()  # its overlay, job and export are still in QEMU
     vm.write(1, 16 * MiB, 1 * MiB, 0x22)
-    stack.start_worker(host, fault)
+    stack.start_worker(host, fault(gates[1]))
     now = vm.snapshot()
     after = group_backups(stack, client.wait(client.backup_vm(vm.root["uuid"], name="after-worker"), timeout=120))
     assert vm.clean()
@@ -215,10 +224,12 @@ def test_worker_or_qemu_killed_mid_backup_leaves_no_ready_backup_and_the_next_on
     # 2. QEMU dies while the backup reads it
     vm.write(0, 20 * MiB, 1 * MiB, 0x31)
     job = client.backup_vm(vm.root["uuid"], name="killed-qemu")
-    stack.wait_for("the point-in-time export", lambda: bool(vm.qemu.exports()), timeout=60)
+    stack.wait_for("the backup holding at its export", lambda: reached(gates[1]), timeout=120)
+    assert vm.qemu.exports()
     for index in range(len(SIZES)):  # what the guest flushed survives its QEMU's death
         vm.qemu.flush(index)
     vm.qemu.kill()
+    release(gates[1])  # it reads on from a QEMU that is gone
     with pytest.raises(JobFailed) as gone:
         client.wait(job, timeout=120)
     assert gone.value.code == "VM_MONITOR_ERROR", gone.value.description

@@ -79,10 +79,10 @@ def back_up_and_copy(stack: Stack, start_storage_server: Any, s3_server: Any) ->
     cloud = cloud_params(s3_server, bucket, "p", passphrase="cloud-passphrase-" + "x" * 12)
     cloud["accessKey"] = "access-key-" + "z" * 16
     cloud["secretKey"] = "secret-key-" + "y" * 20
-    try:
+    with pytest.raises(ApiError) as refused:  # docs/storage.md: registering checks the token at once
         client.create("backup-storage", {"name": "w", **remote_params(server, "wrong-" + server.token)})
-    except ApiError as exc:
-        recorder.bodies.append(exc.description)
+    assert (refused.value.status, refused.value.code) == (400, "STORAGE_AUTH_FAILED"), refused.value.description
+    recorder.bodies.append(refused.value.description)
     remote = client.create("backup-storage", {"name": "remote", **remote_params(server)})
     store = client.create("backup-storage", {"name": "cloud", **cloud})
     secrets = {server.token, "wrong-" + server.token, cloud["accessKey"], cloud["secretKey"]}
@@ -167,11 +167,12 @@ def test_no_secret_in_responses_logs_tasks_history_catalog_or_database_backups(
     database_backup = client.wait(client.backup_database(name="catalog"), timeout=120)
     s3_server.down()  # a copy that fails: its error must not carry the keys either
     try:
-        client.wait(client.sync_backup(backup["uuid"], store["uuid"]), timeout=180)
-    except JobFailed as exc:
-        recorder.bodies.append(exc.description)
+        with pytest.raises(JobFailed) as failed:
+            client.wait(client.sync_backup(backup["uuid"], store["uuid"]), timeout=180)
     finally:
         s3_server.up()
+    assert failed.value.code == "STORAGE_UNAVAILABLE", failed.value.description
+    recorder.bodies.append(failed.value.description)
     for collection in ("backup-storage", "volume-backups", "database-backups", "scheduler/jobhistories"):
         client.query(collection)
 

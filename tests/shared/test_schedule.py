@@ -19,12 +19,14 @@ from hypothesis import strategies as st
 
 from shared.errors import InvalidArgument
 from shared.schedule import (
+    MAX_SECONDS,
     TriggerSpec,
+    cron_expression,
     due_fire,
     fire_count,
     fire_times_after,
-    from_ms,
-    to_ms,
+    from_seconds,
+    to_seconds,
     validate,
 )
 
@@ -46,8 +48,8 @@ def simple(
         schedulerType="simple",
         schedulerInterval=interval,
         repeatCount=repeat,
-        startTime=None if start is None else to_ms(start),
-        stopTime=None if stop is None else to_ms(stop),
+        startTime=None if start is None else to_seconds(start),
+        stopTime=None if stop is None else to_seconds(stop),
     )
 
 
@@ -62,8 +64,8 @@ def cron(
         schedulerType="cron",
         cron=expression,
         timeZone=zone,
-        startTime=None if start is None else to_ms(start),
-        stopTime=None if stop is None else to_ms(stop),
+        startTime=None if start is None else to_seconds(start),
+        stopTime=None if stop is None else to_seconds(stop),
     )
 
 
@@ -113,29 +115,30 @@ def utc(year: int, month: int, day: int, hour: int = 0, minute: int = 0, second:
     return datetime(year, month, day, hour, minute, second, us, tzinfo=UTC)
 
 
-# --------------------------------------------------------------------------- from_ms / to_ms
+# --------------------------------------------------------------------------- from_seconds / to_seconds
 
 
-def test_from_ms_is_utc_aware() -> None:
-    assert from_ms(0) == utc(1970, 1, 1)
-    assert from_ms(0).tzinfo is UTC
-    assert from_ms(to_ms(T0)) == T0
-    assert from_ms(1_767_614_400_123) == utc(2026, 1, 5, 12, 0, 0, 123_000)
+def test_from_seconds_is_utc_aware() -> None:
+    assert from_seconds(0) == utc(1970, 1, 1)
+    assert from_seconds(0).tzinfo is UTC
+    assert from_seconds(to_seconds(T0)) == T0
+    assert from_seconds(1_767_614_400) == utc(2026, 1, 5, 12, 0, 0)
+    assert from_seconds(MAX_SECONDS) == utc(9999, 12, 31, 23, 59, 59)
 
 
-def test_to_ms_converts_any_aware_datetime_and_drops_sub_milliseconds() -> None:
-    assert to_ms(utc(1970, 1, 1)) == 0
-    assert to_ms(T0) == 1_767_614_400_000
-    assert to_ms(T0.astimezone(BERLIN)) == to_ms(T0)
-    assert to_ms(T0 + timedelta(microseconds=999)) == to_ms(T0)
-    assert to_ms(T0 + timedelta(microseconds=1_999)) == to_ms(T0) + 1
+def test_to_seconds_converts_any_aware_datetime_and_drops_fractions() -> None:
+    assert to_seconds(utc(1970, 1, 1)) == 0
+    assert to_seconds(T0) == 1_767_614_400
+    assert to_seconds(T0.astimezone(BERLIN)) == to_seconds(T0)
+    assert to_seconds(T0 + timedelta(milliseconds=999)) == to_seconds(T0)
+    assert to_seconds(T0 + timedelta(milliseconds=1_999)) == to_seconds(T0) + 1
 
 
-@given(st.integers(min_value=0, max_value=to_ms(utc(9999, 12, 31, 23, 59, 59, 999_000))))
-@example(2_187_578_731_457)  # 2039-04-28 04:45:31.457 UTC
-@example(264_693_127)  # 1970-01-04 01:31:33.127 UTC
-def test_ms_round_trip(ms: int) -> None:
-    assert to_ms(from_ms(ms)) == ms
+@given(st.integers(min_value=0, max_value=MAX_SECONDS))
+@example(2_187_578_731)  # 2039-04-28 04:45:31 UTC
+@example(264_693)  # 1970-01-04 01:31:33 UTC
+def test_seconds_round_trip(seconds: int) -> None:
+    assert to_seconds(from_seconds(seconds)) == seconds
 
 
 # --------------------------------------------------------------------------- simple triggers
@@ -216,19 +219,13 @@ def test_fire_count() -> None:
     assert fire_count(cron("*/5 * * * *")) is None
 
 
-def test_repeat_count_zero_is_rejected_or_never_fires() -> None:
+def test_repeat_count_zero_is_rejected() -> None:
     # The module docstring: simple triggers fire "for k = 0, 1, ... while k < repeatCount
-    # (no repeatCount: forever)". repeatCount=0 is a repeatCount, so k < 0 never holds: the
-    # trigger must never fire -- or validate() must refuse 0. Today 0 means "forever".
-    spec = simple(60, repeat=0)
-    try:
-        validate(spec)
-    except InvalidArgument as exc:
-        assert "repeatCount" in str(exc)
-        return
-    assert fire_times_after(spec, T0, None) is None
-    assert due_fire(spec, T0, None, T0 + timedelta(hours=1)) is None
-    assert fire_count(spec) == 0
+    # (no repeatCount: forever)"; docs/api.md: repeatCount is "at least 1; none: forever". 0 would
+    # read as "never" or, falsy, as "forever": it is refused instead.
+    with pytest.raises(InvalidArgument) as refused:
+        validate(simple(60, repeat=0))
+    assert "repeatCount" in str(refused.value)
 
 
 def test_simple_stop_time_excludes_fires_at_or_after_it() -> None:
@@ -239,8 +236,8 @@ def test_simple_stop_time_excludes_fires_at_or_after_it() -> None:
     assert fire_times(pairs) == [start, start + MINUTE, start + 2 * MINUTE]
     assert fire_times_after(spec, T0, start + 2 * MINUTE) is None
 
-    one_ms_later = simple(60, start=start, stop=stop + timedelta(milliseconds=1))
-    pairs = run(one_ms_later, T0, clock(T0, T0 + timedelta(hours=1), SECOND))
+    one_second_later = simple(60, start=start, stop=stop + SECOND)
+    pairs = run(one_second_later, T0, clock(T0, T0 + timedelta(hours=1), SECOND))
     assert fire_times(pairs) == [start + k * MINUTE for k in range(4)]
 
 
@@ -252,8 +249,8 @@ def test_simple_start_time_in_future_nothing_due_before_it() -> None:
     assert due_fire(spec, T0, None, start) == start
 
 
-def test_simple_stop_time_one_ms_after_start_allows_only_the_first_fire() -> None:
-    spec = simple(60, start=T0, stop=T0 + timedelta(milliseconds=1))
+def test_simple_stop_time_one_second_after_start_allows_only_the_first_fire() -> None:
+    spec = simple(60, start=T0, stop=T0 + SECOND)
     assert due_fire(spec, T0, None, T0) == T0
     assert due_fire(spec, T0, T0, T0 + timedelta(days=10)) is None
 
@@ -526,8 +523,8 @@ VALID: list[dict[str, Any]] = [
     {"schedulerType": "simple", "schedulerInterval": 1},
     {"schedulerType": "simple", "schedulerInterval": 3600, "repeatCount": 5},
     {"schedulerType": "simple", "schedulerInterval": 60, "startTime": 0, "stopTime": 1},
-    {"schedulerType": "simple", "schedulerInterval": 60, "startTime": to_ms(T0), "stopTime": to_ms(T0) + 1},
-    {"schedulerType": "simple", "schedulerInterval": 60, "stopTime": to_ms(T0)},
+    {"schedulerType": "simple", "schedulerInterval": 60, "startTime": to_seconds(T0), "stopTime": to_seconds(T0) + 1},
+    {"schedulerType": "simple", "schedulerInterval": 60, "stopTime": to_seconds(T0)},
     {"schedulerType": "simple", "schedulerInterval": 60, "cron": ""},
     {"schedulerType": "cron", "cron": "*/5 * * * *"},
     {"schedulerType": "cron", "cron": "30 2 * * *", "timeZone": "Europe/Berlin"},
@@ -635,18 +632,12 @@ def test_validate_rejects_wrongly_typed_cron_fields(fields: dict[str, Any], fiel
         ({"schedulerType": "cron", "cron": "* * * * *", "stopTime": 2**63 - 1}, "stopTime"),
     ],
 )
-def test_a_validated_trigger_never_makes_the_schedule_raise(fields: dict[str, Any], field: str) -> None:
-    # Either validate() refuses the trigger, or the scheduler can compute with it: an exception
-    # out of fire_times_after/due_fire aborts shared.service.scheduled_runs.tick for every other trigger too.
-    spec = TriggerSpec(**fields)
-    try:
-        validate(spec)
-    except InvalidArgument as exc:
-        assert field in str(exc)
-        return
-    fire_times_after(spec, T0, None)
-    fire_times_after(spec, T0, T0 + timedelta(days=1))
-    due_fire(spec, T0, None, T0 + timedelta(days=1))
+def test_a_trigger_the_schedule_cannot_compute_is_refused(fields: dict[str, Any], field: str) -> None:
+    # An exception out of fire_times_after/due_fire would abort shared.service.scheduled_runs.tick
+    # for every other trigger too, so validate() refuses these (docs/scheduling.md), naming the field.
+    with pytest.raises(InvalidArgument) as refused:
+        validate(TriggerSpec(**fields))
+    assert field in str(refused.value)
 
 
 # --------------------------------------------------------------------------- properties
@@ -660,11 +651,11 @@ HYPOTHESIS_CRON = settings(HYPOTHESIS, max_examples=100)
 def simple_specs(draw: st.DrawFn) -> TriggerSpec:
     interval = draw(st.integers(min_value=1, max_value=3600))
     repeat = draw(st.none() | st.integers(min_value=1, max_value=20))
-    start_offset = draw(st.none() | st.integers(min_value=-2 * 86400 * 1000, max_value=2 * 86400 * 1000))
-    start = None if start_offset is None else to_ms(T0) + start_offset
+    start_offset = draw(st.none() | st.integers(min_value=-2 * 86400, max_value=2 * 86400))
+    start = None if start_offset is None else to_seconds(T0) + start_offset
     stop = None
     if draw(st.booleans()):
-        stop = (start if start is not None else to_ms(T0)) + draw(st.integers(min_value=1, max_value=40 * 3600 * 1000))
+        stop = (start if start is not None else to_seconds(T0)) + draw(st.integers(min_value=1, max_value=40 * 3600))
     spec = TriggerSpec(
         schedulerType="simple", schedulerInterval=interval, repeatCount=repeat, startTime=start, stopTime=stop
     )
@@ -683,9 +674,9 @@ def test_property_simple_fires_on_the_grid_increasing_and_bounded(
     spec: TriggerSpec, created_offset_ms: int, first_ms: int, steps_ms: list[int]
 ) -> None:
     created = T0 + timedelta(milliseconds=created_offset_ms)
-    start = from_ms(spec.startTime) if spec.startTime is not None else created
+    start = from_seconds(spec.startTime) if spec.startTime is not None else created
     interval = timedelta(seconds=spec.schedulerInterval or 0)
-    stop = from_ms(spec.stopTime) if spec.stopTime is not None else None
+    stop = from_seconds(spec.stopTime) if spec.stopTime is not None else None
 
     moments = [T0 + timedelta(milliseconds=first_ms)]
     for step in steps_ms:
@@ -780,3 +771,81 @@ def test_property_cron_every_fire_matches_the_expression_outside_dst_gaps() -> N
     # 6 fires a day, 2 fewer on the spring-forward day (02:15, 02:45 collapse into 03:00 plus
     # 03:15, 03:45), 2 more on the fall-back day (02:15 and 02:45 twice).
     assert len(times) == 365 * 6 - 1 + 2
+
+
+# --------------------------------------------------------------------------- Quartz cron (ZStack's)
+
+
+@pytest.mark.parametrize(
+    ("expression", "first_three"),
+    [
+        # seconds first; '?' in one day field (T0 is Monday 2026-01-05 12:00 UTC)
+        ("0 0 2 * * ?", [utc(2026, 1, 6, 2), utc(2026, 1, 7, 2), utc(2026, 1, 8, 2)]),
+        (
+            "30 15 12 ? * MON-FRI",
+            [utc(2026, 1, 5, 12, 15, 30), utc(2026, 1, 6, 12, 15, 30), utc(2026, 1, 7, 12, 15, 30)],
+        ),
+        # Quartz numbers the days from 1 = Sunday: 2-6 is Monday to Friday, 1,7 the weekend
+        ("0 0 3 ? * 2-6", [utc(2026, 1, 6, 3), utc(2026, 1, 7, 3), utc(2026, 1, 8, 3)]),
+        ("0 0 3 ? * 1,7", [utc(2026, 1, 10, 3), utc(2026, 1, 11, 3), utc(2026, 1, 17, 3)]),
+        # L: the last day of the month; 6L: the last Friday; 6#3: the third Friday
+        ("0 0 1 L * ?", [utc(2026, 1, 31, 1), utc(2026, 2, 28, 1), utc(2026, 3, 31, 1)]),
+        ("0 0 1 ? * 6L", [utc(2026, 1, 30, 1), utc(2026, 2, 27, 1), utc(2026, 3, 27, 1)]),
+        ("0 0 1 ? * 6#3", [utc(2026, 1, 16, 1), utc(2026, 2, 20, 1), utc(2026, 3, 20, 1)]),
+        # 15W: the weekday nearest the 15th (2026-02-15 is a Sunday: Monday the 16th)
+        ("0 0 1 15W * ?", [utc(2026, 1, 15, 1), utc(2026, 2, 16, 1), utc(2026, 3, 16, 1)]),
+        # a seventh field: the year
+        ("0 0 0 1 1 ? 2028", [utc(2028, 1, 1)]),
+        ("0 */20 * * * ?", [utc(2026, 1, 5, 12, 20), utc(2026, 1, 5, 12, 40), utc(2026, 1, 5, 13)]),
+    ],
+)
+def test_quartz_cron_fires_as_quartz_does(expression: str, first_three: list[datetime]) -> None:
+    spec = cron(expression)
+    validate(spec)
+    assert _times(spec, T0, 3) == first_three
+
+
+def _times(spec: TriggerSpec, after: datetime, count: int) -> list[datetime]:
+    times: list[datetime] = []
+    moment: datetime | None = after
+    while len(times) < count:
+        moment = fire_times_after(spec, T0, moment)
+        if moment is None:
+            break
+        times.append(moment)
+    return times
+
+
+@pytest.mark.parametrize(
+    ("expression", "word"),
+    [
+        ("0 0 2 * * MON", "exactly one"),  # Quartz: one day field must be '?'
+        ("0 0 2 ? * ?", "exactly one"),
+        ("0 0 12 LW * ?", "not supported"),  # refused, never run differently
+        ("0 0 12 L-3 * ?", "not supported"),
+        ("0 0 12 ? * 8", "day-of-week"),
+        ("0 0 12 ? * 2-3L", "last weekday"),
+        ("0 2 ? * *", "Quartz"),  # '?' in a five-field expression
+        ("0 0 2 * *  * ? 2027 9", "fields"),
+        ("61 0 2 * * ?", "cron"),
+        ("0 0 0 30 2 ?", "no date"),
+    ],
+)
+def test_quartz_cron_refused_with_the_reason(expression: str, word: str) -> None:
+    with pytest.raises(InvalidArgument) as caught:
+        validate(cron(expression))
+    assert word in str(caught.value)
+
+
+def test_cron_expression_translation_is_visible() -> None:
+    assert cron_expression("0 0 3 ? * 6L") == ("0 0 3 * * L5", True)
+    assert cron_expression(" 0  3 * * * ") == ("0 3 * * *", False)
+
+
+@pytest.mark.parametrize("field", ["startTime", "stopTime"])
+def test_trigger_times_beyond_the_bound_or_negative_are_refused(field: str) -> None:
+    for value in (MAX_SECONDS + 1, 1_767_614_400_000, -1):  # the second: milliseconds sent by mistake
+        with pytest.raises(InvalidArgument) as caught:
+            validate(TriggerSpec(schedulerType="simple", schedulerInterval=60, **{field: value}))
+        assert field in str(caught.value)
+    validate(TriggerSpec(schedulerType="simple", schedulerInterval=60, **{field: MAX_SECONDS}))

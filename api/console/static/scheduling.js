@@ -86,7 +86,7 @@ function TriggerDialog({ groups, onClose, onDone }) {
       <option value="simple">simple (every N seconds)</option><option value="cron">cron</option></select></label>
     ${type === "simple"
       ? html`<label>Interval (seconds) <input name="schedulerInterval" type="number" min="1" required /></label>`
-      : html`<label>Cron expression (five fields) <input name="cron" placeholder="0 2 * * *" required /></label>
+      : html`<label>Cron expression (five fields, or Quartz's six or seven) <input name="cron" placeholder="0 2 * * *" required /></label>
           <label>Time zone <input name="timeZone" placeholder="UTC" /></label>`}
     <label>Repeat count (empty: forever) <input name="repeatCount" type="number" min="1" /></label>
     <label>Start (your local time; empty: now) <input name="startTime" type="datetime-local" /></label>

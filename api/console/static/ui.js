@@ -2,8 +2,8 @@
 import { html, useEffect, useRef, useState, useCallback } from "./vendor/preact-htm.js";
 
 // -- trigger times: the ONE place that knows the unit of startTime/stopTime on /v1 ------------
-// Unix milliseconds today; Unix seconds once issue 19 lands: then set this to 1000.
-export const TRIGGER_TIME_UNIT_MS = 1;
+// Unix seconds, as ZStack's (issue 19): one unit in the whole product.
+export const TRIGGER_TIME_UNIT_MS = 1000;
 export const triggerTimeToDate = (value) => (value === null || value === undefined ? null : new Date(value * TRIGGER_TIME_UNIT_MS));
 export const dateToTriggerTime = (date) => Math.floor(date.getTime() / TRIGGER_TIME_UNIT_MS);
 

@@ -83,3 +83,33 @@ def test_processes_starting_together_migrate_once(empty_url: str) -> None:
     errors = [proc.communicate(timeout=120)[1] for proc in procs]
     assert [proc.returncode for proc in procs] == [0, 0, 0], errors
     assert inspect_catalog(empty_url) == (head(), MIGRATED_TABLES, [])
+
+
+def test_0011_converts_trigger_times_from_milliseconds_to_seconds(empty_url: str) -> None:
+    """Triggers stored in Unix ms before 0011 fire at the same moments after it (Unix s)."""
+    from sqlalchemy import text
+
+    command.upgrade(config(empty_url), "0010")
+    engine = create_engine(empty_url, poolclass=NullPool)
+    insert = text(
+        'INSERT INTO scheduler_trigger (uuid, name, "schedulerType", "schedulerInterval", "startTime", "stopTime",'
+        " state, \"createDate\", \"lastOpDate\") VALUES (:uuid, :name, 'simple', 60, :start, :stop, 'Enabled',"
+        " CURRENT_TIMESTAMP, CURRENT_TIMESTAMP)"
+    )
+    try:
+        with engine.begin() as conn:
+            conn.execute(
+                insert, {"uuid": "a" * 32, "name": "ms", "start": 1_767_225_600_999, "stop": 1_767_312_000_000}
+            )
+            conn.execute(insert, {"uuid": "b" * 32, "name": "open", "start": None, "stop": None})
+        db.migrate(empty_url)
+        select_times = text('SELECT uuid, "startTime", "stopTime" FROM scheduler_trigger ORDER BY uuid')
+        with engine.connect() as conn:
+            rows = [tuple(r) for r in conn.execute(select_times)]
+        assert rows == [("a" * 32, 1_767_225_600, 1_767_312_000), ("b" * 32, None, None)]
+        command.downgrade(config(empty_url), "0010")
+        with engine.connect() as conn:
+            rows = [tuple(r) for r in conn.execute(select_times)]
+        assert rows == [("a" * 32, 1_767_225_600_000, 1_767_312_000_000), ("b" * 32, None, None)]
+    finally:
+        engine.dispose()

@@ -27,7 +27,7 @@ from shared.catalog.models import (
 )
 from shared.celery_app import SCHEDULER_RUN, STORAGE_QUEUE
 from shared.errors import PathNotAllowed
-from shared.schedule import to_ms
+from shared.schedule import to_seconds
 from shared.service import jobgroups
 from shared.service.rows import manifest_id
 from shared.service.scheduled_runs import ID_NAMESPACE, MANUAL, fire, run_id, run_now, run_scheduled, tick
@@ -154,7 +154,7 @@ def test_a_database_backup_group_fires_one_catalog_job(site: Site) -> None:
 def test_tick_fires_each_due_time_once_and_missed_ones_as_one(site: Site) -> None:
     volume = site.volume()
     group = _group(site, "volumeBackup", [volume.uuid])
-    trigger = _trigger(site, group, schedulerInterval=3600, startTime=to_ms(T0))
+    trigger = _trigger(site, group, schedulerInterval=3600, startTime=to_seconds(T0))
 
     tick(site.session, T0 + timedelta(seconds=10))
     tick(site.session, T0 + timedelta(seconds=20))
