@@ -1,4 +1,5 @@
-"""API keys: ``Authorization: Bearer <key>`` (or ZStack's ``OAuth <key>``), and sessions.
+"""API keys: ``Authorization: Bearer <key>`` (or ZStack's ``OAuth <key>``), sessions, and
+ZStack's access keys (``Authorization: ZStack <AccessKeyID>:<signature>``, :mod:`shared.accesskeys`).
 
 Keys are random 32-byte tokens shown once and never stored: the catalog keeps an HMAC-SHA256
 of each under the server secret (:mod:`shared.secret`), so a copy of the catalog alone cannot
@@ -20,6 +21,7 @@ import hashlib
 import hmac
 import logging
 import math
+import re
 import secrets
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -27,6 +29,7 @@ from datetime import datetime, timedelta
 from sqlalchemy import delete, select
 from sqlalchemy.orm import Session
 
+from shared import accesskeys
 from shared.catalog.models import Account, ApiKey, LoginSession, ProjectMember, aware, new_uuid, now
 from shared.config import get_settings
 from shared.errors import BlockvaultError, Unauthorized
@@ -167,6 +170,17 @@ def log_out(session: Session, token: str) -> bool:
     return True
 
 
+def live_session(session: Session, token: str) -> LoginSession | None:
+    """The session ``token`` names while it lasts; None for anything else (no session, an
+    expired one, a string that is no session uuid)."""
+    if len(token) != SESSION_UUID_CHARS or token.strip("0123456789abcdef"):
+        return None
+    row = session.get(LoginSession, session_hash(token))
+    if row is None or aware(row.expiredDate) <= now():
+        return None
+    return row
+
+
 def end_sessions(session: Session, account_uuid: str) -> None:
     """End every session of an account (its password changed)."""
     session.execute(delete(LoginSession).where(LoginSession.accountUuid == account_uuid))
@@ -201,16 +215,32 @@ def _session_caller(session: Session, token: str, moment: datetime) -> Caller | 
     return _caller(session, account)
 
 
-def authenticate(session: Session, header: str | None) -> Caller:
-    """The caller a request's Authorization header names (an API key or a session uuid);
-    Unauthorized (never quoting the key) when it names none. One query for a key: the key, its
-    account and the account's memberships."""
+JOB_POLL = re.compile(r"^(/zstack)?/v1/api-jobs/[0-9a-f]{32}$")
+
+
+def authenticate(
+    session: Session, header: str | None, *, method: str = "GET", path: str = "", date: str | None = None
+) -> Caller:
+    """The caller a request's Authorization header names (an API key, a session uuid, or an
+    access key's signature of ``method``, ``path`` and the ``date`` header); Unauthorized
+    (never quoting the key) when it names none. One query for a key: the key, its account and
+    the account's memberships."""
     if not header:
         raise Unauthorized(detail="missing Authorization header (Bearer <api key>)")
     scheme, _, key = header.partition(" ")
     key = key.strip()
+    if scheme.lower() == "zstack":
+        job_poll = method == "GET" and JOB_POLL.match(path) is not None  # see accesskeys.verify
+        signed = accesskeys.verify(session, key, method, path, date, job_poll=job_poll)
+        account = session.get(Account, signed.accountUuid)
+        if account is None:  # (deleting an account deletes its keys: a race at most)
+            raise Unauthorized(detail="the access key's account is gone")
+        return _caller(session, account)
     if scheme.lower() not in ("bearer", "oauth") or not key:
-        raise Unauthorized(detail="Authorization must be 'Bearer <api key>' or 'OAuth <api key or session uuid>'")
+        raise Unauthorized(
+            detail="Authorization must be 'Bearer <api key>', 'OAuth <api key or session uuid>' "
+            "or 'ZStack <AccessKeyID>:<signature>'"
+        )
     from_session = _session_caller(session, key, now())
     if from_session is not None:
         return from_session

@@ -12,11 +12,14 @@ Every failure is an :class:`ApiError` carrying the HTTP status and the API's sta
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterator, Sequence
+from datetime import UTC, datetime
+from email.utils import format_datetime
 from typing import Any
 
 import httpx
 
+from shared.accesskeys import signature, signed_path
 from shared.config import setting
 
 
@@ -32,12 +35,36 @@ class JobFailed(ApiError):
     """An API job that ended Failed (its error is the job's)."""
 
 
+class AccessKeyAuth(httpx.Auth):
+    """Signs each request with a ZStack access key, as ZStack's SDKs do (shared.accesskeys)."""
+
+    def __init__(self, key_id: str, secret: str) -> None:
+        self.key_id, self.secret = key_id, secret
+
+    def auth_flow(self, request: httpx.Request) -> Generator[httpx.Request, httpx.Response, None]:
+        date = format_datetime(datetime.now(UTC), usegmt=True)
+        signed = signature(self.secret, request.method, date, signed_path(request.url.path))
+        request.headers["Date"] = date
+        request.headers["Authorization"] = f"ZStack {self.key_id}:{signed}"
+        yield request
+
+
 class Client:
-    def __init__(self, base_url: str | None = None, api_key: str | None = None, *, timeout: float = 30.0) -> None:
+    def __init__(
+        self,
+        base_url: str | None = None,
+        api_key: str | None = None,
+        *,
+        timeout: float = 30.0,
+        access_key: tuple[str, str] | None = None,
+    ) -> None:
+        """``api_key`` (default BLOCKVAULT_API_KEY), or ``access_key`` (AccessKeyID, secret):
+        every request signed with it instead."""
         self.base_url = (base_url or setting("api_url") or "http://127.0.0.1:8080").rstrip("/")
         key = api_key if api_key is not None else setting("api_key")
-        headers = {"Authorization": f"Bearer {key}"} if key else {}
-        self.http = httpx.Client(base_url=self.base_url, headers=headers, timeout=timeout)
+        headers = {"Authorization": f"Bearer {key}"} if key and access_key is None else {}
+        auth = AccessKeyAuth(*access_key) if access_key is not None else None
+        self.http = httpx.Client(base_url=self.base_url, headers=headers, timeout=timeout, auth=auth)
 
     def close(self) -> None:
         self.http.close()
@@ -214,8 +241,13 @@ class Client:
         """Back the catalog up (name, description, backupStorageUuid optional): the job uuid."""
         return self._job("POST", "/v1/database-backups", json={"params": params})
 
+    def register_database(self, name: str, url: str, **params: Any) -> dict[str, Any]:
+        """A MySQL/MariaDB database to back up (``mysql://user:password@host:port/database``)."""
+        return self.create("databases", {"name": name, "url": url, **params})
+
     def recover_database(self, backup_uuid: str, **params: Any) -> str:
-        """recoverDatabaseBackup {backupStorageUuid, databaseUrl, force}: the job uuid."""
+        """recoverDatabaseBackup {backupStorageUuid, databaseUrl, force} (the catalog's), or
+        {databaseUuid, databaseName, force} (a registered database's): the job uuid."""
         return str(self.action("database-backups", backup_uuid, "recoverDatabaseBackup", params))
 
     def sync_database_backup(self, backup_uuid: str, dst_storage_uuid: str, **params: Any) -> str:
@@ -283,6 +315,26 @@ class Client:
     def delete_vm_backup(self, group_uuid: str, backup_storage_uuids: Sequence[str] = ()) -> str:
         params = {"backupStorageUuids": ",".join(backup_storage_uuids)} if backup_storage_uuids else None
         return self._job("DELETE", f"/v1/vm-backups/{group_uuid}", params=params)
+
+    # -- access keys ---------------------------------------------------------------------------------
+    def create_access_key(self, account_uuid: str, description: str | None = None) -> dict[str, Any]:
+        """A ZStack access key of the account (admins): its inventory, with ``AccessKeySecret``
+        (shown this once)."""
+        params = {"accountUuid": account_uuid, "userUuid": account_uuid}
+        if description is not None:
+            params["description"] = description
+        return self.create("accesskeys", params)
+
+    def access_keys(self, *conditions: str) -> list[dict[str, Any]]:
+        rows: list[dict[str, Any]] = self.query("accesskeys", *conditions)["inventories"]
+        return rows
+
+    def change_access_key_state(self, key_uuid: str, state_event: str) -> dict[str, Any]:
+        """``enable`` or ``disable`` (admins)."""
+        return dict(self.action("accesskeys", key_uuid, "changeAccessKeyState", {"stateEvent": state_event}))  # type: ignore[arg-type]
+
+    def delete_access_key(self, key_uuid: str) -> None:
+        self.request("DELETE", f"/v1/accesskeys/{key_uuid}")
 
     # -- scheduling ----------------------------------------------------------------------------------
     def create_job_group(self, name: str, job_type: str, **job_data: Any) -> dict[str, Any]:

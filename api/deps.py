@@ -42,13 +42,20 @@ def get_caller(
     session: Session = Depends(get_session, scope="function"),
     _scheme: HTTPAuthorizationCredentials | None = Security(BEARER),  # documents the scheme in OpenAPI
 ) -> Caller:
-    """The authenticated caller. A valid key or session is always served, whoever shares its
-    client address; a bad one is a 401, or a 429 once its address has had too many failures
-    in the window (one client's guessing never locks out the good keys behind its address)."""
+    """The authenticated caller (an API key, a session, or a signed access-key request). A valid
+    key, session or signature is always served, whoever shares its client address; a bad one
+    is a 401, or a 429 once its address has had too many failures in the window (one client's
+    guessing never locks out the good keys behind its address)."""
     failures: FailureWindow = request.app.state.auth_failures
     client = client_address(request)
     try:
-        caller = authenticate(session, request.headers.get("authorization"))
+        caller = authenticate(
+            session,
+            request.headers.get("authorization"),
+            method=request.method,
+            path=request.url.path,
+            date=request.headers.get("date"),
+        )
     except Unauthorized:
         refuse_while_locked(failures, client, client)
         failures.failed(client)

@@ -56,6 +56,13 @@ class SessionAnswer(BaseModel):
     success: bool
 
 
+class SessionValid(BaseModel):
+    """ZStack's ValidateSession reply."""
+
+    valid: bool
+    success: bool
+
+
 def _python_type(column: Any) -> Any:
     try:
         kind = column.type.python_type

@@ -1,8 +1,8 @@
 """Who sees what. An admin sees everything. A project member's key sees the VM instances and
 volumes of its projects, their backups, the job groups, jobs, triggers and histories of its
-projects, its own API jobs, the ImageStore backup storage it may back up to, and the tags on
-all of those; every other row does not exist for it (404, in queries too: counts, groups and
-nested conditions run on the visible rows only).
+projects, its own account, API keys, access keys and API jobs, the ImageStore backup storage
+it may back up to, and the tags on all of those; every other row does not exist for it (404,
+in queries too: counts, groups and nested conditions run on the visible rows only).
 
 :func:`scope` gives the ``select(model)`` a caller's query starts from; :func:`visible` the
 row behind a uuid or NotFound.
@@ -17,6 +17,7 @@ from sqlalchemy import Select, and_, false, or_, select, union
 from sqlalchemy.orm import Session
 
 from shared.catalog.models import (
+    AccessKey,
     Account,
     ApiJob,
     ApiKey,
@@ -97,6 +98,8 @@ def scope(viewer: Viewer, model: type[Base]) -> Select[Any]:
         return base.where(Account.uuid == viewer.account_uuid)
     if model is ApiKey:
         return base.where(ApiKey.accountUuid == viewer.account_uuid)
+    if model is AccessKey:
+        return base.where(AccessKey.accountUuid == viewer.account_uuid)
     if model is Tag:
         owned = union(
             _vms(viewer),

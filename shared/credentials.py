@@ -15,50 +15,32 @@ still read, and :func:`seal_plaintext` (run when the API starts) seals them.
 
 from __future__ import annotations
 
-import base64
-import binascii
 import json
 import logging
-import os
 from typing import Any
 
-from cryptography.exceptions import InvalidTag
-from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from shared.catalog.models import BackupStorage, new_uuid
 from shared.errors import CredentialsUnreadable
 from shared.repository.backends.registry import option_names, secret_names
-from shared.secret import derived_key
+from shared.secret import seal, unseal
 
 log = logging.getLogger(__name__)
 
 SEALED = "sealed"
-VERSION = "v1:"
 LABEL = b"blockvault credentials v1"
-NONCE_BYTES = 12
-
-
-def _aad(storage_uuid: str) -> bytes:
-    return LABEL + b"\x00" + storage_uuid.encode()
 
 
 def _seal(storage_uuid: str, secrets: dict[str, str]) -> str:
-    nonce = os.urandom(NONCE_BYTES)
-    plain = json.dumps(secrets, sort_keys=True).encode()
-    sealed = AESGCM(derived_key(LABEL)).encrypt(nonce, plain, _aad(storage_uuid))
-    return VERSION + base64.b64encode(nonce + sealed).decode()
+    return seal(LABEL, storage_uuid, json.dumps(secrets, sort_keys=True).encode())
 
 
 def _unseal(storage: BackupStorage, value: object) -> dict[str, str]:
     try:
-        if not isinstance(value, str) or not value.startswith(VERSION):
-            raise ValueError("not a sealed value")
-        blob = base64.b64decode(value[len(VERSION) :], validate=True)
-        plain = AESGCM(derived_key(LABEL)).decrypt(blob[:NONCE_BYTES], blob[NONCE_BYTES:], _aad(storage.uuid))
-        secrets = json.loads(plain)
-    except (InvalidTag, ValueError, binascii.Error):
+        secrets = json.loads(unseal(LABEL, storage.uuid, value))
+    except ValueError:
         raise CredentialsUnreadable(name=storage.name, uuid=storage.uuid) from None
     return {str(key): str(secret) for key, secret in secrets.items()}
 

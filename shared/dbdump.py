@@ -23,7 +23,7 @@ import subprocess
 import threading
 import time
 from collections import deque
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -86,7 +86,7 @@ def _sqlite_path(url: URL) -> Path:
     return Path(url.database)
 
 
-def _first_line(exc: BaseException) -> str:
+def first_line(exc: BaseException) -> str:
     message = str(getattr(exc, "orig", None) or exc).strip()
     return message.splitlines()[0] if message else type(exc).__name__
 
@@ -103,7 +103,7 @@ class DumpStream:
     created: str = field(default_factory=lambda: datetime.now(UTC).isoformat(timespec="seconds"))
 
 
-class _Tail(threading.Thread):
+class StderrTail(threading.Thread):
     """Drains a child's stderr (so it never blocks on a full pipe), keeping its last lines."""
 
     def __init__(self, pipe: IO[bytes]) -> None:
@@ -127,12 +127,12 @@ def _pg_server_version(url: URL) -> str:
         with engine.connect() as conn:
             return str(conn.execute(text("SHOW server_version")).scalar_one())
     except DBAPIError as exc:
-        raise DatabaseDumpError(database=url.database, detail=_first_line(exc)) from None
+        raise DatabaseDumpError(database=url.database, detail=first_line(exc)) from None
     finally:
         engine.dispose()
 
 
-def _kill(proc: subprocess.Popen[bytes]) -> None:
+def kill_child(proc: subprocess.Popen[bytes]) -> None:
     if proc.poll() is None:
         proc.kill()
     proc.wait()
@@ -152,19 +152,19 @@ def _pg_dump(url: URL) -> Iterator[DumpStream]:
         env={**os.environ, **env},
     )
     assert proc.stdout is not None and proc.stderr is not None
-    tail = _Tail(proc.stderr)
+    tail = StderrTail(proc.stderr)
     tail.start()
     try:
         yield DumpStream(
             reader=cast(BinaryIO, proc.stdout), format=PG_DUMP, server_version=version, database=str(url.database)
         )
     except BaseException:
-        _kill(proc)
+        kill_child(proc)
         raise
     finally:
         if proc.returncode is None and proc.stdout.read(1):  # the consumer stopped early
             log.info("dbdump.stopped_early database=%s", url.database)
-            _kill(proc)
+            kill_child(proc)
         proc.stdout.close()
     code = proc.wait()
     if code not in (0, -9):
@@ -251,7 +251,7 @@ def _pg_database_exists(url: URL) -> bool:
             query = text("SELECT 1 FROM pg_database WHERE datname = :name")
             return conn.execute(query, {"name": url.database}).first() is not None
     except DBAPIError as exc:
-        raise DatabaseDumpError(database=url.database, detail=_first_line(exc)) from None
+        raise DatabaseDumpError(database=url.database, detail=first_line(exc)) from None
     finally:
         engine.dispose()
 
@@ -271,7 +271,7 @@ def _pg_tables(url: URL) -> tuple[int, bool]:
             rows = any(conn.execute(text(f"SELECT EXISTS (SELECT 1 FROM {name})")).scalar_one() for name in names)
             return len(names), rows
     except DBAPIError as exc:
-        raise DatabaseDumpError(database=url.database, detail=_first_line(exc)) from None
+        raise DatabaseDumpError(database=url.database, detail=first_line(exc)) from None
     finally:
         engine.dispose()
 
@@ -352,7 +352,7 @@ def _pg_create(url: URL) -> None:
         with engine.connect() as conn:
             conn.execute(text(f'CREATE DATABASE "{name}"'))
     except DBAPIError as exc:
-        raise DatabaseDumpError(database=url.database, detail=_first_line(exc)) from None
+        raise DatabaseDumpError(database=url.database, detail=first_line(exc)) from None
     finally:
         engine.dispose()
     log.info("dbdump.created_database database=%s", url.database)
@@ -378,7 +378,7 @@ def _pg_load(url: URL, reader: BinaryIO, *, force: bool) -> None:
         env={**os.environ, **env},
     )
     assert proc.stdin is not None and proc.stderr is not None
-    tail = _Tail(proc.stderr)
+    tail = StderrTail(proc.stderr)
     tail.start()
     try:
         if tables or force:
@@ -389,7 +389,7 @@ def _pg_load(url: URL, reader: BinaryIO, *, force: bool) -> None:
     except BrokenPipeError:
         pass  # psql stopped reading: its exit code and message say why
     except BaseException:
-        _kill(proc)  # killed before EOF: the transaction is rolled back
+        kill_child(proc)  # killed before EOF: the transaction is rolled back
         raise
     code = proc.wait()
     if code != 0:
@@ -532,9 +532,22 @@ def restore_database(
     """Load database backup ``backup_id`` into the database at ``url`` (:func:`load`: refused
     when it holds data unless ``force``), streamed from the repository through a pipe; every
     chunk, the size and the MD5 are checked before the load commits. Returns the dump's size."""
-    from shared.repository.stream import load_stream_manifest, restore_stream
+    from shared.repository.stream import load_stream_manifest
 
     _mid, manifest = load_stream_manifest(repo, backup_id)
+    return stream_into(
+        repo, backup_id, lambda reader: load(url, reader, fmt=manifest.format, force=force), lock_wait=lock_wait
+    )
+
+
+def stream_into(
+    repo: Repository, backup_id: str, consume: Callable[[BinaryIO], None], *, lock_wait: float = 60.0
+) -> int:
+    """Feed the stream ``backup_id`` to ``consume`` (a loader reading to EOF) through a pipe,
+    with no file on disk; a chunk that fails its check is raised from ``consume``'s read
+    instead of EOF, so a loader never takes a cut-off stream as complete. Returns its size."""
+    from shared.repository.stream import restore_stream
+
     read_fd, write_fd = os.pipe()
     errors: list[BaseException] = []
     written = 0
@@ -553,7 +566,7 @@ def restore_database(
     reader = _PipeReader(read_fd, producer, errors)
     producer.start()
     try:
-        load(url, io.BufferedReader(reader, BLOCK), fmt=manifest.format, force=force)
+        consume(io.BufferedReader(reader, BLOCK))
     finally:
         reader.close()  # a producer still writing gets EPIPE and stops
         producer.join()

@@ -3,15 +3,18 @@
 ``BLOCKVAULT_SECRET_KEY`` (at least 16 characters), else 32 random bytes kept in
 ``<data dir>/secret.key`` (mode 0600, created on first use). Whatever a copy of the catalog must
 not reveal on its own is keyed by it: API key and session hashes (:func:`keyed_hash`,
-HMAC-SHA256) and backup storage credentials (AES-256-GCM under :func:`derived_key`, one HKDF
-label per use). So every process of a deployment, the API, every worker and beat, must hold
-the same secret: the embedded default shares one data dir; a shared (PostgreSQL) catalog needs
+HMAC-SHA256) and what must be read back, backup storage credentials and access-key secrets
+(AES-256-GCM under :func:`derived_key`, one HKDF label per use: :func:`seal`). So every
+process of a deployment, the API, every worker and beat, must hold the same secret: the
+embedded default shares one data dir; a shared (PostgreSQL) catalog needs
 ``BLOCKVAULT_SECRET_KEY`` set on all of them, and :func:`check_at_start` warns when it is not
 (with ``BLOCKVAULT_ENVIRONMENT=production`` the process refuses to start: :mod:`shared.production`).
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
 import contextlib
 import functools
 import hashlib
@@ -21,7 +24,9 @@ import os
 import secrets
 from pathlib import Path
 
+from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from shared.config import get_settings
@@ -31,6 +36,8 @@ from shared.private import FILE_MODE, private_dir, tighten
 log = logging.getLogger(__name__)
 
 SECRET_FILE = "secret.key"
+SEALED_VERSION = "v1:"
+NONCE_BYTES = 12
 MIN_SECRET_CHARS = 16
 
 
@@ -92,6 +99,31 @@ def derived_key(label: bytes) -> bytes:
 @functools.cache
 def _derive(secret: bytes, label: bytes) -> bytes:
     return HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=label).derive(secret)
+
+
+def _aad(label: bytes, row_uuid: str) -> bytes:
+    return label + b"\x00" + row_uuid.encode()
+
+
+def seal(label: bytes, row_uuid: str, plain: bytes) -> str:
+    """``plain`` sealed for the catalog row ``row_uuid``: AES-256-GCM under the key of ``label``,
+    the row's uuid as associated data (so the value opens on that row only), as text
+    ``v1:<base64 of nonce and ciphertext>``."""
+    nonce = os.urandom(NONCE_BYTES)
+    sealed = AESGCM(derived_key(label)).encrypt(nonce, plain, _aad(label, row_uuid))
+    return SEALED_VERSION + base64.b64encode(nonce + sealed).decode()
+
+
+def unseal(label: bytes, row_uuid: str, value: object) -> bytes:
+    """What :func:`seal` sealed; ValueError when ``value`` is no sealed value, or was sealed
+    under another secret, label or row."""
+    try:
+        if not isinstance(value, str) or not value.startswith(SEALED_VERSION):
+            raise ValueError("not a sealed value")
+        blob = base64.b64decode(value[len(SEALED_VERSION) :], validate=True)
+        return AESGCM(derived_key(label)).decrypt(blob[:NONCE_BYTES], blob[NONCE_BYTES:], _aad(label, row_uuid))
+    except (InvalidTag, binascii.Error):
+        raise ValueError("the sealed value does not open here") from None
 
 
 def check_at_start(process: str) -> None:

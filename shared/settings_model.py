@@ -45,6 +45,9 @@ class Settings(BaseSettings):
     )
     auth_failure_window_seconds: float = Field(default=60.0, gt=0, description="the window of auth_max_failures")
     session_timeout_seconds: int = Field(default=7200, ge=1, description="a LogInByAccount session's life")
+    access_key_skew_seconds: int = Field(
+        default=900, ge=1, description="an access-key request's Date may be this far from the API's clock"
+    )
     max_body_bytes: int = Field(default=1024 * 1024, ge=1, description="larger request bodies get 413")
     host_uuid: str | None = Field(default=None, description="a worker's host identity (default: kept in the data dir)")
     volume_roots: str | None = Field(

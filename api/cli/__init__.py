@@ -71,6 +71,8 @@ class MainGroup(Group):
         "trigger": "api.cli.resources:trigger",
         "history": "api.cli.resources:history",
         "repo": "api.cli.repo:repo",
+        "accesskey": "api.cli.accesskeys:accesskey",
+        "database": "api.cli.databases:database",
     }
 
 

@@ -549,27 +549,34 @@ def trigger_detach(trigger_uuid: str, group_uuid: str) -> None:
 @database_backup.command("create")
 @click.option("--name")
 @click.option("--backup-storage", "storage_uuid")
+@click.option("--database", "database_uuid", help="A registered database (default: the catalog).")
 @WAIT
 @JSON
-def database_backup_create(name: str | None, storage_uuid: str | None, wait: bool, as_json: bool) -> None:
-    """Back up the catalog database."""
-    params = {k: v for k, v in {"name": name, "backupStorageUuid": storage_uuid}.items() if v}
+def database_backup_create(
+    name: str | None, storage_uuid: str | None, database_uuid: str | None, wait: bool, as_json: bool
+) -> None:
+    """Back up the catalog database, or a registered one."""
+    given = {"name": name, "backupStorageUuid": storage_uuid, "databaseUuid": database_uuid}
+    params = {k: v for k, v in given.items() if v}
     client = _client()
     _submit(client, client.backup_database(**params), wait, as_json, ("uuid", "name", "status", "size"))
 
 
 @database_backup.command("recover")
 @click.argument("uuid")
-@click.option("--database-url", "database_url", required=True, help="SQLAlchemy URL of an empty database")
+@click.option("--database-url", "database_url", help="SQLAlchemy URL of an empty database (a catalog backup)")
+@click.option("--database", "database_uuid", help="A registered database's server (its backups; default: theirs)")
+@click.option("--database-name", "database_name", help="The database on that server (a new name: a new one)")
 @click.option("--backup-storage", "storage_uuid")
 @click.option("--force", is_flag=True, help="Load over a database that is not empty.")
 @WAIT
 @JSON
-def database_backup_recover(
-    uuid: str, database_url: str, storage_uuid: str | None, force: bool, wait: bool, as_json: bool
-) -> None:
+def database_backup_recover(uuid: str, storage_uuid: str | None, force: bool, wait: bool, **target: str | None) -> None:
     """Load a database backup into a database (recoverDatabaseBackup)."""
-    params: dict[str, Any] = {"databaseUrl": database_url, "force": force}
+    as_json = bool(target.pop("as_json"))
+    names = {"database_url": "databaseUrl", "database_uuid": "databaseUuid", "database_name": "databaseName"}
+    params: dict[str, Any] = {names[k]: v for k, v in target.items() if v}
+    params["force"] = force
     if storage_uuid:
         params["backupStorageUuid"] = storage_uuid
     client = _client()

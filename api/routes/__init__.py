@@ -12,6 +12,7 @@ from __future__ import annotations
 from fastapi import APIRouter
 
 from . import (
+    access_keys,
     accounts,
     api_jobs,
     backup_storage,
@@ -45,6 +46,7 @@ VERSIONED: tuple[APIRouter, ...] = (
     tags.router,
     scheduler.router,
     accounts.router,
+    access_keys.router,
     overview.router,
 )
 ROOT: tuple[APIRouter, ...] = (health.router, metrics.router, zstack_wire.router)

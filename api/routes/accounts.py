@@ -9,16 +9,19 @@ Passwords (optional, for ZStack's ``LogInByAccount``): ``password`` on ``POST /v
 ``updateAccount``, plaintext over TLS, stored only as an scrypt hash of its SHA-512 hex; a new
 password ends the account's sessions. ``PUT /v1/accounts/login`` ``{"logInByAccount":
 {"accountName", "password": <SHA-512 hex>}}`` opens a session (as ZStack's REST API does) and
-``DELETE /v1/accounts/sessions/{uuid}`` ends it; both need no key. Failed logins are counted per
+``DELETE /v1/accounts/sessions/{uuid}`` ends it (an unknown session too, as in ZStack); both
+need no key, nor does ``GET .../sessions/{uuid}/valid``. ``PUT .../sessions/{uuid}/renew``
+(or ``/actions``) ``{"renewSession": {"duration"}}`` extends it. Failed logins are counted per
 client address and account name: past the limit that pair gets 429 until the window passes.
 """
 
 from __future__ import annotations
 
 import logging
-from typing import Any
+from datetime import timedelta
+from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Body, Depends, Request
 from fastapi.responses import JSONResponse
 from sqlalchemy import select
 from sqlalchemy.orm import Session
@@ -28,6 +31,7 @@ from api.auth import (
     Caller,
     end_sessions,
     key_hash,
+    live_session,
     log_in,
     log_out,
     new_key,
@@ -37,9 +41,10 @@ from api.auth import (
 )
 from api.deps import CurrentCaller, DbSession, client_address, get_caller
 from api.envelopes import Envelope, add_tags, check_uuid, ok, one, parse_action, update_names
-from api.schemas import Done, SessionAnswer, one_answer
+from api.schemas import Done, SessionAnswer, SessionValid, one_answer
 from shared import access
-from shared.catalog.models import Account, ApiKey, Project, ProjectMember, new_uuid
+from shared.catalog.models import Account, ApiKey, LoginSession, Project, ProjectMember, new_uuid, now
+from shared.config import get_settings
 from shared.errors import Conflict, InvalidArgument, NotFound, Unauthorized, require
 from shared.inventory import inventory, iso
 from shared.ratelimit import FailureWindow
@@ -50,6 +55,7 @@ sessions = APIRouter()  # log in and out: no key needed
 
 ACCOUNT_TYPES = ("Normal", "SystemAdmin")
 ROLES = ("projectAdmin", "member")
+MIN_RENEW, MAX_RENEW = 60, 365 * 24 * 3600  # ZStack's RenewSession duration range
 
 
 def _text(params: dict[str, Any], key: str, default: str | None = "") -> str | None:
@@ -142,23 +148,64 @@ def log_in_by_account(body: dict[str, Any], request: Request, session: DbSession
         failures.failed(pair)
         log.info("api.login_failed client=%s", client)  # never the name's password
         raise
-    inventory_ = {
+    return JSONResponse({"inventory": session_inventory(row, token), "success": True})
+
+
+def session_inventory(row: LoginSession, token: str) -> dict[str, Any]:
+    """ZStack's SessionInventory of the session ``token`` (its uuid: the row keeps its hash)."""
+    return {
         "uuid": token,
         "accountUuid": row.accountUuid,
         "userUuid": row.accountUuid,
         "createDate": iso(row.createDate),
         "expiredDate": iso(row.expiredDate),
     }
-    return JSONResponse({"inventory": inventory_, "success": True})
 
 
 @sessions.delete("/accounts/sessions/{uuid}", response_model=Done)
 def log_out_session(uuid: str, session: DbSession) -> JSONResponse:
     """End the session ``uuid`` (knowing it is the capability, as in ZStack; the catalog holds
-    its hash only); 404 when none."""
-    if not log_out(session, check_uuid(uuid, "sessionUuid")):
-        raise NotFound(resource="session", uuid=uuid)
+    its hash only). A session that is not there (ended, expired, never was) answers success,
+    as ZStack's LogOut does: logged out all the same."""
+    log_out(session, check_uuid(uuid, "sessionUuid"))
     return ok()
+
+
+@sessions.get("/accounts/sessions/{uuid}/valid", response_model=SessionValid)
+def validate_session(uuid: str, session: DbSession) -> JSONResponse:
+    """ZStack's ValidateSession (no credentials, as in ZStack): ``{"valid": true}`` while the
+    session lasts, false for an ended, expired or unknown one, with ``success`` as every answer
+    here (the Go SDK reads the answer as a map of booleans: both are)."""
+    return JSONResponse({"valid": live_session(session, uuid) is not None, "success": True})
+
+
+@router.put("/accounts/sessions/{uuid}/renew", response_model=SessionAnswer)
+def renew_session(
+    uuid: str, session: DbSession, caller: CurrentCaller, body: Annotated[dict[str, Any] | None, Body()] = None
+) -> JSONResponse:
+    """ZStack's RenewSession ``{"renewSession": {"duration": seconds}}`` (the body may be empty:
+    the path names the action): the session lasts ``duration`` (60 s to 365 days; default
+    BLOCKVAULT_SESSION_TIMEOUT_SECONDS) from now. Its own account's credentials or an admin's;
+    anyone else, and an ended or expired session, 404."""
+    _name, params = parse_action(body, ("renewSession",)) if body else ("renewSession", {})
+    duration = params.get("duration", get_settings().session_timeout_seconds)
+    if isinstance(duration, bool) or not isinstance(duration, int) or not MIN_RENEW <= duration <= MAX_RENEW:
+        raise InvalidArgument(detail=f"duration must be whole seconds from {MIN_RENEW} to {MAX_RENEW}")
+    row = live_session(session, uuid)
+    if row is None or not (caller.admin or row.accountUuid == caller.account_uuid):
+        raise NotFound(resource="session", uuid=uuid)
+    row.expiredDate = now() + timedelta(seconds=duration)
+    session.flush()
+    return JSONResponse({"inventory": session_inventory(row, uuid), "success": True})
+
+
+router.add_api_route(  # ZStack's isAction paths: the same call under /actions
+    "/accounts/sessions/{uuid}/actions",
+    renew_session,
+    methods=["PUT"],
+    name="renew_session_action",
+    response_model=SessionAnswer,
+)
 
 
 @router.post("/projects", response_model=one_answer(Project))

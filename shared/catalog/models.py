@@ -160,10 +160,28 @@ class VolumeBackupStorageRef(Stamped, Base):
     backup: Mapped[VolumeBackup] = relationship(back_populates="backupStorageRefs")
 
 
+class ManagedDatabase(Resource, Base):
+    """A MySQL/MariaDB database an admin registered for database backups (ZStack's management
+    database): a TCP host and port, a login whose password is sealed to the row
+    (shared.secret.seal), and the database's name."""
+
+    __tablename__ = "managed_database"
+    resource_type = "DatabaseVO"
+    secret_fields = frozenset({"sealedPassword"})
+    engine: Mapped[str] = mapped_column(String(32), default="MySQL")
+    host: Mapped[str] = mapped_column(String(255))
+    port: Mapped[int] = mapped_column(Integer, default=3306)
+    username: Mapped[str] = mapped_column(String(255))
+    databaseName: Mapped[str] = mapped_column(String(64))
+    sealedPassword: Mapped[str | None] = mapped_column(Text, default=None)
+
+
 class DatabaseBackup(Resource, Base):
     __tablename__ = "database_backup"
     resource_type = "DatabaseBackupVO"
     metadata_: Mapped[dict[str, Any] | None] = mapped_column("metadata", default=None)
+    # the registered database it is a backup of; None: the catalog itself
+    databaseUuid: Mapped[str | None] = mapped_column(String(32), index=True, default=None)
     size: Mapped[int] = mapped_column(BigInteger, default=0)
     state: Mapped[str] = mapped_column(String(32), default="Enabled")
     status: Mapped[str] = mapped_column(String(32), default="Creating")
@@ -308,6 +326,25 @@ class ApiKey(Stamped, Base):
     lastUsedDate: Mapped[datetime | None] = mapped_column()
 
 
+class AccessKey(Stamped, Base):
+    """A ZStack access key: requests signed with its secret (``Authorization: ZStack
+    <AccessKeyID>:<signature>``, shared.accesskeys) act as its account. The secret is sealed
+    to the row (shared.secret.seal), shown once when the key is made; a Disabled key opens
+    nothing."""
+
+    __tablename__ = "access_key"
+    resource_type = "AccessKeyVO"
+    secret_fields = frozenset({"sealedSecret"})
+    uuid: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_uuid)
+    accountUuid: Mapped[str] = mapped_column(ForeignKey("account.uuid", ondelete="CASCADE"), index=True)
+    userUuid: Mapped[str] = mapped_column(String(32))  # ZStack's user; blockvault's accounts have none: the account
+    AccessKeyID: Mapped[str] = mapped_column(String(64), unique=True)
+    sealedSecret: Mapped[str] = mapped_column(Text)
+    description: Mapped[str | None] = mapped_column(Text, default=None)
+    state: Mapped[str] = mapped_column(String(16), default="Enabled")
+    lastUsedDate: Mapped[datetime | None] = mapped_column()
+
+
 class ApiJob(Stamped, Base):
     """An asynchronous action; its uuid is the Celery task id."""
 
@@ -369,3 +406,5 @@ class ProjectMember(Stamped, Base):
 QUERYABLE["projects"] = Project
 QUERYABLE["accounts"] = Account
 QUERYABLE["api-keys"] = ApiKey
+QUERYABLE["accesskeys"] = AccessKey
+QUERYABLE["databases"] = ManagedDatabase

@@ -1,4 +1,6 @@
-"""Database backups: the catalog itself, dumped into a backup storage's chunk repository.
+"""Database backups: the catalog itself, or a registered MySQL/MariaDB database
+(:mod:`shared.service.databases`, dumped by :mod:`shared.mysqldump`), dumped into a backup
+storage's chunk repository.
 
 PostgreSQL is dumped by ``pg_dump`` (plain SQL) straight from its pipe into the repository,
 SQLite by its online backup API (see :mod:`shared.dbdump`); the stream is cut into
@@ -18,9 +20,16 @@ from typing import Any
 from sqlalchemy.orm import Session
 
 from shared import celery_app as tasks
-from shared import dbdump
+from shared import dbdump, mysqldump
 from shared.apijobs import enqueue, progress_reporter
-from shared.catalog.models import ApiJob, BackupStorage, DatabaseBackup, DatabaseBackupStorageRef, new_uuid
+from shared.catalog.models import (
+    ApiJob,
+    BackupStorage,
+    DatabaseBackup,
+    DatabaseBackupStorageRef,
+    ManagedDatabase,
+    new_uuid,
+)
 from shared.celery_app import STORAGE_QUEUE
 from shared.config import get_settings
 from shared.errors import BackendError, Conflict, InvalidArgument, RepositoryError
@@ -28,6 +37,7 @@ from shared.inventory import inventory
 from shared.repository.repo import Repository
 from shared.repository.stream import backup_stream
 from shared.service.copies import replicate
+from shared.service.databases import target_of
 from shared.service.rows import backup_repository, copy_on, get, manifest_id, pick_storage, ready_ref
 from shared.storage import failover, open_repository, refresh_capacity
 
@@ -43,12 +53,18 @@ def blockvault_version() -> str:
 
 
 def request_database_backup(session: Session, params: dict[str, Any], account: str | None) -> ApiJob:
-    """POST /v1/database-backups: back the catalog up into one storage (the master's by default)."""
+    """POST /v1/database-backups: back the catalog, or the registered database
+    ``databaseUuid``, up into one storage (the master's by default)."""
     storage = pick_storage(session, params.get("backupStorageUuid"))
-    name = params.get("name") or f"catalog-{datetime.now(UTC):%Y%m%d-%H%M%S}"
+    database: ManagedDatabase | None = None
+    if params.get("databaseUuid") is not None:
+        database = get(session, ManagedDatabase, str(params["databaseUuid"]), "database")
+    prefix = database.name if database else "catalog"
+    name = params.get("name") or f"{prefix}-{datetime.now(UTC):%Y%m%d-%H%M%S}"
     if not isinstance(name, str):
         raise InvalidArgument(detail="name must be a string")
     row = new_database_backup_row(session, storage, name, params.get("description"))
+    row.databaseUuid = database.uuid if database else None
     session.flush()
     return enqueue(
         session,
@@ -84,12 +100,13 @@ def take_database_backup(
 ) -> tuple[dict[str, Any], BackupStorage]:
     """Dump the catalog into ``storage`` as ``row`` (Ready once committed), fail over to the
     standby like a volume backup, then copy it to every standby that answers."""
-    url = get_settings().catalog_url
+    database = get(session, ManagedDatabase, row.databaseUuid, "database") if row.databaseUuid else None
     report = progress_reporter(job_uuid)
     for attempt in range(2):
         try:
             repo = backup_repository(storage)
-            with dbdump.dump(url) as dumped:
+            dumping = mysqldump.dump(target_of(database)) if database else dbdump.dump(get_settings().catalog_url)
+            with dumping as dumped:
                 created = datetime.now(UTC).isoformat(timespec="seconds")
                 described = {
                     "databaseBackup": {
@@ -97,6 +114,7 @@ def take_database_backup(
                         "name": row.name,
                         "description": row.description,
                         "schedulerJobGroupUuid": (row.metadata_ or {}).get("schedulerJobGroupUuid"),
+                        "databaseUuid": row.databaseUuid,
                     },
                     "engine": dumped.format,
                     "serverVersion": dumped.server_version,
@@ -107,7 +125,7 @@ def take_database_backup(
                     repo,
                     dumped.reader,
                     name=row.name,
-                    source=SOURCE,
+                    source=f"database:{database.uuid}" if database else SOURCE,
                     fmt=dumped.format,
                     metadata=described,
                     progress=report,
@@ -152,22 +170,45 @@ def request_recover(session: Session, uuid: str, params: dict[str, Any], account
     if row.status != "Ready":
         raise Conflict(detail=f"database backup {uuid} is {row.status}")
     ref = ready_ref(row, params.get("backupStorageUuid"), session)
-    target = params.get("databaseUrl") or get_settings().catalog_url
-    if not isinstance(target, str) or not target.startswith(("postgresql", "sqlite:///")):
-        raise InvalidArgument(detail="databaseUrl must be a postgresql:// or sqlite:/// SQLAlchemy URL")
     force = params.get("force", False)
     if not isinstance(force, bool):
         raise InvalidArgument(detail="force must be true or false")
+    into: dict[str, Any]
+    if row.databaseUuid or params.get("databaseUuid"):
+        into = _registered_target(session, row, params)
+    else:
+        target = params.get("databaseUrl") or get_settings().catalog_url
+        if not isinstance(target, str) or not target.startswith(("postgresql", "sqlite:///")):
+            raise InvalidArgument(detail="databaseUrl must be a postgresql:// or sqlite:/// SQLAlchemy URL")
+        into = {"databaseUrl": target}
     return enqueue(
         session,
         "recoverDatabaseBackup",
         task=tasks.DATABASE_RECOVER,
         queue=STORAGE_QUEUE,
-        params={"backupUuid": uuid, "backupStorageUuid": ref.backupStorageUuid, "databaseUrl": target, "force": force},
+        params={"backupUuid": uuid, "backupStorageUuid": ref.backupStorageUuid, **into, "force": force},
         resource_uuid=uuid,
         resource_type="DatabaseBackupRecover",
         account_uuid=account,
     )
+
+
+def _registered_target(session: Session, row: DatabaseBackup, params: dict[str, Any]) -> dict[str, Any]:
+    """Where a backup of a registered database is recovered: the server of ``databaseUuid``
+    (default: the backup's own database), into ``databaseName`` there (default: the registered
+    database itself; a new name makes a new database). Never a URL: a worker reaches only
+    registered servers."""
+    if params.get("databaseUrl"):
+        raise InvalidArgument(detail="a backup of a registered database is recovered by databaseUuid, not databaseUrl")
+    if row.databaseUuid is None:
+        raise InvalidArgument(detail="a backup of the catalog is recovered by databaseUrl, not databaseUuid")
+    database: ManagedDatabase = get(
+        session, ManagedDatabase, str(params.get("databaseUuid") or row.databaseUuid), "database"
+    )
+    name = params.get("databaseName") or database.databaseName
+    if not isinstance(name, str) or not mysqldump.NAME.match(name):
+        raise InvalidArgument(detail="databaseName: letters, digits and _ only (64 at most)")
+    return {"databaseUuid": database.uuid, "databaseName": name}
 
 
 def run_recover(session: Session, job: ApiJob) -> dict[str, Any]:
@@ -175,6 +216,13 @@ def run_recover(session: Session, job: ApiJob) -> dict[str, Any]:
     row: DatabaseBackup = get(session, DatabaseBackup, params["backupUuid"], "database backup")
     storage, ref = copy_on(session, row, params["backupStorageUuid"])
     repo = open_repository(storage)
+    if params.get("databaseUuid"):
+        database: ManagedDatabase = get(session, ManagedDatabase, params["databaseUuid"], "database")
+        target = target_of(database, str(params["databaseName"]))
+        session.commit()
+        force = bool(params.get("force"))
+        dbdump.stream_into(repo, manifest_id(ref), lambda reader: mysqldump.load(target, reader, force=force))
+        return {"databaseBackupUuid": row.uuid, "databaseUuid": database.uuid, "databaseName": target.database}
     session.commit()  # hold no transaction on the catalog while it may be the target
     recover_into(repo, manifest_id(ref), str(params["databaseUrl"]), force=bool(params.get("force")))
     return {"databaseBackupUuid": row.uuid, "databaseUrl": _safe_url(str(params["databaseUrl"]))}

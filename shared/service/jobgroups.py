@@ -15,6 +15,7 @@ from sqlalchemy.orm import Session
 
 from shared.catalog.models import (
     BackupStorage,
+    ManagedDatabase,
     SchedulerJob,
     SchedulerJobGroup,
     SchedulerJobGroupTriggerRef,
@@ -29,7 +30,7 @@ from shared.service.rows import get, ready_volume
 log = logging.getLogger(__name__)
 JOB_TYPES = ("volumeBackup", "vmBackup", "databaseBackup")
 ADMIN_JOB_TYPES = ("databaseBackup",)  # they touch every project's rows: admins' groups only
-JOB_DATA_KEYS = {"backupStorageUuids", "fullBackupInterval", "retention", "bandwidthLimit"}
+JOB_DATA_KEYS = {"backupStorageUuids", "fullBackupInterval", "retention", "bandwidthLimit", "databaseUuid"}
 RETENTION_KEYS = {"keepLast", "keepDaily", "keepWeekly", "keepMonthly"}
 
 
@@ -60,6 +61,11 @@ def check_job_data(session: Session, data: Any) -> dict[str, Any]:
             if session.get(BackupStorage, uuid) is None:
                 raise NotFound(resource="backup storage", uuid=uuid)
         out["backupStorageUuids"] = storages
+    if data.get("databaseUuid") is not None:  # databaseBackup groups: a registered database, not the catalog
+        database = data["databaseUuid"]
+        if not isinstance(database, str) or session.get(ManagedDatabase, database) is None:
+            raise NotFound(resource="database", uuid=str(database))
+        out["databaseUuid"] = database
     if "fullBackupInterval" in data:
         out["fullBackupInterval"] = _nonneg_int(data["fullBackupInterval"], "fullBackupInterval")
     if "bandwidthLimit" in data and data["bandwidthLimit"] is not None:

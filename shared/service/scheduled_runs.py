@@ -364,12 +364,14 @@ def run_scheduled(session: Session, job: ApiJob) -> dict[str, Any]:
 def _run_database_backup(
     session: Session, job: ApiJob, group: SchedulerJobGroup, storages: list[BackupStorage]
 ) -> dict[str, Any]:
-    """One scheduled run of a databaseBackup group: dump the catalog, copy it to the other
+    """One scheduled run of a databaseBackup group: dump the catalog (or the registered database
+    its jobData's ``databaseUuid`` names), copy it to the other
     storages, keep what ``retention`` says of this group's database backups."""
     params, data = job.params or {}, (job.params or {}).get("jobData") or {}
     name = f"{group.name}-{params['fireTime'][:19]}"
     row = database_backups.new_database_backup_row(session, storages[0], name)
     row.metadata_ = {"schedulerJobGroupUuid": group.uuid}
+    row.databaseUuid = data.get("databaseUuid")  # a registered database; None: the catalog
     session.flush()
     job.params = {**params, "databaseBackupUuids": [row.uuid]}  # so a failure marks it Failed
     session.commit()

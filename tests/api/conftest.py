@@ -26,6 +26,7 @@ from shared.catalog.models import (
     DatabaseBackup,
     DatabaseBackupStorageRef,
     Host,
+    ManagedDatabase,
     SchedulerJob,
     SchedulerJobGroup,
     SchedulerJobGroupTriggerRef,
@@ -59,6 +60,13 @@ def app_client(monkeypatch: pytest.MonkeyPatch, settings: dict[str, str]) -> Ite
         db.engine(get_settings().catalog_url).dispose()
         db.reset()
         get_settings.cache_clear()
+
+
+def admin_settings(catalog_url: str, tmp: Path, **more: str) -> tuple[str, dict[str, str]]:
+    """A fresh admin key and the settings of an app on ``catalog_url`` that seeds it (``more``
+    added, ``NAME`` for ``BLOCKVAULT_NAME``)."""
+    admin_key = "test-admin-" + secrets.token_hex(12)
+    return admin_key, {"DATABASE_URL": catalog_url, "DATA_DIR": str(tmp / "data"), "ADMIN_API_KEY": admin_key, **more}
 
 
 PASSWORD = "a password"
@@ -138,7 +146,7 @@ class World:
                 self.other_rows.add(remote.uuid)
                 return remote.uuid
         party = self.parties.get(side) or self.parties["other"]
-        if kind in ("account", "api-key", "session", "membership"):
+        if kind in ("account", "api-key", "access-key", "session", "membership"):
             made = self._identity(kind, party)
         else:
             with db.session() as session:
@@ -158,6 +166,9 @@ class World:
         if kind == "api-key":
             body = {"params": {"accountUuid": party.account}}
             return str(self.admin("POST", "/api-keys", body)["inventory"]["uuid"])
+        if kind == "access-key":
+            body = {"params": {"accountUuid": party.account}}
+            return str(self.admin("POST", "/accesskeys", body)["inventory"]["uuid"])
         login = {
             "logInByAccount": {"accountName": f"member-{side_of(self, party)}", "password": password_digest(PASSWORD)}
         }
@@ -212,6 +223,11 @@ class World:
             return self._volume(session, party, None).uuid
         if kind == "volume-backup":
             return self._backup(session, self._volume(session, party, None)).uuid
+        if kind == "database":
+            database = ManagedDatabase(name="db", host="127.0.0.1", port=9, username="u", databaseName="db")
+            session.add(database)
+            session.flush()
+            return database.uuid
         if kind == "database-backup":
             row = DatabaseBackup(name="db", status="Ready", size=1)
             row.backupStorageRefs.append(DatabaseBackupStorageRef(**self._on_local()))
@@ -280,13 +296,7 @@ KINDS = (
 
 @pytest.fixture
 def world(pg_database: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[World]:
-    admin_key = "test-admin-" + secrets.token_hex(12)
-    settings = {
-        "DATABASE_URL": pg_database,
-        "DATA_DIR": str(tmp_path / "data"),
-        "ADMIN_API_KEY": admin_key,
-        "AUTH_MAX_FAILURES": "100000",  # the no-key calls are many
-    }
+    admin_key, settings = admin_settings(pg_database, tmp_path, AUTH_MAX_FAILURES="100000")  # no-key calls: many
     with app_client(monkeypatch, settings) as client:
         built = World(client, admin_key, tmp_path)
         built.build()

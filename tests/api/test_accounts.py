@@ -226,11 +226,12 @@ def test_sessions_are_stored_hashed_end_with_a_new_password_and_log_out_by_token
     status, _ = api.call("GET", "/projects", next(iter(stored)))
     assert status == 401
     response = api.client.delete(f"/v1/accounts/sessions/{next(iter(stored))}")
-    assert response.status_code == 404
+    assert response.status_code == 200  # no such session: logged out all the same, as in ZStack...
+    api.ok("GET", "/projects", tokens[0])  # ...and the hash ended nothing
     # logging out takes the token the login answered
     assert api.client.delete(f"/v1/accounts/sessions/{tokens[0]}").status_code == 200
     assert api.call("GET", "/projects", tokens[0])[0] == 401
-    assert api.client.delete(f"/v1/accounts/sessions/{tokens[0]}").status_code == 404
+    assert api.client.delete(f"/v1/accounts/sessions/{tokens[0]}").status_code == 200
     api.ok("GET", "/projects", tokens[1])
     # a new password ends every session of the account (the old password opens none either)
     response = api.client.put(
@@ -275,8 +276,9 @@ def test_bad_login_input(api: Api) -> None:
     for bad in ("nonsense", "0" * 31, "Z" * 32):  # not a uuid: bad input
         response = api.client.delete(f"/v1/accounts/sessions/{bad}")
         assert response.status_code == 400 and response.json()["error"]["code"] == "INVALID_ARGUMENT", bad
+        assert api.client.get(f"/zstack/v1/accounts/sessions/{bad}/valid").json() == {"valid": False, "success": True}
     unknown = api.client.delete(f"/v1/accounts/sessions/{secrets.token_hex(16)}")  # a uuid, no such session
-    assert unknown.status_code == 404 and unknown.json()["error"]["code"] == "NOT_FOUND"
+    assert unknown.status_code == 200 and unknown.json() == {"success": True}  # logged out all the same, as ZStack
 
 
 def test_body_limit(api: Api) -> None:
@@ -296,3 +298,59 @@ def test_body_limit(api: Api) -> None:
     )
     assert response.status_code == 413 and response.json()["error"]["code"] == "PAYLOAD_TOO_LARGE"
     api.ok("POST", "/projects", name="small")
+
+
+def test_sessions_are_validated_and_renewed_as_zstack_does(api: Api) -> None:
+    """ZStack's ValidateSession (``GET .../sessions/{uuid}/valid``, no credentials, read by the Go
+    SDK as a map of booleans) and RenewSession (``PUT .../sessions/{uuid}/renew``)."""
+    api.ok("POST", "/accounts", name="ivan", password="pw")
+    api.ok("POST", "/accounts", name="judy", password="pw")
+    token = log_in(api, "ivan", "pw").json()["inventory"]["uuid"]
+    other = log_in(api, "judy", "pw").json()["inventory"]["uuid"]
+    valid = f"/zstack/v1/accounts/sessions/{token}/valid"
+    response = api.client.get(valid)
+    assert response.status_code == 200 and response.json() == {"valid": True, "success": True}
+    assert all(isinstance(value, bool) for value in response.json().values())  # the SDK's map[string]bool
+    assert api.client.get(f"/v1/accounts/sessions/{secrets.token_hex(16)}/valid").json() == {
+        "valid": False,
+        "success": True,
+    }
+
+    renew = f"/v1/accounts/sessions/{token}/renew"
+    oauth = {"Authorization": f"OAuth {token}"}
+    response = api.client.put(renew, json={"renewSession": {"duration": 86400}}, headers=oauth)
+    assert response.status_code == 200, response.text
+    renewed = response.json()["inventory"]
+    assert renewed["uuid"] == token
+    left = datetime.fromisoformat(renewed["expiredDate"].replace("Z", "+00:00")) - datetime.now(UTC)
+    assert timedelta(hours=23) < left <= timedelta(hours=24)
+    with db.session(api.url) as session:
+        assert session.get(LoginSession, session_hash(token)).expiredDate > datetime.now(UTC) + timedelta(hours=23)
+    # as ZStack's SDK calls it (its dates as ZStack writes them)
+    response = api.client.put(f"/zstack/v1{renew[3:]}", json={"renewSession": {"duration": 86400}}, headers=oauth)
+    assert response.status_code == 200 and response.json()["inventory"]["uuid"] == token, response.text
+    # an empty body (the path names the action) renews for the session timeout; /actions too
+    response = api.client.put(f"/v1/accounts/sessions/{token}/actions", json={}, headers=oauth)
+    assert response.status_code == 200, response.text
+    # another account's session is not the caller's to renew (an admin's is)
+    response = api.client.put(f"/v1/accounts/sessions/{other}/renew", json={}, headers=oauth)
+    assert response.status_code == 404
+    response = api.client.put(
+        f"/v1/accounts/sessions/{other}/renew", json={}, headers={"Authorization": f"Bearer {api.admin_key}"}
+    )
+    assert response.status_code == 200
+    for duration in (59, 365 * 24 * 3600 + 1, "600", True):
+        response = api.client.put(renew, json={"renewSession": {"duration": duration}}, headers=oauth)
+        assert response.status_code == 400 and response.json()["error"]["code"] == "INVALID_ARGUMENT", duration
+    assert api.client.put(renew, json={"renewSession": {}}).status_code == 401  # credentials needed
+
+    # an expired session: not valid, not renewable, and it opens nothing
+    with db.session(api.url) as session:
+        session.get(LoginSession, session_hash(token)).expiredDate = datetime.now(UTC) - timedelta(seconds=1)
+    assert api.client.get(valid).json() == {"valid": False, "success": True}
+    response = api.client.put(renew, json={}, headers={"Authorization": f"Bearer {api.admin_key}"})
+    assert response.status_code == 404
+    # logging out ends it: no longer valid
+    assert api.client.get(f"/v1/accounts/sessions/{other}/valid").json() == {"valid": True, "success": True}
+    assert api.client.delete(f"/zstack/v1/accounts/sessions/{other}?deleteMode=Permissive").status_code == 200
+    assert api.client.get(f"/v1/accounts/sessions/{other}/valid").json() == {"valid": False, "success": True}

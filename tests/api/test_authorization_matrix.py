@@ -51,6 +51,9 @@ RULES: dict[tuple[str, str], Rule] = {
     ("GET", "/v1/health"): Rule(None, "public", ()),
     ("PUT", "/v1/accounts/login"): Rule(None, "public", ()),
     ("DELETE", "/v1/accounts/sessions/{uuid}"): Rule("session", "public", ("own",)),
+    ("GET", "/v1/accounts/sessions/{uuid}/valid"): Rule("session", "public", ("own",)),
+    ("PUT", "/v1/accounts/sessions/{uuid}/renew"): Rule("session", "self"),
+    ("PUT", "/v1/accounts/sessions/{uuid}/actions"): Rule("session", "self"),
     ("GET", "/v1/hosts"): Rule(None, "scoped", ()),
     ("GET", "/v1/hosts/{uuid}"): Rule("host", "hidden", ("other",)),
     ("GET", "/v1/vm-instances"): Rule(None, "scoped", ()),
@@ -84,6 +87,10 @@ RULES: dict[tuple[str, str], Rule] = {
     ("GET", "/v1/database-backups/{uuid}"): Rule("database-backup", "hidden", ("other",)),
     ("DELETE", "/v1/database-backups/{uuid}"): Rule("database-backup", "admin", ("other",)),
     ("PUT", "/v1/database-backups/{uuid}/actions"): Rule("database-backup", "admin", ("other",)),
+    ("GET", "/v1/databases"): Rule(None, "scoped", ()),
+    ("POST", "/v1/databases"): Rule(None, "admin", ()),
+    ("GET", "/v1/databases/{uuid}"): Rule("database", "hidden", ("other",)),
+    ("DELETE", "/v1/databases/{uuid}"): Rule("database", "admin", ("other",)),
     ("GET", "/v1/scheduler/jobgroups"): Rule(None, "scoped", ()),
     ("POST", "/v1/scheduler/jobgroups"): Rule(None, "scoped", ()),
     ("GET", "/v1/scheduler/jobgroups/{uuid}"): Rule("jobgroup", "scoped"),
@@ -124,6 +131,11 @@ RULES: dict[tuple[str, str], Rule] = {
     ("POST", "/v1/api-keys"): Rule(None, "self", ()),
     ("GET", "/v1/api-keys/{uuid}"): Rule("api-key", "self"),
     ("DELETE", "/v1/api-keys/{uuid}"): Rule("api-key", "self"),
+    ("GET", "/v1/accesskeys"): Rule(None, "scoped", ()),
+    ("POST", "/v1/accesskeys"): Rule(None, "admin", ()),
+    ("GET", "/v1/accesskeys/{uuid}"): Rule("access-key", "self"),
+    ("DELETE", "/v1/accesskeys/{uuid}"): Rule("access-key", "self"),
+    ("PUT", "/v1/accesskeys/{uuid}/actions"): Rule("access-key", "admin"),
     ("GET", "/v1/api-jobs/{uuid}"): Rule("api-job", "self"),
     ("GET", "/v1/overview"): Rule(None, "scoped", ()),
     # ZStack's own paths, under /zstack/v1 only (api/routes/zstack_paths.py): the rule of the /v1
@@ -186,6 +198,8 @@ def action_params(world: World, side: str) -> dict[str, dict[str, Any]]:
         "updateSchedulerTrigger": {"name": "renamed"},
         "runSchedulerTrigger": {},
         "updateAccount": {"description": "changed"},
+        "renewSession": {"duration": 600},
+        "changeAccessKeyState": {"stateEvent": "disable"},
         "_jobs": {"targetResourceUuids": [rows["volume"]]},
         "_tag": {"resourceUuid": rows["vm"], "resourceType": "VmInstanceVO", "tag": "x"},
     }
@@ -216,6 +230,8 @@ def collection_body(world: World, path: str, key: str | None, side: str) -> dict
         "/v1/projects": {"params": {"name": f"p-{new_uuid()[:8]}"}},
         "/v1/accounts": {"params": {"name": f"a-{new_uuid()[:8]}"}},
         "/v1/api-keys": {"params": {"accountUuid": party.account}},
+        "/v1/accesskeys": {"params": {"accountUuid": party.account}},
+        "/v1/databases": {"params": {"name": "db", "url": "mysql://u:p@127.0.0.1:9/db"}},
     }[path]
 
 

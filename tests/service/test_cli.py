@@ -12,7 +12,7 @@ from tests.conftest import ROOT, MiB, vm_like_regions, write_regions
 from tests.service.conftest import Stack, free_port
 
 
-def bv(stack: Stack, *args: str, url: str | None = None) -> subprocess.CompletedProcess[str]:
+def bv(stack: Stack, *args: str, url: str | None = None, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
     env = {
         **stack.env,
         "BLOCKVAULT_API_URL": url or f"http://127.0.0.1:{stack.port}",
@@ -22,6 +22,7 @@ def bv(stack: Stack, *args: str, url: str | None = None) -> subprocess.Completed
         [sys.executable, "-m", "api.cli", *args],
         env=env,
         cwd=ROOT,
+        input=stdin,
         capture_output=True,
         text=True,
         timeout=300,

@@ -20,6 +20,7 @@ from shared.catalog.models import new_uuid
 from shared.repository.repo import Repository
 from tests.conftest import ROOT, MiB
 from tests.service.conftest import Stack
+from tests.service.test_cli import bv
 from tests.service.test_storage_topologies import (
     cloud_params,
     refs,
@@ -28,6 +29,7 @@ from tests.service.test_storage_topologies import (
     storage,
     vm_with_volumes,
 )
+from tests.shared.test_mysqldump import SERVER, fill, sql, tables
 
 # Rows that change on their own while a test runs (jobs finishing, heartbeats, probes).
 LIVE_TABLES = {"api_job", "host", "backup_storage", "database_backup", "database_backup_storage_ref"}
@@ -219,3 +221,75 @@ def test_rebuild_refuses_clearly(stack: Stack, start_storage_server: Any, make_p
     assert bad_token.returncode != 0 and "rejected" in bad_token.stderr and "wrong" not in bad_token.stderr
     bad_url = rebuild(env, "--backup-storage-url", "ftp://x/y")
     assert bad_url.returncode == 2
+
+
+def test_a_registered_mariadb_database_is_backed_up_and_recovered_into_a_new_database(stack: Stack) -> None:
+    """ZStack's management database runs on MariaDB: an admin registers one (TCP URL, the
+    password sealed), backs it up through the API and a worker (mariadb-dump
+    --single-transaction into the chunks), and recovers it into a new database on that server."""
+
+    names = [f"bv_test_{os.getpid()}_{new_uuid()[:8]}_{i}" for i in range(2)]
+    source, copy = names
+    try:
+        fill(source)
+        start_host(stack)
+        client = stack.client
+        client.add_backup_storage("local", f"file://{stack.tmp / 'local'}")
+        url = f"mysql://{SERVER.user}:{SERVER.password}@127.0.0.1:3306/{source}"
+        # by the CLI, the password on stdin (never on its command line)
+        args = ["--url", f"mysql://{SERVER.user}@127.0.0.1:3306/{source}", "--password-stdin"]
+        done = bv(stack, "database", "register", "--name", "zstack-db", "--json", *args, stdin=SERVER.password + "\n")
+        assert done.returncode == 0, done.stderr
+        registered = json.loads(done.stdout)
+        assert registered["host"] == "127.0.0.1" and registered["databaseName"] == source
+        listed = json.dumps(client.query("databases"))  # (the tests' password is also the user's name)
+        assert url not in listed and f":{SERVER.password}@" not in listed and "sealedPassword" not in listed
+        first = client.wait(client.backup_database(databaseUuid=registered["uuid"]), timeout=300)
+        assert first["status"] == "Ready" and first["databaseUuid"] == registered["uuid"]
+        assert {"name", "version", "createdTime", "md5"} <= set(first["metadata"])
+        assert first["metadata"]["engine"] == "mysqldump"
+        done = bv(stack, "database-backup", "recover", first["uuid"], "--database-name", copy, "--wait", "--json")
+        assert done.returncode == 0, done.stderr
+        recovered = json.loads(done.stdout)
+        assert recovered == {**recovered, "databaseUuid": registered["uuid"], "databaseName": copy}
+        assert tables(copy) == tables(source)
+        # recovering over a database with tables needs force
+        with pytest.raises(JobFailed) as failed:
+            client.wait(client.recover_database(first["uuid"], databaseName=copy), timeout=300)
+        assert failed.value.code == "CONFLICT"
+        # a second backup after a small change stores a few chunks only
+        sql("UPDATE vm SET name = 'renamed' WHERE id = 1234", source)
+        second = client.wait(client.backup_database(databaseUuid=registered["uuid"]), timeout=300)
+        assert second["metadata"]["md5"] != first["metadata"]["md5"]
+        for bad in (
+            {"databaseUuid": registered["uuid"], "databaseUrl": "postgresql://x/y"},
+            {"databaseName": "no;way"},
+        ):
+            with pytest.raises(ApiError) as refused:
+                client.recover_database(first["uuid"], **bad)
+            assert refused.value.status == 400
+        for bad_url in (
+            "mysql://u:p@/db",  # a socket, not a host
+            "mysql://u:p@127.0.0.1/db?unix_socket=/run/mysqld/mysqld.sock",
+            "postgresql://u:p@127.0.0.1/db",
+            f"mysql://u:p@127.0.0.1:3306/{'x;drop'}",
+        ):
+            with pytest.raises(ApiError) as refused:
+                client.create("databases", {"name": "bad", "url": bad_url})
+            assert refused.value.status == 400, bad_url
+        # a databaseBackup job group that names the database backs it up on each run
+        group = client.create_job_group("zstack-db-nightly", "databaseBackup", databaseUuid=registered["uuid"])
+        assert group["jobData"]["databaseUuid"] == registered["uuid"]
+        client.run_job_group(group["uuid"])
+        where = f"schedulerJobGroupUuid={group['uuid']}"
+        stack.wait_for("the scheduled dump", lambda: len(client.histories(where)) == 1)
+        assert client.histories(where)[0]["success"] is True, client.histories(where)
+        scheduled = client.query("database-backups", f"databaseUuid={registered['uuid']}", sort="-createDate")
+        assert len(scheduled["inventories"]) == 3 and scheduled["inventories"][0]["status"] == "Ready"
+        with pytest.raises(ApiError) as refused:
+            client.create_job_group("bad", "databaseBackup", databaseUuid=new_uuid())
+        assert refused.value.status == 404
+        assert f":{SERVER.password}@" not in stack.log("api")
+    finally:
+        for name in names:
+            sql(f"DROP DATABASE IF EXISTS `{name}`")
