@@ -1,7 +1,7 @@
 """Registered MySQL/MariaDB databases (ZStack's management database) and the database a
 database backup is of (none: the catalog).
 
-Revision ID: 0014
+Revision ID: 0013
 Revises: 0012
 """
 
