@@ -173,7 +173,7 @@ def log_out_session(uuid: str, session: DbSession) -> JSONResponse:
 
 @sessions.get("/accounts/sessions/{uuid}/valid", response_model=SessionValid)
 def validate_session(uuid: str, session: DbSession) -> JSONResponse:
-    """ZStack's ValidateSession (no credentials, as in ZStack): ``{"valid": true}`` while the
+    """ZStack's ValidateSession (no key or session needed, as in ZStack): ``{"valid": true}`` while the
     session lasts, false for an ended, expired or unknown one, with ``success`` as every answer
     here (the Go SDK reads the answer as a map of booleans: both are)."""
     return JSONResponse({"valid": live_session(session, uuid) is not None, "success": True})
@@ -185,7 +185,7 @@ def renew_session(
 ) -> JSONResponse:
     """ZStack's RenewSession ``{"renewSession": {"duration": seconds}}`` (the body may be empty:
     the path names the action): the session lasts ``duration`` (60 s to 365 days; default
-    BLOCKVAULT_SESSION_TIMEOUT_SECONDS) from now. Its own account's credentials or an admin's;
+    BLOCKVAULT_SESSION_TIMEOUT_SECONDS) from now. Its own account's key or session, or an admin's;
     anyone else, and an ended or expired session, 404."""
     _name, params = parse_action(body, ("renewSession",)) if body else ("renewSession", {})
     duration = params.get("duration", get_settings().session_timeout_seconds)

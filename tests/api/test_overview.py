@@ -243,21 +243,25 @@ def test_the_vm_list_in_pages_with_filters_and_counts(api: tuple[TestClient, str
 def test_fire_times_follow_the_scheduler_and_bad_input(api: tuple[TestClient, str], tmp_path: Path) -> None:
     client, key = api
     ids = build(tmp_path)
-    status, body = get(client, key, f"/v1/scheduler/triggers/{ids['trigger']}/fire-times")
-    assert status == 200 and len(body["fireTimes"]) == 5
+    # its first fire half an hour away: every listed time is ahead of the request, whenever in its
+    # second the request is answered
+    start = to_seconds(now()) + 1800
     with db.session() as session:
         trigger = session.get(SchedulerTrigger, ids["trigger"])
         assert trigger is not None
-        spec = TriggerSpec(schedulerType="simple", schedulerInterval=3600)
+        trigger.startTime = start
+        spec = TriggerSpec(schedulerType="simple", schedulerInterval=3600, startTime=start)
         created = trigger.createDate
-    moment = from_seconds(to_seconds(now()))
+    status, body = get(client, key, f"/v1/scheduler/triggers/{ids['trigger']}/fire-times")
+    assert status == 200 and len(body["fireTimes"]) == 5
     expected = []
-    after = moment
+    after = None
     for _ in range(5):
         upcoming = fire_times_after(spec, created, after)
         assert upcoming is not None
         expected.append(upcoming)
         after = upcoming
+    assert expected[0] == from_seconds(start)
     got = [t.replace("Z", "+00:00") for t in body["fireTimes"]]
     assert [e.isoformat(timespec="milliseconds") for e in expected] == got
     # a cron trigger with a stop time: only the fires before it
