@@ -40,7 +40,7 @@ class Stack:
             BLOCKVAULT_ADMIN_API_KEY=self.key,
             BLOCKVAULT_SECRET_KEY=self.secret_key,  # every process, on every host: they share the catalog
             BLOCKVAULT_HEARTBEAT_SECONDS="1",
-            BLOCKVAULT_HOST_TIMEOUT_SECONDS="6",
+            BLOCKVAULT_HOST_TIMEOUT_SECONDS="15",
             BLOCKVAULT_REQUEUE_SECONDS="5",
         )
         self.procs: dict[str, subprocess.Popen[bytes]] = {}

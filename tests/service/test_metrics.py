@@ -62,7 +62,7 @@ def test_metrics_and_job_logs_with_real_workers(stack: Stack) -> None:
     idle_volume, _ = raw_volume(stack, idle, "vol-idle", seed=4)
     stack.kill(f"worker-{idle[:8]}")
     waiting = client.backup_volume(idle_volume["uuid"], name="b-idle")
-    samples = scrape(stack)  # before the reaper fails the job (BLOCKVAULT_HOST_TIMEOUT_SECONDS=6)
+    samples = scrape(stack)  # before the reaper fails the job (BLOCKVAULT_HOST_TIMEOUT_SECONDS=15 in these stacks)
     assert one(samples, "blockvault_queue_depth", queue=host_queue(idle)) >= 1
     assert one(samples, "blockvault_queue_depth", queue="storage") == 0  # copies to the standby ran in the job
     assert one(samples, "blockvault_catalog_up") == 1 and one(samples, "blockvault_broker_up") == 1
