@@ -146,6 +146,20 @@ class VolumeBackup(Resource, Base):
     )
 
 
+class VolumeBackupSummary(Base):
+    """Each volume's newest Ready and newest Failed volume backup (by createDate, then uuid), so
+    the overview reads one row a volume instead of probing its backups. Written by the catalog
+    itself (triggers of migration 0014 on every insert, delete and change of status, date or
+    volume of a volume backup, whichever code or SQL makes it); no row: neither exists."""
+
+    __tablename__ = "volume_backup_summary"
+    volumeUuid: Mapped[str] = mapped_column(String(32), primary_key=True)
+    readyUuid: Mapped[str | None] = mapped_column(String(32))
+    readyDate: Mapped[datetime | None] = mapped_column()
+    failedUuid: Mapped[str | None] = mapped_column(String(32))
+    failedDate: Mapped[datetime | None] = mapped_column()
+
+
 class VolumeBackupStorageRef(Stamped, Base):
     __tablename__ = "volume_backup_storage_ref"
     __table_args__ = (

@@ -25,7 +25,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy import and_, any_, bindparam, desc, func, or_, select, text
-from sqlalchemy.orm import Session, aliased
+from sqlalchemy.orm import Session
 from sqlalchemy.sql.sqltypes import NullType
 
 from shared import access, schedule
@@ -43,6 +43,7 @@ from shared.catalog.models import (
     Volume,
     VolumeBackup,
     VolumeBackupStorageRef,
+    VolumeBackupSummary,
     aware,
 )
 from shared.inventory import iso
@@ -230,19 +231,11 @@ def _backup(uuid: str, name: str, group: str | None, created: datetime, size: in
 
 def _volumes(session: Session, viewer: Viewer) -> list[tuple[str, str, datetime | None, datetime | None]]:
     """Every volume of a VM the caller sees: (volume, VM, the date of its newest Failed backup,
-    of its newest Ready one): two index-only probes per volume on (volumeUuid, status,
-    createDate), no row read."""
-
-    def newest(status: str) -> Any:
-        return (
-            select(func.max(VolumeBackup.createDate))
-            .where(VolumeBackup.volumeUuid == Volume.uuid, VolumeBackup.status == status)
-            .correlate(Volume)
-            .scalar_subquery()
-        )
-
-    query = select(Volume.uuid, Volume.vmInstanceUuid, newest("Failed"), newest("Ready")).where(
-        Volume.vmInstanceUuid.is_not(None)
+    of its newest Ready one), from the volume's summary row (one join, no backup read)."""
+    query = (
+        select(Volume.uuid, Volume.vmInstanceUuid, VolumeBackupSummary.failedDate, VolumeBackupSummary.readyDate)
+        .outerjoin(VolumeBackupSummary, VolumeBackupSummary.volumeUuid == Volume.uuid)
+        .where(Volume.vmInstanceUuid.is_not(None))
     )
     if not viewer.admin:
         visible_vms = access.scope(viewer, VmInstance).with_only_columns(VmInstance.uuid)
@@ -254,24 +247,14 @@ def _volumes(session: Session, viewer: Viewer) -> list[tuple[str, str, datetime 
 
 
 def _newest_ready(session: Session, volumes: Sequence[str]) -> dict[str, dict[str, Any]]:
-    """The newest Ready backup of each of ``volumes``, by volume: an index probe each and the row
+    """The newest Ready backup of each of ``volumes``, by volume: its summary row and the backup
     by its key."""
-    newest = (
-        select(VolumeBackup.uuid)
-        .where(VolumeBackup.volumeUuid == Volume.uuid, VolumeBackup.status == "Ready")
-        .order_by(desc(VolumeBackup.createDate))
-        .limit(1)
-        .correlate(Volume)
-        .scalar_subquery()
-    )
     found: dict[str, dict[str, Any]] = {}
-    for clause in _among(session, Volume.uuid, volumes):
-        listed = select(Volume.uuid.label("volume"), newest.label("ready")).where(clause).subquery()
-        ready = aliased(VolumeBackup)
-        query = select(listed.c.volume, *(getattr(ready, column.key) for column in _BACKUP_COLUMNS)).join(
-            ready, ready.uuid == listed.c.ready
+    for clause in _among(session, VolumeBackupSummary.volumeUuid, volumes):
+        query = select(VolumeBackupSummary.volumeUuid, *_BACKUP_COLUMNS).join(
+            VolumeBackup, VolumeBackup.uuid == VolumeBackupSummary.readyUuid
         )
-        for volume, *backup in _rows(session, query):
+        for volume, *backup in _rows(session, query.where(clause)):
             found[volume] = _backup(*backup)
     return found
 

@@ -52,6 +52,7 @@ from shared.service.rows import AnyBackup, AnyRef, ref_on
 from shared.storage import open_repository, register_storage
 from tests.conftest import write_regions
 from tests.services import DB_PREFIX
+from tests.summaries import assert_summary_right
 
 KiB = 1024
 CHUNK = 64 * KiB  # the repositories' chunk size: a volume of 1 MiB is 16 chunks
@@ -336,6 +337,8 @@ def site(catalog_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> I
         host = hosts.register(session, new_uuid())
         session.commit()
         yield Site(tmp_path, session, host.uuid)
+        with db.session() as check:  # whatever the test did to backups, the overview's summary follows
+            assert_summary_right(check)
     finally:
         session.close()
         db.engine().dispose()
