@@ -14,6 +14,8 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any, cast
 
+from amqp.exceptions import NotFound  # type: ignore[import-untyped]
+from kombu.exceptions import ChannelError
 from sqlalchemy import Table, select, tuple_, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
@@ -108,7 +110,9 @@ def enqueue_many(session: Session, jobs: list[NewJob]) -> list[str]:
     # one statement compiled once (and cached) and sent as executemany: SQLAlchemy batches the
     # rows into multi-row INSERTs itself ("insertmanyvalues"); a .values(rows) statement instead
     # is compiled afresh with a bind parameter per column per row (~0.3 ms a job)
-    statement = insert(cast(Table, ApiJob.__table__)).on_conflict_do_nothing(index_elements=["uuid"]).returning(ApiJob.uuid)
+    statement = (
+        insert(cast(Table, ApiJob.__table__)).on_conflict_do_nothing(index_elements=["uuid"]).returning(ApiJob.uuid)
+    )
     recorded = set(session.connection().execute(statement, rows).scalars())
     session.commit()
     todo = [(job.uuid, job.task, job.queue) for job in jobs if job.uuid in recorded]
@@ -132,11 +136,16 @@ def start_job(session: Session, job_uuid: str) -> ApiJob | None:
 
 
 def queue_depth(queue: str) -> int | None:
-    """Messages waiting in ``queue`` on the broker, or None when it cannot tell."""
+    """Messages waiting in ``queue`` on the broker: 0 when the broker has no such queue (Redis
+    keeps no key for an empty list; RabbitMQ lost a queue it did not keep over a restart), None
+    when it cannot tell (a broker hiccup, an error answer)."""
     try:
         with celery_app().connection_for_write() as connection:
-            return int(connection.default_channel.queue_declare(queue=queue, passive=True).message_count)
-    except Exception:  # noqa: BLE001 - an unknown queue or a broker hiccup: no answer
+            try:
+                return int(connection.default_channel.queue_declare(queue=queue, passive=True).message_count)
+            except (ChannelError, NotFound):  # "no such queue" (virtual transports; AMQP 404): nothing waits
+                return 0
+    except Exception:  # noqa: BLE001 - no answer: nothing is concluded from it
         return None
 
 
@@ -146,10 +155,11 @@ def requeue_stale(
     """Send again the tasks of jobs still Pending after ``older_than`` seconds whose queue
     was empty on the broker when this pass began: their message was lost (a broker that
     keeps nothing on disk was restarted). Jobs waiting behind others in a non-empty queue are
-    left alone. Duplicates are harmless (see start_job). Reads the stale jobs ``batch`` at a
-    time (oldest first, by keyset) and sends each batch with one producer, for at most
-    ``budget_seconds``; other workers' passes skip the rows this one holds (PostgreSQL).
-    Returns how many were sent."""
+    left alone, and so are those of a queue whose depth the broker did not tell (before, no
+    answer counted as empty and re-sent every stale job of the queue). Duplicates are harmless
+    (see start_job). Reads the stale jobs ``batch`` at a time (oldest first, by keyset) and
+    sends each batch with one producer, for at most ``budget_seconds``; other workers' passes
+    skip the rows this one holds (PostgreSQL). Returns how many were sent."""
     cutoff = now() - timedelta(seconds=older_than)
     deadline = time.monotonic() + budget_seconds
     depths: dict[str, int | None] = {}
@@ -174,7 +184,7 @@ def requeue_stale(
                 continue
             if queue not in depths:
                 depths[queue] = queue_depth(queue)
-            if not depths[queue]:  # messages waiting there (or no answer): nothing was lost
+            if depths[queue] == 0:  # messages waiting there, or no answer: nothing is known lost
                 chosen.append((uuid, task, queue))
         if chosen:
             session.execute(update(ApiJob).where(ApiJob.uuid.in_([c[0] for c in chosen])).values(lastOpDate=now()))

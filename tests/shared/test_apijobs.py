@@ -81,3 +81,18 @@ def test_jobs_waiting_behind_others_are_left_alone(broker: redis.Redis) -> None:
     with db.session() as session:
         assert apijobs.requeue_stale(session, older_than=1) == 2  # the idle queue's, now stale
     assert broker.llen("host.idle") == 2 and len(waiting) == 2
+
+
+def test_a_queue_the_broker_cannot_measure_is_not_taken_for_an_empty_one(broker: redis.Redis) -> None:
+    """No answer about a queue's depth (here Redis answers WRONGTYPE) says nothing about its
+    messages: its stale jobs are not re-sent; an absent queue (no key) is an empty one."""
+    broker.set("host.odd", "not a list")
+    pending(2, "host.odd")
+    lost = pending(1, "host.gone")
+    assert apijobs.queue_depth("host.odd") is None
+    assert apijobs.queue_depth("host.gone") == 0
+    with db.session() as session:
+        assert apijobs.requeue_stale(session, older_than=60) == 1
+    assert broker.llen("host.gone") == 1 and broker.get("host.odd") == b"not a list"
+    with db.session() as session:
+        assert session.get_one(ApiJob, lost[0]).state == "Pending"
