@@ -27,7 +27,7 @@ What it does:
 4. optionally (``--profile-beat``) samples every beat with ``py-spy record --idle`` from just before
    the fire until the last job is enqueued, and prints where a beat spends its time inside
    ``scheduled_runs.fire``; optionally (``--fire-profile K``) fires a second group of K of the volumes
-   in this process with every SQL statement, commit and ``send_task`` counted and timed (the tasks
+   in this process with every SQL statement, commit and task sent (``send_many``) counted and timed (the tasks
    are not sent: the API job rows are deleted again afterwards);
 5. prints a table of the figures with verdicts against the target (every task enqueued within
    ``--enqueue-target`` s of the fire, no duplicates, every run successful) and tears everything
@@ -655,7 +655,7 @@ class Spy:
 
 
 def fire_profile(url: str, broker: str, group_name: str, volumes: list[str], storage: str) -> list[str]:
-    """Fire a group of ``volumes`` in this process, counting statements, commits and send_task
+    """Fire a group of ``volumes`` in this process, counting statements, commits and sent tasks
     calls (not sent), then delete its API jobs again so nothing runs."""
     os.environ["BLOCKVAULT_DATABASE_URL"] = url
     os.environ["BLOCKVAULT_BROKER_URL"] = broker
@@ -687,11 +687,10 @@ def fire_profile(url: str, broker: str, group_name: str, volumes: list[str], sto
     event.listen(engine, "after_cursor_execute", after)
     event.listen(engine, "commit", lambda *_: commits.__setitem__(0, commits[0] + 1))
     sends = [0, 0.0]
-    real_app = apijobs.celery_app
+    real_send_many = apijobs.send_many
 
-    class CountingApp:
-        def send_task(self, *args: Any, **kwargs: Any) -> None:
-            sends[0] += 1
+    def counting_send_many(tasks: list[tuple[str, str, str]]) -> None:
+        sends[0] += len(tasks)
 
     with db.session(url) as session:
         group = jobgroups.create_group(
@@ -699,16 +698,15 @@ def fire_profile(url: str, broker: str, group_name: str, volumes: list[str], sto
         )
         jobgroups.add_targets(session, group, volumes)
         group_uuid = group.uuid
-    # the real send_task's cost, to a queue nobody reads (the key is deleted afterwards)
-    app = real_app()
+    # the real cost of sending a task (send_many, as a fire sends a batch), to a queue nobody
+    # reads (the key is deleted afterwards)
     begin = time.perf_counter()
-    for _ in range(200):
-        app.send_task("blockvault.bench.sink", args=["x" * 32], queue="bench.sink")
-    sends[1] = (time.perf_counter() - begin) / 200
+    real_send_many([(secrets.token_hex(16), "blockvault.bench.sink", "bench.sink") for _ in range(500)])
+    sends[1] = (time.perf_counter() - begin) / 500
     kinds.clear()
     commits[0] = 0
     sql_seconds[0] = 0.0
-    apijobs.celery_app = CountingApp  # type: ignore[assignment]
+    apijobs.send_many = counting_send_many
     try:
         with db.session(url) as session:
             group = session.scalars(select(SchedulerJobGroup).where(SchedulerJobGroup.uuid == group_uuid)).one()
@@ -716,7 +714,7 @@ def fire_profile(url: str, broker: str, group_name: str, volumes: list[str], sto
             created = scheduled_runs.run_now(session, group)
             wall = time.perf_counter() - begin
     finally:
-        apijobs.celery_app = real_app
+        apijobs.send_many = real_send_many
         event.remove(engine, "before_cursor_execute", before)
         event.remove(engine, "after_cursor_execute", after)
     with db.session(url) as session:
@@ -730,14 +728,14 @@ def fire_profile(url: str, broker: str, group_name: str, volumes: list[str], sto
     n = max(1, created)
     statements = sum(kinds.values())
     lines = [
-        f"in-process fire of {created} targets (send_task counted, not sent): {wall:.2f} s,"
+        f"in-process fire of {created} targets (tasks counted, not sent): {wall:.2f} s,"
         f" {1000 * wall / n:.2f} ms per target",
         f"  SQL statements: {statements} ({statements / n:.2f} per target), {1000 * sql_seconds[0] / n:.2f} ms"
         f" per target in the driver; commits: {commits[0]} ({commits[0] / n:.2f} per target)",
     ]
     lines += [f"    {kind:<36} {count:6d}  {count / n:5.2f}/target" for kind, count in kinds.most_common()]
     lines.append(
-        f"  send_task calls: {sends[0]}; a real send_task to Redis costs {1000 * sends[1]:.2f} ms"
+        f"  tasks sent: {sends[0]}; a real send (send_many of 500) costs {1000 * sends[1]:.2f} ms a task"
         f" -> {sends[0] * sends[1]:.2f} s for these {created} targets"
     )
     with redis.Redis.from_url(broker) as client:
