@@ -656,7 +656,7 @@ class Spy:
 
 def fire_profile(url: str, broker: str, group_name: str, volumes: list[str], storage: str) -> list[str]:
     """Fire a group of ``volumes`` in this process, counting statements, commits and sent tasks
-    calls (not sent), then delete its API jobs again so nothing runs."""
+    (counted, not sent), then delete its API jobs again so nothing runs."""
     os.environ["BLOCKVAULT_DATABASE_URL"] = url
     os.environ["BLOCKVAULT_BROKER_URL"] = broker
     from sqlalchemy import event, select
