@@ -348,15 +348,16 @@ def _expected_backups(session: Session, viewer: Viewer, before: datetime) -> dic
         triggers[group_uuid].append(attached)
     for trigger in {t.uuid: t for ts in triggers.values() for t in ts}.values():
         due[trigger.uuid] = schedule.due_fire(trigger_spec(trigger), aware(trigger.createDate), None, before)
+    # each group's newest due fire once (None: none due yet), not once per target
+    group_due: dict[str, datetime | None] = {}
+    for group_uuid, attached in triggers.items():
+        group_due[group_uuid] = max((w for w in (due[t.uuid] for t in attached) if w is not None), default=None)
     out: dict[str, datetime | None] = {}
     for target, group in rows:
-        if not target or not group or not triggers.get(group):
+        if not target or group not in group_due:
             continue
-        times = [when for when in (due[t.uuid] for t in triggers[group]) if when is not None]
-        previous = out.get(target)
-        if previous is not None:
-            times.append(previous)
-        out[target] = max(times, default=None)
+        when, previous = group_due[group], out.get(target)
+        out[target] = when if previous is None else previous if when is None else max(when, previous)
     return out
 
 
