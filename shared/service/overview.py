@@ -350,8 +350,8 @@ def _expected_backups(session: Session, viewer: Viewer, before: datetime) -> dic
         due[trigger.uuid] = schedule.due_fire(trigger_spec(trigger), aware(trigger.createDate), None, before)
     # each group's newest due fire once (None: none due yet), not once per target
     group_due: dict[str, datetime | None] = {}
-    for group_uuid, attached in triggers.items():
-        group_due[group_uuid] = max((w for w in (due[t.uuid] for t in attached) if w is not None), default=None)
+    for group_uuid, group_triggers in triggers.items():
+        group_due[group_uuid] = max((w for w in (due[t.uuid] for t in group_triggers) if w is not None), default=None)
     out: dict[str, datetime | None] = {}
     for target, group in rows:
         if not target or group not in group_due:
