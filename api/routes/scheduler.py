@@ -66,7 +66,7 @@ def _check_job_data(session: Session, caller: Caller, params: dict[str, Any]) ->
 def _check_targets(session: Session, caller: Caller, group: SchedulerJobGroup, targets: Any) -> None:
     if caller.admin or not isinstance(targets, list):
         return
-    model = VmInstance if group.jobType == "vmBackup" else Volume
+    model = {"vmBackup": VmInstance, "volumeBackup": Volume}.get(group.jobType, BackupStorage)
     for target in targets:
         access.visible(session, caller, model, check_uuid(str(target), "targetResourceUuid"), "target")
 
