@@ -15,6 +15,7 @@ from shared.repository.repo import Repository
 from shared.service.maintenance_runs import VERIFY_BATCH
 from tests.conftest import MiB
 from tests.service.conftest import Stack
+from tests.service.test_cli import bv
 
 KiB = 1024
 
@@ -48,8 +49,16 @@ def test_a_worker_killed_mid_verify_and_the_next_run_goes_on_from_the_cursor(sta
     repo = Repository.open(str(folder))
     chunks = sorted({d for mid in repo.manifest_ids() for d in repo.load_manifest(mid).referenced()})
     assert len(chunks) > 2 * VERIFY_BATCH
-    group = stack.client.create_job_group("verify-local", "verify")
-    stack.client.add_targets(group["uuid"], [storage["uuid"]])
+    made = bv(stack, "job-group", "create", "--name", "verify-local", "--type", "verify", "--json")
+    assert made.returncode == 0, made.stderr
+    group = json.loads(made.stdout)
+    wrong = bv(stack, "job-group", "add-target", group["uuid"], volume["uuid"])  # a volume is no storage
+    assert wrong.returncode == 2 and wrong.stderr.startswith("blockvault: error: INVALID_ARGUMENT"), wrong.stderr
+    assert len(wrong.stderr.strip().splitlines()) == 1
+    mixed = bv(stack, "job-group", "create", "--name", "x", "--type", "verify", "--keep-last", "2")
+    assert mixed.returncode == 2 and "retention" in mixed.stderr and len(mixed.stderr.strip().splitlines()) == 1
+    added = bv(stack, "job-group", "add-target", group["uuid"], storage["uuid"])
+    assert added.returncode == 0, added.stderr
 
     stack.client.run_job_group(group["uuid"])
     stack.wait_for("the verify holding after its first batch", lambda: reached(gate), timeout=120)
