@@ -25,16 +25,15 @@ import os
 import sys
 import tempfile
 import time
-from collections import Counter
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
-from shared.repository.backends.file import FileBackend  # noqa: E402
 from shared.repository.keys import dump_json  # noqa: E402
 from shared.repository.manifest import Manifest  # noqa: E402
 from shared.repository.repo import Repository, chunk_key, manifest_key  # noqa: E402
+from tests.shared.service.test_maintenance_runs import chunk_reads_counted  # noqa: E402
 
 MiB, GiB = 1 << 20, 1 << 30
 CHUNK = 4 * MiB
@@ -101,17 +100,8 @@ def main() -> int:
         print(f"synthetic repository: {chunks} chunks ({chunks * CHUNK / GiB:.0f} GiB plain, "
               f"{2 * chunks * CHUNK / GiB:.0f} GiB in backups) in {took:.0f} s", flush=True)  # fmt: skip
         os.sync()
-        reads: Counter[str] = Counter()
-        real = FileBackend.get
-
-        def counting(self: FileBackend, key: str, offset: int = 0, length: int | None = None) -> bytes:
-            if key.startswith("chunks/"):
-                reads[key] += 1
-            return real(self, key, offset, length)
-
-        FileBackend.get = counting  # type: ignore[method-assign]
         db.migrate()
-        with db.session() as session:
+        with chunk_reads_counted() as reads, db.session() as session:
             storage = register_storage(session, {"name": "bench", "url": f"file://{work / 'repo'}"})
             session.commit()
             per_run = -(-chunks // args.runs)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from collections import Counter
 from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -34,10 +35,10 @@ T0 = datetime(2026, 1, 1, 3, 0, tzinfo=UTC)
 HOUR = timedelta(hours=1)
 
 
-@pytest.fixture
-def chunk_reads(monkeypatch: pytest.MonkeyPatch) -> Iterator[Counter[str]]:
-    """Every chunk read from a file storage, by its key: a counting wrapper around the real
-    backend's ``get``."""
+@contextmanager
+def chunk_reads_counted() -> Iterator[Counter[str]]:
+    """Every chunk read from a file storage meanwhile, by its key: a counting wrapper around the
+    real backend's ``get`` (the verify bench counts with it too)."""
     reads: Counter[str] = Counter()
     real = FileBackend.get
 
@@ -46,8 +47,17 @@ def chunk_reads(monkeypatch: pytest.MonkeyPatch) -> Iterator[Counter[str]]:
             reads[key] += 1
         return real(self, key, offset, length)
 
-    monkeypatch.setattr(FileBackend, "get", counting)
-    yield reads
+    FileBackend.get = counting  # type: ignore[method-assign]
+    try:
+        yield reads
+    finally:
+        FileBackend.get = real  # type: ignore[method-assign]
+
+
+@pytest.fixture
+def chunk_reads() -> Iterator[Counter[str]]:
+    with chunk_reads_counted() as reads:
+        yield reads
 
 
 def _group(site: Site, kind: str, targets: list[str], **data: Any) -> SchedulerJobGroup:
