@@ -8,7 +8,8 @@ Run as::
 
 The repository is synthetic, written straight into a file store (as engine_scale.py does):
 ``--volumes`` volumes of ``--gib / --volumes`` GiB each, every 4 MiB chunk distinct (an index and
-random bytes at its start, the rest zeros, so it compresses to a few hundred bytes on disk),
+random bytes at its start, the rest zeros, so it compresses to a few hundred bytes on disk;
+``--random``: random bytes throughout, stored at full size),
 each volume with a full backup and an incremental one that references the same chunks (twice
 the bytes in backups, every chunk used by two manifests). The verify runs are the service's
 (:func:`shared.service.maintenance_runs.verify_storage`, on an SQLite catalog), ``chunksPerRun``
@@ -45,8 +46,9 @@ def write(folder: Path, key: str, blob: bytes | bytearray) -> None:
     target.write_bytes(blob)
 
 
-def synthetic(folder: Path, gib: int, volumes: int) -> int:
-    """The repository at ``folder``; how many distinct chunks it holds."""
+def synthetic(folder: Path, gib: int, volumes: int, random: bool = False) -> int:
+    """The repository at ``folder``; how many distinct chunks it holds (``random``: every chunk
+    random bytes, stored as large as it is)."""
     repo = Repository.init(str(folder), chunk_size=CHUNK)
     per_volume = gib * GiB // volumes // CHUNK
     plain = bytearray(CHUNK)
@@ -54,7 +56,7 @@ def synthetic(folder: Path, gib: int, volumes: int) -> int:
     for volume in range(volumes):
         digests: list[str | None] = []
         for _ in range(per_volume):
-            plain[:32] = count.to_bytes(8, "big") + os.urandom(24)
+            plain[:] = os.urandom(CHUNK) if random else count.to_bytes(8, "big") + os.urandom(24) + plain[32:]
             digest = repo.codec.digest(plain)
             write(folder, chunk_key(digest.hex()), repo.codec.encode(digest, plain))
             digests.append(digest.hex())
@@ -82,6 +84,7 @@ def main() -> int:
     parser.add_argument("--gib", type=int, default=100)
     parser.add_argument("--volumes", type=int, default=25)
     parser.add_argument("--runs", type=int, default=8)
+    parser.add_argument("--random", action="store_true", help="incompressible chunks (the disk's read rate counts)")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="bv-verify-scale-") as name:
         work = Path(name)
@@ -95,7 +98,7 @@ def main() -> int:
         from shared.storage import register_storage
 
         started = time.perf_counter()
-        chunks = synthetic(work / "repo", args.gib, args.volumes)
+        chunks = synthetic(work / "repo", args.gib, args.volumes, args.random)
         took = time.perf_counter() - started
         print(f"synthetic repository: {chunks} chunks ({chunks * CHUNK / GiB:.0f} GiB plain, "
               f"{2 * chunks * CHUNK / GiB:.0f} GiB in backups) in {took:.0f} s", flush=True)  # fmt: skip
