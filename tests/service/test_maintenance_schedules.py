@@ -1,5 +1,6 @@
 """Scheduled verify with real API and worker processes on PostgreSQL and Redis: a worker killed
-mid-verify, and the next run goes on from the cursor its last batch committed."""
+mid-verify, and the next run goes on from the cursor its last batch committed; a flipped byte
+found, the backup Corrupted on that storage, repaired from the standby and Ready again."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from sqlalchemy.pool import NullPool
 from shared.catalog.models import VerifyCursor, new_uuid
 from shared.failpoints import reached
 from shared.repository.repo import Repository
+from shared.repository.restore import restore_backup
 from shared.service.maintenance_runs import VERIFY_BATCH
 from tests.conftest import MiB
 from tests.service.conftest import Stack
@@ -80,3 +82,52 @@ def test_a_worker_killed_mid_verify_and_the_next_run_goes_on_from_the_cursor(sta
     assert (resumed["cycle"], resumed["cycleDone"], resumed["damaged"]) == (0, True, 0)
     after = _cursor(stack)
     assert (after.position, after.cycle, after.chunksChecked) == ("", 1, 0)
+
+
+def test_a_flipped_byte_found_by_a_scheduled_verify_is_repaired_from_the_standby(stack: Stack) -> None:
+    host = new_uuid()
+    stack.start_worker(host)
+    master = stack.client.add_backup_storage("master", f"file://{stack.tmp / 'm'}")
+    standby = stack.client.add_backup_storage("standby", f"file://{stack.tmp / 's'}", role="standby")
+    path = stack.tmp / "disk.raw"
+    path.write_bytes(os.urandom(12 * MiB))
+    volume = stack.client.register_volume(host, str(path), name="disk")
+    backup = stack.client.wait(stack.client.backup_volume(volume["uuid"]), timeout=180)
+    sync = stack.client.create_job_group("standby-sync", "storageSync")  # the standby up to date, whatever
+    stack.client.add_targets(sync["uuid"], [standby["uuid"]])  # replication did meanwhile
+    stack.client.run_job_group(sync["uuid"])
+    stack.wait_for("the storageSync run", lambda: len(_done(stack, sync["uuid"])) == 1, timeout=120)
+    synced = _done(stack, sync["uuid"])[0]
+    assert synced["success"] and json.loads(synced["resultDump"])["srcBackupStorageUuid"] == master["uuid"]
+    repo = Repository.open(str(stack.tmp / "m"))
+    (manifest,) = repo.manifest_ids()
+    digest = sorted(repo.load_manifest(manifest).referenced())[0]
+    chunk = stack.tmp / "m" / "chunks" / digest[:2] / digest
+    data = bytearray(chunk.read_bytes())
+    data[len(data) // 2] ^= 0x40
+    chunk.write_bytes(bytes(data))
+    group = stack.client.create_job_group("verify-master", "verify")
+    stack.client.add_targets(group["uuid"], [master["uuid"]])
+
+    stack.client.action("backup-storage", standby["uuid"], "changeBackupStorageState", {"stateEvent": "disable"})
+    stack.client.run_job_group(group["uuid"])
+    stack.wait_for("the first verify's history", lambda: len(_done(stack, group["uuid"])) == 1, timeout=120)
+
+    def copies() -> dict[str, str]:
+        row = stack.client.query("volume-backups", f"uuid={backup['uuid']}")["inventories"][0]
+        return {r["backupStorageUuid"]: r["status"] for r in row["backupStorageRefs"]}
+
+    first = json.loads(_done(stack, group["uuid"])[0]["resultDump"])
+    assert (first["damaged"], first["repaired"], first["corrupted"]) == (1, 0, [backup["uuid"]])
+    assert copies() == {master["uuid"]: "Corrupted", standby["uuid"]: "Ready"}
+
+    stack.client.action("backup-storage", standby["uuid"], "changeBackupStorageState", {"stateEvent": "enable"})
+    stack.client.run_job_group(group["uuid"])
+    stack.wait_for("the second verify's history", lambda: len(_done(stack, group["uuid"])) == 2, timeout=120)
+
+    second = json.loads(_done(stack, group["uuid"])[1]["resultDump"])
+    assert (second["damaged"], second["repaired"], second["corrupted"]) == (1, 1, [])
+    assert copies() == {master["uuid"]: "Ready", standby["uuid"]: "Ready"}
+    out = stack.tmp / "restored.raw"
+    restore_backup(Repository.open(str(stack.tmp / "m")), manifest, str(out))
+    assert out.read_bytes() == path.read_bytes()
