@@ -51,3 +51,12 @@ def test_maintenance_groups_take_storages_and_refuse_the_rest(world: World) -> N
     assert _error(_group(world, member, "reclaim", retention={"keepLast": 1})) == (403, "FORBIDDEN")
     assert _error(_group(world, member, "storageSync")) == (403, "FORBIDDEN")
     assert _group(world, None, "verify")[0] == 401
+
+    # ZStack's steps: a job of its own first, on a storage the member may use
+    def job(target: str) -> tuple[int, Any]:
+        body = {"params": {"name": "v", "type": "verify", "targetResourceUuid": target}}
+        return world.call("POST", "/v1/scheduler/jobs", member, body)
+
+    assert _error(job(remote)) == (404, "NOT_FOUND")
+    status, body = job(local)
+    assert status == 200 and body["inventory"]["targetResourceUuid"] == local, body
