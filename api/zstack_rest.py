@@ -132,7 +132,8 @@ def zstack_answer(status: int, body: Any) -> Any:
 
 
 # -- requests --------------------------------------------------------------------------------------
-JOB_DATA_INTS = ("fullBackupInterval", "bandwidthLimit")
+JOB_DATA_INTS = ("fullBackupInterval", "bandwidthLimit", "chunksPerRun")
+JOB_DATA_BOOLS = ("readData", "repair")  # verify groups'
 
 
 def _whole(name: str, text: str) -> int:
@@ -143,8 +144,9 @@ def _whole(name: str, text: str) -> int:
 
 def job_parameters(raw: Any) -> dict[str, Any]:
     """ZStack's ``parameters`` (a map of strings) as the typed jobData: ``backupStorageUuids``
-    comma-separated (or a JSON list), ``fullBackupInterval`` and ``bandwidthLimit`` whole
-    numbers, ``retention`` a JSON object. Other keys pass on as strings (the jobData check names
+    comma-separated (or a JSON list), ``fullBackupInterval``, ``bandwidthLimit`` and
+    ``chunksPerRun`` whole numbers, ``readData`` and ``repair`` "true" or "false", ``retention``
+    a JSON object. Other keys pass on as strings (the jobData check names
     unknown ones). InvalidArgument for what is not a map of strings or does not parse."""
     if not isinstance(raw, dict):
         raise InvalidArgument(detail="parameters must be a map of strings, as ZStack's")
@@ -167,6 +169,10 @@ def job_parameters(raw: Any) -> dict[str, Any]:
             out[name] = value
         elif name in JOB_DATA_INTS:
             out[name] = _whole(name, text)
+        elif name in JOB_DATA_BOOLS:
+            if text.strip().lower() not in ("true", "false"):
+                raise InvalidArgument(detail=f'parameters.{name} must be "true" or "false", got {text[:64]!r}')
+            out[name] = text.strip().lower() == "true"
         elif name == "retention":
             try:
                 value = json.loads(text)

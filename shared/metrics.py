@@ -22,7 +22,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from datetime import datetime
 from typing import Any
 
-from prometheus_client.core import GaugeMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector, CollectorRegistry
 from sqlalchemy import ColumnElement, and_, case, exists, func, or_, select
 from sqlalchemy.exc import SQLAlchemyError
@@ -35,6 +35,7 @@ from shared.catalog.models import (
     Host,
     SchedulerJob,
     SchedulerJobGroup,
+    VerifyCursor,
     Volume,
     VolumeBackup,
     VolumeBackupStorageRef,
@@ -83,6 +84,10 @@ HELP = {
     "storage_connected": "1 when the backup storage answered its last probe (status Connected), else 0.",
     "host_connected": "1 when the host's worker heartbeats (status Connected), else 0.",
     "host_last_heartbeat_timestamp_seconds": "Unix time of the host's last heartbeat (0: never).",
+    "verify_damaged_chunks": "Chunks scheduled verify runs (verify job groups) found damaged or missing on each "
+    "storage, ever: a counter (one damaged chunk found again in a later cycle counts again).",
+    "verify_repaired_chunks": "Damaged chunks scheduled verify runs rewrote from a good copy on another storage, ever.",
+    "verify_cycles": "Completed verify cycles (every chunk of the storage checked once) on each storage.",
     "catalog_up": "1 when the catalog answered this scrape, else 0.",
     "broker_up": "1 when the broker answered this scrape, else 0.",
     "scrape_duration_seconds": "How long this scrape took.",
@@ -282,6 +287,29 @@ def storage_metrics(session: Session, moment: datetime) -> Iterator[Metric]:
     yield from (lag_backups, lag_seconds)
 
 
+def verify_metrics(session: Session) -> Iterator[Metric]:
+    """``blockvault_verify_{damaged,repaired}_chunks_total`` and ``_cycles_total`` per storage,
+    summed over the verify jobs' cursors (rows are never deleted: the sums only grow). The
+    notification rule "verify found damage" is ``increase(blockvault_verify_damaged_chunks_total[1h]) > 0``."""
+    families = {
+        name: CounterMetricFamily(PREFIX + name, HELP[name], labels=["storage"])
+        for name in ("verify_damaged_chunks", "verify_repaired_chunks", "verify_cycles")
+    }
+    rows = session.execute(
+        select(
+            VerifyCursor.backupStorageUuid,
+            func.sum(VerifyCursor.damagedChunks),
+            func.sum(VerifyCursor.repairedChunks),
+            func.sum(VerifyCursor.cycle),
+        ).group_by(VerifyCursor.backupStorageUuid)
+    )
+    for storage, damaged, repaired, cycles in rows:
+        families["verify_damaged_chunks"].add_metric([storage], int(damaged or 0))
+        families["verify_repaired_chunks"].add_metric([storage], int(repaired or 0))
+        families["verify_cycles"].add_metric([storage], int(cycles or 0))
+    yield from families.values()
+
+
 def host_metrics(session: Session) -> tuple[list[Metric], list[str]]:
     connected = _gauge("host_connected", ["host", "name"])
     heartbeat = _gauge("host_last_heartbeat_timestamp_seconds", ["host", "name"])
@@ -338,6 +366,7 @@ class CatalogCollector(Collector):
             families += last_backup_metrics(session)
             families += job_metrics(session)
             families += storage_metrics(session, self.clock())
+            families += verify_metrics(session)
             hosts, uuids = host_metrics(session)
             session.rollback()  # read only
             return families + hosts, uuids

@@ -410,8 +410,17 @@ def job_show(uuid: str) -> None:
 
 @job_group.command("create")
 @click.option("--name", required=True)
-@click.option("--type", "kind", type=click.Choice(["volumeBackup", "vmBackup", "databaseBackup"]), required=True)
+@click.option(
+    "--type",
+    "kind",
+    type=click.Choice(["volumeBackup", "vmBackup", "databaseBackup", "verify", "reclaim", "storageSync"]),
+    required=True,
+)
 @click.option("--backup-storage", "storages", multiple=True, help="Where copies go; the first takes the backup.")
+@click.option("--chunks-per-run", type=click.IntRange(min=1), help="verify: chunks checked per run (default all).")
+@click.option("--read-data/--no-read-data", default=None, help="verify: re-read each chunk (default) or not.")
+@click.option("--repair/--no-repair", default=None, help="verify: rewrite bad chunks from a good copy (default).")
+@click.option("--source", help="storageSync: srcBackupStorageUuid (default the master).")
 @click.option("--full-every", type=click.IntRange(min=0), help="fullBackupInterval: every Nth run is full.")
 @click.option("--keep-last", type=click.IntRange(min=0))
 @click.option("--keep-daily", type=click.IntRange(min=0))
@@ -429,10 +438,15 @@ def group_create(
     keep_weekly: int | None,
     keep_monthly: int | None,
     bandwidth_limit: int | None,
+    chunks_per_run: int | None,
+    read_data: bool | None,
+    repair: bool | None,
+    source: str | None,
     as_json: bool,
 ) -> None:
     """Create a job group (its jobData from the options)."""
-    data: dict[str, Any] = {}
+    maintenance = {"chunksPerRun": chunks_per_run, "readData": read_data, "repair": repair}
+    data: dict[str, Any] = {k: v for k, v in {**maintenance, "srcBackupStorageUuid": source}.items() if v is not None}
     if storages:
         data["backupStorageUuids"] = list(storages)
     if full_every is not None:
@@ -459,7 +473,8 @@ def group_create(
 @click.argument("targets", nargs=-1, required=True)
 @JSON
 def group_add_target(group_uuid: str, targets: tuple[str, ...], as_json: bool) -> None:
-    """Add target volumes (volumeBackup) or VM instances (vmBackup) to a group."""
+    """Add target volumes (volumeBackup), VM instances (vmBackup) or backup storages (verify,
+    reclaim, storageSync) to a group."""
     _print(_client().add_targets(group_uuid, targets), as_json, ("uuid", "jobsUuid"))
 
 

@@ -63,10 +63,17 @@ def _check_job_data(session: Session, caller: Caller, params: dict[str, Any]) ->
         access.visible(session, caller, BackupStorage, check_uuid(uuid, "backupStorageUuid"), "backup storage")
 
 
+def _target_model(kind: Any) -> type[Volume | VmInstance | BackupStorage]:
+    """What a job of type ``kind`` targets: a VM, a backup storage (maintenance types), a volume."""
+    if kind == "vmBackup":
+        return VmInstance
+    return BackupStorage if kind in jobgroups.MAINTENANCE_TYPES else Volume
+
+
 def _check_targets(session: Session, caller: Caller, group: SchedulerJobGroup, targets: Any) -> None:
     if caller.admin or not isinstance(targets, list):
         return
-    model = VmInstance if group.jobType == "vmBackup" else Volume
+    model = _target_model(group.jobType)
     for target in targets:
         access.visible(session, caller, model, check_uuid(str(target), "targetResourceUuid"), "target")
 
@@ -188,7 +195,7 @@ def create_job(body: Envelope, session: DbSession, caller: CurrentCaller) -> JSO
     _check_job_data(session, caller, p)
     target = p.get("targetResourceUuid")
     if not caller.admin:
-        model = VmInstance if p.get("type") == "vmBackup" else Volume
+        model = _target_model(p.get("type"))
         access.visible(session, caller, model, check_uuid(target, "targetResourceUuid"), "target")
     elif target is not None:
         check_uuid(target, "targetResourceUuid")

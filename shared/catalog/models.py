@@ -275,6 +275,23 @@ class SchedulerFire(Stamped, Base):
     done: Mapped[bool] = mapped_column(Boolean, default=False)
 
 
+class VerifyCursor(Stamped, Base):
+    """Where the scheduled verify of one storage (one verify job: a group's target) stands: the
+    last chunk digest checked this cycle (chunks are checked in digest order, so each run goes on
+    after it and every chunk is checked once a cycle), the cycle's number, and running totals
+    of chunks found damaged and repaired (the ``blockvault_verify_*_total`` counters)."""
+
+    __tablename__ = "verify_cursor"
+    schedulerJobUuid: Mapped[str] = mapped_column(String(32), primary_key=True)
+    backupStorageUuid: Mapped[str] = mapped_column(String(32), index=True)
+    position: Mapped[str] = mapped_column(String(128), default="")  # "" = the cycle starts
+    cycle: Mapped[int] = mapped_column(Integer, default=0)  # completed cycles
+    cycleStarted: Mapped[datetime | None] = mapped_column(default=None)
+    chunksChecked: Mapped[int] = mapped_column(BigInteger, default=0)  # this cycle
+    damagedChunks: Mapped[int] = mapped_column(BigInteger, default=0)  # ever (a counter)
+    repairedChunks: Mapped[int] = mapped_column(BigInteger, default=0)  # ever (a counter)
+
+
 class SchedulerJobHistory(Stamped, Base):
     __tablename__ = "scheduler_job_history"
     __table_args__ = (

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import defaultdict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 
@@ -56,52 +56,90 @@ def verify(
     report = VerifyReport()
     with repository_lock(repo.backend, "shared", "verify"):
         ids = [repo.resolve(backup_id)] if backup_id else repo.manifest_ids()
-        users: dict[str, list[str]] = defaultdict(list)
-        lengths: dict[str, int] = {}  # stream chunks: the length their manifests give
-        newest: dict[tuple[str, bool], tuple[str, str]] = {}  # (volume, stream) -> (created, id) of its newest
-        for mid in ids:
-            try:
-                manifest = repo.load_manifest(mid)
-            except IntegrityError as exc:
-                report.problems.append(Problem(mid, None, str(exc)))
-                continue
-            report.backups += 1
-            key = (manifest.volume, manifest.is_stream)
-            newest[key] = max(newest.get(key, ("", "")), (manifest.created, mid))
-            if manifest.is_stream:
-                if len(manifest.sizes) != len(manifest.chunks) or sum(manifest.sizes) != manifest.size:
-                    report.problems.append(Problem(mid, None, "stream manifest: chunk sizes do not add up"))
-                lengths.update(zip((d for d in manifest.chunks if d), manifest.sizes, strict=False))
-            for digest in manifest.referenced():
-                users[digest].append(mid)
+        users, lengths, newest = _read_manifests(repo, ids, report)
         report.chunks = len(users)
         if backup_id is None:
             _rewrite_heads(repo, newest)
         bad: dict[str, str] = {}
-        for digest in repo.missing_chunks(users):
-            bad[digest] = "chunk is missing"
-        if read_data:
-            todo = [digest for digest in users if digest not in bad]
-
-            def check(digest: str) -> tuple[str, int, str | None]:
-                try:
-                    size = len(repo.load_chunk(digest))
-                except IntegrityError as exc:
-                    return digest, 0, str(exc)
-                if digest in lengths and size != lengths[digest]:
-                    return digest, size, f"chunk has {size} bytes, its stream manifest says {lengths[digest]}"
-                return digest, size, None
-
-            for count, (digest, size, error) in enumerate(parallel_map(check, todo), 1):
-                report.bytesRead += size
-                if error:
-                    bad[digest] = error
-                if progress:
-                    progress(count, len(todo))
+        for count, (digest, size, error) in enumerate(check_chunks(repo, list(users), lengths, read_data=read_data), 1):
+            report.bytesRead += size
+            if error:
+                bad[digest] = error
+            if progress and read_data:
+                progress(count, len(users))
         for digest, detail in sorted(bad.items()):
             for mid in users[digest]:
                 report.problems.append(Problem(mid, digest, detail))
     return report
+
+
+def _read_manifests(
+    repo: Repository, ids: Sequence[str], report: VerifyReport
+) -> tuple[dict[str, list[str]], dict[str, int], dict[tuple[str, bool], tuple[str, str]]]:
+    """Load the manifests ``ids`` (a damaged one is a problem in ``report``): which manifests
+    use each chunk, the length stream manifests give their chunks, and the newest backup of each
+    (volume, stream)."""
+    users: dict[str, list[str]] = defaultdict(list)
+    lengths: dict[str, int] = {}
+    newest: dict[tuple[str, bool], tuple[str, str]] = {}
+    for mid in ids:
+        try:
+            manifest = repo.load_manifest(mid)
+        except IntegrityError as exc:
+            report.problems.append(Problem(mid, None, str(exc)))
+            continue
+        report.backups += 1
+        key = (manifest.volume, manifest.is_stream)
+        newest[key] = max(newest.get(key, ("", "")), (manifest.created, mid))
+        if manifest.is_stream:
+            if len(manifest.sizes) != len(manifest.chunks) or sum(manifest.sizes) != manifest.size:
+                report.problems.append(Problem(mid, None, "stream manifest: chunk sizes do not add up"))
+            lengths.update(zip((d for d in manifest.chunks if d), manifest.sizes, strict=False))
+        for digest in manifest.referenced():
+            users[digest].append(mid)
+    return users, lengths, newest
+
+
+def chunk_users(repo: Repository) -> tuple[dict[str, list[str]], dict[str, int], VerifyReport]:
+    """Every chunk the repository's manifests use, with the manifests using it, and the lengths
+    stream manifests give; the report lists manifests that could not be read (the scheduled
+    verify walks the sorted digests with a cursor, :func:`check_chunks` a batch at a time)."""
+    report = VerifyReport()
+    users, lengths, _newest = _read_manifests(repo, repo.manifest_ids(), report)
+    report.chunks = len(users)
+    return users, lengths, report
+
+
+def check_chunks(
+    repo: Repository,
+    digests: Sequence[str],
+    lengths: dict[str, int] | None = None,
+    *,
+    read_data: bool = True,
+) -> Iterator[tuple[str, int, str | None]]:
+    """``(digest, bytes read, problem or None)`` for each of ``digests`` (the missing first, then
+    in the order their reads finish; without ``read_data`` only the missing ones): a chunk
+    the repository lacks is "chunk is missing"; with ``read_data`` every present one is read
+    and decoded (its digest and authentication checked) and, where ``lengths`` gives the
+    length its stream manifest says, measured. Each chunk is read once. Verify and the
+    scheduled verify of a storage (a cursor over the sorted digests) both check with this."""
+    missing = repo.missing_chunks(digests)
+    present = [digest for digest in digests if digest not in missing]
+    lengths = lengths or {}
+
+    def check(digest: str) -> tuple[str, int, str | None]:
+        try:
+            size = len(repo.load_chunk(digest))
+        except IntegrityError as exc:
+            return digest, 0, str(exc)
+        if digest in lengths and size != lengths[digest]:
+            return digest, size, f"chunk has {size} bytes, its stream manifest says {lengths[digest]}"
+        return digest, size, None
+
+    for digest in sorted(missing):
+        yield digest, 0, "chunk is missing"
+    if read_data:
+        yield from parallel_map(check, present)
 
 
 def _rewrite_heads(repo: Repository, newest: dict[tuple[str, bool], tuple[str, str]]) -> None:

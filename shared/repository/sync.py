@@ -22,7 +22,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from shared.errors import BackupNotFound, RepositoryError
+from shared.errors import BackupNotFound, IntegrityError, RepositoryError
 from shared.failpoints import failpoint
 
 from .locks import repository_lock
@@ -154,3 +154,25 @@ def _verify(digests: list[str], dst: Repository) -> int:
     if digests:
         log.info("sync.verified chunks=%d at=%s", len(digests), dst.location)
     return len(digests)
+
+
+def repair_chunks(src: Repository, dst: Repository, digests: list[str]) -> list[str]:
+    """Rewrite in ``dst`` each of ``digests`` (found bad or missing there) from ``src``'s copy,
+    then read it back from ``dst``: which of them are whole again. A chunk ``src`` lacks or holds
+    bad as well is left as it is (not in the answer); an IntegrityError reading it back is not
+    swallowed, it means ``dst`` still damages what it stores."""
+    if not src.codec.same_naming(dst.codec) or src.chunk_size != dst.chunk_size:
+        return []
+    repaired: list[str] = []
+    with repository_lock(dst.backend, "shared", f"repair from {src.location}"):
+        for digest in sorted(set(digests) - src.missing_chunks(digests)):
+            key = chunk_key(digest)
+            try:  # recode checks the source's copy: a damaged one is never spread
+                blob = dst.codec.recode(bytes.fromhex(digest), src.backend.get(key), src.codec, f"chunk {digest}")
+            except IntegrityError:
+                continue
+            dst.backend.put(key, blob, overwrite=True)
+            dst.load_chunk(digest)
+            repaired.append(digest)
+            log.info("sync.repaired chunk=%s from=%s at=%s", digest[:12], src.location, dst.location)
+    return repaired

@@ -176,6 +176,28 @@ def run_sync(session: Session, job: ApiJob) -> dict[str, Any]:
     return {**result, "inventories": [inventory(session, row) for row in rows]}
 
 
+def lacking(session: Session, source: BackupStorage, target: BackupStorage, limit: int | None = None) -> list[str]:
+    """The Ready volume backups ``source`` holds a Ready copy of and ``target`` does not (at
+    most ``limit``, oldest first): what a copy from one to the other has to send."""
+    held = select(VolumeBackupStorageRef.volumeBackupUuid).where(
+        VolumeBackupStorageRef.backupStorageUuid == target.uuid, VolumeBackupStorageRef.status == "Ready"
+    )
+    return list(
+        session.scalars(
+            select(VolumeBackupStorageRef.volumeBackupUuid)
+            .join(VolumeBackup, VolumeBackup.uuid == VolumeBackupStorageRef.volumeBackupUuid)
+            .where(
+                VolumeBackupStorageRef.backupStorageUuid == source.uuid,
+                VolumeBackupStorageRef.status == "Ready",
+                VolumeBackup.status == "Ready",
+                VolumeBackupStorageRef.volumeBackupUuid.not_in(held),
+            )
+            .order_by(VolumeBackup.createDate, VolumeBackup.uuid)
+            .limit(limit)
+        )
+    )
+
+
 def catch_up(session: Session, limit: int = 200) -> list[str]:
     """Maintenance: copy what one member of the master/standby pair holds and the other
     lacks (the standby was down, or the old master rejoins), one job per direction at a time.
@@ -197,22 +219,7 @@ def catch_up(session: Session, limit: int = 200) -> list[str]:
             ).first()
             if busy:
                 continue
-            held = select(VolumeBackupStorageRef.volumeBackupUuid).where(
-                VolumeBackupStorageRef.backupStorageUuid == target.uuid, VolumeBackupStorageRef.status == "Ready"
-            )
-            uuids = list(
-                session.scalars(
-                    select(VolumeBackupStorageRef.volumeBackupUuid)
-                    .join(VolumeBackup, VolumeBackup.uuid == VolumeBackupStorageRef.volumeBackupUuid)
-                    .where(
-                        VolumeBackupStorageRef.backupStorageUuid == source.uuid,
-                        VolumeBackupStorageRef.status == "Ready",
-                        VolumeBackup.status == "Ready",
-                        VolumeBackupStorageRef.volumeBackupUuid.not_in(held),
-                    )
-                    .limit(limit)
-                )
-            )
+            uuids = lacking(session, source, target, limit)
             if not uuids:
                 continue
             job = enqueue(

@@ -184,6 +184,12 @@ def request_storage_job(session: Session, storage: BackupStorage, action: str, a
 def run_reclaim(session: Session, job: ApiJob) -> dict[str, Any]:
     """reclaimSpaceFromImageStore: garbage-collect chunks no backup references."""
     storage: BackupStorage = get(session, BackupStorage, (job.params or {})["backupStorageUuid"], "backup storage")
+    return reclaim_storage(session, storage)
+
+
+def reclaim_storage(session: Session, storage: BackupStorage) -> dict[str, Any]:
+    """Garbage-collect ``storage`` (waiting for running backups as the settings say), note when,
+    and refresh its capacity; the gc report."""
     started = now()
     report = gc(open_repository(storage), wait=get_settings().lock_wait_seconds)
     storage.lastReclaim = started

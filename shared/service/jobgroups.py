@@ -21,6 +21,7 @@ from shared.catalog.models import (
     SchedulerJobGroupTriggerRef,
     SchedulerTrigger,
     VmInstance,
+    Volume,
     now,
 )
 from shared.errors import Conflict, InvalidArgument, NotFound
@@ -28,9 +29,18 @@ from shared.schedule import TriggerSpec, to_seconds, validate
 from shared.service.rows import get, ready_volume
 
 log = logging.getLogger(__name__)
-JOB_TYPES = ("volumeBackup", "vmBackup", "databaseBackup")
-ADMIN_JOB_TYPES = ("databaseBackup",)  # they touch every project's rows: admins' groups only
-JOB_DATA_KEYS = {"backupStorageUuids", "fullBackupInterval", "retention", "bandwidthLimit", "databaseUuid"}
+BACKUP_TYPES = ("volumeBackup", "vmBackup", "databaseBackup")
+MAINTENANCE_TYPES = ("verify", "reclaim", "storageSync")  # their targets are backup storages
+JOB_TYPES = BACKUP_TYPES + MAINTENANCE_TYPES
+ADMIN_JOB_TYPES = ("databaseBackup", "reclaim", "storageSync")  # they touch every project's rows: admins' only
+BACKUP_KEYS = {"backupStorageUuids", "fullBackupInterval", "retention", "bandwidthLimit", "databaseUuid"}
+JOB_DATA_KEYS: dict[str | None, set[str]] = {
+    None: BACKUP_KEYS,  # a job made before its type is known (validated as a backup job's)
+    **{kind: BACKUP_KEYS for kind in BACKUP_TYPES},
+    "verify": {"readData", "repair", "chunksPerRun"},
+    "reclaim": {"retention"},
+    "storageSync": {"srcBackupStorageUuid", "bandwidthLimit"},
+}
 RETENTION_KEYS = {"keepLast", "keepDaily", "keepWeekly", "keepMonthly"}
 
 
@@ -41,16 +51,31 @@ def _nonneg_int(value: Any, name: str) -> int:
     return value
 
 
-def check_job_data(session: Session, data: Any) -> dict[str, Any]:
-    """jobData as stored: validated, every storage known."""
+def check_job_data(session: Session, data: Any, kind: str | None = None) -> dict[str, Any]:
+    """jobData as stored: validated for a group of type ``kind``, every storage known."""
     if data is None:
         return {}
     if not isinstance(data, dict):
         raise InvalidArgument(detail="parameters (jobData) must be an object")
-    unknown = set(data) - JOB_DATA_KEYS
+    unknown = set(data) - JOB_DATA_KEYS[kind]
     if unknown:
-        raise InvalidArgument(detail=f"unknown jobData keys: {', '.join(sorted(unknown))}")
+        where = f" for a {kind} group" if kind else ""
+        raise InvalidArgument(detail=f"unknown jobData keys{where}: {', '.join(sorted(unknown))}")
     out: dict[str, Any] = {}
+    for flag in ("readData", "repair"):
+        if flag in data:
+            if not isinstance(data[flag], bool):
+                raise InvalidArgument(detail=f"{flag} must be true or false")
+            out[flag] = data[flag]
+    if data.get("chunksPerRun") is not None:
+        if _nonneg_int(data["chunksPerRun"], "chunksPerRun") == 0:
+            raise InvalidArgument(detail="chunksPerRun must be at least 1 (leave it out: every chunk each run)")
+        out["chunksPerRun"] = data["chunksPerRun"]
+    if data.get("srcBackupStorageUuid") is not None:
+        source = data["srcBackupStorageUuid"]
+        if not isinstance(source, str) or session.get(BackupStorage, source) is None:
+            raise NotFound(resource="backup storage", uuid=str(source))
+        out["srcBackupStorageUuid"] = source
     storages = data.get("backupStorageUuids")
     if storages is not None:
         if not isinstance(storages, list) or not all(isinstance(s, str) for s in storages) or not storages:
@@ -81,6 +106,7 @@ def check_job_data(session: Session, data: Any) -> dict[str, Any]:
     return out
 
 
+WRONG_TARGETS = ((Volume, "a volume"), (VmInstance, "a VM instance"))
 ALIASES = {"jobType": "type", "jobData": "parameters"}  # the inventory's names for ZStack's
 
 
@@ -110,7 +136,7 @@ def create_group(session: Session, params: dict[str, Any]) -> SchedulerJobGroup:
         name=name,
         description=params.get("description"),
         jobType=kind,
-        jobData=check_job_data(session, params.get("parameters")),
+        jobData=check_job_data(session, params.get("parameters"), kind),
     )
     session.add(group)
     session.flush()
@@ -126,10 +152,22 @@ def update_group(session: Session, group: SchedulerJobGroup, params: dict[str, A
             raise InvalidArgument(detail="state must be Enabled or Disabled")
         group.state = "Enabled" if params["state"] in ("Enabled", "enable") else "Disabled"
     if "parameters" in params:
-        group.jobData = check_job_data(session, params["parameters"])
+        group.jobData = check_job_data(session, params["parameters"], group.jobType)
 
 
 def _check_target(session: Session, group: SchedulerJobGroup, uuid: str) -> str:
+    if group.jobType in MAINTENANCE_TYPES:
+        storage = session.get(BackupStorage, uuid)
+        if storage is None:
+            other = next((what for model, what in WRONG_TARGETS if session.get(model, uuid) is not None), None)
+            if other:
+                kind = group.jobType
+                raise InvalidArgument(detail=f"{kind} groups take backup storages as targets; {uuid} is {other}")
+            raise NotFound(resource="backup storage", uuid=uuid)
+        source = (group.jobData or {}).get("srcBackupStorageUuid")
+        if group.jobType == "storageSync" and source == uuid:
+            raise InvalidArgument(detail=f"backup storage {uuid} is the group's srcBackupStorageUuid: its own source")
+        return storage.name
     if group.jobType == "volumeBackup":
         return ready_volume(session, uuid).name
     if group.jobType == "vmBackup":
@@ -178,7 +216,7 @@ def create_job(session: Session, params: dict[str, Any]) -> SchedulerJob:
         description=params.get("description"),
         targetResourceUuid=target,
         jobType=kind,
-        jobData=check_job_data(session, params.get("parameters")),
+        jobData=check_job_data(session, params.get("parameters"), kind),
     )
     session.add(job)
     session.flush()
@@ -192,7 +230,7 @@ def update_job(session: Session, job: SchedulerJob, params: dict[str, Any]) -> N
                 raise InvalidArgument(detail=f"{key} must be a string" + (" and not empty" if key == "name" else ""))
             setattr(job, key, params[key])
     if "parameters" in params:
-        job.jobData = check_job_data(session, params["parameters"])
+        job.jobData = check_job_data(session, params["parameters"], job.jobType)
 
 
 def add_jobs(session: Session, group: SchedulerJobGroup, jobs: Sequence[SchedulerJob]) -> None:

@@ -43,13 +43,14 @@ from shared.catalog.models import (
 )
 from shared.celery_app import STORAGE_QUEUE, host_queue
 from shared.errors import BlockvaultError, Conflict, NotFound
-from shared.repository.maintenance import Policy, select_keep
+from shared.repository.maintenance import select_keep
 from shared.schedule import due_fire, fire_times_after
 from shared.secret import keyed_hash
 from shared.service import database_backups, volume_backups
 from shared.service.copies import copy_backups
 from shared.service.deletion import delete_backup_copies
-from shared.service.jobgroups import trigger_spec
+from shared.service.jobgroups import MAINTENANCE_TYPES, trigger_spec
+from shared.service.maintenance_runs import retention_policy, run_maintenance
 from shared.service.rows import get, new_backup_row, pick_storage
 from shared.storage import current_master
 
@@ -126,6 +127,12 @@ def _routes(
     if group.jobType == "databaseBackup":
         return {t: (STORAGE_QUEUE, None) for t in targets}
     out: dict[str, tuple[str, str | None] | BlockvaultError] = {}
+    if group.jobType in MAINTENANCE_TYPES:  # targets are storages: any worker runs them
+        storages = set(session.scalars(select(BackupStorage.uuid).where(BackupStorage.uuid.in_(targets))))
+        for target in targets:
+            known = target in storages
+            out[target] = (STORAGE_QUEUE, None) if known else NotFound(resource="backup storage", uuid=target)
+        return out
     if group.jobType == "volumeBackup":
         rows = session.execute(select(Volume.uuid, Volume.hostUuid).where(Volume.uuid.in_(targets))).all()
         found = {uuid: host for uuid, host in rows}
@@ -304,12 +311,15 @@ def _run_index(session: Session, job_uuid: str | None, group_uuid: str) -> int:
 
 def run_scheduled(session: Session, job: ApiJob) -> dict[str, Any]:
     """The worker side of one scheduled run: back up the target, copy to the other storages,
-    apply retention. The history row is written when the job ends (see record_history)."""
+    apply retention (maintenance groups: :mod:`~shared.service.maintenance_runs`). The history
+    row is written when the job ends (see record_history)."""
     params = job.params or {}
     group = session.get(SchedulerJobGroup, params["schedulerJobGroupUuid"])
     if group is None:
         raise NotFound(resource="job group", uuid=params["schedulerJobGroupUuid"])
     kind, target, data = params["jobType"], params["targetResourceUuid"], params.get("jobData") or {}
+    if kind in MAINTENANCE_TYPES:
+        return run_maintenance(session, job, group)
     storages = _storages(session, data)
     first = storages[0]
     if kind == "databaseBackup":
@@ -381,7 +391,7 @@ def _run_database_backup(
     removed: list[str] = []
     retention = data.get("retention")
     if retention:
-        policy = _policy(retention)
+        policy = retention_policy(retention)
         rows = [
             r
             for r in session.scalars(select(DatabaseBackup).where(DatabaseBackup.status == "Ready"))
@@ -426,16 +436,6 @@ def _sync_copy(
     }
 
 
-def _policy(retention: dict[str, int]) -> Policy:
-    """jobData retention as the engine's policy; the newest backup always stays."""
-    return Policy(
-        keep_last=max(1, retention.get("keepLast", 0)),
-        keep_daily=retention.get("keepDaily", 0),
-        keep_weekly=retention.get("keepWeekly", 0),
-        keep_monthly=retention.get("keepMonthly", 0),
-    )
-
-
 def _apply_retention(
     session: Session, job_uuid: str | None, kind: str, retention: dict[str, int] | None
 ) -> dict[str, Any]:
@@ -443,7 +443,7 @@ def _apply_retention(
     good one always stays."""
     if not retention or not job_uuid:
         return {}
-    policy = _policy(retention)
+    policy = retention_policy(retention)
     rows = session.scalars(
         select(VolumeBackup).where(VolumeBackup.schedulerJobUuid == job_uuid, VolumeBackup.status == "Ready")
     ).all()

@@ -28,6 +28,7 @@ from shared.catalog.models import (
     Host,
     SchedulerJob,
     SchedulerJobGroup,
+    VerifyCursor,
     Volume,
     VolumeBackup,
     VolumeBackupStorageRef,
@@ -164,6 +165,13 @@ def populate() -> dict[str, str]:
                 job("schedulerJob", "Succeeded", 4000),
                 job("createVolumeBackup", "Running", 10),
                 job("createVmBackup", "Pending", 1),
+                # two verify jobs' cursors on the master: their counters add up per storage
+                VerifyCursor(
+                    schedulerJobUuid=ids["J"], backupStorageUuid=m, cycle=3, damagedChunks=5, repairedChunks=4
+                ),
+                VerifyCursor(
+                    schedulerJobUuid=ids["G"], backupStorageUuid=m, cycle=1, damagedChunks=2, repairedChunks=0
+                ),
             ]
         )
     return ids
@@ -217,6 +225,10 @@ def test_metrics_are_exact_aggregates_of_the_catalog(api: Api) -> None:
     assert value(samples, "blockvault_storage_sync_lag_seconds", **labels("R")) == pytest.approx(3600)
     assert len(series(samples, "blockvault_storage_sync_lag_backups")) == 2  # the master is no sync target
     assert value(samples, "blockvault_storage_total_bytes", **labels("M")) == 1000
+    assert value(samples, "blockvault_verify_damaged_chunks_total", storage=ids["M"]) == 7
+    assert value(samples, "blockvault_verify_repaired_chunks_total", storage=ids["M"]) == 4
+    assert value(samples, "blockvault_verify_cycles_total", storage=ids["M"]) == 4
+    assert len(series(samples, "blockvault_verify_damaged_chunks_total")) == 1  # storages never verified: none
     assert value(samples, "blockvault_storage_available_bytes", **labels("M")) == 400
     assert value(samples, "blockvault_storage_available_bytes", **labels("S")) == 900
     assert value(samples, "blockvault_storage_connected", **labels("M")) == 1
@@ -262,8 +274,8 @@ def test_metrics_are_exact_aggregates_of_the_catalog(api: Api) -> None:
     exported = {name for name, _labels in samples}
     used = dashboard_metric_names()
     assert used and not used - exported, sorted(used - exported)
-    plotted = {types.get(re.sub(r"_(bucket|count|sum)$", "", name)) and re.sub(r"_(bucket|count|sum)$", "", name)
-               for name in used} | used  # fmt: skip
+    family = {name: re.sub(r"_(bucket|count|sum|total)$", "", name) for name in used}  # a sample's family
+    plotted = {family[name] for name in used if family[name] in types} | used
     assert not set(types) - plotted, sorted(set(types) - plotted)
 
 

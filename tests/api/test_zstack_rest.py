@@ -216,6 +216,15 @@ def test_parameters_that_are_not_a_map_of_strings_or_do_not_parse_are_refused(
     assert word in error["description"], error
 
 
+def test_a_verify_group_takes_its_parameters_as_strings(sdk: Sdk) -> None:
+    parameters = {"chunksPerRun": "500", "readData": "false", "repair": "TRUE"}
+    body = {"params": {"name": "weekly-verify", "type": "verify", "parameters": parameters}}
+    group = sdk.ok("POST", "scheduler/jobgroups", body)["inventory"]
+    assert json.loads(group["jobData"]) == {"chunksPerRun": 500, "readData": False, "repair": True}
+    bad = {"params": {"name": "v", "type": "verify", "parameters": {"readData": "maybe"}}}
+    assert "readData" in sdk.error("POST", "scheduler/jobgroups", bad, 400)["description"]
+
+
 # -- inventories: dates, JSON-string metadata, integer executeTime ----------------------------------
 def _rows(tmp: Path) -> dict[str, Any]:
     with db.session() as session:

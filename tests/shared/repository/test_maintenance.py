@@ -12,11 +12,11 @@ import pytest
 
 from shared.errors import RepositoryError, UsageError
 from shared.repository.backup import backup_volume
-from shared.repository.maintenance import Policy, select_keep
+from shared.repository.maintenance import Policy, check_chunks, select_keep, verify
 from shared.repository.manifest import BackupEntry, Manifest
-from shared.repository.repo import Repository
+from shared.repository.repo import Repository, chunk_key
 from shared.repository.restore import restore_backup
-from shared.repository.sync import RateLimiter, sync
+from shared.repository.sync import RateLimiter, repair_chunks, sync
 from tests.conftest import Cli, MiB
 
 
@@ -87,6 +87,31 @@ def test_sync_copies_only_what_is_missing(tmp_path: Path, make_raw: Callable[...
     out = tmp_path / "out.raw"
     restore_backup(dst, second.id, str(out))
     assert out.read_bytes() == volume.read_bytes()
+
+
+def test_repair_rewrites_bad_chunks_from_a_good_copy_and_never_spreads_a_bad_one(
+    tmp_path: Path, make_raw: Callable[..., Path]
+) -> None:
+    src = Repository.init(str(tmp_path / "src"), encrypt=True, passphrase="pw")
+    volume = make_raw(size=24 * MiB)
+    result = backup_volume(src, str(volume))
+    dst = Repository.init(str(tmp_path / "dst"), like=src, passphrase="pw")
+    sync(src, dst)
+    flipped, gone, bad_in_both = sorted(dst.load_manifest(result.id).referenced())[:3]
+    for where, digest, at in (("dst", flipped, -1), ("dst", bad_in_both, -1), ("src", bad_in_both, -2)):
+        path = tmp_path / where / chunk_key(digest)
+        data = bytearray(path.read_bytes())
+        data[at] ^= 0x01  # the source's copy damaged elsewhere: it differs from the target's
+        path.write_bytes(bytes(data))
+    (tmp_path / "dst" / chunk_key(gone)).unlink()
+    found = {d: e for d, _size, e in check_chunks(dst, sorted(dst.load_manifest(result.id).referenced()))}
+    assert {d for d, e in found.items() if e} == {flipped, gone, bad_in_both}
+    assert found[gone] == "chunk is missing"
+
+    assert sorted(repair_chunks(src, dst, [flipped, gone, bad_in_both])) == sorted([flipped, gone])
+    src_path = tmp_path / "src" / chunk_key(bad_in_both)
+    assert (tmp_path / "dst" / chunk_key(bad_in_both)).read_bytes() != src_path.read_bytes()  # not copied over
+    assert {p.chunk for p in verify(dst, result.id, read_data=True).problems} == {bad_in_both}  # it stays bad
 
 
 def test_sync_into_an_encrypted_target_reseals(tmp_path: Path, make_raw: Callable[..., Path]) -> None:
