@@ -27,10 +27,10 @@ from api.envelopes import (
 from api.schemas import Done, one_answer
 from shared import access
 from shared.catalog.models import DatabaseBackup, ManagedDatabase
-from shared.service import copies, database_backups, databases, deletion
+from shared.service import copies, database_backups, databases, deletion, protection
 
 router = APIRouter(dependencies=[Depends(get_caller)])
-ACTIONS = ("syncDatabaseBackupFromImageStoreBackupStorage", "recoverDatabaseBackup")
+ACTIONS = ("syncDatabaseBackupFromImageStoreBackupStorage", "recoverDatabaseBackup", "changeDatabaseBackupProtection")
 
 
 @router.post("/database-backups", status_code=202, response_model=Accepted, responses=ACCEPTED)
@@ -49,6 +49,9 @@ def database_backup_action(
     name, params = parse_action(body, ACTIONS)
     access.require_admin(caller, name)
     row = access.visible(session, caller, DatabaseBackup, check_uuid(uuid, "uuid"), "database backup")
+    if name == "changeDatabaseBackupProtection":
+        protection.change_protection(session, [row], protection.parse_protected(params), admin=caller.admin)
+        return one(session, row)
     if name == "recoverDatabaseBackup":
         return accepted(request, database_backups.request_recover(session, row.uuid, params, caller.account_uuid))
     return accepted(request, copies.request_sync(session, name, [row], params, caller.account_uuid))

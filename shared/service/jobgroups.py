@@ -30,7 +30,14 @@ from shared.service.rows import get, ready_volume
 log = logging.getLogger(__name__)
 JOB_TYPES = ("volumeBackup", "vmBackup", "databaseBackup")
 ADMIN_JOB_TYPES = ("databaseBackup",)  # they touch every project's rows: admins' groups only
-JOB_DATA_KEYS = {"backupStorageUuids", "fullBackupInterval", "retention", "bandwidthLimit", "databaseUuid"}
+JOB_DATA_KEYS = {
+    "backupStorageUuids",
+    "fullBackupInterval",
+    "retention",
+    "bandwidthLimit",
+    "databaseUuid",
+    "protectBackups",
+}
 RETENTION_KEYS = {"keepLast", "keepDaily", "keepWeekly", "keepMonthly"}
 
 
@@ -73,6 +80,11 @@ def check_job_data(session: Session, data: Any) -> dict[str, Any]:
         if limit == 0:
             raise InvalidArgument(detail="bandwidthLimit must be at least 1 byte/s")
         out["bandwidthLimit"] = limit
+    if data.get("protectBackups") is not None:  # every backup of the group is created protected
+        flag = {"true": True, "false": False}.get(str(data["protectBackups"]).lower())
+        if flag is None or not isinstance(data["protectBackups"], (bool, str)):
+            raise InvalidArgument(detail="protectBackups must be true or false")
+        out["protectBackups"] = flag
     retention = data.get("retention")
     if retention is not None:
         if not isinstance(retention, dict) or set(retention) - RETENTION_KEYS:
