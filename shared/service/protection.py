@@ -24,7 +24,7 @@ from sqlalchemy.orm import Session
 
 from shared.catalog.models import BackupStorage, DatabaseBackup, aware, now
 from shared.credentials import credentials_of
-from shared.errors import BackupLocked, BackupProtected, Conflict, Forbidden, InvalidArgument
+from shared.errors import BackupLocked, BackupNotFound, BackupProtected, Conflict, Forbidden, InvalidArgument
 from shared.service.rows import AnyBackup, AnyRef, get, manifest_id
 from shared.storage import open_repository
 
@@ -70,6 +70,8 @@ def mark_copies(session: Session, row: AnyBackup) -> None:
                 repo.protect(manifest_id(ref))
             else:
                 repo.unprotect(manifest_id(ref))
+        except BackupNotFound:  # a copy gone from its storage: the catalog's flag still holds
+            log.warning("backup.protect_copy_missing uuid=%s storage=%s", row.uuid, storage.uuid)
         finally:
             repo.close()
 

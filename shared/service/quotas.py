@@ -5,7 +5,8 @@ A backup starts only while its project is under both: at or over one, it is refu
 ``QUOTA_EXCEEDED`` naming the quota and the figures (a scheduled run fails, and its history row
 says why). What a project uses is counted over the backups of its volumes that are not Failed:
 stored bytes are the bytes each backup wrote to its storage (after deduplication and
-compression; its logical size for a backup without that figure, such as an imported one), and
+compression; its logical size for a backup without that figure: one still running, or an
+imported one), and
 a VM backup counts once. Both figures are in the project's inventory (``usedBackupBytes``,
 ``usedBackupCount``).
 """
