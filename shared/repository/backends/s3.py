@@ -166,9 +166,7 @@ class S3Backend(Backend):
         if bool(access_key) != bool(secret_key):
             raise UsageError(detail="give both accessKey and secretKey, or neither")
         if (lock_mode is None) != (lock_days <= 0):
-            raise UsageError(
-                detail="object lock takes both objectLockMode and objectLockDays (more than 0), or neither"
-            )
+            raise UsageError(detail="object lock takes objectLockMode and objectLockDays (over 0), or neither")
         if lock_mode is not None and lock_mode not in LOCK_MODES:
             raise UsageError(detail=f"objectLockMode must be {' or '.join(LOCK_MODES)}, got {lock_mode!r}")
         self.lock_mode = lock_mode
