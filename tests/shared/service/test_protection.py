@@ -5,20 +5,25 @@ whose backups are created protected."""
 from __future__ import annotations
 
 import json
+import uuid
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from sqlalchemy import select
 
 from shared.catalog.models import ApiJob, DatabaseBackup, SchedulerJobGroup, SchedulerJobHistory, VolumeBackup
-from shared.errors import BackupProtected, Conflict, Forbidden, InvalidArgument
+from shared.errors import BackupLocked, BackupProtected, Conflict, Forbidden, InvalidArgument, UsageError
+from shared.repository.repo import manifest_key
 from shared.service import jobgroups
+from shared.service.copies import copy_backups
 from shared.service.database_backups import request_database_backup, run_database_backup
 from shared.service.deletion import request_delete, request_vm_delete, run_delete
-from shared.service.protection import change_protection, parse_protected
+from shared.service.protection import change_protection, parse_protected, why_kept
 from shared.service.rows import group_backups, manifest_id
 from shared.service.scheduled_runs import MANUAL, fire, run_scheduled
 from shared.service.volume_backups import request_vm_backup, run_volume_backups
+from shared.storage import register_storage
+from tests.s3_fixtures import S3Server
 from tests.shared.service.conftest import Site
 
 T0 = datetime(2026, 1, 1, 3, 0, tzinfo=UTC)
@@ -177,3 +182,49 @@ def test_a_group_with_protect_backups_creates_protected_backups(site: Site) -> N
     history = site.session.scalars(select(SchedulerJobHistory)).all()
     assert [h.success for h in history] == [True, True]
     assert json.loads(history[0].requestDump or "")["jobData"]["protectBackups"] is True
+
+
+def test_a_copy_under_object_lock_is_refused_by_delete_and_left_by_retention(site: Site, s3_server: S3Server) -> None:
+    local = site.storage()
+    bucket = f"bv-lock-{uuid.uuid4().hex[:12]}"
+    s3_server.client().create_bucket(Bucket=bucket, ObjectLockEnabledForBucket=True)
+    params = {"name": "cloud", "type": "PublicCloud", "url": f"s3://{bucket}/bv", "encryptionPassphrase": "pw"}
+    plain = s3_server.make_bucket()
+    refused = site.refused(
+        UsageError,  # a bucket without Object Lock cannot keep the promise: refused at registration
+        lambda: register_storage(
+            site.session,
+            {
+                **params,
+                **s3_server.options(),
+                "url": f"s3://{plain}/bv",
+                "objectLockMode": "COMPLIANCE",
+                "objectLockDays": "1",
+            },
+        ),
+    )
+    assert "has no Object Lock enabled" in str(refused)
+    cloud = register_storage(
+        site.session, {**params, **s3_server.options(), "objectLockMode": "COMPLIANCE", "objectLockDays": 1}
+    )
+    site.session.commit()
+    backup = site.backup(site.volume())
+    copy_backups(site.session, [backup], local, cloud)
+
+    jobs = site.count(ApiJob)
+    for targets in (None, [cloud.uuid]):
+        error = site.refused(
+            BackupLocked, lambda t=targets: request_delete(site.session, backup.uuid, t, "Permissive", None)
+        )
+        assert (error.code, error.http_status) == ("BACKUP_LOCKED", 409)
+        assert f"volume backup {backup.uuid} is locked on backup storage {cloud.uuid} until " in str(error)
+    assert site.count(ApiJob) == jobs
+    assert why_kept(site.session, [backup]) == "locked"
+    site.run(
+        run_delete, request_delete(site.session, backup.uuid, [local.uuid], "Permissive", None)
+    )  # not locked there
+    site.session.refresh(backup)
+    assert [r.backupStorageUuid for r in backup.backupStorageRefs] == [cloud.uuid]
+    with site.repository(cloud) as repo:
+        assert repo.backend.lock_seconds == 86400.0
+        assert repo.backend.locked_until(manifest_key(manifest_id(site.ref(backup, cloud)))) is not None
