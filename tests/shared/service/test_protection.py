@@ -20,6 +20,7 @@ from shared.service.database_backups import request_database_backup, run_databas
 from shared.service.deletion import request_delete, request_vm_delete, run_delete
 from shared.service.protection import change_protection, parse_protected, why_kept
 from shared.service.rows import group_backups, manifest_id
+from shared.service.scan import scan_storage
 from shared.service.scheduled_runs import MANUAL, fire, run_scheduled
 from shared.service.volume_backups import request_vm_backup, run_volume_backups
 from shared.storage import register_storage
@@ -228,3 +229,20 @@ def test_a_copy_under_object_lock_is_refused_by_delete_and_left_by_retention(sit
     with site.repository(cloud) as repo:
         assert repo.backend.lock_seconds == 86400.0
         assert repo.backend.locked_until(manifest_key(manifest_id(site.ref(backup, cloud)))) is not None
+
+
+def test_a_scan_imports_a_protected_backup_protected(site: Site) -> None:
+    storage = site.storage()
+    volume = site.volume()
+    kept, plain = site.backup(volume), site.backup(volume)
+    change_protection(site.session, [kept], True, admin=True)
+    uuids = (kept.uuid, plain.uuid)
+    for row in (kept, plain):
+        site.session.delete(row)
+    site.session.commit()
+
+    result = scan_storage(site.session, storage)
+
+    assert sorted(result["imported"]) == sorted(uuids)
+    assert [site.session.get_one(VolumeBackup, u).protected for u in uuids] == [True, False]
+    site.refused(BackupProtected, lambda: request_delete(site.session, uuids[0], None, "Permissive", None))
