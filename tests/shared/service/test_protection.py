@@ -12,7 +12,15 @@ from typing import Any
 from sqlalchemy import select
 
 from shared.catalog.models import ApiJob, DatabaseBackup, SchedulerJobGroup, SchedulerJobHistory, VolumeBackup
-from shared.errors import BackupLocked, BackupProtected, Conflict, Forbidden, InvalidArgument, UsageError
+from shared.errors import (
+    BackupLocked,
+    BackupProtected,
+    Conflict,
+    Forbidden,
+    InvalidArgument,
+    RepositoryNotFound,
+    UsageError,
+)
 from shared.repository.repo import manifest_key
 from shared.service import jobgroups
 from shared.service.copies import copy_backups
@@ -246,3 +254,17 @@ def test_a_scan_imports_a_protected_backup_protected(site: Site) -> None:
     assert sorted(result["imported"]) == sorted(uuids)
     assert [site.session.get_one(VolumeBackup, u).protected for u in uuids] == [True, False]
     site.refused(BackupProtected, lambda: request_delete(site.session, uuids[0], None, "Permissive", None))
+
+
+def test_protecting_while_a_storage_is_gone_changes_nothing(site: Site) -> None:
+    storage = site.storage()
+    backup = site.backup(site.volume())
+    where = site.vanish(storage)
+
+    site.refused(RepositoryNotFound, lambda: change_protection(site.session, [backup], True, admin=False))
+
+    assert site.session.get_one(VolumeBackup, backup.uuid).protected is False  # the API rolled back
+    where.rename(site.tmp / storage.name)  # the storage is back: protecting works
+    change_protection(site.session, [site.session.get_one(VolumeBackup, backup.uuid)], True, admin=False)
+    site.session.commit()
+    assert _repo_marks(site, site.session.get_one(VolumeBackup, backup.uuid)) == [True]
