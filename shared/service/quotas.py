@@ -23,6 +23,7 @@ from shared.catalog.models import Project, Volume, VolumeBackup
 from shared.errors import InvalidArgument, QuotaExceeded
 
 QUOTAS = ("quotaBackupBytes", "quotaBackupCount")
+MAX_QUOTA = 2**63 - 1  # the catalog's BIGINT
 
 
 def usage(session: Session, project_uuids: Sequence[str]) -> dict[str, tuple[int, int]]:
@@ -71,7 +72,7 @@ def set_quotas(project: Project, params: dict[str, Any]) -> None:
         raise InvalidArgument(detail=f"updateProjectQuota takes {' and/or '.join(QUOTAS)} (null: no limit)")
     for name in given:
         value = params[name]
-        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_QUOTA):
             raise InvalidArgument(detail=f"{name} must be a whole number of at least 0, or null for no limit")
     for name in given:
         setattr(project, name, params[name])

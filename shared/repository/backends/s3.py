@@ -67,6 +67,7 @@ LIST_COST = 12
 LIST_MIN_KEYS = 24
 LIST_PAGE = 1000  # keys per LIST page: S3's maximum
 LOCK_MODES = ("GOVERNANCE", "COMPLIANCE")
+MAX_LOCK_DAYS = 36500.0  # S3 keeps a retention of up to 100 years
 LOCKED_FOLDERS = ("chunks/", "manifests/")  # what object lock covers: a backup's own objects
 
 _NOT_FOUND = {"NoSuchKey", "NotFound", "404"}
@@ -207,8 +208,8 @@ class S3Backend(Backend):
             lock_days = float(days)
         except ValueError:
             raise UsageError(detail=f"objectLockDays must be a number of days, got {days!r}") from None
-        if not math.isfinite(lock_days) or lock_days < 0:
-            raise UsageError(detail=f"objectLockDays must be a positive number of days, got {days!r}")
+        if not math.isfinite(lock_days) or not 0 <= lock_days <= MAX_LOCK_DAYS:
+            raise UsageError(detail=f"objectLockDays must be a positive number of days up to 36500, got {days!r}")
         return cls(
             parsed.netloc,
             parsed.path,

@@ -131,6 +131,7 @@ def test_object_lock_options_are_checked(s3_server: S3Server) -> None:
         ({"objectLockDays": "7"}, "object lock takes objectLockMode and objectLockDays"),
         ({"objectLockMode": "COMPLIANCE", "objectLockDays": "a week"}, "objectLockDays must be a number"),
         ({"objectLockMode": "COMPLIANCE", "objectLockDays": "-1"}, "objectLockDays must be a positive number"),
+        ({"objectLockMode": "COMPLIANCE", "objectLockDays": "1e300"}, "objectLockDays must be a positive number"),
     ):
         with pytest.raises(UsageError) as bad:
             S3Backend.from_url(f"s3://{plain}/x", {**s3_server.options(plain), **options})

@@ -112,6 +112,7 @@ def test_quotas_take_whole_numbers_or_null(site: Site) -> None:
         {"quotaBackupBytes": 1.5},
         {"quotaBackupBytes": "10"},
         {"quotaBackupCount": True},
+        {"quotaBackupBytes": 2**63},
         {"quota": 3},
     ):
         site.refused(InvalidArgument, lambda bad=bad: quotas.set_quotas(project, bad))
