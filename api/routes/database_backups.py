@@ -42,7 +42,7 @@ def create_database_backup(body: Envelope, request: Request, session: DbSession,
     return accepted(request, database_backups.request_database_backup(session, body.params, caller.account_uuid))
 
 
-@router.put("/database-backups/{uuid}/actions", status_code=202, response_model=Accepted, responses=ACCEPTED)
+@router.put("/database-backups/{uuid}/actions", response_model=one_answer(DatabaseBackup), responses=ACCEPTED)
 def database_backup_action(
     uuid: str, body: dict[str, Any], request: Request, session: DbSession, caller: CurrentCaller
 ) -> JSONResponse:

@@ -43,8 +43,7 @@ def get_vm_backup(uuid: str, session: DbSession, caller: CurrentCaller) -> JSONR
 
 @router.put(
     "/vm-backups/{uuid}/actions",
-    status_code=202,
-    response_model=Accepted,
+    response_model=query_answer(VolumeBackup),  # changeVmBackupProtection; the others are jobs
     responses=ACCEPTED,
     description="One action of: " + ", ".join(ACTIONS),  # what the console looks for
 )
