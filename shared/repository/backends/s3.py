@@ -357,7 +357,7 @@ class S3Backend(Backend):
         # A bucket with Object Lock is versioned: a plain DELETE would only hide the object
         # behind a delete marker (and succeed even while it is locked). Every version goes, and
         # a locked one is refused before anything is touched.
-        until = self.locked_until(key)
+        until = self.locked_until(key) if key.startswith(LOCKED_FOLDERS) else None
         if until is not None:
             raise ObjectLocked(location=self.location, key=key, until=_iso(until))
         for version in self._versions(name):
