@@ -309,6 +309,22 @@ class Client:
         except httpx.HTTPError as exc:
             raise ApiError(0, "UNREACHABLE", f"cannot read {path} from {self.base_url}: {exc}") from None
 
+    def change_protection(self, kind: str, uuid: str, protected: bool) -> Any:
+        """Protect or unprotect a backup: ``kind`` is ``volume`` (answers its inventory),
+        ``vm`` (a VM backup by its groupUuid: answers its volume backups) or ``database``."""
+        action = {"volume": "changeVolumeBackupProtection", "vm": "changeVmBackupProtection"}.get(
+            kind, "changeDatabaseBackupProtection"
+        )
+        _status, body = self.request(
+            "PUT", f"/v1/{kind}-backups/{uuid}/actions", json={action: {"protected": protected}}
+        )
+        return body["inventories"] if kind == "vm" else body["inventory"]
+
+    def set_project_quota(self, project_uuid: str, **quotas: int | None) -> dict[str, Any]:
+        """updateProjectQuota (admins): ``quotaBackupBytes`` and/or ``quotaBackupCount``, None
+        for no limit."""
+        return dict(self.action("projects", project_uuid, "updateProjectQuota", quotas))  # type: ignore[arg-type]
+
     def revert_vm(self, group_uuid: str, **params: Any) -> str:
         return str(self.action("vm-backups", group_uuid, "revertVmFromVmBackup", params))
 

@@ -17,7 +17,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, create_model
 from sqlalchemy import inspect
 
-from shared.catalog.models import Base, DatabaseBackup, SchedulerJobGroup, Tag, VolumeBackup
+from shared.catalog.models import Base, DatabaseBackup, Project, SchedulerJobGroup, Tag, VolumeBackup
 
 OPEN = ConfigDict(extra="allow")
 
@@ -87,6 +87,9 @@ def inventory_model(model: type[Base]) -> type[BaseModel]:
     if model in (VolumeBackup, DatabaseBackup):
         ref = model.backupStorageRefs.property.mapper.class_
         fields["backupStorageRefs"] = (list[inventory_model(ref)] | None, None)  # type: ignore[misc]
+    if model is Project:  # what its backups use of its quotas (shared.service.quotas)
+        fields["usedBackupBytes"] = (int | None, None)
+        fields["usedBackupCount"] = (int | None, None)
     if model is SchedulerJobGroup:
         fields["triggersUuid"] = (list[str] | None, None)
         fields["jobsUuid"] = (list[str] | None, None)

@@ -251,6 +251,31 @@ class Conflict(BlockvaultError):
     http_status = 409
 
 
+class BackupProtected(Conflict):
+    """{what} {uuid} is protected: {action} refused until an admin unprotects it"""
+
+    code = "BACKUP_PROTECTED"
+
+
+class BackupLocked(Conflict):
+    """{what} {uuid} is locked on {location} until {until} (object lock): {action} refused"""
+
+    code = "BACKUP_LOCKED"
+
+
+class ObjectLocked(BackendError):
+    """{location}: {key} is under object lock until {until}: not deleted"""
+
+    code = "BACKUP_LOCKED"
+    http_status = 409
+
+
+class QuotaExceeded(Conflict):
+    """project {project}: quota {quota} is {limit}, {used} used: {action} refused"""
+
+    code = "QUOTA_EXCEEDED"
+
+
 def require(params: dict[str, object], *names: str) -> None:
     """InvalidArgument naming every one of ``names`` that ``params`` lacks (or has empty)."""
     missing = [name for name in names if not params.get(name)]

@@ -10,7 +10,8 @@ from typing import Any
 from sqlalchemy import inspect, select
 from sqlalchemy.orm import Session
 
-from shared.catalog.models import Base, SchedulerJob, SchedulerJobGroup, SchedulerJobGroupTriggerRef, Tag
+from shared.catalog.models import Base, Project, SchedulerJob, SchedulerJobGroup, SchedulerJobGroupTriggerRef, Tag
+from shared.service import quotas
 
 
 def iso(value: datetime | None) -> str | None:
@@ -57,6 +58,7 @@ def inventories(session: Session, rows: Sequence[Base]) -> list[dict[str, Any]]:
     uuids = [row.uuid for row in rows if hasattr(row, "uuid")]
     tags = _tags(session, uuids)
     links = _group_links(session, [r.uuid for r in rows if isinstance(r, SchedulerJobGroup)])
+    used = quotas.usage(session, [r.uuid for r in rows if isinstance(r, Project)])
     out = []
     for row in rows:
         data = _plain(row)
@@ -65,6 +67,8 @@ def inventories(session: Session, rows: Sequence[Base]) -> list[dict[str, Any]]:
             data["backupStorageRefs"] = [_plain(ref) for ref in refs]
         if isinstance(row, SchedulerJobGroup):
             data.update(links[row.uuid])
+        if isinstance(row, Project):
+            data["usedBackupBytes"], data["usedBackupCount"] = used[row.uuid]
         if "uuid" in data and not isinstance(row, Tag):
             data["userTags"] = tags[data["uuid"]]["user"]
             data["systemTags"] = tags[data["uuid"]]["system"]

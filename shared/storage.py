@@ -186,6 +186,9 @@ def register_storage(session: Session, params: dict[str, Any]) -> BackupStorage:
         raise InvalidArgument(detail="role must be master or standby")
     if kind != "ImageStore" and params.get("role") not in (None, "master"):
         raise InvalidArgument(detail="only ImageStore backup storage has a standby role")
+    days = params.get("objectLockDays")
+    if isinstance(days, (int, float)) and not isinstance(days, bool):  # a number, as JSON gives it
+        params = {**params, "objectLockDays": str(days)}
     _check_credentials(entry, params, tuple(f.name for f in registry.fields()))
     where = {f.name: params.get(f.name) for f in entry.fields if f.identity}
     for other in session.scalars(select(BackupStorage).where(BackupStorage.url == url)):

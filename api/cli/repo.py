@@ -201,6 +201,7 @@ def repo_restore(location: str, backup_id: str, target: str, in_place: bool, as_
 def repo_ls(location: str, as_json: bool) -> None:
     """List the backups in REPO, oldest first."""
     repository = _open(location)
+    protected = repository.protected_ids()
     rows = []
     for entry in repository.backups():
         m = entry.manifest
@@ -216,6 +217,7 @@ def repo_ls(location: str, as_json: bool) -> None:
                 "size": m.size,
                 "storedSize": m.stored_size,
                 "created": m.created,
+                "protected": entry.id in protected,
             }
         )
     if as_json:
@@ -224,7 +226,7 @@ def repo_ls(location: str, as_json: bool) -> None:
     for row in rows:
         click.echo(
             f"{row['id'][:12]}  {row['created'][:19]}  {row['mode']:<11}  {_size(row['size']):>10}  "
-            f"{row['volume']}{'  ' + row['name'] if row['name'] else ''}"
+            f"{row['volume']}{'  ' + row['name'] if row['name'] else ''}{'  protected' if row['protected'] else ''}"
         )
 
 
@@ -320,11 +322,48 @@ def repo_prune(
     report = prune(_open(location), policy, dry_run=dry_run)
     verb = "would remove" if dry_run else "removed"
     _emit(
-        {"kept": report.kept, "removed": report.removed, "dryRun": dry_run},
+        {
+            "kept": report.kept,
+            "removed": report.removed,
+            "protected": report.protected,
+            "locked": report.locked,
+            "dryRun": dry_run,
+        },
         as_json,
         f"kept {len(report.kept)}, {verb} {len(report.removed)} backups"
+        + (f", left {len(report.protected)} protected" if report.protected else "")
+        + (f", {len(report.locked)} under object lock" if report.locked else "")
         + "".join(f"\n  {verb} {mid[:12]}" for mid in report.removed),
     )
+
+
+@repo.command("forget")
+@click.argument("location", metavar="REPO")
+@click.argument("backup_id", metavar="ID")
+@click.option("--json", "as_json", is_flag=True)
+def repo_forget(location: str, backup_id: str, as_json: bool) -> None:
+    """Remove one backup (gc frees its chunks); refused while it is protected."""
+    repository = _open(location)
+    manifest_id = repository.resolve(backup_id)
+    repository.load_manifest(manifest_id)  # BackupNotFound for an id it does not hold
+    repository.delete_manifest(manifest_id)
+    _emit({"removed": manifest_id}, as_json, f"removed {manifest_id[:12]}")
+
+
+@repo.command("protect")
+@click.argument("location", metavar="REPO")
+@click.argument("backup_id", metavar="ID")
+@click.option("--off", is_flag=True, help="Lift the protection instead.")
+@click.option("--json", "as_json", is_flag=True)
+def repo_protect(location: str, backup_id: str, off: bool, as_json: bool) -> None:
+    """Protect a backup: forget and prune leave it until `protect --off`."""
+    repository = _open(location)
+    manifest_id = repository.resolve(backup_id)
+    if off:
+        repository.unprotect(manifest_id)
+    else:
+        repository.protect(manifest_id)
+    _emit({"id": manifest_id, "protected": not off}, as_json, f"{manifest_id[:12]} {'un' if off else ''}protected")
 
 
 @repo.command("gc")

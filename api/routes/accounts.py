@@ -48,6 +48,7 @@ from shared.config import get_settings
 from shared.errors import Conflict, InvalidArgument, NotFound, Unauthorized, require
 from shared.inventory import inventory, iso
 from shared.ratelimit import FailureWindow
+from shared.service import quotas
 
 log = logging.getLogger(__name__)
 router = APIRouter(dependencies=[Depends(get_caller)])
@@ -219,6 +220,23 @@ def create_project(body: Envelope, session: DbSession, caller: CurrentCaller) ->
     session.add(project)
     session.flush()
     add_tags(session, project, body)
+    return one(session, project)
+
+
+PROJECT_ACTIONS = ("updateProjectQuota",)
+
+
+@router.put("/projects/{uuid}/actions", response_model=one_answer(Project))
+def project_action(uuid: str, body: dict[str, Any], session: DbSession, caller: CurrentCaller) -> JSONResponse:
+    """``updateProjectQuota {quotaBackupBytes, quotaBackupCount}`` (admins; null: no limit):
+    the quotas checked when a backup of the project starts (docs/protection.md)."""
+    _name, params = parse_action(body, PROJECT_ACTIONS)
+    access.require_admin(caller, "setting project quotas")
+    project = session.get(Project, check_uuid(uuid, "uuid"))
+    if project is None:
+        raise NotFound(resource="project", uuid=uuid)
+    quotas.set_quotas(project, params)
+    session.flush()
     return one(session, project)
 
 

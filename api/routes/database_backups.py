@@ -27,10 +27,10 @@ from api.envelopes import (
 from api.schemas import Done, one_answer
 from shared import access
 from shared.catalog.models import DatabaseBackup, ManagedDatabase
-from shared.service import copies, database_backups, databases, deletion
+from shared.service import copies, database_backups, databases, deletion, protection
 
 router = APIRouter(dependencies=[Depends(get_caller)])
-ACTIONS = ("syncDatabaseBackupFromImageStoreBackupStorage", "recoverDatabaseBackup")
+ACTIONS = ("syncDatabaseBackupFromImageStoreBackupStorage", "recoverDatabaseBackup", "changeDatabaseBackupProtection")
 
 
 @router.post("/database-backups", status_code=202, response_model=Accepted, responses=ACCEPTED)
@@ -42,13 +42,16 @@ def create_database_backup(body: Envelope, request: Request, session: DbSession,
     return accepted(request, database_backups.request_database_backup(session, body.params, caller.account_uuid))
 
 
-@router.put("/database-backups/{uuid}/actions", status_code=202, response_model=Accepted, responses=ACCEPTED)
+@router.put("/database-backups/{uuid}/actions", response_model=one_answer(DatabaseBackup), responses=ACCEPTED)
 def database_backup_action(
     uuid: str, body: dict[str, Any], request: Request, session: DbSession, caller: CurrentCaller
 ) -> JSONResponse:
     name, params = parse_action(body, ACTIONS)
     access.require_admin(caller, name)
     row = access.visible(session, caller, DatabaseBackup, check_uuid(uuid, "uuid"), "database backup")
+    if name == "changeDatabaseBackupProtection":
+        protection.change_protection(session, [row], protection.parse_protected(params), admin=caller.admin)
+        return one(session, row)
     if name == "recoverDatabaseBackup":
         return accepted(request, database_backups.request_recover(session, row.uuid, params, caller.account_uuid))
     return accepted(request, copies.request_sync(session, name, [row], params, caller.account_uuid))

@@ -16,7 +16,7 @@ from api.schemas import query_answer
 from shared import access
 from shared.catalog.models import VmInstance, VolumeBackup
 from shared.inventory import inventories
-from shared.service import copies, deletion, instant, recovery, rows
+from shared.service import copies, deletion, instant, protection, recovery, rows
 
 router = APIRouter(dependencies=[Depends(get_caller)])
 ACTIONS = (
@@ -24,6 +24,7 @@ ACTIONS = (
     "syncVmBackupFromImageStoreBackupStorage",
     "recoverVmBackupFromImageStoreBackupStorage",
     "instantRestoreVmFromVmBackup",
+    "changeVmBackupProtection",
 )
 
 
@@ -42,8 +43,7 @@ def get_vm_backup(uuid: str, session: DbSession, caller: CurrentCaller) -> JSONR
 
 @router.put(
     "/vm-backups/{uuid}/actions",
-    status_code=202,
-    response_model=Accepted,
+    response_model=query_answer(VolumeBackup),  # changeVmBackupProtection; the others are jobs
     responses=ACCEPTED,
     description="One action of: " + ", ".join(ACTIONS),  # what the console looks for
 )
@@ -54,6 +54,9 @@ def vm_backup_action(
     found = vm_backup(session, caller, uuid)
     group = found[0].groupUuid or uuid
     check_named_storages(session, caller, params)
+    if name == "changeVmBackupProtection":  # synchronous: answers the VM backup's volume backups
+        protection.change_protection(session, found, protection.parse_protected(params), admin=caller.admin)
+        return JSONResponse({"inventories": inventories(session, found), "success": True})
     if name in copies.SYNC_ACTIONS:
         return accepted(request, copies.request_sync(session, name, found, params, caller.account_uuid))
     if name == "instantRestoreVmFromVmBackup":

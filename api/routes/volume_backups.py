@@ -26,7 +26,7 @@ from api.schemas import one_answer
 from shared import access
 from shared.catalog.models import VmInstance, VolumeBackup
 from shared.errors import Forbidden
-from shared.service import copies, deletion, instant, recovery
+from shared.service import copies, deletion, instant, protection, recovery
 
 router = APIRouter(dependencies=[Depends(get_caller)])
 ACTIONS = (
@@ -34,6 +34,7 @@ ACTIONS = (
     "createDataVolumeFromVolumeBackup",
     "verifyVolumeBackup",
     "changeVolumeBackupState",
+    "changeVolumeBackupProtection",
     "updateVolumeBackup",
     "syncBackupFromImageStoreBackupStorage",
     "recoverBackupFromImageStoreBackupStorage",
@@ -75,6 +76,9 @@ def volume_backup_action(
         access.visible(session, caller, VmInstance, check_uuid(str(params["vmInstanceUuid"]), "vmInstanceUuid"), "VM")
     if name == "changeVolumeBackupState":
         backup.state = state_event(params)
+        return one(session, backup)
+    if name == "changeVolumeBackupProtection":
+        protection.change_protection(session, [backup], protection.parse_protected(params), admin=caller.admin)
         return one(session, backup)
     if name == "updateVolumeBackup":
         update_names(backup, params)

@@ -136,6 +136,8 @@ class VolumeBackup(Resource, Base):
     state: Mapped[str] = mapped_column(String(32), default="Enabled")
     status: Mapped[str] = mapped_column(String(32), default="Creating")
     schedulerJobUuid: Mapped[str | None] = mapped_column(String(32), index=True, default=None)
+    # no delete, retention or prune until an admin unprotects it (docs/protection.md)
+    protected: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
     # what the engine did, recorded when the backup turns Ready (None: older rows, imports)
     bytesRead: Mapped[int | None] = mapped_column(BigInteger, default=None)
     bytesWritten: Mapped[int | None] = mapped_column(BigInteger, default=None)
@@ -196,6 +198,7 @@ class DatabaseBackup(Resource, Base):
     metadata_: Mapped[dict[str, Any] | None] = mapped_column("metadata", default=None)
     # the registered database it is a backup of; None: the catalog itself
     databaseUuid: Mapped[str | None] = mapped_column(String(32), index=True, default=None)
+    protected: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
     size: Mapped[int] = mapped_column(BigInteger, default=0)
     state: Mapped[str] = mapped_column(String(32), default="Enabled")
     status: Mapped[str] = mapped_column(String(32), default="Creating")
@@ -419,6 +422,9 @@ class Project(Resource, Base):
 
     __tablename__ = "project"
     resource_type = "ProjectVO"
+    # quotas on its backups (None: no limit), checked when a backup starts (shared.service.quotas)
+    quotaBackupBytes: Mapped[int | None] = mapped_column(BigInteger, default=None)
+    quotaBackupCount: Mapped[int | None] = mapped_column(BigInteger, default=None)
 
 
 class ProjectMember(Stamped, Base):

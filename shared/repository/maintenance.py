@@ -9,7 +9,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 
-from shared.errors import BlockvaultError, IntegrityError, UsageError
+from shared.errors import BlockvaultError, IntegrityError, ObjectLocked, UsageError
 
 from .chunkindex import announce_deletion
 from .locks import read_locks, repository_lock
@@ -203,27 +203,39 @@ def select_keep(entries: Sequence[tuple[str, datetime]], policy: Policy) -> set[
 class PruneReport:
     kept: list[str] = field(default_factory=list)
     removed: list[str] = field(default_factory=list)
+    protected: list[str] = field(default_factory=list)
+    locked: list[str] = field(default_factory=list)  # under object lock: not removed yet
 
 
 def prune(repo: Repository, policy: Policy, *, dry_run: bool = False) -> PruneReport:
     """Delete the manifests ``policy`` does not keep, per volume (stream backups: per
-    source). Chunks are freed by gc."""
+    source). Chunks are freed by gc. Protected backups are never removed and do not count
+    against the policy (Proxmox Backup Server's rule): they are listed apart."""
     policy.check()
     report = PruneReport()
     with repository_lock(repo.backend, "shared", "prune"):
+        protected = repo.protected_ids()
         groups: dict[tuple[str, str], list[BackupEntry]] = defaultdict(list)
         for entry in repo.backups():
+            if entry.id in protected:
+                report.protected.append(entry.id)
+                continue
             groups[(entry.manifest.kind, entry.manifest.volume)].append(entry)
         for entries in groups.values():
             keep = select_keep([(e.id, e.manifest.created_at) for e in entries], policy)
             for entry in entries:
                 if entry.id in keep:
                     report.kept.append(entry.id)
-                else:
+                elif dry_run:
                     report.removed.append(entry.id)
-                    if not dry_run:
+                else:
+                    try:
                         repo.delete_manifest(entry.id)
-                        log.info("prune.removed id=%s volume=%s", entry.id[:12], entry.manifest.volume)
+                    except ObjectLocked:  # object lock: it goes in a prune after its date
+                        report.locked.append(entry.id)
+                        continue
+                    report.removed.append(entry.id)
+                    log.info("prune.removed id=%s volume=%s", entry.id[:12], entry.manifest.volume)
     return report
 
 
@@ -234,6 +246,8 @@ class GcReport:
     bytesFreed: int = 0
     chunksKept: int = 0
     tmpDeleted: int = 0
+    chunksLocked: int = 0  # unreferenced, but under object lock: deleted by a later gc
+    locksExtended: int = 0  # chunks whose lock was lengthened to a newer backup's
     seconds: float = 0.0
 
 
@@ -242,21 +256,37 @@ def gc(repo: Repository, *, wait: float = 0.0) -> GcReport:
 
     Holds the exclusive lock, so no backup runs meanwhile: a backup that starts waits for
     gc, and gc waits up to ``wait`` seconds for running backups before refusing. A manifest
-    that cannot be read stops gc before anything is deleted."""
+    that cannot be read stops gc before anything is deleted.
+
+    On a store with object lock (``backend.lock_seconds``) a chunk still locked is kept, and a
+    chunk a newer backup uses (written before it, so locked for less) is locked as long as that
+    backup: until its creation plus the lock period."""
     started = time.monotonic()
     report = GcReport()
-    with repository_lock(repo.backend, "exclusive", "gc", wait=wait):
-        referenced: set[str] = set()
+    backend = repo.backend
+    with repository_lock(backend, "exclusive", "gc", wait=wait):
+        referenced: dict[str, float] = {}  # digest -> until when the backups using it are locked
         for mid in repo.manifest_ids():
             try:
-                referenced |= repo.load_manifest(mid).referenced()
+                manifest = repo.load_manifest(mid)
             except BlockvaultError as exc:
                 raise IntegrityError(detail=f"gc stopped, nothing deleted: manifest {mid[:12]}: {exc}") from None
+            until = manifest.created_at.timestamp() + backend.lock_seconds
+            for digest in manifest.referenced():
+                referenced[digest] = max(referenced.get(digest, 0.0), until)
         doomed = []
-        for info in list(repo.backend.list("chunks/")):
+        moment = time.time()
+        for info in list(backend.list("chunks/")):
             digest = info.key.rsplit("/", 1)[1]
             if digest in referenced:
                 report.chunksKept += 1
+                if backend.lock_seconds and info.mtime + backend.lock_seconds < referenced[digest]:
+                    backend.extend_lock(info.key, referenced[digest])
+                    report.locksExtended += 1
+            elif backend.lock_seconds and (
+                info.mtime + backend.lock_seconds > moment or backend.locked_until(info.key) is not None
+            ):
+                report.chunksLocked += 1
             else:
                 doomed.append((digest, info.size))
         if doomed:  # every host's chunk index forgets them before they go (chunkindex.py)

@@ -23,6 +23,7 @@ from typing import Any
 
 from shared.errors import (
     BackupNotFound,
+    BackupProtected,
     BlockvaultError,
     IntegrityError,
     ObjectNotFound,
@@ -78,6 +79,11 @@ def chunk_key(digest_hex: str) -> str:
 
 def manifest_key(manifest_id: str) -> str:
     return f"manifests/{manifest_id}"
+
+
+def protected_key(manifest_id: str) -> str:
+    """The marker that makes a backup protected: an empty object beside the manifests."""
+    return f"protected/{manifest_id}"
 
 
 class Repository:
@@ -273,7 +279,30 @@ class Repository:
         return matches[0]
 
     def delete_manifest(self, manifest_id: str) -> None:
+        """Delete a backup's manifest (gc frees its chunks); BackupProtected while it is
+        protected (:meth:`protect`)."""
+        if self.is_protected(manifest_id):
+            raise BackupProtected(what="backup", uuid=manifest_id[:12], action="delete")
         self.backend.delete(manifest_key(manifest_id))
+
+    # -- protection: backups no delete or prune removes ------------------------------------
+    def protect(self, manifest_id: str) -> None:
+        """Mark a backup protected: :meth:`delete_manifest` and prune refuse it until
+        :meth:`unprotect`. BackupNotFound for a backup the repository does not hold."""
+        if not self.backend.exists(manifest_key(manifest_id)):
+            raise BackupNotFound(location=self.location, backup=manifest_id)
+        self.backend.put(protected_key(manifest_id), b"")
+
+    def unprotect(self, manifest_id: str) -> None:
+        """Lift the protection of a backup (idempotent)."""
+        self.backend.delete(protected_key(manifest_id))
+
+    def is_protected(self, manifest_id: str) -> bool:
+        return self.backend.exists(protected_key(manifest_id))
+
+    def protected_ids(self) -> set[str]:
+        """The ids of every protected backup: one listing."""
+        return {info.key.rsplit("/", 1)[1] for info in self.backend.list("protected/")}
 
     # -- heads: the newest backup of each volume --------------------------------------------
     def head_key(self, volume: str) -> str:

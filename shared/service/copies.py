@@ -83,6 +83,9 @@ def copy_backups(
         src = open_repository(source)
         dst = open_repository(target)  # registered storage holds its repository: never re-create a vanished one
         report = sync(src, dst, ids, bandwidth_limit=bandwidth_limit, progress=progress)
+        for row in rows:  # a protected backup is protected on every storage that holds it
+            if row.protected:
+                dst.protect(manifest_id(sources[row.uuid]))  # type: ignore[arg-type]
     except BlockvaultError:
         session.rollback()
         for ref in targets.values():

@@ -25,12 +25,14 @@ from shared.catalog.models import (
 from shared.celery_app import STORAGE_QUEUE
 from shared.config import get_settings
 from shared.errors import (
+    BackupProtected,
     BlockvaultError,
     Conflict,
     InvalidArgument,
 )
 from shared.inventory import inventory
 from shared.repository.maintenance import gc
+from shared.service import protection
 from shared.service.rows import AnyBackup, AnyRef, check_delete_mode, get, group_backups, manifest_id
 from shared.storage import open_repository, refresh_capacity
 
@@ -56,6 +58,7 @@ def request_delete(
     unknown = [s for s in targets if s not in held]
     if unknown:
         raise InvalidArgument(detail=f"{what} {uuid} has no copy on backup storage {', '.join(unknown)}")
+    protection.check_removable(session, [backup], targets, "delete")
     backup.status = "Deleting"
     session.flush()
     return enqueue(
@@ -82,6 +85,7 @@ def request_vm_delete(
     unknown = [s for s in storage_uuids or [] if s not in held]
     if unknown:  # as for one volume backup
         raise InvalidArgument(detail=f"VM backup {group_uuid} has no copy on backup storage {', '.join(unknown)}")
+    protection.check_removable(session, backups, storage_uuids, "delete")
     for backup in backups:
         backup.status = "Deleting"
     session.flush()
@@ -130,6 +134,10 @@ def delete_backup_copies(
     backup: AnyBackup | None = session.get(model, uuid)  # type: ignore[assignment]
     if backup is None:
         return {"uuid": uuid, "deleted": True}
+    if backup.protected:  # protected after the delete was asked for
+        backup.status = "Ready"
+        session.commit()
+        raise BackupProtected(what=protection.what(backup), uuid=uuid, action="delete")
     refs: list[AnyRef] = list(backup.backupStorageRefs)
     for ref in refs:
         if storage_uuids and ref.backupStorageUuid not in storage_uuids:

@@ -33,7 +33,14 @@ BACKUP_TYPES = ("volumeBackup", "vmBackup", "databaseBackup")
 MAINTENANCE_TYPES = ("verify", "reclaim", "storageSync")  # their targets are backup storages
 JOB_TYPES = BACKUP_TYPES + MAINTENANCE_TYPES
 ADMIN_JOB_TYPES = ("databaseBackup", "reclaim", "storageSync")  # they touch every project's rows: admins' only
-BACKUP_KEYS = {"backupStorageUuids", "fullBackupInterval", "retention", "bandwidthLimit", "databaseUuid"}
+BACKUP_KEYS = {
+    "backupStorageUuids",
+    "fullBackupInterval",
+    "retention",
+    "bandwidthLimit",
+    "databaseUuid",
+    "protectBackups",
+}
 JOB_DATA_KEYS: dict[str | None, set[str]] = {
     None: BACKUP_KEYS,  # a job made before its type is known (validated as a backup job's)
     **{kind: BACKUP_KEYS for kind in BACKUP_TYPES},
@@ -98,6 +105,11 @@ def check_job_data(session: Session, data: Any, kind: str | None = None) -> dict
         if limit == 0:
             raise InvalidArgument(detail="bandwidthLimit must be at least 1 byte/s")
         out["bandwidthLimit"] = limit
+    if data.get("protectBackups") is not None:  # every backup of the group is created protected
+        flag = {"true": True, "false": False}.get(str(data["protectBackups"]).lower())
+        if flag is None or not isinstance(data["protectBackups"], (bool, str)):
+            raise InvalidArgument(detail="protectBackups must be true or false")
+        out["protectBackups"] = flag
     retention = data.get("retention")
     if retention is not None:
         if not isinstance(retention, dict) or set(retention) - RETENTION_KEYS:

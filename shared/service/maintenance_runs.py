@@ -12,7 +12,8 @@ queue and recorded in the job history like backup groups, :mod:`~shared.service.
   back (:func:`~shared.repository.sync.repair_chunks`), and those copies are ``Ready`` again.
 - **reclaim** applies ``retention`` to the backups the storage holds (restic's rules, per
   volume, VM or database; the newest always stays; protected backups are never touched,
-  :func:`is_protected`), then garbage-collects the storage.
+  :func:`shared.service.protection.why_kept`: protected, or under object lock on that
+  storage), then garbage-collects the storage.
 - **storageSync** copies to the target storage every Ready backup its source
   (``srcBackupStorageUuid``, default the current master) holds and it lacks.
 """
@@ -49,6 +50,7 @@ from shared.repository.repo import Repository
 from shared.repository.sync import repair_chunks
 from shared.service.copies import copy_backups, lacking
 from shared.service.deletion import delete_backup_copies, reclaim_storage
+from shared.service.protection import why_kept
 from shared.service.rows import AnyBackup, AnyRef, get, manifest_id
 from shared.storage import current_master, open_repository
 
@@ -65,13 +67,6 @@ def retention_policy(retention: dict[str, int]) -> Policy:
         keep_weekly=retention.get("keepWeekly", 0),
         keep_monthly=retention.get("keepMonthly", 0),
     )
-
-
-def is_protected(row: AnyBackup) -> bool:
-    """The hook for protected backups (issue 24, changeVolumeBackupProtection): a protected
-    backup is never pruned by a reclaim group. Reads the row's ``protected`` flag once the
-    catalog has one; until then no backup is protected."""
-    return bool(getattr(row, "protected", False))
 
 
 def run_maintenance(session: Session, job: ApiJob, group: SchedulerJobGroup) -> dict[str, Any]:
@@ -283,7 +278,7 @@ def reclaim(session: Session, storage: BackupStorage, retention: dict[str, int] 
         series: dict[str, list[tuple[str, datetime]]] = defaultdict(list)
         units = _units(session, storage)
         for key, members in units.items():
-            if any(is_protected(row) for row in members):
+            if why_kept(session, members, [storage.uuid]):  # protected, or under object lock there
                 protected.append(key)
                 continue
             series[_series(members)].append((key, max(aware(row.createDate) for row in members)))

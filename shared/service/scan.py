@@ -153,6 +153,7 @@ def scan_storage(session: Session, storage: BackupStorage) -> dict[str, Any]:
     """Import every backup ``storage`` holds into the catalog; what was imported."""
     repo = open_repository(storage)
     entries = repo.backups()
+    protected = repo.protected_ids()  # a protected backup is imported protected
     imported: dict[str, list[str]] = {"volumeBackups": [], "databaseBackups": [], "vmInstances": [], "volumes": []}
     attached: list[str] = []
     by_manifest: dict[str, VolumeBackup] = {}
@@ -163,6 +164,7 @@ def scan_storage(session: Session, storage: BackupStorage) -> dict[str, Any]:
         row, new = (_database_backup_row if database else _volume_backup_row)(session, repo, entry)
         if new:
             imported["databaseBackups" if database else "volumeBackups"].append(row.uuid)
+            row.protected = entry.id in protected
         ref = ref_on(row, storage.uuid)
         if ref is None or ref.status not in ("Ready", "Corrupted"):  # a scan lists, it does not verify
             ref = ref or add_ref(row, storage.uuid)

@@ -46,7 +46,7 @@ from shared.errors import BlockvaultError, Conflict, NotFound
 from shared.repository.maintenance import select_keep
 from shared.schedule import due_fire, fire_times_after
 from shared.secret import keyed_hash
-from shared.service import database_backups, volume_backups
+from shared.service import database_backups, protection, quotas, volume_backups
 from shared.service.copies import copy_backups
 from shared.service.deletion import delete_backup_copies
 from shared.service.jobgroups import MAINTENANCE_TYPES, trigger_spec
@@ -332,9 +332,12 @@ def run_scheduled(session: Session, job: ApiJob) -> dict[str, Any]:
         if volume is None:
             raise NotFound(resource="volume", uuid=target)
         volumes, group_uuid = [volume], None
+        quotas.check(session, volume.projectUuid, "scheduled backup")
     else:
-        if session.get(VmInstance, target) is None:
+        vm = session.get(VmInstance, target)
+        if vm is None:
             raise NotFound(resource="VM instance", uuid=target)
+        quotas.check(session, vm.projectUuid, "scheduled backup")
         volumes = list(
             session.scalars(
                 select(Volume).where(Volume.vmInstanceUuid == target).order_by(Volume.type.desc(), Volume.createDate)
@@ -351,6 +354,8 @@ def run_scheduled(session: Session, job: ApiJob) -> dict[str, Any]:
     job.params = {**params, "backupUuids": [r.uuid for r in rows]}  # so a failure marks them Failed
     session.commit()
     done, first = volume_backups.take_backups(session, rows, first, full=full, job_uuid=job.uuid)
+    if data.get("protectBackups"):
+        _protect(session, rows)
     synced = [
         _sync_copy(session, rows, first, extra, data.get("bandwidthLimit"))
         for extra in storages[1:]
@@ -386,9 +391,12 @@ def _run_database_backup(
     job.params = {**params, "databaseBackupUuids": [row.uuid]}  # so a failure marks it Failed
     session.commit()
     done, first = database_backups.take_database_backup(session, row, storages[0], job.uuid)
+    if data.get("protectBackups"):
+        _protect(session, [row])
     limit = data.get("bandwidthLimit")
     synced = [_sync_copy(session, [row], first, extra, limit) for extra in storages[1:] if extra.uuid != first.uuid]
     removed: list[str] = []
+    kept: dict[str, str] = {}
     retention = data.get("retention")
     if retention:
         policy = retention_policy(retention)
@@ -397,6 +405,8 @@ def _run_database_backup(
             for r in session.scalars(select(DatabaseBackup).where(DatabaseBackup.status == "Ready"))
             if (r.metadata_ or {}).get("schedulerJobGroupUuid") == group.uuid
         ]
+        kept = {r.uuid: reason for r in rows if (reason := protection.why_kept(session, [r]))}
+        rows = [r for r in rows if r.uuid not in kept]  # protected or locked: not the policy's to count
         keep = select_keep([(r.uuid, aware(r.createDate)) for r in rows], policy)
         for old in rows:
             if old.uuid not in keep:
@@ -411,8 +421,18 @@ def _run_database_backup(
         "seconds": done["stats"]["seconds"],
         "backupStorageUuid": first.uuid,
         "synced": synced,
-        "retention": {"removed": removed} if retention else {},
+        "retention": {"removed": removed, **_left(kept)} if retention else {},
     }
+
+
+def _protect(session: Session, rows: Sequence[VolumeBackup | DatabaseBackup]) -> None:
+    """A group with ``protectBackups``: its new backups are protected once they are Ready (a
+    failed one stays deletable), before any copy is made (the copies are protected too)."""
+    for row in rows:
+        session.refresh(row)
+        row.protected = True
+        protection.mark_copies(session, row)
+    session.commit()
 
 
 def _sync_copy(
@@ -450,6 +470,8 @@ def _apply_retention(
     units: dict[str, list[VolumeBackup]] = {}
     for row in rows:
         units.setdefault(row.groupUuid or row.uuid, []).append(row)
+    kept = {key: reason for key, members in units.items() if (reason := protection.why_kept(session, members))}
+    units = {key: members for key, members in units.items() if key not in kept}
     keep = select_keep([(key, max(aware(r.createDate) for r in members)) for key, members in units.items()], policy)
     removed = []
     for key, members in units.items():
@@ -459,7 +481,16 @@ def _apply_retention(
             delete_backup_copies(session, row.uuid, None, reclaim=False)
             removed.append(row.uuid)
     session.commit()
-    return {"kept": len(keep), "removed": removed}
+    return {"kept": len(keep), "removed": removed, **_left(kept)}
+
+
+def _left(kept: dict[str, str]) -> dict[str, list[str]]:
+    """What retention left alone and why, for the history: ``protected`` and ``locked``
+    (under object lock: a later run removes it) backups (VM backups by their group)."""
+    out: dict[str, list[str]] = {}
+    for key, reason in sorted(kept.items()):
+        out.setdefault(reason, []).append(key)
+    return out
 
 
 # -- history -------------------------------------------------------------------------------------

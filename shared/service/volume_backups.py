@@ -38,6 +38,7 @@ from shared.inventory import inventory
 from shared.repository.backup import BackupResult, backup_volume
 from shared.repository.live import LiveDisk, LiveResult, backup_live
 from shared.repository.repo import Repository, install_path, parse_install_path
+from shared.service import quotas
 from shared.service.copies import replicate
 from shared.service.rows import (
     backup_repository,
@@ -106,6 +107,7 @@ def request_volume_backup(session: Session, volume_uuid: str, params: dict[str, 
     storage = pick_storage(session, params.get("backupStorageUuid"))
     force = _force(params)
     _check_backup_allowed(_running_vm(session, volume), force)
+    quotas.check(session, volume.projectUuid, "backup")
     connected_host(session, volume.hostUuid)
     backup = new_backup_row(session, volume, storage, str(name), None, params.get("description"))
     session.flush()
@@ -140,6 +142,7 @@ def request_vm_backup(session: Session, root_volume_uuid: str, params: dict[str,
         raise Conflict(detail=f"VM {vm.uuid} has volumes on several hosts")
     for volume in volumes:
         ready_volume(session, volume.uuid)
+    quotas.check(session, vm.projectUuid or root.projectUuid, "backup")
     connected_host(session, root.hostUuid)
     group = new_uuid()
     name = str(params.get("name") or f"backup-{vm.name or vm.uuid[:8]}")

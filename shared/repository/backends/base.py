@@ -32,6 +32,9 @@ class Backend(abc.ABC):
     # takes objects from append-only and site tokens, and can check one against its name only
     # where the repository has no keys. ``sync`` reads back what it relies on in the others.
     foreign_writers: bool = False
+    # Object lock (a PublicCloud storage registered with one): chunks and manifests are written
+    # locked for this many seconds, and the store refuses to delete them before. 0: no lock.
+    lock_seconds: float = 0.0
 
     @abc.abstractmethod
     def put(self, key: str, data: Buffer, *, overwrite: bool = True) -> None:
@@ -75,6 +78,15 @@ class Backend(abc.ABC):
         """``(total, available)`` bytes of the store, or None when it has no such limit (S3).
         Raises like any call when the store cannot be reached: it doubles as a health check."""
         return None
+
+    def locked_until(self, key: str) -> float | None:
+        """The Unix time until which the store refuses to delete ``key`` (its object lock), or
+        None when it is not locked (a store without locks: always None)."""
+        return None
+
+    def extend_lock(self, key: str, until: float) -> None:  # noqa: B027 - stores without locks
+        """Keep ``key`` locked until at least ``until`` (a lock is only ever lengthened); a store
+        without locks has nothing to do."""
 
     def exists(self, key: str) -> bool:
         """Whether an object is stored under ``key``."""

@@ -38,6 +38,7 @@ class RetryingBackend(Backend):
         self.inner = inner
         self.location = inner.location
         self.foreign_writers = inner.foreign_writers
+        self.lock_seconds = inner.lock_seconds
         self.attempts = attempts
         self._policy = {
             "retry": retry_if_exception(_retryable),
@@ -80,6 +81,12 @@ class RetryingBackend(Backend):
     def missing(self, keys: Iterable[str]) -> set[str]:
         wanted = list(keys)
         return self._call(lambda: self.inner.missing(wanted))
+
+    def locked_until(self, key: str) -> float | None:
+        return self._call(lambda: self.inner.locked_until(key))
+
+    def extend_lock(self, key: str, until: float) -> None:
+        self._call(lambda: self.inner.extend_lock(key, until))
 
     def flush(self) -> None:
         self._call(self.inner.flush)

@@ -13,9 +13,11 @@ import functools
 import logging
 import math
 import threading
+import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import TYPE_CHECKING, TypeVar, cast
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 from urllib.parse import urlparse
 
 import boto3
@@ -38,6 +40,7 @@ from shared.errors import (
     BackendForbidden,
     BackendUnavailable,
     BucketNotFound,
+    ObjectLocked,
     ObjectNotFound,
     UsageError,
 )
@@ -63,6 +66,9 @@ POOL_SIZE = 16
 LIST_COST = 12
 LIST_MIN_KEYS = 24
 LIST_PAGE = 1000  # keys per LIST page: S3's maximum
+LOCK_MODES = ("GOVERNANCE", "COMPLIANCE")
+MAX_LOCK_DAYS = 36500.0  # S3 keeps a retention of up to 100 years
+LOCKED_FOLDERS = ("chunks/", "manifests/")  # what object lock covers: a backup's own objects
 
 _NOT_FOUND = {"NoSuchKey", "NotFound", "404"}
 _AUTH = {
@@ -97,6 +103,10 @@ _client_lock = threading.Lock()
 @functools.cache
 def _session() -> boto3.session.Session:
     return boto3.session.Session()
+
+
+def _iso(moment: float) -> str:
+    return datetime.fromtimestamp(moment, UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
 
 
 def _new_client(
@@ -149,11 +159,19 @@ class S3Backend(Backend):
         part_size: int = PART_SIZE,
         connect_timeout: float = 5.0,
         read_timeout: float = 60.0,
+        lock_mode: str | None = None,
+        lock_days: float = 0.0,
     ) -> None:
         if not bucket:
             raise UsageError(detail="an s3 location names a bucket: s3://bucket/prefix")
         if bool(access_key) != bool(secret_key):
             raise UsageError(detail="give both accessKey and secretKey, or neither")
+        if (lock_mode is None) != (lock_days <= 0):
+            raise UsageError(detail="object lock takes objectLockMode and objectLockDays (over 0), or neither")
+        if lock_mode is not None and lock_mode not in LOCK_MODES:
+            raise UsageError(detail=f"objectLockMode must be {' or '.join(LOCK_MODES)}, got {lock_mode!r}")
+        self.lock_mode = lock_mode
+        self.lock_seconds = lock_days * 86400.0
         self.bucket = bucket
         self.prefix = prefix.strip("/") + "/" if prefix.strip("/") else ""
         self.location = f"s3://{bucket}/{self.prefix}"
@@ -176,13 +194,22 @@ class S3Backend(Backend):
     @classmethod
     def from_url(cls, location: str, options: Mapping[str, str | None]) -> S3Backend:
         """``s3://bucket/prefix`` with the ``endpoint`` (default AWS), ``region`` (default
-        us-east-1), ``accessKey`` and ``secretKey`` of ``options``. The process's settings
+        us-east-1), ``accessKey`` and ``secretKey`` of ``options``, and for a bucket with Object
+        Lock enabled ``objectLockMode`` (GOVERNANCE or COMPLIANCE) and ``objectLockDays`` (the
+        retention of each chunk and manifest written; a decimal number). The process's settings
         (``BLOCKVAULT_S3_ENDPOINT`` or ``AWS_ENDPOINT_URL(_S3)``, ``AWS_DEFAULT_REGION``) are
         given there by the caller: this reads no environment. Without keys, botocore's own
         credential chain (``AWS_ACCESS_KEY_ID``, ``~/.aws``, an instance role) applies."""
         parsed = urlparse(location)
         if parsed.scheme != "s3" or not parsed.netloc:
             raise UsageError(detail=f"{location!r} is not an s3://bucket/prefix location")
+        days = options.get("objectLockDays") or "0"
+        try:
+            lock_days = float(days)
+        except ValueError:
+            raise UsageError(detail=f"objectLockDays must be a number of days, got {days!r}") from None
+        if not math.isfinite(lock_days) or not 0 <= lock_days <= MAX_LOCK_DAYS:
+            raise UsageError(detail=f"objectLockDays must be a positive number of days up to 36500, got {days!r}")
         return cls(
             parsed.netloc,
             parsed.path,
@@ -190,6 +217,8 @@ class S3Backend(Backend):
             region=options.get("region") or "us-east-1",
             access_key=options.get("accessKey") or None,
             secret_key=options.get("secretKey") or None,
+            lock_mode=options.get("objectLockMode") or None,
+            lock_days=lock_days,
         )
 
     # -- errors -----------------------------------------------------------------------------
@@ -245,13 +274,14 @@ class S3Backend(Backend):
             # (same key, same bytes) or written once by init, so the loser's PUT is harmless.
             return
         conditional = not overwrite and self._conditional
+        lock = self._lock_params(key)
         try:
             if len(body) > self.multipart_threshold:
-                self._put_multipart(name, body, conditional)
+                self._put_multipart(name, body, conditional, lock)
             elif conditional:
-                self._client.put_object(Bucket=self.bucket, Key=name, Body=body, IfNoneMatch="*")
+                self._client.put_object(Bucket=self.bucket, Key=name, Body=body, IfNoneMatch="*", **lock)
             else:
-                self._client.put_object(Bucket=self.bucket, Key=name, Body=body)
+                self._client.put_object(Bucket=self.bucket, Key=name, Body=body, **lock)
         except ClientError as exc:
             code = str(exc.response.get("Error", {}).get("Code") or "")
             if conditional and code == "PreconditionFailed":
@@ -264,11 +294,11 @@ class S3Backend(Backend):
         except BotoCoreError as exc:
             raise self._error(exc, key) from None
 
-    def _put_multipart(self, name: str, body: bytes, conditional: bool) -> None:
+    def _put_multipart(self, name: str, body: bytes, conditional: bool, lock: dict[str, Any]) -> None:
         """Upload ``body`` in parts; the upload is aborted if any step fails, so no parts
         linger (a bucket lifecycle rule AbortIncompleteMultipartUpload catches a killed one)."""
         part_size = max(self.part_size, math.ceil(len(body) / MAX_PARTS))
-        upload_id = self._client.create_multipart_upload(Bucket=self.bucket, Key=name)["UploadId"]
+        upload_id = self._client.create_multipart_upload(Bucket=self.bucket, Key=name, **lock)["UploadId"]
         try:
             view = memoryview(body)
             parts: list[CompletedPartTypeDef] = []
@@ -321,7 +351,74 @@ class S3Backend(Backend):
 
     def delete(self, key: str) -> None:
         name = self._key(key)  # S3 answers 204 for a missing key too: idempotent as it is
-        self._call(key, lambda: self._client.delete_object(Bucket=self.bucket, Key=name))
+        if self.lock_mode is None:
+            self._call(key, lambda: self._client.delete_object(Bucket=self.bucket, Key=name))
+            return
+        # A bucket with Object Lock is versioned: a plain DELETE would only hide the object
+        # behind a delete marker (and succeed even while it is locked). Every version goes, and
+        # a locked one is refused before anything is touched.
+        until = self.locked_until(key) if key.startswith(LOCKED_FOLDERS) else None
+        if until is not None:
+            raise ObjectLocked(location=self.location, key=key, until=_iso(until))
+        for version in self._versions(name):
+            try:
+                self._client.delete_object(Bucket=self.bucket, Key=name, VersionId=version)
+            except ClientError as exc:
+                if str(exc.response.get("Error", {}).get("Code")) == "AccessDenied":
+                    raise ObjectLocked(location=self.location, key=key, until="a date S3 keeps") from None
+                raise self._error(exc, key) from None
+            except BotoCoreError as exc:
+                raise self._error(exc, key) from None
+
+    # -- object lock ------------------------------------------------------------------------
+    def _lock_params(self, key: str) -> dict[str, Any]:
+        """The put parameters that lock a new chunk or manifest for ``lock_seconds``."""
+        if self.lock_mode is None or not key.startswith(LOCKED_FOLDERS):
+            return {}
+        until = datetime.fromtimestamp(time.time() + self.lock_seconds, UTC)
+        return {"ObjectLockMode": self.lock_mode, "ObjectLockRetainUntilDate": until}
+
+    def _versions(self, name: str) -> list[str]:
+        """The version ids of ``name`` (delete markers too)."""
+        found: list[str] = []
+        pages = self._client.get_paginator("list_object_versions").paginate(Bucket=self.bucket, Prefix=name)
+        try:
+            for page in pages:
+                for item in (*page.get("Versions", ()), *page.get("DeleteMarkers", ())):
+                    if item["Key"] == name and item.get("VersionId"):
+                        found.append(str(item["VersionId"]))
+        except (ClientError, BotoCoreError) as exc:
+            raise self._error(exc, name) from None
+        return found
+
+    def locked_until(self, key: str) -> float | None:
+        """From the object's HEAD: its retain-until date while that is in the future."""
+        if self.lock_mode is None:
+            return None
+        name = self._key(key)
+        try:
+            head = self._client.head_object(Bucket=self.bucket, Key=name)
+        except (ClientError, BotoCoreError) as exc:
+            error = self._error(exc, key)
+            if isinstance(error, ObjectNotFound):
+                return None
+            raise error from None
+        until = head.get("ObjectLockRetainUntilDate")
+        if until is None or until.timestamp() <= time.time():
+            return None
+        return float(until.timestamp())
+
+    def extend_lock(self, key: str, until: float) -> None:
+        if self.lock_mode is None:
+            return
+        name = self._key(key)
+        date = datetime.fromtimestamp(until, UTC)
+        self._call(
+            key,
+            lambda: self._client.put_object_retention(
+                Bucket=self.bucket, Key=name, Retention={"Mode": cast(Any, self.lock_mode), "RetainUntilDate": date}
+            ),
+        )
 
     def list(self, prefix: str) -> Iterator[ObjectInfo]:
         strip = len(self.prefix)
@@ -408,8 +505,21 @@ class S3Backend(Backend):
     # -- the store --------------------------------------------------------------------------
     def create(self) -> None:
         """Check that the bucket exists and the credentials reach it; buckets are made by
-        whoever owns the account (with its region, policy and lifecycle rules), never here."""
+        whoever owns the account (with its region, policy and lifecycle rules), never here.
+        With object lock, the bucket must have Object Lock enabled."""
         self._head_bucket()
+        if self.lock_mode is not None:
+            try:
+                config = self._client.get_object_lock_configuration(Bucket=self.bucket)
+                enabled = config.get("ObjectLockConfiguration", {}).get("ObjectLockEnabled") == "Enabled"
+            except ClientError as exc:
+                if str(exc.response.get("Error", {}).get("Code")) != "ObjectLockConfigurationNotFoundError":
+                    raise self._error(exc, "(bucket)") from None
+                enabled = False
+            except BotoCoreError as exc:
+                raise self._error(exc, "(bucket)") from None
+            if not enabled:
+                raise UsageError(detail=f"bucket {self.bucket} has no Object Lock enabled: objectLockMode refused")
 
     def capacity(self) -> tuple[int, int] | None:
         """None (a bucket has no size limit) after a HEAD of the bucket: the health check
@@ -451,6 +561,8 @@ ENTRY = register(
             Field("region", help="its region.", setting="s3_region"),
             Field("accessKey", help="the access key.", secret=True, envvar="AWS_ACCESS_KEY_ID"),
             Field("secretKey", help="the secret key.", secret=True, envvar="AWS_SECRET_ACCESS_KEY"),
+            Field("objectLockMode", help="GOVERNANCE or COMPLIANCE: a bucket with Object Lock enabled."),
+            Field("objectLockDays", help="days each chunk and manifest stays locked (decimal)."),
         ),
         encrypted=True,
         url_form="s3://bucket/prefix",

@@ -208,6 +208,8 @@ def test_without_the_new_type_everything_is_as_before(monkeypatch: pytest.Monkey
         ("--region", "region", None, False),
         ("--access-key", "accessKey", "AWS_ACCESS_KEY_ID", True),
         ("--secret-key", "secretKey", "AWS_SECRET_ACCESS_KEY", True),
+        ("--object-lock-mode", "objectLockMode", None, False),
+        ("--object-lock-days", "objectLockDays", None, False),
         ("--encryption-passphrase", "encryptionPassphrase", "BLOCKVAULT_STORAGE_PASSPHRASE", True),
     }
     assert {t.storage_type: t.required for t in registry.types()} == {

@@ -27,6 +27,7 @@ from shared.metrics import verify_metrics
 from shared.repository.backends.file import FileBackend
 from shared.repository.repo import chunk_key
 from shared.service import jobgroups
+from shared.service.protection import change_protection
 from shared.service.rows import manifest_id
 from shared.service.scheduled_runs import MANUAL, fire, run_scheduled
 from tests.shared.service.conftest import Site, content, overwrite
@@ -221,6 +222,27 @@ def test_reclaim_prunes_what_retention_says_on_that_storage_only_then_collects(s
     assert site.restored(standby, oldest) != content(kept_volume)  # an older state, still whole
     again = _fire_and_run(site, group, T0 + HOUR)
     assert (again["retention"]["removed"], again["gc"]["chunksDeleted"]) == ([], 0)
+
+
+def test_reclaim_never_prunes_a_protected_backup(site: Site) -> None:
+    master = site.storage()
+    volume = site.volume("a.raw", seed=1)
+    backups = [site.backup(volume)]
+    for index in (1, 2):
+        overwrite(volume, index)
+        backups.append(site.backup(volume, mode="full"))
+    oldest = site.session.get_one(VolumeBackup, backups[0].uuid)
+    change_protection(site.session, [oldest], True, admin=False)  # the catalog's flag and the repository's marker
+    group = _group(site, "reclaim", [master.uuid], retention={"keepLast": 1})
+    uuids = [row.uuid for row in backups]
+    survivors = sorted(manifest_id(site.ref(row, master)) for row in (oldest, backups[2]))
+
+    result = _fire_and_run(site, group, T0)
+
+    assert result["retention"] == {"kept": 1, "removed": [uuids[1]], "protected": [uuids[0]]}
+    with site.repository(master) as repo:
+        assert sorted(repo.manifest_ids()) == survivors
+    assert site.restored(master, backups[2]) == content(volume)
 
 
 def test_storage_sync_brings_a_standby_up_to_date(site: Site) -> None:
