@@ -4,16 +4,23 @@ There is no static beat schedule: every tick reads the enabled triggers and the 
 attached to them (so changes apply without a restart), fires what is due and sleeps until the
 next fire time (at most ``MAX_SLEEP`` seconds). Two beats may run at once: a fire is recorded
 once and each target's job id is derived from the fire, so nothing runs twice.
+
+Every ``PASS_SECONDS`` a tick also runs the notification pass
+(:func:`shared.notifications.delivery.run_pass`): the one place notifications are evaluated
+and sent. Several beats may run it at once: events, digests and sends are claimed in the
+catalog, so each goes out once.
 """
 
 from __future__ import annotations
 
 import logging
+import time
 from typing import Any
 
 from celery.beat import Scheduler
 
 from shared.catalog import db
+from shared.notifications import delivery
 from shared.secret import check_at_start
 from shared.service import scheduled_runs
 
@@ -31,10 +38,24 @@ class CatalogScheduler(Scheduler):  # type: ignore[misc]
     def tick(self, *args: Any, **kwargs: Any) -> float:
         try:
             with db.session() as session:
-                return min(MAX_SLEEP, scheduled_runs.tick(session))
+                wait = min(MAX_SLEEP, scheduled_runs.tick(session))
         except Exception:
             log.warning("beat.tick_failed", exc_info=True)
-            return MAX_SLEEP
+            wait = MAX_SLEEP
+        self.notify()
+        return wait
+
+    def notify(self) -> None:
+        """Run the notification pass when the last one is ``PASS_SECONDS`` old."""
+        started = time.monotonic()
+        if started < getattr(self, "_next_pass", 0.0):
+            return
+        self._next_pass = started + delivery.PASS_SECONDS
+        try:
+            with db.session() as session:
+                delivery.run_pass(session)
+        except Exception:
+            log.warning("beat.notification_pass_failed", exc_info=True)
 
     @property
     def info(self) -> str:
