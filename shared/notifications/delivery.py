@@ -2,7 +2,8 @@
 
 :func:`dispatch` puts every new event into the open delivery (Pending or Failed) of each
 target an enabled rule of its kind names; an event is claimed with a conditional UPDATE, so
-with several beats each event lands once. :func:`send_due` sends an open delivery when its
+with several beats each event lands once (and the open delivery is locked while an event is
+added, so none is lost between two beats). :func:`send_due` sends an open delivery when its
 target's last message is ``throttleSeconds`` old (or there is none) and its retry time has
 come; the delivery is claimed the same way (Pending/Failed -> Sending), so it goes out once.
 A failed send leaves the delivery Failed, its error and attempt count in the history, and
@@ -65,6 +66,8 @@ def _open_delivery(session: Session, target: NotificationTarget) -> Notification
             NotificationDelivery.test.is_(False),
         )
         .order_by(NotificationDelivery.createDate)
+        .with_for_update()  # two beats appending to one digest: one after the other, none lost
+        .execution_options(populate_existing=True)
     ).first()
     if found is None:
         found = NotificationDelivery(targetUuid=target.uuid, targetName=target.name, status="Pending", eventIds=[])
