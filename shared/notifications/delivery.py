@@ -187,6 +187,7 @@ def send_due(session: Session, moment: datetime) -> int:
             or_(NotificationDelivery.nextAttemptDate.is_(None), NotificationDelivery.nextAttemptDate <= moment),
         )
         .order_by(NotificationDelivery.createDate)
+        .execution_options(populate_existing=True)  # the rows as they are now, not as this session last saw them
     ).all()
     sent = 0
     for delivery, target in candidates:

@@ -264,3 +264,22 @@ def test_two_beats_at_once_send_each_event_once(site: Site, webhook: Receiver) -
     listed = [event for row in rows for event in row.eventIds]
     assert len(listed) == len(set(listed)) == len(jobs)  # every event in exactly one digest
     assert session.query(NotificationEvent).count() == len(jobs)
+
+
+def test_a_digest_left_sending_by_a_killed_beat_is_sent_by_the_next_pass(site: Site, webhook: Receiver) -> None:
+    session = site.session
+    hook = hook_target(session, webhook.url, throttle=0)
+    rule(session, "jobFailed", hook)
+    jobs = failed_jobs(session, 2)
+    start = now()
+    conditions.evaluate(session, start)
+    delivery.dispatch(session)
+    [row] = history(session)
+    row.status = "Sending"  # claimed by a beat that died before it recorded anything
+    session.commit()
+    assert delivery.run_pass(session, start) == 0  # a beat may still be sending it
+    assert not webhook.bodies
+    assert delivery.run_pass(session, start + delivery.STUCK + timedelta(seconds=1)) == 1
+    [row] = history(session)
+    assert (row.status, row.attempts) == ("Sent", 1)
+    assert sorted(e["details"]["jobUuid"] for e in webhook.bodies[0]["events"]) == sorted(j.uuid for j in jobs)
