@@ -120,8 +120,10 @@ def notification_target_action(uuid: str, body: dict[str, Any], session: DbSessi
 
 @router.delete("/notification-targets/{uuid}", response_model=Done)
 def delete_notification_target(uuid: str, session: DbSession) -> JSONResponse:
-    """Delete a target; the rules that named it no longer do (its history stays)."""
+    """Delete a target; the rules that named it no longer do; its history stays, an unsent
+    digest marked Failed (``the target was deleted``)."""
     target = _get(session, NotificationTarget, uuid, "notification target")
+    delivery.abandon(session, target)
     for rule in session.scalars(select(NotificationRule)):
         if target.uuid in rule.targetUuids:
             rule.targetUuids = [t for t in rule.targetUuids if t != target.uuid]
@@ -142,8 +144,8 @@ def _rule_fields(session: DbSession, rule: NotificationRule, p: dict[str, Any]) 
         for uuid in uuids:
             _get(session, NotificationTarget, uuid, "notification target")
         rule.targetUuids = sorted(set(uuids))
-    if "parameters" in p:
-        given = p["parameters"] or {}
+    if "parameters" in p or "eventType" in p:  # a new eventType checks the parameters kept too
+        given = p.get("parameters", rule.parameters) or {}
         allowed = RULE_PARAMETERS.get(rule.eventType, {})
         if not isinstance(given, dict):
             raise InvalidArgument(detail="parameters must be an object")

@@ -209,6 +209,16 @@ def send_due(session: Session, moment: datetime) -> int:
     return sent
 
 
+def abandon(session: Session, target: NotificationTarget) -> None:
+    """Close the unsent digests of ``target`` (being deleted): Failed, never retried."""
+    session.execute(
+        update(NotificationDelivery)
+        .where(NotificationDelivery.targetUuid == target.uuid, NotificationDelivery.status.in_(OPEN))
+        .values(status="Failed", lastError="the target was deleted", nextAttemptDate=None)
+        .execution_options(synchronize_session=False)
+    )
+
+
 def test_target(session: Session, target: NotificationTarget) -> NotificationDelivery:
     """Send a test message to ``target`` now (throttle aside) and record it in the history."""
     delivery = NotificationDelivery(

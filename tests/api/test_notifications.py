@@ -17,6 +17,8 @@ from fastapi.testclient import TestClient
 
 from api.cli import notifications as cli
 from api.client import Client
+from shared.catalog import db
+from shared.catalog.models import NotificationDelivery
 from tests import notify_fixtures
 from tests.api.conftest import admin_settings, app_client
 from tests.notify_fixtures import SMTP_PASSWORD, SMTP_USER, WEBHOOK_SECRET, Mailbox, Receiver
@@ -116,7 +118,11 @@ def test_targets_rules_test_action_and_history(api: Api, webhook: Receiver, smtp
     ]
     no_secret(histories)
 
+    with db.session() as session:  # a digest the beat has not sent yet
+        session.add(NotificationDelivery(targetUuid=hook["uuid"], targetName="ops-hook", status="Pending", eventIds=[]))
     api.ok("DELETE", f"/notification-targets/{hook['uuid']}")
+    closed = api.ok("GET", f"/notification-histories?q=targetUuid={hook['uuid']}&q=test=false")["inventories"]
+    assert [(h["status"], h["lastError"]) for h in closed] == [("Failed", "the target was deleted")]
     assert api.ok("GET", f"/notification-rules/{made['uuid']}")["inventories"][0]["targetUuids"] == [mail["uuid"]]
     status, answer = api.call("GET", f"/notification-targets/{hook['uuid']}")
     assert (status, answer["error"]["code"]) == (404, "NOT_FOUND")
@@ -163,6 +169,11 @@ def test_members_get_403_and_bad_inputs_are_4xx_with_stable_codes(api: Api) -> N
     for params, want, code in bad_rules:
         status, answer = api.call("POST", "/notification-rules", {"params": params})
         assert (status, answer["error"]["code"]) == (want, code or "INVALID_ARGUMENT"), (params, answer)
+    full = {"name": "r", "eventType": "storageFull", "targetUuids": [uuid], "parameters": {"fillRatio": 0.8}}
+    made = api.ok("POST", "/notification-rules", {"params": full})["inventory"]
+    body = {"updateNotificationRule": {"eventType": "jobFailed"}}  # fillRatio means nothing to jobFailed
+    status, answer = api.call("PUT", f"/notification-rules/{made['uuid']}/actions", body)
+    assert (status, answer["error"]["code"]) == (400, "INVALID_ARGUMENT"), answer
     for body in ({"sendEverything": {}}, {"changeNotificationTargetState": {"stateEvent": "off"}}):
         status, answer = api.call("PUT", f"/notification-targets/{uuid}/actions", body)
         assert (status, answer["error"]["code"]) == (400, "INVALID_ARGUMENT"), answer
