@@ -5,15 +5,16 @@ attached to them (so changes apply without a restart), fires what is due and sle
 next fire time (at most ``MAX_SLEEP`` seconds). Two beats may run at once: a fire is recorded
 once and each target's job id is derived from the fire, so nothing runs twice.
 
-Every ``PASS_SECONDS`` a tick also runs the notification pass
-(:func:`shared.notifications.delivery.run_pass`): the one place notifications are evaluated
-and sent. Several beats may run it at once: events, digests and sends are claimed in the
-catalog, so each goes out once.
+A thread of the beat runs the notification pass (:func:`shared.notifications.delivery.run_pass`)
+every ``PASS_SECONDS``: the one place notifications are evaluated and sent, beside the fires but
+never in their way (a slow mail server does not delay a fire). Several beats may run it at
+once: events, digests and sends are claimed in the catalog, so each goes out once.
 """
 
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from typing import Any
 
@@ -34,32 +35,31 @@ class CatalogScheduler(Scheduler):  # type: ignore[misc]
     def setup_schedule(self) -> None:
         db.migrate()
         check_at_start("beat")
+        threading.Thread(target=notification_loop, name="beat-notifications", daemon=True).start()
 
     def tick(self, *args: Any, **kwargs: Any) -> float:
         try:
             with db.session() as session:
-                wait = min(MAX_SLEEP, scheduled_runs.tick(session))
+                return min(MAX_SLEEP, scheduled_runs.tick(session))
         except Exception:
             log.warning("beat.tick_failed", exc_info=True)
-            wait = MAX_SLEEP
-        self.notify()
-        return wait
+            return MAX_SLEEP
 
-    def notify(self) -> None:
-        """Run the notification pass when the last one is ``PASS_SECONDS`` old."""
+    @property
+    def info(self) -> str:
+        return "catalog (job groups and triggers)"
+
+
+def notification_loop() -> None:
+    """Run the notification pass every ``PASS_SECONDS``, for the life of the beat."""
+    while True:
         started = time.monotonic()
-        if started < getattr(self, "_next_pass", 0.0):
-            return
-        self._next_pass = started + delivery.PASS_SECONDS
         try:
             with db.session() as session:
                 delivery.run_pass(session)
         except Exception:
             log.warning("beat.notification_pass_failed", exc_info=True)
-
-    @property
-    def info(self) -> str:
-        return "catalog (job groups and triggers)"
+        time.sleep(max(0.0, delivery.PASS_SECONDS - (time.monotonic() - started)))
 
 
 def run_beat(loglevel: str = "INFO") -> None:
