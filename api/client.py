@@ -352,6 +352,36 @@ class Client:
     def delete_access_key(self, key_uuid: str) -> None:
         self.request("DELETE", f"/v1/accesskeys/{key_uuid}")
 
+    # -- notifications (admins) ----------------------------------------------------------------------
+    def create_notification_target(self, name: str, target_type: str, **params: Any) -> dict[str, Any]:
+        """A webhook or smtp target (docs/notifications.md); its secrets are never answered."""
+        return self.create("notification-targets", {"name": name, "type": target_type, **params})
+
+    def update_notification_target(self, target_uuid: str, **params: Any) -> dict[str, Any]:
+        return dict(self.action("notification-targets", target_uuid, "updateNotificationTarget", params))  # type: ignore[arg-type]
+
+    def test_notification_target(self, target_uuid: str) -> dict[str, Any]:
+        """Send a test message now: the history row (``status`` Sent, or Failed with ``lastError``)."""
+        return dict(self.action("notification-targets", target_uuid, "testNotificationTarget"))  # type: ignore[arg-type]
+
+    def delete_notification_target(self, target_uuid: str) -> None:
+        self.request("DELETE", f"/v1/notification-targets/{target_uuid}")
+
+    def create_notification_rule(
+        self, name: str, event_type: str, target_uuids: Sequence[str], **parameters: Any
+    ) -> dict[str, Any]:
+        params = {"name": name, "eventType": event_type, "targetUuids": list(target_uuids)}
+        return self.create("notification-rules", {**params, **({"parameters": parameters} if parameters else {})})
+
+    def delete_notification_rule(self, rule_uuid: str) -> None:
+        self.request("DELETE", f"/v1/notification-rules/{rule_uuid}")
+
+    def notification_histories(self, *conditions: str) -> list[dict[str, Any]]:
+        rows: list[dict[str, Any]] = self.query("notification-histories", *conditions, sort="-createDate")[
+            "inventories"
+        ]
+        return rows
+
     # -- scheduling ----------------------------------------------------------------------------------
     def create_job_group(self, name: str, job_type: str, **job_data: Any) -> dict[str, Any]:
         """A job group of ``job_type`` (volumeBackup, vmBackup, databaseBackup); ``job_data``

@@ -332,3 +332,11 @@ class StreamFailed(BlockvaultError):
 
     code = "STREAM_FAILED"
     http_status = 500
+
+
+class DeliveryFailed(BlockvaultError):
+    """notification target {target}: {detail}"""
+
+    code = "NOTIFICATION_DELIVERY_FAILED"
+    http_status = 503
+    retryable = True

@@ -33,6 +33,7 @@ from shared.catalog.models import (
     ApiJob,
     BackupStorage,
     Host,
+    NotificationEvent,
     SchedulerJob,
     SchedulerJobGroup,
     VerifyCursor,
@@ -44,6 +45,8 @@ from shared.catalog.models import (
 )
 from shared.celery_app import STORAGE_QUEUE, celery_app, host_queue
 from shared.errors import BlockvaultError
+from shared.notifications.conditions import schedule_intervals
+from shared.notifications.events import KINDS
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +80,11 @@ HELP = {
     "(0 when there is none).",
     "volume_last_backup_timestamp_seconds": "Unix time of the newest Ready backup of each registered volume (its "
     "createDate: when it was requested); 0 when it has none.",
+    "volume_backup_interval_seconds": "Seconds between the scheduled backups of each volume an enabled job group "
+    "covers (its most frequent enabled trigger); volumes on no schedule are left out.",
+    "storage_fill_ratio": "Used share of each backup storage's capacity, 0 to 1 (0 when its capacity is unknown).",
+    "notification_events": "Events recorded for notifications, by kind (jobFailed, backupOverdue, "
+    "storageDisconnected, storageFull, verifyDamage, hostDisconnected); they are kept, so the counter only grows.",
     "queue_depth": "Messages waiting on the broker in each queue: storage and host.<hostUuid> of every registered "
     "host (0 for a queue the broker does not have yet).",
     "storage_total_bytes": "Capacity of each backup storage, as last probed.",
@@ -152,8 +160,10 @@ def backup_metrics(session: Session) -> Iterator[Metric]:
     yield from (size, read, written, chunks)
 
 
-def last_backup_metrics(session: Session) -> Iterator[Metric]:
+def last_backup_metrics(session: Session, moment: datetime) -> Iterator[Metric]:
     last = _gauge("volume_last_backup_timestamp_seconds", ["volume", "name", "host"])
+    interval = _gauge("volume_backup_interval_seconds", ["volume", "name", "host"])
+    scheduled = schedule_intervals(session, moment)
     newest = (
         select(VolumeBackup.volumeUuid, func.max(VolumeBackup.createDate).label("newest"))
         .where(VolumeBackup.status == "Ready")
@@ -165,9 +175,21 @@ def last_backup_metrics(session: Session) -> Iterator[Metric]:
         .outerjoin(newest, newest.c.volumeUuid == Volume.uuid)
         .order_by(Volume.uuid)
     )
-    for uuid, name, host, moment in rows:
-        last.add_metric([uuid, name or "", host or ""], _timestamp(moment))
-    yield last
+    for uuid, name, host, newest_date in rows:
+        last.add_metric([uuid, name or "", host or ""], _timestamp(newest_date))
+        if uuid in scheduled:
+            interval.add_metric([uuid, name or "", host or ""], scheduled[uuid][0])
+    yield from (last, interval)
+
+
+def event_metrics(session: Session) -> Iterator[Metric]:
+    found = dict.fromkeys(KINDS, 0)
+    for kind, count in session.execute(select(NotificationEvent.kind, func.count()).group_by(NotificationEvent.kind)):
+        found[kind] = int(count)
+    counter = CounterMetricFamily(PREFIX + "notification_events", HELP["notification_events"], labels=["kind"])
+    for kind, count in found.items():
+        counter.add_metric([kind], count)
+    yield counter
 
 
 # -- jobs --------------------------------------------------------------------------------------
@@ -266,12 +288,15 @@ def storage_metrics(session: Session, moment: datetime) -> Iterator[Metric]:
     total = _gauge("storage_total_bytes", STORAGE_LABELS)
     available = _gauge("storage_available_bytes", STORAGE_LABELS)
     connected = _gauge("storage_connected", STORAGE_LABELS)
+    fill = _gauge("storage_fill_ratio", STORAGE_LABELS)
     for storage in storages:
         labels = _labels(storage)
         total.add_metric(labels, storage.totalCapacity or 0)
         available.add_metric(labels, storage.availableCapacity or 0)
         connected.add_metric(labels, 1 if storage.status == "Connected" else 0)
-    yield from (total, available, connected)
+        capacity = storage.totalCapacity or 0
+        fill.add_metric(labels, max(0.0, 1.0 - (storage.availableCapacity or 0) / capacity) if capacity else 0.0)
+    yield from (total, available, connected, fill)
 
     lag_backups = _gauge("storage_sync_lag_backups", STORAGE_LABELS)
     lag_seconds = _gauge("storage_sync_lag_seconds", STORAGE_LABELS)
@@ -363,8 +388,9 @@ class CatalogCollector(Collector):
         with db.session(self.url) as session:
             families: list[Metric] = []
             families += backup_metrics(session)
-            families += last_backup_metrics(session)
+            families += last_backup_metrics(session, self.clock())
             families += job_metrics(session)
+            families += event_metrics(session)
             families += storage_metrics(session, self.clock())
             families += verify_metrics(session)
             hosts, uuids = host_metrics(session)

@@ -74,6 +74,9 @@ class MainGroup(Group):
         "repo": "api.cli.repo:repo",
         "accesskey": "api.cli.accesskeys:accesskey",
         "database": "api.cli.databases:database",
+        "notification-target": "api.cli.notifications:notification_target",
+        "notification-rule": "api.cli.notifications:notification_rule",
+        "notification-history": "api.cli.notifications:notification_history",
     }
 
 

@@ -20,6 +20,7 @@ from . import (
     files,
     health,
     metrics,
+    notifications,
     overview,
     queries,
     scheduler,
@@ -47,6 +48,7 @@ VERSIONED: tuple[APIRouter, ...] = (
     scheduler.router,
     accounts.router,
     access_keys.router,
+    notifications.router,
     overview.router,
 )
 ROOT: tuple[APIRouter, ...] = (health.router, metrics.router, zstack_wire.router)

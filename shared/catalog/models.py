@@ -445,3 +445,81 @@ QUERYABLE["accounts"] = Account
 QUERYABLE["api-keys"] = ApiKey
 QUERYABLE["accesskeys"] = AccessKey
 QUERYABLE["databases"] = ManagedDatabase
+
+
+# -- notifications (shared.notifications) --------------------------------------------------------
+class NotificationTarget(Resource, Base):
+    """Where notifications go: ``type`` webhook (``options.url``, body signed with HMAC-SHA256
+    under its secret) or smtp (``options``: host, port, starttls, username, sender,
+    recipients). Its secrets (the webhook's ``secret``, the SMTP ``password``) are sealed to
+    the row like storage credentials; at most one message per ``throttleSeconds``."""
+
+    __tablename__ = "notification_target"
+    resource_type = "NotificationTargetVO"
+    secret_fields = frozenset({"sealedSecrets"})
+    type: Mapped[str] = mapped_column(String(16))
+    options: Mapped[dict[str, Any] | None] = mapped_column(default=None)
+    sealedSecrets: Mapped[str | None] = mapped_column(Text, default=None)
+    throttleSeconds: Mapped[int] = mapped_column(Integer, default=3600)
+    state: Mapped[str] = mapped_column(String(16), default="Enabled")
+
+
+class NotificationRule(Resource, Base):
+    """Which events (``eventType``) go to which targets (``targetUuids``), with the rule's
+    ``parameters`` (``fillRatio`` for storageFull, ``tolerance`` for backupOverdue)."""
+
+    __tablename__ = "notification_rule"
+    resource_type = "NotificationRuleVO"
+    eventType: Mapped[str] = mapped_column(String(32), index=True)
+    targetUuids: Mapped[list[str]] = mapped_column(JSON, default=list)
+    parameters: Mapped[dict[str, Any] | None] = mapped_column(default=None)
+    state: Mapped[str] = mapped_column(String(16), default="Enabled")
+
+
+class NotificationEvent(Stamped, Base):
+    """Something that happened, recorded once: ``dedupeKey`` is unique, so two beats (or two
+    callers of :func:`shared.notifications.events.notify_event`) record it once; ``dispatched``
+    once it is in the digests of the targets its rules name."""
+
+    __tablename__ = "notification_event"
+    __table_args__ = (Index("ix_notification_event_dispatched", "dispatched"),)
+    resource_type = "NotificationEventVO"
+    id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True)
+    kind: Mapped[str] = mapped_column(String(32), index=True)
+    dedupeKey: Mapped[str] = mapped_column(String(255), unique=True)
+    resourceUuid: Mapped[str | None] = mapped_column(String(64), default=None)
+    summary: Mapped[str] = mapped_column(Text)
+    details: Mapped[dict[str, Any] | None] = mapped_column(default=None)
+    dispatched: Mapped[bool] = mapped_column(Boolean, default=False)
+
+
+class NotificationCondition(Stamped, Base):
+    """A condition that holds now (a host Disconnected, a storage full): one row while it lasts,
+    so its event is recorded once per episode; deleted when the condition clears."""
+
+    __tablename__ = "notification_condition"
+    id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True)
+    key: Mapped[str] = mapped_column(String(255), unique=True)
+
+
+class NotificationDelivery(Stamped, Base):
+    """One message to one target (a digest of ``eventIds``), and the history of what was sent:
+    ``status`` Pending (collecting events), Sending (claimed by one beat), Sent, or Failed (the
+    last attempt failed; retried from ``nextAttemptDate``, collecting events meanwhile)."""
+
+    __tablename__ = "notification_delivery"
+    __table_args__ = (Index("ix_notification_delivery_target_status", "targetUuid", "status"),)
+    resource_type = "NotificationDeliveryVO"
+    uuid: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_uuid)
+    targetUuid: Mapped[str] = mapped_column(String(32), index=True)
+    targetName: Mapped[str] = mapped_column(String(255), default="")
+    status: Mapped[str] = mapped_column(String(16), default="Pending")
+    test: Mapped[bool] = mapped_column(Boolean, default=False)
+    eventIds: Mapped[list[int]] = mapped_column(JSON, default=list)
+    eventCount: Mapped[int] = mapped_column(Integer, default=0)
+    subject: Mapped[str | None] = mapped_column(Text, default=None)
+    body: Mapped[str | None] = mapped_column(Text, default=None)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    lastError: Mapped[str | None] = mapped_column(Text, default=None)
+    nextAttemptDate: Mapped[datetime | None] = mapped_column(default=None)
+    sentDate: Mapped[datetime | None] = mapped_column(default=None)

@@ -106,10 +106,10 @@ def check_job_data(session: Session, data: Any, kind: str | None = None) -> dict
             raise InvalidArgument(detail="bandwidthLimit must be at least 1 byte/s")
         out["bandwidthLimit"] = limit
     if data.get("protectBackups") is not None:  # every backup of the group is created protected
-        flag = {"true": True, "false": False}.get(str(data["protectBackups"]).lower())
-        if flag is None or not isinstance(data["protectBackups"], (bool, str)):
+        protect = {"true": True, "false": False}.get(str(data["protectBackups"]).lower())
+        if protect is None or not isinstance(data["protectBackups"], (bool, str)):
             raise InvalidArgument(detail="protectBackups must be true or false")
-        out["protectBackups"] = flag
+        out["protectBackups"] = protect
     retention = data.get("retention")
     if retention is not None:
         if not isinstance(retention, dict) or set(retention) - RETENTION_KEYS:

@@ -21,6 +21,7 @@ queue and recorded in the job history like backup groups, :mod:`~shared.service.
 from __future__ import annotations
 
 import bisect
+import hashlib
 import logging
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
@@ -44,6 +45,7 @@ from shared.catalog.models import (
 )
 from shared.errors import BlockvaultError, Conflict, InvalidArgument, NotFound
 from shared.failpoints import failpoint
+from shared.notifications.events import notify_event
 from shared.repository.locks import repository_lock
 from shared.repository.maintenance import Policy, check_chunks, chunk_users, select_keep
 from shared.repository.repo import Repository
@@ -197,6 +199,14 @@ def _damage(
     manifests = {mid for digest in bad for mid in users[digest]}
     hit = [ref for mid in manifests for ref in copies.get(mid, ())]
     _mark(hit, "Corrupted", corrupted)
+    notify_event(  # one event per set of damaged chunks: the same damage found again is not news
+        session,
+        "verifyDamage",
+        key=f"{storage.uuid}/" + hashlib.sha256("\n".join(sorted(bad)).encode()).hexdigest()[:32],
+        summary=f"verify found {len(bad)} damaged chunk(s) used by {len(hit)} backup copies on storage {storage.name}",
+        resource_uuid=storage.uuid,
+        details={"chunks": sorted(bad)[:20]},
+    )
     session.commit()
     log.warning(
         "verify.damage_found storage=%s chunks=%d backups=%d first=%s: %s",

@@ -27,6 +27,8 @@ from shared.catalog.models import (
     DatabaseBackupStorageRef,
     Host,
     ManagedDatabase,
+    NotificationRule,
+    NotificationTarget,
     SchedulerJob,
     SchedulerJobGroup,
     SchedulerJobGroupTriggerRef,
@@ -40,6 +42,7 @@ from shared.catalog.models import (
     now,
 )
 from shared.config import get_settings
+from shared.notifications.targets import configure
 
 
 @contextlib.contextmanager
@@ -267,6 +270,16 @@ class World:
             return tag.uuid
         if kind == "project":
             return party.project
+        if kind in ("notification-target", "notification-rule"):
+            target = NotificationTarget(name="hook", type="webhook")
+            configure(target, {"url": "http://127.0.0.1:9/hook", "secret": "a-webhook-secret"})  # nothing listens
+            session.add(target)
+            if kind == "notification-target":
+                return target.uuid
+            rule = NotificationRule(name="r", eventType="jobFailed", targetUuids=[target.uuid])
+            session.add(rule)
+            session.flush()
+            return rule.uuid
         if kind == "api-job":
             job = ApiJob(action="createVolumeBackup", accountUuid=party.account, state="Succeeded", result={})
             session.add(job)

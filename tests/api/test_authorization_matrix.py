@@ -139,6 +139,18 @@ RULES: dict[tuple[str, str], Rule] = {
     ("PUT", "/v1/accesskeys/{uuid}/actions"): Rule("access-key", "admin"),
     ("GET", "/v1/api-jobs/{uuid}"): Rule("api-job", "self"),
     ("GET", "/v1/overview"): Rule(None, "scoped", ()),
+    ("GET", "/v1/notification-targets"): Rule(None, "admin", ()),
+    ("POST", "/v1/notification-targets"): Rule(None, "admin", ()),
+    ("GET", "/v1/notification-targets/{uuid}"): Rule("notification-target", "admin", ("other",)),
+    ("PUT", "/v1/notification-targets/{uuid}/actions"): Rule("notification-target", "admin", ("other",)),
+    ("DELETE", "/v1/notification-targets/{uuid}"): Rule("notification-target", "admin", ("other",)),
+    ("GET", "/v1/notification-rules"): Rule(None, "admin", ()),
+    ("POST", "/v1/notification-rules"): Rule(None, "admin", ()),
+    ("GET", "/v1/notification-rules/{uuid}"): Rule("notification-rule", "admin", ("other",)),
+    ("PUT", "/v1/notification-rules/{uuid}/actions"): Rule("notification-rule", "admin", ("other",)),
+    ("DELETE", "/v1/notification-rules/{uuid}"): Rule("notification-rule", "admin", ("other",)),
+    ("GET", "/v1/notification-events"): Rule(None, "admin", ()),
+    ("GET", "/v1/notification-histories"): Rule(None, "admin", ()),
     # ZStack's own paths, under /zstack/v1 only (api/routes/zstack_paths.py): the rule of the /v1
     # handler each delegates to
     ("POST", "/zstack/v1/volumes/data-volume/from/volume-template/{uuid}"): Rule("volume-backup", "scoped"),
@@ -203,6 +215,10 @@ def action_params(world: World, side: str) -> dict[str, dict[str, Any]]:
         "updateSchedulerTrigger": {"name": "renamed"},
         "runSchedulerTrigger": {},
         "updateAccount": {"description": "changed"},
+        "updateNotificationTarget": {"name": "renamed"},
+        "changeNotificationTargetState": {"stateEvent": "disable"},
+        "updateNotificationRule": {"name": "renamed"},
+        "changeNotificationRuleState": {"stateEvent": "disable"},
         "renewSession": {"duration": 600},
         "changeAccessKeyState": {"stateEvent": "disable"},
         "_jobs": {"targetResourceUuids": [rows["volume"]]},
@@ -237,6 +253,10 @@ def collection_body(world: World, path: str, key: str | None, side: str) -> dict
         "/v1/api-keys": {"params": {"accountUuid": party.account}},
         "/v1/accesskeys": {"params": {"accountUuid": party.account}},
         "/v1/databases": {"params": {"name": "db", "url": "mysql://u:p@127.0.0.1:9/db"}},
+        "/v1/notification-targets": {"params": {"name": "t", "type": "webhook", "url": "http://127.0.0.1:9/hook"}},
+        "/v1/notification-rules": {
+            "params": {"name": "r", "eventType": "jobFailed", "targetUuids": [world.fresh("notification-target", side)]}
+        },
     }[path]
 
 

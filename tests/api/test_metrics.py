@@ -28,6 +28,8 @@ from shared.catalog.models import (
     Host,
     SchedulerJob,
     SchedulerJobGroup,
+    SchedulerJobGroupTriggerRef,
+    SchedulerTrigger,
     VerifyCursor,
     Volume,
     VolumeBackup,
@@ -151,6 +153,10 @@ def populate() -> dict[str, str]:
         )
         session.flush()
         session.add(SchedulerJob(uuid=j, schedulerJobGroupUuid=ids["G"], targetResourceUuid=v2))
+        daily = SchedulerTrigger(name="daily", schedulerType="simple", schedulerInterval=86400)
+        session.add(daily)
+        session.flush()
+        session.add(SchedulerJobGroupTriggerRef(schedulerJobGroupUuid=ids["G"], schedulerTriggerUuid=daily.uuid))
         session.add_all(
             [
                 backup(v1, "full", "Ready", 100, 3 * hour, {m: "Ready", s: "Ready"}, **stats(80, 50, 10, 6)),
@@ -210,6 +216,11 @@ def test_metrics_are_exact_aggregates_of_the_catalog(api: Api) -> None:
     assert value(samples, last, volume=ids["v1"], name="vol-1", host=ids["h1"]) == hours_ago[0]
     assert value(samples, last, volume=ids["v2"], name="vol-2", host=ids["h1"]) == hours_ago[1]
     assert value(samples, last, volume=ids["v3"], name='vol "3"\\', host=ids["h2"]) == 0
+    # only v2 is on a schedule (the group's daily trigger)
+    interval = "blockvault_volume_backup_interval_seconds"
+    assert series(samples, interval) == {
+        frozenset({("volume", ids["v2"]), ("name", "vol-2"), ("host", ids["h1"])}): 86400
+    }
 
     # the standby lacks b2 and b3 (copies on the master); the group's remote target lacks b3
     described = {"M": ("master", "ImageStore", "master"), "S": ("standby", "ImageStore", "standby")}

@@ -54,6 +54,8 @@ ACTIONS: dict[str, tuple[str, ...]] = {
     "vm-instances": ("updateVmInstance",),
     "scheduler/jobgroups": ("updateSchedulerJobGroup", "runSchedulerJobGroup", "changeSchedulerJobGroupState"),
     "scheduler/triggers": ("updateSchedulerTrigger", "runSchedulerTrigger"),
+    "notification-targets": ("updateNotificationTarget", "changeNotificationTargetState", "testNotificationTarget"),
+    "notification-rules": ("updateNotificationRule", "changeNotificationRuleState"),
 }
 PARAM_KEYS = (
     "name",
@@ -248,6 +250,8 @@ def world(stack: Stack) -> dict[str, str]:
     )
     tag = admin.create("user-tags", {"resourceUuid": vm, "resourceType": "VmInstanceVO", "tag": "t-fuzz"})["uuid"]
     jobs = admin.query("scheduler/jobs")["inventories"]
+    hook = admin.create_notification_target("hook", "webhook", url="http://127.0.0.1:9/hook", secret="s")  # refused
+    rule = admin.create_notification_rule("failures", "jobFailed", [hook["uuid"]])
     return {
         "hosts": host,
         "projects": project,
@@ -262,6 +266,8 @@ def world(stack: Stack) -> dict[str, str]:
         "scheduler/jobs": jobs[0]["uuid"] if jobs else "",
         "scheduler/triggers": trigger["uuid"],
         "user-tags": tag,
+        "notification-targets": hook["uuid"],
+        "notification-rules": rule["uuid"],
         "member-key": key,
     }
 

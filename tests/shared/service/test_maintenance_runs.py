@@ -17,6 +17,7 @@ from sqlalchemy import select
 from shared.catalog.models import (
     ApiJob,
     BackupStorage,
+    NotificationEvent,
     SchedulerJobGroup,
     SchedulerJobHistory,
     VerifyCursor,
@@ -156,12 +157,15 @@ def test_a_flipped_byte_marks_the_backups_corrupted_and_the_standby_repairs_it(s
     assert [site.ref(b, standby).status for b in (parent, child)] == ["Ready", "Ready"]
     (history,) = site.session.scalars(select(SchedulerJobHistory)).all()
     assert history.success and json.loads(history.resultDump or "")["damaged"] == 1
+    (event,) = site.session.scalars(select(NotificationEvent)).all()  # what a verifyDamage rule sends
+    assert (event.kind, event.resourceUuid, event.details) == ("verifyDamage", master.uuid, {"chunks": [damaged]})
 
     standby.state = "Enabled"
     site.session.commit()
     repaired = _fire_and_run(site, group, T0 + HOUR)  # the next cycle finds it again, and repairs it
 
     assert (repaired["damaged"], repaired["repaired"], repaired["corrupted"]) == (1, 1, [])
+    assert len(site.session.scalars(select(NotificationEvent)).all()) == 1  # the same damage is not news twice
     site.session.refresh(parent)
     site.session.refresh(child)
     assert [site.ref(b, master).status for b in (parent, child)] == ["Ready", "Ready"]

@@ -1,8 +1,8 @@
 """Protected backups (no delete, retention or prune until an admin unprotects them) and
 per-project quotas on backups (stored bytes, count).
 
-Revision ID: 0018
-Revises: 0019
+Revision ID: 0014
+Revises: 0013
 """
 
 from __future__ import annotations
@@ -12,8 +12,8 @@ from typing import Any
 import sqlalchemy as sa
 from alembic import op
 
-revision: str = "0018"
-down_revision: str | None = "0019"
+revision: str = "0014"
+down_revision: str | None = "0013"
 branch_labels: str | tuple[str, ...] | None = None
 depends_on: str | tuple[str, ...] | None = None
 

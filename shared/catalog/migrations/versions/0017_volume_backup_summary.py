@@ -9,10 +9,12 @@ statuses, whichever code (or plain SQL) makes it, and recompute the volume's row
 On PostgreSQL the recomputation first takes a transaction advisory lock on the volume, so that
 two transactions changing one volume's backups at once compute in turn, the second seeing what
 the first committed (under READ COMMITTED each statement after the lock gets a fresh snapshot);
-SQLite runs one writer at a time.
+SQLite runs one writer at a time. On SQLite a migration that rebuilds ``volume_backup``
+(``batch_alter_table`` copies the table) drops these triggers: such a migration creates them
+again (``_sqlite()`` here), or the summary test on SQLite fails.
 
-Revision ID: 0014
-Revises: 0013
+Revision ID: 0017
+Revises: 0016
 """
 
 from __future__ import annotations
@@ -20,8 +22,8 @@ from __future__ import annotations
 import sqlalchemy as sa
 from alembic import op
 
-revision: str = "0014"
-down_revision: str | None = "0013"
+revision: str = "0017"
+down_revision: str | None = "0016"
 branch_labels: str | tuple[str, ...] | None = None
 depends_on: str | tuple[str, ...] | None = None
 

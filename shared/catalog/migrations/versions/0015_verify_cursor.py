@@ -1,6 +1,6 @@
 """Scheduled verify: where each verify job's cycle over its storage's chunks stands.
 
-Revision ID: 0019
+Revision ID: 0015
 Revises: 0014
 """
 
@@ -9,7 +9,7 @@ from __future__ import annotations
 import sqlalchemy as sa
 from alembic import op
 
-revision: str = "0019"
+revision: str = "0015"
 down_revision: str | None = "0014"
 branch_labels: str | tuple[str, ...] | None = None
 depends_on: str | tuple[str, ...] | None = None
