@@ -340,9 +340,13 @@ def _match(
 # -- the backup ---------------------------------------------------------------------------------
 
 
+AGENT_CHANNEL = "org.qemu.guest_agent.0"
+
+
 def _freeze(dom: libvirt.virDomain, quiesce: bool) -> tuple[bool, str | None]:
-    """Freeze the guest's filesystems through libvirt; (frozen, why not)."""
-    if not quiesce:
+    """Freeze the guest's filesystems through libvirt; (frozen, why not). A domain without a
+    guest agent channel is not asked (nothing to report)."""
+    if not quiesce or AGENT_CHANNEL not in dom.XMLDesc(0):
         return False, None
     try:
         dom.fsFreeze()

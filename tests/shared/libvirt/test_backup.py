@@ -71,7 +71,7 @@ def test_full_then_incremental_keep_writes_made_during_the_backup_out(
             domain.write(1, 12 * MiB, 2 * MiB, 0x53)
 
     first = backup(repo, domain, work, progress=write_while_reading)
-    assert during["done"] and first.consistency == "crash" and first.quiesceError
+    assert during["done"] and first.consistency == "crash" and first.quiesceError is None  # no agent channel
     assert [b.mode for b in first.backups] == ["full", "full"]
     for i, result in enumerate(first.backups):
         assert restored(repo, result.id, tmp_path, f"full{i}") == instant[i], f"disk {i}"
@@ -218,3 +218,14 @@ def test_a_network_disk_fails_the_vm_backup_naming_it(
     assert domain.checkpoints() == [] and repo.backups() == []
     with pytest.raises(VolumeError, match="has no such disk"):
         backup_domain(repo, domain.dom, [LiveDisk("/nonexistent.qcow2")], work_dir=world_folder / "w", whole_vm=False)
+
+
+def test_an_agent_that_does_not_answer_gives_a_crash_consistent_backup_saying_why(
+    repo: Repository, make_domain: Callable[..., Domain], world_folder: Path
+) -> None:
+    channel = "<channel type='unix'><target type='virtio' name='org.qemu.guest_agent.0'/></channel>"
+    domain = make_domain(SIZES[:1], extra=channel)  # no guest OS: the agent never answers
+    result = backup_domain(repo, domain.dom, specs(domain)[:1], work_dir=world_folder / "work")
+    assert result.consistency == "crash"
+    assert result.quiesceError and "agent" in result.quiesceError.lower()
+    assert domain.dom.jobInfo()[0] == 0
