@@ -56,6 +56,9 @@ class Settings(BaseSettings):
     vm_socket_dir: Path | None = Field(
         default=None, description="the folder of a worker's VMs' QEMU monitor and guest agent sockets"
     )
+    libvirt_uri: str | None = Field(
+        default=None, description="the libvirt a worker backs its VMs marked libvirtDomain up through (qemu:///system)"
+    )
     api_url: str = Field(default="http://127.0.0.1:8080", description="the API the client and CLI call")
     api_key: SecretStr | None = Field(default=None, description="the API key the client and CLI send")
     passphrase: SecretStr | None = Field(default=None, description="repository CLI: encrypted repositories")

@@ -41,6 +41,7 @@ SLOW_MODULES = (  # each over a minute in the first parallel run (load 10 to 20)
     "api/test_repo_cli.py",
     "api/test_storage_credentials.py",
     "shared/files/test_browse.py",
+    "shared/libvirt/test_backup.py",
     "shared/repository/test_faults.py",
     "shared/repository/test_http_backend.py",
     "shared/repository/test_http_server.py",

@@ -157,12 +157,26 @@ BACKUP_COLUMNS = ("uuid", "name", "mode", "status", "volumeUuid", "size")
 @click.option("--state", type=click.Choice(["Running", "Stopped"]), default="Stopped")
 @click.option("--qmp-socket", help="QMP socket of its QEMU on the host (for live backups)")
 @click.option("--guest-agent-socket", help="its guest agent socket on the host (freezes filesystems for backups)")
+@click.option("--libvirt-domain", "domain_uuid", help="a libvirt domain: its uuid (backed up through libvirt)")
 @JSON
 def vm_create(
-    name: str, host_uuid: str | None, state: str, qmp_socket: str | None, guest_agent_socket: str | None, as_json: bool
+    name: str,
+    host_uuid: str | None,
+    state: str,
+    qmp_socket: str | None,
+    guest_agent_socket: str | None,
+    domain_uuid: str | None,
+    as_json: bool,
 ) -> None:
     """Register a VM instance."""
-    params = {"hostUuid": host_uuid, "state": state, "qmpSocket": qmp_socket, "guestAgentSocket": guest_agent_socket}
+    params: dict[str, Any] = {
+        "hostUuid": host_uuid,
+        "state": state,
+        "qmpSocket": qmp_socket,
+        "guestAgentSocket": guest_agent_socket,
+    }
+    if domain_uuid:
+        params.update(libvirtDomain=True, resourceUuid=domain_uuid)
     _print(_client().register_vm(name, **{k: v for k, v in params.items() if v}), as_json)
 
 

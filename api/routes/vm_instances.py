@@ -43,8 +43,17 @@ def create_vm(body: Envelope, session: DbSession, caller: CurrentCaller) -> JSON
     state = p.get("state") or "Stopped"
     if state not in VM_STATES:
         raise InvalidArgument(detail="state must be Running or Stopped")
+    libvirt_domain = p.get("libvirtDomain", False)
+    if not isinstance(libvirt_domain, bool):
+        raise InvalidArgument(detail="libvirtDomain must be true or false")
+    uuid = new_uuid()
+    if libvirt_domain:  # a libvirt domain's row carries the domain's uuid (without dashes)
+        uuid = check_uuid(str(p.get("resourceUuid") or "").replace("-", "").lower(), "resourceUuid")
+        if session.get(VmInstance, uuid) is not None:
+            raise InvalidArgument(detail=f"VM instance {uuid} is registered already")
     vm = VmInstance(
-        uuid=new_uuid(),
+        uuid=uuid,
+        libvirtDomain=libvirt_domain,
         name=str(p.get("name") or ""),
         description=p.get("description"),
         hostUuid=p.get("hostUuid"),

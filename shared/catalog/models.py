@@ -81,6 +81,8 @@ class VmInstance(Resource, Base):
     state: Mapped[str] = mapped_column(String(32), default="Stopped")
     qmpSocket: Mapped[str | None] = mapped_column(Text)  # QMP socket on its host: live backups
     guestAgentSocket: Mapped[str | None] = mapped_column(Text)  # guest agent: fsfreeze around them
+    # a libvirt domain on its host (uuid = the domain's without dashes): backed up through libvirt
+    libvirtDomain: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
 
 
 class Volume(Resource, Base):

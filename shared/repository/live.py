@@ -105,8 +105,9 @@ def _run_dir(work_dir: Path, qmp_socket: str) -> Path:
 
 
 @contextlib.contextmanager
-def _vm_lock(run_dir: Path, qmp_socket: str, wait: float) -> Iterator[None]:
-    """One live backup of a VM at a time on this host; released when the process dies."""
+def run_lock(run_dir: Path, wait: float, busy: BlockvaultError) -> Iterator[None]:
+    """One live backup of a VM at a time on this host (``busy`` after ``wait`` seconds);
+    released when the process dies."""
     fd = os.open(run_dir / "lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
     try:
         deadline = time.monotonic() + wait
@@ -116,11 +117,15 @@ def _vm_lock(run_dir: Path, qmp_socket: str, wait: float) -> Iterator[None]:
                 break
             except BlockingIOError:
                 if time.monotonic() >= deadline:
-                    raise MonitorError(socket=qmp_socket, detail="another live backup of this VM is running") from None
+                    raise busy from None
                 time.sleep(0.2)
         yield
     finally:
         os.close(fd)
+
+
+def _vm_lock(run_dir: Path, qmp_socket: str, wait: float) -> contextlib.AbstractContextManager[None]:
+    return run_lock(run_dir, wait, MonitorError(socket=qmp_socket, detail="another live backup of this VM is running"))
 
 
 def _wait_gone(mon: Monitor, what: Callable[[Monitor], list[str]], names: set[str]) -> None:

@@ -8,6 +8,7 @@ abandoned job leaves it ``Failed``, never ``Ready`` with missing data."""
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import Any
 
 from sqlalchemy import select
@@ -35,6 +36,8 @@ from shared.errors import (
     RepositoryError,
 )
 from shared.inventory import inventory
+from shared.libvirt import backup as libvirt_backup
+from shared.libvirt.backup import backup_stopped_disk
 from shared.repository.backup import BackupResult, backup_volume
 from shared.repository.live import LiveDisk, LiveResult, backup_live
 from shared.repository.repo import Repository, install_path, parse_install_path
@@ -58,6 +61,8 @@ MODES = ("auto", "full", "incremental")
 
 
 BITMAP = "blockvault"
+DEFAULT_LIBVIRT_URI = "qemu:///system"
+Progress = Callable[[int, int], None]
 
 
 def _running_vm(session: Session, volume: Volume) -> VmInstance | None:
@@ -66,9 +71,9 @@ def _running_vm(session: Session, volume: Volume) -> VmInstance | None:
 
 
 def _check_backup_allowed(vm: VmInstance | None, force: bool) -> None:
-    """A Running VM is backed up live through its QEMU monitor; without one, only when forced
-    (the file is then read as it is: crash-consistent at best)."""
-    if vm is not None and not vm.qmpSocket and not force:
+    """A Running VM is backed up live through libvirt (a libvirt domain) or its QEMU monitor;
+    without either, only when forced (the file is then read as it is: crash-consistent at best)."""
+    if vm is not None and not vm.libvirtDomain and not vm.qmpSocket and not force:
         raise Conflict(
             detail=f"VM {vm.uuid} is Running and has no qmpSocket: a live backup needs its QEMU monitor "
             "(or force, for a crash-consistent read of the file)"
@@ -213,8 +218,13 @@ def take_backups(
     files = {volume.uuid: volume_file(session, volume) for volume in volumes}  # checked before anything opens
     vm = _running_vm(session, volumes[0]) if volumes else None
     _check_backup_allowed(vm, force)
-    if vm is not None and vm.qmpSocket:
+    domain = _libvirt_vm(session, volumes[0]) if volumes else None
+    if vm is not None and (vm.libvirtDomain or vm.qmpSocket):
         done, storage = _take_live(session, rows, volumes, files, storage, vm, full=full, job_uuid=job_uuid)
+    elif domain is not None:
+        done, storage = _take_offline(
+            session, rows, volumes, files, storage, full=full, job_uuid=job_uuid, how="offline", domain=domain
+        )
     else:
         consistency = "crash" if vm is not None else "offline"
         done, storage = _take_offline(
@@ -224,6 +234,11 @@ def take_backups(
     session.commit()
     replicate(session, rows, storage)
     return done, storage
+
+
+def _libvirt_vm(session: Session, volume: Volume) -> VmInstance | None:
+    vm = session.get(VmInstance, volume.vmInstanceUuid) if volume.vmInstanceUuid else None
+    return vm if vm is not None and vm.libvirtDomain else None
 
 
 def _backup_metadata(session: Session, backup: VolumeBackup, volume: Volume) -> dict[str, Any]:
@@ -282,8 +297,10 @@ def _take_offline(
     full: bool,
     job_uuid: str,
     how: str,
+    domain: VmInstance | None = None,
 ) -> tuple[list[dict[str, Any]], BackupStorage]:
-    """Volumes read from their files (the VM is stopped, or forced): one after another."""
+    """Volumes read from their files (the VM is stopped, or forced): one after another. The
+    disks of a stopped libvirt ``domain`` go on from its checkpoints' bitmaps."""
     report = progress_reporter(job_uuid)
     repo: Repository | None = None
     done = []
@@ -293,12 +310,16 @@ def _take_offline(
         def scaled(d: int, t: int, i: int = index) -> None:
             report(i * 1000 + (d * 1000 // t if t else 0), len(rows) * 1000)
 
-        bitmap = BITMAP if volume.format == "qcow2" else None
+        bitmap = BITMAP if volume.format == "qcow2" and domain is None else None
         take_full = full
         for attempt in range(3):
             parent = None if take_full or bitmap else _newest_copy(session, volume.uuid, storage.uuid)
             try:
                 repo = repo or backup_repository(storage)
+                if domain is not None:
+                    spec = LiveDisk(files[volume.uuid], volume.format, backup.name, metadata, parent)
+                    result = backup_stopped_disk(repo, spec, full=take_full, progress=scaled)
+                    break
                 result = backup_volume(
                     repo,
                     files[volume.uuid],
@@ -336,13 +357,9 @@ def _take_live(
 ) -> tuple[list[dict[str, Any]], BackupStorage]:
     """The volumes of a Running VM, read from its QEMU at one instant (one transaction across
     its disks). The rows turn Ready together once every manifest is on storage, before the
-    dirty bitmaps rotate. A master that fails mid-way: the whole VM again on the standby."""
-    monitor = hostpaths.resolve_socket(vm.qmpSocket, f"VM {vm.uuid}'s qmpSocket")
-    agent = (
-        hostpaths.resolve_socket(vm.guestAgentSocket, f"VM {vm.uuid}'s guestAgentSocket")
-        if vm.guestAgentSocket
-        else None
-    )
+    dirty bitmaps rotate (libvirt: before older checkpoints go). A master that fails mid-way:
+    the whole VM again on the standby."""
+    take = _libvirt_taker(vm, whole_vm=bool(rows[0].groupUuid)) if vm.libvirtDomain else _qmp_taker(vm)
     done: list[dict[str, Any]] = []
     use_parents = not full
     for attempt in range(3):
@@ -369,16 +386,7 @@ def _take_live(
             session.commit()
 
         try:
-            backup_live(
-                backup_repository(storage),
-                monitor,
-                disks,
-                work_dir=get_settings().data_path / "live",
-                full=full,
-                agent_socket=agent,
-                progress=progress_reporter(job_uuid),
-                on_committed=committed,
-            )
+            take(backup_repository(storage), disks, full, progress_reporter(job_uuid), committed)
             return done, storage
         except BackupNotFound:
             if not use_parents:
@@ -389,6 +397,47 @@ def _take_live(
         except (BackendError, RepositoryError) as exc:
             storage = _fail_over(session, rows, storage, attempt, exc)
     raise Conflict(detail=f"VM {vm.uuid}: the live backup did not succeed in 3 attempts")
+
+
+Taker = Callable[[Repository, list[LiveDisk], bool, Progress, Callable[[LiveResult], None]], LiveResult]
+
+
+def _qmp_taker(vm: VmInstance) -> Taker:
+    """Plain QEMU: through the VM's own QMP socket (and guest agent socket)."""
+    monitor = hostpaths.resolve_socket(vm.qmpSocket, f"VM {vm.uuid}'s qmpSocket")
+    agent = (
+        hostpaths.resolve_socket(vm.guestAgentSocket, f"VM {vm.uuid}'s guestAgentSocket")
+        if vm.guestAgentSocket
+        else None
+    )
+
+    def take(
+        repo: Repository, disks: list[LiveDisk], full: bool, progress: Progress, committed: Callable[[LiveResult], None]
+    ) -> LiveResult:
+        work = get_settings().data_path / "live"
+        return backup_live(repo, monitor, disks, work_dir=work, full=full, agent_socket=agent, progress=progress,
+                           on_committed=committed)  # fmt: skip
+
+    return take
+
+
+def _libvirt_taker(vm: VmInstance, *, whole_vm: bool) -> Taker:
+    """A libvirt domain: libvirt's backup API in pull mode (shared.libvirt.backup), at the
+    worker's BLOCKVAULT_LIBVIRT_URI (default qemu:///system)."""
+    uri = get_settings().libvirt_uri or DEFAULT_LIBVIRT_URI
+
+    def take(
+        repo: Repository, disks: list[LiveDisk], full: bool, progress: Progress, committed: Callable[[LiveResult], None]
+    ) -> LiveResult:
+        conn, dom = libvirt_backup.open_domain(uri, vm.uuid)
+        try:
+            work = get_settings().data_path / "libvirt-live"
+            return libvirt_backup.backup_domain(repo, dom, disks, work_dir=work, full=full, whole_vm=whole_vm,
+                                                progress=progress, on_committed=committed)  # fmt: skip
+        finally:
+            conn.close()
+
+    return take
 
 
 def _newest_copy(session: Session, volume_uuid: str, storage_uuid: str) -> str | None:

@@ -38,6 +38,10 @@ and the repository read back in). restic and borg cannot read a running VM at on
 read the qcow2 file QEMU has open and writes (flushed just before, nothing writes meanwhile here,
 yet not point-in-time consistent in general), in full whenever its mtime changed.
 
+``--libvirt`` runs only a side-by-side instead: the same disk and change, the live incremental
+through direct QMP and through libvirt's backup API (a domain of type ``qemu`` on the local
+libvirtd), seconds and bytes read of each and the load average.
+
 Not a pytest test: it needs QEMU, qemu-img, restic and borg, and takes minutes at 2 GiB. Nothing
 here is a target or a threshold: it reports figures. Exit status 0 when every step worked, 1
 otherwise.
@@ -757,6 +761,120 @@ def summary_line(results: Results) -> str:
 
 
 # --------------------------------------------------------------------------------------------
+# --libvirt: the same incremental through libvirt's backup API, beside the direct-QMP path
+# --------------------------------------------------------------------------------------------
+
+LIBVIRT_URI = "qemu:///system"
+
+
+class LibvirtVm:
+    """A libvirt domain of type ``qemu`` (no KVM, no guest) with the disk as ``vda``; guest
+    writes through its monitor (HMP ``qemu-io -d <virtio backend>``), as ``Vm`` does."""
+
+    def __init__(self, name: str, disk: Path) -> None:
+        import libvirt
+
+        self.conn = libvirt.open(LIBVIRT_URI)
+        xml = (
+            f"<domain type='qemu'><name>{name}</name><memory unit='MiB'>64</memory><vcpu>1</vcpu>"
+            "<os><type arch='x86_64' machine='pc'>hvm</type></os><devices>"
+            f"<disk type='file' device='disk'><driver name='qemu' type='qcow2'/><source file='{disk}'/>"
+            "<target dev='vda' bus='virtio'/></disk></devices></domain>"
+        )
+        self.dom = self.conn.defineXML(xml)
+        self.dom.create()
+
+    def hmp(self, command: str) -> str:
+        import libvirt_qemu
+
+        return str(libvirt_qemu.qemuMonitorCommand(self.dom, command, libvirt_qemu.VIR_DOMAIN_QEMU_MONITOR_COMMAND_HMP))
+
+    def write(self, offset: int, length: int, source: Path) -> None:
+        qom = "/machine/peripheral/virtio-disk0/virtio-backend"
+        reply = self.hmp(f'qemu-io -d {qom} "write -s {source} {offset} {length}"')
+        if reply.strip():
+            raise BenchError(f"qemu-io write on vda failed: {reply.strip()}")
+
+    def flush(self) -> None:
+        self.hmp('qemu-io -d /machine/peripheral/virtio-disk0/virtio-backend "flush"')
+
+    def stop(self) -> None:
+        import libvirt
+
+        with contextlib.suppress(libvirt.libvirtError):
+            self.dom.destroy()
+        with contextlib.suppress(libvirt.libvirtError):
+            self.dom.undefineFlags(libvirt.VIR_DOMAIN_UNDEFINE_CHECKPOINTS_METADATA)
+        self.conn.close()
+
+
+def run_libvirt_comparison(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
+    """One disk, copied twice: a live full then (after the same change) a live incremental of
+    each copy, one through direct QMP (``backup_live``), one through libvirt
+    (``shared.libvirt.backup.backup_domain``). Seconds and bytes read of the incrementals."""
+    from shared.libvirt.backup import backup_domain
+
+    workdir.chmod(0o755)  # the domain's QEMU user reads its disk and the write sources here
+    out: dict[str, Any] = {"size": args.size, "changePercent": args.change_percent, "load": {}}
+    _say(f"building a {args.size / GiB:.2f} GiB qcow2")
+    base = workdir / "base.qcow2"
+    build_disk(workdir / "base.raw", base, args.size, args.seed)
+    (workdir / "base.raw").unlink(missing_ok=True)
+    writes = plan_change(args.size, args.change_percent, args.seed)
+    for kind in ("qmp", "libvirt"):
+        disk = workdir / f"{kind}.qcow2"
+        subprocess.run(["cp", "--sparse=always", str(base), str(disk)], check=True)
+        repo_dir = workdir / f"repo-{kind}"
+        Repository.init(str(repo_dir)).close()
+        scratch = workdir / f"scratch-{kind}"
+        scratch.mkdir(mode=0o755)
+        work = workdir / f"work-{kind}"
+        vm: Any = Vm(workdir / "vm", disk) if kind == "qmp" else LibvirtVm(f"bv-bench-{os.getpid()}", disk)
+        try:
+            if kind == "qmp":
+                vm.start()
+
+            def once(vm: Any = vm, kind: str = kind, disk: Path = disk, repo_dir: Path = repo_dir,
+                     work: Path = work) -> BackupResult:  # fmt: skip
+                spec = LiveDisk(path=str(disk), format="qcow2", name=DISK_NAME)
+                with Repository.open(str(repo_dir)) as repo:
+                    if kind == "qmp":
+                        return backup_live(repo, str(vm.qmp_socket), [spec], work_dir=work).backups[0]
+                    return backup_domain(repo, vm.dom, [spec], work_dir=work, quiesce=False).backups[0]
+
+            _say(f"{kind}: live full")
+            full = once()
+            change = apply_change(vm, writes, scratch, args.change_percent, args.seed)
+            settle([disk, repo_dir])
+            load = os.getloadavg()
+            _say(f"{kind}: live incremental after {change.distinct / MiB:.1f} MiB changed")
+            started = time.perf_counter()
+            incremental = once()
+            seconds = time.perf_counter() - started
+            out[kind] = {
+                "fullSeconds": full.seconds,
+                "fullRead": full.bytesRead,
+                "seconds": round(seconds, 3),
+                "read": incremental.bytesRead,
+                "mode": incremental.mode,
+                "chunks": incremental.chunks,
+            }
+            out["load"][kind] = [round(x, 2) for x in (*load, *os.getloadavg())]
+        finally:
+            vm.stop()
+    out["ratio"] = round(out["libvirt"]["seconds"] / out["qmp"]["seconds"], 3)
+    print(json.dumps(out, indent=2))
+    print(
+        f"live incremental, {args.change_percent:g} % of {args.size / GiB:.2f} GiB: "
+        f"direct QMP {out['qmp']['seconds']:.2f} s ({_mib(out['qmp']['read'])} MiB read), "
+        f"libvirt {out['libvirt']['seconds']:.2f} s ({_mib(out['libvirt']['read'])} MiB read): "
+        f"libvirt/QMP = {out['ratio']:.2f}x; load average before/after "
+        f"{out['load']['qmp']} / {out['load']['libvirt']}"
+    )
+    return out
+
+
+# --------------------------------------------------------------------------------------------
 # Entry point
 # --------------------------------------------------------------------------------------------
 
@@ -770,6 +888,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--keep", action="store_true", help="keep the run's directory (disk, repositories, logs)")
     parser.add_argument("--json", type=Path, help="also write the results as JSON to this file")
     parser.add_argument("--no-prefault", action="store_true", help="skip touching free memory first")
+    parser.add_argument(
+        "--libvirt", action="store_true", help="only the live incremental through libvirt beside direct QMP"
+    )
     return parser.parse_args(argv)
 
 
@@ -782,6 +903,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not 0 < args.change_percent <= 100:
         print("--change-percent must be in (0, 100]", file=sys.stderr)
         return 2
+    if args.libvirt:
+        workdir = Path(tempfile.mkdtemp(prefix="bv-lv-", dir=args.workdir or Path(tempfile.gettempdir())))
+        try:
+            out = run_libvirt_comparison(args, workdir)
+        finally:
+            if not args.keep:
+                shutil.rmtree(workdir, ignore_errors=True)
+        if args.json:
+            args.json.write_text(json.dumps(out, indent=2) + "\n")
+        return 0
     for tool in ("qemu-system-x86_64", "qemu-img", "restic", "borg"):
         if not shutil.which(tool):
             print(f"error: {tool} is not installed (tests/harness/ensure-system test)", file=sys.stderr)
