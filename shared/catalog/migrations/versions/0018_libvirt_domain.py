@@ -1,7 +1,7 @@
 """A VM that is a libvirt domain on its host (live backups through libvirt's backup API).
 
-Revision ID: 0016
-Revises: 0013
+Revision ID: 0018
+Revises: 0017
 """
 
 from __future__ import annotations
@@ -9,8 +9,8 @@ from __future__ import annotations
 import sqlalchemy as sa
 from alembic import op
 
-revision: str = "0016"
-down_revision: str | None = "0013"
+revision: str = "0018"
+down_revision: str | None = "0017"
 branch_labels: str | tuple[str, ...] | None = None
 depends_on: str | tuple[str, ...] | None = None
 
