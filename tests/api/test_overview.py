@@ -5,15 +5,18 @@ last hours with their reason, the storage's sync lag, a member's view, and bad i
 
 from __future__ import annotations
 
+import random
 import secrets
 from collections.abc import Iterator
-from datetime import timedelta
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
+from sqlalchemy import select
 
+from shared import schedule
 from shared.catalog import db
 from shared.catalog.models import (
     ApiJob,
@@ -29,10 +32,14 @@ from shared.catalog.models import (
     Volume,
     VolumeBackup,
     VolumeBackupStorageRef,
+    aware,
     new_uuid,
     now,
 )
+from shared.inventory import iso
 from shared.schedule import TriggerSpec, fire_times_after, from_seconds, to_seconds
+from shared.service import overview
+from shared.service.jobgroups import trigger_spec
 from tests.api.conftest import app_client
 
 Row = dict[str, Any]
@@ -238,6 +245,203 @@ def test_the_vm_list_in_pages_with_filters_and_counts(api: tuple[TestClient, str
     assert seen["vmTotal"] == 2 and seen["vmCounts"] == {"ok": 0, "overdue": 0, "failed": 1, "none": 1}
     assert [vm["name"] for vm in seen["vmInstances"]] == ["failed-vm"]
     assert get(client, member_key, "/v1/overview", q="ok-vm")[1]["vmInstances"] == []
+
+
+def random_catalog(seed: int) -> None:
+    """30 VMs of 0-3 volumes (and detached volumes) with Ready, Failed and Creating backups, VM
+    backups (one group, one date a VM) and lone ones (each its own date), copies on a standby and
+    a remote, job groups (one disabled) on triggers (one disabled) with jobs (some disabled) on
+    VMs and volumes, failed and good runs of VMs, volumes and detached volumes."""
+    rng = random.Random(seed)
+    moment = now()
+    minutes = iter(rng.sample(range(10, 20_000), 2_000))  # every date distinct but a VM backup's
+    with db.session() as session:
+        host = Host(name="h1", status="Connected", lastHeartbeat=moment)
+        master = BackupStorage(name="master", url="file:///m", role="master")
+        standby = BackupStorage(name="standby", url="file:///s", role="standby")
+        remote = BackupStorage(name="remote", type="Remote", url="http://127.0.0.1:9/r")
+        session.add_all([host, master, standby, remote])
+        session.flush()
+        targets: list[str] = []
+        for i in range(30):
+            vm = VmInstance(name=f"vm-{rng.randrange(10)}", hostUuid=host.uuid)  # names repeat: uuid orders them
+            session.add(vm)
+            session.flush()
+            volumes = []
+            for k in range(rng.choice((0, 1, 1, 2, 3))):
+                volume = Volume(name=f"{i}-{k}", hostUuid=host.uuid, vmInstanceUuid=vm.uuid, installPath=f"/{i}/{k}")
+                session.add(volume)
+                volumes.append(volume)
+            session.flush()
+            targets += [vm.uuid, *(v.uuid for v in volumes)]
+            for _ in range(rng.randrange(4)):
+                group = new_uuid() if len(volumes) > 1 and rng.random() < 0.5 else None
+                shared_date = moment - timedelta(minutes=next(minutes))
+                for volume in volumes if group else rng.sample(volumes, min(1, len(volumes))):
+                    status = rng.choice(("Ready", "Ready", "Ready", "Failed", "Creating"))
+                    row = VolumeBackup(
+                        name=f"b{i}",
+                        volumeUuid=volume.uuid,
+                        status=status,
+                        groupUuid=group,
+                        size=rng.randrange(1, 1000),
+                        mode=rng.choice(("full", "incremental")),
+                        createDate=shared_date if group else moment - timedelta(minutes=next(minutes)),
+                    )
+                    session.add(row)
+                    session.flush()
+                    for storage in (master, standby, remote):
+                        if status == "Ready" and rng.random() < 0.7:
+                            session.add(
+                                VolumeBackupStorageRef(volumeBackupUuid=row.uuid, backupStorageUuid=storage.uuid)
+                            )
+        detached = Volume(name="detached", hostUuid=host.uuid, installPath="/d")
+        session.add(detached)
+        session.flush()
+        targets.append(detached.uuid)
+        for g in range(3):
+            group = SchedulerJobGroup(name=f"g{g}", jobType="vmBackup", state="Disabled" if g == 2 else "Enabled")
+            session.add(group)
+            session.flush()
+            for t in range(2):
+                trigger = SchedulerTrigger(
+                    name=f"t{g}{t}",
+                    schedulerType="simple",
+                    schedulerInterval=rng.choice((600, 3600, 86400)),
+                    state="Disabled" if (g, t) == (1, 1) else "Enabled",
+                    createDate=moment - timedelta(minutes=rng.randrange(1, 3000)),
+                )
+                session.add(trigger)
+                session.flush()
+                session.add(
+                    SchedulerJobGroupTriggerRef(schedulerJobGroupUuid=group.uuid, schedulerTriggerUuid=trigger.uuid)
+                )
+            for target in rng.sample(targets, 12):
+                state = "Disabled" if rng.random() < 0.2 else "Enabled"
+                session.add(SchedulerJob(schedulerJobGroupUuid=group.uuid, targetResourceUuid=target, state=state))
+                for _ in range(rng.randrange(3)):
+                    session.add(
+                        SchedulerJobHistory(
+                            executeTime=moment - timedelta(minutes=next(minutes)),
+                            success=rng.random() < 0.5,
+                            schedulerJobGroupUuid=group.uuid,
+                            targetResourceUuid=target,
+                        )
+                    )
+
+
+def expected_vms(moment: datetime, grace: timedelta) -> list[Row]:
+    """Each VM's row of the overview computed the plain way, one VM at a time from whole ORM
+    rows: the reference the set-wise queries of shared.service.overview must agree with."""
+    with db.session() as session:
+        kinds = {s.uuid: overview.storage_kind(s) for s in session.scalars(select(BackupStorage))}
+        present = sorted({k for k in kinds.values() if k != "master"})
+        due: dict[str, datetime | None] = {}  # by enabled group with an enabled trigger
+        for group in session.scalars(select(SchedulerJobGroup).where(SchedulerJobGroup.state == "Enabled")):
+            fires = [
+                schedule.due_fire(trigger_spec(t), aware(t.createDate), None, moment - grace)
+                for t in session.scalars(
+                    select(SchedulerTrigger)
+                    .join(
+                        SchedulerJobGroupTriggerRef,
+                        SchedulerJobGroupTriggerRef.schedulerTriggerUuid == SchedulerTrigger.uuid,
+                    )
+                    .where(
+                        SchedulerJobGroupTriggerRef.schedulerJobGroupUuid == group.uuid,
+                        SchedulerTrigger.state == "Enabled",
+                    )
+                )
+            ]
+            if fires:
+                due[group.uuid] = max((f for f in fires if f), default=None)
+        out = []
+        for vm in session.scalars(select(VmInstance).order_by(VmInstance.name, VmInstance.uuid)):
+            volumes = [v.uuid for v in session.scalars(select(Volume).where(Volume.vmInstanceUuid == vm.uuid))]
+            backups = list(session.scalars(select(VolumeBackup).where(VolumeBackup.volumeUuid.in_(volumes))))
+            ready = [b for b in backups if b.status == "Ready"]
+            newest = max(ready, key=lambda b: (b.createDate, b.uuid), default=None)
+            failed = [aware(b.createDate) for b in backups if b.status == "Failed"]
+            failed += [
+                aware(h.executeTime)
+                for h in session.scalars(select(SchedulerJobHistory).where(SchedulerJobHistory.success.is_(False)))
+                if h.targetResourceUuid in (vm.uuid, *volumes)
+            ]
+            jobs = session.scalars(
+                select(SchedulerJob).where(
+                    SchedulerJob.targetResourceUuid.in_((vm.uuid, *volumes)), SchedulerJob.state == "Enabled"
+                )
+            )
+            whens = [due[j.schedulerJobGroupUuid] for j in jobs if j.schedulerJobGroupUuid in due]
+            last = aware(newest.createDate) if newest else None
+            failed_at = max(failed, default=None)
+            overdue = any(w is not None and (last is None or last < w) for w in whens)
+            if last is None:
+                status = "failed" if failed_at else "none"
+            elif failed_at is not None and failed_at > last:
+                status = "failed"
+            else:
+                status = "overdue" if overdue else "ok"
+            members = [b for b in ready if newest and b.groupUuid and b.groupUuid == newest.groupUuid] or (
+                [newest] if newest else []
+            )
+            held = [
+                {
+                    kinds[r.backupStorageUuid]
+                    for r in session.scalars(
+                        select(VolumeBackupStorageRef).where(
+                            VolumeBackupStorageRef.volumeBackupUuid == b.uuid, VolumeBackupStorageRef.status == "Ready"
+                        )
+                    )
+                }
+                for b in members
+            ]
+            out.append(
+                {
+                    "uuid": vm.uuid,
+                    "volumes": len(volumes),
+                    "status": status,
+                    "overdue": overdue,
+                    "scheduled": bool(whens),
+                    "lastFailure": iso(failed_at),
+                    "lastBackup": newest
+                    and {
+                        "groupUuid": newest.groupUuid,
+                        "createDate": iso(last),
+                        "size": sum(b.size or 0 for b in members),
+                        "mode": sorted({b.mode for b in members}),
+                        "volumeBackups": len(members),
+                    },
+                    "copies": {kind: bool(held) and all(kind in h for h in held) for kind in present},
+                }
+            )
+    return out
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_the_vm_rows_agree_with_a_vm_by_vm_computation(api: tuple[TestClient, str], seed: int) -> None:
+    """The overview folds each VM's volumes, backups, failed runs and scheduled jobs together in
+    the database (no per-volume rows in Python); on random catalogs every row, count and page
+    must be what computing each VM alone from its rows gives."""
+    client, key = api
+    random_catalog(seed)
+    for grace in (0, 3600, 86400):
+        status, body = get(client, key, "/v1/overview", graceSeconds=grace)
+        assert status == 200, body
+        moment = datetime.fromisoformat(body["generatedAt"])
+        want = expected_vms(moment, timedelta(seconds=grace))
+        got = [
+            {
+                **{k: vm[k] for k in ("uuid", "volumes", "status", "overdue", "scheduled", "lastFailure", "copies")},
+                "lastBackup": vm["lastBackup"]
+                and {k: vm["lastBackup"][k] for k in ("groupUuid", "createDate", "size", "mode", "volumeBackups")},
+            }
+            for vm in body["vmInstances"]
+        ]
+        assert got == want
+        assert body["vmCounts"] == {s: sum(v["status"] == s for v in want) for s in overview.STATUSES}
+        assert {vm["status"] for vm in want} >= {"ok", "failed", "none"}  # the catalog has each kind
+    page = get(client, key, "/v1/overview", limit=7, start=7, status="failed", graceSeconds=grace)[1]
+    assert page["vmInstances"] == [vm for vm in body["vmInstances"] if vm["status"] == "failed"][7:14]
 
 
 def test_fire_times_follow_the_scheduler_and_bad_input(api: tuple[TestClient, str], tmp_path: Path) -> None:
