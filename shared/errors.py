@@ -307,3 +307,18 @@ class StreamFailed(BlockvaultError):
 
     code = "STREAM_FAILED"
     http_status = 500
+
+
+class ManagedByLibvirt(BlockvaultError):
+    """{what} is managed by libvirt on its host: {detail}"""
+
+    code = "MANAGED_BY_LIBVIRT"
+    http_status = 409
+
+
+class LibvirtError(BlockvaultError):
+    """libvirt {uri}: {detail}"""
+
+    code = "LIBVIRT_ERROR"
+    http_status = 503
+    exit_code = 2

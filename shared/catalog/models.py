@@ -68,6 +68,10 @@ class Host(Resource, Base):
     # what its worker reported (real paths): where volumes may be, where VM sockets are
     volumeRoots: Mapped[list[str] | None] = mapped_column(JSON, default=None)
     vmSocketDir: Mapped[str | None] = mapped_column(Text, default=None)
+    # its worker's libvirt connection (docs/libvirt.md): the URI, Connected/Disconnected and why
+    libvirtUri: Mapped[str | None] = mapped_column(Text, default=None)
+    libvirtStatus: Mapped[str | None] = mapped_column(String(32), default=None)
+    libvirtReason: Mapped[str | None] = mapped_column(Text, default=None)
 
 
 class VmInstance(Resource, Base):
@@ -81,6 +85,9 @@ class VmInstance(Resource, Base):
     state: Mapped[str] = mapped_column(String(32), default="Stopped")
     qmpSocket: Mapped[str | None] = mapped_column(Text)  # QMP socket on its host: live backups
     guestAgentSocket: Mapped[str | None] = mapped_column(Text)  # guest agent: fsfreeze around them
+    managedBy: Mapped[str | None] = mapped_column(String(16), default=None)  # "libvirt": discovered
+    # a libvirt domain's disks that are not volumes: [{"deviceName", "source", "reason"}]
+    skippedDisks: Mapped[list[dict[str, Any]] | None] = mapped_column(JSON, default=None)
 
 
 class Volume(Resource, Base):
@@ -95,6 +102,8 @@ class Volume(Resource, Base):
     size: Mapped[int] = mapped_column(BigInteger, default=0)
     state: Mapped[str] = mapped_column(String(32), default="Enabled")
     status: Mapped[str] = mapped_column(String(32), default="Ready")
+    managedBy: Mapped[str | None] = mapped_column(String(16), default=None)  # "libvirt": discovered
+    deviceName: Mapped[str | None] = mapped_column(String(64), default=None)  # its target in the domain
 
 
 class BackupStorage(Resource, Base):

@@ -35,6 +35,7 @@ from shared.errors import (
     RepositoryError,
 )
 from shared.inventory import inventory
+from shared.libvirt import domains
 from shared.repository.backup import BackupResult, backup_volume
 from shared.repository.live import LiveDisk, LiveResult, backup_live
 from shared.repository.repo import Repository, install_path, parse_install_path
@@ -80,6 +81,7 @@ def _vm_metadata(session: Session, volume: Volume) -> dict[str, Any]:
         vm = session.get(VmInstance, volume.vmInstanceUuid)
         if vm is not None:
             data["vmInstance"] = inventory(session, vm)
+            data["vmDefinition"] = domains.definition_of(vm)  # what createVmInstanceFromVmBackup defines
             siblings = session.scalars(select(Volume).where(Volume.vmInstanceUuid == vm.uuid))
             data["volumes"] = [inventory(session, v) for v in siblings]
     return data
