@@ -13,7 +13,8 @@
     type ``qemu`` (TCG, no KVM needed; ``kvm`` is not used even where /dev/kvm exists, so tests
     behave alike everywhere) with no guest OS (ACPI on: disks hot-plug), named ``bvt-<random>``; ``disks`` are ``(path,
     format)`` or ``(path, format, kind)`` with kind ``file``, ``block`` or ``network``. Every
-    domain it made is destroyed and undefined when the test ends.
+    domain it made is destroyed and undefined when the test ends. The host's libvirtd is shared
+    (a neighbour's test may restart it): a define that loses its connection is tried again.
 """
 
 from __future__ import annotations
@@ -105,8 +106,17 @@ def libvirt_domains(libvirt_uri: str) -> Iterator[DomainFactory]:
     made: list[str] = []
 
     def make(disks: list[tuple[str, ...]], start: bool = False, nics: int = 1) -> Any:
+        nonlocal conn
         name = f"bvt-{uuid.uuid4().hex[:10]}"
-        dom = conn.defineXML(domain_xml(name, disks, nics))
+        for attempt in range(3):  # the shared libvirtd may be restarted by a neighbour's test
+            try:
+                dom = conn.defineXML(domain_xml(name, disks, nics))
+                break
+            except libvirt.libvirtError:
+                if attempt == 2 or conn.isAlive():
+                    raise
+                time.sleep(2)
+                conn = libvirt.open(libvirt_uri)
         made.append(dom.UUIDString())
         if start:
             dom.create()
@@ -115,6 +125,8 @@ def libvirt_domains(libvirt_uri: str) -> Iterator[DomainFactory]:
     try:
         yield make
     finally:
+        if not conn.isAlive():
+            conn = libvirt.open(libvirt_uri)
         for dom_uuid in made:
             try:
                 dom = conn.lookupByUUIDString(dom_uuid)

@@ -1,11 +1,13 @@
-"""Starting a VM from the volumes an instant restore made: the one place that drives the
-hypervisor for it.
+"""Starting a VM on given volumes: the one place that drives the hypervisor for it (an
+instant restore's overlays; a VM created from a VM backup).
 
 Without a hypervisor driver (plain QEMU) blockvault does not start VMs: :func:`start_vm` says
 so, and the instant restore job waits for the VM's QEMU (its ``qmpSocket``) to open the
 overlays, which the operator starts from the paths the job published. A VM that libvirt owns
 (``managedBy = "libvirt"``, docs/libvirt.md) has its domain's disks pointed at the volumes
-and is started through libvirt; the function returns True once the domain runs.
+and is started through libvirt; the function returns True once the domain runs
+(createVmInstanceFromVmBackup starts its new domain this way; instant restore does not take
+libvirt domains yet: streaming would have to run in libvirt's QEMU, docs/libvirt.md).
 """
 
 from __future__ import annotations
@@ -28,5 +30,5 @@ def start_vm(session: Session, vm: VmInstance, volumes: Sequence[Volume]) -> boo
     started = domains.start_on(vm, volumes)
     if started:
         vm.state = "Running"
-        session.commit()
+        session.flush()
     return started

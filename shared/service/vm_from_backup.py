@@ -27,7 +27,7 @@ from shared.errors import Conflict, InvalidArgument
 from shared.inventory import inventory
 from shared.libvirt import MANAGED, connection, domains, domainxml
 from shared.repository.restore import restore_backup
-from shared.service import rows
+from shared.service import hypervisor, rows
 from shared.service.recovery import ensure_path_free
 from shared.storage import open_repository
 
@@ -202,7 +202,10 @@ def run_create_vm(session: Session, job: ApiJob) -> dict[str, Any]:
         )
         with connection.connect(uri) as conn:
             defined = True
-            state = domains.define(conn, xml, start=params.get("strategy") != "CreateStopped")
+            state = domains.define(conn, xml, start=False)
+        vm.managedBy = MANAGED
+        if params.get("strategy") != "CreateStopped" and hypervisor.start_vm(session, vm, volumes):
+            state = "Running"
     except BaseException:
         if defined:
             try:
