@@ -2,12 +2,13 @@
 
 :func:`sync_host` (the worker, at start and every heartbeat interval, in a thread of its own)
 lists the host's domains and makes the catalog say the same: each domain a VM instance (uuid =
-the domain's uuid without dashes; name, description, CPUs, memory, platform and state from
-libvirt), each of its disks a volume (a file or block device, a pool volume resolved to its
-path; ``Root`` for the boot disk), all ``managedBy = "libvirt"``. A domain that is gone is
-``Destroyed``; a disk no longer attached is ``Detached`` (its row and backups stay). A disk
-that blockvault will not read (outside the host's volume roots, a network source, a format it
-does not read) is not a volume: it is listed in the VM's ``skippedDisks`` with the reason.
+the domain's uuid without dashes; name, CPUs, memory, platform and state from libvirt, the
+description from it when the row is made), each of its disks a volume (a file or block device,
+a pool volume resolved to its path; ``Root`` for the boot disk), all ``managedBy = "libvirt"``.
+A domain that is gone is ``Destroyed``; a disk no longer attached is ``Detached`` (its row and
+backups stay). A disk that blockvault will not read (outside the host's volume roots, a network
+source, a format it does not read) is not a volume: it is listed in the VM's ``skippedDisks``
+with the reason.
 
 A libvirt that does not answer leaves the rows as they were and the host's ``libvirtStatus``
 ``Disconnected`` with the reason; the worker keeps running.
@@ -121,7 +122,7 @@ def _upsert_vm(session: Session, host_uuid: str, found: Found) -> VmInstance:
     domain = found.domain
     vm = session.get(VmInstance, domain.uuid)
     if vm is None:
-        vm = VmInstance(uuid=domain.uuid)
+        vm = VmInstance(uuid=domain.uuid, description=domain.description)  # then the catalog's own
         session.add(vm)
         log.info("libvirt.domain_added host=%s vm=%s name=%s", host_uuid, domain.uuid, domain.name)
     elif vm.state != found.state:
@@ -129,7 +130,6 @@ def _upsert_vm(session: Session, host_uuid: str, found: Found) -> VmInstance:
     vm.hostUuid = host_uuid
     vm.managedBy = MANAGED
     vm.name = domain.name
-    vm.description = domain.description
     vm.cpuNum = domain.cpuNum
     vm.memorySize = domain.memorySize
     vm.platform = domain.platform

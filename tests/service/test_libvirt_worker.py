@@ -10,6 +10,7 @@ from typing import Any
 from shared.catalog.models import new_uuid
 from tests.libvirt_fixtures import DomainFactory
 from tests.service.conftest import Stack
+from tests.service.test_cli import bv
 
 
 def one(stack: Stack, collection: str, uuid: str) -> dict[str, Any]:
@@ -34,6 +35,10 @@ def test_a_worker_discovers_its_domains_and_survives_a_silent_libvirt(
     (volume,) = stack.client.query("volumes", f"vmInstanceUuid={vm_uuid}")["inventories"]
     assert (volume["installPath"], volume["type"], volume["deviceName"]) == (str(disk), "Root", "vda")
     assert one(stack, "hosts", host)["libvirtStatus"] == "Connected"
+    # the CLI: a VM backup that does not exist, a host that is no uuid: one line, non-zero exit
+    missing = bv(stack, "vm", "create-from-backup", new_uuid(), "--wait")
+    assert missing.returncode == 2 and missing.stderr.startswith("blockvault: error: NOT_FOUND"), missing.stderr
+    assert len(missing.stderr.strip().splitlines()) == 1
     dom.create()
     stack.wait_for("Running", lambda: one(stack, "vm-instances", vm_uuid).get("state") == "Running")
     dom.destroy()

@@ -118,9 +118,11 @@ def test_discovery_follows_domains_states_and_disks(lv: Lv, outside_folder: Path
     host = lv.site.session.get_one(Host, lv.site.host)
     assert (host.libvirtStatus, host.libvirtUri, host.libvirtReason) == ("Connected", lv.uri, None)
 
+    vm.description = "the catalog's own"  # taken from libvirt once, then the caller's
+    lv.site.session.commit()
     dom.create()
     lv.sync()
-    assert lv.vm(dom).state == "Running"
+    assert (lv.vm(dom).state, lv.vm(dom).description) == ("Running", "the catalog's own")
     dom.suspend()
     lv.sync()
     assert lv.vm(dom).state == "Paused"
