@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: demo test test-fast lint typecheck pytest bench venv system-demo system-test clean
+.PHONY: demo test test-fast lint typecheck pytest bench venv venv-libvirt system-demo system-test clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -13,6 +13,15 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 venv: $(STAMP)
+
+# libvirt-python (the libvirt extra, docs/libvirt.md) builds against libvirt-dev, which
+# system-test installs: the tests need it, `make demo` does not
+LIBVIRT_STAMP := $(VENV)/.libvirt-stamp
+$(LIBVIRT_STAMP): $(STAMP) | system-test
+	$(PY) -m pip install -q -e '.[dev,libvirt]'
+	touch $(LIBVIRT_STAMP)
+
+venv-libvirt: system-test $(LIBVIRT_STAMP)
 
 system-demo:
 	tests/harness/ensure-system demo
@@ -35,14 +44,14 @@ typecheck: venv
 PYTEST_WORKERS ?= 4
 XDIST := -n $(PYTEST_WORKERS) --dist worksteal
 
-pytest: venv system-test
+pytest: venv system-test venv-libvirt
 	tests/harness/ensure-services
 	$(PY) -m pytest -q $(XDIST)
 
 test: lint typecheck pytest
 
 # the unit layer only, for the edit loop: no test marked slow (docs/testing.md)
-test-fast: venv system-test
+test-fast: venv system-test venv-libvirt
 	tests/harness/ensure-services
 	$(PY) -m pytest -q $(XDIST) -m "not slow"
 

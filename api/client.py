@@ -328,6 +328,11 @@ class Client:
     def revert_vm(self, group_uuid: str, **params: Any) -> str:
         return str(self.action("vm-backups", group_uuid, "revertVmFromVmBackup", params))
 
+    def create_vm_from_backup(self, group_uuid: str, **params: Any) -> str:
+        """createVmInstanceFromVmBackup {name, description, hostUuid, backupStorageUuid,
+        strategy: InstantStart|CreateStopped, keepMacs}: a new libvirt domain (docs/libvirt.md)."""
+        return str(self.action("vm-backups", group_uuid, "createVmInstanceFromVmBackup", params))
+
     def delete_vm_backup(self, group_uuid: str, backup_storage_uuids: Sequence[str] = ()) -> str:
         params = {"backupStorageUuids": ",".join(backup_storage_uuids)} if backup_storage_uuids else None
         return self._job("DELETE", f"/v1/vm-backups/{group_uuid}", params=params)

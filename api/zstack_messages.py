@@ -338,6 +338,23 @@ MESSAGE_LIST: tuple[Message, ...] = (
         extension=True,
     ),
     _m(
+        "CreateVmInstanceFromVmBackup",
+        VB,
+        "async",
+        ("*groupUuid", "name", "description", "hostUuid", "backupStorageUuid", "strategy", "keepMacs"),
+        action(
+            "/vm-backups/{groupUuid}",
+            "createVmInstanceFromVmBackup",
+            "name",
+            "description",
+            "hostUuid",
+            "backupStorageUuid",
+            "strategy",
+            "keepMacs",
+        ),
+        extension=True,
+    ),
+    _m(
         "SyncBackupFromImageStoreBackupStorage",
         VB,
         "async",

@@ -340,3 +340,18 @@ class DeliveryFailed(BlockvaultError):
     code = "NOTIFICATION_DELIVERY_FAILED"
     http_status = 503
     retryable = True
+
+
+class ManagedByLibvirt(BlockvaultError):
+    """{what} is managed by libvirt on its host: {detail}"""
+
+    code = "MANAGED_BY_LIBVIRT"
+    http_status = 409
+
+
+class LibvirtError(BlockvaultError):
+    """libvirt {uri}: {detail}"""
+
+    code = "LIBVIRT_ERROR"
+    http_status = 503
+    exit_code = 2

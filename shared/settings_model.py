@@ -57,7 +57,12 @@ class Settings(BaseSettings):
         default=None, description="the folder of a worker's VMs' QEMU monitor and guest agent sockets"
     )
     libvirt_uri: str | None = Field(
-        default=None, description="the libvirt a worker backs its VMs marked libvirtDomain up through (qemu:///system)"
+        default=None,
+        description="the libvirt a worker discovers its VMs from (docs/libvirt.md); default qemu:///system when "
+        "libvirt-python is installed and libvirtd's socket exists; 'off' for none",
+    )
+    libvirt_timeout_seconds: float = Field(
+        default=10.0, gt=0, description="how long a worker waits for its libvirt to answer a connection"
     )
     api_url: str = Field(default="http://127.0.0.1:8080", description="the API the client and CLI call")
     api_key: SecretStr | None = Field(default=None, description="the API key the client and CLI send")

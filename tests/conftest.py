@@ -22,6 +22,7 @@ pytest_plugins = [
     "tests.storage_server_fixtures",
     "tests.s3_fixtures",
     "tests.qemu_fixtures",
+    "tests.libvirt_fixtures",
     "tests.rabbitmq_fixtures",
 ]
 

@@ -2,7 +2,8 @@
 
 On start it migrates the catalog, registers its host and then heartbeats from a thread; a
 second thread reaps hosts whose workers stopped and re-sends lost messages, a third checks
-the backup storages and fails the master over (any live worker does these jobs).
+the backup storages and fails the master over (any live worker does these jobs). On a libvirt
+host a fourth mirrors the host's domains into the catalog (shared.libvirt.discovery).
 """
 
 from __future__ import annotations
@@ -82,6 +83,30 @@ class StorageHealth(threading.Thread):
                 log.warning("worker.storage_check_failed", exc_info=True)
 
 
+class LibvirtSync(threading.Thread):
+    """Discovers this host's libvirt domains at start and then every ``every`` seconds (their
+    state, added and removed domains, changed disks); a libvirt that does not answer is the
+    host's ``libvirtStatus``, never the worker's end."""
+
+    def __init__(self, host_uuid: str, every: float) -> None:
+        super().__init__(daemon=True, name="libvirt-sync")
+        self.host_uuid, self.every = host_uuid, every
+        self.stopped = threading.Event()
+
+    def sync(self) -> None:
+        from shared.libvirt import discovery
+
+        try:
+            with db.session() as session:
+                discovery.sync_host(session, self.host_uuid)
+        except Exception:
+            log.warning("libvirt.sync_failed host=%s", self.host_uuid, exc_info=True)
+
+    def run(self) -> None:
+        while not self.stopped.wait(self.every):
+            self.sync()
+
+
 def run_worker(host_uuid: str | None = None, concurrency: int = 2, loglevel: str = "INFO") -> None:
     settings = get_settings()
     host = (host_uuid or hosts.local_host_uuid()).replace("-", "").lower()
@@ -95,6 +120,9 @@ def run_worker(host_uuid: str | None = None, concurrency: int = 2, loglevel: str
     maintenance.start()
     health = StorageHealth(settings.storage_check_seconds)
     health.start()
+    libvirt_sync = LibvirtSync(host, settings.heartbeat_seconds)
+    libvirt_sync.sync()  # once before the pool forks: no child starts inside a libvirt call
+    libvirt_sync.start()
     from workers import tasks
 
     tasks.RUNNING_ON = host  # before the pool forks: every child binds the jobs it starts here
@@ -117,3 +145,4 @@ def run_worker(host_uuid: str | None = None, concurrency: int = 2, loglevel: str
         beat.stopped.set()
         maintenance.stopped.set()
         health.stopped.set()
+        libvirt_sync.stopped.set()

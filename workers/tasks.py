@@ -25,7 +25,17 @@ from shared.celery_app import celery_app
 from shared.config import get_settings
 from shared.errors import BlockvaultError, CatalogUnavailable
 from shared.logcontext import install, job_context
-from shared.service import copies, database_backups, deletion, instant, recovery, scan, scheduled_runs, volume_backups
+from shared.service import (
+    copies,
+    database_backups,
+    deletion,
+    instant,
+    recovery,
+    scan,
+    scheduled_runs,
+    vm_from_backup,
+    volume_backups,
+)
 
 log = logging.getLogger(__name__)
 app = celery_app()
@@ -126,6 +136,7 @@ volume_backup = job_task(tasks.VOLUME_BACKUP)(volume_backups.run_volume_backups)
 volume_revert = job_task(tasks.VOLUME_REVERT)(recovery.run_revert)
 volume_create_from_backup = job_task(tasks.VOLUME_CREATE)(recovery.run_create_volume)
 instant_restore = job_task(tasks.INSTANT_RESTORE)(instant.run_instant)
+vm_create_from_backup = job_task(tasks.VM_CREATE)(vm_from_backup.run_create_vm)
 storage_verify = job_task(tasks.STORAGE_VERIFY)(recovery.run_verify)
 storage_delete = job_task(tasks.STORAGE_DELETE)(deletion.run_delete)
 scheduler_run = job_task(tasks.SCHEDULER_RUN)(scheduled_runs.run_scheduled)

@@ -316,7 +316,7 @@ def backup_create(
 @click.option("--backup-storage", "storage_uuid")
 @WAIT
 @JSON
-def backup_create_vm(
+def backup_new_vm(
     root_volume_uuid: str, name: str | None, mode: str, storage_uuid: str | None, wait: bool, as_json: bool
 ) -> None:
     """Back up every volume of a VM (one groupUuid)."""
@@ -395,6 +395,34 @@ def backup_revert_vm(group_uuid: str, storage_uuid: str | None, wait: bool, as_j
     client = _client()
     params = {"backupStorageUuid": storage_uuid} if storage_uuid else {}
     _submit(client, client.revert_vm(group_uuid, **params), wait, as_json, ("volumes",))
+
+
+@vm.command("create-from-backup")
+@click.argument("group_uuid")
+@click.option("--name", help="The new domain's name (default: the backed-up one's plus a suffix).")
+@click.option("--host", "host_uuid", help="The libvirt host to define it on (admins; default: the backed-up VM's).")
+@click.option("--backup-storage", "storage_uuid")
+@click.option("--stopped", is_flag=True, help="Define it without starting it (strategy CreateStopped).")
+@click.option("--keep-macs", is_flag=True, help="Keep the backed-up NICs' MAC addresses (default: new ones).")
+@WAIT
+@JSON
+def backup_create_vm(
+    group_uuid: str,
+    name: str | None,
+    host_uuid: str | None,
+    storage_uuid: str | None,
+    stopped: bool,
+    keep_macs: bool,
+    wait: bool,
+    as_json: bool,
+) -> None:
+    """A new libvirt VM from a VM backup (its groupUuid): disks restored, domain defined, started."""
+    client = _client()
+    given = {"name": name, "hostUuid": host_uuid, "backupStorageUuid": storage_uuid}
+    params: dict[str, Any] = {key: value for key, value in given.items() if value}
+    params["strategy"] = "CreateStopped" if stopped else "InstantStart"
+    params["keepMacs"] = keep_macs
+    _submit(client, client.create_vm_from_backup(group_uuid, **params), wait, as_json, ("uuid", "name", "state"))
 
 
 @volume_backup.command("delete-vm")

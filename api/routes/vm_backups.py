@@ -16,7 +16,7 @@ from api.schemas import query_answer
 from shared import access
 from shared.catalog.models import VmInstance, VolumeBackup
 from shared.inventory import inventories
-from shared.service import copies, deletion, instant, protection, recovery, rows
+from shared.service import copies, deletion, instant, protection, recovery, rows, vm_from_backup
 
 router = APIRouter(dependencies=[Depends(get_caller)])
 ACTIONS = (
@@ -25,6 +25,7 @@ ACTIONS = (
     "recoverVmBackupFromImageStoreBackupStorage",
     "instantRestoreVmFromVmBackup",
     "changeVmBackupProtection",
+    "createVmInstanceFromVmBackup",
 )
 
 
@@ -65,6 +66,11 @@ def vm_backup_action(
                 session, caller, VmInstance, check_uuid(str(params["vmInstanceUuid"]), "vmInstanceUuid"), "VM"
             )
         return accepted(request, instant.request_instant_vm(session, group, params, caller.account_uuid))
+    if name == "createVmInstanceFromVmBackup":
+        if params.get("hostUuid") is not None:
+            access.require_admin(caller, "choosing the host of a new VM")
+            params["hostUuid"] = check_uuid(params["hostUuid"], "hostUuid")
+        return accepted(request, vm_from_backup.request_create_vm(session, group, params, caller.account_uuid))
     return accepted(request, recovery.request_vm_revert(session, group, params, caller.account_uuid))
 
 

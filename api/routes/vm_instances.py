@@ -10,15 +10,32 @@ from fastapi.responses import JSONResponse
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from api.auth import Caller
 from api.deps import CurrentCaller, DbSession, get_caller
 from api.envelopes import Envelope, add_tags, check_uuid, non_negative_int, ok, one, parse_action, update_names
 from api.schemas import Done, one_answer
 from shared import access, hostpaths
-from shared.catalog.models import Host, VmInstance, Volume, new_uuid
-from shared.errors import InvalidArgument, NotFound
+from shared.catalog.models import Host, Project, VmInstance, Volume, new_uuid
+from shared.errors import InvalidArgument, ManagedByLibvirt, NotFound
+from shared.libvirt import MANAGED
 
 router = APIRouter(dependencies=[Depends(get_caller)])
 VM_STATES = ("Running", "Stopped")
+# what discovery takes from libvirt (docs/libvirt.md): never set through the API
+LIBVIRT_OWNS = ("name", "state", "qmpSocket", "guestAgentSocket", "cpuNum", "memorySize", "platform")
+
+
+def _set_project(session: Session, caller: Caller, vm: VmInstance, value: object) -> None:
+    """An admin moves a VM and its volumes into a project (null: admins only), e.g. one that
+    discovery registered."""
+    access.require_admin(caller, "setting projectUuid")
+    if value is not None:
+        project = check_uuid(value, "projectUuid")
+        if session.get(Project, project) is None:
+            raise NotFound(resource="project", uuid=project)
+    vm.projectUuid = value if isinstance(value, str) else None
+    for volume in session.scalars(select(Volume).where(Volume.vmInstanceUuid == vm.uuid)):
+        volume.projectUuid = vm.projectUuid
 
 
 def _socket_path(session: Session, params: dict[str, Any], key: str, host_uuid: str | None) -> str | None:
@@ -80,6 +97,8 @@ def delete_vm(uuid: str, session: DbSession, caller: CurrentCaller) -> JSONRespo
     vm = session.get(VmInstance, check_uuid(uuid, "uuid"))
     if vm is None:
         raise NotFound(resource="VM instance", uuid=uuid)
+    if vm.managedBy == MANAGED and vm.state != "Destroyed":
+        raise ManagedByLibvirt(what=f"VM {vm.uuid}", detail="undefine the domain in libvirt; its row follows")
     for volume in session.scalars(select(Volume).where(Volume.vmInstanceUuid == vm.uuid)):
         session.delete(volume)
     session.flush()
@@ -91,6 +110,14 @@ def delete_vm(uuid: str, session: DbSession, caller: CurrentCaller) -> JSONRespo
 def vm_action(uuid: str, body: dict[str, Any], session: DbSession, caller: CurrentCaller) -> JSONResponse:
     _name, params = parse_action(body, ("updateVmInstance",))
     vm = access.visible(session, caller, VmInstance, check_uuid(uuid, "uuid"), "VM instance")
+    if vm.managedBy == MANAGED:
+        owned = [key for key in LIBVIRT_OWNS if key in params]
+        if owned:
+            raise ManagedByLibvirt(
+                what=f"VM {vm.uuid}", detail=f"libvirt owns its {', '.join(owned)}: change them in libvirt"
+            )
+    if "projectUuid" in params:
+        _set_project(session, caller, vm, params["projectUuid"])
     if "state" in params:
         if params["state"] not in VM_STATES:
             raise InvalidArgument(detail="state must be Running or Stopped")

@@ -27,8 +27,9 @@ from api.envelopes import (
 from api.schemas import Done, one_answer, query_answer
 from shared import access, hostpaths
 from shared.catalog.models import Host, VmInstance, Volume, new_uuid
-from shared.errors import BlockvaultError, Conflict, InvalidArgument, NotFound, require
+from shared.errors import BlockvaultError, Conflict, InvalidArgument, ManagedByLibvirt, NotFound, require
 from shared.inventory import inventories
+from shared.libvirt import MANAGED
 from shared.service import volume_backups
 
 router = APIRouter(dependencies=[Depends(get_caller)])
@@ -131,6 +132,8 @@ def _volume_of(
             vms[vm_uuid] = session.get(VmInstance, vm_uuid)
         if vms[vm_uuid] is None:
             raise NotFound(resource="VM instance", uuid=vm_uuid)
+        if vms[vm_uuid].managedBy == MANAGED:  # type: ignore[union-attr]
+            raise ManagedByLibvirt(what=f"VM {vm_uuid}", detail="its disks are attached in libvirt, not registered")
     elif kind == "Root":
         raise InvalidArgument(detail="a Root volume needs vmInstanceUuid")
     for key in ("name", "description", "projectUuid"):
@@ -157,6 +160,8 @@ def delete_volume(uuid: str, session: DbSession, caller: CurrentCaller) -> JSONR
     volume = session.get(Volume, check_uuid(uuid, "uuid"))
     if volume is None:
         raise NotFound(resource="volume", uuid=uuid)
+    if volume.managedBy == MANAGED and volume.status != "Detached":
+        raise ManagedByLibvirt(what=f"volume {volume.uuid}", detail="detach the disk in libvirt; its row follows")
     session.delete(volume)
     return ok()
 

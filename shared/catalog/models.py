@@ -68,6 +68,10 @@ class Host(Resource, Base):
     # what its worker reported (real paths): where volumes may be, where VM sockets are
     volumeRoots: Mapped[list[str] | None] = mapped_column(JSON, default=None)
     vmSocketDir: Mapped[str | None] = mapped_column(Text, default=None)
+    # its worker's libvirt connection (docs/libvirt.md): the URI, Connected/Disconnected and why
+    libvirtUri: Mapped[str | None] = mapped_column(Text, default=None)
+    libvirtStatus: Mapped[str | None] = mapped_column(String(32), default=None)
+    libvirtReason: Mapped[str | None] = mapped_column(Text, default=None)
 
 
 class VmInstance(Resource, Base):
@@ -83,6 +87,9 @@ class VmInstance(Resource, Base):
     guestAgentSocket: Mapped[str | None] = mapped_column(Text)  # guest agent: fsfreeze around them
     # a libvirt domain on its host (uuid = the domain's without dashes): backed up through libvirt
     libvirtDomain: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
+    managedBy: Mapped[str | None] = mapped_column(String(16), default=None)  # "libvirt": discovered
+    # a libvirt domain's disks that are not volumes: [{"deviceName", "source", "reason"}]
+    skippedDisks: Mapped[list[dict[str, Any]] | None] = mapped_column(JSON, default=None)
 
 
 class Volume(Resource, Base):
@@ -97,6 +104,8 @@ class Volume(Resource, Base):
     size: Mapped[int] = mapped_column(BigInteger, default=0)
     state: Mapped[str] = mapped_column(String(32), default="Enabled")
     status: Mapped[str] = mapped_column(String(32), default="Ready")
+    managedBy: Mapped[str | None] = mapped_column(String(16), default=None)  # "libvirt": discovered
+    deviceName: Mapped[str | None] = mapped_column(String(64), default=None)  # its target in the domain
 
 
 class BackupStorage(Resource, Base):

@@ -49,7 +49,7 @@ from pathlib import Path
 from typing import Any
 from xml.sax.saxutils import quoteattr
 
-import libvirt  # type: ignore[import-untyped]
+import libvirt
 
 from shared.errors import BlockvaultError, MonitorError, VolumeError
 from shared.failpoints import failpoint

@@ -192,6 +192,11 @@ def request_instant_vm(session: Session, group_uuid: str, params: dict[str, Any]
     if not vm_uuid:
         raise InvalidArgument(detail=f"VM backup {group_uuid}'s VM is no longer registered: name vmInstanceUuid")
     vm: VmInstance = get(session, VmInstance, str(vm_uuid), "VM instance")
+    if vm.managedBy is not None:  # streaming inside libvirt's QEMU (its block pull) is not done yet
+        raise Conflict(
+            detail=f"VM {vm.uuid} is a libvirt domain: instant restore runs plain QEMU VMs; use "
+            "createVmInstanceFromVmBackup or revertVmFromVmBackup (docs/libvirt.md)"
+        )
     if vm.state == "Running":
         raise Conflict(detail=f"VM {vm.uuid} is Running: instant restore starts it from the backup, stop it first")
     host_uuid = vm.hostUuid or next((v.hostUuid for v in sources if v), None)

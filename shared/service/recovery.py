@@ -33,6 +33,7 @@ from shared.errors import (
     require,
 )
 from shared.inventory import inventory
+from shared.libvirt import MANAGED
 from shared.repository.maintenance import verify
 from shared.repository.restore import restore_backup
 from shared.service.rows import (
@@ -41,6 +42,7 @@ from shared.service.rows import (
     copy_on,
     get,
     group_backups,
+    group_storage,
     manifest_id,
     project_of,
     ready_backup,
@@ -76,11 +78,11 @@ def request_revert(session: Session, uuid: str, params: dict[str, Any], account:
 
 def request_vm_revert(session: Session, group_uuid: str, params: dict[str, Any], account: str | None) -> ApiJob:
     backups = group_backups(session, group_uuid)
-    storage_uuid = params.get("backupStorageUuid") or params.get("backupStrogeUuid")
-    refs = [ready_ref(ready_backup(session, b.uuid), storage_uuid, session) for b in backups]
-    storages = {r.backupStorageUuid for r in refs}
-    if len(storages) != 1:
-        raise Conflict(detail=f"VM backup {group_uuid} has no single storage with every volume: name backupStorageUuid")
+    for backup in backups:
+        ready_backup(session, backup.uuid)
+    storage = group_storage(
+        session, group_uuid, backups, params.get("backupStorageUuid") or params.get("backupStrogeUuid")
+    )
     volumes = [ready_volume(session, b.volumeUuid) for b in backups]
     for volume in volumes:
         check_vm_stopped(session, volume, "revert")
@@ -91,7 +93,7 @@ def request_vm_revert(session: Session, group_uuid: str, params: dict[str, Any],
         "revertVmFromVmBackup",
         task=tasks.VOLUME_REVERT,
         queue=host_queue(host),
-        params={"backupUuids": [b.uuid for b in backups], "backupStorageUuid": storages.pop()},
+        params={"backupUuids": [b.uuid for b in backups], "backupStorageUuid": storage},
         resource_uuid=volumes[0].vmInstanceUuid,
         resource_type=VmInstance.resource_type,
         host_uuid=host,
@@ -108,10 +110,12 @@ def run_revert(session: Session, job: ApiJob) -> dict[str, Any]:
     uuids = params.get("backupUuids") or [params["backupUuid"]]
     report = progress_reporter(job.uuid)
     reverted = []
+    checked: set[str] = set()
     for index, uuid in enumerate(uuids):
         backup: VolumeBackup = get(session, VolumeBackup, uuid, "volume backup")
         volume: Volume = get(session, Volume, backup.volumeUuid, "volume")
         check_vm_stopped(session, volume, "revert")
+        check_domain_shut_off(session, volume, checked)
         storage, ref = copy_on(session, backup, params["backupStorageUuid"])
         target = Path(volume_file(session, volume))
 
@@ -136,6 +140,18 @@ def run_revert(session: Session, job: ApiJob) -> dict[str, Any]:
         session.commit()
         reverted.append(inventory(session, volume))
     return reverted[0] if len(reverted) == 1 and "backupUuid" in params else {"volumes": reverted}
+
+
+def check_domain_shut_off(session: Session, volume: Volume, checked: set[str]) -> None:
+    """A libvirt domain's disk is written only while libvirt says the domain is shut off (the
+    catalog's state may be a heartbeat old); asked once per VM of a job."""
+    vm = session.get(VmInstance, volume.vmInstanceUuid) if volume.vmInstanceUuid else None
+    if vm is None or vm.managedBy != MANAGED or vm.uuid in checked:
+        return
+    from shared.libvirt import domains
+
+    domains.require_shut_off(vm, "revert")
+    checked.add(vm.uuid)
 
 
 def ensure_path_free(session: Session, host_uuid: str, path: str) -> None:

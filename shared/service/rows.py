@@ -78,8 +78,8 @@ def ready_volume(session: Session, uuid: str) -> Volume:
 def check_vm_stopped(session: Session, volume: Volume, action: str) -> None:
     if volume.vmInstanceUuid:
         vm = session.get(VmInstance, volume.vmInstanceUuid)
-        if vm is not None and vm.state == "Running":
-            raise Conflict(detail=f"VM {vm.uuid} is Running: {action} needs it Stopped")
+        if vm is not None and vm.state in ("Running", "Paused"):
+            raise Conflict(detail=f"VM {vm.uuid} is {vm.state}: {action} needs it Stopped")
 
 
 def backup_repository(storage: BackupStorage) -> Repository:
@@ -194,6 +194,16 @@ def group_backups(session: Session, group_uuid: str) -> list[VolumeBackup]:
     if not rows:
         raise NotFound(resource="VM backup", uuid=group_uuid)
     return rows
+
+
+def group_storage(session: Session, group_uuid: str, backups: list[VolumeBackup], storage_uuid: str | None) -> str:
+    """The one backup storage that holds a Ready copy of every volume backup of a VM backup
+    (``storage_uuid`` when named); Conflict when no single one does."""
+    refs = [ready_ref(backup, storage_uuid, session) for backup in backups]
+    storages = {ref.backupStorageUuid for ref in refs}
+    if len(storages) != 1:
+        raise Conflict(detail=f"VM backup {group_uuid} has no single storage with every volume: name backupStorageUuid")
+    return storages.pop()
 
 
 def manifest_id(ref: AnyRef) -> str:

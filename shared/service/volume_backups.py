@@ -36,8 +36,7 @@ from shared.errors import (
     RepositoryError,
 )
 from shared.inventory import inventory
-from shared.libvirt import backup as libvirt_backup
-from shared.libvirt.backup import backup_stopped_disk
+from shared.libvirt import connection, domains
 from shared.repository.backup import BackupResult, backup_volume
 from shared.repository.live import LiveDisk, LiveResult, backup_live
 from shared.repository.repo import Repository, install_path, parse_install_path
@@ -86,6 +85,7 @@ def _vm_metadata(session: Session, volume: Volume) -> dict[str, Any]:
         vm = session.get(VmInstance, volume.vmInstanceUuid)
         if vm is not None:
             data["vmInstance"] = inventory(session, vm)
+            data["vmDefinition"] = domains.definition_of(vm)  # what createVmInstanceFromVmBackup defines
             siblings = session.scalars(select(Volume).where(Volume.vmInstanceUuid == vm.uuid))
             data["volumes"] = [inventory(session, v) for v in siblings]
     return data
@@ -318,6 +318,8 @@ def _take_offline(
                 repo = repo or backup_repository(storage)
                 if domain is not None:
                     spec = LiveDisk(files[volume.uuid], volume.format, backup.name, metadata, parent)
+                    from shared.libvirt.backup import backup_stopped_disk  # libvirt-python: the libvirt extra
+
                     result = backup_stopped_disk(repo, spec, full=take_full, progress=scaled)
                     break
                 result = backup_volume(
@@ -424,7 +426,9 @@ def _qmp_taker(vm: VmInstance) -> Taker:
 def _libvirt_taker(vm: VmInstance, *, whole_vm: bool) -> Taker:
     """A libvirt domain: libvirt's backup API in pull mode (shared.libvirt.backup), at the
     worker's BLOCKVAULT_LIBVIRT_URI (default qemu:///system)."""
-    uri = get_settings().libvirt_uri or DEFAULT_LIBVIRT_URI
+    from shared.libvirt import backup as libvirt_backup  # libvirt-python: the libvirt extra
+
+    uri = connection.configured_uri() or DEFAULT_LIBVIRT_URI
 
     def take(
         repo: Repository, disks: list[LiveDisk], full: bool, progress: Progress, committed: Callable[[LiveResult], None]

@@ -107,6 +107,7 @@ def test_the_table_has_every_message_of_the_contract() -> None:
     assert {m.name for m in MESSAGES.values() if m.extension} == {
         "InstantRestoreVolumeFromVolumeBackup",
         "InstantRestoreVmFromVmBackup",
+        "CreateVmInstanceFromVmBackup",
     }
     for name, java_class, call, params in rows:
         message = MESSAGES[java_class]
