@@ -547,17 +547,21 @@ def redis_control() -> Iterator[RedisControl]:
 # -- tests that stop a shared server run alone -------------------------------------------------------
 SERVERS_LOCK = Path(tempfile.gettempdir()) / "blockvault-test-servers.lock"
 STOPPING_FIXTURES = frozenset({"pg_control", "redis_control"})
+# the machine's one libvirtd: a test that restarts it (fixture ``libvirtd_control``) runs while no
+# other libvirt test does (a test is a libvirt test by its path: tests/shared/libvirt/, test_libvirt*)
+LIBVIRT_LOCK = Path(tempfile.gettempdir()) / "blockvault-test-libvirtd.lock"
+LIBVIRTD_STOPPING_FIXTURES = frozenset({"libvirtd_control"})
 
 
 @contextlib.contextmanager
-def servers_turn(exclusive: bool) -> Iterator[None]:
+def servers_turn(exclusive: bool, lock: Path = SERVERS_LOCK) -> Iterator[None]:
     """A readers-writer lock across the processes of this machine, the writer first: every
     test takes the gate, then the lock shared, and gives the gate back at once; a test that
     stops a server keeps the gate while it waits for the lock and runs, so no test starts in
     the meantime and it waits only for those already running."""
-    SERVERS_LOCK.parent.mkdir(parents=True, exist_ok=True)
-    gate_path = SERVERS_LOCK.with_name(SERVERS_LOCK.name + ".gate")
-    with open(gate_path, "a") as gate, open(SERVERS_LOCK, "a") as held:
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    gate_path = lock.with_name(lock.name + ".gate")
+    with open(gate_path, "a") as gate, open(lock, "a") as held:
         fcntl.flock(gate, fcntl.LOCK_EX)
         try:
             fcntl.flock(held, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
@@ -569,6 +573,10 @@ def servers_turn(exclusive: bool) -> Iterator[None]:
 
 @pytest.hookimpl(wrapper=True)
 def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None) -> Generator[None, object, object]:
-    exclusive = not STOPPING_FIXTURES.isdisjoint(getattr(item, "fixturenames", ()))
-    with servers_turn(exclusive):
+    fixtures = getattr(item, "fixturenames", ())
+    exclusive = not STOPPING_FIXTURES.isdisjoint(fixtures)
+    with contextlib.ExitStack() as turns:
+        turns.enter_context(servers_turn(exclusive))
+        if "libvirt" in item.nodeid.split("::")[0]:
+            turns.enter_context(servers_turn(not LIBVIRTD_STOPPING_FIXTURES.isdisjoint(fixtures), LIBVIRT_LOCK))
         return (yield)

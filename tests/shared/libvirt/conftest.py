@@ -57,6 +57,13 @@ def restart_libvirtd() -> None:
     ensure_libvirtd()
 
 
+@pytest.fixture
+def libvirtd_control() -> Callable[[], None]:
+    """restart_libvirtd for a test; asking for it makes the test the only libvirt test running
+    on this machine while it runs (tests/services.py, LIBVIRT_LOCK)."""
+    return restart_libvirtd
+
+
 class Domain:
     """A persistent test domain, its disk files and a model of what the guest wrote."""
 

@@ -21,7 +21,7 @@ from shared.repository.live import LiveDisk, LiveResult
 from shared.repository.repo import Repository
 from shared.repository.restore import restore_backup
 from tests.conftest import ROOT
-from tests.shared.libvirt.conftest import URI, Domain, MiB, restart_libvirtd
+from tests.shared.libvirt.conftest import URI, Domain, MiB
 
 SIZES = [("qcow2", 48 * MiB), ("raw", 24 * MiB)]
 
@@ -169,7 +169,12 @@ backup_domain(repo, dom, disks, work_dir=Path(sys.argv[5]))
 
 
 def test_worker_killed_and_libvirtd_restarted_mid_backup_then_a_correct_incremental(
-    repo: Repository, domain: Domain, world_folder: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+    repo: Repository,
+    domain: Domain,
+    world_folder: Path,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+    libvirtd_control: Callable[[], None],
 ) -> None:
     work = world_folder / "work"
     first = backup(repo, domain, work)
@@ -189,7 +194,7 @@ def test_worker_killed_and_libvirtd_restarted_mid_backup_then_a_correct_incremen
         assert list(work.rglob("nbd.sock"))
         assert len(domain.checkpoints()) == 2
         if point.startswith("backup."):
-            restart_libvirtd()  # and libvirtd goes away and comes back meanwhile
+            libvirtd_control()  # and libvirtd goes away and comes back meanwhile
             domain.refresh()
         domain.write(1, 16 * MiB, 1 * MiB, 0x82)  # the second run removes the first's leftovers
     assert len(repo.backups()) == 2  # no manifest from the killed runs
