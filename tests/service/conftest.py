@@ -59,6 +59,10 @@ class Stack:
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
         self.client = Client(f"http://127.0.0.1:{self.port}", self.key, timeout=30)
 
+    @property
+    def api_process(self) -> subprocess.Popen[bytes]:
+        return (self.shared.stack if self.shared is not None else self).procs["api"]
+
     def log(self, name: str) -> str:
         if name == "api" and self.shared is not None:
             return self.shared.stack.log(name)
