@@ -174,14 +174,18 @@ class Stack:
 
 class SharedApi:
     """One API process on one catalog and one Redis database, lent to the tests of modules
-    marked ``shared_api`` in this pytest process (an API start costs 2-3 s of CPU: its imports
+    marked ``shared_api`` in this pytest process (an API start costs 2-4 s of CPU: its imports
     and app; the suite is CPU-bound on 2 cores). :meth:`lend` empties the catalog back to the
     rows the API made at its start and flushes the broker's database: each test meets the
     deployment a fresh API would give it."""
 
     def __init__(self, tmp: Path, database_url: str, broker_url: str) -> None:
         self.stack = Stack(tmp, database_url, broker_url)
-        self.stack.start_api()
+        try:
+            self.stack.start_api()
+        except BaseException:
+            self.stack.stop_all()  # no API left running when it failed to answer
+            raise
         self.database_url, self.broker_url = database_url, broker_url
         self.catalog = create_engine(database_url, poolclass=NullPool)
         self.tables = MetaData()
