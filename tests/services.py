@@ -220,6 +220,20 @@ def pg_template(pg_server_url: str) -> Iterator[str]:
 
 @pytest.fixture
 def make_pg_database(pg_server_url: str, pg_template: str) -> Iterator[MakePgDatabase]:
+    with _pg_databases(pg_server_url, pg_template) as make:
+        yield make
+
+
+@pytest.fixture(scope="session")
+def make_pg_database_once(pg_server_url: str, pg_template: str) -> Iterator[MakePgDatabase]:
+    """:func:`make_pg_database` for a session fixture: its databases are dropped at the end of
+    this pytest process (tests/service/conftest.py ``SharedApi``)."""
+    with _pg_databases(pg_server_url, pg_template) as make:
+        yield make
+
+
+@contextlib.contextmanager
+def _pg_databases(pg_server_url: str, pg_template: str) -> Iterator[MakePgDatabase]:
     from shared.catalog import db
 
     base = make_url(pg_server_url)
@@ -394,6 +408,19 @@ def _redis_databases(client: redis.Redis) -> int:
 
 @pytest.fixture
 def redis_url() -> Iterator[str]:
+    with _redis_database() as url:
+        yield url
+
+
+@pytest.fixture(scope="session")
+def redis_url_once() -> Iterator[str]:
+    """:func:`redis_url` for a session fixture, held until the end of this pytest process."""
+    with _redis_database() as url:
+        yield url
+
+
+@contextlib.contextmanager
+def _redis_database() -> Iterator[str]:
     base = _redis_base_url()
     index, problem = 0, None
     try:

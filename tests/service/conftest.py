@@ -1,5 +1,12 @@
 """The service as it runs: the API and Celery workers as separate processes on PostgreSQL
-and Redis (from tests/services.py), each worker with its own host identity."""
+and Redis (from tests/services.py), each worker with its own host identity.
+
+A module marked ``shared_api`` borrows one API process per pytest process (:class:`SharedApi`)
+instead of starting its own: before each of its tests the catalog is emptied back to the rows
+the API made at its start (the admin key) and the broker's database flushed, so the test meets
+the same empty deployment; its workers and beat are its own, as in every other test. A test that
+stops, restarts or reconfigures the API, or counts what the API process counted (metrics, rate
+limits), keeps its own (no marker)."""
 
 from __future__ import annotations
 
@@ -12,9 +19,13 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
+import redis
+from sqlalchemy import MetaData, create_engine, text
+from sqlalchemy.pool import NullPool
 
 from api.client import ApiError, Client
 from tests.conftest import ROOT
@@ -24,11 +35,13 @@ from tests.ports import free_port
 class Stack:
     """One blockvault deployment for a test: its settings, its processes and their logs."""
 
-    def __init__(self, tmp: Path, database_url: str, broker_url: str) -> None:
+    def __init__(self, tmp: Path, database_url: str, broker_url: str, shared: SharedApi | None = None) -> None:
         self.tmp = tmp
-        self.key = "test-admin-" + secrets.token_hex(12)
-        self.secret_key = "test-server-secret-" + secrets.token_hex(16)  # one per deployment, as in production
-        self.port = free_port()
+        self.shared = shared  # the API is that one's (``start_api`` is then not called)
+        self.key = shared.stack.key if shared else "test-admin-" + secrets.token_hex(12)
+        # one per deployment, as in production
+        self.secret_key = shared.stack.secret_key if shared else "test-server-secret-" + secrets.token_hex(16)
+        self.port = shared.stack.port if shared else free_port()
         self.env = {k: v for k, v in os.environ.items() if not k.startswith("BLOCKVAULT_")}
         self.env.update(
             BLOCKVAULT_DATABASE_URL=database_url,
@@ -46,7 +59,13 @@ class Stack:
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
         self.client = Client(f"http://127.0.0.1:{self.port}", self.key, timeout=30)
 
+    @property
+    def api_process(self) -> subprocess.Popen[bytes]:
+        return (self.shared.stack if self.shared is not None else self).procs["api"]
+
     def log(self, name: str) -> str:
+        if name == "api" and self.shared is not None:
+            return self.shared.stack.log(name)
         path = self.tmp / f"{name}.log"
         return path.read_text(errors="replace") if path.exists() else ""
 
@@ -110,7 +129,8 @@ class Stack:
                 with contextlib.suppress(ProcessLookupError):
                     os.killpg(proc.pid, signal.SIGUSR1)  # the group: Celery's pool children too
         time.sleep(1)
-        return "\n".join(f"==== {name}\n{self.log(name)[-6000:]}" for name in self.procs)
+        names = [*self.procs, *(["api"] if self.shared is not None else [])]
+        return "\n".join(f"==== {name}\n{self.log(name)[-6000:]}" for name in names)
 
     def wait_host(
         self,
@@ -152,11 +172,66 @@ class Stack:
         self.client.close()
 
 
-@pytest.fixture
-def stack(tmp_path: Path, pg_database: str, redis_url: str) -> Iterator[Stack]:
-    deployment = Stack(tmp_path, pg_database, redis_url)
+class SharedApi:
+    """One API process on one catalog and one Redis database, lent to the tests of modules
+    marked ``shared_api`` in this pytest process (an API start costs 2-4 s of CPU: its imports
+    and app; the suite is CPU-bound on 2 cores). :meth:`lend` empties the catalog back to the
+    rows the API made at its start and flushes the broker's database: each test meets the
+    deployment a fresh API would give it."""
+
+    def __init__(self, tmp: Path, database_url: str, broker_url: str) -> None:
+        self.stack = Stack(tmp, database_url, broker_url)
+        try:
+            self.stack.start_api()
+        except BaseException:
+            self.stack.stop_all()  # no API left running when it failed to answer
+            raise
+        self.database_url, self.broker_url = database_url, broker_url
+        self.catalog = create_engine(database_url, poolclass=NullPool)
+        self.tables = MetaData()
+        self.tables.reflect(self.catalog)
+        with self.catalog.connect() as conn:  # what the API made at start (the admin account and key)
+            self.seeded = {
+                table.name: [dict(row._mapping) for row in conn.execute(table.select())]
+                for table in self.tables.sorted_tables
+            }
+
+    def lend(self, tmp: Path) -> Stack:
+        names = ", ".join(f'"{table.name}"' for table in self.tables.sorted_tables if table.name != "alembic_version")
+        with self.catalog.begin() as conn:
+            conn.execute(text(f"TRUNCATE {names} RESTART IDENTITY CASCADE"))
+            for table in self.tables.sorted_tables:
+                if self.seeded[table.name] and table.name != "alembic_version":
+                    conn.execute(table.insert(), self.seeded[table.name])
+        with redis.Redis.from_url(self.broker_url) as broker:
+            broker.flushdb()
+        return Stack(tmp, self.database_url, self.broker_url, shared=self)
+
+    def stop(self) -> None:
+        self.stack.stop_all()
+        self.catalog.dispose()
+
+
+@pytest.fixture(scope="session")
+def shared_api(
+    tmp_path_factory: pytest.TempPathFactory, make_pg_database_once: Any, redis_url_once: str
+) -> Iterator[SharedApi]:
+    api = SharedApi(tmp_path_factory.mktemp("shared-api"), make_pg_database_once(), redis_url_once)
     try:
-        deployment.start_api()
+        yield api
+    finally:
+        api.stop()
+
+
+@pytest.fixture
+def stack(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Stack]:
+    if request.node.get_closest_marker("shared_api"):
+        deployment = request.getfixturevalue("shared_api").lend(tmp_path)
+    else:
+        deployment = Stack(tmp_path, request.getfixturevalue("pg_database"), request.getfixturevalue("redis_url"))
+    try:
+        if deployment.shared is None:
+            deployment.start_api()
         yield deployment
     finally:
         deployment.stop_all()

@@ -7,9 +7,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from shared.catalog.models import new_uuid
 from tests.conftest import ROOT, MiB, vm_like_regions, write_regions
 from tests.service.conftest import Stack, free_port
+
+pytestmark = pytest.mark.shared_api  # an API lent per test, not started (tests/service/conftest.py)
 
 
 def bv(stack: Stack, *args: str, url: str | None = None, stdin: str | None = None) -> subprocess.CompletedProcess[str]:

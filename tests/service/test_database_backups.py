@@ -31,6 +31,8 @@ from tests.service.test_storage_topologies import (
 )
 from tests.shared.test_mysqldump import SERVER, fill, sql, tables
 
+pytestmark = pytest.mark.shared_api  # an API lent per test, not started (tests/service/conftest.py)
+
 # Rows that change on their own while a test runs (jobs finishing, heartbeats, probes).
 LIVE_TABLES = {"api_job", "host", "backup_storage", "database_backup", "database_backup_storage_ref"}
 

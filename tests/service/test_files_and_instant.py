@@ -18,6 +18,8 @@ from tests.conftest import ROOT, MiB
 from tests.service.conftest import Stack
 from tests.service.test_storage_topologies import start_host
 
+pytestmark = pytest.mark.shared_api  # an API lent per test, not started (tests/service/conftest.py)
+
 
 def member(stack: Stack, name: str) -> tuple[str, Client]:
     """A new project and a member of it: (project uuid, the member's client)."""

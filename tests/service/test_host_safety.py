@@ -20,6 +20,8 @@ from tests.conftest import MiB, vm_like_regions, write_regions
 from tests.service.conftest import Stack
 from tests.service.test_storage_topologies import raw_volume, start_host
 
+pytestmark = pytest.mark.shared_api  # an API lent per test, not started (tests/service/conftest.py)
+
 
 def untouched(path: Path) -> None:
     """Mark ``path`` so that a read shows: atime at the epoch, mtime now; the filesystem is

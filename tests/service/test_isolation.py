@@ -8,9 +8,13 @@ from __future__ import annotations
 import json
 from typing import Any
 
+import pytest
+
 from api.client import ApiError, Client
 from tests.service.conftest import Stack
 from tests.service.test_storage_topologies import raw_volume, remote_params, start_host
+
+pytestmark = pytest.mark.shared_api  # an API lent per test, not started (tests/service/conftest.py)
 
 
 class Member:

@@ -6,10 +6,14 @@ from __future__ import annotations
 
 import time
 
+import pytest
+
 from shared.catalog.models import new_uuid
 from tests.conftest import MiB
 from tests.service.conftest import Stack
 from tests.service.test_storage_topologies import raw_volume
+
+pytestmark = pytest.mark.shared_api  # an API lent per test, not started (tests/service/conftest.py)
 
 
 def test_a_new_host_joins_with_one_command_and_backs_up_its_volumes(stack: Stack) -> None:

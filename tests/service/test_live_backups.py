@@ -19,6 +19,8 @@ from tests.qemu_fixtures import GuestAgent, QemuVm, make_qcow2
 from tests.service.conftest import Stack
 from tests.service.test_storage_topologies import start_host
 
+pytestmark = pytest.mark.shared_api  # an API lent per test, not started (tests/service/conftest.py)
+
 SIZES = {"Root": 48 * MiB, "Data": 24 * MiB}
 
 

@@ -7,11 +7,15 @@ import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+import pytest
+
 from shared.catalog.models import new_uuid
 from shared.repository.repo import Repository
 from shared.repository.restore import restore_backup
 from tests.conftest import MiB, vm_like_regions, write_regions
 from tests.service.conftest import Stack
+
+pytestmark = pytest.mark.shared_api  # an API lent per test, not started (tests/service/conftest.py)
 
 
 def volume(stack: Stack, host: str, name: str, size: int = 12 * MiB) -> dict:

@@ -25,6 +25,8 @@ from tests.service.conftest import Stack
 from tests.service.test_isolation import make_member
 from tests.service.test_storage_topologies import raw_volume, start_host
 
+pytestmark = pytest.mark.shared_api  # an API lent per test, not started (tests/service/conftest.py)
+
 EXAMPLES = 60  # per operation and key
 SHARDS = 3  # each key's operations in three tests, each on a world of its own, so parallel workers share them
 
@@ -306,5 +308,5 @@ def test_schemathesis_admin_and_member_no_5xx_and_schema_conformant(
     fuzzer.run(schema, shard)
     report = [f"[{who}] {kind}\n{message}" for kind, message in fuzzer.failures.items()]
     assert fuzzer.calls > 500 // SHARDS, fuzzer.calls
-    assert stack.procs["api"].poll() is None, stack.log("api")
+    assert stack.api_process.poll() is None, stack.log("api")
     assert not report, f"{len(report)} failures:\n" + "\n\n".join(report)[:60000]

@@ -29,6 +29,8 @@ from shared.repository.stream import restore_stream
 from tests.service.conftest import Stack, free_port
 from tests.service.test_storage_topologies import cloud_params, raw_volume, remote_params, start_host
 
+pytestmark = pytest.mark.shared_api  # an API lent per test, not started (tests/service/conftest.py)
+
 PASSWORD = "account-password-" + "w" * 12
 
 

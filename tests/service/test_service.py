@@ -18,6 +18,8 @@ from shared.failpoints import reached, release
 from tests.conftest import MiB, qcow2_equal, qemu_write, vm_like_regions, write_regions
 from tests.service.conftest import Stack, free_port
 
+pytestmark = pytest.mark.shared_api  # an API lent per test, not started (tests/service/conftest.py)
+
 
 def make_vm(stack: Stack, host: str, folder: Path, name: str) -> tuple[dict, dict, dict]:
     folder.mkdir(parents=True, exist_ok=True)

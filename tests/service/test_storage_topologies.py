@@ -15,6 +15,8 @@ from shared.failpoints import reached, release
 from tests.conftest import MiB, vm_like_regions, write_regions
 from tests.service.conftest import Stack
 
+pytestmark = pytest.mark.shared_api  # an API lent per test, not started (tests/service/conftest.py)
+
 FAST_STORAGE = {"BLOCKVAULT_STORAGE_CHECK_SECONDS": "1", "BLOCKVAULT_STORAGE_RETRY_SECONDS": "2"}
 
 

@@ -9,9 +9,12 @@ import time
 from typing import Any
 
 import httpx
+import pytest
 
 from tests.service.conftest import Stack
 from tests.service.test_storage_topologies import raw_volume, start_host
+
+pytestmark = pytest.mark.shared_api  # an API lent per test, not started (tests/service/conftest.py)
 
 VB = "org.zstack.header.storage.volume.backup."
 SC = "org.zstack.scheduler."

@@ -44,6 +44,8 @@ from tests.service.conftest import Stack
 from tests.service.test_storage_topologies import raw_volume, start_host, vm_with_volumes
 from tests.zstack.client import ZStackClient, ZStackError, load_messages
 
+pytestmark = pytest.mark.shared_api  # an API lent per test, not started (tests/service/conftest.py)
+
 ZSTACK_DATE = re.compile(r"^[A-Z][a-z]{2} \d{1,2}, \d{4} \d{1,2}:\d{2}:\d{2} (AM|PM)$")
 QUERY = "QueryVolumeBackup"
 
