@@ -23,6 +23,7 @@ pytest_plugins = [
     "tests.s3_fixtures",
     "tests.qemu_fixtures",
     "tests.rabbitmq_fixtures",
+    "tests.full_disk",
 ]
 
 MiB = 1024 * 1024

@@ -4,15 +4,24 @@ that fills up, host clocks that disagree."""
 
 from __future__ import annotations
 
+import random
 import time
 from collections.abc import Callable
+from pathlib import Path
 
+import pytest
 from celery import Celery
 
+from api.client import ApiError
 from shared.catalog.models import new_uuid
 from shared.failpoints import reached, release
+from shared.repository.maintenance import verify
+from shared.repository.repo import Repository
+from tests.conftest import MiB
+from tests.full_disk import fill
 from tests.service.conftest import Stack
-from tests.service.test_storage_topologies import raw_volume
+from tests.service.test_service import assert_restores
+from tests.service.test_storage_topologies import raw_volume, refs, start_host, storage
 
 
 def wait_until(what: str, check: Callable[[], bool], stack: Stack, timeout: float = 120) -> None:
@@ -57,3 +66,60 @@ def test_a_job_runs_at_most_once_whatever_is_delivered_twice(stack: Stack, redis
     backups = stack.client.query("volume-backups", f"volumeUuid={volume['uuid']}")["inventories"]
     assert [b["status"] for b in backups] == ["Ready"]
     assert stack.client.job(job)["state"] == "Succeeded"
+
+
+def scribble(path: Path, seed: int) -> None:
+    """New data in a volume (incompressible, never seen before)."""
+    with open(path, "r+b") as handle:
+        handle.seek(seed * MiB % (12 * MiB))
+        handle.write(random.Random(seed).randbytes(2 * MiB))
+
+
+def verified(folder: Path) -> None:
+    report = verify(Repository.open(str(folder), None), None, read_data=True)
+    assert report.ok, [p.describe() for p in report.problems]
+
+
+def test_a_full_storage_fails_the_backup_with_storage_full_then_the_standby_takes_over(
+    stack: Stack, small_disk: Path
+) -> None:
+    host = start_host(stack)
+    master_dir, standby_dir = small_disk / "bs", stack.tmp / "standby"
+    master = stack.client.add_backup_storage("master", f"file://{master_dir}")
+    volume, path = raw_volume(stack, host, "full")
+    first = stack.client.wait(stack.client.backup_volume(volume["uuid"], name="first"), timeout=120)
+
+    # the storage's disk filled to its last byte: the backup fails, says why, leaves nothing
+    filler = fill(small_disk)
+    scribble(path, 1)
+    with pytest.raises(ApiError) as failed:
+        stack.client.wait(stack.client.backup_volume(volume["uuid"], name="no-room"), timeout=120)
+    assert failed.value.code == "STORAGE_FULL", failed.value
+    assert "full" in failed.value.description
+    rows = {b["name"]: b for b in stack.client.query("volume-backups", f"volumeUuid={volume['uuid']}")["inventories"]}
+    assert (rows["first"]["status"], rows["no-room"]["status"]) == ("Ready", "Failed")
+    assert not list((master_dir / "tmp").iterdir()), "a partial object was left behind"
+    filler.unlink()
+    verified(master_dir)
+
+    # space back: the next backup works and restores
+    scribble(path, 2)
+    after = stack.client.wait(stack.client.backup_volume(volume["uuid"], name="after"), timeout=120)
+    assert_restores(stack, host, after, path)
+    assert first["status"] == "Ready"
+
+    # with a standby: a full master fails over to it, as any failed master does
+    standby = stack.client.add_backup_storage("standby", f"file://{standby_dir}", role="standby")
+    stack.wait_for(
+        "the standby caught up", lambda: refs(stack, after["uuid"]).get(standby["uuid"], {}).get("status") == "Ready"
+    )
+    filler = fill(small_disk)
+    scribble(path, 3)
+    moved = stack.client.wait(stack.client.backup_volume(volume["uuid"], name="moved"), timeout=120)
+    assert moved["status"] == "Ready"
+    assert refs(stack, moved["uuid"])[standby["uuid"]]["status"] == "Ready"
+    assert (storage(stack, standby["uuid"])["role"], storage(stack, master["uuid"])["role"]) == ("master", "standby")
+    assert_restores(stack, host, moved, path)
+    filler.unlink()
+    verified(master_dir)
+    verified(standby_dir)

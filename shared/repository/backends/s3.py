@@ -39,6 +39,7 @@ from shared.errors import (
     BackendUnavailable,
     BucketNotFound,
     ObjectNotFound,
+    StorageFull,
     UsageError,
 )
 
@@ -76,6 +77,7 @@ _AUTH = {
     "403",
 }
 _FORBIDDEN = {"AllAccessDisabled", "AccountProblem", "InvalidObjectState", "InvalidBucketState"}
+_FULL = {"XMinioStorageFull", "StorageFull", "QuotaExceeded", "XMinioAdminBucketQuotaExceeded"}  # 507 too
 _TRANSIENT = {
     "SlowDown",
     "Throttling",
@@ -211,6 +213,8 @@ class S3Backend(Backend):
                 return BackendAuthFailed(location=self.location, detail=detail)
             if code in _FORBIDDEN:
                 return BackendForbidden(location=self.location, detail=detail)
+            if code in _FULL or status == 507:
+                return StorageFull(location=self.location, detail=detail)
             if code in _TRANSIENT or status >= 500 or status == 429:
                 return BackendUnavailable(location=self.location, detail=detail)
             return BackendError(location=self.location, detail=detail)
