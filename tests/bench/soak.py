@@ -43,6 +43,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -309,14 +310,14 @@ class Soak:
             if count > 1:
                 self.violation(f"job {uuid} started {count} times")
         fires: collections.Counter[tuple[str, str]] = collections.Counter()
-        recorded = {(job, when.isoformat() if when else "") for job, when in histories}
-        recorded_jobs = collections.Counter(job for job, _when in histories)
+        recorded = {(job, when.astimezone(UTC)) for job, when in histories if when is not None}
         for uuid, action, state, params in jobs:
             if action != "schedulerJob":
                 continue
             key = (str(params.get("schedulerJobUuid")), str(params.get("fireTime")))
             fires[key] += 1
-            if state in ("Succeeded", "Failed") and key not in recorded and not recorded_jobs[key[0]]:
+            fired_at = datetime.fromisoformat(key[1]).astimezone(UTC) if params.get("fireTime") else None
+            if state in ("Succeeded", "Failed") and (key[0], fired_at) not in recorded:
                 self.violation(f"scheduled run {uuid} ({key[1]}) has no history row")
         for (job, when), count in fires.items():
             if count > 1:
