@@ -74,6 +74,13 @@ bench-live: venv system-test
 bench-hosts: venv system-test
 	$(PY) tests/bench/multihost_throughput.py $(BENCH_ARGS)
 
+# a site under scheduled work and random faults for SOAK_MINUTES, then its checks (docs/testing.md)
+SOAK_MINUTES ?= 20
+.PHONY: soak
+soak: venv system-test
+	tests/harness/ensure-services
+	$(PY) tests/bench/soak.py --minutes $(SOAK_MINUTES) $(SOAK_ARGS)
+
 # the console's pages, screenshot by its browser tests, into docs/screenshots/
 .PHONY: screenshots
 screenshots: venv system-test

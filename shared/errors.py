@@ -186,6 +186,15 @@ class BackendUnavailable(BackendError):
     retryable = True
 
 
+class StorageFull(BackendError):
+    """storage backend {location} is full: {detail}"""
+
+    # ENOSPC/EDQUOT from a folder or a storage-server's disk, 507 from S3 or the server: never
+    # retried (the space does not come back by itself), and a master that is full fails over
+    code = "STORAGE_FULL"
+    http_status = 507
+
+
 class BackendAuthFailed(BackendError):
     """storage backend {location} rejected the credentials: {detail}"""
 

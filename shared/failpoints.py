@@ -6,6 +6,10 @@ pass through ``backup.before_manifest`` raise; ``pause2.5`` sleeps 2.5 s there. 
 (always, outside tests) it costs one dict lookup. This is how the fault tests kill a backup
 at exact points (like TiKV's fail-rs).
 
+``clock=1:skew-420`` moves this process's wall clock 420 s back (``skew+420`` ahead) wherever
+blockvault reads it (:func:`wall_clock`: catalog times through :mod:`shared.catalog.clock`,
+repository locks): a host whose clock is off, without touching the machine's clock.
+
 ``hold:/some/file`` makes the process wait there for the test, not for a time: it creates
 ``/some/file.reached`` and goes on once ``/some/file`` exists (or after ``HOLD_SECONDS``), so
 a test waits until the process is at the point, does what it tests, then lets it go
@@ -41,6 +45,13 @@ def _parse(spec: str) -> dict[str, tuple[int, str]]:
 
 
 _points = _parse(setting("failpoints") or "")
+_skew = float(_points["clock"][1][4:]) if _points.get("clock", (0, ""))[1].startswith("skew") else 0.0
+
+
+def wall_clock() -> float:
+    """Seconds since the epoch on this host's clock (``time.time()``, moved by ``clock=1:skewS``
+    in a test)."""
+    return time.time() + _skew
 
 
 def failpoint(name: str) -> None:

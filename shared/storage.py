@@ -294,15 +294,16 @@ def promote(session: Session, standby: BackupStorage) -> BackupStorage:
     return standby
 
 
-def failover(session: Session, failed: BackupStorage) -> BackupStorage | None:
-    """After ``failed`` stopped answering: the master to use now. When ``failed`` is (or was)
-    the master and is unhealthy, the first healthy standby is promoted; when another worker
-    promoted one already, that one. None when there is no healthy master to go on with."""
+def failover(session: Session, failed: BackupStorage, *, full: bool = False) -> BackupStorage | None:
+    """After ``failed`` stopped answering (or, with ``full``, ran out of space): the master to
+    use now. When ``failed`` is (or was) the master and is unhealthy or full, the first healthy
+    standby is promoted; when another worker promoted one already, that one. None when there
+    is no healthy master to go on with."""
     session.refresh(failed)
     if failed.type != "ImageStore":
         return None
     if failed.role == "master":
-        if probe(failed):
+        if probe(failed) and not full:
             session.commit()
             return None  # it answers: the failure was something else
         for candidate in standbys(session):

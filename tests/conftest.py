@@ -24,6 +24,7 @@ pytest_plugins = [
     "tests.qemu_fixtures",
     "tests.libvirt_fixtures",
     "tests.rabbitmq_fixtures",
+    "tests.full_disk",
 ]
 
 MiB = 1024 * 1024

@@ -607,3 +607,49 @@ def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None) -> 
         if "libvirt" in item.nodeid.split("::")[0]:
             turns.enter_context(servers_turn(not LIBVIRTD_STOPPING_FIXTURES.isdisjoint(fixtures), LIBVIRT_LOCK))
         return (yield)
+
+
+# -- for runners outside pytest (tests/bench/soak.py) ---------------------------------------------
+def new_pg_database() -> str:
+    """A new migrated catalog database on the test server (its URL); drop it with
+    :func:`drop_pg_database`."""
+    from shared.catalog import db
+
+    base = make_url(pg_server_url_plain())
+    url = _render(base.set(database=_create_database(base)))
+    db.migrate(url)
+    return url
+
+
+def drop_pg_database(url: str) -> None:
+    from shared.catalog import db
+
+    db.engine(url).dispose()
+    parsed = make_url(url)
+    _drop_database(parsed._replace(database=None), str(parsed.database))
+
+
+def pg_server_url_plain() -> str:
+    """The test PostgreSQL server's URL (no database), failing with a hint when it is away."""
+    base = _pg_base_url()
+    if not _pg_answers(base):
+        raise RuntimeError(f"PostgreSQL at {_render(base)} is unreachable\n" + HINT.format(env=PG_URL_ENV))
+    return _render(base)
+
+
+def claim_redis() -> str:
+    """A Redis database index of this process's own, flushed (its URL); give it back with
+    :func:`release_redis`."""
+    base = _redis_base_url()
+    index = _CLAIMS.claim(base)
+    with _redis_client(base, index) as client:
+        client.flushdb()
+    return f"{base}/{index}"
+
+
+def release_redis(url: str) -> None:
+    base, _, index = url.rpartition("/")
+    with contextlib.suppress(redis.RedisError):
+        with _redis_client(base, int(index)) as client:
+            client.flushdb()
+        _CLAIMS.release(base, int(index))

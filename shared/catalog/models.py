@@ -21,6 +21,8 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
+from shared.catalog.clock import catalog_now
+
 
 def new_uuid() -> str:
     """A ZStack-style uuid: 32 lowercase hex digits, no dashes."""
@@ -28,7 +30,8 @@ def new_uuid() -> str:
 
 
 def now() -> datetime:
-    return datetime.now(UTC)
+    """Now on the catalog's clock (:mod:`shared.catalog.clock`): what every row's times use."""
+    return catalog_now()
 
 
 def aware(value: datetime) -> datetime:

@@ -3,11 +3,14 @@
 A lock is an object ``locks/<uuid>`` holding who took it and when it was last refreshed.
 Backups, restores, syncs, verify and prune take shared locks and run side by side; ``gc``
 takes an exclusive one, so it never deletes a chunk a running backup is about to reference.
-A lock whose refresh is older than ``STALE_SECONDS``, or further ahead of the reader's clock
-than that, or whose process is gone (same host), is stale and removed by whoever finds it, as
-is a malformed one (:func:`parse_lock`): neither a killed backup nor a planted lock object
-wedges the repository. A storage server accepts only well-formed locks whose times are at
-most ``CLOCK_SKEW_SECONDS`` ahead of its clock (:func:`accept_lock`).
+A lock that was not rewritten for ``STALE_SECONDS``, or whose process is gone (same host), is
+stale and removed by whoever finds it, as is a malformed one (:func:`parse_lock`): neither a
+killed backup nor a planted lock object wedges the repository. How long ago a lock was last
+written is read on one clock, the storage's: its objects' modification times (a file's mtime,
+a storage-server's file, S3's LastModified), the reader's own lock just written giving the
+storage's "now". Hosts' clocks never meet: a holder whose clock is minutes off keeps its lock
+(the times inside a lock are for people). A storage server accepts only well-formed locks
+whose times are at most ``CLOCK_SKEW_SECONDS`` ahead of its clock (:func:`accept_lock`).
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ from datetime import UTC, datetime
 from typing import Literal
 
 from shared.errors import BackendForbidden, MalformedLock, ObjectNotFound, RepositoryLocked
-from shared.failpoints import failpoint
+from shared.failpoints import failpoint, wall_clock
 
 from .backends.base import Backend
 
@@ -37,10 +40,10 @@ log = logging.getLogger(__name__)
 LockKind = Literal["shared", "exclusive"]
 REFRESH_SECONDS = 30.0
 STALE_SECONDS = 300.0
-# How far ahead of a storage server's clock a lock's times may be: hosts' clocks differ a
-# little (NTP keeps them within milliseconds); a lock from much further ahead would look live
-# to every reader for as long as it claims.
-CLOCK_SKEW_SECONDS = 120.0
+# How far ahead of a storage server's clock a lock's times may be: hosts' clocks should differ
+# by milliseconds (NTP) but can be minutes off; staleness does not read these times (see
+# above), so this only refuses nonsense.
+CLOCK_SKEW_SECONDS = 3600.0
 MAX_PURPOSE = 1024  # characters; a longer purpose is cut when the lock is written
 MAX_HOST = 255
 MAX_PSTART = 32
@@ -99,11 +102,12 @@ class LockRecord:
         since = datetime.fromtimestamp(self.created, UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
         return f"{self.purpose} (host {self.host}, pid {self.pid}, since {since})"
 
-    def stale(self, now: float) -> bool:
-        """Whether nobody holds this lock any more: not refreshed for ``STALE_SECONDS``, or
-        refreshed further ahead of ``now`` than that (planted, or a clock far off), or taken
-        on this host by a process that is gone (or whose pid another process now has)."""
-        if abs(now - self.refreshed) > STALE_SECONDS:
+    def stale(self, age: float, now: float) -> bool:
+        """Whether nobody holds this lock any more: not rewritten for ``STALE_SECONDS``
+        (``age``: seconds since the storage last wrote it, on the storage's clock), or its
+        times further from ``now`` (this host's clock) than any clock can be off (planted), or
+        taken on this host by a process that is gone (or whose pid another process now has)."""
+        if age > STALE_SECONDS or abs(now - self.refreshed) > CLOCK_SKEW_SECONDS + STALE_SECONDS:
             return True
         if self.host != HOSTNAME:
             return False
@@ -157,12 +161,18 @@ def _drop(backend: Backend, key: str, what: str, level: int, detail: str) -> Non
     log.log(level, "lock.%s_%s %s", what, outcome, detail)
 
 
-def read_locks(backend: Backend) -> list[LockRecord]:
+def read_locks(backend: Backend, mine: str | None = None) -> list[LockRecord]:
     """Every live lock in the repository. Stale and malformed ones are left out, and removed
-    where the store allows; none of them ever raises or blocks."""
+    where the store allows; none of them ever raises or blocks. ``mine``: the key of the lock
+    this process just wrote, whose modification time is the storage's "now" (without it, this
+    host's clock stands in)."""
     records = []
-    now = time.time()
-    for info in backend.list("locks/"):
+    listed = list(backend.list("locks/"))
+    here = wall_clock()
+    storage_now = next((info.mtime for info in listed if info.key == mine), here)
+    for info in listed:
+        if info.key == mine:
+            continue
         try:
             if info.size > LOCK_MAX_BYTES:  # not read at all
                 raise MalformedLock(key=info.key, detail=f"over {LOCK_MAX_BYTES} bytes")
@@ -172,7 +182,7 @@ def read_locks(backend: Backend) -> list[LockRecord]:
         except MalformedLock as exc:
             _drop(backend, info.key, "malformed", logging.WARNING, str(exc))
             continue
-        if record.stale(now):
+        if record.stale(storage_now - info.mtime, here):
             _drop(backend, record.key, "stale", logging.INFO, record.describe())
             continue
         records.append(record)
@@ -187,7 +197,7 @@ class _Refresher(threading.Thread):
 
     def run(self) -> None:
         while not self.stopped.wait(REFRESH_SECONDS):
-            self.body["refreshed"] = time.time()
+            self.body["refreshed"] = wall_clock()
             try:
                 self.backend.put(self.key, json.dumps(self.body).encode())
             except Exception:
@@ -199,7 +209,7 @@ def repository_lock(backend: Backend, kind: LockKind, purpose: str, wait: float 
     """Hold a ``kind`` lock for the body; wait up to ``wait`` seconds for conflicting locks
     to go, then raise RepositoryLocked naming who holds them."""
     key = f"locks/{uuid.uuid4().hex}"
-    now = time.time()
+    now = wall_clock()
     pid = os.getpid()
     body: dict[str, object] = {
         "kind": kind,
@@ -213,11 +223,7 @@ def repository_lock(backend: Backend, kind: LockKind, purpose: str, wait: float 
     deadline = time.monotonic() + wait
     while True:
         backend.put(key, json.dumps(body).encode())
-        conflicts = [
-            record
-            for record in read_locks(backend)
-            if record.key != key and (kind == "exclusive" or record.kind == "exclusive")
-        ]
+        conflicts = [record for record in read_locks(backend, key) if kind == "exclusive" or record.kind == "exclusive"]
         if not conflicts:
             break
         backend.delete(key)

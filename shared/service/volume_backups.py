@@ -34,6 +34,7 @@ from shared.errors import (
     Conflict,
     InvalidArgument,
     RepositoryError,
+    StorageFull,
 )
 from shared.inventory import inventory
 from shared.libvirt import connection, domains
@@ -279,7 +280,7 @@ def _fail_over(
     """The master ``storage`` failed a backup: the standby that takes over (the rows' refs
     move there), or the error again when there is none."""
     session.rollback()
-    new = failover(session, storage) if attempt < 2 else None
+    new = failover(session, storage, full=isinstance(exc, StorageFull)) if attempt < 2 else None
     if new is None or new.uuid == storage.uuid:
         raise exc
     log.warning("backup.failover from=%s to=%s after: %s", storage.uuid, new.uuid, exc)

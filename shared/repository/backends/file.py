@@ -21,12 +21,24 @@ from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from urllib.parse import urlparse
 
-from shared.errors import BackendError, BackendUnavailable, ObjectNotFound, UsageError
+from shared.errors import BackendError, BackendUnavailable, ObjectNotFound, StorageFull, UsageError
 
 from .base import Backend, Buffer, ObjectInfo
 from .registry import BackendType, register
 
 _TRANSIENT = {errno.EAGAIN, errno.EINTR, errno.EBUSY, errno.ETIMEDOUT, errno.ESTALE}
+FULL = {errno.ENOSPC, errno.EDQUOT}  # out of space or over a quota: StorageFull
+
+
+def os_error(location: str, exc: OSError, what: str) -> BackendError:
+    """Our error for an OSError on ``what`` that is not a missing file: StorageFull for a full
+    disk or quota, BackendUnavailable for a transient one, else BackendError."""
+    detail = f"{what}: {exc.strerror or exc}"
+    if exc.errno in FULL:
+        return StorageFull(location=location, detail=detail)
+    if exc.errno in _TRANSIENT:
+        return BackendUnavailable(location=location, detail=detail)
+    return BackendError(location=location, detail=detail)
 
 
 class FileBackend(Backend):
@@ -47,10 +59,7 @@ class FileBackend(Backend):
     def _error(self, exc: OSError, key: str) -> BackendError:
         if exc.errno == errno.ENOENT:
             return ObjectNotFound(location=self.location, key=key)
-        detail = f"{key}: {exc.strerror or exc}"
-        if exc.errno in _TRANSIENT:
-            return BackendUnavailable(location=self.location, detail=detail)
-        return BackendError(location=self.location, detail=detail)
+        return os_error(self.location, exc, key)
 
     def _mkdir(self, folder: Path) -> None:
         """Make ``folder`` below the root, never the root itself: a storage whose folder

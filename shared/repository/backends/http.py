@@ -28,6 +28,7 @@ from shared.errors import (
     BackendForbidden,
     BackendUnavailable,
     ObjectNotFound,
+    StorageFull,
     UsageError,
 )
 
@@ -70,6 +71,7 @@ class Status(IntEnum):
     TOO_MANY_REQUESTS = 429
     SERVER_ERROR = 500
     UNAVAILABLE = 503
+    INSUFFICIENT_STORAGE = 507
 
     @property
     def meaning(self) -> str:
@@ -85,6 +87,8 @@ class Status(IntEnum):
         """The status the server answers a storage error with."""
         if isinstance(exc, ObjectNotFound):
             return cls.NOT_FOUND
+        if isinstance(exc, StorageFull):
+            return cls.INSUFFICIENT_STORAGE
         if isinstance(exc, BackendUnavailable):
             return cls.UNAVAILABLE
         if isinstance(exc, BackendForbidden):
@@ -123,8 +127,9 @@ STATUS_TABLE: dict[Status, tuple[str, type[BackendError] | None]] = {
         "a wrong or missing token from an address that sent too many: Retry-After says for how long",
         BackendAuthFailed,
     ),
-    Status.SERVER_ERROR: ("the server's disk failed (I/O error, disk full): retried", BackendUnavailable),
+    Status.SERVER_ERROR: ("the server's disk failed (I/O error): retried", BackendUnavailable),
     Status.UNAVAILABLE: ("the server is starting, stopping or overloaded: retried", BackendUnavailable),
+    Status.INSUFFICIENT_STORAGE: ("the server's disk is full or over its quota: not retried", StorageFull),
 }
 
 

@@ -46,7 +46,7 @@ from starlette.routing import Route
 from shared.errors import BackendError, BackendForbidden, UsageError
 from shared.failpoints import failpoint
 from shared.ratelimit import FailureWindow
-from shared.repository.backends.file import FileBackend
+from shared.repository.backends.file import FileBackend, os_error
 from shared.repository.backends.http import API, MISSING_LIMIT, Status, invalid_key
 from shared.repository.locks import LOCK_MAX_BYTES
 
@@ -225,7 +225,7 @@ class StorageServer:
                     path.mkdir()
                     created = True
         except OSError as exc:
-            raise BackendError(location=str(self.root), detail=f"create {repository}: {exc.strerror or exc}") from None
+            raise os_error(str(self.root), exc, f"create {repository}") from None
         return created
 
     @staticmethod
@@ -488,7 +488,7 @@ def _discarded_on_error(store: FileBackend, fd: int, tmp: Path, what: str) -> It
         yield
     except OSError as exc:
         store.discard_tmp(fd, tmp)
-        raise BackendError(location=store.location, detail=f"{what}: {exc.strerror or exc}") from None
+        raise os_error(store.location, exc, what) from None
     except BaseException:
         store.discard_tmp(fd, tmp)
         raise

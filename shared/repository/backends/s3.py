@@ -42,6 +42,7 @@ from shared.errors import (
     BucketNotFound,
     ObjectLocked,
     ObjectNotFound,
+    StorageFull,
     UsageError,
 )
 
@@ -82,6 +83,7 @@ _AUTH = {
     "403",
 }
 _FORBIDDEN = {"AllAccessDisabled", "AccountProblem", "InvalidObjectState", "InvalidBucketState"}
+_FULL = {"XMinioStorageFull", "StorageFull", "QuotaExceeded", "XMinioAdminBucketQuotaExceeded"}  # 507 too
 _TRANSIENT = {
     "SlowDown",
     "Throttling",
@@ -240,6 +242,8 @@ class S3Backend(Backend):
                 return BackendAuthFailed(location=self.location, detail=detail)
             if code in _FORBIDDEN:
                 return BackendForbidden(location=self.location, detail=detail)
+            if code in _FULL or status == 507:
+                return StorageFull(location=self.location, detail=detail)
             if code in _TRANSIENT or status >= 500 or status == 429:
                 return BackendUnavailable(location=self.location, detail=detail)
             return BackendError(location=self.location, detail=detail)

@@ -20,6 +20,7 @@ from shared.errors import (
     BackendForbidden,
     BackendUnavailable,
     ObjectNotFound,
+    StorageFull,
     UsageError,
 )
 from shared.repository.backends import RetryingBackend, open_backend
@@ -410,3 +411,4 @@ def test_status_table_maps_every_status_to_one_error() -> None:
     assert Status.for_error(ObjectNotFound(location="x", key="k")) == Status.NOT_FOUND
     assert Status.for_error(BackendUnavailable(location="x", detail="d")) == Status.UNAVAILABLE
     assert Status.for_error(BackendError(location="x", detail="d")) == Status.SERVER_ERROR
+    assert Status.for_error(StorageFull(location="x", detail="d")) == Status.INSUFFICIENT_STORAGE

@@ -51,10 +51,14 @@ def lock_body(**changes: Any) -> dict[str, Any]:
     return body
 
 
-def plant(repo: Repository, name: str, content: bytes | dict[str, Any]) -> str:
-    """Write a lock object straight into the repository's folder, as no server would check it."""
+def plant(repo: Repository, name: str, content: bytes | dict[str, Any], *, age: float = 0.0) -> str:
+    """Write a lock object straight into the repository's folder, as no server would check it;
+    ``age``: seconds since the storage last wrote it (its modification time)."""
     key = f"locks/{name}"
     repo.backend.put(key, content if isinstance(content, bytes) else json.dumps(content).encode())
+    if age:
+        written = time.time() - age
+        os.utime(Path(repo.backend.location) / key, (written, written))
     return key
 
 
@@ -114,7 +118,7 @@ def test_accept_lock_allows_clock_skew_but_not_the_future() -> None:
     planted = json.dumps(lock_body(created=now, refreshed=FAR_FUTURE)).encode()
     with pytest.raises(MalformedLock, match="in the future"):
         accept_lock("locks/b", planted, now)
-    both = json.dumps(lock_body(created=now + 3600, refreshed=now + 3600)).encode()
+    both = json.dumps(lock_body(created=now + 2 * CLOCK_SKEW_SECONDS, refreshed=now + 2 * CLOCK_SKEW_SECONDS)).encode()
     with pytest.raises(MalformedLock, match="in the future"):
         accept_lock("locks/c", both, now)
     old = json.dumps(lock_body(created=now - 86400, refreshed=now - 86400)).encode()
@@ -137,13 +141,18 @@ def test_planted_and_malformed_locks_block_neither_backup_nor_gc(
     assert planted not in lock_keys(repo)
 
 
-def test_live_locks_still_conflict_within_the_clock_skew(repo: Repository) -> None:
-    slightly_ahead = time.time() + STALE_SECONDS - 60  # a host whose clock runs ahead
-    plant(repo, "live", lock_body(refreshed=slightly_ahead))
-    with pytest.raises(RepositoryLocked, match="elsewhere"):
-        gc(repo)
-    plant(repo, "live", lock_body(refreshed=time.time() + STALE_SECONDS + 60))
-    assert gc(repo).chunksDeleted == 0  # that far ahead it is stale: removed
+def test_live_locks_conflict_whatever_the_holders_clock_says(repo: Repository) -> None:
+    """Staleness is read on the storage's clock (the lock object's modification time): a holder
+    whose clock is ten minutes ahead or behind keeps its lock while it rewrites it."""
+    for skew in (+600, -600, STALE_SECONDS + 60, -(STALE_SECONDS + 60)):
+        plant(repo, "live", lock_body(created=time.time() + skew, refreshed=time.time() + skew))
+        with pytest.raises(RepositoryLocked, match="elsewhere"):
+            gc(repo)
+    plant(repo, "live", lock_body(), age=STALE_SECONDS + 60)  # not rewritten for that long: gone
+    assert gc(repo).chunksDeleted == 0
+    assert lock_keys(repo) == set()
+    plant(repo, "live", lock_body(refreshed=time.time() + CLOCK_SKEW_SECONDS + STALE_SECONDS + 60))
+    assert gc(repo).chunksDeleted == 0  # further off than any clock: planted, removed
     assert lock_keys(repo) == set()
 
 
@@ -163,7 +172,7 @@ def test_a_lock_of_this_host_is_stale_when_its_process_is_gone(repo: Repository)
     plant(repo, "gone", lock_body(host=HOSTNAME, pid=gone, pstart="123"))
     plant(repo, "reused-pid", lock_body(host=HOSTNAME, pid=os.getpid(), pstart=""))
     aged = time.time() - 2 * STALE_SECONDS
-    plant(repo, "old", lock_body(host=HOSTNAME, pid=os.getpid(), pstart=mine, created=aged, refreshed=aged))
+    plant(repo, "old", lock_body(host=HOSTNAME, pid=os.getpid(), pstart=mine, created=aged, refreshed=aged), age=600)
     plant(repo, "alive", lock_body(host=HOSTNAME, pid=os.getpid(), pstart=mine))
     assert [record.key for record in read_locks(repo.backend)] == ["locks/alive"]
     assert lock_keys(repo) == {"locks/alive"}
@@ -174,7 +183,7 @@ def test_a_system_without_proc_keeps_this_hosts_locks_until_they_age(
 ) -> None:
     monkeypatch.setattr(locks, "_process_start", lambda pid: None)
     plant(repo, "fresh", lock_body(host=HOSTNAME, pstart=""))
-    plant(repo, "aged", lock_body(host=HOSTNAME, pstart="", refreshed=time.time() - 2 * STALE_SECONDS))
+    plant(repo, "aged", lock_body(host=HOSTNAME, pstart="", refreshed=time.time() - 2 * STALE_SECONDS), age=600)
     assert [record.key for record in read_locks(repo.backend)] == ["locks/fresh"]
 
 

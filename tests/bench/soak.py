@@ -1,0 +1,428 @@
+#!/usr/bin/env python3
+"""A soak: a whole site under scheduled work for N minutes while random faults hit it, then
+checks of what it left, made independently of the service's own view.
+
+Run as::
+
+    .venv/bin/python tests/bench/soak.py --minutes 20 [--seed 7] [--keep] [--data DIR]
+    make soak SOAK_MINUTES=20
+
+The site: the API, a beat and two hosts' workers (processes in the root namespace, each with its
+own host uuid) on a PostgreSQL database and a Redis database of their own; on each host a raw
+and a qcow2 volume that a thread keeps writing; an ImageStore master on a small tmpfs (so it can
+be filled and made read-only) and a standby folder; a remote storage-server and an S3 bucket
+(moto) that the newest backups are copied to; a job group backing every volume up every few
+seconds with retention. Faults at random times (the seed is printed first): SIGKILL and restart
+of a worker, the beat, the API or the storage-server; Redis and PostgreSQL restarts (each with
+the machine-wide lock of tests/services.py held exclusively, so no other test runs meanwhile);
+the master made read-only; the master's disk filled to its last byte; a worker restarted with
+its clock minutes off. Each fault is healed a few seconds later.
+
+At the end, with every fault healed and the triggers detached: no job left Pending or Running;
+every Ready backup's copy on each ImageStore is in a repository that verifies with its data
+re-read, and every Ready copy on the remote and S3 verifies with ``readData`` through the API;
+no job ran twice (one ``job.started`` per job in the workers' logs) and no fire ran a target
+twice; every finished scheduled run has its history row. One JSON line sums it up; exit 1 on any
+violation. The data folder is removed unless ``--keep``. Run as root (tmpfs).
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import contextlib
+import json
+import os
+import random
+import re
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[2]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from sqlalchemy import create_engine, select  # noqa: E402
+
+from api.client import ApiError  # noqa: E402
+from shared.catalog.models import ApiJob, SchedulerJobHistory, VolumeBackup, new_uuid  # noqa: E402
+from shared.repository.maintenance import verify  # noqa: E402
+from shared.repository.repo import Repository  # noqa: E402
+from tests.conftest import MiB, vm_like_regions, write_regions  # noqa: E402
+from tests.full_disk import fill, mount_small, unmount  # noqa: E402
+from tests.ports import free_port  # noqa: E402
+from tests.s3_fixtures import S3Server  # noqa: E402
+from tests.service.conftest import Stack  # noqa: E402
+from tests.storage_server_fixtures import StorageServer  # noqa: E402
+
+FAULTS = (
+    "kill_worker",
+    "kill_beat",
+    "kill_api",
+    "kill_storage_server",
+    "restart_redis",
+    "restart_postgres",
+    "master_read_only",
+    "master_full",
+    "clock_skew",
+)
+VOLUME_SIZE = 16 * MiB
+PASSPHRASE = "soak cloud passphrase"
+SETTLE_SECONDS = 240.0  # for the jobs under way to end once the faults stop
+
+
+@dataclass
+class Report:
+    seed: int
+    minutes: float
+    faults: collections.Counter[str] = field(default_factory=collections.Counter)
+    jobs: int = 0
+    backups_ready: int = 0
+    backups_failed: int = 0
+    copies_verified: int = 0
+    bytes_verified: int = 0
+    violations: list[str] = field(default_factory=list)
+
+    def line(self) -> str:
+        return json.dumps(
+            {
+                "seed": self.seed,
+                "minutes": self.minutes,
+                "faults": dict(sorted(self.faults.items())),
+                "jobsRun": self.jobs,
+                "backupsReady": self.backups_ready,
+                "backupsFailed": self.backups_failed,
+                "copiesVerified": self.copies_verified,
+                "bytesVerified": self.bytes_verified,
+                "violations": self.violations,
+            },
+            sort_keys=True,
+        )
+
+
+def default_lock() -> Callable[[], contextlib.AbstractContextManager[None]]:
+    from tests.services import servers_turn
+
+    return lambda: servers_turn(exclusive=True)
+
+
+class Soak:
+    """One run: the site, its faults and its checks."""
+
+    def __init__(
+        self,
+        data: Path,
+        database_url: str,
+        redis_url: str,
+        *,
+        seed: int,
+        minutes: float,
+        pg_control: Any,
+        redis_control: Any,
+        servers_lock: Callable[[], contextlib.AbstractContextManager[None]],
+    ) -> None:
+        data.mkdir(parents=True, exist_ok=True)
+        self.data, self.rng = data, random.Random(seed)
+        self.report = Report(seed=seed, minutes=minutes)
+        self.minutes = minutes
+        self.database_url = database_url
+        self.pg_control, self.redis_control, self.servers_lock = pg_control, redis_control, servers_lock
+        self.stack = Stack(data, database_url, redis_url)
+        self.stack.env.update(BLOCKVAULT_STORAGE_CHECK_SECONDS="2", BLOCKVAULT_STORAGE_RETRY_SECONDS="4")
+        self.hosts = [new_uuid(), new_uuid()]
+        self.volumes: list[tuple[dict[str, Any], Path]] = []
+        self.master_disk = data / "master-disk"
+        self.stopping = threading.Event()
+        self.log = open(data / "soak.log", "a")  # noqa: SIM115 - open for the run
+
+    def say(self, text: str) -> None:
+        self.log.write(f"{time.strftime('%H:%M:%S')} {text}\n")
+        self.log.flush()
+
+    # -- the site ---------------------------------------------------------------------------
+    def build(self) -> None:
+        stack, client = self.stack, self.stack.client
+        mount_small(self.master_disk, "512m")
+        stack.start_api()
+        for host in self.hosts:
+            stack.start_worker(host)
+        stack.start_beat()
+        self.master = client.add_backup_storage("master", f"file://{self.master_disk / 'bs'}")
+        self.standby = client.add_backup_storage("standby", f"file://{self.data / 'standby'}", role="standby")
+        (self.data / "remote").mkdir(exist_ok=True)
+        self.server = StorageServer(self.data / "remote", self.data / "storage-server.log", token="soak-token")
+        self.server.start()
+        self.remote = client.create(
+            "backup-storage", {"name": "remote", "type": "Remote", "url": self.server.url, "token": "soak-token"}
+        )
+        self.s3 = S3Server(moto_port=free_port(), workdir=self.data)
+        self.s3.start()
+        bucket = self.s3.make_bucket("soak")
+        self.cloud = client.create(
+            "backup-storage",
+            {
+                "name": "cloud",
+                "type": "PublicCloud",
+                "url": f"s3://{bucket}/soak",
+                **self.s3.options(bucket),
+                "encryptionPassphrase": PASSPHRASE,
+            },
+        )
+        for number, host in enumerate(self.hosts):
+            raw = self.data / f"h{number}-root.raw"
+            write_regions(raw, VOLUME_SIZE, vm_like_regions(VOLUME_SIZE, seed=number))
+            qcow2 = self.data / f"h{number}-data.qcow2"
+            subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(qcow2), str(VOLUME_SIZE)], check=True)
+            for path in (raw, qcow2):
+                volume = client.register_volume(host, str(path), name=path.stem)
+                self.volumes.append((volume, path))
+        group = client.create_job_group("soak", "volumeBackup", fullBackupInterval=5, retention={"keepLast": 3})
+        client.add_targets(group["uuid"], [v["uuid"] for v, _ in self.volumes])
+        self.trigger = client.create_trigger("soak", schedulerType="simple", schedulerInterval=6, repeatCount=100000)
+        client.attach_trigger(self.trigger["uuid"], group["uuid"])
+        self.group = group
+
+    def write_volumes(self) -> None:
+        """Keep writing the volumes (raw in place, qcow2 through qemu-io), one block at a time."""
+        while not self.stopping.wait(0.5):
+            _volume, path = self.rng.choice(self.volumes)
+            offset = self.rng.randrange(0, VOLUME_SIZE // (64 * 1024)) * 64 * 1024
+            if path.suffix == ".raw":
+                with open(path, "r+b") as handle:
+                    handle.seek(offset)
+                    handle.write(os.urandom(64 * 1024))
+            else:  # refused while a backup reads it (qemu's image lock): the next one goes through
+                command = ["qemu-io", "-f", "qcow2", "-c", f"write -P {self.rng.randrange(256)} {offset} 64k"]
+                subprocess.run([*command, str(path)], capture_output=True, check=False, timeout=60)
+
+    def copy_newest(self) -> None:
+        """Every ~15 s: the newest Ready backup copied to the remote and to S3."""
+        while not self.stopping.wait(15):
+            with contextlib.suppress(ApiError):
+                rows = self.stack.client.query("volume-backups", "status=Ready", limit=1, sort="-createDate")
+                for row in rows["inventories"]:
+                    for target in (self.remote, self.cloud):
+                        self.stack.client.sync_backup(row["uuid"], target["uuid"])
+
+    # -- faults -----------------------------------------------------------------------------
+    def restart_worker(self, host: str, env: dict[str, str] | None = None) -> None:
+        name = f"worker-{host[:8]}"
+        self.stack.kill(name)
+        self.stack.start_worker(host, env)
+
+    def inject(self, kind: str) -> None:
+        stack = self.stack
+        self.say(f"fault {kind}")
+        self.report.faults[kind] += 1
+        if kind == "kill_worker":
+            self.restart_worker(self.rng.choice(self.hosts))
+        elif kind == "kill_beat":
+            stack.kill("beat")
+            stack.start_beat()
+        elif kind == "kill_api":
+            stack.kill("api")
+            stack.start_api()
+        elif kind == "kill_storage_server":
+            self.server.kill()
+            time.sleep(self.rng.uniform(1, 5))
+            self.server.start()
+        elif kind in ("restart_redis", "restart_postgres"):
+            control = self.redis_control if kind == "restart_redis" else self.pg_control
+            with self.servers_lock():
+                control.restart()
+        elif kind == "master_read_only":
+            subprocess.run(["mount", "-o", "remount,ro", str(self.master_disk)], check=True)
+            time.sleep(self.rng.uniform(5, 15))
+            subprocess.run(["mount", "-o", "remount,rw", str(self.master_disk)], check=True)
+        elif kind == "master_full":
+            filler = fill(self.master_disk)
+            time.sleep(self.rng.uniform(5, 15))
+            filler.unlink()
+        elif kind == "clock_skew":
+            host = self.rng.choice(self.hosts)
+            skew = self.rng.choice((-1, 1)) * self.rng.randrange(120, 600)
+            self.restart_worker(host, {"BLOCKVAULT_FAILPOINTS": f"clock=1:skew{skew:+d}"})
+            time.sleep(self.rng.uniform(10, 30))
+            self.restart_worker(host)
+
+    def run(self) -> Report:
+        self.build()
+        threads = [threading.Thread(target=t, daemon=True) for t in (self.write_volumes, self.copy_newest)]
+        for thread in threads:
+            thread.start()
+        deadline = time.monotonic() + self.minutes * 60
+        while time.monotonic() < deadline:
+            time.sleep(min(self.rng.uniform(5, 20), max(0.0, deadline - time.monotonic())))
+            if time.monotonic() < deadline:
+                self.inject(self.rng.choice(FAULTS))
+        self.stopping.set()
+        for thread in threads:
+            thread.join(timeout=120)
+        self.check()
+        return self.report
+
+    # -- checks -----------------------------------------------------------------------------
+    def violation(self, text: str) -> None:
+        self.say(f"VIOLATION {text}")
+        self.report.violations.append(text)
+
+    def check(self) -> None:
+        client = self.stack.client
+        client.detach_trigger(self.trigger["uuid"], self.group["uuid"])
+        engine = create_engine(self.database_url)
+        deadline = time.monotonic() + SETTLE_SECONDS
+        with engine.connect() as connection:
+            while True:
+                busy = connection.execute(
+                    select(ApiJob.uuid, ApiJob.state, ApiJob.action).where(ApiJob.state.in_(("Pending", "Running")))
+                ).all()
+                connection.rollback()
+                if not busy or time.monotonic() > deadline:
+                    break
+                time.sleep(2)
+            for uuid, state, action in busy:
+                self.violation(f"job {uuid} ({action}) left {state}")
+            jobs = connection.execute(select(ApiJob.uuid, ApiJob.action, ApiJob.state, ApiJob.params)).all()
+            backups = connection.execute(select(VolumeBackup.uuid, VolumeBackup.status)).all()
+            histories = connection.execute(
+                select(SchedulerJobHistory.schedulerJobUuid, SchedulerJobHistory.executeTime)
+            ).all()
+        engine.dispose()
+        self.report.jobs = len(jobs)
+        self.report.backups_ready = sum(1 for _u, status in backups if status == "Ready")
+        self.report.backups_failed = sum(1 for _u, status in backups if status == "Failed")
+        self.check_once(jobs, histories)
+        self.check_copies()
+
+    def check_once(self, jobs: list[Any], histories: list[Any]) -> None:
+        logs = "".join(self.stack.log(name) for name in self.stack.procs if name.startswith("worker-"))
+        started = collections.Counter(re.findall(r"job\.started uuid=([0-9a-f]+)", logs))
+        for uuid, count in started.items():
+            if count > 1:
+                self.violation(f"job {uuid} started {count} times")
+        fires: collections.Counter[tuple[str, str]] = collections.Counter()
+        recorded = {(job, when.astimezone(UTC)) for job, when in histories if when is not None}
+        for uuid, action, state, params in jobs:
+            if action != "schedulerJob":
+                continue
+            key = (str(params.get("schedulerJobUuid")), str(params.get("fireTime")))
+            fires[key] += 1
+            fired_at = datetime.fromisoformat(key[1]).astimezone(UTC) if params.get("fireTime") else None
+            if state in ("Succeeded", "Failed") and (key[0], fired_at) not in recorded:
+                self.violation(f"scheduled run {uuid} ({key[1]}) has no history row")
+        for (job, when), count in fires.items():
+            if count > 1:
+                self.violation(f"fire {when} ran target job {job} {count} times")
+
+    def check_copies(self) -> None:
+        client = self.stack.client
+        storages = {s["uuid"]: s for s in client.query("backup-storage", limit=100)["inventories"]}
+        rows = client.query("volume-backups", "status=Ready", limit=10000)["inventories"]
+        folders = {self.master["uuid"]: self.master_disk / "bs", self.standby["uuid"]: self.data / "standby"}
+        manifests: dict[str, set[str]] = {}
+        for uuid, folder in folders.items():
+            repository = Repository.open(str(folder), None)
+            report = verify(repository, None, read_data=True)
+            self.report.bytes_verified += report.bytesRead
+            if not report.ok:
+                self.violation(f"repository of {storages[uuid]['name']}: {[p.describe() for p in report.problems]}")
+            manifests[uuid] = set(repository.manifest_ids())
+        for row in rows:
+            for ref in row["backupStorageRefs"]:
+                if ref["status"] != "Ready":
+                    continue
+                where = ref["backupStorageUuid"]
+                manifest = str(ref["installPath"]).rsplit("/", 1)[-1]
+                if where in manifests:
+                    if manifest not in manifests[where]:
+                        self.violation(f"backup {row['uuid']} Ready on {storages[where]['name']} without its manifest")
+                    else:
+                        self.report.copies_verified += 1
+                    continue
+                try:
+                    client.wait(client.verify_backup(row["uuid"], backupStorageUuid=where, readData=True), timeout=300)
+                    self.report.copies_verified += 1
+                except ApiError as exc:
+                    self.violation(f"backup {row['uuid']} on {storages[where]['name']} does not verify: {exc}")
+
+    def close(self) -> None:
+        self.stopping.set()
+        self.stack.stop_all()
+        for stop in (getattr(self, "server", None), getattr(self, "s3", None)):
+            if stop is not None:
+                with contextlib.suppress(Exception):
+                    (stop.kill if isinstance(stop, StorageServer) else stop.stop)()
+        subprocess.run(["mount", "-o", "remount,rw", str(self.master_disk)], capture_output=True, check=False)
+        unmount(self.master_disk)
+        self.log.close()
+
+
+def soak(data: Path, database_url: str, redis_url: str, **options: Any) -> Report:
+    """One soak in ``data`` on the given catalog and broker (``options``: those of
+    :class:`Soak`); its report. Everything it started is stopped, whatever happens."""
+    run = Soak(data, database_url, redis_url, **options)
+    try:
+        return run.run()
+    finally:
+        run.close()
+
+
+@contextlib.contextmanager
+def _site_servers() -> Iterator[tuple[str, str, Any, Any]]:
+    from tests import services
+
+    database = services.new_pg_database()
+    broker = services.claim_redis()
+    try:
+        pg = services.PgControl.find(services.pg_server_url_plain())
+        yield database, broker, pg, services.RedisControl.find(broker.rpartition("/")[0])
+    finally:
+        services.release_redis(broker)
+        with contextlib.suppress(Exception):
+            services.drop_pg_database(database)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--minutes", type=float, default=20.0)
+    parser.add_argument("--seed", type=int, default=None)
+    parser.add_argument("--data", type=Path, default=None, help="the data folder (default: a new one in $TMPDIR)")
+    parser.add_argument("--keep", action="store_true", help="keep the data folder for inspection")
+    args = parser.parse_args()
+    seed = args.seed if args.seed is not None else random.randrange(1 << 31)
+    data = args.data or Path(tempfile.mkdtemp(prefix="blockvault-soak-"))
+    data.mkdir(parents=True, exist_ok=True)
+    print(f"soak: seed {seed}, {args.minutes} minutes, data in {data}", file=sys.stderr, flush=True)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    try:
+        with _site_servers() as (database, broker, pg, redis_control):
+            report = soak(
+                data,
+                database,
+                broker,
+                seed=seed,
+                minutes=args.minutes,
+                pg_control=pg,
+                redis_control=redis_control,
+                servers_lock=default_lock(),
+            )
+    finally:
+        if not args.keep:
+            subprocess.run(["rm", "-rf", str(data)], check=False)
+    print(report.line(), flush=True)
+    if report.violations:
+        print(f"soak: {len(report.violations)} violations; reproduce with --seed {seed}", file=sys.stderr)
+    return 1 if report.violations else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
