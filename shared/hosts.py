@@ -7,10 +7,11 @@ from __future__ import annotations
 import logging
 import socket
 import uuid as uuidlib
+from collections.abc import Collection
 from datetime import datetime, timedelta
 from pathlib import Path
 
-from sqlalchemy import select
+from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
 from shared import hostpaths
@@ -72,6 +73,48 @@ def heartbeat(session: Session, host_uuid: str) -> None:
     if host.status != "Connected":
         log.info("host.reconnected uuid=%s", host_uuid)
         host.status = "Connected"
+
+
+def touch_jobs(session: Session, job_uuids: Collection[str]) -> None:
+    """The Running jobs this worker is running (its pool's tasks, whatever process runs them)
+    are alive: their ``lastOpDate`` is now. A job nobody touches is an orphan (:func:`reap_orphans`)."""
+    if job_uuids:
+        session.execute(
+            update(ApiJob)
+            .where(ApiJob.uuid.in_(sorted(job_uuids)), ApiJob.state == "Running")
+            .values(lastOpDate=now())
+            .execution_options(synchronize_session=False)
+        )
+        session.commit()
+
+
+def orphan_seconds() -> float:
+    """How long a Running job may go untouched by any worker before it is failed: three host
+    timeouts (a live worker touches its jobs every heartbeat)."""
+    return 3 * get_settings().host_timeout_seconds
+
+
+def reap_orphans(session: Session) -> list[str]:
+    """Fail the Running jobs no worker has touched for :func:`orphan_seconds`: their worker was
+    killed whole (pool and all) and, restarted under the same host uuid before the host timed
+    out, never learnt of them; a message delivered again finds them Running and skips them
+    (``start_job``), so without this they would stay Running for ever. Only workers call it:
+    only they run jobs and touch them. Returns the uuids of the jobs failed."""
+    from shared.apijobs import fail_job
+
+    cutoff = now() - timedelta(seconds=orphan_seconds())
+    failed = []
+    for job in session.scalars(select(ApiJob).where(ApiJob.state == "Running", ApiJob.lastOpDate < cutoff)):
+        log.warning("job.orphaned uuid=%s host=%s last_touched=%s", job.uuid, job.hostUuid, job.lastOpDate)
+        fail_job(
+            session,
+            job,
+            code="WORKER_LOST",
+            description=f"no worker has run this job for {orphan_seconds():.0f} s: "
+            "its worker was killed and nothing resumed it",
+        )
+        failed.append(job.uuid)
+    return failed
 
 
 def is_alive(host: Host, at: datetime | None = None) -> bool:

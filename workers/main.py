@@ -11,6 +11,8 @@ from __future__ import annotations
 import logging
 import threading
 
+from celery.worker import state as worker_state
+
 from shared import hosts, storage
 from shared.apijobs import requeue_stale
 from shared.catalog import db
@@ -36,6 +38,8 @@ class Heartbeat(threading.Thread):
             try:
                 with db.session() as session:
                     hosts.heartbeat(session, self.host_uuid)
+                    # the tasks this worker's pool runs (task id = job uuid): their jobs are alive
+                    hosts.touch_jobs(session, {request.id for request in list(worker_state.active_requests)})
             except Exception:
                 log.warning("host.heartbeat_failed uuid=%s", self.host_uuid, exc_info=True)
 
@@ -54,6 +58,7 @@ class Maintenance(threading.Thread):
             try:
                 with db.session() as session:
                     hosts.reap(session)
+                    hosts.reap_orphans(session)
                 with db.session() as session:
                     requeue_stale(session, self.requeue_after)
             except Exception:

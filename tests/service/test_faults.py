@@ -73,6 +73,34 @@ def test_a_job_runs_at_most_once_whatever_is_delivered_twice(stack: Stack, redis
     assert stack.client.job(job)["state"] == "Succeeded"
 
 
+def test_a_job_whose_worker_was_killed_whole_and_restarted_at_once_fails_and_the_next_runs(stack: Stack) -> None:
+    """The soak's finding: a worker's whole process group SIGKILLed mid-backup and restarted
+    under the same host uuid before the host timed out. The host never turns Disconnected, the
+    redelivered message finds the job Running and skips it; the job must still end (Failed,
+    WORKER_LOST, once no worker has touched it for three host timeouts), never stay Running."""
+    host, gate = new_uuid(), stack.tmp / "gate"
+    first = stack.start_worker(host, env={"BLOCKVAULT_FAILPOINTS": f"backup.chunk_stored=1:hold:{gate}"})
+    stack.client.add_backup_storage("local", f"file://{stack.tmp / 'bs'}")
+    volume, path = raw_volume(stack, host, "v1")
+    job = stack.client.backup_volume(volume["uuid"], name="orphaned")
+    wait_until("the backup Running, held after its first chunk", lambda: reached(gate), stack)
+    stack.kill(f"worker-{host[:8]}")  # the main process and its pool, at once
+    assert first.poll() is not None
+    stack.start_worker(host)  # back before the host timeout: the host never looks gone
+
+    with pytest.raises(ApiError) as ended:  # within three host timeouts (45 s here) and a pass
+        stack.client.wait(job, timeout=180)
+    assert ended.value.code == "WORKER_LOST", ended.value
+    assert stack.client.get("hosts", host)["status"] == "Connected"
+    assert f"job.orphaned uuid={job}" in stack.log(f"worker-{host[:8]}")
+    (failed,) = stack.client.query("volume-backups", f"volumeUuid={volume['uuid']}")["inventories"]
+    assert failed["status"] == "Failed"
+
+    done = stack.client.wait(stack.client.backup_volume(volume["uuid"], name="after"), timeout=180)
+    assert done["status"] == "Ready"
+    assert_restores(stack, host, done, path)
+
+
 def scribble(path: Path, seed: int) -> None:
     """New data in a volume (incompressible, never seen before)."""
     with open(path, "r+b") as handle:
