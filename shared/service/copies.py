@@ -18,6 +18,7 @@ from shared.catalog.models import (
     ApiJob,
     BackupStorage,
     DatabaseBackup,
+    DatabaseBackupStorageRef,
     VolumeBackup,
     VolumeBackupStorageRef,
 )
@@ -179,23 +180,31 @@ def run_sync(session: Session, job: ApiJob) -> dict[str, Any]:
     return {**result, "inventories": [inventory(session, row) for row in rows]}
 
 
-def lacking(session: Session, source: BackupStorage, target: BackupStorage, limit: int | None = None) -> list[str]:
-    """The Ready volume backups ``source`` holds a Ready copy of and ``target`` does not (at
-    most ``limit``, oldest first): what a copy from one to the other has to send."""
-    held = select(VolumeBackupStorageRef.volumeBackupUuid).where(
-        VolumeBackupStorageRef.backupStorageUuid == target.uuid, VolumeBackupStorageRef.status == "Ready"
-    )
+def lacking(
+    session: Session,
+    source: BackupStorage,
+    target: BackupStorage,
+    limit: int | None = None,
+    *,
+    model: type[VolumeBackup] | type[DatabaseBackup] = VolumeBackup,
+) -> list[str]:
+    """The Ready backups (volume backups, or database backups with ``model=DatabaseBackup``)
+    ``source`` holds a Ready copy of and ``target`` does not (at most ``limit``, oldest
+    first): what a copy from one to the other has to send."""
+    ref: Any = VolumeBackupStorageRef if model is VolumeBackup else DatabaseBackupStorageRef
+    link = ref.volumeBackupUuid if model is VolumeBackup else ref.databaseBackupUuid
+    held = select(link).where(ref.backupStorageUuid == target.uuid, ref.status == "Ready")
     return list(
         session.scalars(
-            select(VolumeBackupStorageRef.volumeBackupUuid)
-            .join(VolumeBackup, VolumeBackup.uuid == VolumeBackupStorageRef.volumeBackupUuid)
+            select(link)
+            .join(model, model.uuid == link)
             .where(
-                VolumeBackupStorageRef.backupStorageUuid == source.uuid,
-                VolumeBackupStorageRef.status == "Ready",
-                VolumeBackup.status == "Ready",
-                VolumeBackupStorageRef.volumeBackupUuid.not_in(held),
+                ref.backupStorageUuid == source.uuid,
+                ref.status == "Ready",
+                model.status == "Ready",
+                link.not_in(held),
             )
-            .order_by(VolumeBackup.createDate, VolumeBackup.uuid)
+            .order_by(model.createDate, model.uuid)
             .limit(limit)
         )
     )

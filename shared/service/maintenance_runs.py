@@ -14,7 +14,7 @@ queue and recorded in the job history like backup groups, :mod:`~shared.service.
   volume, VM or database; the newest always stays; protected backups are never touched,
   :func:`shared.service.protection.why_kept`: protected, or under object lock on that
   storage), then garbage-collects the storage.
-- **storageSync** copies to the target storage every Ready backup its source
+- **storageSync** copies to the target storage every Ready volume and database backup its source
   (``srcBackupStorageUuid``, default the current master) holds and it lacks.
 """
 
@@ -324,19 +324,23 @@ def sync_source(session: Session, target: BackupStorage, data: dict[str, Any]) -
 
 
 def sync_storage(session: Session, target: BackupStorage, data: dict[str, Any]) -> dict[str, Any]:
-    """Copy to ``target`` every Ready backup the source holds and ``target`` lacks."""
+    """Copy to ``target`` every Ready backup (volume and database backups) the source holds
+    and ``target`` lacks."""
     source = sync_source(session, target, data)
-    uuids = lacking(session, source, target)
     copied = {"chunksCopied": 0, "bytesCopied": 0}
-    for first in range(0, len(uuids), SYNC_BATCH):
-        rows = [get(session, VolumeBackup, uuid, "volume backup") for uuid in uuids[first : first + SYNC_BATCH]]
-        report = copy_backups(session, rows, source, target, bandwidth_limit=data.get("bandwidthLimit"))
-        copied["chunksCopied"] += report["chunksCopied"]
-        copied["bytesCopied"] += report["bytesCopied"]
-    log.info("storage_sync.done from=%s to=%s backups=%d", source.uuid, target.uuid, len(uuids))
-    return {
-        "srcBackupStorageUuid": source.uuid,
-        "dstBackupStorageUuid": target.uuid,
-        "volumeBackupUuids": uuids,
-        **copied,
-    }
+    synced: dict[str, list[str]] = {}
+    for key, model in (("volumeBackupUuids", VolumeBackup), ("databaseBackupUuids", DatabaseBackup)):
+        uuids = synced[key] = lacking(session, source, target, model=model)
+        for first in range(0, len(uuids), SYNC_BATCH):
+            rows = [get(session, model, uuid, "backup") for uuid in uuids[first : first + SYNC_BATCH]]
+            report = copy_backups(session, rows, source, target, bandwidth_limit=data.get("bandwidthLimit"))
+            copied["chunksCopied"] += report["chunksCopied"]
+            copied["bytesCopied"] += report["bytesCopied"]
+    log.info(
+        "storage_sync.done from=%s to=%s backups=%d databaseBackups=%d",
+        source.uuid,
+        target.uuid,
+        len(synced["volumeBackupUuids"]),
+        len(synced["databaseBackupUuids"]),
+    )
+    return {"srcBackupStorageUuid": source.uuid, "dstBackupStorageUuid": target.uuid, **synced, **copied}

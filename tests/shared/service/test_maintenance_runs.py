@@ -17,6 +17,7 @@ from sqlalchemy import select
 from shared.catalog.models import (
     ApiJob,
     BackupStorage,
+    DatabaseBackup,
     NotificationEvent,
     SchedulerJobGroup,
     SchedulerJobHistory,
@@ -28,6 +29,7 @@ from shared.metrics import verify_metrics
 from shared.repository.backends.file import FileBackend
 from shared.repository.repo import chunk_key
 from shared.service import jobgroups
+from shared.service.database_backups import request_database_backup, run_database_backup
 from shared.service.protection import change_protection
 from shared.service.rows import manifest_id
 from shared.service.scheduled_runs import MANUAL, fire, run_scheduled
@@ -256,6 +258,9 @@ def test_storage_sync_brings_a_standby_up_to_date(site: Site) -> None:
     site.session.commit()
     volume = site.volume()
     parent, child = site.parent_and_child(volume)
+    catalog = request_database_backup(site.session, {}, None)  # the catalog's dump: a site's recovery needs it
+    site.run(run_database_backup, catalog)
+    dump = site.session.get_one(DatabaseBackup, catalog.resourceUuid)
     standby.state = "Enabled"
     site.session.commit()
     group = _group(site, "storageSync", [standby.uuid])
@@ -263,13 +268,20 @@ def test_storage_sync_brings_a_standby_up_to_date(site: Site) -> None:
     result = _fire_and_run(site, group, T0)
 
     assert (result["srcBackupStorageUuid"], result["volumeBackupUuids"]) == (master.uuid, [parent.uuid, child.uuid])
+    assert result["databaseBackupUuids"] == [dump.uuid]
+    site.session.refresh(dump)
+    assert site.ref(dump, standby).status == "Ready"
+    with site.repository(master) as src, site.repository(standby) as dst:
+        assert dst.load_manifest(manifest_id(site.ref(dump, standby))).chunks == (
+            src.load_manifest(manifest_id(site.ref(dump, master))).chunks
+        )
     assert result["chunksCopied"] == len(_referenced(site, master))
     for backup in (parent, child):
         site.session.refresh(backup)
         assert site.ref(backup, standby).status == "Ready"
     assert site.restored(standby, child) == content(volume)
     again = _fire_and_run(site, group, T0 + HOUR)
-    assert (again["volumeBackupUuids"], again["chunksCopied"]) == ([], 0)
+    assert (again["volumeBackupUuids"], again["databaseBackupUuids"], again["chunksCopied"]) == ([], [], 0)
 
 
 def test_maintenance_groups_refuse_bad_inputs(site: Site) -> None:
