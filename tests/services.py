@@ -653,3 +653,52 @@ def release_redis(url: str) -> None:
         with _redis_client(base, int(index)) as client:
             client.flushdb()
         _CLAIMS.release(base, int(index))
+
+
+@contextlib.contextmanager
+def private_servers(folder: Path) -> Iterator[tuple[str, str, PgControl, RedisControl]]:
+    """A PostgreSQL cluster and a Redis server of their own on free ports (Debian's
+    pg_createcluster, redis-server), for a test that restarts them at random (the soak): no
+    other test depends on them, so nobody waits for the machine-wide servers' lock. Yields a
+    migrated catalog database's URL, a broker URL and the controls; everything is removed
+    after. The cluster's role is the test server's (same name and password)."""
+    from shared.catalog import db
+    from tests.ports import free_port
+
+    base = make_url(pg_server_url_plain())
+    version = PgControl.find(_render(base)).version
+    name, pg_port, redis_port = f"bv{os.getpid()}_{uuid.uuid4().hex[:6]}", free_port(), free_port()
+    folder.mkdir(parents=True, exist_ok=True)
+
+    def run(*command: str) -> None:
+        proc = subprocess.run(command, capture_output=True, text=True, timeout=120, check=False)
+        if proc.returncode != 0:
+            raise RuntimeError(f"{' '.join(command)} exited {proc.returncode}: {proc.stderr.strip()}")
+
+    redis_url = f"redis://127.0.0.1:{redis_port}"
+    try:
+        run("pg_createcluster", version, name, "-p", str(pg_port))
+        main_cluster = PgControl.find(_render(base)).cluster  # the same authentication as the test server's
+        shutil.copy(f"/etc/postgresql/{version}/{main_cluster}/pg_hba.conf", f"/etc/postgresql/{version}/{name}/")
+        run("pg_ctlcluster", "--skip-systemctl-redirect", version, name, "start")
+        role, password = base.username or "postgres", (base.password or "").replace("'", "''")
+        exists = f"SELECT 1 FROM pg_roles WHERE rolname = '{role}'"
+        sql = f'DO $$BEGIN IF NOT EXISTS ({exists}) THEN CREATE ROLE "{role}" LOGIN SUPERUSER; END IF; END$$;'
+        run("runuser", "-u", "postgres", "--", "psql", "-q", "-p", str(pg_port), "-c", sql)
+        if password:
+            sql = f"ALTER ROLE \"{role}\" PASSWORD '{password}'"
+            run("runuser", "-u", "postgres", "--", "psql", "-q", "-p", str(pg_port), "-c", sql)
+        run("runuser", "-u", "postgres", "--", "psql", "-q", "-p", str(pg_port), "-c", 'CREATE DATABASE "soak"')
+        own = base.set(port=pg_port)
+        database = _render(own.set(database="soak"))
+        db.migrate(database)
+        command = ["redis-server", "--daemonize", "yes", "--bind", "127.0.0.1", "--port", str(redis_port)]
+        run(*command, "--save", "", "--appendonly", "no", "--dir", str(folder), "--logfile", str(folder / "redis.log"))
+        _wait("the private Redis answers", lambda: _redis_answers(redis_url))
+        yield database, f"{redis_url}/0", PgControl.find(_render(own)), RedisControl.find(redis_url)
+    finally:
+        with contextlib.suppress(Exception):
+            db.engine(_render(base.set(port=pg_port, database="soak"))).dispose()
+        with contextlib.suppress(redis.RedisError), _redis_client(redis_url) as client:
+            client.shutdown(nosave=True)
+        subprocess.run(["pg_dropcluster", "--stop", version, name], capture_output=True, timeout=120, check=False)

@@ -41,7 +41,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -107,12 +107,6 @@ class Report:
             },
             sort_keys=True,
         )
-
-
-def default_lock() -> Callable[[], contextlib.AbstractContextManager[None]]:
-    from tests.services import servers_turn
-
-    return lambda: servers_turn(exclusive=True)
 
 
 class Soak:
@@ -376,21 +370,6 @@ def soak(data: Path, database_url: str, redis_url: str, **options: Any) -> Repor
         run.close()
 
 
-@contextlib.contextmanager
-def _site_servers() -> Iterator[tuple[str, str, Any, Any]]:
-    from tests import services
-
-    database = services.new_pg_database()
-    broker = services.claim_redis()
-    try:
-        pg = services.PgControl.find(services.pg_server_url_plain())
-        yield database, broker, pg, services.RedisControl.find(broker.rpartition("/")[0])
-    finally:
-        services.release_redis(broker)
-        with contextlib.suppress(Exception):
-            services.drop_pg_database(database)
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--minutes", type=float, default=20.0)
@@ -404,7 +383,9 @@ def main() -> int:
     print(f"soak: seed {seed}, {args.minutes} minutes, data in {data}", file=sys.stderr, flush=True)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     try:
-        with _site_servers() as (database, broker, pg, redis_control):
+        from tests.services import private_servers  # restarted at random: the soak's own servers
+
+        with private_servers(data / "servers") as (database, broker, pg, redis_control):
             report = soak(
                 data,
                 database,
@@ -413,7 +394,7 @@ def main() -> int:
                 minutes=args.minutes,
                 pg_control=pg,
                 redis_control=redis_control,
-                servers_lock=default_lock(),
+                servers_lock=contextlib.nullcontext,
             )
     finally:
         if not args.keep:
