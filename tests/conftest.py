@@ -53,6 +53,8 @@ SLOW_MODULES = (  # each over a minute in the first parallel run (load 10 to 20)
     "shared/repository/test_s3_backend.py",
     "shared/repository/test_scale.py",
     "shared/repository/test_sync_remote.py",
+    "shared/service/test_libvirt.py",
+    "shared/service/test_libvirt_backups.py",
     "shared/test_dbdump.py",
     "shared/test_production.py",
     "test_qemu_fixtures.py",
