@@ -22,8 +22,9 @@ from shared.failpoints import wall_clock
 log = logging.getLogger(__name__)
 MEASURE_EVERY = 30.0  # seconds between two measurements in one process
 REPORT_OVER = 1.0  # an offset over this many seconds is logged (once per change)
-_lock = threading.Lock()
-_state = {"offset": 0.0, "measured": -math.inf, "reported": 0.0}
+_lock = threading.RLock()  # re-entrant: nothing _measure calls can deadlock on it
+RETRY_UNKNOWN = 1.0  # seconds between two attempts while no measurement has succeeded yet
+_state = {"offset": 0.0, "measured": -math.inf, "reported": 0.0, "known": 0.0}
 
 
 def catalog_now() -> datetime:
@@ -32,18 +33,26 @@ def catalog_now() -> datetime:
 
 
 def offset() -> float:
-    """Seconds to add to this host's clock to read the catalog's (measured when due)."""
-    if time.monotonic() - _state["measured"] >= MEASURE_EVERY and _lock.acquire(blocking=False):
+    """Seconds to add to this host's clock to read the catalog's (measured when due). Until one
+    measurement has succeeded every reader waits for the one in progress (a beat's fire thread
+    must not read its own clock while its notification thread measures: a beat minutes ahead
+    would fire a trigger early), and a failed first attempt is tried again after a second."""
+    known = bool(_state["known"])
+    every = MEASURE_EVERY if known else RETRY_UNKNOWN
+    if time.monotonic() - _state["measured"] >= every and _lock.acquire(blocking=not known):
         try:
-            _state["measured"] = time.monotonic()  # one attempt per period, whatever happens
-            measured = _measure()
-            if measured is not None:
-                _state["offset"] = measured
-                if abs(measured - _state["reported"]) > REPORT_OVER:
-                    log.warning("clock.offset seconds=%.3f (this host's clock against the catalog's)", measured)
-                    _state["reported"] = measured
+            if time.monotonic() - _state["measured"] >= every:  # not measured meanwhile by the thread waited for
+                _state["measured"] = time.monotonic()  # one attempt per period, whatever happens
+                measured = _measure()
+                if measured is not None:
+                    _state["offset"], _state["known"] = measured, 1.0
+                    if abs(measured - _state["reported"]) > REPORT_OVER:
+                        log.warning("clock.offset seconds=%.3f (this host's clock against the catalog's)", measured)
+                        _state["reported"] = measured
         finally:
             _lock.release()
+    elif not known and _lock.acquire():  # another thread measures right now: wait for its result
+        _lock.release()
     return _state["offset"]
 
 
