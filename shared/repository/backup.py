@@ -127,11 +127,11 @@ def choose_plan(
     return _Plan("incremental", parent, data, False)
 
 
-def _restart_bitmap(path: str, name: str) -> None:
+def _restart_bitmap(path: str, name: str, names: list[str]) -> None:
     """Before a backup that reads everything: start tracking now, so the bitmap covers every
     write after this backup's read. Every repository's marker goes first: none of them may
-    trust a bitmap that was cleared behind its back."""
-    names = {bitmap["name"] for bitmap in qemu.list_bitmaps(path)}
+    trust a bitmap that was cleared behind its back. ``names``: the image's bitmaps, just
+    listed."""
     for marker in sorted(n for n in names if n.startswith(f"{name}@")):
         qemu.bitmap_remove(path, marker)
     if name in names:
@@ -182,9 +182,10 @@ def backup_volume(
             if fmt != "qcow2":
                 raise VolumeError(path=volume_path, detail="dirty bitmaps need a qcow2 image; this one is raw")
             try:
-                base = None if full else bitmap_base(repo, _bitmap_names(path), bitmap, parent)
+                names = _bitmap_names(path)
+                base = None if full else bitmap_base(repo, names, bitmap, parent)
                 if base is None:
-                    _restart_bitmap(path, bitmap)
+                    _restart_bitmap(path, bitmap, names)
             except qemu.QemuError as exc:
                 raise VolumeError(path=volume_path, detail=str(exc)) from None
         reader = open_reader(path, bitmap if base else None, fmt)

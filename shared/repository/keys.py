@@ -10,6 +10,8 @@ repository's naming key when it has one (encrypted repositories do).
 from __future__ import annotations
 
 import base64
+import hashlib
+import hmac
 import json
 import os
 import threading
@@ -71,13 +73,49 @@ class KeyMaterial:
 
     @classmethod
     def unwrap(cls, keyfile: dict[str, Any], passphrase: str) -> KeyMaterial | None:
-        """The keys sealed in ``keyfile``, or None when ``passphrase`` does not open it."""
+        """The keys sealed in ``keyfile``, or None when ``passphrase`` does not open it.
+
+        scrypt runs once per process for a key file and passphrase (0.1 s of CPU, more under
+        load): what it opened is kept in memory under an HMAC of both (see :func:`_cache_key`),
+        so only the same key file with the same passphrase finds it again; a wrong passphrase
+        misses and pays scrypt like the first time. Nothing is written to disk."""
+        slot = _cache_key(keyfile, passphrase)
+        with _UNWRAPPED_LOCK:
+            cached = _UNWRAPPED.get(slot)
+        if cached is not None:
+            return cached
+        keys = cls._unwrap(keyfile, passphrase)
+        if keys is not None:
+            with _UNWRAPPED_LOCK:
+                if len(_UNWRAPPED) >= _UNWRAPPED_MAX:
+                    _UNWRAPPED.pop(next(iter(_UNWRAPPED)))
+                _UNWRAPPED[slot] = keys
+        return keys
+
+    @classmethod
+    def _unwrap(cls, keyfile: dict[str, Any], passphrase: str) -> KeyMaterial | None:
         kek = _kdf(passphrase, _unb64(keyfile["salt"]), keyfile["n"], keyfile["r"], keyfile["p"])
         try:
             secret = AESGCM(kek).decrypt(_unb64(keyfile["nonce"]), _unb64(keyfile["sealed"]), KEY_AAD)
         except InvalidTag:
             return None
         return cls(secret[:32], secret[32:64] or None)
+
+
+_UNWRAPPED: dict[bytes, KeyMaterial] = {}  # key files opened by this process (see unwrap)
+_UNWRAPPED_LOCK = threading.Lock()
+_UNWRAPPED_MAX = 256  # repositories a worker keeps open keys of; the oldest goes first
+_CACHE_SECRET = os.urandom(32)  # this process's own: the cache's keys mean nothing elsewhere
+
+
+def _cache_key(keyfile: dict[str, Any], passphrase: str) -> bytes:
+    """HMAC-SHA256, under a random key of this process, of the key file (all of it: its salt
+    names the repository's key, its sealed keys change with the passphrase) and the
+    passphrase."""
+    mac = hmac.new(_CACHE_SECRET, json.dumps(keyfile, sort_keys=True).encode(), hashlib.sha256)
+    mac.update(b"\0")
+    mac.update(passphrase.encode())
+    return mac.digest()
 
 
 def _kdf(passphrase: str, salt: bytes, n: int, r: int, p: int) -> bytes:

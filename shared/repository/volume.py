@@ -181,10 +181,14 @@ class Qcow2Reader(NbdReader):
     """A qcow2 image exported by a private read-only qemu-nbd."""
 
     def __init__(self, path: str, bitmap: str | None = None) -> None:
-        size = qemu.virtual_size(path)
         self._server = qemu.QemuNbdServer(path, read_only=True, bitmap=bitmap, shared=NBD_CONNECTIONS)
         self._server.__enter__()
-        super().__init__(path, size, bitmap, self._server.connect)
+        super().__init__(path, 0, bitmap, self._server.connect)
+        try:  # the export's size is the image's virtual size: no qemu-img info needed
+            self.size = self._client().size
+        except BaseException:
+            self.close()
+            raise
 
     def close(self) -> None:
         super().close()

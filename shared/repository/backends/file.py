@@ -5,6 +5,10 @@ it into place (borgstore ``posixfs``; with ``overwrite=False`` it hard-links ins
 fails when the name exists, so two writers never replace each other's object), so a crash never
 leaves a half object under a real key;
 ``flush`` fsyncs the folders that gained names, once per folder instead of once per object.
+Objects of ``DIRECT_MIN`` bytes or more (chunks) are written with ``O_DIRECT`` from a reused
+page-aligned buffer where the file system takes it: a buffered write first-touches fresh
+page-cache pages, ~3 ms of system time a MiB on the VM this was measured on (a fifth of a full
+backup's CPU), and the data is synced at once anyway.
 ``tmp/`` is listed like any prefix so that garbage collection can remove what a killed
 writer left there.
 """
@@ -13,6 +17,8 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
+import mmap
 import os
 import shutil
 import threading
@@ -28,6 +34,9 @@ from .registry import BackendType, register
 
 _TRANSIENT = {errno.EAGAIN, errno.EINTR, errno.EBUSY, errno.ETIMEDOUT, errno.ESTALE}
 FULL = {errno.ENOSPC, errno.EDQUOT}  # out of space or over a quota: StorageFull
+DIRECT_MIN = 256 * 1024  # objects at least this large are written with O_DIRECT (see above)
+DIRECT_PIECE = 1024 * 1024  # written at a time through a thread's aligned buffer
+DIRECT_ALIGN = 4096  # O_DIRECT's buffer address and length alignment (any block size up to 4 KiB)
 
 
 def os_error(location: str, exc: OSError, what: str) -> BackendError:
@@ -50,6 +59,8 @@ class FileBackend(Backend):
         self._made: set[Path] = set()
         self._unsynced: set[Path] = set()
         self._lock = threading.Lock()
+        self._direct = True  # until the file system refuses O_DIRECT once
+        self._aligned = threading.local()  # each writing thread's buffer for O_DIRECT
 
     def _path(self, key: str) -> Path:
         if not key or key.startswith("/") or ".." in key.split("/"):
@@ -86,13 +97,54 @@ class FileBackend(Backend):
             return
         fd, tmp = self.open_tmp(key)
         try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view) :]
+            view = memoryview(data).cast("B")
+            if not (len(view) >= DIRECT_MIN and self._direct and self._write_direct(fd, view)):
+                while view:
+                    view = view[os.write(fd, view) :]
         except OSError as exc:
             self.discard_tmp(fd, tmp)
             raise self._error(exc, key) from None
         self.install_tmp(fd, tmp, key, overwrite=overwrite)
+
+    def _write_direct(self, fd: int, view: memoryview) -> bool:
+        """Write ``view`` into the new, empty file ``fd`` with O_DIRECT, a ``DIRECT_PIECE`` at
+        a time through this thread's page-aligned buffer (the last piece zero-padded to the
+        alignment, then the file cut back to its size): memory grows by one piece a writing
+        thread, not by an object. False (nothing written) when the file system refuses
+        O_DIRECT; this backend then writes through the page cache from now on."""
+        buffer: mmap.mmap | None = getattr(self._aligned, "buffer", None)
+        if buffer is None:
+            buffer = self._aligned.buffer = mmap.mmap(-1, DIRECT_PIECE)  # anonymous: page-aligned
+        flags = fcntl.fcntl(fd, fcntl.F_GETFL)
+        try:
+            fcntl.fcntl(fd, fcntl.F_SETFL, flags | os.O_DIRECT)
+        except OSError as exc:
+            if exc.errno != errno.EINVAL:
+                raise
+            self._direct = False
+            return False
+        try:
+            for start in range(0, len(view), DIRECT_PIECE):
+                piece = view[start : start + DIRECT_PIECE]
+                padded = -(-len(piece) // DIRECT_ALIGN) * DIRECT_ALIGN
+                buffer[: len(piece)] = piece
+                buffer[len(piece) : padded] = bytes(padded - len(piece))
+                with memoryview(buffer) as whole:
+                    out = whole[:padded]
+                    try:
+                        while out:
+                            out = out[os.write(fd, out) :]
+                    except OSError as exc:
+                        if exc.errno != errno.EINVAL or start or len(out) != padded:
+                            raise
+                        self._direct = False  # refused before anything was written
+                        return False
+                    finally:
+                        out.release()
+        finally:
+            fcntl.fcntl(fd, fcntl.F_SETFL, flags)
+        os.ftruncate(fd, len(view))
+        return True
 
     def open_tmp(self, key: str) -> tuple[int, Path]:
         """A new temporary file (descriptor and path) to write ``key``'s bytes into before

@@ -8,16 +8,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterable, Iterator
-from typing import TypeVar
-
-from tenacity import (
-    Retrying,
-    before_sleep_log,
-    retry_if_exception,
-    stop_after_attempt,
-    stop_after_delay,
-    wait_random_exponential,
-)
+from typing import Any, TypeVar
 
 from shared.errors import BlockvaultError
 
@@ -40,14 +31,28 @@ class RetryingBackend(Backend):
         self.foreign_writers = inner.foreign_writers
         self.lock_seconds = inner.lock_seconds
         self.attempts = attempts
-        self._policy = {
-            "retry": retry_if_exception(_retryable),
+        self.max_seconds = max_seconds
+
+    def _retrying(self) -> Any:
+        """tenacity's policy, built (and tenacity imported) only when a call is retried:
+        importing tenacity pulls in tornado and asyncio, 0.1-0.25 s of every CLI's start-up."""
+        from tenacity import (
+            Retrying,
+            before_sleep_log,
+            retry_if_exception,
+            stop_after_attempt,
+            stop_after_delay,
+            wait_random_exponential,
+        )
+
+        return Retrying(
+            retry=retry_if_exception(_retryable),
             # the first attempt runs bare (see _call): at most ``attempts`` in all
-            "stop": stop_after_attempt(max(1, attempts - 1)) | stop_after_delay(max_seconds),
-            "wait": wait_random_exponential(multiplier=0.2, max=10),
-            "before_sleep": before_sleep_log(log, logging.WARNING),
-            "reraise": True,
-        }
+            stop=stop_after_attempt(max(1, self.attempts - 1)) | stop_after_delay(self.max_seconds),
+            wait=wait_random_exponential(multiplier=0.2, max=10),
+            before_sleep=before_sleep_log(log, logging.WARNING),
+            reraise=True,
+        )
 
     def _call(self, fn: Callable[[], T]) -> T:
         # The first attempt runs bare: building a tenacity Retrying per call cost 11-16 % of a
@@ -58,7 +63,7 @@ class RetryingBackend(Backend):
             if not exc.retryable or self.attempts < 2:
                 raise
             log.warning("%s: %s; retrying", self.location, exc)
-        for attempt in Retrying(**self._policy):  # type: ignore[arg-type]
+        for attempt in self._retrying():
             with attempt:
                 return fn()
         raise AssertionError("unreachable")  # pragma: no cover

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import ctypes
+import mmap
+import os
+import tempfile
 import threading
 import uuid
 from collections.abc import Callable, Iterator
@@ -13,6 +17,7 @@ from hypothesis import strategies as st
 
 from shared.errors import BackendError, BackendUnavailable, ObjectNotFound
 from shared.repository.backends import Backend, FileBackend, RetryingBackend, open_backend
+from shared.repository.backends.file import DIRECT_MIN, DIRECT_PIECE
 
 
 def _s3_backend(request: pytest.FixtureRequest, root: Path) -> Backend:
@@ -194,3 +199,51 @@ def test_retry_wrapper_gives_up(tmp_path: Path) -> None:
     with pytest.raises(BackendUnavailable):
         RetryingBackend(flaky, attempts=3).get("k")
     assert flaky.calls == 3
+
+
+def _resident_pages(path: Path) -> int:
+    """How many of ``path``'s pages are in the page cache (mincore over a mapping of it)."""
+    libc = ctypes.CDLL("libc.so.6", use_errno=True)
+    libc.mmap.restype = ctypes.c_void_p
+    libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
+    libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_char_p]
+    libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+    size = path.stat().st_size
+    pages = -(-size // mmap.PAGESIZE)
+    with open(path, "rb") as handle:
+        address = libc.mmap(None, size, mmap.PROT_READ, mmap.MAP_SHARED, handle.fileno(), 0)
+        assert address not in (None, ctypes.c_void_p(-1).value)
+        try:
+            vector = ctypes.create_string_buffer(pages)
+            assert libc.mincore(address, size, vector) == 0, os.strerror(ctypes.get_errno())
+        finally:
+            libc.munmap(address, size)
+    return sum(byte & 1 for byte in vector.raw)
+
+
+@pytest.mark.parametrize("size", [DIRECT_MIN, DIRECT_PIECE + 1, 3 * DIRECT_PIECE + 12345])
+def test_file_backend_writes_large_objects_past_the_page_cache(tmp_path: Path, size: int) -> None:
+    store = FileBackend(tmp_path / "store")
+    store.create()
+    data = os.urandom(size)
+    store.put("data/ab/big", data)
+    path = tmp_path / "store" / "data" / "ab" / "big"
+    assert path.stat().st_size == size  # the padding of the last aligned write is cut off
+    assert _resident_pages(path) == 0  # written with O_DIRECT: no page-cache page touched
+    assert store.get("data/ab/big") == data
+    store.put("data/ab/small", data[:1000])  # small objects go through the page cache
+    assert store.get("data/ab/small") == data[:1000]
+    assert not list(store.list("tmp/"))
+
+
+def test_file_backend_on_a_file_system_without_o_direct_writes_through_the_page_cache() -> None:
+    with tempfile.TemporaryDirectory(dir="/dev/shm") as folder:  # tmpfs refuses O_DIRECT
+        store = FileBackend(Path(folder) / "store")
+        store.create()
+        data = os.urandom(DIRECT_PIECE + 7)
+        store.put("data/cd/big", data)
+        store.put("data/cd/second", data[::-1])
+        assert store.get("data/cd/big") == data
+        assert store.get("data/cd/second") == data[::-1]
+        assert (Path(folder) / "store" / "data" / "cd" / "big").stat().st_size == len(data)
+        assert not list(store.list("tmp/"))

@@ -295,3 +295,36 @@ def test_probe_trusts_the_given_format(tmp_path: Path) -> None:
     result = backup_volume(repository, str(volume), volume_format="raw")
     restore_backup(repository, result.id, str(tmp_path / "out.raw"))
     assert (tmp_path / "out.raw").read_bytes() == volume.read_bytes()
+
+
+def _count_calls(monkeypatch: pytest.MonkeyPatch, owner: object, name: str) -> list[tuple[object, ...]]:
+    """The real ``owner.name``, each call's arguments recorded."""
+    calls: list[tuple[object, ...]] = []
+    real = getattr(owner, name)
+
+    def counted(*args: object, **kwargs: object) -> object:
+        calls.append(args)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(owner, name, counted)
+    return calls
+
+
+def test_start_up_runs_only_the_qemu_processes_a_backup_needs(
+    repo: Repository, make_raw: Callable[..., Path], make_qcow2: Callable[..., Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    raw, image = make_raw(size=24 * MiB), make_qcow2(size=24 * MiB)
+    backup_volume(repo, str(image), bitmap="bv")
+    qemu_write(image, 9 * MiB, 4096, 0x41)
+    servers = _count_calls(monkeypatch, qemu.QemuNbdServer, "__enter__")
+    infos = _count_calls(monkeypatch, qemu, "image_info")
+    # a raw volume is read as a file, full or incremental: no qemu process at all
+    backup_volume(repo, str(raw))
+    backup_volume(repo, str(raw))
+    assert servers == [] and infos == []
+    # a bitmap incremental: one export (with the bitmap), the bitmaps listed once before the
+    # read and once after the commit (their rotation); the image's size comes from the export
+    result = backup_volume(repo, str(image), bitmap="bv")
+    assert result.mode == "incremental" and result.bytesRead == CHUNK
+    assert [server.bitmap for (server,) in servers] == ["bv"]  # type: ignore[attr-defined]
+    assert len(infos) == 2

@@ -4,6 +4,7 @@ never passes an object decode would refuse."""
 
 from __future__ import annotations
 
+import base64
 import io
 import os
 
@@ -13,6 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from shared.errors import IntegrityError
+from shared.repository import keys as keys_module
 from shared.repository.keys import STORED, ZSTD, KeyMaterial, ObjectCodec
 
 PLAIN = ObjectCodec(KeyMaterial(None, None))
@@ -102,3 +104,43 @@ def test_an_encrypted_object_is_authenticated_whole() -> None:
         check(tampered, digest, codec=codec)
     with pytest.raises(IntegrityError, match="encrypted but the repository is not"):
         check(blob, digest)  # a plain codec never opens a sealed object
+
+
+class _CountingKdf:
+    """The real scrypt, counted: how often a passphrase was stretched."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+        self.real = keys_module._kdf
+
+    def __call__(self, *args: object) -> bytes:
+        self.calls += 1
+        return self.real(*args)  # type: ignore[arg-type]
+
+
+def test_a_key_file_is_opened_with_scrypt_once_per_process_and_passphrase(monkeypatch: pytest.MonkeyPatch) -> None:
+    material = KeyMaterial.generate(encrypt=True)
+    keyfile = material.wrap("right horse")
+    rewrapped = material.wrap("new horse")  # a changed passphrase rewrites the key file
+    kdf = _CountingKdf()
+    monkeypatch.setattr(keys_module, "_kdf", kdf)
+    assert KeyMaterial.unwrap(keyfile, "right horse") == material
+    assert KeyMaterial.unwrap(keyfile, "right horse") == material
+    assert kdf.calls == 1
+    # a wrong passphrase never finds what the right one opened: it pays scrypt and fails, each time
+    assert KeyMaterial.unwrap(keyfile, "wrong horse") is None
+    assert KeyMaterial.unwrap(keyfile, "wrong horse") is None
+    assert KeyMaterial.unwrap(keyfile, "right horse ") is None
+    assert kdf.calls == 4
+    # the same keys under the new key file are a new entry
+    assert KeyMaterial.unwrap(rewrapped, "right horse") is None
+    assert KeyMaterial.unwrap(rewrapped, "new horse") == material
+    assert kdf.calls == 6
+
+
+def test_a_damaged_key_file_is_not_opened_from_the_cache() -> None:
+    material = KeyMaterial.generate(encrypt=True)
+    keyfile = material.wrap("pass")
+    assert KeyMaterial.unwrap(keyfile, "pass") == material
+    damaged = dict(keyfile, sealed=base64.b64encode(b"\0" * 80).decode())
+    assert KeyMaterial.unwrap(damaged, "pass") is None
