@@ -46,7 +46,7 @@ XDIST := -n $(PYTEST_WORKERS) --dist worksteal
 
 pytest: venv system-test venv-libvirt
 	tests/harness/ensure-services
-	$(PY) -m pytest -q $(XDIST)
+	$(PY) -m pytest -q $(XDIST) --durations=40
 
 test: lint typecheck pytest
 

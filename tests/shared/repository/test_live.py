@@ -203,11 +203,11 @@ def test_qemu_killed_mid_backup_then_restarted_the_next_backup_reads_everything(
     assert len(repo.backups()) == 2
     assert not list(work.rglob("fleece-*.qcow2"))
     disks.vm.restart()
-    # a killed QEMU never saved the bitmaps it kept: the next backup cannot trust any, so it
-    # reads every allocated block and stores only what changed
-    assert not [b for b in disks.vm.bitmaps(0) if b["name"].startswith("blockvault")] or all(
-        b.get("inconsistent") for b in disks.vm.bitmaps(0) if b["name"].startswith("blockvault")
-    )
+    # a killed QEMU never saved the bitmaps it kept (qcow2 stores persistent bitmaps when the
+    # image is closed; this QEMU made them and was killed before any close): none is left, so
+    # the next backup reads every allocated block and stores only what changed
+    for index in range(len(SIZES)):
+        assert [b for b in disks.vm.bitmaps(index) if b["name"].startswith("blockvault")] == []
     now = disks.snapshot()
     again = live(repo, disks, work)
     assert again.backups[0].bytesRead >= 12 * MiB  # every allocated chunk of disk 0
