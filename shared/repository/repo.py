@@ -269,6 +269,7 @@ class Repository:
         # ObjectCodec's opening and checking, with the plain bytes written into ``out``
         # (keys.py owns the object format; this is its decode with a caller's buffer)
         kind, body = self.codec._open(digest, blob, what)
+        del blob  # an encrypted chunk's body is its decrypted copy: one chunk less held per thread
         if kind == STORED:
             size = len(body)
             if size > len(out):
