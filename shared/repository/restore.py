@@ -66,12 +66,14 @@ def restore_backup(
 
         def work(item: tuple[int, str]) -> int:
             index, digest = item
-            data = repo.load_chunk(digest)
             expected = min(chunk_size, manifest.size - index * chunk_size)
-            if len(data) != expected:
-                raise IntegrityError(detail=f"chunk {digest} has {len(data)} bytes, expected {expected}")
-            writer.write(index * chunk_size, data)
-            return len(data)
+            # decoded straight into the writer's (aligned) buffer and written from there
+            with writer.buffer(chunk_size) as buffer:
+                size = repo.load_chunk_into(digest, buffer)
+                if size != expected:
+                    raise IntegrityError(detail=f"chunk {digest} has {size} bytes, expected {expected}")
+                writer.write(index * chunk_size, buffer[:size], lent=True)
+            return size
 
         try:
             for written in parallel_map(work, todo):

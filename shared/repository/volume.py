@@ -252,7 +252,15 @@ def chunk_indexes(extents: Sequence[Extent], chunk_size: int) -> set[int]:
 
 # -- writers ------------------------------------------------------------------------------
 class VolumeWriter(Protocol):
-    def write(self, offset: int, data: Buffer) -> None: ...
+    def buffer(self, size: int) -> contextlib.AbstractContextManager[memoryview]:
+        """A writable buffer of ``size`` bytes to decode a chunk into and then pass to
+        :meth:`write` with ``lent=True`` (for a raw file or device: page-aligned, written
+        with O_DIRECT as it is, no copy); reused once the block ends."""
+
+    def write(self, offset: int, data: Buffer, *, lent: bool = False) -> None:
+        """Write ``data`` at ``offset``; ``lent``: ``data`` is (the start of) a view that
+        :meth:`buffer` gave."""
+
     def commit(self) -> None: ...
     def abort(self) -> None: ...
 
@@ -289,16 +297,16 @@ _ZEROS = bytes(ZERO_BLOCK)
 def nonzero_runs(data: Buffer) -> list[Extent]:
     """(offset, length) of the runs of ``data`` that are not all-zero 64 KiB blocks.
 
-    Each block is tested with ``startswith`` (one memcmp): comparing a memoryview with bytes
-    goes byte by byte in CPython, 12 ms for an all-zero 4 MiB chunk against 0.1 ms."""
-    if isinstance(data, memoryview):  # (no caller passes one today) startswith needs bytes
-        data = data.tobytes()
+    Each block is tested with ``startswith`` (one memcmp, no copy): zero bytes start with the
+    block exactly when it is all zeros. (Comparing a memoryview with bytes goes byte by byte
+    in CPython, 12 ms for an all-zero 4 MiB chunk against 0.1 ms.)"""
+    view = memoryview(data)
     runs: list[Extent] = []
     start = -1
-    size = len(data)
+    size = len(view)
     for pos in range(0, size, ZERO_BLOCK):
         end = min(pos + ZERO_BLOCK, size)
-        zero = data.startswith(_ZEROS[: end - pos], pos, end)
+        zero = _ZEROS.startswith(view[pos:end])
         if not zero and start < 0:
             start = pos
         elif zero and start >= 0:
@@ -378,12 +386,35 @@ class _PositionedWrites:
         self._direct_fd = _open_direct(path) if direct else -1
         self.direct = self._direct_fd >= 0
 
-    def write(self, offset: int, data: Buffer, runs: list[Extent]) -> None:
-        """Write the ``runs`` (offset, length within ``data``) of ``data`` at ``offset``."""
+    @contextlib.contextmanager
+    def lend(self, size: int) -> Iterator[memoryview]:
+        """A page-aligned buffer of ``size`` bytes for this thread until the block ends: what
+        is decoded into it is written by :meth:`write` with ``lent=True`` without a copy."""
+        buffers = self._aligned(size)
+        with buffers.lend() as buffer:
+            view = memoryview(buffer)[:size]
+            try:
+                yield view
+            finally:
+                view.release()
+
+    def _aligned(self, size: int) -> _AlignedBuffers:
+        with self._lock:
+            if self._buffers is None or self._buffers.size < size:
+                self._buffers = _AlignedBuffers(max(size, 4 * 1024 * 1024))
+            return self._buffers
+
+    def write(self, offset: int, data: Buffer, runs: list[Extent], *, lent: bool = False) -> None:
+        """Write the ``runs`` (offset, length within ``data``) of ``data`` at ``offset``;
+        ``lent``: ``data`` starts a buffer from :meth:`lend` (page-aligned: written as it is)."""
         if not runs:
             return
-        if self.direct and offset % DIRECT_ALIGN == 0 and self._write_direct(offset, data, runs):
-            return
+        if self.direct and offset % DIRECT_ALIGN == 0:
+            if lent:
+                if self._write_runs_direct(offset, memoryview(data), runs):
+                    return
+            elif self._write_direct(offset, data, runs):
+                return
         view = memoryview(data)
         for start, length in runs:
             _pwrite_all(self.fd, view[start : start + length], offset + start)
@@ -392,29 +423,30 @@ class _PositionedWrites:
     def _write_direct(self, offset: int, data: Buffer, runs: list[Extent]) -> bool:
         """Write ``runs`` with O_DIRECT (an unaligned tail buffered); False when the file system
         refuses O_DIRECT: the caller then writes the whole chunk again, buffered."""
-        with self._lock:
-            if self._buffers is None or self._buffers.size < len(data):
-                self._buffers = _AlignedBuffers(max(len(data), 4 * 1024 * 1024))
-            buffers = self._buffers
-        with buffers.lend() as buffer:
+        with self._aligned(len(data)).lend() as buffer:
             buffer[: len(data)] = data
             view = memoryview(buffer)
             try:
-                for start, length in runs:
-                    aligned = length // DIRECT_ALIGN * DIRECT_ALIGN
-                    if aligned:
-                        try:
-                            _pwrite_all(self._direct_fd, view[start : start + aligned], offset + start)
-                        except OSError as exc:
-                            if exc.errno != errno.EINVAL:
-                                raise
-                            self._stop_direct()
-                            return False
-                    if aligned < length:  # the volume's last, short block
-                        tail = start + aligned
-                        _pwrite_all(self.fd, view[tail : start + length], offset + tail)
+                return self._write_runs_direct(offset, view, runs)
             finally:
                 view.release()
+
+    def _write_runs_direct(self, offset: int, view: memoryview, runs: list[Extent]) -> bool:
+        """Write ``runs`` of the page-aligned ``view`` with O_DIRECT (an unaligned tail
+        buffered); False when the file system refuses O_DIRECT."""
+        for start, length in runs:
+            aligned = length // DIRECT_ALIGN * DIRECT_ALIGN
+            if aligned:
+                try:
+                    _pwrite_all(self._direct_fd, view[start : start + aligned], offset + start)
+                except OSError as exc:
+                    if exc.errno != errno.EINVAL:
+                        raise
+                    self._stop_direct()
+                    return False
+            if aligned < length:  # the volume's last, short block
+                tail = start + aligned
+                _pwrite_all(self.fd, view[tail : start + length], offset + tail)
         return True
 
     def _stop_direct(self) -> None:
@@ -471,9 +503,13 @@ class RawWriter(_DescriptorWriter):
             self.abort()
             raise
 
-    def write(self, offset: int, data: Buffer) -> None:
+    def buffer(self, size: int) -> contextlib.AbstractContextManager[memoryview]:
         assert self._writes is not None
-        self._writes.write(offset, data, nonzero_runs(data))
+        return self._writes.lend(size)
+
+    def write(self, offset: int, data: Buffer, *, lent: bool = False) -> None:
+        assert self._writes is not None
+        self._writes.write(offset, data, nonzero_runs(data), lent=lent)
 
     def commit(self) -> None:
         os.fsync(self._fd)  # what went O_DIRECT is on the disk: this flushes metadata and the disk's cache
@@ -532,7 +568,19 @@ class Qcow2Writer:
                 self._clients.append(client)
         return client
 
-    def write(self, offset: int, data: Buffer) -> None:
+    @contextlib.contextmanager
+    def buffer(self, size: int) -> Iterator[memoryview]:
+        """A buffer of this thread's, reused from chunk to chunk (its bytes go to qemu-nbd)."""
+        held: bytearray | None = getattr(self._local, "buffer", None)
+        if held is None or len(held) < size:
+            held = self._local.buffer = bytearray(size)
+        view = memoryview(held)[:size]
+        try:
+            yield view
+        finally:
+            view.release()
+
+    def write(self, offset: int, data: Buffer, *, lent: bool = False) -> None:
         client = self._client()
         view = memoryview(data)
         for start, length in nonzero_runs(data):
@@ -589,9 +637,13 @@ class DeviceWriter(_DescriptorWriter):
             self.abort()
             raise
 
-    def write(self, offset: int, data: Buffer) -> None:
+    def buffer(self, size: int) -> contextlib.AbstractContextManager[memoryview]:
         assert self._writes is not None
-        self._writes.write(offset, data, [(0, len(data))])
+        return self._writes.lend(size)
+
+    def write(self, offset: int, data: Buffer, *, lent: bool = False) -> None:
+        assert self._writes is not None
+        self._writes.write(offset, data, [(0, len(data))], lent=lent)
 
     def zero(self, offset: int, length: int) -> None:
         """Zero ``length`` bytes at ``offset`` (the device's own zeroing when it has one)."""

@@ -12,12 +12,13 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+import zstandard
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from shared.errors import BackupNotFound, TargetExists, UsageError, VolumeError
+from shared.errors import BackupNotFound, IntegrityError, TargetExists, UsageError, VolumeError
 from shared.repository.backup import backup_volume
-from shared.repository.repo import Repository
+from shared.repository.repo import Repository, chunk_key
 from shared.repository.restore import restore_backup
 from shared.repository.volume import ZERO_BLOCK, DeviceWriter, RawReader, RawWriter, nonzero_runs
 from tests.conftest import Cli, MiB, qcow2_equal, vm_like_regions, write_regions
@@ -213,3 +214,50 @@ def test_nonzero_runs_finds_every_nonzero_block(blocks: list[tuple[int, bool]], 
     assert [i for start, length in runs for i in range(start, start + length, ZERO_BLOCK)] == expected
     assert runs == nonzero_runs(bytearray(data)) == nonzero_runs(memoryview(data))
     assert all(length > 0 and start + length <= len(data) for start, length in runs)
+
+
+@pytest.mark.parametrize("encrypt", [False, True], ids=["plain", "encrypted"])
+def test_load_chunk_into_gives_what_load_chunk_gives(tmp_path: Path, encrypt: bool) -> None:
+    repo = Repository.init(str(tmp_path / "repo"), encrypt=encrypt, passphrase="pw" if encrypt else None)
+    text = b"".join(b"line %d of a log\n" % i for i in range(300_000))[: 4 * MiB]
+    chunks = {"compressible": text, "random (stored)": os.urandom(4 * MiB), "short": text[:5000]}
+    out = memoryview(bytearray(4 * MiB))
+    for name, data in chunks.items():
+        digest_hex = repo.codec.digest(data).hex()
+        repo.store_chunk(bytes.fromhex(digest_hex), data)
+        out[:] = b"\xee" * len(out)
+        size = repo.load_chunk_into(digest_hex, out)
+        assert (size, bytes(out[:size])) == (len(data), repo.load_chunk(digest_hex)), name
+        assert bytes(out[size : size + 16]) in (b"", b"\xee" * 16)  # nothing written past the chunk
+        with pytest.raises(IntegrityError, match="more than"):  # a chunk larger than the buffer
+            repo.load_chunk_into(digest_hex, memoryview(bytearray(len(data) - 1)))
+
+
+def _put_object(repo: Repository, data: bytes, blob: bytes) -> str:
+    digest_hex = repo.codec.digest(data).hex()
+    repo.backend.put(chunk_key(digest_hex), blob)
+    return digest_hex
+
+
+def test_load_chunk_into_checks_every_chunk(repo: Repository) -> None:
+    data = b"".join(b"record %d\n" % i for i in range(100_000))
+    out = memoryview(bytearray(4 * MiB))
+    frame = zstandard.ZstdCompressor().compress(data)
+    assert repo.load_chunk_into(_put_object(repo, data, b"\0" + frame), out) == len(data)
+    assert bytes(out[: len(data)]) == data
+    damaged = {
+        "frame without its size": b"\0" + zstandard.ZstdCompressor(write_content_size=False).compress(data),
+        "truncated frame": b"\0" + frame[: len(frame) // 2],
+        "another chunk's bytes": b"\0" + zstandard.ZstdCompressor().compress(data[::-1]),
+        "not zstd": b"\0" + b"\x28\xb5\x2f\xfd" + os.urandom(64),
+        "unknown type byte": b"\7" + frame,
+        "stored, altered": b"\2" + data[:-1] + b"?",
+    }
+    for name, blob in damaged.items():
+        with pytest.raises(IntegrityError):
+            repo.load_chunk_into(_put_object(repo, data, blob), out)
+        with pytest.raises(IntegrityError):  # load_chunk refuses it too: no laxer than it
+            repo.load_chunk(repo.codec.digest(data).hex())
+        assert name
+    with pytest.raises(IntegrityError, match="missing"):
+        repo.load_chunk_into("00" * 32, out)
