@@ -205,6 +205,36 @@ def test_overdue_without_failure_and_the_members_view(api: tuple[TestClient, str
     assert ids["failed"][0] not in text and ids["remote"] not in text
 
 
+def test_a_failed_run_of_a_volume_fails_its_vm_in_the_vm_row(api: tuple[TestClient, str], tmp_path: Path) -> None:
+    """The failed runs are read folded into each VM's row: a run of a VM's volume counts for the
+    VM (its time is the VM's last failure), a run of a detached volume for no VM."""
+    client, key = api
+    ids = build(tmp_path)
+    moment = now()
+    with db.session() as session:
+        group = SchedulerJobGroup(name="volumes", jobType="volumeBackup", projectUuid=ids["projects"][0])
+        detached = Volume(name="loose", hostUuid=ids["host"], type="Data", installPath="/loose")
+        session.add_all([group, detached])
+        session.flush()
+        for target, age in ((ids["ok"][1], timedelta(minutes=2)), (detached.uuid, timedelta(minutes=1))):
+            session.add(
+                SchedulerJobHistory(
+                    executeTime=moment - age,
+                    success=False,
+                    resultDump='{"error": {"code": "VOLUME_ERROR", "description": "cannot read"}}',
+                    schedulerJobGroupUuid=group.uuid,
+                    targetResourceUuid=target,
+                )
+            )
+    status, body = get(client, key, "/v1/overview")
+    assert status == 200, body
+    ok = by_name(body)["ok-vm"]
+    assert ok["status"] == "failed"  # its root volume's run failed after its 5-minute-old backup
+    assert abs(datetime.fromisoformat(ok["lastFailure"]) - (moment - timedelta(minutes=2))) < timedelta(seconds=1)
+    assert body["vmCounts"] == {"ok": 0, "overdue": 0, "failed": 3, "none": 1}
+    assert {row["uuid"] for row in body["vmInstances"]} == {ids[n][0] for n in ("ok", "overdue", "failed", "none")}
+
+
 def _aged(rows: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[int]]:
     """Rows of two requests compared: a backup's age is taken when each answer is made, so it
     may differ by the seconds between them; the rows without it, and the ages apart."""
