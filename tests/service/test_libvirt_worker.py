@@ -6,10 +6,14 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from shared.catalog.models import new_uuid
 from tests.libvirt_fixtures import DomainFactory
 from tests.service.conftest import Stack
 from tests.service.test_cli import bv
+
+pytestmark = pytest.mark.shared_api  # an API lent per test, not started (tests/service/conftest.py)
 
 
 def one(stack: Stack, collection: str, uuid: str) -> dict[str, Any]:
@@ -24,7 +28,6 @@ def test_a_worker_discovers_its_domains_and_survives_a_silent_libvirt(
     disk.write_bytes(b"\1" * 1024 * 1024)
     dom = libvirt_domains([(str(disk), "raw")])
     vm_uuid = dom.UUIDString().replace("-", "")
-    stack.start_api()
     roots = {"BLOCKVAULT_VOLUME_ROOTS": f"{libvirt_folder}:{stack.tmp}", "BLOCKVAULT_LIBVIRT_URI": libvirt_uri}
     host = new_uuid()
     stack.start_worker(host, roots)
