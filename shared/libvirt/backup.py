@@ -51,8 +51,9 @@ from xml.sax.saxutils import quoteattr
 
 import libvirt
 
-from shared.errors import BlockvaultError, MonitorError, VolumeError
+from shared.errors import BlockvaultError, LibvirtError, MonitorError, VolumeError
 from shared.failpoints import failpoint
+from shared.libvirt import connection
 from shared.repository import qemu
 from shared.repository.backup import BackupResult, choose_plan, run_plan
 from shared.repository.live import LiveDisk, LiveResult, run_lock
@@ -73,11 +74,7 @@ _MAX_SOCKET_PATH = 100  # sun_path holds 107 bytes
 Progress = Callable[[int, int], None]
 
 
-def _quiet(_ctx: object, _err: object) -> None:
-    """libvirt prints every error on stderr unless a handler takes it; ours are raised."""
-
-
-libvirt.registerErrorHandler(_quiet, None)
+connection.module()  # libvirt's errors are raised, not also printed on stderr (its quiet handler)
 
 
 def domain_uuid(vm_uuid: str) -> str:
@@ -144,13 +141,13 @@ def open_domain(uri: str, vm_uuid: str) -> tuple[libvirt.virConnect, libvirt.vir
     """A connection to ``uri`` and the domain of the VM row ``vm_uuid``; DomainError if either
     is missing."""
     try:
-        conn = libvirt.open(uri)
-    except libvirt.libvirtError as exc:
-        raise DomainError(socket=f"{vm_uuid} at {uri}", detail=f"cannot connect: {exc}") from None
+        conn = connection.open_connection(uri)
+    except LibvirtError as exc:
+        raise DomainError(socket=f"{vm_uuid} at {uri}", detail=f"cannot connect: {exc.fields['detail']}") from None
     try:
         return conn, conn.lookupByUUIDString(domain_uuid(vm_uuid))
     except (libvirt.libvirtError, ValueError) as exc:
-        conn.close()
+        connection.close(conn)
         raise DomainError(socket=f"{vm_uuid} at {uri}", detail=f"no such domain ({exc})") from None
 
 
@@ -162,7 +159,7 @@ def is_domain(uri: str | None, vm_uuid: str) -> bool:
         conn, _dom = open_domain(uri, vm_uuid)
     except DomainError:
         return False
-    conn.close()
+    connection.close(conn)
     return True
 
 

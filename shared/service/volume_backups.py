@@ -440,7 +440,7 @@ def _libvirt_taker(vm: VmInstance, *, whole_vm: bool) -> Taker:
             return libvirt_backup.backup_domain(repo, dom, disks, work_dir=work, full=full, whole_vm=whole_vm,
                                                 progress=progress, on_committed=committed)  # fmt: skip
         finally:
-            conn.close()
+            connection.close(conn)
 
     return take
 

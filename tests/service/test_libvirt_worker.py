@@ -3,14 +3,17 @@ and follow libvirt; a worker whose libvirt does not answer runs all the same and
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 from typing import Any
+
+import pytest
 
 from shared.catalog.models import new_uuid
 from tests.libvirt_fixtures import DomainFactory
 from tests.service.conftest import Stack
 from tests.service.test_cli import bv
+
+pytestmark = pytest.mark.shared_api  # an API lent per test, not started (tests/service/conftest.py)
 
 
 def one(stack: Stack, collection: str, uuid: str) -> dict[str, Any]:
@@ -25,7 +28,6 @@ def test_a_worker_discovers_its_domains_and_survives_a_silent_libvirt(
     disk.write_bytes(b"\1" * 1024 * 1024)
     dom = libvirt_domains([(str(disk), "raw")])
     vm_uuid = dom.UUIDString().replace("-", "")
-    stack.start_api()
     roots = {"BLOCKVAULT_VOLUME_ROOTS": f"{libvirt_folder}:{stack.tmp}", "BLOCKVAULT_LIBVIRT_URI": libvirt_uri}
     host = new_uuid()
     stack.start_worker(host, roots)
@@ -50,6 +52,8 @@ def test_a_worker_discovers_its_domains_and_survives_a_silent_libvirt(
     stack.wait_for("Disconnected", lambda: one(stack, "hosts", silent).get("libvirtStatus") == "Disconnected")
     row = one(stack, "hosts", silent)
     assert "Connection refused" in row["libvirtReason"] and row["status"] == "Connected"
-    time.sleep(3)  # a few heartbeats later it still runs
+    for _beat in range(2):  # two heartbeats later (one a second) it still runs, still Connected
+        last = one(stack, "hosts", silent)["lastHeartbeat"]
+        stack.wait_for("a heartbeat", lambda last=last: one(stack, "hosts", silent)["lastHeartbeat"] != last)
     assert proc.poll() is None
     assert one(stack, "hosts", silent)["status"] == "Connected"

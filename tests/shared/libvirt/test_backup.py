@@ -21,7 +21,7 @@ from shared.repository.live import LiveDisk, LiveResult
 from shared.repository.repo import Repository
 from shared.repository.restore import restore_backup
 from tests.conftest import ROOT
-from tests.shared.libvirt.conftest import URI, Domain, MiB
+from tests.libvirt_fixtures import URI, Domain, MiB
 
 SIZES = [("qcow2", 48 * MiB), ("raw", 24 * MiB)]
 
@@ -57,9 +57,9 @@ def domain(make_domain: Callable[..., Domain]) -> Domain:
 
 
 def test_full_then_incremental_keep_writes_made_during_the_backup_out(
-    repo: Repository, domain: Domain, world_folder: Path, tmp_path: Path
+    repo: Repository, domain: Domain, libvirt_folder: Path, tmp_path: Path
 ) -> None:
-    work = world_folder / "work"
+    work = libvirt_folder / "work"
     instant = domain.snapshot()
     during = {"done": False}
 
@@ -96,8 +96,10 @@ def test_full_then_incremental_keep_writes_made_during_the_backup_out(
     assert third.backups[0].bytesRead == 0
 
 
-def test_a_failed_backup_keeps_the_chain(repo: Repository, domain: Domain, world_folder: Path, tmp_path: Path) -> None:
-    work = world_folder / "work"
+def test_a_failed_backup_keeps_the_chain(
+    repo: Repository, domain: Domain, libvirt_folder: Path, tmp_path: Path
+) -> None:
+    work = libvirt_folder / "work"
     first = backup(repo, domain, work)
     before = domain.checkpoints()
     domain.write(0, 30 * MiB, 1 * MiB, 0x71)
@@ -126,9 +128,9 @@ def test_a_failed_backup_keeps_the_chain(repo: Repository, domain: Domain, world
 
 
 def test_a_stopped_domain_continues_the_checkpoint_chain(
-    repo: Repository, domain: Domain, world_folder: Path, tmp_path: Path
+    repo: Repository, domain: Domain, libvirt_folder: Path, tmp_path: Path
 ) -> None:
-    work = world_folder / "work"
+    work = libvirt_folder / "work"
     first = backup(repo, domain, work)
     [checkpoint] = domain.checkpoints()
     domain.write(0, 36 * MiB, 1 * MiB, 0x91)
@@ -171,12 +173,12 @@ backup_domain(repo, dom, disks, work_dir=Path(sys.argv[5]))
 def test_worker_killed_and_libvirtd_restarted_mid_backup_then_a_correct_incremental(
     repo: Repository,
     domain: Domain,
-    world_folder: Path,
+    libvirt_folder: Path,
     tmp_path: Path,
     caplog: pytest.LogCaptureFixture,
     libvirtd_control: Callable[[], None],
 ) -> None:
-    work = world_folder / "work"
+    work = libvirt_folder / "work"
     first = backup(repo, domain, work)
     committed = domain.checkpoints()
     domain.write(0, 44 * MiB, 1 * MiB, 0x81)
@@ -210,7 +212,7 @@ def test_worker_killed_and_libvirtd_restarted_mid_backup_then_a_correct_incremen
 
 
 def test_a_network_disk_fails_the_vm_backup_naming_it(
-    repo: Repository, make_domain: Callable[..., Domain], world_folder: Path
+    repo: Repository, make_domain: Callable[..., Domain], libvirt_folder: Path
 ) -> None:
     network = (
         "<disk type='network' device='disk'><driver name='qemu' type='raw'/>"
@@ -219,18 +221,18 @@ def test_a_network_disk_fails_the_vm_backup_naming_it(
     )
     domain = make_domain(SIZES, extra=network, start=False)
     with pytest.raises(VolumeError, match=r"/vdc: a network disk \(nbd:export \(127.0.0.1\)\) cannot be backed up"):
-        backup(repo, domain, world_folder / "work")
+        backup(repo, domain, libvirt_folder / "work")
     assert domain.checkpoints() == [] and repo.backups() == []
     with pytest.raises(VolumeError, match="has no such disk"):
-        backup_domain(repo, domain.dom, [LiveDisk("/nonexistent.qcow2")], work_dir=world_folder / "w", whole_vm=False)
+        backup_domain(repo, domain.dom, [LiveDisk("/nonexistent.qcow2")], work_dir=libvirt_folder / "w", whole_vm=False)
 
 
 def test_an_agent_that_does_not_answer_gives_a_crash_consistent_backup_saying_why(
-    repo: Repository, make_domain: Callable[..., Domain], world_folder: Path
+    repo: Repository, make_domain: Callable[..., Domain], libvirt_folder: Path
 ) -> None:
     channel = "<channel type='unix'><target type='virtio' name='org.qemu.guest_agent.0'/></channel>"
     domain = make_domain(SIZES[:1], extra=channel)  # no guest OS: the agent never answers
-    result = backup_domain(repo, domain.dom, specs(domain)[:1], work_dir=world_folder / "work")
+    result = backup_domain(repo, domain.dom, specs(domain)[:1], work_dir=libvirt_folder / "work")
     assert result.consistency == "crash"
     assert result.quiesceError and "agent" in result.quiesceError.lower()
     assert domain.dom.jobInfo()[0] == 0

@@ -24,7 +24,7 @@ from shared.errors import Conflict, InvalidArgument, LibvirtError
 from shared.libvirt import connection, discovery, domainxml
 from shared.service import instant, recovery, vm_from_backup, volume_backups
 from tests.conftest import write_regions
-from tests.libvirt_fixtures import DomainFactory, disk_xml, forget_domain
+from tests.libvirt_fixtures import MEMORY_MIB, VCPUS, DomainFactory, disk_xml, forget_domain
 from tests.shared.service.conftest import Site, raw_bytes, volume_regions
 
 MiB = 1024 * 1024
@@ -103,8 +103,8 @@ def test_discovery_follows_domains_states_and_disks(lv: Lv, outside_folder: Path
         "libvirt",
         "Stopped",
         lv.site.host,
-        2,
-        64 * MiB,
+        VCPUS,
+        MEMORY_MIB * MiB,
     )
     assert vm.name == dom.name() and vm.description == "a test domain"
     volumes = lv.volumes(vm)
@@ -199,7 +199,7 @@ def test_new_vm_from_a_vm_backup_is_defined_and_started_by_libvirt(lv: Lv) -> No
     backups = _vm_backup(lv, vm)
     definition = backups[0].metadata_["vmDefinition"]
     assert definition["domainXml"] and domainxml.parse(definition["domainXml"]).uuid == vm.uuid
-    assert (definition["name"], definition["cpuNum"], definition["memorySize"]) == (vm.name, 2, 64 * MiB)
+    assert (definition["name"], definition["cpuNum"], definition["memorySize"]) == (vm.name, VCPUS, MEMORY_MIB * MiB)
     assert [n["mac"] for n in definition["nics"]] == ["52:54:00:aa:00:00"]
     expected = {"vda": raw_bytes(Path(root)), "vdb": raw_bytes(Path(data))}
     Path(data).write_bytes(b"\xff" * SIZE)  # the source changes after the backup

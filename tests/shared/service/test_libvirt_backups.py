@@ -15,16 +15,16 @@ from shared.errors import Conflict
 from shared.libvirt.backup import CHECKPOINT_KEY, DomainError
 from shared.repository.repo import parse_install_path
 from shared.service import volume_backups
-from tests.shared.libvirt.conftest import Domain, MiB, make_domain, world_folder  # noqa: F401
+from tests.libvirt_fixtures import Domain, MiB
 from tests.shared.service.conftest import CHUNK, Site
 
 SIZES = [("qcow2", 32 * MiB), ("raw", 16 * MiB)]
 
 
 @pytest.fixture
-def libvirt_site(site: Site, world_folder: Path, monkeypatch: pytest.MonkeyPatch) -> Site:  # noqa: F811
+def libvirt_site(site: Site, libvirt_folder: Path, monkeypatch: pytest.MonkeyPatch) -> Site:
     """The site's worker may open volumes in the folder the domains' disks are in."""
-    monkeypatch.setenv("BLOCKVAULT_VOLUME_ROOTS", f"{site.tmp}:{world_folder}")
+    monkeypatch.setenv("BLOCKVAULT_VOLUME_ROOTS", f"{site.tmp}:{libvirt_folder}")
     monkeypatch.setenv("BLOCKVAULT_LIBVIRT_URI", "qemu:///system")
     get_settings.cache_clear()
     return site
@@ -51,7 +51,7 @@ def vm_backup(site: Site, root: Volume) -> list[VolumeBackup]:
 
 def test_a_libvirt_domain_is_backed_up_live_then_offline_from_the_same_checkpoint(
     libvirt_site: Site,
-    make_domain: Callable[..., Domain],  # noqa: F811
+    make_domain: Callable[..., Domain],
 ) -> None:
     site = libvirt_site
     storage = site.storage()
@@ -90,7 +90,7 @@ def test_a_libvirt_domain_is_backed_up_live_then_offline_from_the_same_checkpoin
 
 def test_a_libvirt_vm_whose_domain_is_gone_fails_the_job_and_a_plain_vm_is_still_refused(
     libvirt_site: Site,
-    make_domain: Callable[..., Domain],  # noqa: F811
+    make_domain: Callable[..., Domain],
 ) -> None:
     site = libvirt_site
     site.storage()
