@@ -390,7 +390,7 @@ class Soak:
             if stop is not None:
                 with contextlib.suppress(Exception):
                     (stop.kill if isinstance(stop, StorageServer) else stop.stop)()
-        self.site.close()
+        self.site.close(self.say)
         subprocess.run(["mount", "-o", "remount,rw", str(self.master_disk)], capture_output=True, check=False)
         unmount(self.master_disk)
         self.log.close()

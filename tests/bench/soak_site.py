@@ -34,7 +34,7 @@ from tests.conftest import MiB
 from tests.harness import netns
 from tests.harness.netns import Namespace, Network
 from tests.multihost.conftest import HostsStack, NsStorageServer, worker_name
-from tests.qemu_fixtures import QemuVm, make_qcow2
+from tests.qemu_fixtures import QemuError, QemuVm, make_qcow2
 from tests.s3_fixtures import S3Server
 from tests.service.conftest import Stack
 from tests.storage_server_fixtures import StorageServer
@@ -142,7 +142,14 @@ class Site:
         say(f"kill_qemu: QEMU {self.vm.pid} killed, restarted in {seconds:.1f} s")
         time.sleep(seconds)
         with self.vm_lock:
-            self.vm.restart()
+            for attempt in range(3):  # a QEMU that cannot start again ends the soak, saying why
+                try:
+                    self.vm.restart()
+                    break
+                except QemuError:
+                    if attempt == 2:
+                        raise
+                    time.sleep(2)
 
     def live_backups(self, client: Client) -> tuple[int, int]:
         """(Ready, Failed) backups of the VM's volume; of the Ready ones, every one is live."""
@@ -159,8 +166,9 @@ class Site:
         rows = client.query("volume-backups", f"volumeUuid={self.vm_volume['uuid']}", "status=Ready", limit=10000)
         return [r["uuid"] for r in rows["inventories"] if not (r.get("metadata") or {}).get("live")]
 
-    def close(self) -> None:
-        """Stop QEMU and remove the namespaces (after the Stack stopped its processes)."""
+    def close(self, say: Any) -> None:
+        """Stop QEMU and remove the namespaces (after the Stack stopped its processes); what
+        cannot be removed is said, not raised (the report comes first)."""
         if self.vm is not None:
             with contextlib.suppress(Exception):
                 self.vm.stop()
@@ -168,4 +176,7 @@ class Site:
             for ns in self.links.values():
                 with contextlib.suppress(netns.NetnsError):
                     ns.restore()
-            self.network.close()
+            try:
+                self.network.close()
+            except netns.NetnsError as exc:
+                say(f"namespaces left: {exc}")
