@@ -31,6 +31,16 @@ _counts: dict[str, int] = {}
 _lock = threading.Lock()
 
 
+def _fresh_lock_after_fork() -> None:
+    """A process forked while another thread held ``_lock`` (a worker's pool child forked
+    beside its background threads) would wait for it forever: the child gets a free one."""
+    global _lock  # noqa: PLW0603 - the module's lock itself is replaced
+    _lock = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_fresh_lock_after_fork)
+
+
 class FailpointError(RuntimeError):
     """Raised by a failpoint set to ``raise``."""
 

@@ -18,6 +18,7 @@ from shared.apijobs import requeue_stale
 from shared.catalog import db
 from shared.celery_app import STORAGE_QUEUE, celery_app, host_queue
 from shared.config import get_settings
+from shared.repository.backends import registry
 from shared.secret import check_at_start
 from shared.service import copies, deletion
 
@@ -112,8 +113,17 @@ class LibvirtSync(threading.Thread):
             self.sync()
 
 
+def import_before_threads() -> None:
+    """Import now, in the main thread, what the background threads would import lazily: a pool
+    child forked while a thread held a module's import lock inherits it held and waits for it
+    forever (a soak found a child hung in the backends' lazy import, its job Running for good,
+    kept alive by the heartbeat)."""
+    registry.types()  # every built-in backend module (s3 pulls boto3 in)
+
+
 def run_worker(host_uuid: str | None = None, concurrency: int = 2, loglevel: str = "INFO") -> None:
     settings = get_settings()
+    import_before_threads()
     host = (host_uuid or hosts.local_host_uuid()).replace("-", "").lower()
     db.migrate()
     check_at_start("worker")  # it opens storage with the credentials the API sealed

@@ -7,16 +7,19 @@ Run as::
     .venv/bin/python tests/bench/soak.py --minutes 20 [--seed 7] [--keep] [--data DIR]
     make soak SOAK_MINUTES=20
 
-The site: the API, a beat and two hosts' workers (processes in the root namespace, each with its
-own host uuid) on a PostgreSQL database and a Redis database of their own; on each host a raw
-and a qcow2 volume that a thread keeps writing; an ImageStore master on a small tmpfs (so it can
-be filled and made read-only) and a standby folder; a remote storage-server and an S3 bucket
-(moto) that the newest backups are copied to; a job group backing every volume up every few
-seconds with retention. Faults at random times (the seed is printed first): SIGKILL and restart
-of a worker, the beat, the API or the storage-server; Redis and PostgreSQL restarts (each with
-the machine-wide lock of tests/services.py held exclusively, so no other test runs meanwhile);
-the master made read-only; the master's disk filled to its last byte; a worker restarted with
-its clock minutes off. Each fault is healed a few seconds later.
+The site: the API, a beat and two hosts' workers (each with its own host uuid, in a network
+namespace of its own where they can be made: tests/bench/soak_site.py) on a PostgreSQL database
+and a Redis database of their own; on each host a raw and a qcow2 volume that a thread keeps
+writing, and on the first a Running VM's qcow2 attached to a QEMU (written through QMP, backed
+up live); an ImageStore master on a small tmpfs (so it can be filled and made read-only) and a
+standby folder; a remote storage-server and an S3 bucket (moto) that the newest backups are
+copied to; a job group backing every volume up every few seconds with retention. Faults at
+random times (the seed is printed first): SIGKILL and restart of a worker, the beat, the API or
+the storage-server; Redis and PostgreSQL restarts (each with the machine-wide lock of
+tests/services.py held exclusively, so no other test runs meanwhile); the master made read-only;
+the master's disk filled to its last byte; a worker restarted with its clock minutes off; a
+host's or the storage-server's link cut (namespaces only); a Running VM's QEMU (soak_site.py)
+SIGKILLed and restarted. Each fault is healed a few seconds later.
 
 At the end, with every fault healed and the triggers detached: no job left Pending or Running;
 every Ready backup's copy on each ImageStore is in a repository that verifies with its data
@@ -57,11 +60,11 @@ from api.client import ApiError  # noqa: E402
 from shared.catalog.models import ApiJob, SchedulerJobHistory, VolumeBackup, new_uuid  # noqa: E402
 from shared.repository.maintenance import verify  # noqa: E402
 from shared.repository.repo import Repository  # noqa: E402
+from tests.bench.soak_site import Site  # noqa: E402
 from tests.conftest import MiB, vm_like_regions, write_regions  # noqa: E402
 from tests.full_disk import fill, mount_small, unmount  # noqa: E402
 from tests.ports import free_port  # noqa: E402
 from tests.s3_fixtures import S3Server  # noqa: E402
-from tests.service.conftest import Stack  # noqa: E402
 from tests.storage_server_fixtures import StorageServer  # noqa: E402
 
 FAULTS = (
@@ -91,6 +94,7 @@ class Report:
     copies_verified: int = 0
     bytes_verified: int = 0
     violations: list[str] = field(default_factory=list)
+    site: dict[str, Any] = field(default_factory=dict)  # where the hosts ran, the Running VM (soak_site.py)
 
     def line(self) -> str:
         return json.dumps(
@@ -104,6 +108,7 @@ class Report:
                 "copiesVerified": self.copies_verified,
                 "bytesVerified": self.bytes_verified,
                 "violations": self.violations,
+                "site": self.site,
             },
             sort_keys=True,
         )
@@ -130,9 +135,11 @@ class Soak:
         self.minutes = minutes
         self.database_url = database_url
         self.pg_control, self.redis_control, self.servers_lock = pg_control, redis_control, servers_lock
-        self.stack = Stack(data, database_url, redis_url)
-        self.stack.env.update(BLOCKVAULT_STORAGE_CHECK_SECONDS="2", BLOCKVAULT_STORAGE_RETRY_SECONDS="4")
         self.hosts = [new_uuid(), new_uuid()]
+        self.site = Site(data)
+        self.faults = FAULTS + self.site.faults()
+        self.stack = self.site.stack(data, database_url, redis_url, self.hosts)
+        self.stack.env.update(BLOCKVAULT_STORAGE_CHECK_SECONDS="2", BLOCKVAULT_STORAGE_RETRY_SECONDS="4")
         self.volumes: list[tuple[dict[str, Any], Path]] = []
         self.master_disk = data / "master-disk"
         self.stopping = threading.Event()
@@ -153,7 +160,7 @@ class Soak:
         self.master = client.add_backup_storage("master", f"file://{self.master_disk / 'bs'}")
         self.standby = client.add_backup_storage("standby", f"file://{self.data / 'standby'}", role="standby")
         (self.data / "remote").mkdir(exist_ok=True)
-        self.server = StorageServer(self.data / "remote", self.data / "storage-server.log", token="soak-token")
+        self.server = self.site.storage_server(self.data / "remote", self.data / "storage-server.log", "soak-token")
         self.server.start()
         self.remote = client.create(
             "backup-storage", {"name": "remote", "type": "Remote", "url": self.server.url, "token": "soak-token"}
@@ -167,7 +174,7 @@ class Soak:
                 "name": "cloud",
                 "type": "PublicCloud",
                 "url": f"s3://{bucket}/soak",
-                **self.s3.options(bucket),
+                **self.site.s3_options(self.s3, bucket),
                 "encryptionPassphrase": PASSPHRASE,
             },
         )
@@ -180,7 +187,8 @@ class Soak:
                 volume = client.register_volume(host, str(path), name=path.stem)
                 self.volumes.append((volume, path))
         group = client.create_job_group("soak", "volumeBackup", fullBackupInterval=5, retention={"keepLast": 3})
-        client.add_targets(group["uuid"], [v["uuid"] for v, _ in self.volumes])
+        vm_volume = self.site.start_vm(client, self.hosts[0])  # a Running VM: its volume backed up live
+        client.add_targets(group["uuid"], [v["uuid"] for v, _ in self.volumes] + [vm_volume["uuid"]])
         self.trigger = client.create_trigger("soak", schedulerType="simple", schedulerInterval=6, repeatCount=100000)
         client.attach_trigger(self.trigger["uuid"], group["uuid"])
         self.group = group
@@ -197,6 +205,12 @@ class Soak:
             else:  # refused while a backup reads it (qemu's image lock): the next one goes through
                 command = ["qemu-io", "-f", "qcow2", "-c", f"write -P {self.rng.randrange(256)} {offset} 64k"]
                 subprocess.run([*command, str(path)], capture_output=True, check=False, timeout=60)
+
+    def write_vm(self) -> None:
+        """Keep writing the Running VM's disk through QEMU."""
+        rng = random.Random(self.report.seed)
+        while not self.stopping.wait(1.0):
+            self.site.write_vm(rng)
 
     def copy_newest(self) -> None:
         """Every ~15 s: the newest Ready backup copied to the remote and to S3."""
@@ -247,17 +261,22 @@ class Soak:
             self.restart_worker(host, {"BLOCKVAULT_FAILPOINTS": f"clock=1:skew{skew:+d}"})
             time.sleep(self.rng.uniform(10, 30))
             self.restart_worker(host)
+        elif kind == "link_cut":
+            self.site.cut_link(self.rng, self.say)
+        elif kind == "kill_qemu":
+            self.site.kill_qemu(self.rng, self.say)
 
     def run(self) -> Report:
         self.build()
-        threads = [threading.Thread(target=t, daemon=True) for t in (self.write_volumes, self.copy_newest)]
+        loops = (self.write_volumes, self.write_vm, self.copy_newest)
+        threads = [threading.Thread(target=loop, daemon=True) for loop in loops]
         for thread in threads:
             thread.start()
         deadline = time.monotonic() + self.minutes * 60
         while time.monotonic() < deadline:
             time.sleep(min(self.rng.uniform(5, 20), max(0.0, deadline - time.monotonic())))
             if time.monotonic() < deadline:
-                self.inject(self.rng.choice(FAULTS))
+                self.inject(self.rng.choice(self.faults))
         self.stopping.set()
         for thread in threads:
             thread.join(timeout=120)
@@ -296,6 +315,22 @@ class Soak:
         self.report.backups_failed = sum(1 for _u, status in backups if status == "Failed")
         self.check_once(jobs, histories)
         self.check_copies()
+        self.check_site()
+
+    def check_site(self) -> None:
+        """The Running VM's backups: some Ready, every Ready one taken live."""
+        client = self.stack.client
+        ready, failed = self.site.live_backups(client)
+        self.report.site = {
+            "hosts": self.site.hosts_in,
+            "vmBackupsReady": ready,
+            "vmBackupsFailed": failed,
+            "vmWrites": self.site.vm_writes,
+        }
+        for uuid in self.site.not_live(client):
+            self.violation(f"backup {uuid} of the Running VM's volume was not taken live")
+        if ready == 0:
+            self.violation("the Running VM's volume has no Ready backup")
 
     def check_once(self, jobs: list[Any], histories: list[Any]) -> None:
         logs = "".join(self.stack.log(name) for name in self.stack.procs if name.startswith("worker-"))
@@ -355,6 +390,7 @@ class Soak:
             if stop is not None:
                 with contextlib.suppress(Exception):
                     (stop.kill if isinstance(stop, StorageServer) else stop.stop)()
+        self.site.close(self.say)
         subprocess.run(["mount", "-o", "remount,rw", str(self.master_disk)], capture_output=True, check=False)
         unmount(self.master_disk)
         self.log.close()

@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 import logging
 import math
+import os
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -100,6 +101,17 @@ _TRANSIENT = {
 _NETWORK = (BotoConnectionError, HTTPClientError, ResponseStreamingError, IncompleteReadError)
 
 _client_lock = threading.Lock()
+
+
+def _fresh_client_lock_after_fork() -> None:
+    """A process forked while another thread held ``_client_lock`` (a worker's pool child forked
+    beside its background threads) would wait for it forever: the child gets a free one."""
+    global _client_lock  # noqa: PLW0603 - the module's lock itself is replaced
+    _client_lock = threading.Lock()
+    _session.cache_clear()  # nor the session's own locks, taken by another thread at the fork
+
+
+os.register_at_fork(after_in_child=_fresh_client_lock_after_fork)
 
 
 @functools.cache
