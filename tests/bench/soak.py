@@ -22,8 +22,11 @@ At the end, with every fault healed and the triggers detached: no job left Pendi
 every Ready backup's copy on each ImageStore is in a repository that verifies with its data
 re-read, and every Ready copy on the remote and S3 verifies with ``readData`` through the API;
 no job ran twice (one ``job.started`` per job in the workers' logs) and no fire ran a target
-twice; every finished scheduled run has its history row. One JSON line sums it up; exit 1 on any
-violation. The data folder is removed unless ``--keep``. Run as root (tmpfs).
+twice; every finished scheduled run has its history row; and tests/bench/soak_check.py's
+checks: the volumes are written with self-describing blocks, Ready backups are restored from each
+Ready copy and judged byte for byte, and the catalog's newest Ready database backup (a
+databaseBackup group every 20 s) is recovered into a scratch database and checked. One JSON line
+sums it up; exit 1 on any violation. The data folder is removed unless ``--keep``. Run as root (tmpfs).
 """
 
 from __future__ import annotations
