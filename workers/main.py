@@ -18,6 +18,7 @@ from shared.apijobs import requeue_stale
 from shared.catalog import db
 from shared.celery_app import STORAGE_QUEUE, celery_app, host_queue
 from shared.config import get_settings
+from shared.repository.backends import registry
 from shared.secret import check_at_start
 from shared.service import copies, deletion
 
@@ -123,6 +124,10 @@ def run_worker(host_uuid: str | None = None, concurrency: int = 2, loglevel: str
     beat.start()
     maintenance = Maintenance(settings.heartbeat_seconds, settings.requeue_seconds)
     maintenance.start()
+    # every built-in backend imported before the health checks' thread runs and the pool forks:
+    # a child forked while that thread imported one lazily inherited the module's import lock
+    # held, and hung at its own first use of that backend (the soak's seed-11 run)
+    registry.types()
     health = StorageHealth(settings.storage_check_seconds)
     health.start()
     libvirt_sync = LibvirtSync(host, settings.heartbeat_seconds)

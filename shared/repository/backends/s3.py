@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 import logging
 import math
+import os
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -105,6 +106,18 @@ _client_lock = threading.Lock()
 @functools.cache
 def _session() -> boto3.session.Session:
     return boto3.session.Session()
+
+
+def _after_fork_in_child() -> None:
+    """A child forked while another thread of its parent held the lock (a worker's storage
+    health check making a client while the prefork pool forks a child) would wait on it for
+    ever, and a session mid-way in that thread is no better: a new lock and a new session."""
+    global _client_lock  # noqa: PLW0603 - the one way to replace it in the child
+    _client_lock = threading.Lock()
+    _session.cache_clear()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def _iso(moment: float) -> str:
