@@ -25,8 +25,11 @@ At the end, with every fault healed and the triggers detached: no job left Pendi
 every Ready backup's copy on each ImageStore is in a repository that verifies with its data
 re-read, and every Ready copy on the remote and S3 verifies with ``readData`` through the API;
 no job ran twice (one ``job.started`` per job in the workers' logs) and no fire ran a target
-twice; every finished scheduled run has its history row. One JSON line sums it up; exit 1 on any
-violation. The data folder is removed unless ``--keep``. Run as root (tmpfs).
+twice; every finished scheduled run has its history row; and tests/bench/soak_check.py's
+checks: the volumes are written with self-describing blocks, Ready backups are restored from each
+Ready copy and judged byte for byte, and the catalog's newest Ready database backup (a
+databaseBackup group every 20 s) is recovered into a scratch database and checked. One JSON line
+sums it up; exit 1 on any violation. The data folder is removed unless ``--keep``. Run as root (tmpfs).
 """
 
 from __future__ import annotations
@@ -35,7 +38,6 @@ import argparse
 import collections
 import contextlib
 import json
-import os
 import random
 import re
 import signal
@@ -58,10 +60,12 @@ from sqlalchemy import create_engine, select  # noqa: E402
 
 from api.client import ApiError  # noqa: E402
 from shared.catalog.models import ApiJob, SchedulerJobHistory, VolumeBackup, new_uuid  # noqa: E402
+from shared.repository.backends import open_backend  # noqa: E402
 from shared.repository.maintenance import verify  # noqa: E402
 from shared.repository.repo import Repository  # noqa: E402
+from tests.bench.soak_check import BlockWriter, CatalogWatch, EndCheck  # noqa: E402
 from tests.bench.soak_site import Site  # noqa: E402
-from tests.conftest import MiB, vm_like_regions, write_regions  # noqa: E402
+from tests.conftest import MiB  # noqa: E402
 from tests.full_disk import fill, mount_small, unmount  # noqa: E402
 from tests.ports import free_port  # noqa: E402
 from tests.s3_fixtures import S3Server  # noqa: E402
@@ -93,6 +97,7 @@ class Report:
     backups_failed: int = 0
     copies_verified: int = 0
     bytes_verified: int = 0
+    checks: dict[str, int] = field(default_factory=dict)  # the end check's counts (soak_check)
     violations: list[str] = field(default_factory=list)
     site: dict[str, Any] = field(default_factory=dict)  # where the hosts ran, the Running VM (soak_site.py)
 
@@ -107,6 +112,7 @@ class Report:
                 "backupsFailed": self.backups_failed,
                 "copiesVerified": self.copies_verified,
                 "bytesVerified": self.bytes_verified,
+                **self.checks,
                 "violations": self.violations,
                 "site": self.site,
             },
@@ -143,6 +149,8 @@ class Soak:
         self.volumes: list[tuple[dict[str, Any], Path]] = []
         self.master_disk = data / "master-disk"
         self.stopping = threading.Event()
+        self.blocks = BlockWriter(data / "check", seed)
+        self.watch = CatalogWatch(database_url)
         self.log = open(data / "soak.log", "a")  # noqa: SIM115 - open for the run
 
     def say(self, text: str) -> None:
@@ -180,31 +188,36 @@ class Soak:
         )
         for number, host in enumerate(self.hosts):
             raw = self.data / f"h{number}-root.raw"
-            write_regions(raw, VOLUME_SIZE, vm_like_regions(VOLUME_SIZE, seed=number))
+            with open(raw, "wb") as handle:
+                handle.truncate(VOLUME_SIZE)
             qcow2 = self.data / f"h{number}-data.qcow2"
             subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(qcow2), str(VOLUME_SIZE)], check=True)
             for path in (raw, qcow2):
                 volume = client.register_volume(host, str(path), name=path.stem)
                 self.volumes.append((volume, path))
+                self.blocks.add(volume["uuid"], path, VOLUME_SIZE)
         group = client.create_job_group("soak", "volumeBackup", fullBackupInterval=5, retention={"keepLast": 3})
         vm_volume = self.site.start_vm(client, self.hosts[0])  # a Running VM: its volume backed up live
         client.add_targets(group["uuid"], [v["uuid"] for v, _ in self.volumes] + [vm_volume["uuid"]])
         self.trigger = client.create_trigger("soak", schedulerType="simple", schedulerInterval=6, repeatCount=100000)
         client.attach_trigger(self.trigger["uuid"], group["uuid"])
         self.group = group
+        self.database_backups()
+
+    def database_backups(self) -> None:
+        """The catalog backed up every 20 s by a databaseBackup group (kept: the last 3)."""
+        client = self.stack.client
+        self.db_group = client.create_job_group("soak-db", "databaseBackup", retention={"keepLast": 3})
+        self.db_trigger = client.create_trigger(
+            "soak-db", schedulerType="simple", schedulerInterval=20, repeatCount=100000
+        )
+        client.attach_trigger(self.db_trigger["uuid"], self.db_group["uuid"])
 
     def write_volumes(self) -> None:
-        """Keep writing the volumes (raw in place, qcow2 through qemu-io), one block at a time."""
+        """Keep writing the volumes with self-describing blocks (soak_check.BlockWriter: raw in
+        place, qcow2 through qemu-io, refused while a backup holds qemu's image lock)."""
         while not self.stopping.wait(0.5):
-            _volume, path = self.rng.choice(self.volumes)
-            offset = self.rng.randrange(0, VOLUME_SIZE // (64 * 1024)) * 64 * 1024
-            if path.suffix == ".raw":
-                with open(path, "r+b") as handle:
-                    handle.seek(offset)
-                    handle.write(os.urandom(64 * 1024))
-            else:  # refused while a backup reads it (qemu's image lock): the next one goes through
-                command = ["qemu-io", "-f", "qcow2", "-c", f"write -P {self.rng.randrange(256)} {offset} 64k"]
-                subprocess.run([*command, str(path)], capture_output=True, check=False, timeout=60)
+            self.blocks.write_once()
 
     def write_vm(self) -> None:
         """Keep writing the Running VM's disk through QEMU."""
@@ -268,6 +281,7 @@ class Soak:
 
     def run(self) -> Report:
         self.build()
+        self.watch.start()
         loops = (self.write_volumes, self.write_vm, self.copy_newest)
         threads = [threading.Thread(target=loop, daemon=True) for loop in loops]
         for thread in threads:
@@ -291,6 +305,7 @@ class Soak:
     def check(self) -> None:
         client = self.stack.client
         client.detach_trigger(self.trigger["uuid"], self.group["uuid"])
+        client.detach_trigger(self.db_trigger["uuid"], self.db_group["uuid"])
         engine = create_engine(self.database_url)
         deadline = time.monotonic() + SETTLE_SECONDS
         with engine.connect() as connection:
@@ -307,15 +322,21 @@ class Soak:
             jobs = connection.execute(select(ApiJob.uuid, ApiJob.action, ApiJob.state, ApiJob.params)).all()
             backups = connection.execute(select(VolumeBackup.uuid, VolumeBackup.status)).all()
             histories = connection.execute(
-                select(SchedulerJobHistory.schedulerJobUuid, SchedulerJobHistory.executeTime)
+                select(
+                    SchedulerJobHistory.schedulerJobGroupUuid,
+                    SchedulerJobHistory.schedulerJobUuid,
+                    SchedulerJobHistory.executeTime,
+                )
             ).all()
         engine.dispose()
         self.report.jobs = len(jobs)
         self.report.backups_ready = sum(1 for _u, status in backups if status == "Ready")
         self.report.backups_failed = sum(1 for _u, status in backups if status == "Failed")
+        self.watch.stop()
         self.check_once(jobs, histories)
         self.check_copies()
         self.check_site()
+        self.check_restores()
 
     def check_site(self) -> None:
         """The Running VM's backups: some Ready, every Ready one taken live."""
@@ -332,6 +353,44 @@ class Soak:
         if ready == 0:
             self.violation("the Running VM's volume has no Ready backup")
 
+    def check_restores(self) -> None:
+        """soak_check.EndCheck: Ready backups restored byte for byte from each Ready copy and
+        judged block by block; the newest database backup recovered and checked."""
+        storages = {s["uuid"]: s for s in self.stack.client.query("backup-storage", limit=100)["inventories"]}
+        opened: dict[str, Repository] = {}
+
+        def repository(uuid: str) -> Repository:
+            if uuid not in opened:
+                if uuid == self.master["uuid"]:
+                    opened[uuid] = Repository.open(str(self.master_disk / "bs"), None)
+                elif uuid == self.standby["uuid"]:
+                    opened[uuid] = Repository.open(str(self.data / "standby"), None)
+                elif uuid == self.remote["uuid"]:
+                    opened[uuid] = Repository.open(open_backend(self.server.url, {"token": "soak-token"}), None)
+                else:
+                    backend = open_backend(storages[uuid]["url"], self.s3.options())
+                    opened[uuid] = Repository.open(backend, PASSPHRASE)
+            return opened[uuid]
+
+        end = EndCheck(
+            self.stack.client,
+            self.blocks,
+            self.watch,
+            self.data / "check",
+            repository,
+            {uuid: s["name"] for uuid, s in storages.items()},
+            self.violation,
+            random.Random(self.report.seed),
+        )
+        try:
+            end.restore_volumes()
+            end.restore_database(self.database_url)
+        finally:
+            for repo in opened.values():
+                with contextlib.suppress(Exception):
+                    repo.close()
+            self.report.checks = end.checked.summary()
+
     def check_once(self, jobs: list[Any], histories: list[Any]) -> None:
         logs = "".join(self.stack.log(name) for name in self.stack.procs if name.startswith("worker-"))
         started = collections.Counter(re.findall(r"job\.started uuid=([0-9a-f]+)", logs))
@@ -339,11 +398,13 @@ class Soak:
             if count > 1:
                 self.violation(f"job {uuid} started {count} times")
         fires: collections.Counter[tuple[str, str]] = collections.Counter()
-        recorded = {(job, when.astimezone(UTC)) for job, when in histories if when is not None}
+        # a run is named by its job (target) or, for groups without targets (databaseBackup), its group
+        recorded = {(job or f"group {group}", when.astimezone(UTC)) for group, job, when in histories if when}
         for uuid, action, state, params in jobs:
             if action != "schedulerJob":
                 continue
-            key = (str(params.get("schedulerJobUuid")), str(params.get("fireTime")))
+            job = params.get("schedulerJobUuid") or f"group {params.get('schedulerJobGroupUuid')}"
+            key = (str(job), str(params.get("fireTime")))
             fires[key] += 1
             fired_at = datetime.fromisoformat(key[1]).astimezone(UTC) if params.get("fireTime") else None
             if state in ("Succeeded", "Failed") and (key[0], fired_at) not in recorded:

@@ -303,3 +303,19 @@ def test_sync_into_s3_resumes_after_an_outage(
         restore_backup(again, backup.id, str(out))
     assert out.read_bytes() == volume.read_bytes()
     src.close()
+
+
+def test_a_child_forked_while_another_thread_makes_a_client_can_make_its_own() -> None:
+    """A worker's pool forks while its storage health thread makes an S3 client: the child
+    must not inherit the client lock held (it hung at its first S3 backend for ever)."""
+    from shared.repository.backends import s3
+
+    s3._client_lock.acquire()  # the health thread, inside _new_client at fork time
+    try:
+        pid = os.fork()
+        if pid == 0:  # the child: its own lock is free at once, whatever the parent's thread does
+            os._exit(0 if s3._client_lock.acquire(blocking=False) else 1)
+    finally:
+        s3._client_lock.release()
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
