@@ -46,7 +46,6 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -133,14 +132,13 @@ class Soak:
         minutes: float,
         pg_control: Any,
         redis_control: Any,
-        servers_lock: Callable[[], contextlib.AbstractContextManager[None]],
     ) -> None:
         data.mkdir(parents=True, exist_ok=True)
         self.data, self.rng = data, random.Random(seed)
         self.report = Report(seed=seed, minutes=minutes)
         self.minutes = minutes
         self.database_url = database_url
-        self.pg_control, self.redis_control, self.servers_lock = pg_control, redis_control, servers_lock
+        self.pg_control, self.redis_control = pg_control, redis_control
         self.hosts = [new_uuid(), new_uuid()]
         self.site = Site(data)
         self.faults = FAULTS + self.site.faults()
@@ -258,8 +256,7 @@ class Soak:
             self.server.start()
         elif kind in ("restart_redis", "restart_postgres"):
             control = self.redis_control if kind == "restart_redis" else self.pg_control
-            with self.servers_lock():
-                control.restart()
+            control.restart()  # the soak's own servers (tests/services.py private_servers)
         elif kind == "master_read_only":
             subprocess.run(["mount", "-o", "remount,ro", str(self.master_disk)], check=True)
             time.sleep(self.rng.uniform(5, 15))
@@ -491,7 +488,6 @@ def main() -> int:
                 minutes=args.minutes,
                 pg_control=pg,
                 redis_control=redis_control,
-                servers_lock=contextlib.nullcontext,
             )
     finally:
         if not args.keep:

@@ -5,7 +5,6 @@ beside it instead of waiting for the machine-wide servers' lock."""
 
 from __future__ import annotations
 
-import contextlib
 from pathlib import Path
 
 from tests.bench.soak import soak
@@ -25,7 +24,6 @@ def test_a_short_soak_through_random_faults_breaks_no_invariant(tmp_path: Path) 
             minutes=MINUTES,
             pg_control=pg_control,
             redis_control=redis_control,
-            servers_lock=contextlib.nullcontext,
         )
     print(report.line())
     assert not report.violations, (
