@@ -234,7 +234,9 @@ def run_plan(
             return index, hexd, length, 0
         return index, hexd, length, repo.store_chunk(digest, data)
 
-    for index, digest, length, stored in parallel_map(work, plan.read, item_bytes=CHUNK_COPIES * chunk_size):
+    for index, digest, length, stored in parallel_map(
+        work, plan.read, item_bytes=(CHUNK_COPIES + reader.served_copies) * chunk_size
+    ):
         chunks[index] = digest
         done += length
         if stored:
