@@ -25,7 +25,7 @@ from shared.failpoints import failpoint
 from . import qemu
 from .locks import repository_lock
 from .manifest import BackupEntry, Manifest
-from .pipeline import parallel_map
+from .pipeline import CHUNK_COPIES, parallel_map
 from .repo import Repository
 from .volume import NbdReader, RawReader, chunk_indexes, open_reader, probe_volume, zeros
 
@@ -234,7 +234,9 @@ def run_plan(
             return index, hexd, length, 0
         return index, hexd, length, repo.store_chunk(digest, data)
 
-    for index, digest, length, stored in parallel_map(work, plan.read):
+    for index, digest, length, stored in parallel_map(
+        work, plan.read, item_bytes=(CHUNK_COPIES + reader.served_copies) * chunk_size
+    ):
         chunks[index] = digest
         done += length
         if stored:

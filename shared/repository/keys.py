@@ -185,8 +185,10 @@ class ObjectCodec:
         self._aead.encrypt_into(nonce, packed, digest, memoryview(out)[13:])
         return out
 
-    def _open(self, digest: bytes, blob: bytes | bytearray, what: str) -> tuple[int, memoryview]:
-        """The type (STORED or ZSTD) and the packed body of a stored object, decrypted."""
+    def _peek(self, blob: bytes | bytearray, what: str) -> tuple[int, memoryview]:
+        """The type (STORED or ZSTD) and the body of a stored object as it is (``[nonce]
+        [ciphertext+tag]`` when sealed: then at least that long); IntegrityError for an empty
+        object, an unknown type, or one sealed in a plain repository or plain in a sealed one."""
         if not blob:
             raise IntegrityError(detail=f"{what} is empty")
         kind, body = blob[0], memoryview(blob)[1:]
@@ -195,17 +197,29 @@ class ObjectCodec:
                 raise IntegrityError(detail=f"{what} is encrypted but the repository is not")
             if len(body) < 12 + 16:
                 raise IntegrityError(detail=f"{what} is truncated")
-            plain = bytearray(len(body) - 12 - 16)
-            try:
-                self._aead.decrypt_into(body[:12], body[12:], digest, plain)
-            except InvalidTag:
-                raise IntegrityError(detail=f"{what} fails authentication (damaged or altered)") from None
-            body = memoryview(plain)
         elif self._aead is not None:
             raise IntegrityError(detail=f"{what} is not encrypted in an encrypted repository")
         if kind & ~ENCRYPTED not in (STORED, ZSTD):
             raise IntegrityError(detail=f"{what} has unknown type byte {kind:#x}")
         return kind & ~ENCRYPTED, body
+
+    def _decrypt_into(self, digest: bytes, body: memoryview, plain: Buffer, what: str) -> None:
+        """Decrypt a sealed body (``[nonce 12][ciphertext+tag]``) into ``plain``, exactly as
+        long as the ciphertext; IntegrityError unless its tag holds with ``digest``."""
+        assert self._aead is not None
+        try:
+            self._aead.decrypt_into(body[:12], body[12:], digest, plain)
+        except InvalidTag:
+            raise IntegrityError(detail=f"{what} fails authentication (damaged or altered)") from None
+
+    def _open(self, digest: bytes, blob: bytes | bytearray, what: str) -> tuple[int, memoryview]:
+        """The type (STORED or ZSTD) and the packed body of a stored object, decrypted."""
+        kind, body = self._peek(blob, what)
+        if blob[0] & ENCRYPTED:
+            plain = bytearray(len(body) - 12 - 16)
+            self._decrypt_into(digest, body, plain, what)
+            body = memoryview(plain)
+        return kind, body
 
     def _unpack(self, digest: bytes, kind: int, body: memoryview, what: str) -> bytes | bytearray:
         """The plain bytes of an opened object, checked against ``digest``."""
@@ -220,6 +234,31 @@ class ObjectCodec:
         if self.digest(data) != digest:
             raise IntegrityError(detail=f"{what} does not match its digest")
         return data
+
+    def decode_into(self, digest: bytes, blob: bytes | bytearray, out: memoryview, what: str) -> int:
+        """The plain bytes of a stored object written into ``out`` (a writable buffer at least
+        as long as they are), checked as :meth:`decode` checks them; their length. A
+        compressed object is decompressed straight into ``out``, a stored one (incompressible)
+        decrypted straight into it: no object-sized copy, no object-sized allocation for the
+        plain bytes (a restore's aligned write buffer). On IntegrityError what ``out`` holds is
+        undefined (GCM checks its tag after decrypting)."""
+        kind, body = self._peek(blob, what)
+        if kind == ZSTD:
+            kind, body = self._open(digest, blob, what)
+            del blob  # a sealed object's body is its decrypted copy: the sealed one can go
+            size = _decompress_into(self._decompressor(), body, out, what)
+        else:
+            sealed = bool(blob[0] & ENCRYPTED)
+            size = len(body) - 12 - 16 if sealed else len(body)
+            if size > len(out):
+                raise IntegrityError(detail=f"{what} has {size} bytes, more than {len(out)}")
+            if sealed:  # decrypted straight into ``out``, its tag checked
+                self._decrypt_into(digest, body, out[:size], what)
+            else:
+                out[:size] = body
+        if self.digest(out[:size]) != digest:
+            raise IntegrityError(detail=f"{what} does not match its digest")
+        return size
 
     def decode(self, digest: bytes, blob: bytes | bytearray, what: str) -> bytes | bytearray:
         """The plain bytes of a stored object, checked against ``digest``; IntegrityError
@@ -277,6 +316,33 @@ class ObjectCodec:
         if source.keys == self.keys:
             return blob
         return self._seal(digest, kind, body)
+
+
+def _decompress_into(dctx: zstandard.ZstdDecompressor, body: memoryview, out: memoryview, what: str) -> int:
+    """Decompress the zstd frame ``body`` into ``out``; its length. IntegrityError when the
+    frame does not decompress, declares no size (the codec always writes it; its one-shot
+    decode refuses a frame without), gives other than the size it declares, or more than
+    ``out`` holds. (Streamed into ``out``: with the whole frame as one read this measured
+    faster than one-shot decompression into a new object, the copy aside.)"""
+    try:
+        declared = zstandard.frame_content_size(body)
+        if declared < 0:  # as ObjectCodec.decode: a chunk's frame declares its size
+            raise IntegrityError(detail=f"{what} does not decompress (no content size in its frame)")
+        if declared > len(out):
+            raise IntegrityError(detail=f"{what} decodes to more than {len(out)} bytes")
+        reader = dctx.stream_reader(body, read_size=max(len(body), 1))
+        done = 0
+        while done < declared:
+            got = reader.readinto(out[done:declared])
+            if not got:
+                break
+            done += got
+        extra = reader.read(1)
+    except zstandard.ZstdError as exc:
+        raise IntegrityError(detail=f"{what} does not decompress ({exc})") from None
+    if done != declared or extra:
+        raise IntegrityError(detail=f"{what} does not decompress (its frame declares {declared} bytes)")
+    return declared
 
 
 def _content_size(source: IO[bytes], what: str, limit: int) -> int:

@@ -2,7 +2,9 @@
 
 Chunk work (read, hash, compress, encrypt, store) runs on a few threads; BLAKE3, zstd, AES
 and file I/O release the GIL, so two cores are busy. At most ``window`` items are in flight (and only ``workers`` hold
-chunk data at once), so memory is bounded whatever the volume's size.
+chunk data at once), so memory is bounded whatever the volume's size; a caller that says what
+one item holds (``item_bytes``) also gets its threads capped to :data:`MEMORY_BUDGET`, so the
+bound does not grow with the machine's core count either.
 """
 
 from __future__ import annotations
@@ -18,6 +20,16 @@ from typing import TypeVar
 T = TypeVar("T")
 R = TypeVar("R")
 
+
+MEMORY_BUDGET = 64 * 1024 * 1024
+"""Chunk data one pipeline may hold at once: with the interpreter, its modules and the
+manifest (40-50 MiB) a backup or restore stays under 128 MiB on any machine (threads x what
+each holds; see :func:`parallel_map`)."""
+
+CHUNK_COPIES = 4
+"""What one thread of a backup or restore holds at once, in chunks: the plain bytes (read,
+or the restore's write buffer), the stored object, its compressed or decrypted form, and the
+codec's contexts (zstd's, with glibc's arena of the thread: about one more)."""
 
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
@@ -52,14 +64,35 @@ def _inherit(context: contextvars.Context) -> None:
         var.set(value)
 
 
+def budget_workers(item_bytes: int, workers: int | None = None) -> int:
+    """How many threads may each hold ``item_bytes`` (0: not said) within
+    :data:`MEMORY_BUDGET`: ``workers`` (by default :func:`default_workers`) or fewer, at least
+    one."""
+    workers = workers or default_workers()
+    if item_bytes > 0:
+        workers = min(workers, MEMORY_BUDGET // item_bytes)
+    return max(1, workers)
+
+
 def parallel_map(
-    fn: Callable[[T], R], items: Iterable[T], *, workers: int | None = None, window: int | None = None
+    fn: Callable[[T], R],
+    items: Iterable[T],
+    *,
+    workers: int | None = None,
+    window: int | None = None,
+    item_bytes: int = 0,
 ) -> Iterator[R]:
     """``fn`` over ``items`` on ``workers`` threads, results in completion order (callers
     carry an index in the result when order matters), at most ``window`` items in flight. The
-    first error cancels what has not started and is raised to the caller."""
+    first error cancels what has not started and is raised to the caller.
+
+    ``item_bytes``: the most one call of ``fn`` holds while it runs (a chunk's copies and the
+    codec's context): the threads are capped so that together they hold at most
+    :data:`MEMORY_BUDGET`, whatever the core count. The cap is on threads, not a semaphore on
+    items: a thread's own state (its codec contexts, its malloc arena) lives as long as the
+    thread, and an item waiting on I/O holds its buffers anyway."""
     tune_allocator()
-    workers = workers or default_workers()
+    workers = budget_workers(item_bytes, workers)
     window = window or workers * 2
     pending: set[Future[R]] = set()
     with ThreadPoolExecutor(

@@ -21,8 +21,6 @@ from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-import zstandard
-
 from shared.errors import (
     BackupNotFound,
     BackupProtected,
@@ -40,7 +38,7 @@ from shared.errors import (
 from .backends import Backend, open_backend
 from .backends.base import Buffer
 from .chunkindex import ChunkIndex
-from .keys import STORED, KeyMaterial, ObjectCodec, dump_json
+from .keys import KeyMaterial, ObjectCodec, dump_json
 from .manifest import BackupEntry, Manifest, utcnow
 
 log = logging.getLogger(__name__)
@@ -86,33 +84,6 @@ def manifest_key(manifest_id: str) -> str:
 def protected_key(manifest_id: str) -> str:
     """The marker that makes a backup protected: an empty object beside the manifests."""
     return f"protected/{manifest_id}"
-
-
-def _decompress_into(dctx: zstandard.ZstdDecompressor, body: memoryview, out: memoryview, what: str) -> int:
-    """Decompress the zstd frame ``body`` into ``out``; its length. IntegrityError when the
-    frame does not decompress, declares no size (the codec always writes it; its one-shot
-    decode refuses a frame without), gives other than the size it declares, or more than
-    ``out`` holds. (Streamed into ``out``: with the whole frame as one read this measured
-    faster than one-shot decompression into a new object, the copy aside.)"""
-    try:
-        declared = zstandard.frame_content_size(body)
-        if declared < 0:  # as ObjectCodec.decode: a chunk's frame declares its size
-            raise IntegrityError(detail=f"{what} does not decompress (no content size in its frame)")
-        if declared > len(out):
-            raise IntegrityError(detail=f"{what} decodes to more than {len(out)} bytes")
-        reader = dctx.stream_reader(body, read_size=max(len(body), 1))
-        done = 0
-        while done < declared:
-            got = reader.readinto(out[done:declared])
-            if not got:
-                break
-            done += got
-        extra = reader.read(1)
-    except zstandard.ZstdError as exc:
-        raise IntegrityError(detail=f"{what} does not decompress ({exc})") from None
-    if done != declared or extra:
-        raise IntegrityError(detail=f"{what} does not decompress (its frame declares {declared} bytes)")
-    return declared
 
 
 class Repository:
@@ -250,36 +221,22 @@ class Repository:
 
     def load_chunk(self, digest_hex: str) -> bytes | bytearray:
         """A chunk's plain bytes, checked; IntegrityError when damaged or missing."""
-        try:
-            blob = self.backend.get(chunk_key(digest_hex))
-        except ObjectNotFound:
-            raise IntegrityError(detail=f"chunk {digest_hex} is missing from {self.location}") from None
-        return self.codec.decode(bytes.fromhex(digest_hex), blob, f"chunk {digest_hex}")
+        return self.codec.decode(bytes.fromhex(digest_hex), self._chunk_blob(digest_hex), f"chunk {digest_hex}")
 
     def load_chunk_into(self, digest_hex: str, out: memoryview) -> int:
         """A chunk's plain bytes written into ``out`` (a writable buffer at least as long as
-        the chunk), checked as :meth:`load_chunk` checks them; their length. A compressed chunk
-        is decompressed straight into ``out`` (a restore's aligned write buffer): no
-        chunk-sized copy, no chunk-sized allocation for its plain bytes."""
+        the chunk), checked as :meth:`load_chunk` checks them; their length. Decoded straight
+        into ``out`` (a restore's aligned write buffer, see :meth:`ObjectCodec.decode_into`)."""
+        # the stored object is passed, not kept here: the codec drops it once it is decrypted
+        return self.codec.decode_into(
+            bytes.fromhex(digest_hex), self._chunk_blob(digest_hex), out, f"chunk {digest_hex}"
+        )
+
+    def _chunk_blob(self, digest_hex: str) -> bytes | bytearray:
         try:
-            blob = self.backend.get(chunk_key(digest_hex))
+            return self.backend.get(chunk_key(digest_hex))
         except ObjectNotFound:
             raise IntegrityError(detail=f"chunk {digest_hex} is missing from {self.location}") from None
-        digest, what = bytes.fromhex(digest_hex), f"chunk {digest_hex}"
-        # ObjectCodec's opening and checking, with the plain bytes written into ``out``
-        # (keys.py owns the object format; this is its decode with a caller's buffer)
-        kind, body = self.codec._open(digest, blob, what)
-        del blob  # an encrypted chunk's body is its decrypted copy: one chunk less held per thread
-        if kind == STORED:
-            size = len(body)
-            if size > len(out):
-                raise IntegrityError(detail=f"{what} has {size} bytes, more than {len(out)}")
-            out[:size] = body
-        else:
-            size = _decompress_into(self.codec._decompressor(), body, out, what)
-        if self.codec.digest(out[:size]) != digest:
-            raise IntegrityError(detail=f"{what} does not match its digest")
-        return size
 
     def missing_chunks(self, digests: Iterable[str]) -> set[str]:
         keys = {chunk_key(digest): digest for digest in digests}

@@ -12,7 +12,7 @@ from shared.errors import BlockvaultError, IntegrityError, UsageError
 from shared.failpoints import failpoint
 
 from .locks import repository_lock
-from .pipeline import parallel_map
+from .pipeline import CHUNK_COPIES, parallel_map
 from .repo import Repository
 from .volume import DeviceWriter, VolumeWriter, check_block_device, open_writer
 
@@ -76,7 +76,7 @@ def restore_backup(
             return size
 
         try:
-            for written in parallel_map(work, todo):
+            for written in parallel_map(work, todo, item_bytes=CHUNK_COPIES * chunk_size):
                 done += written
                 failpoint("restore.chunk_written")
                 if progress:

@@ -27,7 +27,7 @@ from shared.failpoints import failpoint
 
 from .locks import repository_lock
 from .manifest import Manifest
-from .pipeline import parallel_map
+from .pipeline import CHUNK_COPIES, parallel_map
 from .repo import Repository, checkable_without_keys, chunk_key, manifest_key
 
 log = logging.getLogger(__name__)
@@ -115,7 +115,7 @@ def sync(
             dst.backend.put(key, blob, overwrite=False)
             return len(blob)
 
-        for count, size in enumerate(parallel_map(copy, missing), 1):
+        for count, size in enumerate(parallel_map(copy, missing, item_bytes=CHUNK_COPIES * src.chunk_size), 1):
             report.chunksCopied += 1
             failpoint("sync.chunk_copied")
             report.bytesCopied += size
@@ -149,7 +149,9 @@ def _held(repo: Repository, manifests: dict[str, Manifest], present: set[str]) -
 def _verify(digests: list[str], dst: Repository) -> int:
     """Read back and decode (digest and authentication) each of ``digests`` from ``dst``;
     IntegrityError naming the first that is not what its name says. How many were read."""
-    for _ in parallel_map(lambda digest: len(dst.load_chunk(digest)), digests):
+    for _ in parallel_map(
+        lambda digest: len(dst.load_chunk(digest)), digests, item_bytes=CHUNK_COPIES * dst.chunk_size
+    ):
         pass
     if digests:
         log.info("sync.verified chunks=%d at=%s", len(digests), dst.location)

@@ -144,3 +144,26 @@ def test_a_damaged_key_file_is_not_opened_from_the_cache() -> None:
     assert KeyMaterial.unwrap(keyfile, "pass") == material
     damaged = dict(keyfile, sealed=base64.b64encode(b"\0" * 80).decode())
     assert KeyMaterial.unwrap(damaged, "pass") is None
+
+
+@pytest.mark.parametrize("data", [os.urandom(LIMIT), b"text " * 50_000], ids=["stored", "compressed"])
+def test_decode_into_authenticates_a_sealed_object_it_decrypts_into_the_buffer(data: bytes) -> None:
+    codec = ObjectCodec(KeyMaterial.generate(encrypt=True))
+    digest, blob = sealed(codec, data)
+    out = memoryview(bytearray(len(data)))
+    assert codec.decode_into(digest, blob, out, "chunk x") == len(data)
+    assert bytes(out) == data
+    damaged = {
+        "ciphertext": blob[:40] + bytes((blob[40] ^ 1,)) + blob[41:],
+        "tag": blob[:-1] + bytes((blob[-1] ^ 1,)),
+        "nonce": blob[:1] + bytes((blob[1] ^ 1,)) + blob[2:],
+    }
+    for name, bad in damaged.items():
+        with pytest.raises(IntegrityError, match="authentication"):
+            codec.decode_into(digest, bad, out, f"chunk {name}")
+    with pytest.raises(IntegrityError, match="authentication"):  # the digest is its associated data
+        codec.decode_into(codec.digest(b"another"), blob, out, "chunk x")
+    with pytest.raises(IntegrityError, match="more than"):
+        codec.decode_into(digest, blob, out[:-1], "chunk x")
+    with pytest.raises(IntegrityError, match="not encrypted"):
+        codec.decode_into(digest, bytes((blob[0] & ~1,)) + data, out, "chunk x")
