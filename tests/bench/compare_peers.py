@@ -1077,7 +1077,33 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--no-prefault", action="store_true", help="skip touching free memory first")
     parser.add_argument("--no-device", action="store_true", help="skip the restores to a block device (loop device)")
     parser.add_argument("--blockvault", help="the blockvault executable (default: beside this Python)")
+    parser.add_argument(
+        "--busy",
+        type=int,
+        default=0,
+        metavar="N",
+        help="run N CPU-bound processes beside every tool for the whole run (issue 20: figures under load)",
+    )
     return parser.parse_args(argv)
+
+
+def _load() -> str:
+    return " ".join(f"{value:.2f}" for value in os.getloadavg())
+
+
+@contextlib.contextmanager
+def cpu_hogs(count: int) -> Iterator[None]:
+    """``count`` processes spinning on the CPU for as long as the block runs (the same load
+    for every tool, started before the first and stopped after the last)."""
+    hogs = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(count)]
+    if hogs:
+        print(f"{count} CPU-bound process(es) running beside the tools")
+    try:
+        yield
+    finally:
+        for hog in hogs:
+            hog.kill()
+            hog.wait()
 
 
 _PREFAULT_CHILD = """
@@ -1136,10 +1162,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     workdir = Path(tempfile.mkdtemp(prefix="blockvault-bench-", dir=parent)).resolve()
     started = time.perf_counter()
+    print(f"load average at the start {_load()}")
     if not args.no_prefault:
         prefault_memory()
     try:
-        info, tools, rows = run_benchmark(workdir, size, args.seed, blockvault, device_restores=not args.no_device)
+        with cpu_hogs(args.busy):
+            info, tools, rows = run_benchmark(workdir, size, args.seed, blockvault, device_restores=not args.no_device)
     except BenchError as exc:
         print(f"\n!!! benchmark aborted: {exc}", file=sys.stderr)
         return 1
@@ -1154,7 +1182,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.json_out:
         args.json_out.write_text(json.dumps(results, indent=2) + "\n")
         print(f"results written to {args.json_out}")
-    print(f"benchmark took {math.ceil(time.perf_counter() - started)} s")
+    print(f"benchmark took {math.ceil(time.perf_counter() - started)} s; load average at the end {_load()}")
     if not results["ok"]:
         print("FAILED: a command failed or a restore did not match (see above)", file=sys.stderr)
         return 1
