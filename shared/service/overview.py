@@ -615,8 +615,10 @@ def _lag_window(session: Session, viewer: Viewer, copy_storages: list[str]) -> l
         .order_by(desc(newest.c.createDate), newest.c.uuid)
     )
     window: dict[str, tuple[datetime, set[str]]] = {}
-    for uuid, created, storage in session.execute(query):
-        held = window.setdefault(uuid, (aware(created), set()))[1]
+    for uuid, created, storage in _rows(session, query):
+        entry = window.get(uuid)
+        if entry is None:
+            entry = window[uuid] = (aware(created), set())
         if storage:
-            held.add(storage)
+            entry[1].add(storage)
     return list(window.values())
