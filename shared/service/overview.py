@@ -107,7 +107,7 @@ def _vms(
     each status. The database decides every VM's status (:func:`_vm_statuses`: its volumes'
     summary rows, its failed runs and its job groups' due fires, each group's computed here once
     and passed in), counts them and returns the page, so Python sees the page's rows only (the
-    1,000 rows of every VM and the loop over them cost ~12 ms of the API's CPU a call); a VM
+    three 1,000-row results and the loop over them it replaces: docs/benchmarks.md); a VM
     backup's members and their copies are read for the page only. With ``find`` the matching is
     Python's (its ``lower``), over the VMs of the status asked."""
     counts = dict.fromkeys(STATUSES, 0)
