@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import and_, any_, bindparam, desc, func, or_, select, text
+from sqlalchemy import DateTime, and_, any_, bindparam, case, cast, desc, func, literal, null, or_, select, text
 from sqlalchemy.orm import Session
 from sqlalchemy.sql.sqltypes import NullType
 
@@ -104,51 +104,52 @@ def _vms(
     session: Session, viewer: Viewer, moment: datetime, options: Options, storages: list[BackupStorage]
 ) -> tuple[list[dict[str, Any]], int, dict[str, int]]:
     """The VMs ``options`` select (a page), how many it selects, and how many the caller has of
-    each status. Every VM's status needs its volumes' newest Ready and Failed backups and its
-    and its volumes' failed and due runs, each read already folded into one row a VM by the
-    database (a VM's volumes are never listed here: 2,000 volume rows turned into 1,000
-    statuses cost ~15 ms of the API's CPU a call); a VM backup's members and their copies are
-    read for the page only."""
+    each status. The database decides every VM's status (:func:`_vm_statuses`: its volumes'
+    summary rows, its failed runs and its job groups' due fires, each group's computed here once
+    and passed in), counts them and returns the page, so Python sees the page's rows only (the
+    three 1,000-row results and the loop over them it replaces: docs/benchmarks.md); a VM
+    backup's members and their copies are read for the page only. With ``find`` the matching is
+    Python's (its ``lower``), over the VMs of the status asked."""
     counts = dict.fromkeys(STATUSES, 0)
-    vm_rows = _rows(session, _vm_summary(viewer))
-    if not vm_rows:
-        return [], 0, counts
-    failed_runs = _failed_runs(session, viewer)
-    due_groups = _due_groups(session, viewer, moment - options.grace)
-    vm_due: dict[str, list[datetime | None]] = {}
-    for vm_uuid, group in _rows(session, _scheduled_groups(viewer)):
-        if group in due_groups:
-            vm_due.setdefault(vm_uuid, []).append(due_groups[group])
-
-    find = options.find.lower()
-    selected = []
-    for row in vm_rows:
-        vm_uuid, name, failed_backup, ready = row[0], row[1], row[6], row[7]
-        last = aware(ready) if ready is not None else None
-        failed_at = failed_runs.get(vm_uuid)
-        if failed_backup is not None:
-            failed_backup = aware(failed_backup)
-            if failed_at is None or failed_backup > failed_at:
-                failed_at = failed_backup
-        due = vm_due.get(vm_uuid)
-        overdue = due is not None and any(when is not None and (last is None or last < when) for when in due)
-        if last is None:
-            status = "failed" if failed_at else "none"
-        elif failed_at is not None and failed_at > last:
-            status = "failed"
-        else:
-            status = "overdue" if overdue else "ok"
-        counts[status] += 1
-        if options.status and status != options.status:
-            continue
-        if find and find not in (name or "").lower() and not vm_uuid.startswith(options.find):
-            continue
-        selected.append((row, status, overdue, due is not None, failed_at))
+    statuses = _vm_statuses(viewer, _due_groups(session, viewer, moment - options.grace))
+    # one statement: each row carries the counts of every status (windows over all the VMs,
+    # before the status filter) and, on PostgreSQL and SQLite alike, the database computes the
+    # statuses once; a second statement only when the page is empty
+    counted = select(
+        statuses,
+        *(func.sum(case((statuses.c.status == s, 1), else_=0)).over().label(f"n_{s}") for s in STATUSES),
+    ).subquery()
+    query = select(*counted.c, func.count().over().label("total"))
+    query = query.order_by(counted.c.name, counted.c.uuid)
+    if options.status:
+        query = query.where(counted.c.status == options.status)
     end = None if options.limit is None else options.start + options.limit
-    page = selected[options.start : end]
+    width = len(statuses.c)
+    if options.find:
+        find = options.find.lower()
+        rows = _rows(session, query)
+        selected = [row for row in rows if find in (row[1] or "").lower() or row[0].startswith(options.find)]
+        total = len(selected)
+        page = selected[options.start : end]
+    else:
+        if options.limit is not None:
+            query = query.limit(options.limit)
+        if options.start:
+            query = query.offset(options.start)
+        rows = _rows(session, query)
+        page = list(rows)
+        total = page[0][-1] if page else 0
+    if rows:
+        counts = dict(zip(STATUSES, (int(n) for n in rows[0][width : width + len(STATUSES)]), strict=True))
+    else:
+        for status, count in _rows(session, select(statuses.c.status, func.count()).group_by(statuses.c.status)):
+            counts[status] = count
+        if not options.find:  # a page past the end: the total is the list's
+            total = counts[options.status] if options.status else sum(counts.values())
+    page = [row[:width] for row in page]
 
     # the page's VM backups: every Ready member of the newest one's group, with its copies
-    newest = _newest_ready(session, [row[0] for row, *_ in page if row[7] is not None])
+    newest = _newest_ready(session, [row[0] for row in page if row[7] is not None])
     groups = sorted({b["groupUuid"] for b in newest.values() if b["groupUuid"]})
     alone = [b["uuid"] for b in newest.values() if not b["groupUuid"]]
     members: dict[str, list[dict[str, Any]]] = defaultdict(list)
@@ -158,7 +159,22 @@ def _vms(
     kinds = {s.uuid: storage_kind(s) for s in storages}
     present = sorted({k for k in kinds.values() if k != "master"})
     out = []
-    for (vm_uuid, name, project, host, state, volumes, *_dates), status, overdue, scheduled, failed_at in page:
+    for (
+        vm_uuid,
+        name,
+        project,
+        host,
+        state,
+        volumes,
+        failed_backup,
+        _ready,
+        failed_run,
+        status,
+        overdue,
+        scheduled,
+    ) in page:
+        failures = [aware(when) for when in (failed_run, failed_backup) if when is not None]
+        failed_at = max(failures, default=None)
         backups: list[dict[str, Any]] = []
         chosen = newest.get(vm_uuid)
         if chosen is not None:
@@ -174,8 +190,8 @@ def _vms(
                 "state": state,
                 "volumes": volumes,
                 "status": status,
-                "overdue": overdue,
-                "scheduled": scheduled,
+                "overdue": bool(overdue),
+                "scheduled": bool(scheduled),
                 "lastFailure": iso(failed_at),
                 "lastBackup": (
                     {
@@ -194,7 +210,66 @@ def _vms(
                 "copies": {kind: bool(held) and all(kind in h for h in held) for kind in present},
             }
         )
-    return out, len(selected), counts
+    return out, total, counts
+
+
+def _vm_statuses(viewer: Viewer, due_groups: dict[str, datetime | None]) -> Any:
+    """Every VM the caller sees with its status, decided by the database (a subquery): uuid,
+    name, project, host, state, how many volumes it has, the newest Failed backup date over its
+    volumes, the newest Ready one, its newest failed run (of it or a volume), status, overdue
+    (0/1), scheduled (0/1). A VM is scheduled when a job group of ``due_groups`` targets it, and
+    overdue when one of those groups' due fires is after its newest Ready backup (or it has
+    none): the newest of its groups' due fires is compared, each group's passed in as a bound
+    parameter (``CASE group WHEN ...``), so PostgreSQL and SQLite read the same statement."""
+    summary = _vm_summary(viewer).subquery()
+    runs = _failed_runs_query(viewer).subquery()
+    pairs = _scheduled_groups(viewer).subquery()
+    vm, group = pairs.c
+    scheduled: Any = literal(0)
+    due: Any = cast(null(), DateTime(timezone=True))  # typed: PostgreSQL compares it with dates
+    if due_groups:
+        # one expanding parameter a due time (the groups of one schedule share theirs), not two
+        # parameters a group: building 100 bound parameters cost more of the API's CPU than the rest
+        scheduled = func.max(case((group.in_(bindparam("scheduled", sorted(due_groups), expanding=True)), 1), else_=0))
+        by_due: dict[datetime, list[str]] = defaultdict(list)
+        for g, when in sorted(due_groups.items()):
+            if when is not None:
+                by_due[when].append(g)
+        if by_due:
+            due = func.max(
+                case(
+                    *(
+                        (
+                            group.in_(bindparam(f"due{i}", groups, expanding=True)),
+                            literal(when, DateTime(timezone=True)),
+                        )
+                        for i, (when, groups) in enumerate(sorted(by_due.items()))
+                    )
+                )
+            )
+    per_vm = select(vm.label("vm"), scheduled.label("scheduled"), due.label("due")).group_by(vm).subquery()
+    uuid, _name, _project, _host, _state, _volumes, failed, ready = summary.c
+    failed_run = runs.c.failed
+    failed_after = or_(failed > ready, failed_run > ready)
+    status = case(
+        (ready.is_(None), case((or_(failed.is_not(None), failed_run.is_not(None)), "failed"), else_="none")),
+        (failed_after, "failed"),
+        (and_(per_vm.c.due.is_not(None), per_vm.c.due > ready), "overdue"),
+        else_="ok",
+    )
+    overdue = case((and_(per_vm.c.due.is_not(None), or_(ready.is_(None), per_vm.c.due > ready)), 1), else_=0)
+    return (
+        select(
+            *summary.c,
+            failed_run.label("failed_run"),
+            status.label("status"),
+            overdue.label("overdue"),
+            func.coalesce(per_vm.c.scheduled, 0).label("scheduled"),
+        )
+        .outerjoin(runs, runs.c.vm == uuid)
+        .outerjoin(per_vm, per_vm.c.vm == uuid)
+        .subquery()
+    )
 
 
 def _vm_summary(viewer: Viewer) -> Any:
@@ -226,7 +301,6 @@ def _vm_summary(viewer: Viewer) -> Any:
             per_vm.c.ready,
         )
         .outerjoin(per_vm, per_vm.c.vm == VmInstance.uuid)
-        .order_by(VmInstance.name, VmInstance.uuid)
     )
 
 
@@ -312,24 +386,19 @@ def _backups(session: Session, column: Any, keys: Sequence[str]) -> list[dict[st
     return list(found.values())
 
 
-def _failed_runs(session: Session, viewer: Viewer) -> dict[str, datetime]:
-    """The newest failed scheduled run the caller may see of each VM it sees or of one of its
-    volumes, by VM. The targets are a subquery, not a list: PostgreSQL took ~20 ms to plan an
-    array of 3,000 uuids for a 1 ms query."""
-    vms = access.scope(viewer, VmInstance).with_only_columns(VmInstance.uuid)
-    volumes = select(Volume.uuid).where(Volume.vmInstanceUuid.in_(vms))
+def _failed_runs_query(viewer: Viewer) -> Any:
+    """The newest failed scheduled run the caller may see of each target, by VM (``vm``: the
+    target's VM for a volume, else the target; ``failed``). Only joined to the VMs the caller
+    sees: a run of a VM it does not see, or of a detached volume, joins no row, so the targets
+    need no filter of their own (it cost PostgreSQL two hashed subplans a call)."""
     vm = _target_vm(SchedulerJobHistory.targetResourceUuid)
-    query = (
+    return (
         access.scope(viewer, SchedulerJobHistory)
-        .with_only_columns(vm, func.max(SchedulerJobHistory.executeTime))
+        .with_only_columns(vm.label("vm"), func.max(SchedulerJobHistory.executeTime).label("failed"))
         .outerjoin_from(SchedulerJobHistory, Volume, Volume.uuid == SchedulerJobHistory.targetResourceUuid)
-        .where(
-            SchedulerJobHistory.success.is_(False),
-            or_(SchedulerJobHistory.targetResourceUuid.in_(vms), SchedulerJobHistory.targetResourceUuid.in_(volumes)),
-        )
+        .where(SchedulerJobHistory.success.is_(False), SchedulerJobHistory.targetResourceUuid.is_not(None))
         .group_by(vm)
     )
-    return {target: aware(when) for target, when in _rows(session, query) if target}
 
 
 def _target_vm(target: Any) -> Any:
@@ -348,7 +417,7 @@ def _enabled_groups(viewer: Viewer) -> Any:
 
 def _scheduled_groups(viewer: Viewer) -> Any:
     """(VM, job group) of every enabled job of an enabled group the caller sees whose target is
-    the VM or one of its volumes."""
+    the VM or one of its volumes (a pair may repeat: it is aggregated by VM)."""
     vm = _target_vm(SchedulerJob.targetResourceUuid)
     return (
         select(vm, SchedulerJob.schedulerJobGroupUuid)
@@ -358,7 +427,6 @@ def _scheduled_groups(viewer: Viewer) -> Any:
             SchedulerJob.state == "Enabled",
             SchedulerJob.targetResourceUuid.is_not(None),
         )
-        .distinct()
     )
 
 
@@ -547,8 +615,10 @@ def _lag_window(session: Session, viewer: Viewer, copy_storages: list[str]) -> l
         .order_by(desc(newest.c.createDate), newest.c.uuid)
     )
     window: dict[str, tuple[datetime, set[str]]] = {}
-    for uuid, created, storage in session.execute(query):
-        held = window.setdefault(uuid, (aware(created), set()))[1]
+    for uuid, created, storage in _rows(session, query):
+        entry = window.get(uuid)
+        if entry is None:
+            entry = window[uuid] = (aware(created), set())
         if storage:
-            held.add(storage)
+            entry[1].add(storage)
     return list(window.values())

@@ -52,6 +52,22 @@ def api(pg_database: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[Tes
         yield client, key
 
 
+@pytest.fixture(params=["sqlite", "postgresql"])
+def any_api(
+    request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[tuple[TestClient, str]]:
+    """The API on SQLite (the embedded default) and on PostgreSQL: the VM statuses are decided in
+    SQL, which both must read alike."""
+    if request.param == "sqlite":
+        url = f"sqlite:///{tmp_path / 'catalog.db'}"
+        db.migrate(url)
+    else:
+        url = request.getfixturevalue("pg_database")
+    key = "test-admin-" + secrets.token_hex(12)
+    with app_client(monkeypatch, {"DATABASE_URL": url, "ADMIN_API_KEY": key}) as client:
+        yield client, key
+
+
 def get(client: TestClient, key: str, path: str, **query: Any) -> tuple[int, Row]:
     response = client.get(path, headers={"Authorization": f"Bearer {key}"}, params=query)
     return response.status_code, response.json()
@@ -461,18 +477,16 @@ def expected_vms(moment: datetime, grace: timedelta) -> list[Row]:
 
 
 @pytest.mark.parametrize("seed", [1, 2, 3])
-def test_the_vm_rows_agree_with_a_vm_by_vm_computation(api: tuple[TestClient, str], seed: int) -> None:
-    """The overview folds each VM's volumes, backups, failed runs and scheduled jobs together in
-    the database (no per-volume rows in Python); on random catalogs every row, count and page
-    must be what computing each VM alone from its rows gives."""
-    client, key = api
+def test_the_vm_rows_agree_with_a_vm_by_vm_computation(any_api: tuple[TestClient, str], seed: int) -> None:
+    """The overview decides each VM's status, counts and pages in the database (each job
+    group's due fire passed in; no per-VM rows in Python but the page's); on random catalogs,
+    on SQLite and PostgreSQL, every row, count, status filter, find and page must be what
+    computing each VM alone from its rows gives."""
+    client, key = any_api
     random_catalog(seed)
-    for grace in (0, 3600, 86400):
-        status, body = get(client, key, "/v1/overview", graceSeconds=grace)
-        assert status == 200, body
-        moment = datetime.fromisoformat(body["generatedAt"])
-        want = expected_vms(moment, timedelta(seconds=grace))
-        got = [
+
+    def rows(body: Row) -> list[Row]:
+        return [
             {
                 **{k: vm[k] for k in ("uuid", "volumes", "status", "overdue", "scheduled", "lastFailure", "copies")},
                 "lastBackup": vm["lastBackup"]
@@ -480,11 +494,40 @@ def test_the_vm_rows_agree_with_a_vm_by_vm_computation(api: tuple[TestClient, st
             }
             for vm in body["vmInstances"]
         ]
-        assert got == want
+
+    for grace in (0, 3600, 86400):
+        status, body = get(client, key, "/v1/overview", graceSeconds=grace)
+        assert status == 200, body
+        moment = datetime.fromisoformat(body["generatedAt"])
+        want = expected_vms(moment, timedelta(seconds=grace))
+        assert rows(body) == want
+        assert body["vmTotal"] == len(want)
         assert body["vmCounts"] == {s: sum(v["status"] == s for v in want) for s in overview.STATUSES}
         assert {vm["status"] for vm in want} >= {"ok", "failed", "none"}  # the catalog has each kind
-    page = get(client, key, "/v1/overview", limit=7, start=7, status="failed", graceSeconds=grace)[1]
-    assert page["vmInstances"] == [vm for vm in body["vmInstances"] if vm["status"] == "failed"][7:14]
+        every = body["vmInstances"]
+        for wanted in (None, *overview.STATUSES):
+            chosen = [vm for vm in every if wanted in (None, vm["status"])]
+            for start, limit in ((0, 5), (5, 5), (len(chosen) - 2, 10), (len(chosen) + 3, 5)):
+                query: Row = {"graceSeconds": grace, "start": max(start, 0), "limit": limit}
+                if wanted:
+                    query["status"] = wanted
+                page = get(client, key, "/v1/overview", **query)[1]
+                got = _aged(page["vmInstances"])[0]
+                assert got == _aged(chosen[max(start, 0) : max(start, 0) + limit])[0], (wanted, start)
+                assert page["vmTotal"] == len(chosen) and page["vmCounts"] == body["vmCounts"]
+        # find: a name's part in any case, or a uuid's start; with a status and a page
+        for find, wanted in (("VM-3", None), ("m-1", "failed"), (every[4]["uuid"][:6], None)):
+            chosen = [
+                vm
+                for vm in every
+                if wanted in (None, vm["status"])
+                and (find.lower() in vm["name"].lower() or vm["uuid"].startswith(find))
+            ]
+            query = {"graceSeconds": grace, "q": find, "limit": 3, "start": 1}
+            if wanted:
+                query["status"] = wanted
+            page = get(client, key, "/v1/overview", **query)[1]
+            assert _aged(page["vmInstances"])[0] == _aged(chosen[1:4])[0] and page["vmTotal"] == len(chosen), find
 
 
 def test_fire_times_follow_the_scheduler_and_bad_input(api: tuple[TestClient, str], tmp_path: Path) -> None:
