@@ -381,7 +381,7 @@ class Soak:
         )
         try:
             end.restore_volumes()
-            end.restore_database(self.database_url)
+            end.restore_database(self.database_url, self.site.reach_from_hosts)
         finally:
             for repo in opened.values():
                 with contextlib.suppress(Exception):

@@ -334,7 +334,10 @@ class EndCheck:
             shutil.rmtree(folder, ignore_errors=True)
 
     # -- database backups ---------------------------------------------------------------------
-    def restore_database(self, database_url: str) -> None:
+    def restore_database(self, database_url: str, reach: Callable[[str], str] = str) -> None:
+        """The newest Ready catalog backup recovered from each Ready copy into a scratch
+        database on ``database_url``'s server (given to the job as ``reach`` makes it: the
+        workers may run in network namespaces) and judged against the catalog."""
         rows = self.client.query("database-backups", limit=10000)["inventories"]
         catalog = [r for r in rows if not r.get("databaseUuid")]
         for row in catalog:
@@ -357,7 +360,7 @@ class EndCheck:
                 where = self.names.get(ref["backupStorageUuid"], ref["backupStorageUuid"])
                 try:
                     job = self.client.recover_database(
-                        newest["uuid"], backupStorageUuid=ref["backupStorageUuid"], databaseUrl=scratch
+                        newest["uuid"], backupStorageUuid=ref["backupStorageUuid"], databaseUrl=reach(scratch)
                     )
                     self.client.wait(job, timeout=300)
                 except ApiError as exc:

@@ -52,6 +52,7 @@ class Site:
         self.why_root = ""
         self.links: dict[str, Namespace] = {}  # what a link_cut may cut: "host <uuid8>", "storage-server"
         self.storage_ns: Namespace | None = None
+        self.services_ns: Namespace | None = None  # never cut: forwarders every host reaches
         self.vm: QemuVm | None = None
         self.vm_folder: Path | None = None
         self.vm_volume: dict[str, Any] | None = None
@@ -96,10 +97,22 @@ class Site:
         """The S3 storage's options, its endpoint reachable from every host."""
         options = s3.options(bucket)
         if self.network is not None:
-            services = self.network.add()  # never cut: only its root-side address is used
-            forwarder = services.forward("127.0.0.1", s3.proxy_port)
+            forwarder = self.services().forward("127.0.0.1", s3.proxy_port)
             options["endpoint"] = f"http://{forwarder.listen[0]}:{forwarder.listen[1]}"
         return options
+
+    def services(self) -> Namespace:
+        """A namespace never cut: only its link's root-side address is used, by forwarders to
+        the root namespace's loopback services that every host's namespace reaches."""
+        assert self.network is not None
+        if self.services_ns is None:
+            self.services_ns = self.network.add()
+        return self.services_ns
+
+    def reach_from_hosts(self, url: str) -> str:
+        """``url`` (a service on the root namespace's loopback) as every host's worker reaches
+        it, whichever host runs the job given it (a database to recover into, say)."""
+        return url if self.network is None else self.services().reach(url)
 
     def cut_link(self, rng: random.Random, say: Any) -> None:
         name = rng.choice(sorted(self.links))
