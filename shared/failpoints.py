@@ -20,25 +20,15 @@ from __future__ import annotations
 
 import os
 import signal
-import threading
 import time
 from pathlib import Path
 
 from shared.config import setting
+from shared.forksafe import ForkSafeLock
 
 HOLD_SECONDS = 600.0  # a held process goes on by itself after this (a test that died never releases it)
 _counts: dict[str, int] = {}
-_lock = threading.Lock()
-
-
-def _fresh_lock_after_fork() -> None:
-    """A process forked while another thread held ``_lock`` (a worker's pool child forked
-    beside its background threads) would wait for it forever: the child gets a free one."""
-    global _lock  # noqa: PLW0603 - the module's lock itself is replaced
-    _lock = threading.Lock()
-
-
-os.register_at_fork(after_in_child=_fresh_lock_after_fork)
+_lock = ForkSafeLock()
 
 
 class FailpointError(RuntimeError):

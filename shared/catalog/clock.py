@@ -13,27 +13,18 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import threading
 import time
 from datetime import UTC, datetime
 
 from shared.failpoints import wall_clock
+from shared.forksafe import ForkSafeLock
 
 log = logging.getLogger(__name__)
 MEASURE_EVERY = 30.0  # seconds between two measurements in one process
 REPORT_OVER = 1.0  # an offset over this many seconds is logged (once per change)
-_lock = threading.RLock()  # re-entrant: nothing _measure calls can deadlock on it
+_lock = ForkSafeLock(threading.RLock)  # re-entrant: nothing _measure calls can deadlock on it
 
-
-def _fresh_lock_after_fork() -> None:
-    """A process forked while another thread held ``_lock`` (a worker's pool child forked
-    beside its background threads) would wait for it forever: the child gets a free one."""
-    global _lock  # noqa: PLW0603 - the module's lock itself is replaced
-    _lock = threading.RLock()
-
-
-os.register_at_fork(after_in_child=_fresh_lock_after_fork)
 RETRY_UNKNOWN = 1.0  # seconds between two attempts while no measurement has succeeded yet
 _state = {"offset": 0.0, "measured": -math.inf, "reported": 0.0, "known": 0.0}
 

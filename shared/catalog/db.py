@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import os
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -25,20 +24,11 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from shared.config import get_settings
 from shared.errors import CatalogUnavailable
+from shared.forksafe import ForkSafeLock
 from shared.private import private_file, tighten
 
 MIGRATIONS = Path(__file__).with_name("migrations")
-_lock = threading.RLock()
-
-
-def _fresh_lock_after_fork() -> None:
-    """A process forked while another thread held ``_lock`` (a worker's pool child forked
-    beside its background threads) would wait for it forever: the child gets a free one."""
-    global _lock  # noqa: PLW0603 - the module's lock itself is replaced
-    _lock = threading.RLock()
-
-
-os.register_at_fork(after_in_child=_fresh_lock_after_fork)
+_lock = ForkSafeLock(threading.RLock)
 
 
 def _sqlite_pragmas(dbapi_connection: object, _record: object) -> None:

@@ -18,6 +18,7 @@ from typing import Any
 
 from shared.config import get_settings
 from shared.errors import LibvirtError
+from shared.forksafe import ForkSafeLock
 
 log = logging.getLogger(__name__)
 
@@ -25,17 +26,8 @@ DEFAULT_URI = "qemu:///system"
 SOCKETS = ("/run/libvirt/libvirt-sock", "/var/run/libvirt/libvirt-sock")
 OFF = ("", "off", "none")
 
-_lock = threading.Lock()
+_lock = ForkSafeLock()
 
-
-def _fresh_lock_after_fork() -> None:
-    """A process forked while another thread held ``_lock`` (a worker's pool child forked
-    beside its background threads) would wait for it forever: the child gets a free one."""
-    global _lock  # noqa: PLW0603 - the module's lock itself is replaced
-    _lock = threading.Lock()
-
-
-os.register_at_fork(after_in_child=_fresh_lock_after_fork)
 _event_loop: threading.Thread | None = None
 _opening: dict[str, threading.Thread] = {}
 

@@ -18,12 +18,13 @@ elsewhere registers the same way, by importing its module.
 from __future__ import annotations
 
 import importlib
-import os
 import re
 import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from urllib.parse import urlparse
+
+from shared.forksafe import ForkSafeLock
 
 from .base import Backend
 
@@ -139,17 +140,8 @@ class BackendType:
         return options
 
 
-_lock = threading.RLock()
+_lock = ForkSafeLock(threading.RLock)
 
-
-def _fresh_lock_after_fork() -> None:
-    """A process forked while another thread held ``_lock`` (a worker's pool child forked
-    beside its background threads) would wait for it forever: the child gets a free one."""
-    global _lock  # noqa: PLW0603 - the module's lock itself is replaced
-    _lock = threading.RLock()
-
-
-os.register_at_fork(after_in_child=_fresh_lock_after_fork)
 _types: dict[str, BackendType] = {}  # by storage type, in registration order
 
 

@@ -46,6 +46,7 @@ from shared.errors import (
     StorageFull,
     UsageError,
 )
+from shared.forksafe import ForkSafeLock
 
 from .base import Backend, Buffer, ObjectInfo
 from .registry import BackendType, Field, register
@@ -100,23 +101,16 @@ _TRANSIENT = {
 }
 _NETWORK = (BotoConnectionError, HTTPClientError, ResponseStreamingError, IncompleteReadError)
 
-_client_lock = threading.Lock()
-
-
-def _fresh_client_lock_after_fork() -> None:
-    """A process forked while another thread held ``_client_lock`` (a worker's pool child forked
-    beside its background threads) would wait for it forever: the child gets a free one."""
-    global _client_lock  # noqa: PLW0603 - the module's lock itself is replaced
-    _client_lock = threading.Lock()
-    _session.cache_clear()  # nor the session's own locks, taken by another thread at the fork
-
-
-os.register_at_fork(after_in_child=_fresh_client_lock_after_fork)
+_client_lock = ForkSafeLock()
 
 
 @functools.cache
 def _session() -> boto3.session.Session:
     return boto3.session.Session()
+
+
+# nor a session made by another thread (its own locks may have been held at the fork)
+os.register_at_fork(after_in_child=_session.cache_clear)
 
 
 def _iso(moment: float) -> str:
