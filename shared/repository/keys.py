@@ -26,6 +26,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.scrypt import Scrypt
 
 from shared.errors import IntegrityError
+from shared.forksafe import ForkSafeLock
 
 from .backends.base import Buffer
 
@@ -103,7 +104,7 @@ class KeyMaterial:
 
 
 _UNWRAPPED: dict[bytes, KeyMaterial] = {}  # key files opened by this process (see unwrap)
-_UNWRAPPED_LOCK = threading.Lock()
+_UNWRAPPED_LOCK = ForkSafeLock()  # a worker's threads open repositories while its pool forks
 _UNWRAPPED_MAX = 256  # repositories a worker keeps open keys of; the oldest goes first
 _CACHE_SECRET = os.urandom(32)  # this process's own: the cache's keys mean nothing elsewhere
 

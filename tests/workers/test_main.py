@@ -42,6 +42,7 @@ LOCKS = (
     ("shared.libvirt.connection", "_lock"),
     ("shared.repository.backends.registry", "_lock"),
     ("shared.repository.backends.s3", "_client_lock"),
+    ("shared.repository.keys", "_UNWRAPPED_LOCK"),
 )
 
 
