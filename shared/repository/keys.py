@@ -232,6 +232,8 @@ class ObjectCodec:
                 data = self._decompressor().decompress(body)
             except zstandard.ZstdError as exc:
                 raise IntegrityError(detail=f"{what} does not decompress ({exc})") from None
+            except MemoryError:  # a damaged frame header declaring a huge size
+                raise IntegrityError(detail=f"{what} does not decompress (its frame declares too many bytes)") from None
         if self.digest(data) != digest:
             raise IntegrityError(detail=f"{what} does not match its digest")
         return data
