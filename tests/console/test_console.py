@@ -134,10 +134,12 @@ def test_admin_backs_up_restores_schedules_and_syncs(stack: Stack, browser: Brow
     histories = admin.histories(f"triggerUuid={trigger['uuid']}")
     assert len(histories) == 2 and all(h["success"] for h in histories), histories
     page.locator("#history tr[data-history]").first.get_by_role("button", name="Details").click()
-    assert vm["vm"]["uuid"] in page.locator("#request-dump").inner_text()
-    assert histories[0]["resultDump"] and '"volumeBackupUuids"' in page.locator("#result-dump").inner_text()
-    page.keyboard.press("Escape")  # the dialog closes from the keyboard
-    assert browser.dialog().count() == 0
+    details = browser.dialog()
+    details.wait_for()  # open (shown modal), not only in the DOM, before a key is pressed
+    assert vm["vm"]["uuid"] in details.locator("#request-dump").inner_text()
+    assert histories[0]["resultDump"] and '"volumeBackupUuids"' in details.locator("#result-dump").inner_text()
+    page.keyboard.press("Escape")  # the dialog closes from the keyboard, and leaves the page
+    page.locator("dialog").wait_for(state="detached")
     browser.shot("scheduling")
 
     # a Remote storage (a storage-server) added from the Storage page, then a sync to it

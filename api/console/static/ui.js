@@ -1,5 +1,5 @@
 // Small pieces every page uses: formatting, a dialog, status badges, a loader hook.
-import { html, useEffect, useRef, useState, useCallback } from "./vendor/preact-htm.js";
+import { html, useEffect, useLayoutEffect, useRef, useState, useCallback } from "./vendor/preact-htm.js";
 
 // -- trigger times: the ONE place that knows the unit of startTime/stopTime on /v1 ------------
 // Unix seconds, as ZStack's (issue 19): one unit in the whole product.
@@ -103,7 +103,9 @@ export function useLoad(loader, deps = [], everyMs = 0) {
 /** A modal dialog (the browser's <dialog>: Escape closes it, focus stays inside). */
 export function Modal({ title, onClose, children }) {
   const ref = useRef(null);
-  useEffect(() => {
+  // opened in the same task as the render (a layout effect), not after the next paint: a key
+  // pressed or a click made right after the dialog appears in the DOM reaches the open dialog
+  useLayoutEffect(() => {
     const dialog = ref.current;
     if (dialog && !dialog.open) dialog.showModal();
     const first = dialog && dialog.querySelector("input, select, textarea, button.primary, button.danger");
