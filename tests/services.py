@@ -20,16 +20,12 @@ Fixtures (a server that does not answer FAILS the test, it never skips):
     ``redis://127.0.0.1:6379/<n>`` (or ``BLOCKVAULT_TEST_REDIS_URL``'s server): a database index
     no other test (in any process) holds, flushed before and after the test. Index 0 is never
     handed out: it holds the claims.
-``pg_control`` / ``redis_control`` (session)
-    Stop, start and restart the local server, for fault tests; each waits until the server is
-    down or answers again. A server a test left stopped is started again before that test's
-    fixtures are torn down, and at the end of the session in any case.
-
-Every test process of this machine shares these servers (pytest-xdist workers, neighbour
-runs): each test holds a shared lock on ``$TMPDIR/blockvault-test-servers.lock`` while it runs,
-and a test using ``pg_control`` or ``redis_control`` an exclusive one, so that it stops a
-server only while no other test runs, and no other test starts until it is done (a test
-waiting for the exclusive lock goes first: see :func:`servers_turn`).
+A test that stops or restarts PostgreSQL or Redis (a fault test, the soak) does it to servers of
+its own, never to these: :func:`private_servers` (a cluster and a Redis on free ports, removed
+after). So no test waits for another, and no neighbour run's test is disturbed. The one
+machine-wide server a test may restart is libvirtd: a test using ``libvirtd_control`` holds an
+exclusive lock on ``$TMPDIR/blockvault-test-libvirtd.lock`` while the other libvirt tests hold it
+shared (a test waiting for the exclusive lock goes first: see :func:`servers_turn`).
 """
 
 from __future__ import annotations
@@ -270,7 +266,6 @@ class PgControl:
     version: str
     cluster: str
     log_file: Path
-    stopped_by_us: bool = False
 
     @classmethod
     def find(cls, url: str) -> PgControl:
@@ -309,7 +304,6 @@ class PgControl:
 
     def stop(self, mode: str = "fast") -> None:
         """Stop the server; ``mode`` is pg_ctl's: smart, fast, or immediate (as if it crashed)."""
-        self.stopped_by_us = True
         proc = self._ctl("stop", "--mode", mode)
         if proc.returncode not in (0, 2) and self.is_running():  # 2: it was not running
             raise self._failed("the server is still up", proc)
@@ -326,7 +320,6 @@ class PgControl:
             _wait("PostgreSQL answers", self.is_running)
         except TimeoutError:
             raise self._failed(f"the server did not answer within {WAIT_SECONDS:.0f}s", proc) from None
-        self.stopped_by_us = False
 
     def restart(self, mode: str = "fast") -> None:
         self.stop(mode)
@@ -339,10 +332,6 @@ class PgControl:
         try:
             yield
         finally:
-            self.start()
-
-    def restore(self) -> None:
-        if self.stopped_by_us or not self.is_running():
             self.start()
 
 
@@ -448,7 +437,6 @@ class RedisControl:
     """Shuts down and starts the local Redis server behind ``url`` (as the machine starts it)."""
 
     url: str
-    stopped_by_us: bool = False
 
     @classmethod
     def find(cls, url: str) -> RedisControl:
@@ -468,7 +456,6 @@ class RedisControl:
 
     def stop(self) -> None:
         """``SHUTDOWN NOSAVE``: every key is lost (the server keeps nothing on disk anyway)."""
-        self.stopped_by_us = True
         with contextlib.suppress(redis.ConnectionError), _redis_client(self.url) as client:
             client.shutdown(nosave=True)
         _wait("Redis stopped", lambda: not self.is_running())
@@ -490,7 +477,6 @@ class RedisControl:
         except TimeoutError:
             raise RuntimeError(f"{' '.join(command)} exited {proc.returncode}: {proc.stderr.strip()}") from None
         _CLAIMS.reclaim(self.url)
-        self.stopped_by_us = False
 
     def restart(self) -> None:
         self.stop()
@@ -505,75 +491,8 @@ class RedisControl:
         finally:
             self.start()
 
-    def restore(self) -> None:
-        if self.stopped_by_us or not self.is_running():
-            self.start()
 
-
-# -- restoring servers a test stopped ---------------------------------------------------------------
-_CONTROLS: list[PgControl | RedisControl] = []
-
-
-def _restore_all() -> None:
-    errors = []
-    for control in _CONTROLS:
-        if control.stopped_by_us:
-            try:
-                control.restore()
-            except Exception as exc:  # noqa: BLE001 - reported below, after trying every server
-                errors.append(f"{type(control).__name__}: {_first_line(exc)}")
-    if errors:
-        raise RuntimeError("could not restart servers a test stopped: " + "; ".join(errors))
-
-
-@pytest.hookimpl(wrapper=True, tryfirst=True)
-def pytest_runtest_teardown(item: pytest.Item, nextitem: pytest.Item | None) -> Generator[None, object, object]:
-    # Before the test's fixtures are torn down: they may need the server (to drop a database).
-    error: Exception | None = None
-    try:
-        _restore_all()
-    except Exception as exc:  # noqa: BLE001 - raised after the fixtures are torn down
-        error = exc
-    result = yield
-    if error is not None:
-        raise error
-    return result
-
-
-@pytest.fixture(scope="session")
-def pg_control(pg_server_url: str) -> Iterator[PgControl]:
-    try:
-        control = PgControl.find(pg_server_url)
-    except RuntimeError as exc:
-        pytest.fail(str(exc), pytrace=False)
-    _CONTROLS.append(control)
-    try:
-        yield control
-    finally:
-        _CONTROLS.remove(control)
-        control.restore()
-
-
-@pytest.fixture(scope="session")
-def redis_control() -> Iterator[RedisControl]:
-    base = _redis_base_url()
-    if not _redis_answers(base):
-        pytest.fail(f"Redis at {base} is unreachable\n" + HINT.format(env=REDIS_URL_ENV), pytrace=False)
-    try:
-        control = RedisControl.find(base)
-    except RuntimeError as exc:
-        pytest.fail(str(exc), pytrace=False)
-    _CONTROLS.append(control)
-    try:
-        yield control
-    finally:
-        _CONTROLS.remove(control)
-        control.restore()
-
-
-# -- tests that stop a shared server run alone -------------------------------------------------------
-SERVERS_LOCK = Path(tempfile.gettempdir()) / "blockvault-test-servers.lock"
-STOPPING_FIXTURES = frozenset({"pg_control", "redis_control"})
+# -- tests that restart libvirtd run alone ------------------------------------------------------------
 # the machine's one libvirtd: a test that restarts it (fixture ``libvirtd_control``) runs while no
 # other libvirt test does (a test is a libvirt test by its path: tests/shared/libvirt/, test_libvirt*)
 LIBVIRT_LOCK = Path(tempfile.gettempdir()) / "blockvault-test-libvirtd.lock"
@@ -581,7 +500,7 @@ LIBVIRTD_STOPPING_FIXTURES = frozenset({"libvirtd_control"})
 
 
 @contextlib.contextmanager
-def servers_turn(exclusive: bool, lock: Path = SERVERS_LOCK) -> Iterator[None]:
+def servers_turn(exclusive: bool, lock: Path = LIBVIRT_LOCK) -> Iterator[None]:
     """A readers-writer lock across the processes of this machine, the writer first: every
     test takes the gate, then the lock shared, and gives the gate back at once; a test that
     stops a server keeps the gate while it waits for the lock and runs, so no test starts in
@@ -600,12 +519,9 @@ def servers_turn(exclusive: bool, lock: Path = SERVERS_LOCK) -> Iterator[None]:
 
 @pytest.hookimpl(wrapper=True)
 def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None) -> Generator[None, object, object]:
-    fixtures = getattr(item, "fixturenames", ())
-    exclusive = not STOPPING_FIXTURES.isdisjoint(fixtures)
-    with contextlib.ExitStack() as turns:
-        turns.enter_context(servers_turn(exclusive))
-        if "libvirt" in item.nodeid.split("::")[0]:
-            turns.enter_context(servers_turn(not LIBVIRTD_STOPPING_FIXTURES.isdisjoint(fixtures), LIBVIRT_LOCK))
+    if "libvirt" not in item.nodeid.split("::")[0]:
+        return (yield)
+    with servers_turn(not LIBVIRTD_STOPPING_FIXTURES.isdisjoint(getattr(item, "fixturenames", ()))):
         return (yield)
 
 
@@ -658,8 +574,9 @@ def release_redis(url: str) -> None:
 @contextlib.contextmanager
 def private_servers(folder: Path) -> Iterator[tuple[str, str, PgControl, RedisControl]]:
     """A PostgreSQL cluster and a Redis server of their own on free ports (Debian's
-    pg_createcluster, redis-server), for a test that restarts them at random (the soak): no
-    other test depends on them, so nobody waits for the machine-wide servers' lock. Yields a
+    pg_createcluster, redis-server), for a test that stops or restarts them (the soak, the
+    service's Redis and PostgreSQL fault tests): no other test depends on them, so nobody
+    waits for it. Yields a
     migrated catalog database's URL, a broker URL and the controls; everything is removed
     after. The cluster's role is the test server's (same name and password)."""
     from shared.catalog import db

@@ -30,6 +30,7 @@ from sqlalchemy.pool import NullPool
 from api.client import ApiError, Client
 from tests.conftest import ROOT
 from tests.ports import free_port
+from tests.services import PgControl, RedisControl, private_servers
 
 
 class Stack:
@@ -235,3 +236,17 @@ def stack(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Stack]:
         yield deployment
     finally:
         deployment.stop_all()
+
+
+@pytest.fixture
+def private_stack(tmp_path: Path) -> Iterator[tuple[Stack, PgControl, RedisControl]]:
+    """A deployment on a PostgreSQL cluster and a Redis server of its own (tests/services.py
+    ``private_servers``), with their controls: for a test that stops or restarts them, so that
+    no other test of the machine waits for it or loses its server meanwhile."""
+    with private_servers(tmp_path / "servers") as (database, broker, pg_control, redis_control):
+        deployment = Stack(tmp_path, database, broker)
+        try:
+            deployment.start_api()
+            yield deployment, pg_control, redis_control
+        finally:
+            deployment.stop_all()

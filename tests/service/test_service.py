@@ -17,6 +17,7 @@ from shared.celery_app import VOLUME_BACKUP
 from shared.failpoints import reached, release
 from tests.conftest import MiB, qcow2_equal, qemu_write, vm_like_regions, write_regions
 from tests.service.conftest import Stack, free_port
+from tests.services import PgControl, RedisControl
 
 pytestmark = pytest.mark.shared_api  # an API lent per test, not started (tests/service/conftest.py)
 
@@ -204,7 +205,8 @@ def test_worker_killed_mid_backup_fails_the_job_never_a_ready_backup(stack: Stac
     assert_restores(stack, host, done, source)
 
 
-def test_redis_restart_loses_no_job(stack: Stack, redis_control: object) -> None:
+def test_redis_restart_loses_no_job(private_stack: tuple[Stack, PgControl, RedisControl]) -> None:
+    stack, _pg_control, redis_control = private_stack
     host = new_uuid()
     gate = stack.tmp / "gate"
     stack.start_worker(host, env={"BLOCKVAULT_FAILPOINTS": f"backup.chunk_stored=1:hold:{gate}"})
@@ -216,7 +218,7 @@ def test_redis_restart_loses_no_job(stack: Stack, redis_control: object) -> None
     stack.wait_for("the first backup holding mid-way", lambda: reached(gate), timeout=120)
     log = stack.log(f"worker-{host[:8]}")
     assert f"job.started uuid={first}" in log and f"job.started uuid={queued}" not in log, "the second waits in Redis"
-    redis_control.restart()  # type: ignore[attr-defined]
+    redis_control.restart()
     release(gate)
     for job in (first, queued):
         done = stack.client.wait(job, timeout=180)
@@ -224,9 +226,10 @@ def test_redis_restart_loses_no_job(stack: Stack, redis_control: object) -> None
         assert_restores(stack, host, done, sources[done["volumeUuid"]])
 
 
-def test_postgres_down_answers_503_and_recovers(stack: Stack, pg_control: object) -> None:
+def test_postgres_down_answers_503_and_recovers(private_stack: tuple[Stack, PgControl, RedisControl]) -> None:
+    stack, pg_control, _redis_control = private_stack
     stack.client.query("volumes")
-    pg_control.stop()  # type: ignore[attr-defined]
+    pg_control.stop()
     try:
         response = httpx.get(
             f"http://127.0.0.1:{stack.port}/v1/volumes", headers={"Authorization": f"Bearer {stack.key}"}, timeout=30
@@ -235,7 +238,7 @@ def test_postgres_down_answers_503_and_recovers(stack: Stack, pg_control: object
         body = response.json()
         assert body["success"] is False and body["error"]["code"] == "DATABASE_UNAVAILABLE"
     finally:
-        pg_control.start()  # type: ignore[attr-defined]
+        pg_control.start()
     deadline = time.monotonic() + 30
     while True:
         try:

@@ -1,7 +1,7 @@
 """A short soak (tests/bench/soak.py): three minutes of scheduled backups and copies through
 random faults with a fixed seed, then the independent checks. It restarts PostgreSQL and Redis:
 its own cluster and server (tests/services.py private_servers), so the rest of the suite runs on
-beside it instead of waiting for the machine-wide servers' lock."""
+beside it instead of waiting for it."""
 
 from __future__ import annotations
 
