@@ -9,6 +9,7 @@ matching the documented schema (errors: ``ErrorEnvelope``)."""
 
 from __future__ import annotations
 
+import http.cookiejar
 import json
 import time
 from collections.abc import Callable
@@ -16,6 +17,7 @@ from typing import Any
 
 import httpx
 import pytest
+import requests
 import schemathesis
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
@@ -111,6 +113,10 @@ class Fuzzer:
         self.rows = rows
         self.failures: dict[str, str] = {}
         self.calls = 0
+        # one keep-alive connection for every request (a new one each cost a connect and an
+        # accept per call); no cookie is kept, so each request is authenticated by its key alone
+        self.session = requests.Session()
+        self.session.cookies.set_policy(http.cookiejar.DefaultCookiePolicy(allowed_domains=[]))
         uuids = [u for u in rows.values() if u]
         scalar = st.one_of(
             st.none(),
@@ -172,13 +178,13 @@ class Fuzzer:
         @given(case=self.strategy(operation))
         def test(case: Any) -> None:
             self.calls += 1
-            response = case.call(base_url=self.base_url, headers=self.headers, timeout=30)
+            response = case.call(base_url=self.base_url, session=self.session, headers=self.headers, timeout=30)
             deadline = time.monotonic() + 90
             while response.status_code == 503 and b"DATABASE_UNAVAILABLE" in response.content:
                 # the shared PostgreSQL cluster restarted under us (another suite's fault test): wait, again
                 assert time.monotonic() < deadline, response.content
                 time.sleep(1)
-                response = case.call(base_url=self.base_url, headers=self.headers, timeout=30)
+                response = case.call(base_url=self.base_url, session=self.session, headers=self.headers, timeout=30)
             try:
                 case.validate_response(
                     response, checks=CHECKS, headers=self.headers, transport_kwargs={"base_url": self.base_url}
@@ -305,7 +311,10 @@ def test_schemathesis_admin_and_member_no_5xx_and_schema_conformant(
     schema = schemathesis.openapi.from_url(f"http://127.0.0.1:{stack.port}/openapi.json")
     rows = {k: v for k, v in world.items() if k != "member-key"}
     fuzzer = Fuzzer(stack, world["member-key"] if who == "member" else stack.key, rows)
-    fuzzer.run(schema, shard)
+    try:
+        fuzzer.run(schema, shard)
+    finally:
+        fuzzer.session.close()
     report = [f"[{who}] {kind}\n{message}" for kind, message in fuzzer.failures.items()]
     assert fuzzer.calls > 500 // SHARDS, fuzzer.calls
     assert stack.api_process.poll() is None, stack.log("api")
