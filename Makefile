@@ -41,7 +41,7 @@ typecheck: venv
 
 # pytest-xdist workers (docs/testing.md: most tests wait on child processes, so more workers
 # than the 2 cores pay); worksteal: an idle worker takes tests queued on a busy one.
-PYTEST_WORKERS ?= 4
+PYTEST_WORKERS ?= 6
 XDIST := -n $(PYTEST_WORKERS) --dist worksteal
 
 pytest: venv system-test venv-libvirt
