@@ -176,14 +176,16 @@ class Finisher:
             raise error
 
     def submit(self, fn: Callable[[], object]) -> None:
-        """Run ``fn`` on a finishing thread; waits while ``pending`` calls wait already."""
-        self._raise()
+        """Run ``fn`` on a finishing thread; waits while ``pending`` calls wait already. Every
+        call handed over runs (it closes what its work opened), even when this then raises
+        an earlier call's error."""
         self._slots.acquire()
         try:
             self._pool.submit(self._run, fn)
         except BaseException:
             self._slots.release()
             raise
+        self._raise()
 
     def _run(self, fn: Callable[[], object]) -> None:
         try:

@@ -152,13 +152,20 @@ def test_finisher_raises_the_first_error_on_leaving_and_on_the_next_submit() -> 
 
     with pytest.raises(OSError, match="disk gone"), Finisher(threads=1) as finisher:
         finisher.submit(fail)
+    gate = threading.Event()
+
+    def fail_when_let() -> None:
+        gate.wait()
+        fail()
+
     ran: list[int] = []
     finisher = Finisher(threads=1, pending=1)
     with pytest.raises(OSError, match="disk gone"), finisher:
-        finisher.submit(fail)
-        finisher.submit(lambda: ran.append(1))  # waits for the failing call's slot
-        finisher.submit(lambda: ran.append(2))  # by now the error is known: raised here
-    assert ran in ([], [1])
+        finisher.submit(fail_when_let)  # no error yet: it waits for the gate
+        gate.set()
+        finisher.submit(lambda: ran.append(1))  # waits for the failing call's slot, then raises
+        ran.append(0)  # not reached
+    assert ran == [1]  # the call handed over ran all the same (it closes a file)
 
 
 def test_backup_fails_when_completing_a_chunk_fails(tmp_path: Path) -> None:
