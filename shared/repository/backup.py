@@ -25,7 +25,7 @@ from shared.failpoints import failpoint
 from . import qemu
 from .locks import repository_lock
 from .manifest import BackupEntry, Manifest
-from .pipeline import CHUNK_COPIES, parallel_map
+from .pipeline import CHUNK_COPIES, Finisher, parallel_map
 from .repo import Repository
 from .volume import NbdReader, RawReader, chunk_indexes, open_reader, probe_volume, zeros
 
@@ -232,19 +232,26 @@ def run_plan(
         hexd = digest.hex()
         if hexd in known or repo.has_chunk(hexd):
             return index, hexd, length, 0
-        return index, hexd, length, repo.store_chunk(digest, data)
+        stored, finish = repo.begin_store_chunk(digest, data)
 
-    for index, digest, length, stored in parallel_map(
-        work, plan.read, item_bytes=(CHUNK_COPIES + reader.served_copies) * chunk_size
-    ):
-        chunks[index] = digest
-        done += length
-        if stored:
-            bytes_written += stored
-            new_chunks += 1
+        def complete() -> None:  # on a finishing thread: this one goes on to its next chunk
+            finish()
             failpoint("backup.chunk_stored")
-        if progress:
-            progress(done, total)
+
+        finisher.submit(complete)
+        return index, hexd, length, stored
+
+    with Finisher() as finisher:
+        for index, digest, length, stored in parallel_map(
+            work, plan.read, item_bytes=(CHUNK_COPIES + reader.served_copies) * chunk_size
+        ):
+            chunks[index] = digest
+            done += length
+            if stored:
+                bytes_written += stored
+                new_chunks += 1
+            if progress:
+                progress(done, total)
     manifest = Manifest(
         volume=reader.path,
         format=reader.format,

@@ -4,7 +4,10 @@ Chunk work (read, hash, compress, encrypt, store) runs on a few threads; BLAKE3,
 and file I/O release the GIL, so two cores are busy. At most ``window`` items are in flight (and only ``workers`` hold
 chunk data at once), so memory is bounded whatever the volume's size; a caller that says what
 one item holds (``item_bytes``) also gets its threads capped to :data:`MEMORY_BUDGET`, so the
-bound does not grow with the machine's core count either.
+bound does not grow with the machine's core count either. Threads are counted from the CPUs the
+process may use (its affinity), and a stored chunk's flush to disk is handed to a
+:class:`Finisher`, whose threads hold no chunk data, so the few pipeline threads compute while
+the disk catches up.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ import contextvars
 import ctypes
 import functools
 import os
+import threading
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from typing import TypeVar
@@ -52,9 +56,27 @@ def tune_allocator() -> None:
     libc.mallopt(_M_TRIM_THRESHOLD, 256 * 1024 * 1024)
 
 
+FINISH_THREADS = 8
+"""Threads of a :class:`Finisher`: they hold no chunk data, only a file to flush, so they cost
+no memory budget; several flushes in flight share one journal commit."""
+
+FINISH_PENDING = 32
+"""Calls a :class:`Finisher` holds before ``submit`` waits (each an open temporary file)."""
+
+
+def available_cpus() -> int:
+    """The CPUs this process may run on (its affinity: a container's or ``taskset``'s share,
+    not the machine's count)."""
+    try:
+        return len(os.sched_getaffinity(0)) or 1
+    except (AttributeError, OSError):  # not Linux
+        return os.cpu_count() or 1
+
+
 def default_workers() -> int:
-    """Two threads a core: while one waits on fsync or the network, the other computes."""
-    return max(2, min(8, 2 * (os.cpu_count() or 1)))
+    """Two threads a CPU this process may use: while one waits on a write or the network,
+    the other computes."""
+    return max(2, min(8, 2 * available_cpus()))
 
 
 def _inherit(context: contextvars.Context) -> None:
@@ -112,3 +134,65 @@ def parallel_map(
         finally:
             for future in pending:
                 future.cancel()
+
+
+class Finisher:
+    """Completes started work on threads of its own: a pipeline thread hands over the call that
+    finishes a stored chunk (its flush to disk and its name, :meth:`Backend.begin_put`) and
+    takes its next item instead of waiting on the disk.
+
+    The pipeline's threads are few (:func:`budget_workers`: each holds chunk data); a flush
+    holds none. Waiting on flushes there left the CPUs idle while the disk or the file
+    system's journal (a kernel thread that competes for the same CPUs) was slow, which is
+    exactly when the machine is busy (issue 20). At most ``pending`` calls wait: beyond,
+    :meth:`submit` waits for one to finish (the disk sets the pace). Leaving the ``with``
+    block waits for every call handed over, and raises the first error of one (unless the
+    block raised); :meth:`submit` raises it too, so a failing store stops the work early.
+    """
+
+    def __init__(self, threads: int = FINISH_THREADS, pending: int = FINISH_PENDING) -> None:
+        self._pool = ThreadPoolExecutor(
+            max_workers=threads,
+            thread_name_prefix="finish",
+            initializer=_inherit,
+            initargs=(contextvars.copy_context(),),
+        )
+        self._slots = threading.BoundedSemaphore(pending)
+        self._lock = threading.Lock()
+        self._error: BaseException | None = None
+
+    def __enter__(self) -> Finisher:
+        return self
+
+    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
+        self._pool.shutdown(wait=True)
+        if exc_type is None:
+            self._raise()
+
+    def _raise(self) -> None:
+        with self._lock:
+            error = self._error
+        if error is not None:
+            raise error
+
+    def submit(self, fn: Callable[[], object]) -> None:
+        """Run ``fn`` on a finishing thread; waits while ``pending`` calls wait already. Every
+        call handed over runs (it closes what its work opened), even when this then raises
+        an earlier call's error."""
+        self._slots.acquire()
+        try:
+            self._pool.submit(self._run, fn)
+        except BaseException:
+            self._slots.release()
+            raise
+        self._raise()
+
+    def _run(self, fn: Callable[[], object]) -> None:
+        try:
+            fn()
+        except Exception as exc:  # noqa: BLE001 - kept for the caller: raised by submit or on leaving
+            with self._lock:
+                if self._error is None:
+                    self._error = exc
+        finally:
+            self._slots.release()

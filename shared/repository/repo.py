@@ -17,7 +17,7 @@ import logging
 import os
 import re
 import uuid
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -205,11 +205,24 @@ class Repository:
 
     def store_chunk(self, digest: bytes, data: Buffer) -> int:
         """Seal and store a chunk (unless it is there already); returns the stored size."""
+        size, finish = self.begin_store_chunk(digest, data)
+        finish()
+        return size
+
+    def begin_store_chunk(self, digest: bytes, data: Buffer) -> tuple[int, Callable[[], None]]:
+        """:meth:`store_chunk` in two steps (:meth:`Backend.begin_put`): seal and write the
+        chunk now; the call returned completes the store (flushed, under its name, in the
+        index) and needs neither ``data`` nor the sealed bytes. Its stored size."""
+        digest_hex = digest.hex()
         blob = self.codec.encode(digest, data)
-        self.backend.put(chunk_key(digest.hex()), blob, overwrite=False)
-        if self.index is not None:
-            self.index.add(digest.hex())
-        return len(blob)
+        finish_put = self.backend.begin_put(chunk_key(digest_hex), blob, overwrite=False)
+
+        def finish() -> None:
+            finish_put()
+            if self.index is not None:
+                self.index.add(digest_hex)
+
+        return len(blob), finish
 
     def has_chunk(self, digest_hex: str) -> bool:
         """Whether the repository holds the chunk: this host's index when it has a usable one

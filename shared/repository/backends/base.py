@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import abc
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
 Buffer = bytes | bytearray | memoryview
@@ -16,6 +16,10 @@ class ObjectInfo:
     key: str
     size: int
     mtime: float
+
+
+def _done() -> None:
+    """A put that is already complete."""
 
 
 class Backend(abc.ABC):
@@ -42,6 +46,14 @@ class Backend(abc.ABC):
         one, never part of it, and after a crash an object under ``key`` is whole or absent.
         It is durable once :meth:`flush` returns. With ``overwrite=False`` an existing object
         is left alone and ``put`` still succeeds."""
+
+    def begin_put(self, key: str, data: Buffer, *, overwrite: bool = True) -> Callable[[], object]:
+        """:meth:`put` in two steps: write ``data`` now and return the call that completes the
+        put (a file's flush to disk and its name); until that call returns, ``key`` may be
+        absent. The caller makes that call exactly once, on any thread, and need not keep
+        ``data`` for it. By default the whole put is done now and the call does nothing."""
+        self.put(key, data, overwrite=overwrite)
+        return _done
 
     @abc.abstractmethod
     def get(self, key: str, offset: int = 0, length: int | None = None) -> bytes:

@@ -18,12 +18,13 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import functools
 import mmap
 import os
 import shutil
 import threading
 import uuid
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -48,6 +49,11 @@ def os_error(location: str, exc: OSError, what: str) -> BackendError:
     if exc.errno in _TRANSIENT:
         return BackendUnavailable(location=location, detail=detail)
     return BackendError(location=location, detail=detail)
+
+
+def _exists() -> bool:
+    """A put with ``overwrite=False`` of a key that is there already."""
+    return False
 
 
 class FileBackend(Backend):
@@ -92,9 +98,14 @@ class FileBackend(Backend):
             raise self._error(exc, "(create)") from None
 
     def put(self, key: str, data: Buffer, *, overwrite: bool = True) -> None:
+        self.begin_put(key, data, overwrite=overwrite)()
+
+    def begin_put(self, key: str, data: Buffer, *, overwrite: bool = True) -> Callable[[], object]:
+        """Write ``data`` into a new temporary file; the call returned flushes it
+        (:meth:`install_tmp`: fdatasync, the slow part on a busy disk) and links it as ``key``."""
         path = self._path(key)
         if not overwrite and path.exists():
-            return
+            return _exists
         fd, tmp = self.open_tmp(key)
         try:
             view = memoryview(data).cast("B")
@@ -104,7 +115,7 @@ class FileBackend(Backend):
         except OSError as exc:
             self.discard_tmp(fd, tmp)
             raise self._error(exc, key) from None
-        self.install_tmp(fd, tmp, key, overwrite=overwrite)
+        return functools.partial(self.install_tmp, fd, tmp, key, overwrite=overwrite)
 
     def _write_direct(self, fd: int, view: memoryview) -> bool:
         """Write ``view`` into the new, empty file ``fd`` with O_DIRECT, a ``DIRECT_PIECE`` at

@@ -71,6 +71,11 @@ class RetryingBackend(Backend):
     def put(self, key: str, data: Buffer, *, overwrite: bool = True) -> None:
         self._call(lambda: self.inner.put(key, data, overwrite=overwrite))
 
+    def begin_put(self, key: str, data: Buffer, *, overwrite: bool = True) -> Callable[[], object]:
+        """The write is retried like a put; the call that completes it is not (it closes what
+        the write opened): its error reaches the caller."""
+        return self._call(lambda: self.inner.begin_put(key, data, overwrite=overwrite))
+
     def get(self, key: str, offset: int = 0, length: int | None = None) -> bytes:
         return self._call(lambda: self.inner.get(key, offset, length))
 

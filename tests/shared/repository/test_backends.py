@@ -87,6 +87,28 @@ def test_overwrite_false_keeps_the_first_object(backend: Backend) -> None:
     assert backend.get("k") == b"third"
 
 
+def test_begin_put_completes_with_its_call(backend: Backend) -> None:
+    data = bytearray(b"staged object")
+    finish = backend.begin_put("chunks/st/staged", data)
+    data[:] = b"changed after"  # the write is done: the caller need not keep the bytes
+    finish()
+    assert backend.get("chunks/st/staged") == b"staged object"
+    backend.begin_put("chunks/st/staged", b"second", overwrite=False)()
+    assert backend.get("chunks/st/staged") == b"staged object"
+
+
+def test_file_begin_put_names_the_object_only_when_completed(tmp_path: Path) -> None:
+    store = FileBackend(tmp_path / "store")
+    store.create()
+    finish = store.begin_put("chunks/ab/abcd", b"x" * 100_000)
+    assert not store.exists("chunks/ab/abcd")
+    assert list(store.list("chunks/")) == []
+    assert len(list((tmp_path / "store" / "tmp").iterdir())) == 1  # written, not yet named
+    finish()
+    assert store.get("chunks/ab/abcd") == b"x" * 100_000
+    assert list((tmp_path / "store" / "tmp").iterdir()) == []
+
+
 def test_delete_is_idempotent(backend: Backend) -> None:
     backend.put("k", b"x")
     backend.delete("k")
