@@ -7,7 +7,12 @@ bitmap is rotated only after that, so a backup killed at any point loses no chan
 
 Bitmap bookkeeping lives in the image itself: beside the tracking bitmap ``NAME`` a tiny
 disabled marker bitmap ``NAME@<repo8>.<backup32>`` names the backup since which ``NAME``
-has tracked writes, for that repository.
+has tracked writes, for that repository. Before the image is read a second tracking bitmap
+``NAME.next`` starts; the rotation after commit makes ``NAME`` exactly ``NAME.next`` (one
+qemu-img run: cleared, then merged) and drops ``NAME.next``. A write that comes after the read
+and before the rotation (the image is free again: a VM started meanwhile) is in ``NAME.next``,
+so the rotation never clears it away; a ``NAME.next`` a killed run left is merged back into
+``NAME`` first, as the live path does (:mod:`shared.repository.live`).
 """
 
 from __future__ import annotations
@@ -87,10 +92,6 @@ def bitmap_base(repo: Repository, names: list[str], name: str, parent_id: str | 
     return base
 
 
-def _bitmap_names(path: str) -> list[str]:
-    return [bitmap["name"] for bitmap in qemu.list_bitmaps(path)]
-
-
 def marker_name(name: str, repo: Repository, manifest_id: str) -> str:
     """The disabled bitmap that says "``name`` tracks writes since backup ``manifest_id``"."""
     return f"{_marker_prefix(name, repo)}{manifest_id[:32]}"
@@ -127,6 +128,27 @@ def choose_plan(
     return _Plan("incremental", parent, data, False)
 
 
+NEXT = ".next"  # the bitmap that tracks writes from a backup's read on (see the module's doc)
+
+
+def _merge_next_back(path: str, name: str, names: list[str]) -> list[str]:
+    """A ``NAME.next`` that a killed run left: merged into ``NAME`` (which then covers every
+    write since its base again) and removed. The image's bitmaps after."""
+    nxt = name + NEXT
+    if nxt not in names:
+        return names
+    if name in names:
+        qemu.bitmap_merge(path, name, nxt)
+    qemu.bitmap_remove(path, nxt)
+    return [n for n in names if n != nxt]
+
+
+def _start_next(path: str, name: str, granularity: int | None) -> None:
+    """Start ``NAME.next`` (enabled, with ``NAME``'s granularity when known) before the image
+    is read."""
+    qemu.bitmap_add(path, name + NEXT, granularity=granularity)
+
+
 def _restart_bitmap(path: str, name: str, names: list[str]) -> None:
     """Before a backup that reads everything: start tracking now, so the bitmap covers every
     write after this backup's read. Every repository's marker goes first: none of them may
@@ -141,9 +163,10 @@ def _restart_bitmap(path: str, name: str, names: list[str]) -> None:
 
 
 def _rotate_bitmap(path: str, name: str, repo: Repository, manifest_id: str) -> None:
-    """After commit: mark the new base, drop every other marker (of any repository: the clear
-    invalidates them all), then clear. A crash between steps leaves only markers whose base
-    the bitmap still covers."""
+    """After commit: mark the new base, drop every other marker (of any repository: the
+    rotation invalidates them all), then ``NAME`` := ``NAME.next`` (the writes since this
+    backup's read) and ``NAME.next`` goes. A crash between steps leaves only markers whose
+    base ``NAME`` (with ``NAME.next`` merged back) still covers."""
     old = [b["name"] for b in qemu.list_bitmaps(path) if b["name"].startswith(f"{name}@")]
     new = marker_name(name, repo, manifest_id)
     if new not in old:
@@ -152,8 +175,9 @@ def _rotate_bitmap(path: str, name: str, repo: Repository, manifest_id: str) -> 
     for marker in old:
         if marker != new:
             qemu.bitmap_remove(path, marker)
-    qemu.bitmap_clear(path, name)
+    qemu.bitmap_merge(path, name, name + NEXT, clear=True)
     failpoint("backup.bitmap_cleared")
+    qemu.bitmap_remove(path, name + NEXT)
 
 
 def backup_volume(
@@ -182,10 +206,12 @@ def backup_volume(
             if fmt != "qcow2":
                 raise VolumeError(path=volume_path, detail="dirty bitmaps need a qcow2 image; this one is raw")
             try:
-                names = _bitmap_names(path)
+                found = qemu.list_bitmaps(path)
+                names = _merge_next_back(path, bitmap, [b["name"] for b in found])
                 base = None if full else bitmap_base(repo, names, bitmap, parent)
                 if base is None:
                     _restart_bitmap(path, bitmap, names)
+                _start_next(path, bitmap, next((b["granularity"] for b in found if b["name"] == bitmap), None))
             except qemu.QemuError as exc:
                 raise VolumeError(path=volume_path, detail=str(exc)) from None
         reader = open_reader(path, bitmap if base else None, fmt)

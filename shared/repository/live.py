@@ -47,7 +47,7 @@ from shared.errors import BlockvaultError, GuestAgentError, MonitorError, Volume
 from shared.failpoints import failpoint
 
 from . import qemu
-from .backup import MARKER_GRANULARITY, BackupResult, bitmap_base, choose_plan, marker_name, run_plan
+from .backup import MARKER_GRANULARITY, NEXT, BackupResult, bitmap_base, choose_plan, marker_name, run_plan
 from .locks import repository_lock
 from .manifest import BackupEntry
 from .nbd import NBDClient, NBDError
@@ -58,7 +58,6 @@ from .volume import NbdReader
 log = logging.getLogger(__name__)
 
 PREFIX = "blockvault-"
-NEXT = ".next"
 _GONE_TIMEOUT = 20.0
 
 Progress = Callable[[int, int], None]

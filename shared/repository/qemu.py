@@ -158,6 +158,19 @@ def bitmap_remove(path: str, name: str) -> None:
     _run_qemu_img(path, f"removing bitmap {name!r}", ["bitmap", "--remove", "-f", "qcow2", os.path.abspath(path), name])
 
 
+def bitmap_merge(path: str, name: str, source: str, *, clear: bool = False) -> None:
+    """Merge persistent bitmap ``source`` into ``name``; with ``clear``, ``name`` is cleared
+    first in the same qemu-img run (qemu-img applies its operations in the order given, with
+    the image open once): ``name`` then holds exactly ``source``'s bits, and no other writer
+    of the image can come between the two steps."""
+    ops = ["--clear"] if clear else []
+    _run_qemu_img(
+        path,
+        f"merging bitmap {source!r} into {name!r}",
+        ["bitmap", *ops, "--merge", source, "-f", "qcow2", os.path.abspath(path), name],
+    )
+
+
 def create_qcow2(path: str, size: int) -> None:
     """Create an empty qcow2 image of ``size`` bytes (``qemu-img create -f qcow2 -q``)."""
     _run_qemu_img(path, "qemu-img create", ["create", "-f", "qcow2", "-q", os.path.abspath(path), str(size)])
