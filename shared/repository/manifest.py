@@ -85,9 +85,16 @@ class Manifest:
 
     def hole_runs(self) -> list[tuple[int, int]]:
         """(offset, length) of the runs of the volume that no chunk holds (zeros or holes)."""
+        return self._runs(held=False)
+
+    def data_runs(self) -> list[tuple[int, int]]:
+        """(offset, length) of the runs of the volume that chunks hold (what a restore writes)."""
+        return self._runs(held=True)
+
+    def _runs(self, *, held: bool) -> list[tuple[int, int]]:
         runs: list[tuple[int, int]] = []
         for index, digest in enumerate(self.chunks):
-            if digest:
+            if bool(digest) != held:
                 continue
             offset = index * self.chunkSize
             length = min(self.chunkSize, self.size - offset)

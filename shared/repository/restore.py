@@ -58,7 +58,7 @@ def restore_backup(
                 raise UsageError(detail=f"an in-place restore writes raw data to a block device, not {fmt}")
             writer = DeviceWriter(check_block_device(target), manifest.size)
         else:
-            writer = open_writer(target, manifest.size, fmt)
+            writer = open_writer(target, manifest.size, fmt, allocate=manifest.data_runs())
         chunk_size = manifest.chunkSize
         todo = [(i, digest) for i, digest in enumerate(manifest.chunks) if digest]
         total = manifest.stored_size

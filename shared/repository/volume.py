@@ -27,6 +27,7 @@ from typing import Protocol
 from shared.errors import TargetExists, VolumeError
 
 from . import qemu
+from .allocation import Preallocation
 from .backends.base import Buffer
 from .nbd import STATE_ZERO, NBDClient
 from .pipeline import default_workers
@@ -494,19 +495,30 @@ class RawWriter(_DescriptorWriter):
     """A sparse raw file: only non-zero blocks are written, by positioned writes from the
     pipeline's threads side by side (O_DIRECT where the file system takes it, see
     :class:`_PositionedWrites`). The file's size is set first, so what is not written stays a
-    hole: the output is exactly as sparse as the backup's data."""
+    hole: the output is exactly as sparse as the backup's data. ``allocate``: the runs the
+    chunks will be written to (the backup's data runs), allocated before the writes so they
+    go side by side (see :mod:`.allocation`); their blocks of zeros are holes again at
+    :meth:`commit`."""
 
-    def __init__(self, target: Path, size: int, *, direct: bool = True) -> None:
+    def __init__(self, target: Path, size: int, *, direct: bool = True, allocate: Sequence[Extent] = ()) -> None:
         _check_target(target)
         self.target = target
         self.tmp = _temporary_name(target)
         self._fd = os.open(self.tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
         try:
             os.ftruncate(self._fd, size)
+            self._allocation = Preallocation(self._fd, size)
+            if allocate:
+                self._allocation.allocate(allocate)
             self._writes = _PositionedWrites(self._fd, self.tmp, direct=direct)
         except BaseException:
             self.abort()
             raise
+
+    @property
+    def preallocated(self) -> bool:
+        """Whether the data runs were allocated ahead of the writes."""
+        return self._allocation.active
 
     def buffer(self, size: int) -> contextlib.AbstractContextManager[memoryview]:
         assert self._writes is not None
@@ -514,9 +526,12 @@ class RawWriter(_DescriptorWriter):
 
     def write(self, offset: int, data: Buffer, *, lent: bool = False) -> None:
         assert self._writes is not None
-        self._writes.write(offset, data, nonzero_runs(data), lent=lent)
+        runs = nonzero_runs(data)
+        self._writes.write(offset, data, runs, lent=lent)
+        self._allocation.written(offset, len(memoryview(data)), runs)
 
     def commit(self) -> None:
+        self._allocation.finish()
         os.fsync(self._fd)  # what went O_DIRECT is on the disk: this flushes metadata and the disk's cache
         self._close()
         _link_into_place(self.tmp, self.target)
@@ -671,10 +686,13 @@ class DeviceWriter(_DescriptorWriter):
         self._close()
 
 
-def open_writer(target: str, size: int, fmt: str | None = None) -> RawWriter | Qcow2Writer:
+def open_writer(
+    target: str, size: int, fmt: str | None = None, *, allocate: Sequence[Extent] = ()
+) -> RawWriter | Qcow2Writer:
     """A writer for a new volume at ``target`` in format ``fmt``; without one, qcow2 when the
-    name ends in ``.qcow2``."""
+    name ends in ``.qcow2``. ``allocate``: the runs that will be written (a raw file allocates
+    them first, see :class:`RawWriter`)."""
     path = Path(target).absolute()
     if fmt == "qcow2" or (fmt is None and path.suffix == ".qcow2"):
         return Qcow2Writer(path, size)
-    return RawWriter(path, size)
+    return RawWriter(path, size, allocate=allocate)

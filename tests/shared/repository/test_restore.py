@@ -17,7 +17,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from shared.errors import BackupNotFound, IntegrityError, TargetExists, UsageError, VolumeError
+from shared.repository import allocation
 from shared.repository.backup import backup_volume
+from shared.repository.manifest import Manifest
 from shared.repository.repo import Repository, chunk_key
 from shared.repository.restore import restore_backup
 from shared.repository.volume import ZERO_BLOCK, DeviceWriter, RawReader, RawWriter, nonzero_runs
@@ -47,14 +49,93 @@ def test_raw_restore_is_byte_for_byte_and_as_sparse_as_the_source(repo: Reposito
     write_regions(volume, 40 * MiB, [*vm_like_regions(40 * MiB, seed=7), (40 * MiB - 4096, os.urandom(4096))])
     backup = backup_volume(repo, str(volume))
     target = tmp_path / "out.raw"
-    writer = RawWriter(tmp_path / "probe.raw", MiB)
+    writer = RawWriter(tmp_path / "probe.raw", MiB, allocate=[(0, MiB)])
     assert writer.direct  # ext4 under the test's folder takes O_DIRECT: the fast path is the one tested
+    assert writer.preallocated  # and fallocate with hole punching: so is preallocation
     writer.abort()
     restore_backup(repo, backup.id, str(target))
     assert digest(target) == digest(volume)
     assert data_extents(target) == data_extents(volume)  # holes exactly where the source has them
     assert allocated(target) <= allocated(volume) + 64 * 1024  # give or take an extent-tree block
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out.raw", "repo", "vol.raw"]  # no partial file left
+
+
+def sparse_chunks(size: int) -> list[tuple[int, bytes]]:
+    """1 MiB chunks (with their offsets) whose zero 64 KiB blocks lie at the start, in the
+    middle, at the end, everywhere, nowhere; the last chunk ends at ``size`` (not on a 4 KiB
+    block) in zeros."""
+    block = ZERO_BLOCK
+    zero, data = bytes(block), b"\x5a" * block
+    shapes = [
+        zero * 3 + data * 13,
+        data * 5 + zero * 6 + data * 5,
+        data * 15 + zero,
+        zero * 16,
+        data * 16,
+        (data + zero) * 8,
+    ]
+    chunks = [(i * MiB, shape) for i, shape in enumerate(shapes)]
+    last = len(shapes) * MiB
+    chunks.append((last, data * 8 + bytes(size - last - 8 * block)))
+    return chunks
+
+
+def write_chunks(path: Path, size: int, chunks: list[tuple[int, bytes]], allocate: list[tuple[int, int]]) -> RawWriter:
+    writer = RawWriter(path, size, allocate=allocate)
+    for offset, data in chunks:
+        writer.write(offset, data)
+    writer.commit()
+    return writer
+
+
+@pytest.mark.parametrize("batch", [allocation.PUNCH_BATCH, 2], ids=["punched-at-commit", "punched-in-batches"])
+def test_preallocated_writes_leave_exactly_the_holes_of_plain_writes(
+    tmp_path: Path, batch: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(allocation, "PUNCH_BATCH", batch)
+    size = 7 * MiB - 5000
+    chunks = sparse_chunks(size)
+    plain = tmp_path / "plain.raw"
+    assert not write_chunks(plain, size, chunks, allocate=[]).preallocated
+    ahead = tmp_path / "ahead.raw"
+    assert write_chunks(ahead, size, chunks, allocate=[(0, size)]).preallocated  # every chunk allocated first
+    assert ahead.read_bytes() == plain.read_bytes()
+    assert data_extents(ahead) == data_extents(plain)
+    assert allocated(ahead) == allocated(plain)  # the zero blocks allocated ahead were punched out again
+    expected = [(offset + start, length) for offset, data in chunks for start, length in nonzero_runs(data)]
+    assert allocated(ahead) >= sum(length for _, length in expected)
+
+
+def test_preallocation_gives_way_when_whole_chunks_do_not_fit(repo: Repository, tmp_path: Path) -> None:
+    small = tmp_path / "small"
+    small.mkdir()
+    made = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=12m", "tmpfs", str(small)], capture_output=True, text=True, check=False
+    )
+    assert made.returncode == 0, f"mount -t tmpfs (a small file system for this test) failed: {made.stderr}"
+    try:
+        volume = tmp_path / "vol.raw"
+        # 1 MiB of data in each of five 4 MiB chunks, a chunk of holes between two: 20 MiB of chunks, 5 MiB of data
+        write_regions(volume, 40 * MiB, [(i * 8 * MiB + MiB, os.urandom(MiB)) for i in range(5)])
+        backup = backup_volume(repo, str(volume))
+        runs = [(i * 8 * MiB, 4 * MiB) for i in range(5)]
+        writer = RawWriter(small / "probe.raw", 40 * MiB, allocate=runs)
+        assert not writer.preallocated  # the third chunk did not fit: nothing is left allocated
+        assert allocated(writer.tmp) == 0
+        writer.abort()
+        target = small / "out.raw"
+        restore_backup(repo, backup.id, str(target))  # what the writes allocate fits
+        assert digest(target) == digest(volume)
+        assert allocated(target) == 5 * MiB
+    finally:
+        subprocess.run(["umount", str(small)], check=False)
+
+
+def test_manifest_data_runs_are_what_hole_runs_leave() -> None:
+    chunks: list[str | None] = ["a", "b", None, "c", None, None, "d"]
+    manifest = Manifest(volume="v", format="raw", size=6 * MiB + 100, chunkSize=MiB, chunks=chunks, mode="full")
+    assert manifest.data_runs() == [(0, 2 * MiB), (3 * MiB, MiB), (6 * MiB, 100)]
+    assert manifest.hole_runs() == [(2 * MiB, MiB), (4 * MiB, 2 * MiB)]
 
 
 def test_restore_of_a_size_not_a_multiple_of_the_direct_block(repo: Repository, tmp_path: Path) -> None:
@@ -84,8 +165,9 @@ def ramfs(tmp_path: Path) -> Iterator[Path]:
 def test_restore_falls_back_to_the_page_cache_where_o_direct_is_refused(
     repo: Repository, tmp_path: Path, ramfs: Path
 ) -> None:
-    writer = RawWriter(ramfs / "probe.raw", MiB)
+    writer = RawWriter(ramfs / "probe.raw", MiB, allocate=[(0, MiB)])
     assert not writer.direct  # refused at open: every write goes through the page cache
+    assert not writer.preallocated  # ramfs has no fallocate either: the writes allocate
     writer.write(0, b"\1" * MiB)
     writer.commit()
     assert (ramfs / "probe.raw").read_bytes() == b"\1" * MiB
