@@ -82,6 +82,18 @@ def test_raw_backup_killed_at_each_point(cli: Cli, make_raw: Callable[..., Path]
     assert_consistent(cli, repo)
 
 
+def next_incremental_restores(cli: Cli, repo: str, volume: Path, out: Path, point: str) -> None:
+    """The next ``--bitmap bv`` backup is an incremental that restores to the image as it is
+    now, and the image keeps exactly ``bv`` and one marker (no ``bv.next`` left)."""
+    after = cli.json("repo", "backup", repo, str(volume), "--bitmap", "bv")
+    assert after["mode"] == "incremental"
+    cli.run("repo", "restore", repo, after["id"], str(out), check=True)
+    assert qcow2_equal(out, volume), point
+    names = [b["name"] for b in qemu.list_bitmaps(str(volume))]
+    assert sorted(n for n in names if not n.startswith("bv@")) == ["bv"], names
+    assert len([n for n in names if n.startswith("bv@")]) == 1, names
+
+
 @pytest.mark.parametrize(
     "point",
     [
@@ -104,13 +116,7 @@ def test_bitmap_backup_killed_never_loses_a_change(
     killed(cli, point, "repo", "backup", repo, str(volume), "--bitmap", "bv")
     assert_consistent(cli, repo)
     qemu_write(volume, 13 * MiB, 8192, 0x63)
-    after = cli.json("repo", "backup", repo, str(volume), "--bitmap", "bv")
-    assert after["mode"] == "incremental"
-    out = tmp_path / "out.qcow2"
-    cli.run("repo", "restore", repo, after["id"], str(out), check=True)
-    assert qcow2_equal(out, volume), point
-    names = [b["name"] for b in qemu.list_bitmaps(str(volume))]
-    assert "bv" in names and len([n for n in names if n.startswith("bv@")]) == 1
+    next_incremental_restores(cli, repo, volume, tmp_path / "out.qcow2", point)
 
 
 @pytest.mark.parametrize("point", ["backup.bitmap_marked=1", "backup.bitmap_cleared=1"])
@@ -138,14 +144,7 @@ def test_a_write_while_the_bitmap_rotates_is_in_the_next_incremental(
         release(gate)
     _out, err = slow.communicate(timeout=120)
     assert slow.returncode == 0, err
-    after = cli.json("repo", "backup", repo, str(volume), "--bitmap", "bv")
-    assert after["mode"] == "incremental"
-    restored = tmp_path / "out.qcow2"
-    cli.run("repo", "restore", repo, after["id"], str(restored), check=True)
-    assert qcow2_equal(restored, volume), point
-    names = [b["name"] for b in qemu.list_bitmaps(str(volume))]
-    assert sorted(n for n in names if not n.startswith("bv@")) == ["bv"], names
-    assert len([n for n in names if n.startswith("bv@")]) == 1, names
+    next_incremental_restores(cli, repo, volume, tmp_path / "out.qcow2", point)
 
 
 def test_backup_killed_at_random_moments(cli: Cli, make_raw: Callable[..., Path], tmp_path: Path) -> None:
