@@ -30,11 +30,16 @@ FALLOC_FL_PUNCH_HOLE = 0x02
 BLOCK = 4096  # punches reaching the end of the file are rounded up to this (the file system's block, up to 4 KiB)
 PUNCH_BATCH = 1024  # zero runs held before they are punched (memory stays bounded whatever the size)
 
+libc = None  # the C library with errno kept (its calls Python's os module lacks; volume.py's sync_file_range too)
+with contextlib.suppress(OSError):
+    libc = ctypes.CDLL("libc.so.6", use_errno=True)
+
 _fallocate = None
-with contextlib.suppress(OSError, AttributeError):
-    _fallocate = ctypes.CDLL("libc.so.6", use_errno=True).fallocate
-    _fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_longlong, ctypes.c_longlong]
-    _fallocate.restype = ctypes.c_int
+with contextlib.suppress(AttributeError):
+    if libc is not None:
+        _fallocate = libc.fallocate
+        _fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_longlong, ctypes.c_longlong]
+        _fallocate.restype = ctypes.c_int
 
 
 def fallocate(fd: int, mode: int, offset: int, length: int) -> None:

@@ -27,7 +27,7 @@ from typing import Protocol
 from shared.errors import TargetExists, VolumeError
 
 from . import qemu
-from .allocation import Preallocation
+from .allocation import Preallocation, libc
 from .backends.base import Buffer
 from .nbd import STATE_ZERO, NBDClient
 from .pipeline import default_workers
@@ -324,16 +324,13 @@ def nonzero_runs(data: Buffer) -> list[Extent]:
 
 
 _SYNC_FILE_RANGE_WRITE = 2
-_libc = None
-with contextlib.suppress(OSError):
-    _libc = ctypes.CDLL("libc.so.6", use_errno=True)
 
 
 def _start_writeback(fd: int, offset: int, length: int) -> None:
     """Start writing a just-written range to disk in the background (sync_file_range), so the
     final fsync finds little left to do and the disk works while chunks are still decoded."""
-    if _libc is not None:
-        _libc.sync_file_range(fd, ctypes.c_longlong(offset), ctypes.c_longlong(length), _SYNC_FILE_RANGE_WRITE)
+    if libc is not None:
+        libc.sync_file_range(fd, ctypes.c_longlong(offset), ctypes.c_longlong(length), _SYNC_FILE_RANGE_WRITE)
 
 
 DIRECT_ALIGN = 4096  # offsets, lengths and buffer addresses of O_DIRECT writes (any logical block size up to 4 KiB)
