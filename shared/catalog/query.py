@@ -567,6 +567,9 @@ def _column_clause(
         _check_text(value, name)
         clause = attr.ilike(_like_pattern(value), escape="\\")
     else:
+        if target.kind == "bool" and positive != "=":
+            # true and false have no order: SQL would refuse the comparison (a database error)
+            raise InvalidArgument(detail=f"operator '{op}' does not apply to the boolean field {_show(name)}")
         converted = _convert(target, value, name)
         comparisons = {
             "=": attr.__eq__,
