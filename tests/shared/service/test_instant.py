@@ -87,14 +87,16 @@ def stream_job(vm: QemuVm) -> dict[str, Any] | None:
     return jobs[0] if jobs else None
 
 
-def start_vm_on_overlay(site: Site, qemu_vm: VmFactory, fmt: str) -> tuple[bytes, VmInstance, Volume, Running, QemuVm]:
+def start_vm_on_overlay(
+    site: Site, qemu_vm: VmFactory, fmt: str, rate: int = RATE
+) -> tuple[bytes, VmInstance, Volume, Running, QemuVm]:
     source = site.tmp / f"source.{fmt}"
     content = patterned(source, fmt)
     site.storage()
     backup = site.backup(site.volume(source.name, size=SIZE, path=source))
     vm_row = site.vm(qmp_socket=str(site.tmp / "vm0" / "qmp.sock"))  # where the fixture's QEMU listens
     job = instant.request_instant_volume(
-        site.session, backup.uuid, {"vmInstanceUuid": vm_row.uuid, "attachTimeout": 120, "bandwidthLimit": RATE}, None
+        site.session, backup.uuid, {"vmInstanceUuid": vm_row.uuid, "attachTimeout": 120, "bandwidthLimit": rate}, None
     )
     volume = site.session.get_one(Volume, job.resourceUuid)
     assert (volume.status, volume.format, volume.vmInstanceUuid) == ("Creating", "qcow2", vm_row.uuid)
@@ -136,8 +138,13 @@ def test_a_running_vm_reads_the_backup_at_once_and_keeps_its_writes(site: Site, 
 
 
 def test_a_storage_that_vanishes_mid_stream_fails_the_job_and_pauses_the_vm(site: Site, qemu_vm: VmFactory) -> None:
-    _content, _vm_row, volume, running, vm = start_vm_on_overlay(site, qemu_vm, "raw")
-    wait_for(lambda: (j := stream_job(vm)) and j["current-progress"] > 0, "the stream to start")
+    # slow enough (32 s) that the stream cannot end before the storage goes, however loaded the machine
+    _content, _vm_row, volume, running, vm = start_vm_on_overlay(site, qemu_vm, "raw", rate=SIZE // 32)
+    wait_for(
+        lambda: running.error or running.result or ((j := stream_job(vm)) and j["current-progress"] > 0),
+        "the stream to start",
+    )
+    assert running.error is None and running.result is None, (running.error, running.result)
     vm.write(0, 7 * MiB, 4096, 0xEE)
     site.vanish(site.session.query(BackupStorage).one())
     running.join()
