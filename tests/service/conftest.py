@@ -56,6 +56,10 @@ class Stack:
             BLOCKVAULT_HEARTBEAT_SECONDS="1",
             BLOCKVAULT_HOST_TIMEOUT_SECONDS="15",
             BLOCKVAULT_REQUEUE_SECONDS="5",
+            # no libvirt discovery unless the test asks for it (tests/service/test_libvirt_worker.py):
+            # by default a worker syncs the machine's libvirtd every heartbeat, and with it every
+            # other test's domains into its catalog
+            BLOCKVAULT_LIBVIRT_URI="off",
         )
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
         self.client = Client(f"http://127.0.0.1:{self.port}", self.key, timeout=30)
