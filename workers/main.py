@@ -11,6 +11,8 @@ from __future__ import annotations
 import logging
 import threading
 
+from celery.concurrency import get_implementation
+from celery.utils.nodenames import default_nodename, host_format
 from celery.worker import state as worker_state
 
 from shared import hosts, storage
@@ -121,7 +123,8 @@ def import_before_threads() -> None:
     registry.types()  # every built-in backend module (s3 pulls boto3 in)
 
 
-def run_worker(host_uuid: str | None = None, concurrency: int = 2, loglevel: str = "INFO") -> None:
+def run_worker(host_uuid: str | None = None, concurrency: int = 2, loglevel: str = "INFO") -> int:
+    """Run until shut down; the worker's exit code."""
     settings = get_settings()
     import_before_threads()
     host = (host_uuid or hosts.local_host_uuid()).replace("-", "").lower()
@@ -144,18 +147,20 @@ def run_worker(host_uuid: str | None = None, concurrency: int = 2, loglevel: str
     log.info("worker.start host=%s queues=%s,%s", host, host_queue(host), STORAGE_QUEUE)
     app = celery_app()
     try:
-        app.worker_main(
-            [
-                "worker",
-                f"--hostname=blockvault-{host}@%h",
-                f"--queues={host_queue(host)},{STORAGE_QUEUE}",
-                f"--concurrency={concurrency}",
-                f"--loglevel={loglevel}",
-                "--pool=prefork",
-                "--without-mingle",
-                "--without-gossip",
-            ]
+        # the worker itself, as `celery worker` builds it (celery/bin/worker.py), without the
+        # celery command line: parsing it imported every click plugin installed (Flower with
+        # tornado, click-repl with prompt_toolkit), half of a worker's start-up CPU
+        worker = app.Worker(
+            hostname=host_format(default_nodename(f"blockvault-{host}@%h")),
+            queues=[host_queue(host), STORAGE_QUEUE],
+            concurrency=concurrency,
+            loglevel=loglevel,
+            pool_cls=get_implementation("prefork"),
+            without_mingle=True,
+            without_gossip=True,
         )
+        worker.start()
+        return int(worker.exitcode or 0)
     finally:
         beat.stopped.set()
         maintenance.stopped.set()

@@ -84,7 +84,9 @@ def worker_command(
     refuse_unsafe("worker")
     from workers.main import run_worker
 
-    run_worker(host_uuid, concurrency, loglevel)
+    code = run_worker(host_uuid, concurrency, loglevel)
+    if code:
+        raise SystemExit(code)
 
 
 @click.command("beat")
