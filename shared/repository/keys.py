@@ -16,7 +16,7 @@ import hmac
 import json
 import os
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import IO, Any
 
@@ -30,6 +30,9 @@ from shared.errors import IntegrityError
 from shared.forksafe import ForkSafeLock
 
 from .backends.base import Buffer
+
+Lender = Callable[[int], memoryview | None]
+"""Where a stored object is built: a writable buffer of the size asked for, or None."""
 
 ZSTD = 0x00
 ENCRYPTED = 0x01
@@ -174,18 +177,40 @@ class ObjectCodec:
         return dec
 
     def encode(self, digest: bytes, data: Buffer) -> bytes | bytearray:
-        """The stored form of ``data`` (whose digest is ``digest``), built with one copy.
-        Stored as is (``STORED``) when zstd would not make it smaller, or when a sample of it
-        does not compress (:func:`looks_incompressible`: random or already compressed data,
-        where zstd would spend its time for nothing)."""
+        """The stored form of ``data`` (whose digest is ``digest``), built with one copy."""
+        return self._seal(digest, *self._pack(data))
+
+    def encode_lent(self, digest: bytes, data: Buffer, lend: Lender) -> Buffer:
+        """:meth:`encode` built in the buffer ``lend`` gives for its size (the file backend's
+        O_DIRECT buffer, :meth:`Backend.lend_buffer`: written from where it lies), or in a new
+        one when it gives None. Valid until the thread's next call of ``lend``."""
+        kind, packed = self._pack(data)
+        size = 1 + len(packed) + (12 + 16 if self._aead is not None else 0)
+        out = lend(size)
+        if out is None:
+            return self._seal(digest, kind, packed)
+        if self._aead is None:
+            out[0] = kind
+            out[1:] = packed
+        else:
+            nonce = os.urandom(12)
+            out[0] = kind | ENCRYPTED
+            out[1:13] = nonce
+            self._aead.encrypt_into(nonce, packed, digest, out[13:])
+        return out
+
+    def _pack(self, data: Buffer) -> tuple[int, Buffer]:
+        """The type and payload ``data`` is stored with: ``STORED`` as is when zstd would not
+        make it smaller, or when a sample of it does not compress (:func:`looks_incompressible`:
+        random or already compressed data, where zstd would spend its time for nothing);
+        else ``ZSTD`` and its frame."""
         compressor = self._compressor()
         if looks_incompressible(compressor, data):
-            return self._seal(digest, STORED, memoryview(data))
-        packed: bytes | memoryview = compressor.compress(data)
-        kind = ZSTD
+            return STORED, memoryview(data)
+        packed = compressor.compress(data)
         if len(packed) >= len(data):
-            packed, kind = memoryview(data), STORED
-        return self._seal(digest, kind, packed)
+            return STORED, memoryview(data)
+        return ZSTD, packed
 
     def _seal(self, digest: bytes, kind: int, packed: Buffer) -> bytes | bytearray:
         if self._aead is None:

@@ -16,6 +16,7 @@ writer left there.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import errno
 import fcntl
 import functools
@@ -49,6 +50,11 @@ def os_error(location: str, exc: OSError, what: str) -> BackendError:
     if exc.errno in _TRANSIENT:
         return BackendUnavailable(location=location, detail=detail)
     return BackendError(location=location, detail=detail)
+
+
+def _address(view: memoryview) -> int:
+    """The address of a writable, non-empty buffer's first byte."""
+    return ctypes.addressof(ctypes.c_char.from_buffer(view))
 
 
 def _exists() -> bool:
@@ -109,7 +115,7 @@ class FileBackend(Backend):
         fd, tmp = self.open_tmp(key)
         try:
             view = memoryview(data).cast("B")
-            if not (len(view) >= DIRECT_MIN and self._direct and self._write_direct(fd, view)):
+            if not (len(view) >= DIRECT_MIN and self._direct and self._write_direct(fd, view, self._lent(view))):
                 while view:
                     view = view[os.write(fd, view) :]
         except OSError as exc:
@@ -117,12 +123,69 @@ class FileBackend(Backend):
             raise self._error(exc, key) from None
         return functools.partial(self.install_tmp, fd, tmp, key, overwrite=overwrite)
 
-    def _write_direct(self, fd: int, view: memoryview) -> bool:
-        """Write ``view`` into the new, empty file ``fd`` with O_DIRECT, a ``DIRECT_PIECE`` at
-        a time through this thread's page-aligned buffer (the last piece zero-padded to the
-        alignment, then the file cut back to its size): memory grows by one piece a writing
+    def lend_buffer(self, size: int) -> memoryview | None:
+        """This thread's page-aligned buffer (an anonymous mmap, grown to the largest ``size``
+        asked for, rounded up to ``DIRECT_ALIGN``) for objects :meth:`begin_put` writes with
+        O_DIRECT: written from where it lies, with no copy into the piece buffer. None for
+        smaller objects or where O_DIRECT was refused."""
+        if size < DIRECT_MIN or not self._direct:
+            return None
+        lent: mmap.mmap | None = getattr(self._aligned, "lent", None)
+        if lent is None or len(lent) < size:
+            if lent is not None:
+                lent.close()
+            lent = self._aligned.lent = mmap.mmap(-1, -(-size // DIRECT_ALIGN) * DIRECT_ALIGN)
+        return memoryview(lent)[:size]
+
+    def _lent(self, view: memoryview) -> mmap.mmap | None:
+        """This thread's lent buffer when ``view`` is a view of it from its first byte (as
+        :meth:`lend_buffer` lends it), else None."""
+        lent: mmap.mmap | None = getattr(self._aligned, "lent", None)
+        if lent is None or view.obj is not lent or not view or view.readonly:
+            return None
+        with memoryview(lent) as whole:
+            return lent if _address(whole) == _address(view) else None
+
+    def _write_lent(self, fd: int, view: memoryview, lent: mmap.mmap) -> bool:
+        """:meth:`_write_direct` of the lent buffer ``lent`` whose first ``len(view)`` bytes
+        are the object: zero-padded there to the alignment and written as it lies."""
+        padded = -(-len(view) // DIRECT_ALIGN) * DIRECT_ALIGN
+        lent[len(view) : padded] = bytes(padded - len(view))
+        flags = fcntl.fcntl(fd, fcntl.F_GETFL)
+        try:
+            fcntl.fcntl(fd, fcntl.F_SETFL, flags | os.O_DIRECT)
+        except OSError as exc:
+            if exc.errno != errno.EINVAL:
+                raise
+            self._direct = False
+            return False
+        try:
+            with memoryview(lent) as whole:
+                out = whole[:padded]
+                try:
+                    while out:
+                        out = out[os.write(fd, out) :]
+                except OSError as exc:
+                    if exc.errno != errno.EINVAL or len(out) != padded:
+                        raise
+                    self._direct = False  # refused before anything was written
+                    return False
+                finally:
+                    out.release()
+        finally:
+            fcntl.fcntl(fd, fcntl.F_SETFL, flags)
+        os.ftruncate(fd, len(view))
+        return True
+
+    def _write_direct(self, fd: int, view: memoryview, lent: mmap.mmap | None = None) -> bool:
+        """Write ``view`` into the new, empty file ``fd`` with O_DIRECT: from where it lies
+        when it is this thread's lent buffer (:meth:`lend_buffer`), else a ``DIRECT_PIECE`` at
+        a time through this thread's page-aligned piece buffer; the last piece zero-padded to
+        the alignment, then the file cut back to its size. Memory grows by one piece a writing
         thread, not by an object. False (nothing written) when the file system refuses
         O_DIRECT; this backend then writes through the page cache from now on."""
+        if lent is not None:
+            return self._write_lent(fd, view, lent)
         buffer: mmap.mmap | None = getattr(self._aligned, "buffer", None)
         if buffer is None:
             buffer = self._aligned.buffer = mmap.mmap(-1, DIRECT_PIECE)  # anonymous: page-aligned
