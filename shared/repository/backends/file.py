@@ -115,7 +115,7 @@ class FileBackend(Backend):
         fd, tmp = self.open_tmp(key)
         try:
             view = memoryview(data).cast("B")
-            if not (len(view) >= DIRECT_MIN and self._direct and self._write_direct(fd, view, self._lent(view))):
+            if not (len(view) >= DIRECT_MIN and self._direct and self._write_direct(fd, view)):
                 while view:
                     view = view[os.write(fd, view) :]
         except OSError as exc:
@@ -131,9 +131,7 @@ class FileBackend(Backend):
         if size < DIRECT_MIN or not self._direct:
             return None
         lent: mmap.mmap | None = getattr(self._aligned, "lent", None)
-        if lent is None or len(lent) < size:
-            if lent is not None:
-                lent.close()
+        if lent is None or len(lent) < size:  # a smaller one goes with its last view
             lent = self._aligned.lent = mmap.mmap(-1, -(-size // DIRECT_ALIGN) * DIRECT_ALIGN)
         return memoryview(lent)[:size]
 
@@ -146,49 +144,11 @@ class FileBackend(Backend):
         with memoryview(lent) as whole:
             return lent if _address(whole) == _address(view) else None
 
-    def _write_lent(self, fd: int, view: memoryview, lent: mmap.mmap) -> bool:
-        """:meth:`_write_direct` of the lent buffer ``lent`` whose first ``len(view)`` bytes
-        are the object: zero-padded there to the alignment and written as it lies."""
-        padded = -(-len(view) // DIRECT_ALIGN) * DIRECT_ALIGN
-        lent[len(view) : padded] = bytes(padded - len(view))
-        flags = fcntl.fcntl(fd, fcntl.F_GETFL)
-        try:
-            fcntl.fcntl(fd, fcntl.F_SETFL, flags | os.O_DIRECT)
-        except OSError as exc:
-            if exc.errno != errno.EINVAL:
-                raise
-            self._direct = False
-            return False
-        try:
-            with memoryview(lent) as whole:
-                out = whole[:padded]
-                try:
-                    while out:
-                        out = out[os.write(fd, out) :]
-                except OSError as exc:
-                    if exc.errno != errno.EINVAL or len(out) != padded:
-                        raise
-                    self._direct = False  # refused before anything was written
-                    return False
-                finally:
-                    out.release()
-        finally:
-            fcntl.fcntl(fd, fcntl.F_SETFL, flags)
-        os.ftruncate(fd, len(view))
-        return True
-
-    def _write_direct(self, fd: int, view: memoryview, lent: mmap.mmap | None = None) -> bool:
-        """Write ``view`` into the new, empty file ``fd`` with O_DIRECT: from where it lies
-        when it is this thread's lent buffer (:meth:`lend_buffer`), else a ``DIRECT_PIECE`` at
-        a time through this thread's page-aligned piece buffer; the last piece zero-padded to
-        the alignment, then the file cut back to its size. Memory grows by one piece a writing
-        thread, not by an object. False (nothing written) when the file system refuses
+    def _write_direct(self, fd: int, view: memoryview) -> bool:
+        """Write ``view`` into the new, empty file ``fd`` with O_DIRECT, from page-aligned
+        buffers (:meth:`_aligned_pieces`), the last piece zero-padded to the alignment, then
+        the file cut back to its size. False (nothing written) when the file system refuses
         O_DIRECT; this backend then writes through the page cache from now on."""
-        if lent is not None:
-            return self._write_lent(fd, view, lent)
-        buffer: mmap.mmap | None = getattr(self._aligned, "buffer", None)
-        if buffer is None:
-            buffer = self._aligned.buffer = mmap.mmap(-1, DIRECT_PIECE)  # anonymous: page-aligned
         flags = fcntl.fcntl(fd, fcntl.F_GETFL)
         try:
             fcntl.fcntl(fd, fcntl.F_SETFL, flags | os.O_DIRECT)
@@ -198,12 +158,8 @@ class FileBackend(Backend):
             self._direct = False
             return False
         try:
-            for start in range(0, len(view), DIRECT_PIECE):
-                piece = view[start : start + DIRECT_PIECE]
-                padded = -(-len(piece) // DIRECT_ALIGN) * DIRECT_ALIGN
-                buffer[: len(piece)] = piece
-                buffer[len(piece) : padded] = bytes(padded - len(piece))
-                with memoryview(buffer) as whole:
+            for start, source, padded in self._aligned_pieces(view):
+                with memoryview(source) as whole:
                     out = whole[:padded]
                     try:
                         while out:
@@ -219,6 +175,28 @@ class FileBackend(Backend):
             fcntl.fcntl(fd, fcntl.F_SETFL, flags)
         os.ftruncate(fd, len(view))
         return True
+
+    def _aligned_pieces(self, view: memoryview) -> Iterator[tuple[int, mmap.mmap, int]]:
+        """``view``'s bytes in page-aligned buffers, in order: each piece's offset, its buffer
+        and the length to write from it (zero-padded to ``DIRECT_ALIGN``). The whole object
+        as it lies when ``view`` is this thread's lent buffer (:meth:`lend_buffer`), else a
+        ``DIRECT_PIECE`` at a time copied into this thread's piece buffer: memory grows by one
+        piece a writing thread, not by an object."""
+        lent = self._lent(view)
+        if lent is not None:
+            padded = -(-len(view) // DIRECT_ALIGN) * DIRECT_ALIGN
+            lent[len(view) : padded] = bytes(padded - len(view))
+            yield 0, lent, padded
+            return
+        buffer: mmap.mmap | None = getattr(self._aligned, "buffer", None)
+        if buffer is None:
+            buffer = self._aligned.buffer = mmap.mmap(-1, DIRECT_PIECE)  # anonymous: page-aligned
+        for start in range(0, len(view), DIRECT_PIECE):
+            piece = view[start : start + DIRECT_PIECE]
+            padded = -(-len(piece) // DIRECT_ALIGN) * DIRECT_ALIGN
+            buffer[: len(piece)] = piece
+            buffer[len(piece) : padded] = bytes(padded - len(piece))
+            yield start, buffer, padded
 
     def open_tmp(self, key: str) -> tuple[int, Path]:
         """A new temporary file (descriptor and path) to write ``key``'s bytes into before

@@ -295,4 +295,3 @@ def test_file_backend_writes_a_lent_buffer_as_it_lies(tmp_path: Path, size: int)
     assert store.get("data/ab/offset") == data[::-1][1:]
     assert store.get("data/ab/lent") == data  # what was written from the buffer stays
     assert RetryingBackend(store).lend_buffer(size) is not None
-
