@@ -214,7 +214,7 @@ class Repository:
         chunk now; the call returned completes the store (flushed, under its name, in the
         index) and needs neither ``data`` nor the sealed bytes. Its stored size."""
         digest_hex = digest.hex()
-        blob = self.codec.encode(digest, data)
+        blob = self.codec.encode_lent(digest, data, self.backend.lend_buffer)  # sealed where it is written from
         finish_put = self.backend.begin_put(chunk_key(digest_hex), blob, overwrite=False)
 
         def finish() -> None:

@@ -55,6 +55,13 @@ class Backend(abc.ABC):
         self.put(key, data, overwrite=overwrite)
         return _done
 
+    def lend_buffer(self, size: int) -> memoryview | None:
+        """A writable buffer of exactly ``size`` bytes, lent to the calling thread until its
+        next call here, that :meth:`begin_put` writes without copying it first (the file
+        backend's page-aligned ``O_DIRECT`` buffer): a chunk is sealed straight into it. None
+        (the default) when this backend has no use for one: any buffer does as well."""
+        return None
+
     @abc.abstractmethod
     def get(self, key: str, offset: int = 0, length: int | None = None) -> bytes:
         """The object's bytes from ``offset`` (``length`` bytes, or to the end). Raises

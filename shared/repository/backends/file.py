@@ -16,6 +16,7 @@ writer left there.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import errno
 import fcntl
 import functools
@@ -49,6 +50,11 @@ def os_error(location: str, exc: OSError, what: str) -> BackendError:
     if exc.errno in _TRANSIENT:
         return BackendUnavailable(location=location, detail=detail)
     return BackendError(location=location, detail=detail)
+
+
+def _address(view: memoryview) -> int:
+    """The address of a writable, non-empty buffer's first byte."""
+    return ctypes.addressof(ctypes.c_char.from_buffer(view))
 
 
 def _exists() -> bool:
@@ -117,15 +123,32 @@ class FileBackend(Backend):
             raise self._error(exc, key) from None
         return functools.partial(self.install_tmp, fd, tmp, key, overwrite=overwrite)
 
+    def lend_buffer(self, size: int) -> memoryview | None:
+        """This thread's page-aligned buffer (an anonymous mmap, grown to the largest ``size``
+        asked for, rounded up to ``DIRECT_ALIGN``) for objects :meth:`begin_put` writes with
+        O_DIRECT: written from where it lies, with no copy into the piece buffer. None for
+        smaller objects or where O_DIRECT was refused."""
+        if size < DIRECT_MIN or not self._direct:
+            return None
+        lent: mmap.mmap | None = getattr(self._aligned, "lent", None)
+        if lent is None or len(lent) < size:  # a smaller one goes with its last view
+            lent = self._aligned.lent = mmap.mmap(-1, -(-size // DIRECT_ALIGN) * DIRECT_ALIGN)
+        return memoryview(lent)[:size]
+
+    def _lent(self, view: memoryview) -> mmap.mmap | None:
+        """This thread's lent buffer when ``view`` is a view of it from its first byte (as
+        :meth:`lend_buffer` lends it), else None."""
+        lent: mmap.mmap | None = getattr(self._aligned, "lent", None)
+        if lent is None or view.obj is not lent or not view or view.readonly:
+            return None
+        with memoryview(lent) as whole:
+            return lent if _address(whole) == _address(view) else None
+
     def _write_direct(self, fd: int, view: memoryview) -> bool:
-        """Write ``view`` into the new, empty file ``fd`` with O_DIRECT, a ``DIRECT_PIECE`` at
-        a time through this thread's page-aligned buffer (the last piece zero-padded to the
-        alignment, then the file cut back to its size): memory grows by one piece a writing
-        thread, not by an object. False (nothing written) when the file system refuses
+        """Write ``view`` into the new, empty file ``fd`` with O_DIRECT, from page-aligned
+        buffers (:meth:`_aligned_pieces`), the last piece zero-padded to the alignment, then
+        the file cut back to its size. False (nothing written) when the file system refuses
         O_DIRECT; this backend then writes through the page cache from now on."""
-        buffer: mmap.mmap | None = getattr(self._aligned, "buffer", None)
-        if buffer is None:
-            buffer = self._aligned.buffer = mmap.mmap(-1, DIRECT_PIECE)  # anonymous: page-aligned
         flags = fcntl.fcntl(fd, fcntl.F_GETFL)
         try:
             fcntl.fcntl(fd, fcntl.F_SETFL, flags | os.O_DIRECT)
@@ -135,12 +158,8 @@ class FileBackend(Backend):
             self._direct = False
             return False
         try:
-            for start in range(0, len(view), DIRECT_PIECE):
-                piece = view[start : start + DIRECT_PIECE]
-                padded = -(-len(piece) // DIRECT_ALIGN) * DIRECT_ALIGN
-                buffer[: len(piece)] = piece
-                buffer[len(piece) : padded] = bytes(padded - len(piece))
-                with memoryview(buffer) as whole:
+            for start, source, padded in self._aligned_pieces(view):
+                with memoryview(source) as whole:
                     out = whole[:padded]
                     try:
                         while out:
@@ -156,6 +175,28 @@ class FileBackend(Backend):
             fcntl.fcntl(fd, fcntl.F_SETFL, flags)
         os.ftruncate(fd, len(view))
         return True
+
+    def _aligned_pieces(self, view: memoryview) -> Iterator[tuple[int, mmap.mmap, int]]:
+        """``view``'s bytes in page-aligned buffers, in order: each piece's offset, its buffer
+        and the length to write from it (zero-padded to ``DIRECT_ALIGN``). The whole object
+        as it lies when ``view`` is this thread's lent buffer (:meth:`lend_buffer`), else a
+        ``DIRECT_PIECE`` at a time copied into this thread's piece buffer: memory grows by one
+        piece a writing thread, not by an object."""
+        lent = self._lent(view)
+        if lent is not None:
+            padded = -(-len(view) // DIRECT_ALIGN) * DIRECT_ALIGN
+            lent[len(view) : padded] = bytes(padded - len(view))
+            yield 0, lent, padded
+            return
+        buffer: mmap.mmap | None = getattr(self._aligned, "buffer", None)
+        if buffer is None:
+            buffer = self._aligned.buffer = mmap.mmap(-1, DIRECT_PIECE)  # anonymous: page-aligned
+        for start in range(0, len(view), DIRECT_PIECE):
+            piece = view[start : start + DIRECT_PIECE]
+            padded = -(-len(piece) // DIRECT_ALIGN) * DIRECT_ALIGN
+            buffer[: len(piece)] = piece
+            buffer[len(piece) : padded] = bytes(padded - len(piece))
+            yield start, buffer, padded
 
     def open_tmp(self, key: str) -> tuple[int, Path]:
         """A new temporary file (descriptor and path) to write ``key``'s bytes into before

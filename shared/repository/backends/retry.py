@@ -76,6 +76,9 @@ class RetryingBackend(Backend):
         the write opened): its error reaches the caller."""
         return self._call(lambda: self.inner.begin_put(key, data, overwrite=overwrite))
 
+    def lend_buffer(self, size: int) -> memoryview | None:
+        return self.inner.lend_buffer(size)
+
     def get(self, key: str, offset: int = 0, length: int | None = None) -> bytes:
         return self._call(lambda: self.inner.get(key, offset, length))
 

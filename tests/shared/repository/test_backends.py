@@ -269,3 +269,29 @@ def test_file_backend_on_a_file_system_without_o_direct_writes_through_the_page_
         assert store.get("data/cd/second") == data[::-1]
         assert (Path(folder) / "store" / "data" / "cd" / "big").stat().st_size == len(data)
         assert not list(store.list("tmp/"))
+
+
+@pytest.mark.parametrize("size", [DIRECT_MIN, DIRECT_PIECE + 1, 4 * DIRECT_PIECE + 29])
+def test_file_backend_writes_a_lent_buffer_as_it_lies(tmp_path: Path, size: int) -> None:
+    """What is built in the buffer lend_buffer gives is written from it with O_DIRECT (the
+    padding past the object cut off); a view of it that does not start at its first byte is
+    not aligned, and goes through the piece buffer instead: both read back byte for byte."""
+    store = FileBackend(tmp_path / "store")
+    store.create()
+    assert store.lend_buffer(DIRECT_MIN - 1) is None  # small objects: no use for one
+    data = os.urandom(size)
+    lent = store.lend_buffer(size)
+    assert lent is not None and len(lent) == size
+    lent[:] = data
+    store.begin_put("data/ab/lent", lent)()
+    path = tmp_path / "store" / "data" / "ab" / "lent"
+    assert path.stat().st_size == size
+    assert _resident_pages(path) == 0
+    assert store.get("data/ab/lent") == data
+    again = store.lend_buffer(size)  # the same thread's buffer, reused
+    assert again is not None
+    again[:] = data[::-1]
+    store.put("data/ab/offset", again[1:])  # not from the first byte: copied, not refused
+    assert store.get("data/ab/offset") == data[::-1][1:]
+    assert store.get("data/ab/lent") == data  # what was written from the buffer stays
+    assert RetryingBackend(store).lend_buffer(size) is not None

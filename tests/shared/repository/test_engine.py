@@ -27,6 +27,7 @@ from shared.repository.keys import KeyMaterial, ObjectCodec
 from shared.repository.maintenance import gc, verify
 from shared.repository.repo import Repository
 from shared.repository.restore import restore_backup
+from shared.repository.sync import sync
 from shared.repository.volume import probe_volume
 from tests.conftest import MiB, qcow2_equal, qemu_write, write_regions
 
@@ -328,3 +329,27 @@ def test_start_up_runs_only_the_qemu_processes_a_backup_needs(
     assert result.mode == "incremental" and result.bytesRead == CHUNK
     assert [server.bitmap for (server,) in servers] == ["bv"]  # type: ignore[attr-defined]
     assert len(infos) == 2
+
+
+def test_a_repository_of_compressed_and_stored_chunks_restores_verifies_and_syncs(tmp_path: Path) -> None:
+    """Random chunks are stored as is (the sample test), compressible ones compressed: both
+    kinds in one encrypted repository restore byte for byte, verify by reading every chunk,
+    and sync to another repository that restores them byte for byte too."""
+    text = (b"2026-12-07 host01 app: some log text, rather repetitive\n" * (CHUNK // 56 + 1))[:CHUNK]
+    volume = tmp_path / "mixed.raw"
+    write_regions(volume, 5 * CHUNK, [(0, os.urandom(CHUNK)), (CHUNK, text), (3 * CHUNK, os.urandom(CHUNK // 2))])
+    src = Repository.init(str(tmp_path / "src"), encrypt=True, passphrase="pw")
+    result = backup_volume(src, str(volume))
+    kinds = {p.read_bytes()[0] for p in (tmp_path / "src" / "chunks").rglob("*") if p.is_file()}
+    assert kinds == {0x01, 0x03}  # sealed zstd and sealed stored chunks, side by side
+    out = tmp_path / "out.raw"
+    restore_backup(src, result.id, str(out))
+    assert out.read_bytes() == volume.read_bytes()
+    report = verify(src, read_data=True)
+    assert report.ok and report.chunks == 3
+    dst = Repository.init(str(tmp_path / "dst"), passphrase="pw", like=src)
+    assert sync(src, dst).backups == [result.id]
+    again = tmp_path / "again.raw"
+    restore_backup(dst, result.id, str(again))
+    assert again.read_bytes() == volume.read_bytes()
+    assert verify(dst, read_data=True).ok

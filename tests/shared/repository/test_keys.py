@@ -167,3 +167,48 @@ def test_decode_into_authenticates_a_sealed_object_it_decrypts_into_the_buffer(d
         codec.decode_into(digest, blob, out[:-1], "chunk x")
     with pytest.raises(IntegrityError, match="not encrypted"):
         codec.decode_into(digest, bytes((blob[0] & ~1,)) + data, out, "chunk x")
+
+
+CHUNK = 4 * 1024 * 1024
+ENCRYPTED = ObjectCodec(KeyMaterial.generate(encrypt=True))
+
+
+def random_with_text(text_at: int, text_bytes: int) -> bytes:
+    data = bytearray(os.urandom(CHUNK))
+    data[text_at : text_at + text_bytes] = (b"some log text, rather repetitive " * (text_bytes // 33 + 1))[:text_bytes]
+    return bytes(data)
+
+
+@pytest.mark.parametrize("codec", [PLAIN, ENCRYPTED], ids=["plain", "encrypted"])
+@pytest.mark.parametrize(
+    ("data", "kind"),
+    [
+        (os.urandom(CHUNK), STORED),  # the sample does not compress: zstd never sees the whole
+        (random_with_text(1024 * 1024, 1024 * 1024), ZSTD),  # a sampled compressible region
+        (random_with_text(8192, 256 * 1024), STORED),  # between two samples: its compression lost
+        (b"text " * (CHUNK // 5), ZSTD),
+    ],
+    ids=["random", "random-with-sampled-text", "random-with-unsampled-text", "text"],
+)
+def test_a_chunk_whose_sample_does_not_compress_is_stored_as_is_and_opens_byte_for_byte(
+    codec: ObjectCodec, data: bytes, kind: int
+) -> None:
+    digest, blob = sealed(codec, data)
+    assert blob[0] & ~keys_module.ENCRYPTED == kind
+    assert codec.decode(digest, blob, "chunk x") == data
+    out = bytearray(CHUNK)
+    assert codec.decode_into(digest, blob, memoryview(out), "chunk x") == len(data)
+    assert out[: len(data)] == data
+    check(blob, digest, limit=CHUNK, codec=codec)
+
+
+def test_the_sample_test_reads_evenly_spread_pieces_and_spares_small_objects() -> None:
+    compressor = zstandard.ZstdCompressor(level=keys_module.COMPRESSION_LEVEL)
+    assert keys_module.looks_incompressible(compressor, os.urandom(CHUNK))
+    assert not keys_module.looks_incompressible(compressor, bytes(CHUNK))
+    small = os.urandom(keys_module.SAMPLE_MIN - 1)  # a manifest-sized object: zstd decides
+    assert not keys_module.looks_incompressible(compressor, small)
+    _, blob = sealed(PLAIN, small)
+    assert blob[0] == STORED  # stored as is all the same: zstd did not make it smaller
+    last = random_with_text(CHUNK - CHUNK // keys_module.SAMPLES, keys_module.SAMPLE_BYTES)
+    assert not keys_module.looks_incompressible(compressor, last)  # the last piece is sampled
