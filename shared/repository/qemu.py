@@ -67,8 +67,10 @@ def _first_line(stderr: str, returncode: int | None) -> str:
     for raw in stderr.splitlines():
         line = raw.strip()
         if line:
-            for prefix in (f"{QEMU_IMG}: ", f"{QEMU_NBD}: "):
+            for prefix in (f"{QEMU_IMG}: ", f"{QEMU_NBD}: ", "qemu-storage-daemon: "):
                 line = line.removeprefix(prefix)
+            if line.startswith("--blockdev {") and "}: " in line:  # the option it failed on
+                line = line.split("}: ", 1)[1]
             return line
     return f"exit status {returncode}" if returncode is not None else "no error output"
 
@@ -381,20 +383,31 @@ class QemuStorageDaemon:
         self._tmpdir: str | None = None
         self._proc: subprocess.Popen[bytes] | None = None
 
+    def running(self) -> bool:
+        """Whether the daemon started and has not exited."""
+        return self._proc is not None and self._proc.poll() is None
+
     def __enter__(self) -> QemuStorageDaemon:
+        """Start the daemon; return once it has started up: the image open and the monitor
+        listening (its pid file is written after every option is in effect; the socket's
+        file alone exists from ``bind``, before ``listen``)."""
         self._tmpdir = tempfile.mkdtemp(prefix="blockvault-qsd-")
         self.qmp_socket = os.path.join(self._tmpdir, "qmp.sock")
         log_path = os.path.join(self._tmpdir, "qsd.log")
+        started = os.path.join(self._tmpdir, "pid")  # written once every option is in effect
+        file_node = {"driver": "file", "filename": self.path, "node-name": f"{self.node}-file"}
         cmd = [
             "qemu-storage-daemon",
             "--blockdev",
-            f"driver=file,filename={self.path},node-name={self.node}-file",
+            json.dumps(file_node),  # JSON: a comma in the path needs no escaping
             "--blockdev",
-            f"driver=qcow2,file={self.node}-file,node-name={self.node}",
+            json.dumps({"driver": "qcow2", "file": f"{self.node}-file", "node-name": self.node}),
             "--chardev",
             f"socket,id=m0,path={self.qmp_socket},server=on,wait=off",
             "--monitor",
             "chardev=m0",
+            "--pidfile",
+            started,
         ]
         try:
             with open(log_path, "wb") as log:
@@ -402,7 +415,8 @@ class QemuStorageDaemon:
                     _die_with_parent(cmd), stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT
                 )
             deadline = time.monotonic() + _START_TIMEOUT
-            while not os.path.exists(self.qmp_socket):
+            delay = 0.002
+            while not os.path.exists(started):
                 if self._proc.poll() is not None or time.monotonic() > deadline:
                     with open(log_path, encoding="utf-8", errors="replace") as handle:
                         said = handle.read()
@@ -411,7 +425,8 @@ class QemuStorageDaemon:
                         path=self.path,
                         stderr=said,
                     )
-                time.sleep(0.02)
+                time.sleep(delay)
+                delay = min(delay * 2, 0.02)
         except OSError as exc:
             self._stop()
             raise QemuError(f"{self.path}: cannot start qemu-storage-daemon: {exc}", path=self.path) from exc

@@ -317,14 +317,14 @@ def test_start_up_runs_only_the_qemu_processes_a_backup_needs(
     backup_volume(repo, str(image), bitmap="bv")
     qemu_write(image, 9 * MiB, 4096, 0x41)
     servers = _count_calls(monkeypatch, qemu.QemuNbdServer, "__enter__")
-    infos = _count_calls(monkeypatch, qemu, "image_info")
+    daemons = _count_calls(monkeypatch, qemu.QemuStorageDaemon, "__enter__")
+    runs = _count_calls(monkeypatch, qemu, "_run_qemu_img")
     # a raw volume is read as a file, full or incremental: no qemu process at all
     backup_volume(repo, str(raw))
     backup_volume(repo, str(raw))
-    assert servers == [] and infos == []
-    # a bitmap incremental: one export (with the bitmap), the bitmaps listed once before the
-    # read and once after the commit (their rotation); the image's size comes from the export
+    assert servers == [] and daemons == [] and runs == []
+    # a bitmap incremental: one qemu-storage-daemon settles the bitmaps and exports the image
+    # for the read, a second one rotates them after the commit; no qemu-img, no qemu-nbd
     result = backup_volume(repo, str(image), bitmap="bv")
     assert result.mode == "incremental" and result.bytesRead == CHUNK
-    assert [server.bitmap for (server,) in servers] == ["bv"]  # type: ignore[attr-defined]
-    assert len(infos) == 2
+    assert len(daemons) == 2 and servers == [] and runs == []
