@@ -23,11 +23,12 @@ one, each ``qemu-img bitmap`` flushing the image several times over.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -209,11 +210,12 @@ def rotate_bitmap(mon: Monitor, node: str, name: str, repo: Repository, manifest
     promote_next(mon, node, name, clear=True)
 
 
-class _BitmapImage:
+class BitmapImage:
     """The qcow2 image held by a private ``qemu-storage-daemon`` for a backup's read: its
     bitmaps settled and ``NAME.next`` started in one transaction, then exported read-only
     over NBD, with a frozen copy of ``NAME`` when an incremental reads it. Stopping the daemon
-    (SIGTERM, also when this process dies) writes the persistent bitmaps back to the image."""
+    (SIGTERM, also when this process dies) writes the persistent bitmaps back to the image.
+    :func:`early_bitmap_image` starts one before the backup needs it."""
 
     def __init__(self, path: str, name: str) -> None:
         self.path = path
@@ -222,17 +224,28 @@ class _BitmapImage:
         self.mon: Monitor | None = None
         self.size = 0
         self.socket = ""
+        self._started = False
 
-    def __enter__(self) -> _BitmapImage:
-        self.daemon.__enter__()
+    def start(self) -> BitmapImage:
+        """Start the daemon without waiting for it."""
+        self.daemon.start()
+        self._started = True
+        return self
+
+    def open(self) -> BitmapImage:
+        """The daemon up (started now unless it was) and its monitor connected."""
+        if not self._started:
+            self.start()
+        self.daemon.wait()
         try:
             self.mon = Monitor(self.daemon.qmp_socket).connect()
         except BaseException:
-            self.daemon.__exit__(None, None, None)
+            self.close()
             raise
         return self
 
-    def __exit__(self, *exc: object) -> None:
+    def close(self) -> None:
+        """Stop the daemon (the image is free again); a second call does nothing."""
         if self.mon is not None:
             self.mon.close()
         self.daemon.__exit__(None, None, None)
@@ -296,10 +309,16 @@ def _read_by_bitmap(
     full: bool,
     parent: str | None,
     run: Callable[[NbdReader, BackupEntry | None], BackupResult],
+    image: BitmapImage | None,
 ) -> BackupResult:
-    """Hold the image in a private daemon, settle its bitmaps, and ``run`` the read on it."""
+    """Hold the image in a private daemon (``image`` when the caller started it early),
+    settle its bitmaps, and ``run`` the read on it; the image is free again on return."""
+    if image is None or image.path != path or image.name != bitmap:
+        if image is not None:
+            image.close()
+        image = BitmapImage(path, bitmap)
     try:
-        image = _BitmapImage(path, bitmap).__enter__()
+        image.open()
     except (qemu.QemuError, MonitorError) as exc:
         raise VolumeError(path=path, detail=str(exc)) from None
     try:
@@ -317,7 +336,33 @@ def _read_by_bitmap(
         finally:
             reader.close()
     finally:
-        image.__exit__(None, None, None)
+        image.close()
+
+
+@contextlib.contextmanager
+def early_bitmap_image(
+    volume_path: str, bitmap: str | None, volume_format: str | None = None
+) -> Iterator[BitmapImage | None]:
+    """For a ``--bitmap`` backup of a qcow2 volume: its daemon, started now and not waited
+    for, so that it opens the image while the caller does other work (the CLI derives the
+    repository's key meanwhile: scrypt releases the GIL); give it to :func:`backup_volume`.
+    None without a bitmap, for a raw volume, or when the daemon cannot start (backup_volume
+    then says why). Stopped on leaving, if the backup has not."""
+    if not bitmap:
+        yield None
+        return
+    path, fmt = probe_volume(volume_path, volume_format)
+    image = BitmapImage(path, bitmap) if fmt == "qcow2" else None
+    try:
+        if image is not None:
+            image.start()
+    except qemu.QemuError:
+        image = None
+    try:
+        yield image
+    finally:
+        if image is not None:
+            image.close()
 
 
 def _rotate_offline(path: str, name: str, repo: Repository, manifest_id: str) -> None:
@@ -339,9 +384,11 @@ def backup_volume(
     progress: Progress | None = None,
     lock_wait: float = 60.0,
     volume_format: str | None = None,
+    image: BitmapImage | None = None,
 ) -> BackupResult:
     """Back ``volume_path`` up into ``repo`` and return what was done; ``volume_format``
-    (raw or qcow2) when known, else detected from the volume's header."""
+    (raw or qcow2) when known, else detected from the volume's header; ``image``: the
+    daemon :func:`early_bitmap_image` started for it."""
     if full and parent:
         raise UsageError(detail="--full and --parent exclude each other")
     started = time.monotonic()
@@ -356,7 +403,7 @@ def backup_volume(
                 plan = choose_plan(repo, reader, full=full, parent_id=parent, bitmap_base=base)
                 return run_plan(repo, reader, plan, name, metadata or {}, bitmap, started, progress)
 
-            result = _read_by_bitmap(repo, path, bitmap, full=full, parent=parent, run=read)
+            result = _read_by_bitmap(repo, path, bitmap, full=full, parent=parent, run=read, image=image)
         else:
             reader = open_reader(path, None, fmt)
             try:

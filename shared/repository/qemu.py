@@ -382,19 +382,24 @@ class QemuStorageDaemon:
         self.qmp_socket = ""
         self._tmpdir: str | None = None
         self._proc: subprocess.Popen[bytes] | None = None
+        self._log_path = self._started = ""
 
     def running(self) -> bool:
         """Whether the daemon started and has not exited."""
         return self._proc is not None and self._proc.poll() is None
 
     def __enter__(self) -> QemuStorageDaemon:
-        """Start the daemon; return once it has started up: the image open and the monitor
-        listening (its pid file is written after every option is in effect; the socket's
-        file alone exists from ``bind``, before ``listen``)."""
+        """Start the daemon and wait until it has started up (:meth:`start`, :meth:`wait`)."""
+        self.start()
+        return self.wait()
+
+    def start(self) -> QemuStorageDaemon:
+        """Start the daemon and return at once: the caller can do other work while it opens
+        the image. Stopped by ``__exit__``, like a daemon entered with ``with``."""
         self._tmpdir = tempfile.mkdtemp(prefix="blockvault-qsd-")
         self.qmp_socket = os.path.join(self._tmpdir, "qmp.sock")
-        log_path = os.path.join(self._tmpdir, "qsd.log")
-        started = os.path.join(self._tmpdir, "pid")  # written once every option is in effect
+        self._log_path = os.path.join(self._tmpdir, "qsd.log")
+        self._started = os.path.join(self._tmpdir, "pid")  # written once every option is in effect
         file_node = {"driver": "file", "filename": self.path, "node-name": f"{self.node}-file"}
         cmd = [
             "qemu-storage-daemon",
@@ -407,29 +412,39 @@ class QemuStorageDaemon:
             "--monitor",
             "chardev=m0",
             "--pidfile",
-            started,
+            self._started,
         ]
         try:
-            with open(log_path, "wb") as log:
+            with open(self._log_path, "wb") as log:
                 self._proc = subprocess.Popen(
                     _die_with_parent(cmd), stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT
                 )
+        except OSError as exc:
+            self._stop()
+            raise QemuError(f"{self.path}: cannot start qemu-storage-daemon: {exc}", path=self.path) from exc
+        return self
+
+    def wait(self) -> QemuStorageDaemon:
+        """Return once the started daemon is up: the image open and the monitor listening (its
+        pid file is written after every option is in effect; the socket's file alone exists
+        from ``bind``, before ``listen``). QemuError, the daemon stopped, when it is not."""
+        proc = self._proc
+        if proc is None:
+            raise RuntimeError("qemu-storage-daemon is not started")
+        try:
             deadline = time.monotonic() + _START_TIMEOUT
             delay = 0.002
-            while not os.path.exists(started):
-                if self._proc.poll() is not None or time.monotonic() > deadline:
-                    with open(log_path, encoding="utf-8", errors="replace") as handle:
+            while not os.path.exists(self._started):
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    with open(self._log_path, encoding="utf-8", errors="replace") as handle:
                         said = handle.read()
                     raise QemuError(
-                        f"{self.path}: qemu-storage-daemon did not start: {_first_line(said, self._proc.poll())}",
+                        f"{self.path}: qemu-storage-daemon did not start: {_first_line(said, proc.poll())}",
                         path=self.path,
                         stderr=said,
                     )
                 time.sleep(delay)
                 delay = min(delay * 2, 0.02)
-        except OSError as exc:
-            self._stop()
-            raise QemuError(f"{self.path}: cannot start qemu-storage-daemon: {exc}", path=self.path) from exc
         except BaseException:
             self._stop()
             raise
