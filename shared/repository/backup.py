@@ -244,8 +244,15 @@ class BitmapImage:
             raise
         return self
 
+    def release(self) -> None:
+        """Tell the daemon to stop (it writes the bitmaps back and exits) without waiting."""
+        if self.mon is not None:
+            self.mon.close()
+        self.daemon.terminate()
+
     def close(self) -> None:
-        """Stop the daemon (the image is free again); a second call does nothing."""
+        """Stop the daemon and wait for it (the image is free again); a second call does
+        nothing."""
         if self.mon is not None:
             self.mon.close()
         self.daemon.__exit__(None, None, None)
@@ -308,11 +315,12 @@ def _read_by_bitmap(
     *,
     full: bool,
     parent: str | None,
-    run: Callable[[NbdReader, BackupEntry | None], BackupResult],
+    run: Callable[[NbdReader, BackupEntry | None, Callable[[], None]], BackupResult],
     image: BitmapImage | None,
 ) -> BackupResult:
     """Hold the image in a private daemon (``image`` when the caller started it early),
-    settle its bitmaps, and ``run`` the read on it; the image is free again on return."""
+    settle its bitmaps, and ``run`` the read on it (with a callback for when every chunk is
+    read: the daemon is told to stop then); the image is free again on return."""
     if image is None or image.path != path or image.name != bitmap:
         if image is not None:
             image.close()
@@ -328,8 +336,13 @@ def _read_by_bitmap(
         except (qemu.QemuError, MonitorError) as exc:
             raise VolumeError(path=path, detail=str(exc)) from None
         failpoint("backup.exported")
+
+        def done() -> None:  # every chunk read: the daemon writes the bitmaps back meanwhile
+            reader.close()
+            image.release()
+
         try:
-            return run(reader, base)
+            return run(reader, base, done)
         except NBDError as exc:
             gone = "" if image.daemon.running() else " (qemu-storage-daemon died)"
             raise VolumeError(path=path, detail=f"reading the image failed{gone}: {exc}") from None
@@ -399,9 +412,9 @@ def backup_volume(
             if fmt != "qcow2":
                 raise VolumeError(path=volume_path, detail="dirty bitmaps need a qcow2 image; this one is raw")
 
-            def read(reader: NbdReader, base: BackupEntry | None) -> BackupResult:
+            def read(reader: NbdReader, base: BackupEntry | None, done: Callable[[], None]) -> BackupResult:
                 plan = choose_plan(repo, reader, full=full, parent_id=parent, bitmap_base=base)
-                return run_plan(repo, reader, plan, name, metadata or {}, bitmap, started, progress)
+                return run_plan(repo, reader, plan, name, metadata or {}, bitmap, started, progress, done)
 
             result = _read_by_bitmap(repo, path, bitmap, full=full, parent=parent, run=read, image=image)
         else:
@@ -429,7 +442,10 @@ def run_plan(
     bitmap: str | None,
     started: float,
     progress: Progress | None,
+    read_done: Callable[[], None] | None = None,
 ) -> BackupResult:
+    """Read ``plan``'s chunks, store the new ones, write the manifest. ``read_done`` runs once
+    every chunk is read, while the last ones are still being stored."""
     chunk_size = repo.chunk_size
     count = (reader.size + chunk_size - 1) // chunk_size
     parent_chunks = plan.parent.manifest.chunks if plan.parent else []
@@ -470,6 +486,8 @@ def run_plan(
                 new_chunks += 1
             if progress:
                 progress(done, total)
+        if read_done is not None:
+            read_done()
     manifest = Manifest(
         volume=reader.path,
         format=reader.format,

@@ -383,6 +383,7 @@ class QemuStorageDaemon:
         self._tmpdir: str | None = None
         self._proc: subprocess.Popen[bytes] | None = None
         self._log_path = self._started = ""
+        self._terminated = False
 
     def running(self) -> bool:
         """Whether the daemon started and has not exited."""
@@ -396,6 +397,7 @@ class QemuStorageDaemon:
     def start(self) -> QemuStorageDaemon:
         """Start the daemon and return at once: the caller can do other work while it opens
         the image. Stopped by ``__exit__``, like a daemon entered with ``with``."""
+        self._terminated = False
         self._tmpdir = tempfile.mkdtemp(prefix="blockvault-qsd-")
         self.qmp_socket = os.path.join(self._tmpdir, "qmp.sock")
         self._log_path = os.path.join(self._tmpdir, "qsd.log")
@@ -450,13 +452,20 @@ class QemuStorageDaemon:
             raise
         return self
 
+    def terminate(self) -> None:
+        """SIGTERM: the daemon flushes the image and exits; ``__exit__`` waits for it."""
+        if self._proc is not None and self._proc.poll() is None and not self._terminated:
+            self._proc.send_signal(signal.SIGTERM)
+            self._terminated = True
+
     def __exit__(self, *exc: object) -> None:
         self._stop()
 
     def _stop(self) -> None:
         proc, self._proc = self._proc, None
         if proc is not None and proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)  # qemu-storage-daemon flushes and exits on SIGTERM
+            if not self._terminated:
+                proc.send_signal(signal.SIGTERM)  # qemu-storage-daemon flushes and exits on SIGTERM
             try:
                 proc.wait(timeout=_STOP_TIMEOUT_WRITABLE)
             except subprocess.TimeoutExpired:
