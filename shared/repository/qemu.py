@@ -46,6 +46,7 @@ QCOW2_MAGIC = b"QFI\xfb"
 
 QEMU_IMG = "qemu-img"
 QEMU_NBD = "qemu-nbd"
+QEMU_STORAGE_DAEMON = "qemu-storage-daemon"
 
 _START_TIMEOUT = 10.0
 _STOP_TIMEOUT_READ_ONLY = 10.0
@@ -397,6 +398,10 @@ class QemuStorageDaemon:
     def start(self) -> QemuStorageDaemon:
         """Start the daemon and return at once: the caller can do other work while it opens
         the image. Stopped by ``__exit__``, like a daemon entered with ``with``."""
+        if shutil.which(QEMU_STORAGE_DAEMON) is None:
+            raise QemuError(
+                f"{self.path}: {QEMU_STORAGE_DAEMON} is not installed (Debian: qemu-system-common)", path=self.path
+            )
         self._terminated = False
         self._tmpdir = tempfile.mkdtemp(prefix="blockvault-qsd-")
         self.qmp_socket = os.path.join(self._tmpdir, "qmp.sock")
@@ -404,7 +409,7 @@ class QemuStorageDaemon:
         self._started = os.path.join(self._tmpdir, "pid")  # written once every option is in effect
         file_node = {"driver": "file", "filename": self.path, "node-name": f"{self.node}-file"}
         cmd = [
-            "qemu-storage-daemon",
+            QEMU_STORAGE_DAEMON,
             "--blockdev",
             json.dumps(file_node),  # JSON: a comma in the path needs no escaping
             "--blockdev",

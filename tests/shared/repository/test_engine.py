@@ -365,3 +365,17 @@ def test_an_early_image_daemon_that_cannot_open_the_image_fails_the_backup_clean
             backup_volume(repo, str(image), bitmap="bv", image=early)
         assert not early.daemon.running()
     assert backup_volume(repo, str(image), bitmap="bv").mode == "incremental"
+
+
+def test_a_bitmap_backup_without_qemu_storage_daemon_says_what_to_install(
+    repo: Repository, make_qcow2: Callable[..., Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    image = make_qcow2(size=8 * MiB)
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for tool in ("qemu-img", "qemu-nbd", "setpriv"):
+        (bin_dir / tool).symlink_to(f"/usr/bin/{tool}")
+    monkeypatch.setenv("PATH", str(bin_dir))
+    with pytest.raises(VolumeError, match=r"qemu-storage-daemon is not installed \(Debian: qemu-system-common\)"):
+        backup_volume(repo, str(image), bitmap="bv")
+    assert repo.manifest_ids() == []
