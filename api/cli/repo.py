@@ -111,21 +111,24 @@ def repo_backup(
     location: str, volume: str, full: bool, parent: str | None, bitmap: str | None, name: str, as_json: bool
 ) -> None:
     """Back up VOLUME (a raw or qcow2 file) into REPO."""
-    from shared.repository.backup import backup_volume
+    from shared.repository.backup import backup_volume, early_bitmap_image
 
-    repository = _open(location)
-    repository.use_index(_data_dir() / "chunk-index")  # this host's index of the repository's chunks
-    with _progress("backup") as progress:
-        result = backup_volume(
-            repository,
-            volume,
-            full=full,
-            parent=parent,
-            bitmap=bitmap,
-            name=name,
-            progress=progress,
-            lock_wait=_lock_wait(),
-        )
+    # a bitmap backup's qemu-storage-daemon opens the image while scrypt derives the key
+    with early_bitmap_image(volume, bitmap) as image:
+        repository = _open(location)
+        repository.use_index(_data_dir() / "chunk-index")  # this host's index of the repository's chunks
+        with _progress("backup") as progress:
+            result = backup_volume(
+                repository,
+                volume,
+                full=full,
+                parent=parent,
+                bitmap=bitmap,
+                name=name,
+                progress=progress,
+                lock_wait=_lock_wait(),
+                image=image,
+            )
     speed = result.bytesRead / result.seconds if result.seconds else 0.0
     _emit(
         result.to_json(),

@@ -47,7 +47,16 @@ from shared.errors import BlockvaultError, GuestAgentError, MonitorError, Volume
 from shared.failpoints import failpoint
 
 from . import qemu
-from .backup import MARKER_GRANULARITY, NEXT, BackupResult, bitmap_base, choose_plan, marker_name, run_plan
+from .backup import (
+    NEXT,
+    BackupResult,
+    bitmap_base,
+    choose_plan,
+    promote_next,
+    rotate_bitmap,
+    run_plan,
+    settle_bitmaps,
+)
 from .locks import repository_lock
 from .manifest import BackupEntry
 from .nbd import NBDClient, NBDError
@@ -190,53 +199,16 @@ def _remove_overlays(run_dir: Path) -> list[str]:
 
 
 def _promote_next(mon: Monitor, disk: _Disk, *, clear: bool) -> None:
-    """``NAME`` := (``NAME`` unless ``clear``) + ``NAME.next``, recording; ``NAME.next`` gone.
-    After a committed backup ``clear`` makes ``NAME`` track from its instant; after a failed
-    one, the merge keeps every write since the last good backup."""
     assert disk.bitmap
-    name, nxt = disk.bitmap, disk.bitmap + NEXT
-    names = {b["name"] for b in mon.bitmaps(disk.node)}
-    if nxt not in names:
-        return
-    node = disk.node
-    actions: list[tuple[str, dict[str, Any]]] = []
-    if name in names:
-        if clear:
-            actions.append(("block-dirty-bitmap-clear", {"node": node, "name": name}))
-    else:
-        actions.append(("block-dirty-bitmap-add", {"node": node, "name": name, "persistent": True}))
-    actions += [
-        ("block-dirty-bitmap-merge", {"node": node, "target": name, "bitmaps": [nxt]}),
-        ("block-dirty-bitmap-enable", {"node": node, "name": name}),
-        ("block-dirty-bitmap-remove", {"node": node, "name": nxt}),
-    ]
-    mon.transaction(actions)
+    promote_next(mon, disk.node, disk.bitmap, clear=clear)
 
 
 def _usable_bitmaps(mon: Monitor, disk: _Disk, repo: Repository, full: bool) -> None:
-    """Decide the disk's base: the backup its tracking bitmap covers every write since.
-    A ``NAME.next`` an interrupted run left is merged back first. Inconsistent bitmaps (QEMU
-    died with them open) and a disabled ``NAME`` are dropped with every marker, so the backup
-    reads all data."""
+    """Decide the disk's base: the backup its tracking bitmap covers every write since
+    (:func:`~shared.repository.backup.settle_bitmaps` first). Restarting, every marker goes."""
     assert disk.bitmap
     name = disk.bitmap
-
-    def ours() -> list[dict[str, Any]]:
-        return [
-            b for b in mon.bitmaps(disk.node) if b["name"] == name or b["name"].startswith((f"{name}@", name + NEXT))
-        ]
-
-    def drop(bitmaps: list[dict[str, Any]], reason: str) -> None:
-        log.warning("live.bitmap_dropped node=%s reason=%s", disk.node, reason)
-        for bitmap in bitmaps:
-            mon.cmd("block-dirty-bitmap-remove", node=disk.node, name=bitmap["name"])
-
-    if any(b.get("inconsistent") for b in ours()):
-        drop(ours(), "inconsistent")
-    _promote_next(mon, disk, clear=False)
-    if any(b["name"] == name and not b.get("recording", True) for b in ours()):
-        drop(ours(), "disabled")
-    names = [b["name"] for b in ours()]
+    names = settle_bitmaps(mon, disk.node, name, disk.spec.path)
     disk.has_bitmap = name in names
     disk.base = None if full else bitmap_base(repo, names, name, None)
     if disk.base is not None and disk.base.manifest.size != disk.size:
@@ -247,25 +219,8 @@ def _usable_bitmaps(mon: Monitor, disk: _Disk, repo: Repository, full: bool) -> 
 
 
 def _rotate(mon: Monitor, disk: _Disk, repo: Repository, manifest_id: str) -> None:
-    """After commit: the new marker first, then the other markers go, then ``NAME`` restarts
-    from this backup's instant (see backup._rotate_bitmap for why this order is safe)."""
     assert disk.bitmap
-    name = disk.bitmap
-    new = marker_name(name, repo, manifest_id)
-    names = {b["name"] for b in mon.bitmaps(disk.node)}
-    if new not in names:
-        mon.cmd(
-            "block-dirty-bitmap-add",
-            node=disk.node,
-            name=new,
-            persistent=True,
-            disabled=True,
-            granularity=MARKER_GRANULARITY,
-        )
-    failpoint("live.bitmap_marked")
-    for marker in sorted(n for n in names if n.startswith(f"{name}@") and n != new):
-        mon.cmd("block-dirty-bitmap-remove", node=disk.node, name=marker)
-    _promote_next(mon, disk, clear=True)
+    rotate_bitmap(mon, disk.node, disk.bitmap, repo, manifest_id, "live.bitmap_marked")
 
 
 def _quiesce(agent_socket: str | None) -> tuple[GuestAgent | None, str | None]:

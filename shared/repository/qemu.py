@@ -46,6 +46,7 @@ QCOW2_MAGIC = b"QFI\xfb"
 
 QEMU_IMG = "qemu-img"
 QEMU_NBD = "qemu-nbd"
+QEMU_STORAGE_DAEMON = "qemu-storage-daemon"
 
 _START_TIMEOUT = 10.0
 _STOP_TIMEOUT_READ_ONLY = 10.0
@@ -67,8 +68,10 @@ def _first_line(stderr: str, returncode: int | None) -> str:
     for raw in stderr.splitlines():
         line = raw.strip()
         if line:
-            for prefix in (f"{QEMU_IMG}: ", f"{QEMU_NBD}: "):
+            for prefix in (f"{QEMU_IMG}: ", f"{QEMU_NBD}: ", "qemu-storage-daemon: "):
                 line = line.removeprefix(prefix)
+            if line.startswith("--blockdev {") and "}: " in line:  # the option it failed on
+                line = line.split("}: ", 1)[1]
             return line
     return f"exit status {returncode}" if returncode is not None else "no error output"
 
@@ -380,45 +383,85 @@ class QemuStorageDaemon:
         self.qmp_socket = ""
         self._tmpdir: str | None = None
         self._proc: subprocess.Popen[bytes] | None = None
+        self._log_path = self._started = ""
+        self._terminated = False
+
+    def running(self) -> bool:
+        """Whether the daemon started and has not exited."""
+        return self._proc is not None and self._proc.poll() is None
 
     def __enter__(self) -> QemuStorageDaemon:
+        """Start the daemon and wait until it has started up (:meth:`start`, :meth:`wait`)."""
+        self.start()
+        return self.wait()
+
+    def start(self) -> QemuStorageDaemon:
+        """Start the daemon and return at once: the caller can do other work while it opens
+        the image. Stopped by ``__exit__``, like a daemon entered with ``with``."""
+        if shutil.which(QEMU_STORAGE_DAEMON) is None:
+            raise QemuError(
+                f"{self.path}: {QEMU_STORAGE_DAEMON} is not installed (Debian: qemu-system-common)", path=self.path
+            )
+        self._terminated = False
         self._tmpdir = tempfile.mkdtemp(prefix="blockvault-qsd-")
         self.qmp_socket = os.path.join(self._tmpdir, "qmp.sock")
-        log_path = os.path.join(self._tmpdir, "qsd.log")
+        self._log_path = os.path.join(self._tmpdir, "qsd.log")
+        self._started = os.path.join(self._tmpdir, "pid")  # written once every option is in effect
+        file_node = {"driver": "file", "filename": self.path, "node-name": f"{self.node}-file"}
         cmd = [
-            "qemu-storage-daemon",
+            QEMU_STORAGE_DAEMON,
             "--blockdev",
-            f"driver=file,filename={self.path},node-name={self.node}-file",
+            json.dumps(file_node),  # JSON: a comma in the path needs no escaping
             "--blockdev",
-            f"driver=qcow2,file={self.node}-file,node-name={self.node}",
+            json.dumps({"driver": "qcow2", "file": f"{self.node}-file", "node-name": self.node}),
             "--chardev",
             f"socket,id=m0,path={self.qmp_socket},server=on,wait=off",
             "--monitor",
             "chardev=m0",
+            "--pidfile",
+            self._started,
         ]
         try:
-            with open(log_path, "wb") as log:
+            with open(self._log_path, "wb") as log:
                 self._proc = subprocess.Popen(
                     _die_with_parent(cmd), stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT
                 )
-            deadline = time.monotonic() + _START_TIMEOUT
-            while not os.path.exists(self.qmp_socket):
-                if self._proc.poll() is not None or time.monotonic() > deadline:
-                    with open(log_path, encoding="utf-8", errors="replace") as handle:
-                        said = handle.read()
-                    raise QemuError(
-                        f"{self.path}: qemu-storage-daemon did not start: {_first_line(said, self._proc.poll())}",
-                        path=self.path,
-                        stderr=said,
-                    )
-                time.sleep(0.02)
         except OSError as exc:
             self._stop()
             raise QemuError(f"{self.path}: cannot start qemu-storage-daemon: {exc}", path=self.path) from exc
+        return self
+
+    def wait(self) -> QemuStorageDaemon:
+        """Return once the started daemon is up: the image open and the monitor listening (its
+        pid file is written after every option is in effect; the socket's file alone exists
+        from ``bind``, before ``listen``). QemuError, the daemon stopped, when it is not."""
+        proc = self._proc
+        if proc is None:
+            raise RuntimeError("qemu-storage-daemon is not started")
+        try:
+            deadline = time.monotonic() + _START_TIMEOUT
+            delay = 0.002
+            while not os.path.exists(self._started):
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    with open(self._log_path, encoding="utf-8", errors="replace") as handle:
+                        said = handle.read()
+                    raise QemuError(
+                        f"{self.path}: qemu-storage-daemon did not start: {_first_line(said, proc.poll())}",
+                        path=self.path,
+                        stderr=said,
+                    )
+                time.sleep(delay)
+                delay = min(delay * 2, 0.02)
         except BaseException:
             self._stop()
             raise
         return self
+
+    def terminate(self) -> None:
+        """SIGTERM: the daemon flushes the image and exits; ``__exit__`` waits for it."""
+        if self._proc is not None and self._proc.poll() is None and not self._terminated:
+            self._proc.send_signal(signal.SIGTERM)
+            self._terminated = True
 
     def __exit__(self, *exc: object) -> None:
         self._stop()
@@ -426,7 +469,8 @@ class QemuStorageDaemon:
     def _stop(self) -> None:
         proc, self._proc = self._proc, None
         if proc is not None and proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)  # qemu-storage-daemon flushes and exits on SIGTERM
+            if not self._terminated:
+                proc.send_signal(signal.SIGTERM)  # qemu-storage-daemon flushes and exits on SIGTERM
             try:
                 proc.wait(timeout=_STOP_TIMEOUT_WRITABLE)
             except subprocess.TimeoutExpired:

@@ -1,7 +1,10 @@
 """Talking to a running VM: its QEMU monitor (QMP) and its guest agent.
 
-:class:`Monitor` is a synchronous QMP connection (the ``qemu.qmp`` library's sync shim) whose
-failures all become :class:`~shared.errors.MonitorError`, one line naming the socket. QMP
+:class:`Monitor` is a synchronous QMP connection whose failures all become
+:class:`~shared.errors.MonitorError`, one line naming the socket. It speaks the wire protocol
+itself (JSON messages, one a line, over the UNIX socket: greeting, ``qmp_capabilities``, then
+one command at a time, events skipped): the ``qemu.qmp`` library's sync shim runs an asyncio
+loop, 40 more modules to import before a backup's first qemu operation. QMP
 serves one client per monitor socket, so blockvault needs a monitor of its own (a second
 ``-qmp`` of the VM's QEMU); a connection is held only for the length of one backup.
 
@@ -22,9 +25,6 @@ import time
 from types import TracebackType
 from typing import Any
 
-from qemu.qmp import ExecuteError, QMPError
-from qemu.qmp.legacy import QEMUMonitorProtocol
-
 from shared.errors import GuestAgentError, MonitorError
 
 log = logging.getLogger(__name__)
@@ -35,13 +35,19 @@ CONNECT_TIMEOUT = 10.0
 COMMAND_TIMEOUT = 60.0
 
 
+class _ExecuteFailed(Exception):
+    """QEMU answered a command with an error (the message is its ``desc``)."""
+
+
 class Monitor:
-    """One QMP connection to a running QEMU, for a ``with`` block."""
+    """One QMP connection to a running QEMU (or qemu-storage-daemon), for a ``with`` block."""
 
     def __init__(self, socket_path: str, *, timeout: float = COMMAND_TIMEOUT) -> None:
         self.socket_path = socket_path
         self.timeout = timeout
-        self._qmp: QEMUMonitorProtocol | None = None
+        self._sock: socket.socket | None = None
+        self._buffer = b""
+        self._ids = 0
 
     def _fail(self, detail: str) -> MonitorError:
         return MonitorError(socket=self.socket_path, detail=" ".join(detail.split()))
@@ -51,23 +57,24 @@ class Monitor:
             raise self._fail("must be an absolute path")
         if not os.path.exists(self.socket_path):
             raise self._fail("no such socket (is the VM's QEMU running with this -qmp?)")
-        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:  # a QEMU that is gone refuses at once; spare the library's error log for that
-            probe.connect(self.socket_path)
-        except OSError as exc:
-            raise self._fail(f"cannot connect: {exc.strerror or exc} (is the VM's QEMU running?)") from None
-        finally:
-            probe.close()
-        qmp = QEMUMonitorProtocol(self.socket_path)
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(CONNECT_TIMEOUT)
         try:
-            qmp.settimeout(CONNECT_TIMEOUT)
-            qmp.connect(negotiate=True)
-        except (TimeoutError, OSError, QMPError, EOFError) as exc:
-            with contextlib.suppress(Exception):
-                qmp.close()
-            raise self._fail(f"cannot connect: {exc or type(exc).__name__}") from None
-        qmp.settimeout(self.timeout)
-        self._qmp = qmp
+            sock.connect(self.socket_path)
+        except OSError as exc:  # a QEMU that is gone refuses at once
+            sock.close()
+            raise self._fail(f"cannot connect: {exc.strerror or exc} (is the VM's QEMU running?)") from None
+        self._sock, self._buffer = sock, b""
+        try:
+            greeting = self._message()
+            if "QMP" not in greeting:
+                raise _ExecuteFailed(f"not a QMP greeting: {str(greeting)[:80]}")
+            self._execute("qmp_capabilities", {})
+        except (MonitorError, _ExecuteFailed) as exc:
+            self.close()
+            detail = exc.fields["detail"] if isinstance(exc, MonitorError) else str(exc)
+            raise self._fail(f"cannot connect: {detail}") from None
+        sock.settimeout(self.timeout)
         return self
 
     def __enter__(self) -> Monitor:
@@ -79,23 +86,67 @@ class Monitor:
         self.close()
 
     def close(self) -> None:
-        qmp, self._qmp = self._qmp, None
-        if qmp is not None:
-            with contextlib.suppress(Exception):
-                qmp.close()
+        sock, self._sock = self._sock, None
+        if sock is not None:
+            sock.close()
+
+    def _message(self) -> dict[str, Any]:
+        """The next message QEMU sends (one JSON object a line)."""
+        assert self._sock is not None
+        while b"\n" not in self._buffer:
+            try:
+                data = self._sock.recv(65536)
+            except TimeoutError:
+                raise self._fail(f"no answer within {self._sock.gettimeout():g} s") from None
+            except OSError as exc:
+                raise self._fail(exc.strerror or str(exc)) from None
+            if not data:
+                raise self._fail("QEMU closed the connection")
+            self._buffer += data
+        line, _, self._buffer = self._buffer.partition(b"\n")
+        try:
+            message = json.loads(line)
+        except ValueError:
+            raise self._fail(f"unreadable message {line[:80]!r}") from None
+        if not isinstance(message, dict):
+            raise self._fail(f"unexpected message {line[:80]!r}")
+        return message
+
+    def _execute(self, command: str, args: dict[str, Any]) -> Any:
+        """Send ``command`` and return its ``return``; an error reply raises _ExecuteFailed,
+        anything else (no answer, a lost connection) MonitorError."""
+        assert self._sock is not None
+        self._ids += 1
+        request: dict[str, Any] = {"execute": command, "id": self._ids}
+        if args:
+            request["arguments"] = args
+        try:
+            self._sock.sendall(json.dumps(request).encode() + b"\n")
+        except OSError as exc:
+            raise self._fail(exc.strerror or str(exc)) from None
+        while True:
+            reply = self._message()
+            if "event" in reply or ("id" in reply and reply["id"] != self._ids):
+                continue  # an event, or the answer to a command whose caller gave up
+            if "error" in reply:
+                error = reply["error"]
+                raise _ExecuteFailed(str(error.get("desc", error)) if isinstance(error, dict) else str(error))
+            if "return" not in reply:
+                raise self._fail(f"unexpected answer {str(reply)[:80]}")
+            return reply["return"]
 
     def cmd(self, command: str, /, **args: Any) -> Any:
         """Run QMP ``command``; its ``return`` value. A QMP error reply, a lost connection or
         no answer within the timeout raise MonitorError."""
-        if self._qmp is None:
+        if self._sock is None:
             raise self._fail("not connected")
         try:
-            return self._qmp.cmd(command, **args)
-        except ExecuteError as exc:
+            return self._execute(command, args)
+        except _ExecuteFailed as exc:
             raise self._fail(f"{command}: {exc}") from None
-        except (TimeoutError, OSError, QMPError, EOFError) as exc:
+        except MonitorError as exc:
             self.close()
-            raise self._fail(f"{command}: connection lost ({exc or type(exc).__name__})") from None
+            raise self._fail(f"{command}: connection lost ({exc.fields['detail']})") from None
 
     def transaction(self, actions: list[tuple[str, dict[str, Any]]]) -> None:
         """Run ``actions`` (QMP transaction action type, data) atomically: all or none."""

@@ -22,7 +22,7 @@ from shared.errors import (
     WrongPassphrase,
 )
 from shared.repository import qemu
-from shared.repository.backup import backup_volume
+from shared.repository.backup import backup_volume, early_bitmap_image
 from shared.repository.keys import KeyMaterial, ObjectCodec
 from shared.repository.maintenance import gc, verify
 from shared.repository.repo import Repository
@@ -318,17 +318,17 @@ def test_start_up_runs_only_the_qemu_processes_a_backup_needs(
     backup_volume(repo, str(image), bitmap="bv")
     qemu_write(image, 9 * MiB, 4096, 0x41)
     servers = _count_calls(monkeypatch, qemu.QemuNbdServer, "__enter__")
-    infos = _count_calls(monkeypatch, qemu, "image_info")
+    daemons = _count_calls(monkeypatch, qemu.QemuStorageDaemon, "start")
+    runs = _count_calls(monkeypatch, qemu, "_run_qemu_img")
     # a raw volume is read as a file, full or incremental: no qemu process at all
     backup_volume(repo, str(raw))
     backup_volume(repo, str(raw))
-    assert servers == [] and infos == []
-    # a bitmap incremental: one export (with the bitmap), the bitmaps listed once before the
-    # read and once after the commit (their rotation); the image's size comes from the export
+    assert servers == [] and daemons == [] and runs == []
+    # a bitmap incremental: one qemu-storage-daemon settles the bitmaps and exports the image
+    # for the read, a second one rotates them after the commit; no qemu-img, no qemu-nbd
     result = backup_volume(repo, str(image), bitmap="bv")
     assert result.mode == "incremental" and result.bytesRead == CHUNK
-    assert [server.bitmap for (server,) in servers] == ["bv"]  # type: ignore[attr-defined]
-    assert len(infos) == 2
+    assert len(daemons) == 2 and servers == [] and runs == []
 
 
 def test_a_repository_of_compressed_and_stored_chunks_restores_verifies_and_syncs(tmp_path: Path) -> None:
@@ -353,3 +353,54 @@ def test_a_repository_of_compressed_and_stored_chunks_restores_verifies_and_sync
     restore_backup(dst, result.id, str(again))
     assert again.read_bytes() == volume.read_bytes()
     assert verify(dst, read_data=True).ok
+
+
+def test_an_early_started_image_daemon_is_the_one_the_backup_reads_through(
+    repo: Repository, make_qcow2: Callable[..., Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The CLI starts the daemon before it derives the key; the backup uses that daemon (no
+    third one) and lets the image go before the rotation; the incremental restores."""
+    image, raw = make_qcow2(size=24 * MiB), tmp_path / "plain.raw"
+    raw.write_bytes(bytes(MiB))
+    backup_volume(repo, str(image), bitmap="bv")
+    qemu_write(image, 9 * MiB, 4096, 0x41)
+    daemons = _count_calls(monkeypatch, qemu.QemuStorageDaemon, "start")
+    with early_bitmap_image(str(image), "bv") as early:
+        assert early is not None and len(daemons) == 1
+        result = backup_volume(repo, str(image), bitmap="bv", image=early)
+        assert not early.daemon.running()
+    assert result.mode == "incremental" and result.bytesRead == CHUNK and len(daemons) == 2
+    out = tmp_path / "out.qcow2"
+    restore_backup(repo, result.id, str(out))
+    assert qcow2_equal(out, image)
+    with early_bitmap_image(str(raw), "bv") as none:
+        assert none is None  # a raw volume: backup_volume refuses the bitmap itself
+
+
+def test_an_early_image_daemon_that_cannot_open_the_image_fails_the_backup_cleanly(
+    repo: Repository, make_qcow2: Callable[..., Path]
+) -> None:
+    """Another process holds the image: the early daemon exits, the backup fails with one line
+    naming the lock, and no daemon is left behind."""
+    image = make_qcow2(size=24 * MiB)
+    backup_volume(repo, str(image), bitmap="bv")
+    with qemu.QemuStorageDaemon(str(image)), early_bitmap_image(str(image), "bv") as early:
+        assert early is not None
+        with pytest.raises(VolumeError, match="lock"):
+            backup_volume(repo, str(image), bitmap="bv", image=early)
+        assert not early.daemon.running()
+    assert backup_volume(repo, str(image), bitmap="bv").mode == "incremental"
+
+
+def test_a_bitmap_backup_without_qemu_storage_daemon_says_what_to_install(
+    repo: Repository, make_qcow2: Callable[..., Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    image = make_qcow2(size=8 * MiB)
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for tool in ("qemu-img", "qemu-nbd", "setpriv"):
+        (bin_dir / tool).symlink_to(f"/usr/bin/{tool}")
+    monkeypatch.setenv("PATH", str(bin_dir))
+    with pytest.raises(VolumeError, match=r"qemu-storage-daemon is not installed \(Debian: qemu-system-common\)"):
+        backup_volume(repo, str(image), bitmap="bv")
+    assert repo.manifest_ids() == []

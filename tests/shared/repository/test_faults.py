@@ -11,6 +11,7 @@ import subprocess
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -100,8 +101,9 @@ def next_incremental_restores(cli: Cli, repo: str, volume: Path, out: Path, poin
         "backup.chunk_stored=1",
         "backup.before_manifest=1",
         "backup.after_manifest=1",
+        "backup.image_released=1",
         "backup.bitmap_marked=1",
-        "backup.bitmap_cleared=1",
+        "backup.bitmap_rotated=1",
     ],
 )
 def test_bitmap_backup_killed_never_loses_a_change(
@@ -119,24 +121,36 @@ def test_bitmap_backup_killed_never_loses_a_change(
     next_incremental_restores(cli, repo, volume, tmp_path / "out.qcow2", point)
 
 
-@pytest.mark.parametrize("point", ["backup.bitmap_marked=1", "backup.bitmap_cleared=1"])
-def test_a_write_while_the_bitmap_rotates_is_in_the_next_incremental(
+def held_bitmap_backup(
     cli: Cli, make_qcow2: Callable[..., Path], tmp_path: Path, point: str
-) -> None:
-    """The backup has read the image and let it go; a writer (a VM started meanwhile, the
-    soak's qemu-io) writes before the bitmap is rotated. That write is not in this backup, so
-    the rotation must not clear it away: the next incremental has it (the soak found a restore
-    with a block older than a write made before its backup began)."""
+) -> tuple[str, Path, dict[str, Any], Path, subprocess.Popen[str]]:
+    """A repository, a 32 MiB image backed up once with ``--bitmap bv``, 1 MiB written at
+    5 MiB, and a second such backup started that holds at failpoint ``point``: (repository,
+    image, the first backup, the gate that releases it, the held process)."""
     repo = str(tmp_path / "repo")
     cli.run("repo", "init", repo, check=True)
     volume = make_qcow2(size=32 * MiB)
-    cli.json("repo", "backup", repo, str(volume), "--bitmap", "bv")
+    first: dict[str, Any] = cli.json("repo", "backup", repo, str(volume), "--bitmap", "bv")
     qemu_write(volume, 5 * MiB, MiB, 0x71)
     gate = tmp_path / "gate"
     slow = cli.popen(
         "repo", "backup", repo, str(volume), "--bitmap", "bv", "--json",
         env={"BLOCKVAULT_FAILPOINTS": f"{point}:hold:{gate}"},
     )  # fmt: skip
+    return repo, volume, first, gate, slow
+
+
+@pytest.mark.parametrize("point", ["backup.image_released=1"])
+def test_a_write_while_the_bitmap_rotates_is_in_the_next_incremental(
+    cli: Cli, make_qcow2: Callable[..., Path], tmp_path: Path, point: str
+) -> None:
+    """The backup has read the image and let it go; a writer (a VM started meanwhile, the
+    soak's qemu-io) writes before the bitmap is rotated. That write is not in this backup, so
+    the rotation must not clear it away: the next incremental has it (the soak found a restore
+    with a block older than a write made before its backup began). The rotation itself holds
+    the image in one daemon (no write can come between its steps); before it, the image is
+    free."""
+    repo, volume, _first, gate, slow = held_bitmap_backup(cli, make_qcow2, tmp_path, point)
     try:
         held(gate, slow)
         qemu_write(volume, 19 * MiB, 64 * 1024, 0x72)  # after the read, before the rotation ends
@@ -145,6 +159,62 @@ def test_a_write_while_the_bitmap_rotates_is_in_the_next_incremental(
     _out, err = slow.communicate(timeout=120)
     assert slow.returncode == 0, err
     next_incremental_restores(cli, repo, volume, tmp_path / "out.qcow2", point)
+
+
+def _children(pid: int) -> list[int]:
+    tasks = Path(f"/proc/{pid}/task")
+    return [int(c) for task in tasks.iterdir() for c in (task / "children").read_text().split()]
+
+
+def test_the_image_daemon_killed_mid_read_fails_the_backup_and_the_next_reads_everything(
+    cli: Cli, make_qcow2: Callable[..., Path], tmp_path: Path
+) -> None:
+    """The qemu-storage-daemon holding the image dies (SIGKILL) before the backup reads it: the
+    backup fails, and the bitmaps it left marked in use are not trusted: the next backup reads
+    every allocated block, the one after is a bitmap incremental again, both restore."""
+    repo, volume, first, gate, slow = held_bitmap_backup(cli, make_qcow2, tmp_path, "backup.exported=1")
+    try:
+        held(gate, slow)
+        daemons = [
+            pid for pid in _children(slow.pid) if "qemu-storage-daemon" in Path(f"/proc/{pid}/cmdline").read_text()
+        ]
+        assert len(daemons) == 1, daemons
+        os.kill(daemons[0], signal.SIGKILL)
+    finally:
+        release(gate)
+    _out, err = slow.communicate(timeout=120)
+    assert slow.returncode != 0 and "error" in err, err
+    flags = {b["name"]: b["flags"] for b in qemu.list_bitmaps(str(volume))}
+    assert "in-use" in flags["bv"], flags  # what a daemon killed with the image open leaves
+    qemu_write(volume, 13 * MiB, 8192, 0x42)
+    again = cli.json("repo", "backup", repo, str(volume), "--bitmap", "bv")
+    assert again["bytesRead"] == first["bytesRead"]  # every allocated block, not the dirty ones
+    out = tmp_path / "out.qcow2"
+    cli.run("repo", "restore", repo, again["id"], str(out), check=True)
+    assert qcow2_equal(out, volume)
+    qemu_write(volume, 29 * MiB, 4096, 0x43)
+    next_incremental_restores(cli, repo, volume, tmp_path / "next.qcow2", "daemon killed")
+
+
+def test_a_rotation_that_cannot_open_the_image_keeps_every_write_for_the_next_backup(
+    cli: Cli, make_qcow2: Callable[..., Path], tmp_path: Path
+) -> None:
+    """Another process holds the image when the backup rotates its bitmaps: the backup still
+    succeeds (it is committed), ``NAME.next`` stays, and the next incremental covers the
+    writes of both the rotation's window and after."""
+    repo, volume, _first, gate, slow = held_bitmap_backup(cli, make_qcow2, tmp_path, "backup.image_released=1")
+    try:
+        held(gate, slow)
+        with qemu.QemuStorageDaemon(str(volume)):  # holds the image's write lock
+            release(gate)
+            _out, err = slow.communicate(timeout=120)
+    finally:
+        release(gate)
+    assert slow.returncode == 0, err
+    assert "backup.bitmap_rotate_failed" in err, err
+    assert "bv.next" in [b["name"] for b in qemu.list_bitmaps(str(volume))]
+    qemu_write(volume, 17 * MiB, 65536, 0x52)
+    next_incremental_restores(cli, repo, volume, tmp_path / "out.qcow2", "rotation failed")
 
 
 def test_backup_killed_at_random_moments(cli: Cli, make_raw: Callable[..., Path], tmp_path: Path) -> None:

@@ -8,8 +8,10 @@ from pathlib import Path
 import psutil
 import pytest
 
+from shared.errors import MonitorError
 from shared.repository import qemu
 from shared.repository.nbd import NBDClient
+from shared.repository.qmp import Monitor
 
 MiB = 1024 * 1024
 
@@ -166,3 +168,22 @@ def test_image_in_use_by_writable_server(image: Path) -> None:
         with pytest.raises(qemu.QemuError, match="lock"):
             qemu.bitmap_add(str(image), "x")
     qemu.bitmap_add(str(image), "x")
+
+
+def test_monitor_on_a_storage_daemon(tmp_path: Path) -> None:
+    """The synchronous QMP client against a real qemu-storage-daemon: answers, an error reply
+    as one line naming the command, and a daemon gone as a lost connection."""
+    image = tmp_path / "a,b.qcow2"  # a comma: the daemon's options are JSON
+    qemu.create_qcow2(str(image), 16 * MiB)
+    with qemu.QemuStorageDaemon(str(image)) as daemon, Monitor(daemon.qmp_socket) as mon:
+        node = next(n for n in mon.block_nodes() if n["node-name"] == daemon.node)
+        assert node["image"]["virtual-size"] == 16 * MiB
+        mon.transaction([("block-dirty-bitmap-add", {"node": daemon.node, "name": "a", "persistent": True})])
+        assert [b["name"] for b in mon.bitmaps(daemon.node)] == ["a"]
+        with pytest.raises(MonitorError, match=r"block-dirty-bitmap-remove: .*'nope'"):
+            mon.cmd("block-dirty-bitmap-remove", node=daemon.node, name="nope")
+        mon.cmd("quit")
+        with pytest.raises(MonitorError, match="query-status: connection lost"):
+            for _ in range(100):  # until the daemon has gone
+                mon.cmd("query-status")
+    assert [b["name"] for b in qemu.list_bitmaps(str(image))] == ["a"]  # stored when it quit
