@@ -185,18 +185,10 @@ class ObjectCodec:
         O_DIRECT buffer, :meth:`Backend.lend_buffer`: written from where it lies), or in a new
         one when it gives None. Valid until the thread's next call of ``lend``."""
         kind, packed = self._pack(data)
-        size = 1 + len(packed) + (12 + 16 if self._aead is not None else 0)
-        out = lend(size)
+        out = lend(self._sealed_size(packed))
         if out is None:
             return self._seal(digest, kind, packed)
-        if self._aead is None:
-            out[0] = kind
-            out[1:] = packed
-        else:
-            nonce = os.urandom(12)
-            out[0] = kind | ENCRYPTED
-            out[1:13] = nonce
-            self._aead.encrypt_into(nonce, packed, digest, out[13:])
+        self._seal_into(out, digest, kind, packed)
         return out
 
     def _pack(self, data: Buffer) -> tuple[int, Buffer]:
@@ -215,12 +207,25 @@ class ObjectCodec:
     def _seal(self, digest: bytes, kind: int, packed: Buffer) -> bytes | bytearray:
         if self._aead is None:
             return bytes((kind,)) + packed
+        out = bytearray(self._sealed_size(packed))
+        self._seal_into(memoryview(out), digest, kind, packed)
+        return out
+
+    def _sealed_size(self, packed: Buffer) -> int:
+        """The length of the stored object whose payload is ``packed``."""
+        return 1 + len(packed) + (12 + 16 if self._aead is not None else 0)
+
+    def _seal_into(self, out: memoryview, digest: bytes, kind: int, packed: Buffer) -> None:
+        """Write the stored object (type, then ``packed`` as is or sealed) into ``out``, which
+        is exactly :meth:`_sealed_size` long."""
+        if self._aead is None:
+            out[0] = kind
+            out[1:] = packed
+            return
         nonce = os.urandom(12)
-        out = bytearray(1 + 12 + len(packed) + 16)
         out[0] = kind | ENCRYPTED
         out[1:13] = nonce
-        self._aead.encrypt_into(nonce, packed, digest, memoryview(out)[13:])
-        return out
+        self._aead.encrypt_into(nonce, packed, digest, out[13:])
 
     def _peek(self, blob: bytes | bytearray, what: str) -> tuple[int, memoryview]:
         """The type (STORED or ZSTD) and the body of a stored object as it is (``[nonce]
