@@ -270,6 +270,7 @@ class BitmapImage:
             log.info("backup.bitmap_unusable volume=%s reason=resized", self.path)
             base = None
         granularity = next((b["granularity"] for b in info.get("dirty-bitmaps", []) if b.get("name") == name), None)
+        same = {"granularity": granularity} if granularity is not None else {}  # as NAME's, for the merges
         actions: list[tuple[str, dict[str, Any]]] = []
         if base is None:  # restart: no marker may vouch for a bitmap cleared behind its back
             actions += [
@@ -279,16 +280,10 @@ class BitmapImage:
                 actions.append(("block-dirty-bitmap-clear", {"node": node, "name": name}))
             else:
                 actions.append(("block-dirty-bitmap-add", {"node": node, "name": name, "persistent": True}))
-        nxt: dict[str, Any] = {"node": node, "name": name + NEXT, "persistent": True}
-        if granularity is not None:
-            nxt["granularity"] = granularity
-        actions.append(("block-dirty-bitmap-add", nxt))
+        actions.append(("block-dirty-bitmap-add", {"node": node, "name": name + NEXT, "persistent": True, **same}))
         if base is not None:
-            frozen: dict[str, Any] = {"node": node, "name": FROZEN, "disabled": True}
-            if granularity is not None:
-                frozen["granularity"] = granularity
             actions += [
-                ("block-dirty-bitmap-add", frozen),
+                ("block-dirty-bitmap-add", {"node": node, "name": FROZEN, "disabled": True, **same}),
                 ("block-dirty-bitmap-merge", {"node": node, "target": FROZEN, "bitmaps": [name]}),
             ]
         mon.transaction(actions)

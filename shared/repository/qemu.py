@@ -68,7 +68,7 @@ def _first_line(stderr: str, returncode: int | None) -> str:
     for raw in stderr.splitlines():
         line = raw.strip()
         if line:
-            for prefix in (f"{QEMU_IMG}: ", f"{QEMU_NBD}: ", "qemu-storage-daemon: "):
+            for prefix in (f"{QEMU_IMG}: ", f"{QEMU_NBD}: ", f"{QEMU_STORAGE_DAEMON}: "):
                 line = line.removeprefix(prefix)
             if line.startswith("--blockdev {") and "}: " in line:  # the option it failed on
                 line = line.split("}: ", 1)[1]
@@ -159,19 +159,6 @@ def bitmap_clear(path: str, name: str) -> None:
 def bitmap_remove(path: str, name: str) -> None:
     """Delete persistent dirty bitmap ``name``."""
     _run_qemu_img(path, f"removing bitmap {name!r}", ["bitmap", "--remove", "-f", "qcow2", os.path.abspath(path), name])
-
-
-def bitmap_merge(path: str, name: str, source: str, *, clear: bool = False) -> None:
-    """Merge persistent bitmap ``source`` into ``name``; with ``clear``, ``name`` is cleared
-    first in the same qemu-img run (qemu-img applies its operations in the order given, with
-    the image open once): ``name`` then holds exactly ``source``'s bits, and no other writer
-    of the image can come between the two steps."""
-    ops = ["--clear"] if clear else []
-    _run_qemu_img(
-        path,
-        f"merging bitmap {source!r} into {name!r}",
-        ["bitmap", *ops, "--merge", source, "-f", "qcow2", os.path.abspath(path), name],
-    )
 
 
 def create_qcow2(path: str, size: int) -> None:
