@@ -17,6 +17,11 @@ Health: :func:`check_storages` (run by every worker's maintenance thread) probes
 and marks it Connected or Disconnected with its capacity; when the ImageStore master fails and
 a standby answers, the standby is promoted (:func:`failover`). A backup that fails on the
 master mid-way calls :func:`failover` itself and carries on on the new master.
+
+Locks: the health pass and a failover commit each storage's probe on its own, so neither holds
+one storage row while it waits for another (a job that holds its master's row while it probes
+the standby cannot deadlock with them); :func:`promote` locks the ImageStore rows in one order
+(:data:`IN_ORDER`), so two promotions at once queue instead of deadlocking.
 """
 
 from __future__ import annotations
@@ -41,6 +46,7 @@ from shared.repository.repo import Repository
 log = logging.getLogger(__name__)
 ROLES = ("master", "standby")
 REGISTER_RETRY_SECONDS = 5.0
+IN_ORDER = (BackupStorage.createDate, BackupStorage.uuid)  # the one order storage rows are locked in
 
 
 def type_of_url(url: str) -> str | None:
@@ -282,7 +288,8 @@ def standbys(session: Session) -> list[BackupStorage]:
 def promote(session: Session, standby: BackupStorage) -> BackupStorage:
     """Make ``standby`` the master and every ImageStore master a standby, in one
     transaction that holds the storage rows (two workers promoting at once agree)."""
-    rows = session.scalars(select(BackupStorage).where(BackupStorage.type == "ImageStore").with_for_update()).all()
+    ours = select(BackupStorage).where(BackupStorage.type == "ImageStore").order_by(*IN_ORDER)
+    rows = session.scalars(ours.with_for_update()).all()
     for row in rows:
         if row.role == "master" and row.uuid != standby.uuid:
             row.role = "standby"
@@ -303,13 +310,15 @@ def failover(session: Session, failed: BackupStorage, *, full: bool = False) -> 
     if failed.type != "ImageStore":
         return None
     if failed.role == "master":
-        if probe(failed) and not full:
-            session.commit()
+        answers = probe(failed)
+        session.commit()
+        if answers and not full:
             return None  # it answers: the failure was something else
         for candidate in standbys(session):
-            if _answers(candidate):
+            answers = _answers(candidate)
+            session.commit()
+            if answers:
                 return promote(session, candidate)
-        session.commit()
         return None
     master = current_master(session)
     if master is not None and master.uuid != failed.uuid and probe(master):
@@ -329,11 +338,12 @@ def switch_role(session: Session, storage: BackupStorage) -> BackupStorage:
 
 
 def check_storages(session: Session) -> None:
-    """One health pass: probe every enabled storage; fail over when the master is down."""
-    rows = session.scalars(select(BackupStorage).where(BackupStorage.state == "Enabled")).all()
+    """One health pass: probe every enabled storage, each probe committed on its own; fail over
+    when the master is down."""
+    rows = session.scalars(select(BackupStorage).where(BackupStorage.state == "Enabled").order_by(*IN_ORDER)).all()
     for row in rows:
         _answers(row)
-    session.commit()
+        session.commit()
     master = current_master(session)
     if master is not None and master.type == "ImageStore" and master.status == "Disconnected":
         failover(session, master)
