@@ -308,7 +308,9 @@ def test_schemathesis_admin_and_member_no_5xx_and_schema_conformant(
         )
         assert response.status_code == 400, (method, path, body, response.text)
         assert response.json()["error"]["code"] == "INVALID_ARGUMENT", response.text
-    schema = schemathesis.openapi.from_url(f"http://127.0.0.1:{stack.port}/openapi.json")
+    # the API builds its schema on the first request for it (about 2 CPU s with the routes'
+    # handlers): on a loaded machine that took longer than the loader's default 10 s
+    schema = schemathesis.openapi.from_url(f"http://127.0.0.1:{stack.port}/openapi.json", timeout=120)
     rows = {k: v for k, v in world.items() if k != "member-key"}
     fuzzer = Fuzzer(stack, world["member-key"] if who == "member" else stack.key, rows)
     try:
