@@ -27,7 +27,8 @@ from tests.shared.service.conftest import Site, raw_bytes
 
 MiB = 1024 * 1024
 SIZE = 8 * MiB
-RATE = 2 * MiB  # bytes/s the tests stream at: ~4 s, time to write during the stream
+HELD = 1  # bytes/s the tests stream at: QEMU copies its first chunk (512 KiB) at once, then
+# waits (days) for the next until the test lifts the limit: the test sees mid-stream, however slow
 
 
 def patterned(path: Path, fmt: str) -> bytes:
@@ -44,12 +45,18 @@ def patterned(path: Path, fmt: str) -> bytes:
     return bytes(data)
 
 
-def wait_for(condition: Callable[[], Any], what: str, timeout: float = 120.0) -> Any:
+def wait_for(condition: Callable[[], Any], what: str, running: Running, timeout: float = 120.0) -> Any:
+    """``condition()``'s first true value; fails at once, with the job's error or result, when
+    the job ends first (the condition can no longer come true)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         found = condition()
         if found:
             return found
+        if running.error is not None:
+            raise AssertionError(f"the job failed while waiting for {what}") from running.error
+        if running.result is not None:
+            raise AssertionError(f"the job finished while waiting for {what}: {running.result}")
         time.sleep(0.05)
     raise AssertionError(f"timed out waiting for {what}")
 
@@ -87,22 +94,33 @@ def stream_job(vm: QemuVm) -> dict[str, Any] | None:
     return jobs[0] if jobs else None
 
 
-def start_vm_on_overlay(
-    site: Site, qemu_vm: VmFactory, fmt: str, rate: int = RATE
-) -> tuple[bytes, VmInstance, Volume, Running, QemuVm]:
+def held_mid_stream(vm: QemuVm, running: Running) -> dict[str, Any]:
+    """The stream once its first chunk is in, held there by the HELD rate."""
+    job: dict[str, Any] = wait_for(
+        lambda: (j := stream_job(vm)) and 0 < j["current-progress"] < j["total-progress"] and j, "stream", running
+    )
+    assert job["status"] == "running"
+    return job
+
+
+def unhold(vm: QemuVm, job: dict[str, Any]) -> None:
+    """Lift the HELD rate: the rest streams at full speed."""
+    vm.cmd("block-job-set-speed", device=job["id"], speed=0)
+
+
+def start_vm_on_overlay(site: Site, qemu_vm: VmFactory, fmt: str) -> tuple[bytes, VmInstance, Volume, Running, QemuVm]:
     source = site.tmp / f"source.{fmt}"
     content = patterned(source, fmt)
     site.storage()
     backup = site.backup(site.volume(source.name, size=SIZE, path=source))
     vm_row = site.vm(qmp_socket=str(site.tmp / "vm0" / "qmp.sock"))  # where the fixture's QEMU listens
     job = instant.request_instant_volume(
-        site.session, backup.uuid, {"vmInstanceUuid": vm_row.uuid, "attachTimeout": 120, "bandwidthLimit": rate}, None
+        site.session, backup.uuid, {"vmInstanceUuid": vm_row.uuid, "attachTimeout": 120, "bandwidthLimit": HELD}, None
     )
     volume = site.session.get_one(Volume, job.resourceUuid)
     assert (volume.status, volume.format, volume.vmInstanceUuid) == ("Creating", "qcow2", vm_row.uuid)
     running = Running(site, job)
-    wait_for(lambda: running.status(volume.uuid) == "Streaming" or running.error, "the overlay")
-    assert running.error is None, running.error
+    wait_for(lambda: running.status(volume.uuid) == "Streaming", "the overlay", running)
     assert backing_of(volume.installPath) is not None
     vm = qemu_vm([Path(volume.installPath)], ["qcow2"])  # the operator starts the VM from it
     return content, vm_row, volume, running, vm
@@ -115,11 +133,12 @@ def test_a_running_vm_reads_the_backup_at_once_and_keeps_its_writes(site: Site, 
     assert vm.reads(0, 0, 4096, 1)
     assert vm.reads(0, 3 * MiB, MiB, 0)
     assert vm.reads(0, SIZE - MiB, MiB, SIZE // MiB)
-    job = wait_for(lambda: (j := stream_job(vm)) and 0 < j["current-progress"] < j["total-progress"] and j, "stream")
-    assert job["status"] == "running"
+    job = held_mid_stream(vm, running)
     vm.write(0, 6 * MiB + 4096, 8192, 0xAB)  # mid-stream, where the stream has not been yet
-    vm.write(0, 512, 1024, 0xCD)  # where it has (or not: either way the guest's bytes win)
+    vm.write(0, 512, 1024, 0xCD)  # where it has (its first chunk): the guest's bytes win either way
     assert vm.reads(0, 6 * MiB + 4096, 8192, 0xAB)
+    assert stream_job(vm) == job  # the writes were mid-stream: it has not moved
+    unhold(vm, job)
     running.join()
     assert running.error is None, running.error
     assert running.result is not None and running.result["instantRestore"]["mode"] == "vm"
@@ -138,15 +157,11 @@ def test_a_running_vm_reads_the_backup_at_once_and_keeps_its_writes(site: Site, 
 
 
 def test_a_storage_that_vanishes_mid_stream_fails_the_job_and_pauses_the_vm(site: Site, qemu_vm: VmFactory) -> None:
-    # slow enough (32 s) that the stream cannot end before the storage goes, however loaded the machine
-    _content, _vm_row, volume, running, vm = start_vm_on_overlay(site, qemu_vm, "raw", rate=SIZE // 32)
-    wait_for(
-        lambda: running.error or running.result or ((j := stream_job(vm)) and j["current-progress"] > 0),
-        "the stream to start",
-    )
-    assert running.error is None and running.result is None, (running.error, running.result)
+    _content, _vm_row, volume, running, vm = start_vm_on_overlay(site, qemu_vm, "raw")
+    job = held_mid_stream(vm, running)  # the stream cannot end before the storage goes
     vm.write(0, 7 * MiB, 4096, 0xEE)
     site.vanish(site.session.query(BackupStorage).one())
+    unhold(vm, job)
     running.join()
     assert isinstance(running.error, StreamFailed), running.error
     assert "the VM is paused" in str(running.error)
