@@ -139,13 +139,14 @@ class StorageServer:
             self.proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
         self.failpoints = None  # a restart runs without them unless asked again
         deadline = time.monotonic() + START_SECONDS
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                pytest.fail(f"storage-server exited {self.proc.returncode}:\n{self.log_tail()}")
-            with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(f"{self.url}/v1/health", verify=self._verify(), timeout=2).status_code == 200:
-                    return
-            time.sleep(0.05)
+        with httpx.Client(verify=self._verify(), timeout=2) as http:  # one CA bundle load, not one per poll
+            while time.monotonic() < deadline:
+                if self.proc.poll() is not None:
+                    pytest.fail(f"storage-server exited {self.proc.returncode}:\n{self.log_tail()}")
+                with contextlib.suppress(httpx.HTTPError):
+                    if http.get(f"{self.url}/v1/health").status_code == 200:
+                        return
+                time.sleep(0.05)
         self.kill()
         pytest.fail(f"storage-server did not answer /v1/health in {START_SECONDS} s:\n{self.log_tail()}")
 

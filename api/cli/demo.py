@@ -119,15 +119,16 @@ def _start_storage_server(work: Path) -> tuple[subprocess.Popen[bytes], str, str
     )
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise click.ClickException(f"the storage-server stopped: see {work / 'storage-server.log'}")
-        try:
-            if httpx.get(f"{url}/v1/health", timeout=2).status_code == 200:
-                return proc, f"{url}/dc1", token
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.2)
+    with httpx.Client(timeout=2) as http:  # one client for the polls (each new one loads the CA bundle)
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                raise click.ClickException(f"the storage-server stopped: see {work / 'storage-server.log'}")
+            try:
+                if http.get(f"{url}/v1/health").status_code == 200:
+                    return proc, f"{url}/dc1", token
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.2)
     proc.kill()
     raise click.ClickException(f"the storage-server did not answer in 30 s: see {work / 'storage-server.log'}")
 

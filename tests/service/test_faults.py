@@ -174,7 +174,7 @@ def start_api(stack: Stack, name: str, env: dict[str, str]) -> str:
     def answers() -> bool:
         assert proc.poll() is None, stack.log(name)
         try:
-            return httpx.get(f"{url}/v1/health", timeout=2).status_code == 200
+            return stack.client.http.get(f"{url}/v1/health", timeout=2).status_code == 200
         except httpx.HTTPError:
             return False
 

@@ -146,14 +146,15 @@ def running(cli: Cli, url: str, *args: str, env: dict[str, str], verify: Any = T
     """The process started by ``args``, answering ``url`` (the test fails if it exits first)."""
     proc = cli.popen(*args, env=env)
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            assert proc.poll() is None, proc.communicate()[1]
-            with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(url, verify=verify, timeout=2).status_code == 200:
-                    break
-            assert time.monotonic() < deadline, f"{args[0]} did not answer {url}"
-            time.sleep(0.1)
+        deadline = time.monotonic() + 180  # an API migrating an empty catalog on a loaded machine: a minute or more
+        with httpx.Client(verify=verify, timeout=2) as http:  # one CA bundle load, not one per poll
+            while True:
+                assert proc.poll() is None, proc.communicate()[1]
+                with contextlib.suppress(httpx.HTTPError):
+                    if http.get(url).status_code == 200:
+                        break
+                assert time.monotonic() < deadline, f"{args[0]} did not answer {url}"
+                time.sleep(0.1)
         yield
     finally:
         proc.terminate()

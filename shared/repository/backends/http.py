@@ -14,7 +14,9 @@ and no log.
 
 from __future__ import annotations
 
+import functools
 import json
+import os
 import ssl
 from collections.abc import Iterable, Iterator, Mapping
 from enum import IntEnum
@@ -149,6 +151,23 @@ def invalid_key(key: str) -> str | None:
     return None
 
 
+def _file_stamp(path: str | None) -> tuple[int, int] | None:
+    """What tells a changed CA file from the one read before (its mtime and size)."""
+    if not path:
+        return None
+    info = os.stat(path)
+    return info.st_mtime_ns, info.st_size
+
+
+@functools.lru_cache(maxsize=16)
+def tls_context(cafile: str | None, _stamp: tuple[int, int] | None) -> ssl.SSLContext:
+    """The client TLS context trusting ``cafile`` (else the system's CAs), made once per process
+    and CA file version: making one loads and parses the whole CA bundle (30-60 ms of CPU), and
+    a backend is opened for every job and every health probe of every storage. A context is
+    only read once made, so the backends' clients share it."""
+    return ssl.create_default_context(cafile=cafile) if cafile else ssl.create_default_context()
+
+
 class HttpBackend(Backend):
     """Objects on a storage server, over one pooled, thread-safe HTTP/1.1 client."""
 
@@ -175,7 +194,7 @@ class HttpBackend(Backend):
         self.location = urlunsplit((parts.scheme, parts.netloc, prefix, "", ""))
         self._base = f"{parts.scheme}://{parts.netloc}{prefix}/{API}/"
         try:
-            verify = ssl.create_default_context(cafile=cafile) if cafile else ssl.create_default_context()
+            verify = tls_context(cafile, _file_stamp(cafile))
         except (OSError, ssl.SSLError) as exc:
             raise UsageError(detail=f"cannot use cafile {cafile}: {exc}") from None
         self._client = httpx.Client(

@@ -24,7 +24,7 @@ from shared.errors import (
     UsageError,
 )
 from shared.repository.backends import RetryingBackend, open_backend
-from shared.repository.backends.http import MISSING_BATCH, STATUS_TABLE, HttpBackend, Status
+from shared.repository.backends.http import MISSING_BATCH, STATUS_TABLE, HttpBackend, Status, _file_stamp, tls_context
 from shared.repository.backup import backup_volume
 from shared.repository.maintenance import Policy, gc, prune
 from shared.repository.repo import Repository, manifest_key
@@ -157,6 +157,30 @@ def test_tls_with_a_self_signed_certificate(start_storage_server: Start, tmp_pat
     plain = HttpBackend(server.url.replace("https:", "http:") + "/r", server.token)
     with pytest.raises(BackendError):
         plain.get("k")
+
+
+def test_the_tls_context_is_made_once_per_ca_file_and_again_when_the_file_changes(
+    start_storage_server: Start, tmp_path: Path
+) -> None:
+    first = start_storage_server(tmp_path / "one", tls=True)
+    second = start_storage_server(tmp_path / "two", tls=True)
+    assert first.cafile and second.cafile
+    ca = tmp_path / "ca.pem"
+    ca.write_bytes(Path(first.cafile).read_bytes())
+    made = tls_context(str(ca), _file_stamp(str(ca)))
+    assert tls_context(str(ca), _file_stamp(str(ca))) is made  # not loaded again per backend
+    trusted = open_backend(f"{first.url}/r", {"token": first.token, "cafile": str(ca)})
+    trusted.create()
+    assert trusted.exists("config") is False
+    # the operator puts another CA in the same file: the next backend trusts that one only
+    ca.write_bytes(Path(second.cafile).read_bytes() + b"\n")
+    assert tls_context(str(ca), _file_stamp(str(ca))) is not made
+    with pytest.raises(BackendError) as caught:
+        open_backend(f"{first.url}/r", {"token": first.token, "cafile": str(ca)}).exists("config")
+    assert "certificate" in str(caught.value)
+    again = open_backend(f"{second.url}/r", {"token": second.token, "cafile": str(ca)})
+    again.create()
+    assert again.exists("config") is False
 
 
 def test_killed_server_is_unavailable_then_works_again(start_storage_server: Start, tmp_path: Path) -> None:
