@@ -4,7 +4,8 @@ Objects are files below the root; ``put`` writes ``tmp/<random>``, fdatasyncs it
 it into place (borgstore ``posixfs``; with ``overwrite=False`` it hard-links instead, which
 fails when the name exists, so two writers never replace each other's object), so a crash never
 leaves a half object under a real key;
-``flush`` fsyncs the folders that gained names, once per folder instead of once per object.
+``flush`` fsyncs the folders that gained names, once per folder instead of once per object,
+several folders at once.
 Objects of ``DIRECT_MIN`` bytes or more (chunks) are written with ``O_DIRECT`` from a reused
 page-aligned buffer where the file system takes it: a buffered write first-touches fresh
 page-cache pages, ~3 ms of system time a MiB on the VM this was measured on (a fifth of a full
@@ -26,6 +27,7 @@ import shutil
 import threading
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -39,6 +41,7 @@ FULL = {errno.ENOSPC, errno.EDQUOT}  # out of space or over a quota: StorageFull
 DIRECT_MIN = 256 * 1024  # objects at least this large are written with O_DIRECT (see above)
 DIRECT_PIECE = 1024 * 1024  # written at a time through a thread's aligned buffer
 DIRECT_ALIGN = 4096  # O_DIRECT's buffer address and length alignment (any block size up to 4 KiB)
+FLUSH_THREADS = 8  # folders fsynced at once by flush (see FileBackend.flush)
 
 
 def os_error(location: str, exc: OSError, what: str) -> BackendError:
@@ -55,6 +58,15 @@ def os_error(location: str, exc: OSError, what: str) -> BackendError:
 def _address(view: memoryview) -> int:
     """The address of a writable, non-empty buffer's first byte."""
     return ctypes.addressof(ctypes.c_char.from_buffer(view))
+
+
+def _sync_folder(folder: Path) -> None:
+    """fsync a folder: the names linked into it are durable."""
+    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _exists() -> bool:
@@ -255,15 +267,22 @@ class FileBackend(Backend):
             raise self._error(exc, key) from None
 
     def flush(self) -> None:
+        """fsync every folder that gained names since the last flush, several at once
+        (``FLUSH_THREADS``): each folder's fsync waited on a journal commit of its own
+        (2.2 ms on the 2-core VM measured), so a full backup's 200-odd chunk folders took
+        0.15-0.5 s one after the other at its end, 0.06-0.08 s at once (concurrent fsyncs
+        share commits). On an error every folder stays to be synced by the next flush."""
         with self._lock:
             folders, self._unsynced = self._unsynced, set()
         try:
-            for folder in folders:
-                fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
-                try:
-                    os.fsync(fd)
-                finally:
-                    os.close(fd)
+            if len(folders) <= 1:
+                for folder in folders:
+                    _sync_folder(folder)
+            else:
+                threads = min(FLUSH_THREADS, len(folders))
+                with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="flush") as pool:
+                    for _ in pool.map(_sync_folder, folders):
+                        pass
         except OSError as exc:
             with self._lock:
                 self._unsynced |= folders

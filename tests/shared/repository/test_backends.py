@@ -180,6 +180,42 @@ def test_file_backend_leaves_no_temporary_file(tmp_path: Path) -> None:
     assert list(store.list("tmp/")) == []
 
 
+def test_file_backend_flush_syncs_folders_at_once_and_keeps_them_on_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """flush fsyncs every folder that gained names, several at once (each fsync waits on a
+    journal commit: one after the other they were the serial end of a backup); a failing
+    one leaves every folder to the next flush."""
+    store = FileBackend(tmp_path / "store")
+    store.create()
+    for prefix in ("aa", "bb", "cc"):
+        store.put(f"chunks/{prefix}/{prefix}1", b"x")
+    real_fsync = os.fsync
+    together = threading.Barrier(3, timeout=30)  # passes only with the three fsyncs in flight at once
+    synced: list[str] = []
+    fail = threading.Event()
+
+    def fsync(fd: int) -> None:
+        folder = os.readlink(f"/proc/self/fd/{fd}")
+        together.wait()
+        if fail.is_set() and folder.endswith("bb"):
+            raise OSError(5, "Input/output error")
+        real_fsync(fd)
+        synced.append(os.path.basename(folder))
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    fail.set()
+    with pytest.raises(BackendError):
+        store.flush()
+    fail.clear()
+    synced.clear()
+    store.flush()  # the failed flush's folders again, all three
+    assert sorted(synced) == ["aa", "bb", "cc"]
+    synced.clear()
+    store.flush()  # nothing new since
+    assert synced == []
+
+
 def test_open_backend_schemes(tmp_path: Path) -> None:
     assert open_backend(str(tmp_path)).location == str(tmp_path)
     assert open_backend(f"file://{tmp_path}").location == str(tmp_path)
