@@ -66,6 +66,10 @@ WAIT_SECONDS = 60.0
 HINT = "run tests/harness/ensure-services (or `make pytest`), or point {env} at a running server"
 _REDIS_CLAIM = "blockvault:test:redis-db:{index}"
 _REDIS_CLAIM_TTL = 3600
+_TAKE_OVER = (
+    "if redis.call('get', KEYS[1]) == ARGV[1] then "
+    "return redis.call('set', KEYS[1], ARGV[2], 'EX', ARGV[3]) else return false end"
+)
 LOCAL_HOSTS = frozenset({"127.0.0.1", "localhost", "::1"})
 
 
@@ -476,10 +480,26 @@ class _RedisClaims:
         with _redis_client(base) as client:
             databases = _redis_databases(client)
             for index in range(1, databases):
-                if client.set(_REDIS_CLAIM.format(index=index), self.token, nx=True, ex=_REDIS_CLAIM_TTL):
+                key = _REDIS_CLAIM.format(index=index)
+                if client.set(key, self.token, nx=True, ex=_REDIS_CLAIM_TTL) or self._take_over(client, key):
                     self.held[(base, index)] = self.token
                     return index
         raise RuntimeError(f"Redis at {base}: all {databases - 1} test databases are held by other tests")
+
+    def _take_over(self, client: redis.Redis, key: str) -> bool:
+        """Take ``key``'s claim when it is held by a process of this machine that is dead (a test
+        run killed with SIGKILL leaves its claims for their whole hour otherwise)."""
+        holder = client.get(key)
+        if holder is None:
+            return False
+        held = holder.decode(errors="replace") if isinstance(holder, bytes) else str(holder)
+        host, _, rest = held.partition(":")
+        pid = rest.partition(":")[0]
+        if host != socket.gethostname() or not pid.isdigit() or _pid_alive(int(pid)):
+            return False
+        # compare-and-set: only if the dead holder still holds it (another process may have just taken it)
+        taken = client.eval(_TAKE_OVER, 1, key, holder, self.token, _REDIS_CLAIM_TTL)
+        return bool(taken)
 
     def release(self, base: str, index: int) -> None:
         self.held.pop((base, index), None)
