@@ -9,8 +9,11 @@ host a fourth mirrors the host's domains into the catalog (shared.libvirt.discov
 from __future__ import annotations
 
 import logging
+import os
 import threading
+from typing import Any
 
+from celery import bootsteps
 from celery.concurrency import get_implementation
 from celery.utils.nodenames import default_nodename, host_format
 from celery.worker import state as worker_state
@@ -123,6 +126,37 @@ def import_before_threads() -> None:
     registry.types()  # every built-in backend module (s3 pulls boto3 in)
 
 
+class BackgroundThreads(bootsteps.StartStopStep):  # type: ignore[misc]  # celery is untyped
+    """Starts the worker's threads (heartbeat, maintenance, storage health, libvirt sync) once
+    its pool has forked its children, and stops them with the worker.
+
+    A child forked while one of these threads is inside a lock the child needs later inherits
+    that lock held, and waits for it for ever: a module's import lock (see
+    :func:`import_before_threads`), or a lock of OpenSSL's that a storage probe holds while it
+    builds a TLS context or an S3 client (a soak's verify hung so, its job Running for good,
+    kept alive by the heartbeat). Python's at-fork hooks cannot free locks of a C library, so
+    the children are forked before any of these threads runs. A child forked later (the pool
+    replaces one that died) still forks beside them; :func:`_fork_census` logs it."""
+
+    requires = ("celery.worker.components:Pool",)  # the Consumer step is last: this runs before it
+    label = "BackgroundThreads"
+
+    def start(self, parent: Any) -> None:
+        for thread in parent.blockvault_threads:
+            thread.start()
+
+    def stop(self, parent: Any) -> None:
+        for thread in parent.blockvault_threads:
+            thread.stopped.set()
+
+
+def _fork_census() -> None:
+    """Log which other threads run while this process forks (a pool child): ``none`` for the
+    children the pool starts with."""
+    others = sorted(t.name for t in threading.enumerate() if t is not threading.current_thread() and t.is_alive())
+    log.info("worker.fork pid=%s threads=%s", os.getpid(), ",".join(others) or "none")
+
+
 def run_worker(host_uuid: str | None = None, concurrency: int = 2, loglevel: str = "INFO") -> int:
     """Run until shut down; the worker's exit code."""
     settings = get_settings()
@@ -132,20 +166,21 @@ def run_worker(host_uuid: str | None = None, concurrency: int = 2, loglevel: str
     check_at_start("worker")  # it opens storage with the credentials the API sealed
     with db.session() as session:
         hosts.register(session, host)
-    beat = Heartbeat(host, settings.heartbeat_seconds)
-    beat.start()
-    maintenance = Maintenance(settings.heartbeat_seconds, settings.requeue_seconds)
-    maintenance.start()
-    health = StorageHealth(settings.storage_check_seconds)
-    health.start()
     libvirt_sync = LibvirtSync(host, settings.heartbeat_seconds)
-    libvirt_sync.sync()  # once before the pool forks: no child starts inside a libvirt call
-    libvirt_sync.start()
+    libvirt_sync.sync()  # once now, in this thread: the threads below start after the pool forks
+    threads: list[Heartbeat | Maintenance | StorageHealth | LibvirtSync] = [
+        Heartbeat(host, settings.heartbeat_seconds),
+        Maintenance(settings.heartbeat_seconds, settings.requeue_seconds),
+        StorageHealth(settings.storage_check_seconds),
+        libvirt_sync,
+    ]
     from workers import tasks
 
     tasks.RUNNING_ON = host  # before the pool forks: every child binds the jobs it starts here
     log.info("worker.start host=%s queues=%s,%s", host, host_queue(host), STORAGE_QUEUE)
     app = celery_app()
+    app.steps["worker"].add(BackgroundThreads)
+    os.register_at_fork(before=_fork_census)
     try:
         # the worker itself, as `celery worker` builds it (celery/bin/worker.py), without the
         # celery command line: parsing it imported every click plugin installed (Flower with
@@ -159,10 +194,9 @@ def run_worker(host_uuid: str | None = None, concurrency: int = 2, loglevel: str
             without_mingle=True,
             without_gossip=True,
         )
+        worker.blockvault_threads = threads
         worker.start()
         return int(worker.exitcode or 0)
     finally:
-        beat.stopped.set()
-        maintenance.stopped.set()
-        health.stopped.set()
-        libvirt_sync.stopped.set()
+        for thread in threads:
+            thread.stopped.set()

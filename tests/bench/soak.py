@@ -55,6 +55,7 @@ ROOT = Path(__file__).resolve().parents[2]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+import redis  # noqa: E402
 from sqlalchemy import create_engine, select  # noqa: E402
 
 from api.client import ApiError  # noqa: E402
@@ -137,7 +138,7 @@ class Soak:
         self.data, self.rng = data, random.Random(seed)
         self.report = Report(seed=seed, minutes=minutes)
         self.minutes = minutes
-        self.database_url = database_url
+        self.database_url, self.redis_url = database_url, redis_url
         self.pg_control, self.redis_control = pg_control, redis_control
         self.hosts = [new_uuid(), new_uuid()]
         self.site = Site(data)
@@ -435,11 +436,43 @@ class Soak:
                     else:
                         self.report.copies_verified += 1
                     continue
+                job = ""
                 try:
-                    client.wait(client.verify_backup(row["uuid"], backupStorageUuid=where, readData=True), timeout=300)
+                    job = client.verify_backup(row["uuid"], backupStorageUuid=where, readData=True)
+                    client.wait(job, timeout=300)
                     self.report.copies_verified += 1
                 except ApiError as exc:
-                    self.violation(f"backup {row['uuid']} on {storages[where]['name']} does not verify: {exc}")
+                    why = f"\n{self.explain(job)}" if exc.code == "TIMEOUT" else ""
+                    self.violation(f"backup {row['uuid']} on {storages[where]['name']} does not verify: {exc}{why}")
+
+    def explain(self, job: str) -> str:
+        """What a job that does not end is doing: its row, the broker's queues, the workers'
+        log lines about it and every process's stacks (a hang is diagnosed from one run)."""
+        engine = create_engine(self.database_url)
+        row: object
+        try:
+            with engine.connect() as connection:
+                columns = (ApiJob.state, ApiJob.hostUuid, ApiJob.createDate, ApiJob.lastOpDate)
+                row = connection.execute(select(*columns).where(ApiJob.uuid == job)).first()
+        except Exception as exc:  # noqa: BLE001 - a diagnosis says what it could not read
+            row = exc
+        finally:
+            engine.dispose()
+        queues: dict[str, object]
+        try:
+            broker = redis.Redis.from_url(self.redis_url)
+            queues = {key.decode(): broker.llen(key) for key in broker.scan_iter("storage*")}
+            queues["unacked"] = broker.hlen("unacked")
+            broker.close()
+        except Exception as exc:  # noqa: BLE001
+            queues = {"error": str(exc)}
+        mentions = [
+            f"{name}: {line}"
+            for name in self.stack.procs
+            for line in self.stack.log(name).splitlines()
+            if job and job in line
+        ]
+        return "\n".join([f"job {job}: row {row}; broker {queues}", *mentions[-20:], self.stack.stacks()[-30000:]])
 
     def close(self) -> None:
         self.stopping.set()

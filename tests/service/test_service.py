@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 import time
@@ -202,6 +203,29 @@ def test_worker_killed_mid_backup_fails_the_job_never_a_ready_backup(stack: Stac
     source = snapshot(stack, root)
     done = stack.client.wait(stack.client.backup_volume(root["uuid"], name="after"), timeout=120)
     assert done["status"] == "Ready"
+    assert_restores(stack, host, done, source)
+
+
+def test_a_workers_pool_forks_before_its_background_threads_run(stack: Stack) -> None:
+    # A pool child forked while a background thread held a lock it needs later inherits the
+    # lock held and waits for ever (the soak: a verify Running for good; before, an import's
+    # lock and an S3 client's). The storage probes run every 0.1 s here, as busy as they get.
+    host = new_uuid()
+    storage = add_storage(stack)
+    stack.start_worker(host, env={"BLOCKVAULT_STORAGE_CHECK_SECONDS": "0.1"})
+    log = stack.log(f"worker-{host[:8]}")
+    forks = re.findall(r"worker\.fork pid=\d+ threads=(\S+)", log)
+    assert forks == ["none"], f"the pool's child forked beside threads {forks}:\n{log[-3000:]}"
+    beat = stack.client.query("hosts", f"uuid={host}")["inventories"][0]["lastHeartbeat"]
+    stack.wait_for(  # the threads run once the pool is up: the heartbeat moves on
+        "a heartbeat after the start",
+        lambda: stack.client.query("hosts", f"uuid={host}")["inventories"][0]["lastHeartbeat"] != beat,
+        timeout=60,
+    )
+    _vm, root, _data = make_vm(stack, host, stack.tmp / "v", "vm-f")
+    source = snapshot(stack, root)
+    done = stack.client.wait(stack.client.backup_volume(root["uuid"], name="forked"), timeout=120)
+    stack.client.wait(stack.client.verify_backup(done["uuid"], backupStorageUuid=storage["uuid"], readData=True))
     assert_restores(stack, host, done, source)
 
 
