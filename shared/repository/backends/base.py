@@ -61,9 +61,9 @@ class Backend(abc.ABC):
         """A writable buffer of exactly ``size`` bytes, lent to the calling thread until its
         next call here or until it hands the buffer to :meth:`begin_put`, that ``begin_put``
         writes without copying it first (the file backend's page-aligned ``O_DIRECT`` buffer,
-        written by the call ``begin_put`` returns): a chunk is sealed straight into it. None
-        (the default) when this backend has no use for one (any buffer does as well) or none
-        to spare; it never waits for one."""
+        mostly written by the call ``begin_put`` returns): a chunk is sealed straight into it. None
+        (the default) when this backend has no use for one: any buffer does as well. It never
+        waits for a buffer."""
         return None
 
     @abc.abstractmethod

@@ -13,9 +13,10 @@ backup's CPU), and the data is synced at once anyway.
 A chunk sealed in a buffer :meth:`FileBackend.lend_buffer` lent is not written by ``begin_put``:
 the buffer goes with the call it returns, which writes it, flushes and names the file (on a
 :class:`~shared.repository.pipeline.Finisher` thread) and then gives it back to the backend's
-pool, so a chunk thread does not wait on the device (it did 45 % of its time, issue 20). The
-pool holds at most one buffer a borrowing thread plus ``SPARE_BUFFERS``; when every one is out,
-``lend_buffer`` gives None at once and the chunk is written before ``begin_put`` returns.
+pool, so a chunk thread does not wait on the device (it did 45 % of its time, issue 20); the
+thread gets a spare buffer in its place. The pool holds one buffer a borrowing thread plus at
+most ``SPARE_BUFFERS``; when every spare is out, ``begin_put`` writes the chunk at once from the
+thread's own buffer, as it lies, and nothing waits for a buffer.
 ``tmp/`` is listed like any prefix so that garbage collection can remove what a killed
 writer left there.
 """
@@ -51,7 +52,7 @@ FLUSH_THREADS = 8  # folders fsynced at once by flush (see FileBackend.flush)
 SPARE_BUFFERS = 4
 """Lent buffers beyond one a borrowing thread (see the module doc): the writes in flight
 without a chunk thread waiting on them. Each is chunk-sized (4 MiB + 4 KiB by default), so a
-backup holds at most 16 MiB more than when every chunk thread wrote its own."""
+backup holds at most 16 MiB more than when every chunk thread wrote its own buffer."""
 
 
 def os_error(location: str, exc: OSError, what: str) -> BackendError:
@@ -89,8 +90,8 @@ def _aligned_size(size: int) -> int:
 
 
 class _Loan:
-    """What one thread was lent last (None once :meth:`FileBackend.begin_put` took it to write
-    from); given back to its pool when the thread ends."""
+    """The buffer one thread was lent (see :class:`_BufferPool`), given back when the thread
+    ends."""
 
     __slots__ = ("buffer", "pool")
 
@@ -104,28 +105,34 @@ class _Loan:
 
 class _BufferPool:
     """The page-aligned buffers (anonymous mmaps, all as large as the largest size asked for)
-    that :meth:`FileBackend.lend_buffer` lends: each is lent to one thread, or being written
-    from, or free here. At most one a borrowing thread plus ``spares`` exist, so memory stays
-    bounded whatever happens to a write; when they are all out, :meth:`lend` gives None and
-    never waits (a write dropped on an error path cannot hold a thread up)."""
+    that :meth:`FileBackend.lend_buffer` lends: one to each borrowing thread, which keeps it,
+    and at most ``spares`` more, being written from or free here. :meth:`hand_over` gives the
+    thread one of those for the buffer it filled, so that the filled one can be written while
+    the thread goes on; with none to spare it says no at once, and the thread writes its own
+    buffer as it lies, then reuses it. Nothing ever waits for a buffer, so a write that is
+    never completed (a call dropped on an error path) costs a spare, never a thread."""
 
     def __init__(self, spares: int) -> None:
         self._lock = threading.Lock()
         self._local = threading.local()
         self._free: list[mmap.mmap] = []
-        self._count = 0  # buffers that exist: lent, being written from, or free
+        self._count = 0  # buffers that exist: a thread's, being written from, or free
         self._borrowers = 0  # threads with a loan (alive)
         self._size = 0  # every buffer's size from now on
         self._spares = spares
 
-    def lend(self, size: int) -> memoryview | None:
-        """A view of ``size`` bytes of this thread's buffer (it keeps the one it has when that
-        is large enough), or None when every buffer is out."""
+    def _loan(self) -> _Loan:
         loan: _Loan | None = getattr(self._local, "loan", None)
         if loan is None:
             loan = self._local.loan = _Loan(self)
             with self._lock:
                 self._borrowers += 1
+        return loan
+
+    def lend(self, size: int) -> memoryview:
+        """A view of ``size`` bytes of this thread's buffer (made, or replaced by a larger
+        one, as needed)."""
+        loan = self._loan()
         buffer = loan.buffer
         if buffer is None or len(buffer) < size:
             with self._lock:
@@ -133,40 +140,43 @@ class _BufferPool:
                     self._count -= 1
                 self._size = max(self._size, _aligned_size(size))
                 buffer = loan.buffer = self._take()
-        return None if buffer is None else memoryview(buffer)[:size]
+        return memoryview(buffer)[:size]
 
-    def _take(self) -> mmap.mmap | None:
-        """A free buffer of the current size, else a new one within the cap (under the lock)."""
+    def _take(self) -> mmap.mmap:
+        """A free buffer of the current size, else a new one (under the lock)."""
         while self._free:
             buffer = self._free.pop()
             if len(buffer) >= self._size:
                 return buffer
             self._count -= 1  # smaller than what is asked for now
-        if self._count >= self._borrowers + self._spares:
-            return None
         buffer = mmap.mmap(-1, self._size)  # anonymous: page-aligned
         self._count += 1
         return buffer
 
-    def detach(self, view: memoryview) -> mmap.mmap | None:
-        """This thread's buffer, no longer lent to it, when ``view`` is a view of it from its
-        first byte (as :meth:`lend` lends it): the caller writes from it, then gives it back
-        (:meth:`give_back`). Else None."""
+    def lent(self, view: memoryview) -> mmap.mmap | None:
+        """This thread's buffer when ``view`` is a view of it from its first byte (as
+        :meth:`lend` lends it), else None."""
         loan: _Loan | None = getattr(self._local, "loan", None)
-        if loan is None or loan.buffer is None:
-            return None
-        lent = loan.buffer
-        if view.obj is not lent or not view or view.readonly:
+        lent = loan.buffer if loan is not None else None
+        if lent is None or view.obj is not lent or not view or view.readonly:
             return None
         with memoryview(lent) as whole:
-            if _address(whole) != _address(view):
-                return None
-        loan.buffer = None
-        return lent
+            return lent if _address(whole) == _address(view) else None
+
+    def hand_over(self, lent: mmap.mmap) -> bool:
+        """Whether this thread's buffer ``lent`` is the caller's now, to write from and then
+        :meth:`give_back`: True when a spare took its place as the thread's buffer, False (at
+        once) when every spare is out."""
+        loan = self._loan()
+        with self._lock:
+            if not self._free and self._count >= self._borrowers + self._spares:
+                return False
+            loan.buffer = self._take()
+        return True
 
     def give_back(self, buffer: mmap.mmap) -> None:
-        """A detached buffer whose write is over: free for the next loan, or gone when fewer
-        threads borrow now (or it is smaller than what is asked for now)."""
+        """A handed-over buffer whose write is over: free for the next :meth:`hand_over`, or
+        gone when fewer threads borrow now (or it is smaller than what is asked for now)."""
         with self._lock:
             if self._borrowers and self._count <= self._borrowers + self._spares and len(buffer) >= self._size:
                 self._free.append(buffer)
@@ -232,18 +242,19 @@ class FileBackend(Backend):
     def begin_put(self, key: str, data: Buffer, *, overwrite: bool = True) -> Callable[[], object]:
         """Write ``data`` into a new temporary file; the call returned flushes it
         (:meth:`install_tmp`: fdatasync, the slow part on a busy disk) and links it as ``key``.
-        ``data`` in this thread's lent buffer (:meth:`lend_buffer`) is not written now: the
-        buffer goes with the call returned, which writes it first (:meth:`_write_lent`)."""
+        ``data`` in this thread's lent buffer (:meth:`lend_buffer`) is not written now when a
+        spare buffer can take its place: it goes with the call returned, which writes it first
+        (:meth:`_write_lent`); with every spare out it is written now, as it lies."""
         path = self._path(key)
         if not overwrite and path.exists():
             return _exists
         view = memoryview(data).cast("B")
         fd, tmp = self.open_tmp(key)
-        lent = self._buffers.detach(view) if len(view) >= DIRECT_MIN else None
-        if lent is not None:
+        lent = self._buffers.lent(view) if len(view) >= DIRECT_MIN else None
+        if lent is not None and self._buffers.hand_over(lent):
             return functools.partial(self._write_lent, fd, tmp, key, view, lent, overwrite)
         try:
-            self._write(fd, view, None)
+            self._write(fd, view, lent)
         except OSError as exc:
             self.discard_tmp(fd, tmp)
             raise self._error(exc, key) from None
@@ -272,12 +283,12 @@ class FileBackend(Backend):
             view = view[os.write(fd, view) :]
 
     def lend_buffer(self, size: int) -> memoryview | None:
-        """A view of ``size`` bytes of a page-aligned buffer from this backend's pool (an
-        anonymous mmap; the thread keeps it while it is large enough) for objects
-        :meth:`begin_put` writes with O_DIRECT: written from where it lies, with no copy into
-        the piece buffer, by the call ``begin_put`` returns. None for smaller objects, where
-        O_DIRECT was refused, or when every buffer of the pool is out (``SPARE_BUFFERS``
-        writes in flight): never waits for one."""
+        """A view of ``size`` bytes of this thread's page-aligned buffer from the backend's
+        pool (an anonymous mmap) for objects :meth:`begin_put` writes with O_DIRECT: written
+        from where it lies, with no copy into the piece buffer, by the call ``begin_put``
+        returns (or by ``begin_put`` itself when no spare buffer is free, see
+        :class:`_BufferPool`). None for smaller objects or where O_DIRECT was refused. Never
+        waits."""
         if size < DIRECT_MIN or not self._direct:
             return None
         return self._buffers.lend(size)

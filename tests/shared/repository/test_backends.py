@@ -372,42 +372,55 @@ def test_file_backend_writes_a_lent_buffer_in_the_call_begin_put_returns(tmp_pat
     assert list((tmp_path / "store" / "tmp").iterdir()) == []
 
 
-def _lend_until_refused(store: FileBackend, size: int) -> list[Callable[[], object]]:
-    """Lend and begin a put from each lent buffer, none completed, until lend_buffer gives
-    None: the calls that complete those puts, in order."""
+def _begin_until_written_at_once(
+    store: FileBackend, size: int
+) -> tuple[list[Callable[[], object]], Callable[[], object]]:
+    """Lend, fill and begin a put from the lent buffer, none completed, until begin_put writes
+    the object before it returns: the calls that complete the puts it left to them, in order
+    (objects ``chunks/cd/<n>``, ``size`` bytes of value ``n``), and the one written at once."""
+    tmp = store.root / "tmp"
     pending: list[Callable[[], object]] = []
-    while len(pending) <= 2 * (1 + SPARE_BUFFERS) and (lent := store.lend_buffer(size)) is not None:
+    while len(pending) <= 2 * (1 + SPARE_BUFFERS):
+        lent = store.lend_buffer(size)
+        assert lent is not None
         lent[:] = bytes([len(pending)]) * size
-        pending.append(store.begin_put(f"chunks/cd/{len(pending)}", lent))
-    return pending
+        before = set(tmp.iterdir()) if tmp.exists() else set()
+        finish = store.begin_put(f"chunks/cd/{len(pending)}", lent)
+        (new,) = set(tmp.iterdir()) - before
+        if new.stat().st_size:
+            return pending, finish
+        pending.append(finish)
+    raise AssertionError(f"{len(pending)} puts left to their calls, none written at once")
 
 
-def test_file_backend_lends_a_bounded_number_of_buffers_and_never_waits(tmp_path: Path) -> None:
-    """One buffer a borrowing thread plus SPARE_BUFFERS exist at most (each chunk-sized):
-    with every one in a write not yet completed (or dropped), lend_buffer gives None at once
-    and the object is written by begin_put from the caller's buffer; a completed write gives
-    its buffer back."""
+def test_file_backend_hands_a_bounded_number_of_buffers_over_and_never_waits(tmp_path: Path) -> None:
+    """A thread keeps one buffer, and at most SPARE_BUFFERS more (each chunk-sized) are in
+    writes not yet completed (or dropped): with every spare out, begin_put writes the object
+    before it returns, from the thread's buffer as it lies, which the thread then reuses; a
+    completed write's buffer is a spare again."""
     store = FileBackend(tmp_path / "store")
     store.create()
     size = DIRECT_MIN + 100
-    pending = _lend_until_refused(store, size)
-    assert len(pending) == 1 + SPARE_BUFFERS
-    plain = os.urandom(size)
-    finish = store.begin_put("chunks/ef/plain", plain)  # no buffer to spare: written now
-    assert [path.stat().st_size for path in (tmp_path / "store" / "tmp").iterdir()].count(size) == 1
-    finish()
+    pending, written = _begin_until_written_at_once(store, size)
+    assert len(pending) == SPARE_BUFFERS
+    own = store.lend_buffer(size)  # the buffer written from at once stays the thread's
+    assert own is not None and own[:1] == bytes([SPARE_BUFFERS])
+    written()
+    assert _resident_pages(tmp_path / "store" / "chunks" / "cd" / str(SPARE_BUFFERS)) == 0  # O_DIRECT, as it lay
     lent_elsewhere: list[memoryview | None] = []
     other = threading.Thread(target=lambda: lent_elsewhere.append(store.lend_buffer(size)))
     other.start()
     other.join()
-    assert lent_elsewhere[0] is not None  # another thread borrowing raises the cap by one
-    pending.pop(0)()
-    assert store.lend_buffer(size) is not None  # the completed write's buffer, lent again
-    for call in pending:
+    assert lent_elsewhere[0] is not None  # every thread has one of its own
+    pending.pop(0)()  # its buffer is a spare again
+    own[:] = bytes([99]) * size
+    finish = store.begin_put("chunks/ef/again", own)
+    assert [path.stat().st_size for path in (tmp_path / "store" / "tmp").iterdir()] == [0] * SPARE_BUFFERS
+    for call in [*pending, finish]:
         call()
     for n in range(1 + SPARE_BUFFERS):
         assert store.get(f"chunks/cd/{n}") == bytes([n]) * size
-    assert store.get("chunks/ef/plain") == plain
+    assert store.get("chunks/ef/again") == bytes([99]) * size
 
 
 def test_file_backend_gives_a_lent_buffer_back_when_its_write_fails(tmp_path: Path) -> None:
@@ -425,9 +438,9 @@ def test_file_backend_gives_a_lent_buffer_back_when_its_write_fails(tmp_path: Pa
         with pytest.raises(BackendError, match="folder missing"):
             finish()
         assert list((tmp_path / "store" / "tmp").iterdir()) == []
-    pending = _lend_until_refused(store, size)
-    assert len(pending) == 1 + SPARE_BUFFERS  # no buffer was lost to the failed writes
-    for call in pending:
+    pending, written = _begin_until_written_at_once(store, size)
+    assert len(pending) == SPARE_BUFFERS  # no buffer was lost to the failed writes
+    for call in [*pending, written]:
         call()
 
 
