@@ -11,9 +11,10 @@ page-aligned buffers where the file system takes it: a buffered write first-touc
 page-cache pages, ~3 ms of system time a MiB on the VM this was measured on (a fifth of a full
 backup's CPU), and the data is synced at once anyway.
 A chunk sealed in a buffer :meth:`FileBackend.lend_buffer` lent is not written by ``begin_put``:
-the buffer goes with the call it returns, which writes it, flushes and names the file (on a
-:class:`~shared.repository.pipeline.Finisher` thread) and then gives it back to the backend's
-pool, so a chunk thread does not wait on the device (it did 45 % of its time, issue 20); the
+the buffer goes with the call it returns, which makes the temporary file, writes it, gives the
+buffer back to the backend's pool, then flushes and names the file (on a
+:class:`~shared.repository.pipeline.Finisher` thread), so a chunk thread does not wait on the
+device (it did 45 % of its time, issue 20); the
 thread gets a spare buffer in its place. The pool holds one buffer a borrowing thread plus at
 most ``SPARE_BUFFERS``; when every spare is out, ``begin_put`` writes the chunk at once from the
 thread's own buffer, as it lies, and nothing waits for a buffer.
@@ -243,16 +244,17 @@ class FileBackend(Backend):
         """Write ``data`` into a new temporary file; the call returned flushes it
         (:meth:`install_tmp`: fdatasync, the slow part on a busy disk) and links it as ``key``.
         ``data`` in this thread's lent buffer (:meth:`lend_buffer`) is not written now when a
-        spare buffer can take its place: it goes with the call returned, which writes it first
-        (:meth:`_write_lent`); with every spare out it is written now, as it lies."""
+        spare buffer can take its place: it goes with the call returned, which makes the
+        temporary file and writes it first (:meth:`_write_lent`); with every spare out it is
+        written now, as it lies."""
         path = self._path(key)
         if not overwrite and path.exists():
             return _exists
         view = memoryview(data).cast("B")
-        fd, tmp = self.open_tmp(key)
         lent = self._buffers.lent(view) if len(view) >= DIRECT_MIN else None
         if lent is not None and self._buffers.hand_over(lent):
-            return functools.partial(self._write_lent, fd, tmp, key, view, lent, overwrite)
+            return functools.partial(self._write_lent, key, view, lent, overwrite)
+        fd, tmp = self.open_tmp(key)
         try:
             self._write(fd, view, lent)
         except OSError as exc:
@@ -260,19 +262,21 @@ class FileBackend(Backend):
             raise self._error(exc, key) from None
         return functools.partial(self.install_tmp, fd, tmp, key, overwrite=overwrite)
 
-    def _write_lent(self, fd: int, tmp: Path, key: str, view: memoryview, lent: mmap.mmap, overwrite: bool) -> bool:
-        """Write ``view`` (a view of ``lent`` from its first byte) into the temporary file,
-        install it (:meth:`install_tmp`), then give ``lent`` back to the pool, whatever
-        failed: nothing writes from it any more."""
+    def _write_lent(self, key: str, view: memoryview, lent: mmap.mmap, overwrite: bool) -> bool:
+        """Write ``view`` (a view of ``lent`` from its first byte) into a new temporary file,
+        give ``lent`` back to the pool once nothing writes from it any more (written or
+        failed: before the flush, which needs no buffer), then install the file
+        (:meth:`install_tmp`)."""
         try:
+            fd, tmp = self.open_tmp(key)
             try:
                 self._write(fd, view, lent)
             except OSError as exc:
                 self.discard_tmp(fd, tmp)
                 raise self._error(exc, key) from None
-            return self.install_tmp(fd, tmp, key, overwrite=overwrite)
         finally:
             self._buffers.give_back(lent)
+        return self.install_tmp(fd, tmp, key, overwrite=overwrite)
 
     def _write(self, fd: int, view: memoryview, lent: mmap.mmap | None) -> None:
         """Write ``view`` into the new, empty file ``fd``: with O_DIRECT when it is large
