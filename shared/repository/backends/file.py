@@ -14,10 +14,10 @@ A chunk sealed in a buffer :meth:`FileBackend.lend_buffer` lent is not written b
 the buffer goes with the call it returns, which makes the temporary file, writes it, gives the
 buffer back to the backend's pool, then flushes and names the file (on a
 :class:`~shared.repository.pipeline.Finisher` thread), so a chunk thread does not wait on the
-device (it did 45 % of its time, issue 20); the
-thread gets a spare buffer in its place. The pool holds one buffer a borrowing thread plus at
-most ``SPARE_BUFFERS``; when every spare is out, ``begin_put`` writes the chunk at once from the
-thread's own buffer, as it lies, and nothing waits for a buffer.
+device (it did 45 % of its time, issue 20); the thread gets a spare buffer in its place. The
+pool holds one buffer a borrowing thread plus at most ``SPARE_BUFFERS``; when every spare is
+out, ``begin_put`` writes the chunk at once from the thread's own buffer, as it lies, and
+nothing waits for a buffer.
 ``tmp/`` is listed like any prefix so that garbage collection can remove what a killed
 writer left there.
 """
