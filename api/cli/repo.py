@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import json
 import sys
+import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -39,6 +40,24 @@ def _open(location: str) -> Any:
     from shared.repository.repo import Repository
 
     return Repository.open(location, _passphrase())
+
+
+def _open_early(location: str) -> Callable[[], Any]:
+    """:func:`_open` started on a thread of its own; the call returned waits for it and gives
+    the repository (or raises what opening raised). The key derivation (scrypt: 0.14 s of CPU)
+    releases the GIL, so this thread imports the engine meanwhile."""
+    from concurrent.futures import Future
+
+    future: Future[Any] = Future()
+
+    def run() -> None:
+        try:
+            future.set_result(_open(location))
+        except BaseException as exc:  # noqa: BLE001 - raised on the caller's thread
+            future.set_exception(exc)
+
+    threading.Thread(target=run, name="open-repository", daemon=True).start()
+    return future.result
 
 
 @contextlib.contextmanager
@@ -111,11 +130,12 @@ def repo_backup(
     location: str, volume: str, full: bool, parent: str | None, bitmap: str | None, name: str, as_json: bool
 ) -> None:
     """Back up VOLUME (a raw or qcow2 file) into REPO."""
+    opened = _open_early(location)  # scrypt derives the key while the engine is imported
     from shared.repository.backup import backup_volume, early_bitmap_image
 
     # a bitmap backup's qemu-storage-daemon opens the image while scrypt derives the key
     with early_bitmap_image(volume, bitmap) as image:
-        repository = _open(location)
+        repository = opened()
         repository.use_index(_data_dir() / "chunk-index")  # this host's index of the repository's chunks
         with _progress("backup") as progress:
             result = backup_volume(

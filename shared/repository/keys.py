@@ -183,7 +183,8 @@ class ObjectCodec:
     def encode_lent(self, digest: bytes, data: Buffer, lend: Lender) -> Buffer:
         """:meth:`encode` built in the buffer ``lend`` gives for its size (the file backend's
         O_DIRECT buffer, :meth:`Backend.lend_buffer`: written from where it lies), or in a new
-        one when it gives None. Valid until the thread's next call of ``lend``."""
+        one when it gives None. Valid until the thread's next call of ``lend`` or until it is
+        handed to :meth:`Backend.begin_put`."""
         kind, packed = self._pack(data)
         out = lend(self._sealed_size(packed))
         if out is None:

@@ -210,9 +210,10 @@ class Repository:
         return size
 
     def begin_store_chunk(self, digest: bytes, data: Buffer) -> tuple[int, Callable[[], None]]:
-        """:meth:`store_chunk` in two steps (:meth:`Backend.begin_put`): seal and write the
-        chunk now; the call returned completes the store (flushed, under its name, in the
-        index) and needs neither ``data`` nor the sealed bytes. Its stored size."""
+        """:meth:`store_chunk` in two steps (:meth:`Backend.begin_put`): seal the chunk and
+        start its write now (sealed in a buffer the backend lent, the write itself may be left
+        to the call); the call returned completes the store (written, flushed, under its name,
+        in the index) and needs neither ``data`` nor anything of the caller's. Its stored size."""
         digest_hex = digest.hex()
         blob = self.codec.encode_lent(digest, data, self.backend.lend_buffer)  # sealed where it is written from
         finish_put = self.backend.begin_put(chunk_key(digest_hex), blob, overwrite=False)

@@ -51,15 +51,19 @@ class Backend(abc.ABC):
         """:meth:`put` in two steps: write ``data`` now and return the call that completes the
         put (a file's flush to disk and its name); until that call returns, ``key`` may be
         absent. The caller makes that call exactly once, on any thread, and need not keep
-        ``data`` for it. By default the whole put is done now and the call does nothing."""
+        ``data`` for it, except a buffer :meth:`lend_buffer` lent: that one goes with the call,
+        which may write it (the file backend does), so the caller leaves its bytes alone. By
+        default the whole put is done now and the call does nothing."""
         self.put(key, data, overwrite=overwrite)
         return _done
 
     def lend_buffer(self, size: int) -> memoryview | None:
         """A writable buffer of exactly ``size`` bytes, lent to the calling thread until its
-        next call here, that :meth:`begin_put` writes without copying it first (the file
-        backend's page-aligned ``O_DIRECT`` buffer): a chunk is sealed straight into it. None
-        (the default) when this backend has no use for one: any buffer does as well."""
+        next call here or until it hands the buffer to :meth:`begin_put`, that ``begin_put``
+        writes without copying it first (the file backend's page-aligned ``O_DIRECT`` buffer,
+        mostly written by the call ``begin_put`` returns): a chunk is sealed straight into it. None
+        (the default) when this backend has no use for one: any buffer does as well. It never
+        waits for a buffer."""
         return None
 
     @abc.abstractmethod

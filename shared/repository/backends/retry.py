@@ -73,7 +73,8 @@ class RetryingBackend(Backend):
 
     def begin_put(self, key: str, data: Buffer, *, overwrite: bool = True) -> Callable[[], object]:
         """The write is retried like a put; the call that completes it is not (it closes what
-        the write opened): its error reaches the caller."""
+        the write opened, and writes a lent buffer, :meth:`Backend.lend_buffer`): its error
+        reaches the caller."""
         return self._call(lambda: self.inner.begin_put(key, data, overwrite=overwrite))
 
     def lend_buffer(self, size: int) -> memoryview | None:

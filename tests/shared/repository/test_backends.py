@@ -5,7 +5,8 @@ from __future__ import annotations
 import ctypes
 import mmap
 import os
-import tempfile
+import shutil
+import subprocess
 import threading
 import uuid
 from collections.abc import Callable, Iterator
@@ -17,7 +18,7 @@ from hypothesis import strategies as st
 
 from shared.errors import BackendError, BackendUnavailable, ObjectNotFound
 from shared.repository.backends import Backend, FileBackend, RetryingBackend, open_backend
-from shared.repository.backends.file import DIRECT_MIN, DIRECT_PIECE
+from shared.repository.backends.file import DIRECT_MIN, DIRECT_PIECE, SPARE_BUFFERS
 
 
 def _s3_backend(request: pytest.FixtureRequest, root: Path) -> Backend:
@@ -294,17 +295,30 @@ def test_file_backend_writes_large_objects_past_the_page_cache(tmp_path: Path, s
     assert not list(store.list("tmp/"))
 
 
-def test_file_backend_on_a_file_system_without_o_direct_writes_through_the_page_cache() -> None:
-    with tempfile.TemporaryDirectory(dir="/dev/shm") as folder:  # tmpfs refuses O_DIRECT
-        store = FileBackend(Path(folder) / "store")
-        store.create()
-        data = os.urandom(DIRECT_PIECE + 7)
-        store.put("data/cd/big", data)
-        store.put("data/cd/second", data[::-1])
-        assert store.get("data/cd/big") == data
-        assert store.get("data/cd/second") == data[::-1]
-        assert (Path(folder) / "store" / "data" / "cd" / "big").stat().st_size == len(data)
-        assert not list(store.list("tmp/"))
+@pytest.fixture
+def no_direct_folder(tmp_path: Path) -> Iterator[Path]:
+    """A folder on a file system that refuses O_DIRECT: a ramfs mounted for the test (the
+    tests run as root; tmpfs takes O_DIRECT since Linux 6.6)."""
+    folder = tmp_path / "ramfs"
+    folder.mkdir()
+    subprocess.run(["mount", "-t", "ramfs", "ramfs", str(folder)], check=True)
+    try:
+        yield folder
+    finally:
+        subprocess.run(["umount", "-l", str(folder)], check=False)
+
+
+def test_file_backend_on_a_file_system_without_o_direct_writes_through_the_page_cache(no_direct_folder: Path) -> None:
+    store = FileBackend(no_direct_folder / "store")
+    store.create()
+    data = os.urandom(DIRECT_PIECE + 7)
+    store.put("data/cd/big", data)
+    store.put("data/cd/second", data[::-1])
+    assert store.get("data/cd/big") == data
+    assert store.get("data/cd/second") == data[::-1]
+    assert (no_direct_folder / "store" / "data" / "cd" / "big").stat().st_size == len(data)
+    assert store.lend_buffer(len(data)) is None  # refused once: no buffer lent for it since
+    assert not list(store.list("tmp/"))
 
 
 @pytest.mark.parametrize("size", [DIRECT_MIN, DIRECT_PIECE + 1, 4 * DIRECT_PIECE + 29])
@@ -331,3 +345,120 @@ def test_file_backend_writes_a_lent_buffer_as_it_lies(tmp_path: Path, size: int)
     assert store.get("data/ab/offset") == data[::-1][1:]
     assert store.get("data/ab/lent") == data  # what was written from the buffer stays
     assert RetryingBackend(store).lend_buffer(size) is not None
+
+
+def test_file_backend_writes_a_lent_buffer_in_the_call_begin_put_returns(tmp_path: Path) -> None:
+    """An object sealed in a lent buffer is written by the call begin_put returns (a
+    finishing thread's), not by begin_put: the chunk thread goes on meanwhile, and its next
+    loan is another buffer, so nothing it builds there reaches the write in flight."""
+    store = FileBackend(tmp_path / "store")
+    store.create()
+    size = DIRECT_PIECE + 4096 + 5
+    data = os.urandom(size)
+    lent = store.lend_buffer(size)
+    assert lent is not None
+    lent[:] = data
+    finish = store.begin_put("chunks/ab/lent", lent)
+    tmp = tmp_path / "store" / "tmp"
+    assert not tmp.exists() or not list(tmp.iterdir())  # begin_put returned before writing a byte
+    following = store.lend_buffer(size)
+    assert following is not None
+    following[:] = bytes(size)  # the thread's next chunk, while the first is not yet written
+    finishing = threading.Thread(target=finish)  # as a Finisher's thread calls it
+    finishing.start()
+    finishing.join()
+    assert _resident_pages(tmp_path / "store" / "chunks" / "ab" / "lent") == 0  # with O_DIRECT
+    assert store.get("chunks/ab/lent") == data
+    assert list((tmp_path / "store" / "tmp").iterdir()) == []
+
+
+def _begin_until_written_at_once(
+    store: FileBackend, size: int
+) -> tuple[list[Callable[[], object]], Callable[[], object]]:
+    """Lend, fill and begin a put from the lent buffer, none completed, until begin_put writes
+    the object before it returns: the calls that complete the puts it left to them, in order
+    (objects ``chunks/cd/<n>``, ``size`` bytes of value ``n``), and the one written at once."""
+    tmp = store.root / "tmp"
+    pending: list[Callable[[], object]] = []
+    while len(pending) <= 2 * (1 + SPARE_BUFFERS):
+        lent = store.lend_buffer(size)
+        assert lent is not None
+        lent[:] = bytes([len(pending)]) * size
+        before = set(tmp.iterdir()) if tmp.exists() else set()
+        finish = store.begin_put(f"chunks/cd/{len(pending)}", lent)
+        new = set(tmp.iterdir()) - before if tmp.exists() else set()
+        if new:  # begin_put wrote it
+            assert [path.stat().st_size for path in new] == [size]
+            return pending, finish
+        pending.append(finish)
+    raise AssertionError(f"{len(pending)} puts left to their calls, none written at once")
+
+
+def test_file_backend_hands_a_bounded_number_of_buffers_over_and_never_waits(tmp_path: Path) -> None:
+    """A thread keeps one buffer, and at most SPARE_BUFFERS more (each chunk-sized) are in
+    writes not yet completed (or dropped): with every spare out, begin_put writes the object
+    before it returns, from the thread's buffer as it lies, which the thread then reuses; a
+    completed write's buffer is a spare again."""
+    store = FileBackend(tmp_path / "store")
+    store.create()
+    size = DIRECT_MIN + 100
+    pending, written = _begin_until_written_at_once(store, size)
+    assert len(pending) == SPARE_BUFFERS
+    own = store.lend_buffer(size)  # the buffer written from at once stays the thread's
+    assert own is not None and own[:1] == bytes([SPARE_BUFFERS])
+    written()
+    assert _resident_pages(tmp_path / "store" / "chunks" / "cd" / str(SPARE_BUFFERS)) == 0  # O_DIRECT, as it lay
+    lent_elsewhere: list[memoryview | None] = []
+    other = threading.Thread(target=lambda: lent_elsewhere.append(store.lend_buffer(size)))
+    other.start()
+    other.join()
+    assert lent_elsewhere[0] is not None  # every thread has one of its own
+    pending.pop(0)()  # its buffer is a spare again
+    own[:] = bytes([99]) * size
+    finish = store.begin_put("chunks/ef/again", own)
+    assert list((tmp_path / "store" / "tmp").iterdir()) == []  # left to its call, like the pending ones
+    for call in [*pending, finish]:
+        call()
+    for n in range(1 + SPARE_BUFFERS):
+        assert store.get(f"chunks/cd/{n}") == bytes([n]) * size
+    assert store.get("chunks/ef/again") == bytes([99]) * size
+
+
+def test_file_backend_gives_a_lent_buffer_back_when_its_write_fails(tmp_path: Path) -> None:
+    """A lent buffer's write that fails raises from the call that completes the put (a
+    Finisher raises it), leaves no temporary file and no object, and gives the buffer back."""
+    store = FileBackend(tmp_path / "store")
+    store.create()
+    store.put("chunks/g1/first", b"the folder exists")
+    (tmp_path / "store" / "chunks" / "g0").write_bytes(b"a file where the folder goes")
+    size = DIRECT_MIN
+    for attempt, error in enumerate(("File exists", "folder missing", "folder missing")):
+        lent = store.lend_buffer(size)
+        assert lent is not None
+        lent[:] = os.urandom(size)
+        finish = store.begin_put(f"chunks/g{min(attempt, 1)}/lent", lent)
+        if attempt:
+            shutil.rmtree(tmp_path / "store" / "chunks" / "g1", ignore_errors=True)  # vanished: no name
+        with pytest.raises(BackendError, match=error):
+            finish()
+        assert list((tmp_path / "store" / "tmp").iterdir()) == []
+        assert not (tmp_path / "store" / "chunks" / "g1" / "lent").exists()
+    pending, written = _begin_until_written_at_once(store, size)
+    assert len(pending) == SPARE_BUFFERS  # no buffer was lost to the failed writes
+    for call in [*pending, written]:
+        call()
+
+
+def test_file_backend_writes_a_lent_buffer_where_o_direct_is_refused(no_direct_folder: Path) -> None:
+    """Before the file system has refused O_DIRECT a buffer is lent; its write, refused, goes
+    through the page cache, and no buffer is lent from then on."""
+    store = FileBackend(no_direct_folder / "store")
+    store.create()
+    data = os.urandom(DIRECT_PIECE + 7)
+    lent = store.lend_buffer(len(data))
+    assert lent is not None
+    lent[:] = data
+    store.begin_put("data/ij/lent", lent)()
+    assert store.get("data/ij/lent") == data
+    assert store.lend_buffer(len(data)) is None
+    assert not list(store.list("tmp/"))
