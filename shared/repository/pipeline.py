@@ -8,8 +8,8 @@ bound does not grow with the machine's core count either. Threads are counted fr
 process may use (its affinity), and a stored chunk's write and flush to disk are handed to a
 :class:`Finisher`, so the few pipeline threads compute while the disk catches up. A finishing
 thread holds no chunk data of its own: only the buffer the backend lent for the chunk it
-writes, of which the backend keeps a few to spare (the file backend's ``SPARE_BUFFERS``: four
-chunks beyond the budget, 16 MiB at the default chunk size); with none to spare, a pipeline
+writes, of which the backend keeps a few to spare (the file backend's ``SPARE_BUFFERS``: two
+chunks beyond the budget, 8 MiB at the default chunk size); with none to spare, a pipeline
 thread writes its chunk itself.
 """
 
