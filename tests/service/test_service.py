@@ -213,7 +213,9 @@ def test_a_workers_pool_forks_before_its_background_threads_run(stack: Stack) ->
     host = new_uuid()
     storage = add_storage(stack)
     stack.start_worker(host, env={"BLOCKVAULT_STORAGE_CHECK_SECONDS": "0.1"})
-    log = stack.log(f"worker-{host[:8]}")
+    name = f"worker-{host[:8]}"  # its host turns Connected before its pool starts: wait for the fork
+    stack.wait_for("the pool's fork", lambda: "worker.fork" in stack.log(name), timeout=120)
+    log = stack.log(name)
     forks = re.findall(r"worker\.fork pid=\d+ threads=(\S+)", log)
     assert forks == ["none"], f"the pool's child forked beside threads {forks}:\n{log[-3000:]}"
     beat = stack.client.query("hosts", f"uuid={host}")["inventories"][0]["lastHeartbeat"]
