@@ -255,12 +255,7 @@ class FileBackend(Backend):
         lent = self._buffers.lent(view) if len(view) >= DIRECT_MIN else None
         if lent is not None and self._buffers.hand_over(lent):
             return functools.partial(self._write_lent, key, view, lent, overwrite)
-        fd, tmp = self.open_tmp(key)
-        try:
-            self._write(fd, view, lent)
-        except OSError as exc:
-            self.discard_tmp(fd, tmp)
-            raise self._error(exc, key) from None
+        fd, tmp = self._written_tmp(key, view, lent)
         return functools.partial(self.install_tmp, fd, tmp, key, overwrite=overwrite)
 
     def _write_lent(self, key: str, view: memoryview, lent: mmap.mmap, overwrite: bool) -> bool:
@@ -269,15 +264,21 @@ class FileBackend(Backend):
         failed: before the flush, which needs no buffer), then install the file
         (:meth:`install_tmp`)."""
         try:
-            fd, tmp = self.open_tmp(key)
-            try:
-                self._write(fd, view, lent)
-            except OSError as exc:
-                self.discard_tmp(fd, tmp)
-                raise self._error(exc, key) from None
+            fd, tmp = self._written_tmp(key, view, lent)
         finally:
             self._buffers.give_back(lent)
         return self.install_tmp(fd, tmp, key, overwrite=overwrite)
+
+    def _written_tmp(self, key: str, view: memoryview, lent: mmap.mmap | None) -> tuple[int, Path]:
+        """A new temporary file for ``key`` (:meth:`open_tmp`) holding ``view``'s bytes, not
+        yet flushed; removed again when the write fails."""
+        fd, tmp = self.open_tmp(key)
+        try:
+            self._write(fd, view, lent)
+        except OSError as exc:
+            self.discard_tmp(fd, tmp)
+            raise self._error(exc, key) from None
+        return fd, tmp
 
     def _write(self, fd: int, view: memoryview, lent: mmap.mmap | None) -> None:
         """Write ``view`` into the new, empty file ``fd``: with O_DIRECT when it is large
