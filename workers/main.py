@@ -128,7 +128,9 @@ def import_before_threads() -> None:
 
 class BackgroundThreads(bootsteps.StartStopStep):  # type: ignore[misc]  # celery is untyped
     """Starts the worker's threads (heartbeat, maintenance, storage health, libvirt sync) once
-    its pool has forked its children, and stops them with the worker.
+    its pool has forked its children. :func:`run_worker` stops them once the worker has ended:
+    not when this step stops, which comes before the pool's stop, while a warm shutdown still
+    waits for the running jobs that the heartbeat keeps alive.
 
     A child forked while one of these threads is inside a lock the child needs later inherits
     that lock held, and waits for it for ever: a module's import lock (see
@@ -144,10 +146,6 @@ class BackgroundThreads(bootsteps.StartStopStep):  # type: ignore[misc]  # celer
     def start(self, parent: Any) -> None:
         for thread in parent.blockvault_threads:
             thread.start()
-
-    def stop(self, parent: Any) -> None:
-        for thread in parent.blockvault_threads:
-            thread.stopped.set()
 
 
 def _fork_census() -> None:
