@@ -165,10 +165,10 @@ class _BufferPool:
         with memoryview(lent) as whole:
             return lent if _address(whole) == _address(view) else None
 
-    def hand_over(self, lent: mmap.mmap) -> bool:
-        """Whether this thread's buffer ``lent`` is the caller's now, to write from and then
-        :meth:`give_back`: True when a spare took its place as the thread's buffer, False (at
-        once) when every spare is out."""
+    def hand_over(self) -> bool:
+        """Whether this thread's buffer (as :meth:`lent` found it) is the caller's now, to write
+        from and then :meth:`give_back`: True when a spare took its place as the thread's
+        buffer, False (at once) when every spare is out."""
         loan = self._loan()
         with self._lock:
             if not self._free and self._count >= self._borrowers + self._spares:
@@ -253,7 +253,7 @@ class FileBackend(Backend):
             return _exists
         view = memoryview(data).cast("B")
         lent = self._buffers.lent(view) if len(view) >= DIRECT_MIN else None
-        if lent is not None and self._buffers.hand_over(lent):
+        if lent is not None and self._buffers.hand_over():
             return functools.partial(self._write_lent, key, view, lent, overwrite)
         fd, tmp = self._written_tmp(key, view, lent)
         return functools.partial(self.install_tmp, fd, tmp, key, overwrite=overwrite)
