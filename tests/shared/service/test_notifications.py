@@ -26,6 +26,7 @@ from shared.catalog.models import (
     SchedulerJobGroup,
     SchedulerJobGroupTriggerRef,
     SchedulerTrigger,
+    aware,
     now,
 )
 from shared.notifications import conditions, delivery, targets
@@ -123,16 +124,17 @@ def test_throttling_collects_later_events_into_the_next_window(site: Site, webho
     hook = hook_target(session, webhook.url, throttle=3600)
     rule(session, "jobFailed", hook)
     failed_jobs(session, 1)
-    start = now()
-    assert delivery.run_pass(session, start) == 1
+    assert delivery.run_pass(session, now()) == 1
+    sent = aware(history(session)[0].sentDate)  # the window runs from the send, however slow this machine is
 
     later = failed_jobs(session, 3)
-    assert delivery.run_pass(session, start + timedelta(minutes=30)) == 0  # inside the window
+    assert delivery.run_pass(session, sent + timedelta(minutes=30)) == 0  # inside the window
     assert len(webhook.bodies) == 1
     pending = [r for r in history(session) if r.status == "Pending"]
     assert len(pending) == 1 and pending[0].eventCount == 3
 
-    assert delivery.run_pass(session, start + timedelta(seconds=3601)) == 1
+    assert delivery.run_pass(session, sent + timedelta(seconds=3599)) == 0  # one second before it ends
+    assert delivery.run_pass(session, sent + timedelta(seconds=3601)) == 1
     assert len(webhook.bodies) == 2 and webhook.signed == [True, True]
     assert sorted(e["details"]["jobUuid"] for e in webhook.bodies[1]["events"]) == sorted(j.uuid for j in later)
 
@@ -147,16 +149,17 @@ def test_a_target_that_is_down_is_failed_in_the_history_and_retried_with_nothing
     assert delivery.run_pass(session, start) == 0
     [row] = history(session)
     assert row.status == "Failed" and row.attempts == 1 and row.nextAttemptDate is not None
+    retry = aware(row.nextAttemptDate)  # backoff(1) after the attempt, however slow this machine is
     assert "ConnectError" in (row.lastError or "") and "refused" in (row.lastError or "").lower()
     assert_no_secret(row.lastError, row.body)
 
     more = failed_jobs(session, 1)  # arrives while the target is down: joins the same digest
-    assert delivery.run_pass(session, start + timedelta(seconds=10)) == 0  # not before its retry time
+    assert delivery.run_pass(session, retry - timedelta(seconds=1)) == 0  # not before its retry time
     assert history(session)[0].attempts == 1
 
     receiver.start()
     try:
-        assert delivery.run_pass(session, start + delivery.backoff(1) + timedelta(seconds=1)) == 1
+        assert delivery.run_pass(session, retry) == 1
     finally:
         receiver.stop()
     [row] = history(session)
@@ -277,9 +280,10 @@ def test_a_digest_left_sending_by_a_killed_beat_is_sent_by_the_next_pass(site: S
     [row] = history(session)
     row.status = "Sending"  # claimed by a beat that died before it recorded anything
     session.commit()
-    assert delivery.run_pass(session, start) == 0  # a beat may still be sending it
+    claimed = aware(history(session)[0].lastOpDate)  # STUCK runs from the claim, however slow this machine is
+    assert delivery.run_pass(session, claimed + delivery.STUCK - timedelta(seconds=1)) == 0  # a beat may still send it
     assert not webhook.bodies
-    assert delivery.run_pass(session, start + delivery.STUCK + timedelta(seconds=1)) == 1
+    assert delivery.run_pass(session, claimed + delivery.STUCK + timedelta(seconds=1)) == 1
     [row] = history(session)
     assert (row.status, row.attempts) == ("Sent", 1)
     assert sorted(e["details"]["jobUuid"] for e in webhook.bodies[0]["events"]) == sorted(j.uuid for j in jobs)
