@@ -49,6 +49,10 @@ ACCESS_KEY = "blockvault-test-access"
 SECRET_KEY = "blockvault-test-SECRET-do-not-print"
 REGION = "us-east-1"
 WAIT_SECONDS = 30.0
+# What the start-up polls ask for: a bucket never made, answered 404 at once however much the
+# server holds (moto's /moto-api/data.json serialises every object: seconds once a suite has
+# stored thousands, past the poll's timeout, and each timed-out poll left moto computing it).
+PROBE = "/blockvault-probe-no-such-bucket"
 _RUNNING: list[S3Server] = []
 
 
@@ -82,7 +86,7 @@ def _start_moto(port: int, log: Path, env: dict[str, str] | None = None) -> subp
             stderr=subprocess.STDOUT,
             env={**os.environ, **(env or {})},
         )
-    _wait_for(f"http://127.0.0.1:{port}/moto-api/data.json", proc, "moto_server", log)
+    _wait_for(f"http://127.0.0.1:{port}{PROBE}", proc, "moto_server", log)
     return proc
 
 
@@ -175,7 +179,7 @@ class S3Server:
                 stdout=out,
                 stderr=subprocess.STDOUT,
             )
-        _wait_for(f"{self.endpoint}/moto-api/data.json", self.proxy, "tcp-proxy", log)
+        _wait_for(f"{self.endpoint}{PROBE}", self.proxy, "tcp-proxy", log)
 
     @property
     def is_up(self) -> bool:

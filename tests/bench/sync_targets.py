@@ -427,7 +427,7 @@ class S3Server:
         if not moto.exists():
             raise BenchError(f"{moto} is missing: pip install 'moto[server]' (the dev extra)")
         procs.start("moto", [str(moto), "-H", "127.0.0.1", "-p", str(moto_port)], {**os.environ, **S3_KEYS})
-        procs.wait_answers("moto", f"http://127.0.0.1:{moto_port}/moto-api/data.json")
+        procs.wait_answers("moto", f"http://127.0.0.1:{moto_port}/blockvault-probe-no-such-bucket")
         proxy_cmd = [sys.executable, str(PROXY), "--listen", f"127.0.0.1:{self.proxy_port}"]
         proxy_cmd += ["--target", f"127.0.0.1:{moto_port}", "--control", f"127.0.0.1:{self.control_port}"]
         procs.start("tcp-proxy", proxy_cmd)
