@@ -283,8 +283,11 @@ def world(stack: Stack) -> dict[str, str]:
 def regressions(stack: Stack, world: dict[str, str]) -> list[tuple[str, str, str, Any]]:
     """Bad input the fuzzer once turned into a 500: each is a 400 ``INVALID_ARGUMENT`` now."""
     vm, root = world["vm-instances"], world["volumes"]
+    trigger, group = world["scheduler/triggers"], world["scheduler/jobgroups"]
     member, admin = world["member-key"], stack.key
     return [
+        (admin, "PUT", f"/v1/scheduler/triggers/{trigger}/actions", {"updateSchedulerTrigger": {"name": [["a"], 1]}}),
+        (member, "PUT", f"/v1/scheduler/jobgroups/{group}/actions", {"updateSchedulerJobGroup": {"description": [1]}}),
         (member, "PUT", f"/v1/vm-instances/{vm}/actions", {"updateVmInstance": {"name": None}}),  # NOT NULL
         (admin, "POST", "/v1/database-backups", {"params": {"description": ["$", False]}}),  # text[] column error
         (admin, "POST", "/v1/database-backups", {"params": {"backupStorageUuid": ["a", "b"]}}),  # session.get(list)
