@@ -155,10 +155,18 @@ def create_group(session: Session, params: dict[str, Any]) -> SchedulerJobGroup:
     return group
 
 
-def update_group(session: Session, group: SchedulerJobGroup, params: dict[str, Any]) -> None:
+def update_names(row: SchedulerJobGroup | SchedulerJob | SchedulerTrigger, params: dict[str, Any]) -> None:
+    """Set ``name`` (text, not empty) and ``description`` (text or null) when given; anything
+    else is a 400, not a database error (the catalog's columns are text)."""
     for key in ("name", "description"):
         if key in params:
-            setattr(group, key, params[key])
+            if not isinstance(params[key], str | None) or (key == "name" and not params[key]):
+                raise InvalidArgument(detail=f"{key} must be a string" + (" and not empty" if key == "name" else ""))
+            setattr(row, key, params[key])
+
+
+def update_group(session: Session, group: SchedulerJobGroup, params: dict[str, Any]) -> None:
+    update_names(group, params)
     if "state" in params:
         if params["state"] not in ("Enabled", "Disabled", "enable", "disable"):
             raise InvalidArgument(detail="state must be Enabled or Disabled")
@@ -236,11 +244,7 @@ def create_job(session: Session, params: dict[str, Any]) -> SchedulerJob:
 
 
 def update_job(session: Session, job: SchedulerJob, params: dict[str, Any]) -> None:
-    for key in ("name", "description"):
-        if key in params:
-            if not isinstance(params[key], str | None) or (key == "name" and not params[key]):
-                raise InvalidArgument(detail=f"{key} must be a string" + (" and not empty" if key == "name" else ""))
-            setattr(job, key, params[key])
+    update_names(job, params)
     if "parameters" in params:
         job.jobData = check_job_data(session, params["parameters"], job.jobType)
 
@@ -332,11 +336,9 @@ def update_trigger(session: Session, trigger: SchedulerTrigger, params: dict[str
     if params.get("startTime", 1) in (None, 0):
         _start_now(values)
     validate(TriggerSpec(**values))
+    update_names(trigger, params)
     for key, value in values.items():
         setattr(trigger, key, value)
-    for key in ("name", "description"):
-        if key in params:
-            setattr(trigger, key, params[key])
     if "state" in params:
         trigger.state = "Enabled" if params["state"] in ("Enabled", "enable") else "Disabled"
 

@@ -112,11 +112,14 @@ class Fuzzer:
         self.headers = {"Authorization": f"Bearer {key}"}
         self.rows = rows
         self.failures: dict[str, str] = {}
-        self.calls = 0
+        self.calls = 0  # requests sent
+        self.repeats = 0  # examples whose request was sent already for the operation: not sent again
         # one keep-alive connection for every request (a new one each cost a connect and an
-        # accept per call); no cookie is kept, so each request is authenticated by its key alone
+        # accept per call); no cookie is kept, so each request is authenticated by its key alone;
+        # no proxy or netrc looked up in the environment for every request (0.17 ms of CPU each)
         self.session = requests.Session()
         self.session.cookies.set_policy(http.cookiejar.DefaultCookiePolicy(allowed_domains=[]))
+        self.session.trust_env = False
         uuids = [u for u in rows.values() if u]
         scalar = st.one_of(
             st.none(),
@@ -141,23 +144,34 @@ class Fuzzer:
         return self.rows.get(collection)
 
     def strategy(self, operation: Any) -> Any:
+        """Cases with generated or real path parameters, and generated or our own bodies.
+
+        The Authorization header (the schema's bearer scheme) is given, not generated: every
+        request sends the key, and a generated value made 40 % of the requests repeats that
+        differed only in the header the key replaced (1,199 distinct of 2,041). The four kinds
+        are built once per operation, not per example (a ``flatmap`` over ``as_strategy``
+        built and validated a new strategy for every example); our body replaces a placeholder
+        body given to ``as_strategy``, so the case is the one an explicit body gives."""
         path: str = operation.path
         names = [p.name for p in operation.path_parameters]
         real = {n: r for n in names if (r := self.row_for(path, n))}
-        paths = st.just(dict[str, Any]()) | (st.just(real) if real else st.nothing())
         collection = path.removeprefix("/v1/").split("/{", 1)[0]
-        bodies: Any = st.just(None)
+        bodies: Any = None
         if path.endswith("/actions") and collection in ACTIONS:
-            bodies = bodies | st.builds(
+            bodies = st.builds(
                 lambda name, params: {name: params},
                 st.sampled_from(ACTIONS[collection]),
                 st.none() | self.params,
             )
         elif operation.method.upper() in ("POST", "PUT") and operation.body:
-            bodies = bodies | st.builds(lambda params: {"params": params}, self.params)
-        return st.tuples(paths, bodies).flatmap(
-            lambda pb: operation.as_strategy(path_parameters=pb[0] or None, **({"body": pb[1]} if pb[1] else {}))
-        )
+            bodies = st.builds(lambda params: {"params": params}, self.params)
+        kinds = []
+        for path_parameters in [None, real] if real else [None]:
+            kinds.append(operation.as_strategy(path_parameters=path_parameters, headers=self.headers))
+            if bodies is not None:
+                placeholder = operation.as_strategy(path_parameters=path_parameters, headers=self.headers, body={})
+                kinds.append(st.tuples(placeholder, bodies).map(with_body))
+        return st.one_of(kinds)
 
     def run(self, schema: Any, shard: int) -> None:
         operations = sorted((result.ok() for result in schema.get_all_operations()), key=lambda op: op.label)
@@ -167,6 +181,8 @@ class Fuzzer:
             self.run_operation(operation)
 
     def run_operation(self, operation: Any) -> None:
+        sent: set[str] = set()
+
         @settings(
             max_examples=EXAMPLES,
             derandomize=True,
@@ -177,6 +193,13 @@ class Fuzzer:
         )
         @given(case=self.strategy(operation))
         def test(case: Any) -> None:
+            request = repr(
+                (case.path_parameters, case.query, case.cookies, dict(case.headers), case.media_type, case.body)
+            )
+            if request in sent:  # another choice sequence drew the same request: it was sent and checked
+                self.repeats += 1
+                return
+            sent.add(request)
             self.calls += 1
             response = case.call(base_url=self.base_url, session=self.session, headers=self.headers, timeout=30)
             deadline = time.monotonic() + 90
@@ -195,6 +218,12 @@ class Fuzzer:
                     self.failures.setdefault(kind, str(group))
 
         test()
+
+
+def with_body(case_body: tuple[Any, dict[str, Any]]) -> Any:
+    case, body = case_body
+    case.body = body
+    return case
 
 
 @schemathesis.check
@@ -283,8 +312,11 @@ def world(stack: Stack) -> dict[str, str]:
 def regressions(stack: Stack, world: dict[str, str]) -> list[tuple[str, str, str, Any]]:
     """Bad input the fuzzer once turned into a 500: each is a 400 ``INVALID_ARGUMENT`` now."""
     vm, root = world["vm-instances"], world["volumes"]
+    trigger, group = world["scheduler/triggers"], world["scheduler/jobgroups"]
     member, admin = world["member-key"], stack.key
     return [
+        (admin, "PUT", f"/v1/scheduler/triggers/{trigger}/actions", {"updateSchedulerTrigger": {"name": [["a"], 1]}}),
+        (member, "PUT", f"/v1/scheduler/jobgroups/{group}/actions", {"updateSchedulerJobGroup": {"description": [1]}}),
         (member, "PUT", f"/v1/vm-instances/{vm}/actions", {"updateVmInstance": {"name": None}}),  # NOT NULL
         (admin, "POST", "/v1/database-backups", {"params": {"description": ["$", False]}}),  # text[] column error
         (admin, "POST", "/v1/database-backups", {"params": {"backupStorageUuid": ["a", "b"]}}),  # session.get(list)

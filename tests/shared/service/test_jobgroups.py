@@ -185,6 +185,26 @@ def test_create_job_and_update_job_check_their_fields(site: Site) -> None:
         jobgroups.update_job(site.session, job, {"name": ""})
 
 
+@pytest.mark.parametrize(
+    "params",
+    [{"name": [["a"], 1]}, {"name": None}, {"name": ""}, {"description": ["$", False]}, {"description": 3}],
+)
+def test_updates_take_names_and_descriptions_as_text_only(site: Site, params: dict[str, Any]) -> None:
+    """A list in a text column was a database error (a 500), found by the schemathesis test."""
+    volume = site.volume()
+    group = jobgroups.create_group(site.session, {"name": "g", "type": "databaseBackup", "description": "d"})
+    job = jobgroups.create_job(site.session, {"name": "j", "type": "volumeBackup", "targetResourceUuid": volume.uuid})
+    trigger = jobgroups.create_trigger(site.session, {"name": "t", "schedulerInterval": 60, "description": "d"})
+    with pytest.raises(InvalidArgument, match="must be a string"):
+        jobgroups.update_group(site.session, group, params)
+    with pytest.raises(InvalidArgument, match="must be a string"):
+        jobgroups.update_job(site.session, job, params)
+    with pytest.raises(InvalidArgument, match="must be a string"):
+        jobgroups.update_trigger(site.session, trigger, params)
+    assert [(row.name, row.description) for row in (group, job, trigger)] == [("g", "d"), ("j", None), ("t", "d")]
+    site.session.flush()
+
+
 def test_triggers_are_validated_and_attached_once(site: Site) -> None:
     with pytest.raises(InvalidArgument, match="name"):
         jobgroups.create_trigger(site.session, {"schedulerInterval": 60})
