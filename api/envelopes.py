@@ -105,15 +105,6 @@ def state_event(params: dict[str, Any]) -> str:
     return "Enabled" if event == "enable" else "Disabled"
 
 
-def update_names(row: Any, params: dict[str, Any]) -> None:
-    """Set ``name`` (not empty) and ``description`` when given."""
-    for key in ("name", "description"):
-        if key in params:
-            if not isinstance(params[key], str | None) or (key == "name" and not params[key]):
-                raise InvalidArgument(detail=f"{key} must be a string" + (" and not empty" if key == "name" else ""))
-            setattr(row, key, params[key])
-
-
 def non_negative_int(params: dict[str, Any], key: str, default: int) -> int:
     value = params.get(key, default)
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:

@@ -40,7 +40,7 @@ from api.auth import (
     refuse_while_locked,
 )
 from api.deps import CurrentCaller, DbSession, client_address, get_caller
-from api.envelopes import Envelope, add_tags, check_uuid, ok, one, parse_action, update_names
+from api.envelopes import Envelope, add_tags, check_uuid, ok, one, parse_action
 from api.schemas import Done, SessionAnswer, SessionValid, one_answer
 from shared import access
 from shared.catalog.models import Account, ApiKey, LoginSession, Project, ProjectMember, new_uuid, now
@@ -49,6 +49,7 @@ from shared.errors import Conflict, InvalidArgument, NotFound, Unauthorized, req
 from shared.inventory import inventory, iso
 from shared.ratelimit import FailureWindow
 from shared.service import quotas
+from shared.service.rows import update_names
 
 log = logging.getLogger(__name__)
 router = APIRouter(dependencies=[Depends(get_caller)])

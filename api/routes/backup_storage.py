@@ -20,7 +20,6 @@ from api.envelopes import (
     one,
     parse_action,
     state_event,
-    update_names,
 )
 from api.schemas import Done, one_answer
 from shared import access, storage
@@ -33,6 +32,7 @@ from shared.catalog.models import (
 )
 from shared.errors import Conflict, InvalidArgument, NotFound
 from shared.service import deletion
+from shared.service.rows import update_names
 
 router = APIRouter(dependencies=[Depends(get_caller)])
 ACTIONS = (

@@ -14,7 +14,7 @@ from sqlalchemy import select
 
 from api.auth import Caller
 from api.deps import CurrentCaller, DbSession
-from api.envelopes import Envelope, check_uuid, ok, one, parse_action, state_event, update_names
+from api.envelopes import Envelope, check_uuid, ok, one, parse_action, state_event
 from api.routes.queries import query_handler
 from api.schemas import Done, one_answer, query_answer
 from shared import access
@@ -29,6 +29,7 @@ from shared.errors import InvalidArgument, NotFound, require
 from shared.inventory import inventory
 from shared.notifications import delivery, targets
 from shared.notifications.events import KINDS
+from shared.service.rows import update_names
 
 
 def admin_only(caller: CurrentCaller) -> Caller:

@@ -12,12 +12,13 @@ from sqlalchemy.orm import Session
 
 from api.auth import Caller
 from api.deps import CurrentCaller, DbSession, get_caller
-from api.envelopes import Envelope, add_tags, check_uuid, non_negative_int, ok, one, parse_action, update_names
+from api.envelopes import Envelope, add_tags, check_uuid, non_negative_int, ok, one, parse_action
 from api.schemas import Done, one_answer
 from shared import access, hostpaths
 from shared.catalog.models import Host, Project, VmInstance, Volume, new_uuid
 from shared.errors import InvalidArgument, ManagedByLibvirt, NotFound
 from shared.libvirt import MANAGED
+from shared.service.rows import update_names
 
 router = APIRouter(dependencies=[Depends(get_caller)])
 VM_STATES = ("Running", "Stopped")

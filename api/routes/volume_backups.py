@@ -20,13 +20,13 @@ from api.envelopes import (
     one,
     parse_action,
     state_event,
-    update_names,
 )
 from api.schemas import one_answer
 from shared import access
 from shared.catalog.models import VmInstance, VolumeBackup
 from shared.errors import Forbidden
 from shared.service import copies, deletion, instant, protection, recovery
+from shared.service.rows import update_names
 
 router = APIRouter(dependencies=[Depends(get_caller)])
 ACTIONS = (

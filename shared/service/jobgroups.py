@@ -26,7 +26,7 @@ from shared.catalog.models import (
 )
 from shared.errors import Conflict, InvalidArgument, NotFound
 from shared.schedule import TriggerSpec, to_seconds, validate
-from shared.service.rows import get, ready_volume
+from shared.service.rows import get, ready_volume, update_names
 
 log = logging.getLogger(__name__)
 BACKUP_TYPES = ("volumeBackup", "vmBackup", "databaseBackup")
@@ -153,16 +153,6 @@ def create_group(session: Session, params: dict[str, Any]) -> SchedulerJobGroup:
     session.add(group)
     session.flush()
     return group
-
-
-def update_names(row: SchedulerJobGroup | SchedulerJob | SchedulerTrigger, params: dict[str, Any]) -> None:
-    """Set ``name`` (text, not empty) and ``description`` (text or null) when given; anything
-    else is a 400, not a database error (the catalog's columns are text)."""
-    for key in ("name", "description"):
-        if key in params:
-            if not isinstance(params[key], str | None) or (key == "name" and not params[key]):
-                raise InvalidArgument(detail=f"{key} must be a string" + (" and not empty" if key == "name" else ""))
-            setattr(row, key, params[key])
 
 
 def update_group(session: Session, group: SchedulerJobGroup, params: dict[str, Any]) -> None:

@@ -221,3 +221,13 @@ def project_of(session: Session, volume: Volume | None) -> str | None:
         return None
     vm = session.get(VmInstance, volume.vmInstanceUuid) if volume.vmInstanceUuid else None
     return volume.projectUuid or (vm.projectUuid if vm else None)
+
+
+def update_names(row: Any, params: dict[str, Any]) -> None:
+    """Set ``name`` (text, not empty) and ``description`` (text or null) when ``params`` give
+    them; anything else is a 400, not a database error (the catalog's columns are text)."""
+    for key in ("name", "description"):
+        if key in params:
+            if not isinstance(params[key], str | None) or (key == "name" and not params[key]):
+                raise InvalidArgument(detail=f"{key} must be a string" + (" and not empty" if key == "name" else ""))
+            setattr(row, key, params[key])
