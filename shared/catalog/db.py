@@ -1,7 +1,8 @@
 """Catalog connections and migrations.
 
 ``engine()`` and ``session()`` serve every process; ``migrate()`` brings the schema to the
-newest Alembic revision (each process calls it at start: it is a no-op when up to date).
+newest Alembic revision (each process calls it at start: when the catalog is already there it
+reads the revision and returns, without loading Alembic and its migration scripts).
 Errors reaching the database are translated to :class:`~shared.errors.CatalogUnavailable`.
 An SQLite catalog is private to blockvault's user (:func:`private_sqlite`): the file is made
 mode 0600 before SQLite first opens it (SQLite gives its ``-wal`` and ``-shm`` the database's
@@ -16,7 +17,7 @@ import threading
 from collections.abc import Iterator
 from pathlib import Path
 
-from sqlalchemy import Engine, create_engine, event
+from sqlalchemy import Engine, create_engine, event, inspect, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import InterfaceError as SAInterfaceError
 from sqlalchemy.exc import OperationalError
@@ -123,12 +124,31 @@ def alembic_config(url: str | None = None) -> object:
     return config
 
 
-def migrate(url: str | None = None) -> None:
-    """Upgrade the catalog to the newest revision (idempotent; serialised in this process)."""
-    from alembic import command
+def head_revision() -> str:
+    """The newest migration's revision, from the file names alone: each migration is
+    ``versions/NNNN_<what>.py`` with revision ``"NNNN"``, one chain (tests/shared/catalog/
+    test_migrations.py holds every script to it)."""
+    return max(path.name.partition("_")[0] for path in (MIGRATIONS / "versions").glob("[0-9]*_*.py"))
 
+
+def current_revisions(url: str | None = None) -> list[str]:
+    """The revisions the catalog records (none for an empty database)."""
+    with engine(url).connect() as conn:
+        if not inspect(conn).has_table("alembic_version"):
+            return []
+        return sorted(conn.execute(text("SELECT version_num FROM alembic_version")).scalars())
+
+
+def migrate(url: str | None = None) -> None:
+    """Upgrade the catalog to the newest revision (idempotent; serialised in this process). A
+    catalog at the newest revision costs one read; any other goes to Alembic, which upgrades an
+    older one and refuses one it has no script for (a newer blockvault's)."""
     with _lock:
         try:
+            if current_revisions(url) == [head_revision()]:
+                return
+            from alembic import command
+
             command.upgrade(alembic_config(url), "head")  # type: ignore[arg-type]
         except (OperationalError, SAInterfaceError) as exc:
             raise CatalogUnavailable(detail=str(exc.orig).strip().splitlines()[0] if exc.orig else str(exc)) from None
