@@ -8,6 +8,7 @@ host a fourth mirrors the host's domains into the catalog (shared.libvirt.discov
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import threading
@@ -150,9 +151,9 @@ class BackgroundThreads(bootsteps.StartStopStep):  # type: ignore[misc]  # celer
 
 def _fork_census() -> None:
     """Log which other threads run while this process forks (a pool child): ``none`` for the
-    children the pool starts with."""
+    children the pool starts with; and how many objects :func:`run_worker` froze."""
     others = sorted(t.name for t in threading.enumerate() if t is not threading.current_thread() and t.is_alive())
-    log.info("worker.fork pid=%s threads=%s", os.getpid(), ",".join(others) or "none")
+    log.info("worker.fork pid=%s threads=%s frozen=%d", os.getpid(), ",".join(others) or "none", gc.get_freeze_count())
 
 
 def run_worker(host_uuid: str | None = None, concurrency: int = 2, loglevel: str = "INFO") -> int:
@@ -193,6 +194,13 @@ def run_worker(host_uuid: str | None = None, concurrency: int = 2, loglevel: str
             without_gossip=True,
         )
         worker.blockvault_threads = threads
+        # What the start made (modules, ORM classes, settings, Celery's steps: ~130,000
+        # objects) lives as long as the process. Frozen, the cyclic collector no longer walks
+        # it: not in Celery's gc.collect() before each fork (0.06-0.07 CPU s a child), not in
+        # the children's collections (which would also copy the pages they share with this
+        # process, see the gc.freeze docs), not in the interpreter's teardown at exit (0.33 ->
+        # 0.04 CPU s). A collection here finds nothing unreachable: no garbage is kept.
+        gc.freeze()
         worker.start()
         return int(worker.exitcode or 0)
     finally:
