@@ -24,6 +24,7 @@ from shared.apijobs import requeue_stale
 from shared.catalog import db
 from shared.celery_app import STORAGE_QUEUE, celery_app, host_queue
 from shared.config import get_settings
+from shared.libvirt import connection as libvirt_connection
 from shared.repository.backends import registry
 from shared.secret import check_at_start
 from shared.service import copies, deletion
@@ -98,7 +99,8 @@ class StorageHealth(threading.Thread):
 class LibvirtSync(threading.Thread):
     """Discovers this host's libvirt domains at start and then every ``every`` seconds (their
     state, added and removed domains, changed disks); a libvirt that does not answer is the
-    host's ``libvirtStatus``, never the worker's end."""
+    host's ``libvirtStatus``, never the worker's end. With ``BLOCKVAULT_LIBVIRT_URI=off`` only
+    the sync at start runs (it clears the host's libvirt columns)."""
 
     def __init__(self, host_uuid: str, every: float) -> None:
         super().__init__(daemon=True, name="libvirt-sync")
@@ -115,6 +117,8 @@ class LibvirtSync(threading.Thread):
             log.warning("libvirt.sync_failed host=%s", self.host_uuid, exc_info=True)
 
     def run(self) -> None:
+        if libvirt_connection.switched_off():
+            return  # the sync at start recorded "no libvirt"; nothing changes until a restart
         while not self.stopped.wait(self.every):
             self.sync()
 

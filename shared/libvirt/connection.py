@@ -47,12 +47,19 @@ def module() -> ModuleType | None:
     return module_
 
 
+def switched_off() -> bool:
+    """``BLOCKVAULT_LIBVIRT_URI`` is ``off``: no libvirt for this worker, whatever the host runs,
+    until it restarts with another setting."""
+    value = get_settings().libvirt_uri
+    return value is not None and value.strip().lower() in OFF
+
+
 def configured_uri() -> str | None:
     """The libvirt URI this worker uses: ``BLOCKVAULT_LIBVIRT_URI`` (``off``: none), else
     ``qemu:///system`` when libvirt-python imports and libvirtd's socket is there, else None."""
     value = get_settings().libvirt_uri
     if value is not None:
-        return None if value.strip().lower() in OFF else value.strip()
+        return None if switched_off() else value.strip()
     if module() is not None and any(os.path.exists(path) for path in SOCKETS):
         return DEFAULT_URI
     return None
