@@ -65,7 +65,11 @@ def operation_id(route: APIRoute) -> str:
 def route_table() -> tuple[BaseRoute, ...]:
     """Every router of :mod:`api.routes` as the app serves it: ``ROOT`` at the root,
     ``ZSTACK_ONLY`` under ``/zstack/v1`` (first: ``capacities`` is no storage uuid), each of
-    ``VERSIONED`` under ``/v1`` and, out of the schema, under ``/zstack/v1``.
+    ``VERSIONED`` under ``/v1`` and then each again, out of the schema, under ``/zstack/v1``.
+    A request is matched against the routes in this order, router by router, route by route
+    (and the router that matches, once more): a ``/v1`` path meets none of the ``/zstack/v1``
+    copies, which cannot match it, before its own (the order within each prefix, and so what
+    matches, is the same as when they alternated; the schema's too).
 
     Built once per process and shared by every app :func:`create_app` makes. FastAPI builds an
     included route's handler (its dependencies, its parameter and response fields) on the first
@@ -80,6 +84,7 @@ def route_table() -> tuple[BaseRoute, ...]:
     table.include_router(ZSTACK_ONLY, prefix="/zstack/v1")
     for routes in VERSIONED:
         table.include_router(routes, prefix="/v1")
+    for routes in VERSIONED:
         table.include_router(routes, prefix="/zstack/v1", include_in_schema=False)
     return tuple(table.routes)
 

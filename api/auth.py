@@ -26,7 +26,7 @@ import secrets
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from sqlalchemy import delete, select
+from sqlalchemy import bindparam, delete, select
 from sqlalchemy.orm import Session
 
 from shared import accesskeys
@@ -217,6 +217,15 @@ def _session_caller(session: Session, token: str, moment: datetime) -> Caller | 
 
 JOB_POLL = re.compile(r"^(/zstack)?/v1/api-jobs/[0-9a-f]{32}$")
 
+# A key, its account and the account's memberships (one row each, or one with no project):
+# built once, so that a request neither builds the statement nor computes its cache key again.
+KEY_LOOKUP = (
+    select(ApiKey, Account, ProjectMember.projectUuid, ProjectMember.role)
+    .join(Account, Account.uuid == ApiKey.accountUuid)
+    .outerjoin(ProjectMember, ProjectMember.accountUuid == Account.uuid)
+    .where(ApiKey.keyHash.in_([bindparam("digest"), bindparam("legacy")]))
+)
+
 
 def authenticate(
     session: Session, header: str | None, *, method: str = "GET", path: str = "", date: str | None = None
@@ -245,12 +254,7 @@ def authenticate(
     if from_session is not None:
         return from_session
     digest = key_hash(key)
-    rows = session.execute(
-        select(ApiKey, Account, ProjectMember.projectUuid, ProjectMember.role)
-        .join(Account, Account.uuid == ApiKey.accountUuid)
-        .outerjoin(ProjectMember, ProjectMember.accountUuid == Account.uuid)
-        .where(ApiKey.keyHash.in_((digest, legacy_key_hash(key))))
-    ).all()
+    rows = session.execute(KEY_LOOKUP, {"digest": digest, "legacy": legacy_key_hash(key)}).all()
     if not rows:
         raise Unauthorized(detail="invalid API key")
     found, account = rows[0][0], rows[0][1]

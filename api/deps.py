@@ -3,14 +3,23 @@
 Routes take them as ``session: DbSession`` and ``caller: CurrentCaller``. The session is
 committed BEFORE the response is sent (``scope="function"``), so a client that reads back what
 it just created never races the commit.
+
+A request's catalog work is one transaction: the caller's key is looked up in the transaction
+the route then goes on in (one connection checked out of the pool, and pinged, per request,
+not two), and committed on its own only when authenticating wrote something (a key's
+``lastUsedDate``, a re-hash), which a failing route must not roll back. Each sync dependency
+costs a hand-over to a worker thread and back: the session is made on the event loop (a
+``Session`` opens no connection before its first statement), and only its commit runs in a
+thread.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+from collections.abc import AsyncIterator
 from typing import Annotated
 
+import anyio
 from fastapi import Depends, Request, Security
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.orm import Session
@@ -24,10 +33,26 @@ from .auth import Caller, authenticate, refuse_while_locked
 log = logging.getLogger(__name__)
 
 
-def get_session() -> Iterator[Session]:
-    """The request's catalog session, committed when the route returns (see the module)."""
-    with db.session() as session:
+async def get_session() -> AsyncIterator[Session]:
+    """The request's catalog session, committed when the route returns (see the module): made
+    here on the event loop, committed or rolled back (:func:`shared.catalog.db.session`) in a
+    worker thread, outside the thread pool's limit as FastAPI exits a sync dependency (a full
+    pool must not keep a connection from going back to the database pool), shielded from
+    cancellation."""
+    scope = db.session()
+    session = scope.__enter__()
+    try:
         yield session
+    except BaseException as exc:
+        with anyio.CancelScope(shield=True):
+            handled = await anyio.to_thread.run_sync(
+                scope.__exit__, type(exc), exc, exc.__traceback__, limiter=anyio.CapacityLimiter(1)
+            )
+        if not handled:
+            raise
+    else:
+        with anyio.CancelScope(shield=True):
+            await anyio.to_thread.run_sync(scope.__exit__, None, None, None, limiter=anyio.CapacityLimiter(1))
 
 
 def client_address(request: Request) -> str:
@@ -61,7 +86,8 @@ def get_caller(
         failures.failed(client)
         log.info("api.auth_failed client=%s path=%s", client, request.url.path)  # never the key
         raise
-    session.commit()
+    if session.dirty or session.new or session.deleted:
+        session.commit()  # a key's lastUsedDate or re-hash stays, whatever the route does
     return caller
 
 

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import inspect, select
+from sqlalchemy import bindparam, inspect, select
 from sqlalchemy.orm import Session
 
 from shared.catalog.models import Base, Project, SchedulerJob, SchedulerJobGroup, SchedulerJobGroupTriggerRef, Tag
@@ -31,10 +31,14 @@ def _plain(row: Base) -> dict[str, Any]:
     return out
 
 
+# every inventory the API answers asks for its tags: the statement is built once, not per call
+TAGS_OF = select(Tag).where(Tag.resourceUuid.in_(bindparam("uuids", expanding=True))).order_by(Tag.createDate)
+
+
 def _tags(session: Session, uuids: Sequence[str]) -> dict[str, dict[str, list[str]]]:
     found: dict[str, dict[str, list[str]]] = defaultdict(lambda: {"user": [], "system": []})
     if uuids:
-        for tag in session.scalars(select(Tag).where(Tag.resourceUuid.in_(uuids)).order_by(Tag.createDate)):
+        for tag in session.scalars(TAGS_OF, {"uuids": list(uuids)}):
             found[tag.resourceUuid][tag.type].append(tag.tag)
     return found
 

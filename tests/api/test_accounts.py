@@ -15,11 +15,11 @@ from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
-from sqlalchemy import select
+from sqlalchemy import event, select
 
 from api.auth import HMAC_PREFIX, legacy_key_hash, session_hash
 from shared.catalog import db
-from shared.catalog.models import Account, ApiKey, LoginSession
+from shared.catalog.models import Account, ApiKey, LoginSession, aware, now
 from tests.api.conftest import app_client
 
 MAX_FAILURES = 3
@@ -157,6 +157,41 @@ def test_keys_are_hmac_hashed_and_legacy_keys_rehashed(api: Api) -> None:
         admin = session.scalars(select(Account).where(Account.name == "admin")).one()
         hashes = session.scalars(select(ApiKey.keyHash).where(ApiKey.accountUuid == admin.uuid)).all()
         assert hashes and all(h.startswith(HMAC_PREFIX) for h in hashes)
+
+
+def test_a_request_is_one_transaction_and_a_keys_last_use_outlives_its_failing_route(api: Api) -> None:
+    """A request checks one connection out of the pool (and pings it once): its key is looked
+    up in the route's transaction. What authenticating writes (a key's ``lastUsedDate``, at
+    most once a minute) is committed on its own, and kept when the route then fails; a revoked
+    key fails on its very next request."""
+    account, key = api.account_with_key("ivy")
+    api.ok("GET", "/projects", key)  # its first use writes its lastUsedDate
+    checkouts: list[object] = []
+    engine = db.engine(api.url)
+
+    def checked_out(*args: object) -> None:
+        checkouts.append(args)
+
+    event.listen(engine, "checkout", checked_out)
+    try:
+        api.ok("GET", "/projects", key)
+        assert len(checkouts) == 1
+        with db.session(api.url) as session:
+            row = session.scalars(select(ApiKey).where(ApiKey.accountUuid == account)).one()
+            row.lastUsedDate = now() - timedelta(hours=1)
+            uuid = row.uuid
+        checkouts.clear()
+        status, body = api.call("GET", "/volumes/" + "0" * 32, key)  # the route's 404 rolls back its work
+        assert status == 404 and body["error"]["code"] == "NOT_FOUND"
+    finally:
+        event.remove(engine, "checkout", checked_out)
+    with db.session(api.url) as session:
+        used = session.get(ApiKey, uuid)
+        assert used is not None and used.lastUsedDate is not None
+        assert now() - aware(used.lastUsedDate) < timedelta(minutes=1)
+    api.ok("DELETE", f"/api-keys/{uuid}")
+    status, body = api.call("GET", "/projects", key)
+    assert status == 401 and body["error"]["code"] == "UNAUTHORIZED"
 
 
 def test_bad_keys_from_an_address_get_429_and_good_keys_behind_it_are_still_served(
