@@ -57,14 +57,18 @@ class Browser:
 
     def bodies(self) -> str:
         """Everything the API answered the pages (JSON bodies), as one text."""
+        return "\n".join(body for _url, body in self.answers())
+
+    def answers(self) -> list[tuple[str, str]]:
+        """Each API call the pages made and the JSON body it got: (method and URL, body)."""
         out = []
         for response in self.responses:
             if "/v1/" in response.url and response.status != 204:
                 try:
-                    out.append(response.text())
+                    out.append((f"{response.request.method} {response.url}", response.text()))
                 except Exception:  # noqa: BLE001 - a body the browser dropped (a redirect, an abort)
                     continue
-        return "\n".join(out)
+        return out
 
     def sign_in_with_key(self, key: str) -> None:
         self.page.goto(self.base + "/")
