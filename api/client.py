@@ -19,7 +19,7 @@ from typing import Any
 
 import httpx
 
-from shared.accesskeys import signature, signed_path
+from shared.accesskey_signature import signature, signed_path
 from shared.config import setting
 
 
@@ -36,7 +36,7 @@ class JobFailed(ApiError):
 
 
 class AccessKeyAuth(httpx.Auth):
-    """Signs each request with a ZStack access key, as ZStack's SDKs do (shared.accesskeys)."""
+    """Signs each request with a ZStack access key, as ZStack's SDKs do (shared.accesskey_signature)."""
 
     def __init__(self, key_id: str, secret: str) -> None:
         self.key_id, self.secret = key_id, secret

@@ -13,6 +13,7 @@ once: events, digests and sends are claimed in the catalog, so each goes out onc
 
 from __future__ import annotations
 
+import gc
 import logging
 import threading
 import time
@@ -66,4 +67,10 @@ def run_beat(loglevel: str = "INFO") -> None:
     from shared.celery_app import celery_app
 
     app = celery_app()
-    app.Beat(scheduler=CatalogScheduler, max_interval=MAX_SLEEP, loglevel=loglevel).run()
+    beat = app.Beat(scheduler=CatalogScheduler, max_interval=MAX_SLEEP, loglevel=loglevel)
+    # Celery's beat, the catalog and the service modules are imported: frozen, the collector
+    # no longer walks them, in the collections of a long run nor in the teardown at exit (a
+    # short beat's life 1.37 -> 1.02 CPU s, as if it skipped the teardown; see
+    # api.cli.freeze_start_heap). Garbage made after this is collected as before.
+    gc.freeze()
+    beat.run()

@@ -15,8 +15,6 @@ itself, and is shown once, in the answer that creates it.
 
 from __future__ import annotations
 
-import base64
-import hashlib
 import hmac
 import re
 import secrets
@@ -26,6 +24,7 @@ from datetime import UTC, datetime, timedelta, timezone
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from shared.accesskey_signature import signature, signed_path
 from shared.catalog.models import AccessKey, Account, aware, new_uuid, now
 from shared.config import get_settings
 from shared.errors import Unauthorized
@@ -34,7 +33,6 @@ from shared.secret import seal, unseal
 LABEL = b"blockvault access key v1"
 ID_CHARS = 20  # ZStack's AccessKeyID: 20 characters
 SECRET_CHARS = 40  # and its AccessKeySecret: 40
-ZSTACK_CONTEXT = "/zstack"
 LAST_USED_GRANULARITY = timedelta(minutes=1)
 
 # Go formats ``Mon, 02 Jan 2006 15:04:05 MST`` with the zone's abbreviation. Abbreviations are
@@ -100,19 +98,6 @@ def create_key(session: Session, account: Account, description: str | None) -> t
 
 
 # -- checking requests -----------------------------------------------------------------------------
-def signature(secret: str, method: str, date: str, path: str) -> str:
-    """What a ZStack SDK sends after ``<AccessKeyID>:`` for this request."""
-    text = f"{method}\n{date}\n{path}".encode()
-    return base64.b64encode(hmac.new(secret.encode(), text, hashlib.sha1).digest()).decode()
-
-
-def signed_path(path: str) -> str:
-    """The path a ZStack SDK signs: the request's, after the ``/zstack`` context path."""
-    if path == ZSTACK_CONTEXT or path.startswith(ZSTACK_CONTEXT + "/"):
-        return path[len(ZSTACK_CONTEXT) :]
-    return path
-
-
 def parse_date(text: str) -> datetime | None:
     """A ``Date`` header as the SDK writes it (RFC 1123 with the zone's abbreviation or
     offset); None when it is not one, or its zone is not known."""

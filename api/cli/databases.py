@@ -7,8 +7,6 @@ from __future__ import annotations
 import sys
 
 import click
-from sqlalchemy.engine import make_url
-from sqlalchemy.exc import ArgumentError
 
 from api.cli.resources import JSON, ClientGroup, _client, _list_command, _print
 from shared.errors import UsageError
@@ -27,6 +25,9 @@ database.add_command(_list_command("databases", COLUMNS))
 def database_register(name: str, url: str, password_stdin: bool, description: str | None, as_json: bool) -> None:
     """Register a database to back up (admins); its password is kept sealed."""
     if password_stdin:
+        from sqlalchemy.engine import make_url  # here only: the other REST commands load no SQLAlchemy
+        from sqlalchemy.exc import ArgumentError
+
         try:
             url = make_url(url).set(password=sys.stdin.readline().rstrip("\n")).render_as_string(hide_password=False)
         except ArgumentError:

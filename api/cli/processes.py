@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 
 import click
 
-from api.cli import fail
+from api.cli import fail, freeze_start_heap
 
 if TYPE_CHECKING:
     from shared.production import Process
@@ -53,8 +53,10 @@ def api_command(host: str, port: int) -> None:
 
     from api.app import create_app
 
+    app = create_app()
+    freeze_start_heap()  # the app is built: its routes, models and imports live until exit
     uvicorn.run(
-        create_app(),
+        app,
         host=host,
         port=port,
         log_level="info",

@@ -159,3 +159,36 @@ def test_backup_stream_reads_standard_input_and_dedups_per_source(cli: Cli, tmp_
         assert [e.manifest.format for e in opened.backups()] == ["pg_dump", "pg_dump"]
         restore_stream(opened, str(again["id"]), out)
     assert out.getvalue() == dump
+
+
+def test_a_cli_process_freezes_its_imports_and_still_flushes_unlocks_and_exits(
+    cli: Cli, make_raw: Callable[..., Path], tmp_path: Path
+) -> None:
+    """``blockvault`` freezes what it imported before the command runs (api.cli.freeze_start_heap:
+    the teardown at exit no longer walks it); a command that fails still prints its whole
+    report, leaves no lock in the repository and exits with its code."""
+    repo = tmp_path / "repo"
+    cli.run("repo", "init", str(repo), check=True)
+    cli.json("repo", "backup", str(repo), str(make_raw(size=4 * MiB)))
+    next(path for path in (repo / "chunks").rglob("*") if path.is_file()).unlink()
+    # the command as `python -m api.cli` runs it, and how many objects are frozen when it exits
+    program = (
+        "import atexit, gc, sys\n"
+        "atexit.register(lambda: print('frozen', gc.get_freeze_count(), file=sys.stderr))\n"
+        "from api.cli import main\n"
+        "main(sys.argv[1:], prog_name='blockvault')\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", program, "repo", "verify", str(repo)],
+        capture_output=True,
+        text=True,
+        env=cli.env,
+        cwd=ROOT,
+        timeout=300,
+        check=False,
+    )
+    assert proc.returncode == 1, proc.stderr
+    assert proc.stdout.startswith("BAD ") and proc.stdout.splitlines()[-1].startswith("FAILED: 1 backups"), proc.stdout
+    assert not list((repo / "locks").iterdir())
+    frozen = [int(line.split()[1]) for line in proc.stderr.splitlines() if line.startswith("frozen ")]
+    assert frozen and frozen[0] > 10_000, proc.stderr
