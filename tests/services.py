@@ -52,7 +52,7 @@ from urllib.parse import urlsplit
 
 import pytest
 import redis
-from sqlalchemy import MetaData, create_engine, text
+from sqlalchemy import Connection, MetaData, Table, create_engine, text
 from sqlalchemy.engine import URL, Engine, make_url
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.pool import NullPool
@@ -245,6 +245,16 @@ _SEQUENCES = text(
 )
 
 
+def delete_every_row(conn: Connection, tables: list[Table], then: list[str] | None = None) -> None:
+    """Delete every row of ``tables`` (given in dependency order: deleted children first), then
+    run the statements ``then``, in one round trip to the server. A ``DELETE`` sent on its own per
+    table cost 7-10 ms of the test process's CPU for the catalog's 30 tables (one statement
+    each through SQLAlchemy and back), against under 1 ms as one string (docs/testing.md)."""
+    table_name = conn.dialect.identifier_preparer.format_table
+    statements = [f"DELETE FROM {table_name(table)}" for table in reversed(tables)] + (then or [])
+    conn.exec_driver_sql("; ".join(statements))
+
+
 class SpareDatabases:
     """Migrated databases this pytest process's tests gave back, emptied for the next test.
 
@@ -262,7 +272,7 @@ class SpareDatabases:
         try:
             with engine.connect() as conn:
                 self.fingerprint = conn.execute(_SCHEMA_FINGERPRINT).scalar_one()
-                self.sequences = list(conn.execute(_SEQUENCES).scalars())
+                self.restarts = [f"ALTER SEQUENCE {name} RESTART" for name in conn.execute(_SEQUENCES).scalars()]
             self.tables = MetaData()
             self.tables.reflect(engine)
             with engine.connect() as conn:  # what the migrations made (alembic_version's row too)
@@ -292,10 +302,7 @@ class SpareDatabases:
                 conn.execute(text("SET LOCAL lock_timeout = '10s'"))
                 if conn.execute(_SCHEMA_FINGERPRINT).scalar_one() != self.fingerprint:
                     raise LookupError("its schema is not the template's")
-                for table in reversed(self.tables.sorted_tables):
-                    conn.execute(table.delete())
-                for sequence in self.sequences:
-                    conn.execute(text(f"ALTER SEQUENCE {sequence} RESTART"))
+                delete_every_row(conn, self.tables.sorted_tables, self.restarts)
                 for table in self.tables.sorted_tables:
                     if self.seeded[table.name]:
                         conn.execute(table.insert(), self.seeded[table.name])

@@ -51,7 +51,7 @@ from shared.service import volume_backups
 from shared.service.rows import AnyBackup, AnyRef, ref_on
 from shared.storage import open_repository, register_storage
 from tests.conftest import write_regions
-from tests.services import DB_PREFIX
+from tests.services import DB_PREFIX, delete_every_row
 from tests.summaries import assert_summary_right
 
 KiB = 1024
@@ -305,8 +305,7 @@ def _emptied(url: str) -> str:
     engine = create_engine(url, poolclass=NullPool)
     try:
         with engine.begin() as conn:
-            for table in reversed(Base.metadata.sorted_tables):
-                conn.execute(table.delete())
+            delete_every_row(conn, Base.metadata.sorted_tables)
     finally:
         engine.dispose()
     return url
