@@ -26,13 +26,16 @@ WAIT_SECONDS = 60.0
 
 
 def _waiting_on_a_lock(session: Session) -> int:
-    """How many other sessions of this database wait for a row lock now."""
+    """How many other sessions of this database wait for a row lock now. The transaction ends
+    with the read: PostgreSQL keeps a transaction's first view of pg_stat_activity until it
+    ends, so a watcher that looked before the health pass waited never saw it wait."""
     found = session.scalar(
         text(
             "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
             "AND wait_event_type = 'Lock' AND pid <> pg_backend_pid()"
         )
     )
+    session.rollback()
     return int(found or 0)
 
 
