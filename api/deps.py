@@ -17,7 +17,8 @@ from __future__ import annotations
 
 import logging
 from collections.abc import AsyncIterator
-from typing import Annotated
+from contextlib import AbstractContextManager
+from typing import Annotated, Any
 
 import anyio
 from fastapi import Depends, Request, Security
@@ -36,23 +37,27 @@ log = logging.getLogger(__name__)
 async def get_session() -> AsyncIterator[Session]:
     """The request's catalog session, committed when the route returns (see the module): made
     here on the event loop, committed or rolled back (:func:`shared.catalog.db.session`) in a
-    worker thread, outside the thread pool's limit as FastAPI exits a sync dependency (a full
-    pool must not keep a connection from going back to the database pool), shielded from
-    cancellation."""
+    worker thread. FastAPI's ``contextmanager_in_threadpool``, which it uses for a sync
+    dependency, does the same but enters in a thread too: a hand-over per request for a
+    ``Session`` that opens no connection before its first statement."""
     scope = db.session()
     session = scope.__enter__()
     try:
         yield session
     except BaseException as exc:
-        with anyio.CancelScope(shield=True):
-            handled = await anyio.to_thread.run_sync(
-                scope.__exit__, type(exc), exc, exc.__traceback__, limiter=anyio.CapacityLimiter(1)
-            )
-        if not handled:
+        if not await _exit_in_thread(scope, type(exc), exc, exc.__traceback__):
             raise
     else:
-        with anyio.CancelScope(shield=True):
-            await anyio.to_thread.run_sync(scope.__exit__, None, None, None, limiter=anyio.CapacityLimiter(1))
+        await _exit_in_thread(scope, None, None, None)
+
+
+async def _exit_in_thread(scope: AbstractContextManager[Session], *exc_info: Any) -> bool:
+    """``scope.__exit__(*exc_info)`` in a worker thread, as FastAPI exits a sync dependency:
+    outside the thread pool's limit (a full pool must not keep a connection from going back to
+    the database pool) and shielded from cancellation."""
+    with anyio.CancelScope(shield=True):
+        handled = await anyio.to_thread.run_sync(scope.__exit__, *exc_info, limiter=anyio.CapacityLimiter(1))
+    return bool(handled)
 
 
 def client_address(request: Request) -> str:
